@@ -1,0 +1,143 @@
+"""Typed run configuration, validated when loaded from ``configs/*.yaml``.
+
+Unknown keys, wrong types and insecure CKKS parameters are refused with a :class:`BifrostError`
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BifrostError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+def load_yaml(path: Path | str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise BifrostError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BifrostError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BifrostError(f"{p}: top level must be a mapping")
+    return data
+
+
+@dataclass(frozen=True)
+class CKKSConfig:
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
+    scale_bits: int = 40
+
+
+@dataclass(frozen=True)
+class DelegationConfig:
+    """Which linear modules go to the worker (fnmatch globs on module names) and which share an input."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lm_head", "*.lm_head", "score", "*pooler*")
+    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    address: str | None = None  # host:port of a running worker; None starts a local one on loopback
+    timeout_s: float = 600.0
+    max_sessions: int = 8
+    cache_bytes: int = 12 * 2**30  # encoded-weight cache per worker, bytes
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    prompt: str = "Private inference keeps the prompt inside the enclave."
+    max_new_tokens: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "gpt2-2l"
+    seed: int = 0
+    backend: str = "tenseal"
+    ckks: CKKSConfig = field(default_factory=CKKSConfig)
+    delegation: DelegationConfig = field(default_factory=DelegationConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def ckks_params(self):
+        from .ckks.params import CKKSParams, InsecureParametersError
+
+        try:
+            return CKKSParams(**dataclasses.asdict(self.ckks))
+        except InsecureParametersError as exc:
+            raise BifrostError(f"ckks: {exc}") from None
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls, data: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise BifrostError(f"{where}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise BifrostError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    kwargs = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        sub = {"ckks": CKKSConfig, "delegation": DelegationConfig, "worker": WorkerConfig, "generation": GenerationConfig}
+        if cls is RunConfig and name in sub:
+            kwargs[name] = _build(sub[name], value, f"{where}.{name}")
+            continue
+        kwargs[name] = _coerce(value, str(hints[name]), f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: str, where: str) -> Any:
+    if value is None:
+        if "None" in hint:
+            return None
+        raise BifrostError(f"{where}: must not be null")
+    if hint.startswith("tuple[tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, list) for v in value):
+            raise BifrostError(f"{where}: expected a list of lists")
+        return tuple(tuple(str(x) for x in v) for v in value)
+    if hint.startswith("tuple"):
+        if not isinstance(value, list):
+            raise BifrostError(f"{where}: expected a list")
+        kind = int if "int" in hint else str
+        try:
+            return tuple(kind(x) for x in value)
+        except (TypeError, ValueError):
+            raise BifrostError(f"{where}: expected a list of {kind.__name__}") from None
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if hint.startswith(name) or hint.startswith(f"{name} |"):
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+                raise BifrostError(f"{where}: expected {name}, got {type(value).__name__}")
+            return value
+    return value
+
+
+def load_config(path: Path | str | None = None) -> RunConfig:
+    """Load and validate a run config (``configs/default.yaml`` when ``path`` is None)."""
+    p = Path(path) if path else DEFAULT_CONFIG
+    cfg = _build(RunConfig, load_yaml(p), p.name)
+    cfg.ckks_params()  # refuse insecure parameters at load
+    return cfg

@@ -1,0 +1,66 @@
+"""Tokenizers. A checkpoint directory's own tokenizer is used when it has one; otherwise the
+byte-level fallback below, clearly labelled as such.
+
+``ByteTokenizer`` maps each UTF-8 byte to the id GPT-2's byte-level BPE gives that single byte (the
+first 256 vocabulary entries, in ``bytes_to_unicode`` order), without merges: any text round-trips,
+and ids are valid for GPT-2-sized vocabularies. Ids >= 256 (random-weight models produce them) decode
+as ``<id>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _gpt2_byte_order() -> list[int]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    return printable + [b for b in range(256) if b not in printable]
+
+
+class ByteTokenizer:
+    name = "byte-level fallback (GPT-2 byte ids, no merges)"
+
+    def __init__(self) -> None:
+        order = _gpt2_byte_order()
+        self._id_of_byte = {b: i for i, b in enumerate(order)}
+        self._byte_of_id = {i: b for i, b in enumerate(order)}
+
+    def encode(self, text: str) -> list[int]:
+        return [self._id_of_byte[b] for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            if i in self._byte_of_id:
+                buf.append(self._byte_of_id[i])
+            else:
+                if buf:
+                    out.append(buf.decode("utf-8", errors="replace"))
+                    buf = bytearray()
+                out.append(f"<{i}>")
+        if buf:
+            out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer:
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.name = f"{type(self._tok).__name__} from {path}"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def batch(self, texts: list[str]):
+        return self._tok(texts, padding=True, return_tensors="pt")
+
+
+def load_tokenizer(path: str | None):
+    if path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")):
+        return HFTokenizer(path)
+    return ByteTokenizer()

@@ -1,0 +1,63 @@
+"""Swap a Hugging Face model's delegated linear layers for :class:`DelegatedLinear` modules, by name.
+
+Everything else in the model (embeddings, norms, attention softmax, activations, RoPE, residuals,
+KV cache, LM head) runs unchanged in the trusted runtime; the architecture code stays Hugging Face's.
+The bias of a delegated layer is public and is added here after decryption; the weight itself is not
+kept in trusted memory (the worker holds it; its digest pins it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.delegation import Site, delegated_modules, linear_weight, weight_digest
+from .engine import DelegationEngine
+
+
+class DelegatedLinear(torch.nn.Module):
+    """``y = x @ W.T + b`` with ``x @ W.T`` computed by the worker under CKKS."""
+
+    def __init__(self, site: Site, bias: torch.Tensor | None, engine: DelegationEngine | None = None) -> None:
+        super().__init__()
+        self.site = site
+        self.engine = engine
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def in_features(self) -> int:
+        return self.site.d_in
+
+    @property
+    def out_features(self) -> int:
+        return self.site.d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine is None:
+            raise RuntimeError(f"delegated layer {self.site.name} has no engine attached")
+        y = self.engine.linear(self.site.name, x, x._version)
+        out = torch.from_numpy(y).reshape(*x.shape[:-1], self.site.d_out)
+        if self.bias is not None:
+            out = out + self.bias.to(torch.float64)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.site.name}: {self.site.d_in} -> {self.site.d_out}, digest {self.site.digest[:12]}…"
+
+
+def swap_in_delegates(model: torch.nn.Module, policy) -> list[Site]:
+    """Replace every delegated linear module of ``model`` in place; returns the sites in model order."""
+    swapped = []
+    for name, module in delegated_modules(model, policy):
+        w = linear_weight(module)
+        site = Site(name, w.shape[1], w.shape[0], weight_digest(w))
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, DelegatedLinear(site, module.bias))
+        swapped.append(site)
+    return swapped
+
+
+def attach_engine(model: torch.nn.Module, engine: DelegationEngine) -> None:
+    for module in model.modules():
+        if isinstance(module, DelegatedLinear):
+            module.engine = engine

@@ -1,0 +1,189 @@
+"""The trusted runtime: model, CKKS keys, KV cache and the decode loop, all inside the TEE.
+
+The Hugging Face model runs here with its delegated linear layers swapped for
+:class:`~bifrost.tee.delegate.DelegatedLinear`; the KV cache (``past_key_values``) is ordinary trusted
+memory. Per generated token the runtime records where the time went: non-linear/trusted compute,
+encryption, transfer, worker compute and decryption (seconds), and bytes each way.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..errors import BifrostError
+from ..model.catalog import load_model, resolve
+from ..model.delegation import fuse_groups
+from ..model.tokenizer import load_tokenizer
+from .delegate import attach_engine, swap_in_delegates
+from .engine import CallStats, DelegationEngine, connect
+
+
+@dataclass
+class TokenTiming:
+    """Cost of producing one token (the first includes the prompt's prefill). Seconds and bytes."""
+
+    index: int
+    token: int
+    total_s: float
+    encrypt_s: float
+    transfer_s: float
+    worker_s: float
+    decrypt_s: float
+    bytes_sent: int
+    bytes_received: int
+    calls: int
+
+    @property
+    def nonlinear_s(self) -> float:
+        """Trusted-side model compute: norms, attention, activations, embeddings, LM head, glue."""
+        return max(self.total_s - self.encrypt_s - self.transfer_s - self.worker_s - self.decrypt_s, 0.0)
+
+
+@dataclass
+class Fidelity:
+    """Agreement of the encrypted path with plaintext PyTorch inference on the same prefixes."""
+
+    steps: int
+    agreeing_steps: int  # steps whose chosen token equals the plaintext argmax (greedy)
+    max_abs_logit_error: float
+    min_top1_margin: float  # smallest plaintext top-1/top-2 logit gap seen (how close a flip could be)
+    plaintext_tokens: list[int] = field(default_factory=list)  # independent plaintext greedy decode
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    tokens: list[int]
+    text: str
+    timings: list[TokenTiming]
+    fidelity: Fidelity | None
+
+
+def _sample(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
+    if not cfg.do_sample:
+        return int(torch.argmax(logits))
+    logits = logits.double() / max(cfg.temperature, 1e-6)
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+        logits = torch.where(logits < kth, torch.tensor(float("-inf"), dtype=logits.dtype), logits)
+    probs = torch.softmax(logits, -1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[order[keep]] = True
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class TrustedRuntime:
+    """One model replica with its own CKKS keys and worker session."""
+
+    def __init__(self, cfg: RunConfig, worker_address: str, reference: bool = False) -> None:
+        self.cfg = cfg
+        self.spec = resolve(cfg.model)
+        self.model = load_model(self.spec, cfg.seed)
+        self.sites = swap_in_delegates(self.model, cfg.delegation)
+        if not self.sites:
+            raise BifrostError(f"the delegation policy matches no linear layer of {cfg.model}")
+        self.groups = fuse_groups([s.name for s in self.sites], cfg.delegation)
+        t0 = time.perf_counter()
+        self.engine = DelegationEngine(connect(worker_address), cfg.backend, cfg.ckks_params(), self.sites,
+                                       self.groups, timeout_s=cfg.worker.timeout_s)
+        self.setup_s = time.perf_counter() - t0
+        attach_engine(self.model, self.engine)
+        self.tokenizer = load_tokenizer(self.spec.path)
+        self.reference = load_model(self.spec, cfg.seed) if reference else None
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None) -> GenerationResult:
+        if self.spec.task != "causal-lm":
+            raise BifrostError(f"{self.cfg.model} is an encoder; use embed()")
+        gcfg = self.cfg.generation
+        n_new = gcfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise BifrostError("the prompt is empty")
+        limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
+        if limit and len(ids) + n_new > limit:
+            raise BifrostError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
+        gen = None
+        if gcfg.do_sample:  # sampling noise from a CSPRNG-seeded generator unless a seed is pinned
+            gen = torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
+
+        timings, tokens = [], []
+        fid = _FidelityTracker(self.reference) if self.reference is not None else None
+        past, step_input = None, torch.tensor([ids])
+        for i in range(n_new):
+            before = self.engine.stats.snapshot()
+            t0 = time.perf_counter()
+            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            logits = out.logits[0, -1]
+            token = _sample(logits, gcfg, gen)
+            total = time.perf_counter() - t0
+            d: CallStats = self.engine.stats.minus(before)
+            timings.append(TokenTiming(i, token, total, d.encrypt_s, d.transfer_s, d.worker_s, d.decrypt_s,
+                                       d.bytes_sent, d.bytes_received, d.calls))
+            if fid is not None:
+                fid.step(step_input, logits, token)
+            tokens.append(token)
+            past, step_input = out.past_key_values, torch.tensor([[token]])
+        fidelity = fid.finish(ids, n_new) if fid is not None else None
+        return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Sentence embeddings (mean pooling over tokens, L2-normalised, as sentence-transformers)."""
+        if self.spec.task != "encoder":
+            raise BifrostError(f"{self.cfg.model} is not an encoder model")
+        return np.stack([_mean_pooled(self.model, self.tokenizer, t) for t in texts])
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _mean_pooled(model, tokenizer, text: str) -> np.ndarray:
+    enc = tokenizer.batch([text])
+    out = model(**enc).last_hidden_state[0]
+    mask = enc["attention_mask"][0].unsqueeze(-1).to(out.dtype)
+    v = (out * mask).sum(0) / mask.sum()
+    return torch.nn.functional.normalize(v, dim=-1).double().numpy()
+
+
+def plaintext_embeddings(model_name: str, seed: int, texts: list[str]) -> np.ndarray:
+    spec = resolve(model_name)
+    model, tok = load_model(spec, seed), load_tokenizer(spec.path)
+    with torch.no_grad():
+        return np.stack([_mean_pooled(model, tok, t) for t in texts])
+
+
+class _FidelityTracker:
+    """Runs the plaintext model in lock-step on the same inputs (teacher forcing) and compares logits."""
+
+    def __init__(self, reference: torch.nn.Module) -> None:
+        self.model, self.past = reference, None
+        self.agree, self.max_err, self.min_margin = 0, 0.0, float("inf")
+
+    def step(self, step_input: torch.Tensor, logits: torch.Tensor, chosen: int) -> None:
+        out = self.model(input_ids=step_input, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        ref = out.logits[0, -1]
+        self.max_err = max(self.max_err, float((ref - logits).abs().max()))
+        top2 = torch.topk(ref, 2).values
+        self.min_margin = min(self.min_margin, float(top2[0] - top2[1]))
+        self.agree += int(int(torch.argmax(ref)) == chosen)
+
+    def finish(self, prompt_ids: list[int], n_new: int) -> Fidelity:
+        past, step_input, tokens = None, torch.tensor([prompt_ids]), []
+        for _ in range(n_new):  # independent plaintext greedy decode
+            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            tokens.append(int(torch.argmax(out.logits[0, -1])))
+            past, step_input = out.past_key_values, torch.tensor([[tokens[-1]]])
+        return Fidelity(n_new, self.agree, self.max_err, self.min_margin, tokens)

@@ -1,0 +1,52 @@
+"""``bifrost worker``: run a CKKS worker (untrusted side)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run an untrusted CKKS worker (gRPC)")
+    p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
+    p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
+    p.add_argument("--seed", type=int, help="seed of random-init named models (overrides the config)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--threads", type=int, default=4)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .service import build_service, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    cfg = load_config(args.config)
+    model = args.model or cfg.model
+    seed = cfg.seed if args.seed is None else args.seed
+    service = build_service(model, seed, cfg.delegation, cfg.worker.max_sessions, cfg.worker.cache_bytes)
+    try:
+        server, port = serve(service, args.host, args.port, args.threads)
+    except (OSError, RuntimeError) as exc:
+        from ..errors import BifrostError
+
+        raise BifrostError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    print(f"bifrost worker: model {service.model_name}, {len(service.layers)} delegated layers, "
+          f"listening on {args.host}:{port}", file=sys.stderr, flush=True)
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(str(port))
+        import os
+
+        os.replace(args.port_file + ".tmp", args.port_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    return 0

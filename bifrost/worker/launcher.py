@@ -1,0 +1,62 @@
+"""Start a local worker process on loopback (the embedded default) and stop it again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import BifrostError
+
+
+class LocalWorker:
+    """``bifrost worker`` as a child process on 127.0.0.1 with a free port. Use as a context manager."""
+
+    def __init__(self, model: str, seed: int, config: str | None = None, startup_timeout_s: float = 300.0,
+                 log_path: str | None = None) -> None:
+        self.model, self.seed, self.config = model, seed, config
+        self.timeout = startup_timeout_s
+        self._dir = tempfile.mkdtemp(prefix="bifrost-worker-")
+        self.log_path = log_path or os.path.join(self._dir, "worker.log")
+        self.proc: subprocess.Popen | None = None
+        self.address: str | None = None
+
+    def start(self) -> "LocalWorker":
+        port_file = os.path.join(self._dir, "port")
+        cmd = [sys.executable, "-m", "bifrost.cli", "worker", "--host", "127.0.0.1", "--port", "0",
+               "--port-file", port_file, "--model", self.model, "--seed", str(self.seed)]
+        if self.config:
+            cmd += ["--config", str(self.config)]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(port_file):
+                self.address = f"127.0.0.1:{Path(port_file).read_text().strip()}"
+                return self
+            if self.proc.poll() is not None:
+                tail = Path(self.log_path).read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise BifrostError(f"local worker exited with code {self.proc.returncode}: {tail[0]}")
+            time.sleep(0.05)
+        self.stop()
+        raise BifrostError(f"local worker did not start within {self.timeout:.0f} s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "LocalWorker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

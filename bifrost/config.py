@@ -58,7 +58,7 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    prompt: str = "Private inference keeps the prompt inside the enclave."
+    prompt: str = "Private LLM"
     max_new_tokens: int = 8
     do_sample: bool = False
     temperature: float = 1.0

@@ -13,9 +13,10 @@ Packing (slot encoding, baby-step/giant-step diagonal method, one level):
   so after one ``multiply_plain`` + ``rescale`` the result is back at ``2**scale_bits`` on the last
   prime ``q0``, which must hold ``2**scale_bits · |y|`` (|y| < 2**(bits(q0) - scale_bits - 1)).
 
-Wire format of every ciphertext: ``MAGIC | context id (16 bytes) | SEAL serialization``. The context id
-is random per key generation, so a ciphertext from another context is refused before SEAL parses it;
-SEAL's own loader validates sizes and coefficient ranges. Inputs are symmetric encryptions whose
+Wire format of every ciphertext: ``MAGIC | context id (16 bytes) | layout (d_in, a, B as 3 × uint32 LE) |
+SEAL serialization``. The context id is random per key generation, so a ciphertext from another context
+is refused before SEAL parses it; the layout tag lets the worker refuse a vector packed for another
+input width; SEAL's own loader validates sizes and coefficient ranges. Inputs are symmetric encryptions whose
 uniform part SEAL serializes as a seed (about half the bytes).
 
 The public context carries parameters, the context id and Galois (rotation) keys only; its format has
@@ -46,6 +47,8 @@ from .params import CKKSParams
 CT_MAGIC = b"BFTSCT1\0"
 PUB_MAGIC = b"BFTSPUB1"
 CONTEXT_ID_BYTES = 16
+_LAYOUT = struct.Struct("<III")
+_HEADER_BYTES = len(CT_MAGIC) + CONTEXT_ID_BYTES + _LAYOUT.size
 _PUBLIC_FIELDS = {"params", "context_id", "galois_steps"}
 
 
@@ -145,6 +148,10 @@ class PackingPlan:
     def out_chunks(self, d_out: int) -> int:
         return math.ceil(d_out / self.m)
 
+    @property
+    def layout_tag(self) -> bytes:
+        return _LAYOUT.pack(self.d_in, self.a, self.block)
+
     def galois_steps(self) -> set[int]:
         return set(range(1, self.baby)) | {g * self.baby for g in range(1, self.giant)}
 
@@ -230,7 +237,7 @@ class TenSEALTrustedContext:
                 pt = seal.Plaintext()
                 self._encoder.encode(z.tolist(), self._scale, pt)
                 body = _scratch().dump(self._encryptor.encrypt_symmetric(pt))
-                cts.append(CT_MAGIC + self.context_id + body)
+                cts.append(CT_MAGIC + self.context_id + plan.layout_tag + body)
         return EncryptedBatch(cts, rows)
 
     def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], rows: int) -> list[np.ndarray]:
@@ -246,7 +253,7 @@ class TenSEALTrustedContext:
             y = np.zeros((n_groups * plan.rows_per_ct, n_out * plan.m))
             for gi in range(n_groups):
                 for c in range(n_out):
-                    ct = _load_ciphertext(self._ctx, self.context_id, cts[gi * n_out + c])
+                    ct = _load_ciphertext(self._ctx, self.context_id, plan, cts[gi * n_out + c])
                     pt = seal.Plaintext()
                     self._decryptor.decrypt(ct, pt)
                     slots = np.asarray(self._encoder.decode_double(pt))
@@ -261,17 +268,22 @@ class TenSEALTrustedContext:
         return np.array([sk_pt.data(i) for i in range(sk_pt.coeff_count())], dtype="<u8").tobytes()
 
 
-def _load_ciphertext(ctx, context_id: bytes, blob: bytes):
-    if not isinstance(blob, (bytes, bytearray)) or len(blob) < len(CT_MAGIC) + CONTEXT_ID_BYTES + 16:
+def _load_ciphertext(ctx, context_id: bytes, plan: PackingPlan, blob: bytes):
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) < _HEADER_BYTES + 16:
         raise CiphertextError("ciphertext is truncated or empty")
     if blob[: len(CT_MAGIC)] != CT_MAGIC:
         raise CiphertextError("not a Bifrost/TenSEAL ciphertext (bad magic)")
     cid = blob[len(CT_MAGIC) : len(CT_MAGIC) + CONTEXT_ID_BYTES]
     if cid != context_id:
         raise CiphertextError("ciphertext belongs to another CKKS context")
+    tag = blob[len(CT_MAGIC) + CONTEXT_ID_BYTES : _HEADER_BYTES]
+    if tag != plan.layout_tag:
+        d_in, a, block = _LAYOUT.unpack(tag)
+        raise CiphertextError(f"ciphertext packs a vector of length {d_in} (chunk {a}, block {block}); this layer "
+                              f"expects length {plan.d_in} (chunk {plan.a}, block {plan.block})")
     ct = seal.Ciphertext()
     try:
-        _scratch().load(ct, ctx, bytes(blob[len(CT_MAGIC) + CONTEXT_ID_BYTES :]))
+        _scratch().load(ct, ctx, bytes(blob[_HEADER_BYTES:]))
     except Exception as exc:  # SEAL raises std::logic_error/invalid_argument subclasses
         raise CiphertextError(f"malformed ciphertext: {exc}") from None
     if ct.size() != 2:
@@ -364,7 +376,8 @@ class TenSEALEvaluator:
         ev, gk, b = self._evaluator, self._galois, plan.baby
         outputs: list[list[bytes]] = [[] for _ in prepared.shape.d_outs]
         for start in range(0, len(ciphertexts), plan.in_chunks):
-            inputs = [_load_ciphertext(self._ctx, self.context_id, c) for c in ciphertexts[start : start + plan.in_chunks]]
+            inputs = [_load_ciphertext(self._ctx, self.context_id, plan, c)
+                      for c in ciphertexts[start : start + plan.in_chunks]]
             for ct in inputs:
                 if ct.parms_id() != self._first_parms_id:
                     raise CiphertextError("input ciphertext is not at the fresh encryption level")
@@ -403,7 +416,7 @@ class TenSEALEvaluator:
                             acc = u
                         else:
                             ev.add_inplace(acc, u)
-                    outputs[member].append(CT_MAGIC + self.context_id + _scratch().dump(acc))
+                    outputs[member].append(CT_MAGIC + self.context_id + plan.layout_tag + _scratch().dump(acc))
         return outputs
 
 

@@ -1,0 +1,230 @@
+"""Evidence providers (registry: ``tdx``, ``sev-snp``, ``simulated``) and the simulated verifier.
+
+Real providers use Linux configfs-tsm (``/sys/kernel/config/tsm/report``): create an entry
+directory, write the 64-byte report_data to ``inblob``, read ``outblob`` (the report/quote),
+``auxblob`` (SEV-SNP certificate table, optional) and ``provider`` (``tdx_guest``/``sev_guest``).
+``generation`` is read after the write and again after reading ``outblob``; a difference means
+another writer raced us and the evidence is discarded.
+
+The simulated provider signs with a process-local Ed25519 key. Its evidence is refused by the
+default policy and accepted only with ``allow_simulated: true``; its verdict says SIMULATED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import EvidenceFormatError, PolicyViolationError, ProviderError, SignatureError
+from .policy import AttestationPolicy
+from .snp import _allow_list, check_report_data, parse_cert_table
+from .verdict import Evidence, Verdict, register_verifier
+
+CONFIGFS_TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
+REPORT_DATA_SIZE = 64
+_KERNEL_PROVIDERS = {"tdx_guest": "tdx", "sev_guest": "sev-snp"}
+
+
+class EvidenceProvider(Protocol):
+    """Produces evidence whose report_data is the given 64 bytes."""
+
+    name: str
+
+    def is_available(self) -> bool: ...
+
+    def get_evidence(self, report_data: bytes) -> Evidence: ...
+
+
+class ConfigfsTsmProvider:
+    """configfs-tsm report provider for one evidence type (``tdx`` or ``sev-snp``).
+
+    ``root`` is configurable for tests. ``entry_name``: use (and keep) an existing entry of that
+    name; otherwise a fresh uniquely named entry is created and removed afterwards.
+    """
+
+    def __init__(self, evidence_type: str, root: Path | str = CONFIGFS_TSM_REPORT_ROOT, entry_name: str | None = None):
+        if evidence_type not in _KERNEL_PROVIDERS.values():
+            raise ProviderError("provider", f"configfs-tsm cannot produce {evidence_type!r} evidence")
+        self.name = evidence_type
+        self.root = Path(root)
+        self.entry_name = entry_name
+
+    def is_available(self) -> bool:
+        return self.root.is_dir() and os.access(self.root, os.W_OK)
+
+    def get_evidence(self, report_data: bytes) -> Evidence:
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise ProviderError("report_data", f"report_data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
+        if not self.is_available():
+            raise ProviderError("provider_unavailable", f"configfs-tsm not available at {self.root}")
+        created = False
+        entry = self.root / (self.entry_name or f"bifrost-{secrets.token_hex(8)}")
+        try:
+            try:
+                entry.mkdir()
+                created = True
+            except FileExistsError:
+                if self.entry_name is None:
+                    raise
+            kernel_provider = _read_text(entry / "provider")
+            if _KERNEL_PROVIDERS.get(kernel_provider) != self.name:
+                raise ProviderError("provider_mismatch", f"configfs-tsm provider is {kernel_provider!r}, wanted {self.name}")
+            (entry / "inblob").write_bytes(report_data)
+            generation = _read_text(entry / "generation")
+            outblob = (entry / "outblob").read_bytes()
+            aux_path = entry / "auxblob"
+            auxblob = aux_path.read_bytes() if aux_path.exists() else b""
+            if _read_text(entry / "generation") != generation:
+                raise ProviderError("generation", "configfs-tsm entry was rewritten concurrently; retry")
+        except OSError as exc:
+            raise ProviderError("configfs_io", f"configfs-tsm I/O failed at {entry}: {exc.strerror or exc}") from None
+        finally:
+            if created:
+                try:
+                    entry.rmdir()
+                except OSError:
+                    pass  # best effort: the kernel frees the entry's state with the directory
+        if not outblob:
+            raise ProviderError("outblob", "configfs-tsm returned an empty outblob")
+        endorsements: dict[str, bytes] = {}
+        if self.name == "sev-snp" and auxblob:
+            endorsements.update(parse_cert_table(auxblob))
+        return Evidence(self.name, outblob, endorsements)
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("ascii", errors="replace").strip()
+
+
+# --------------------------------------------------------------------------- simulated
+
+SIMULATED_MAGIC = b"BIFROST-SIMULATED-EVIDENCE-v1\x00"
+_ED25519_PUB = 32
+_ED25519_SIG = 64
+
+
+class SimulatedProvider:
+    """Development provider: Ed25519-signed evidence, NOT a TEE. Key is generated per instance
+    (OS randomness) unless given. ``measurement`` (48 bytes) stands in for a launch measurement."""
+
+    name = "simulated"
+
+    def __init__(self, signing_key: Ed25519PrivateKey | None = None, measurement: bytes = bytes(48), debug: bool = False):
+        if len(measurement) != 48:
+            raise ProviderError("measurement", "simulated measurement must be 48 bytes")
+        self._key = signing_key or Ed25519PrivateKey.generate()
+        self.measurement = measurement
+        self.debug = debug
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def is_available(self) -> bool:
+        return True
+
+    def get_evidence(self, report_data: bytes) -> Evidence:
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise ProviderError("report_data", f"report_data must be {REPORT_DATA_SIZE} bytes")
+        body = json.dumps(
+            {
+                "measurement": self.measurement.hex(),
+                "report_data": report_data.hex(),
+                "debug": self.debug,
+                "issued_at": int(time.time()),
+            },
+            sort_keys=True,
+        ).encode()
+        signed = SIMULATED_MAGIC + self.public_key_bytes + struct.pack(">I", len(body)) + body
+        return Evidence("simulated", signed + self._key.sign(signed))
+
+
+class SimulatedVerifier:
+    """Verifies simulated evidence; refuses it unless ``policy.allow_simulated``."""
+
+    evidence_type = "simulated"
+
+    def verify(
+        self, evidence: Evidence, policy: AttestationPolicy, *, at: datetime, expected_report_data: bytes | None = None
+    ) -> Verdict:
+        if not policy.allow_simulated:
+            raise PolicyViolationError("simulated", "simulated evidence is refused by this policy (allow_simulated: false)")
+        raw = evidence.raw
+        head = len(SIMULATED_MAGIC) + _ED25519_PUB + 4
+        if len(raw) < head + _ED25519_SIG or not raw.startswith(SIMULATED_MAGIC):
+            raise EvidenceFormatError("simulated_format", "not simulated evidence or truncated")
+        pub = raw[len(SIMULATED_MAGIC) : len(SIMULATED_MAGIC) + _ED25519_PUB]
+        (body_len,) = struct.unpack(">I", raw[head - 4 : head])
+        if len(raw) != head + body_len + _ED25519_SIG:
+            raise EvidenceFormatError("simulated_format", "simulated evidence has the wrong length")
+        signed, signature = raw[: head + body_len], raw[head + body_len :]
+        try:
+            Ed25519PublicKey.from_public_bytes(pub).verify(signature, signed)
+        except (InvalidSignature, ValueError):
+            raise SignatureError("simulated_signature", "simulated evidence signature does not verify") from None
+        passed = ["simulated_format", "simulated_signature"]
+        skipped: list[str] = []
+        _allow_list("simulated_signer", pub, policy.simulated_public_keys, passed, skipped)
+        try:
+            body = json.loads(raw[head : head + body_len])
+            measurement = bytes.fromhex(body["measurement"])
+            report_data = bytes.fromhex(body["report_data"])
+            debug = body["debug"]
+        except (ValueError, KeyError, TypeError):
+            raise EvidenceFormatError("simulated_format", "simulated evidence body is malformed") from None
+        if len(measurement) != 48 or len(report_data) != 64 or not isinstance(debug, bool):
+            raise EvidenceFormatError("simulated_format", "simulated evidence body has wrong field sizes")
+        if debug and not policy.allow_debug:
+            raise PolicyViolationError("debug", "simulated evidence claims debug; the policy refuses debug")
+        passed.append("debug")
+        check_report_data(report_data, expected_report_data, passed, skipped)
+        return Verdict(
+            evidence_type="simulated",
+            measurement=measurement,
+            report_data=report_data,
+            debug=debug,
+            tcb_status="SIMULATED (no hardware TCB)",
+            tcb={"hardware": "none (simulated)"},
+            fields={"signer_public_key": pub.hex(), "WARNING": "SIMULATED: not a TEE, no confidentiality"},
+            verified_at=at,
+            checks_passed=tuple(passed),
+            checks_skipped=tuple(skipped),
+            simulated=True,
+        )
+
+
+register_verifier("simulated", SimulatedVerifier)
+
+# --------------------------------------------------------------------------- provider registry
+
+_PROVIDERS: dict[str, Callable[[], EvidenceProvider]] = {
+    "tdx": lambda: ConfigfsTsmProvider("tdx"),
+    "sev-snp": lambda: ConfigfsTsmProvider("sev-snp"),
+    "simulated": SimulatedProvider,
+}
+
+
+def register_provider(name: str, factory: Callable[[], EvidenceProvider]) -> None:
+    _PROVIDERS[name] = factory
+
+
+def get_provider(name: str) -> EvidenceProvider:
+    try:
+        return _PROVIDERS[name]()
+    except KeyError:
+        raise ProviderError("provider", f"unknown evidence provider {name!r}; known: {', '.join(sorted(_PROVIDERS))}") from None
+
+
+def provider_names() -> tuple[str, ...]:
+    return tuple(sorted(_PROVIDERS))

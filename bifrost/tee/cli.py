@@ -1,0 +1,213 @@
+"""``bifrost demo`` / ``bifrost generate`` / ``bifrost embed``: the trusted runtime from the command line.
+
+With no worker address configured, a local worker process is started on 127.0.0.1 (the embedded
+default) and stopped at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    def common(p):
+        p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
+        p.add_argument("--model", help="model name (configs/models.yaml) or local checkpoint directory")
+        p.add_argument("--backend", help="CKKS backend name")
+        p.add_argument("--worker", help="host:port of a running worker (default: start one on loopback)")
+        p.add_argument("--seed", type=int, help="seed of random-init named models")
+        p.add_argument("--json", action="store_true", help="print a JSON report instead of tables")
+
+    for name, helptext in (("demo", "encrypted generation on the embedded default, compared with plaintext"),
+                           ("generate", "generate text through the hybrid TEE-CKKS path")):
+        p = sub.add_parser(name, help=helptext)
+        common(p)
+        p.add_argument("--prompt", help="prompt text")
+        p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--no-compare", dest="compare", action="store_false", default=(name == "demo"),
+                       help="skip the plaintext comparison")
+        if name == "generate":
+            p.add_argument("--compare", dest="compare", action="store_true", help="compare with plaintext inference")
+        p.set_defaults(func=run_generate)
+    p = sub.add_parser("embed", help="sentence embeddings from an encoder with every linear delegated")
+    common(p)
+    p.add_argument("texts", nargs="+", help="sentences to embed")
+    p.add_argument("--compare", action="store_true", help="cosine similarity to plaintext embeddings")
+    p.set_defaults(func=run_embed, model_default="minilm")
+
+
+def _config(args):
+    from ..config import load_config
+    from ..errors import BifrostError
+
+    cfg = load_config(args.config)
+    changes = {}
+    if args.model:
+        changes["model"] = args.model
+    elif getattr(args, "model_default", None):
+        changes["model"] = args.model_default
+    if args.backend:
+        changes["backend"] = args.backend
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    cfg = cfg.replace(**changes)
+    gen = {}
+    if getattr(args, "prompt", None) is not None:
+        gen["prompt"] = args.prompt
+    if getattr(args, "max_new_tokens", None) is not None:
+        if args.max_new_tokens < 1:
+            raise BifrostError("--max-new-tokens must be at least 1")
+        gen["max_new_tokens"] = args.max_new_tokens
+    if getattr(args, "sample", False):
+        gen["do_sample"] = True
+    if gen:
+        import dataclasses
+
+        cfg = cfg.replace(generation=dataclasses.replace(cfg.generation, **gen))
+    from ..ckks import available_backends
+
+    if cfg.backend not in available_backends():
+        raise BifrostError(f"unknown CKKS backend {cfg.backend!r}; known: {available_backends()}")
+    from ..model.catalog import resolve
+
+    resolve(cfg.model)  # fail fast (one line) on a bad model name or checkpoint path
+    return cfg
+
+
+@contextlib.contextmanager
+def _worker(cfg, args):
+    address = args.worker or cfg.worker.address
+    if address:
+        yield address
+        return
+    from ..worker.launcher import LocalWorker
+
+    with _status(f"starting a local CKKS worker for {cfg.model}"):
+        worker = LocalWorker(cfg.model, cfg.seed, config=args.config).start()
+    try:
+        yield worker.address
+    finally:
+        worker.stop()
+
+
+@contextlib.contextmanager
+def _status(message: str):
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        console.print(f"[dim]{message}…[/dim]")
+        yield
+
+
+def run_generate(args) -> int:
+    from ..tee.runtime import TrustedRuntime
+
+    cfg = _config(args)
+    with _worker(cfg, args) as address:
+        with _status("generating CKKS keys and opening a worker session (weights are encoded once)"):
+            runtime = TrustedRuntime(cfg, address, reference=args.compare)
+        try:
+            result = runtime.generate(cfg.generation.prompt)
+        finally:
+            runtime.close()
+    report = _generation_report(cfg, runtime, result)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_generation(report, result)
+    return 0
+
+
+def _generation_report(cfg, runtime, result) -> dict:
+    decode = result.timings[1:] or result.timings
+    rep = {
+        "model": cfg.model,
+        "backend": cfg.backend,
+        "ckks": {"N": cfg.ckks.poly_modulus_degree, "coeff_mod_bit_sizes": list(cfg.ckks.coeff_mod_bit_sizes),
+                 "scale_bits": cfg.ckks.scale_bits},
+        "delegated_layers": len(runtime.sites),
+        "tokenizer": runtime.tokenizer.name,
+        "prompt_tokens": len(result.prompt_ids),
+        "tokens": result.tokens,
+        "text": result.text,
+        "setup_s": runtime.setup_s,
+        "public_context_bytes": runtime.engine.public_context_bytes,
+        "time_to_first_token_s": result.timings[0].total_s,
+        "decode_s_per_token_mean": statistics.fmean(t.total_s for t in decode),
+        "decode_breakdown_mean_s": {k: statistics.fmean(getattr(t, k) for t in decode)
+                                    for k in ("nonlinear_s", "encrypt_s", "transfer_s", "worker_s", "decrypt_s")},
+        "decode_bytes_per_token": {"sent": statistics.fmean(t.bytes_sent for t in decode),
+                                   "received": statistics.fmean(t.bytes_received for t in decode)},
+        "per_token": [dict(vars(t), nonlinear_s=t.nonlinear_s) for t in result.timings],
+    }
+    if result.fidelity is not None:
+        f = result.fidelity
+        rep["fidelity"] = {"steps": f.steps, "agreeing_steps": f.agreeing_steps,
+                           "identical_to_plaintext_greedy": result.tokens == f.plaintext_tokens,
+                           "max_abs_logit_error": f.max_abs_logit_error, "min_top1_margin": f.min_top1_margin}
+    return rep
+
+
+def _print_generation(rep: dict, result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    table = Table(title=f"{rep['model']} · backend {rep['backend']} · N={rep['ckks']['N']} · "
+                        f"{rep['delegated_layers']} delegated layers", title_justify="left")
+    for col in ("#", "token", "total ms", "non-linear", "encrypt", "transfer", "worker", "decrypt", "KB up", "KB down"):
+        table.add_column(col, justify="right")
+    for t in result.timings:
+        label = "prefill" if t.index == 0 else str(t.index)
+        table.add_row(label, str(t.token), f"{t.total_s * 1e3:.0f}", f"{t.nonlinear_s * 1e3:.0f}", f"{t.encrypt_s * 1e3:.0f}",
+                      f"{t.transfer_s * 1e3:.0f}", f"{t.worker_s * 1e3:.0f}", f"{t.decrypt_s * 1e3:.0f}",
+                      f"{t.bytes_sent / 1e3:.0f}", f"{t.bytes_received / 1e3:.0f}")
+    console.print(table)
+    console.print(f"tokenizer: {rep['tokenizer']}")
+    console.print(f"generated: {rep['text']!r}")
+    console.print(f"time to first token ({rep['prompt_tokens']} prompt tokens): {rep['time_to_first_token_s']:.2f} s · "
+                  f"decode: {rep['decode_s_per_token_mean'] * 1e3:.0f} ms/token · setup {rep['setup_s']:.1f} s")
+    if "fidelity" in rep:
+        f = rep["fidelity"]
+        verdict = "[green]identical[/green]" if f["identical_to_plaintext_greedy"] else "[red]DIFFERENT[/red]"
+        console.print(f"agreement with plaintext PyTorch: {f['agreeing_steps']}/{f['steps']} steps, tokens {verdict}; "
+                      f"max |logit error| = {f['max_abs_logit_error']:.2e} (smallest plaintext top-1 margin "
+                      f"{f['min_top1_margin']:.3f})")
+
+
+def run_embed(args) -> int:
+    from ..errors import BifrostError
+    from ..tee.runtime import TrustedRuntime, plaintext_embeddings
+
+    cfg = _config(args)
+    from ..model.catalog import resolve
+
+    if resolve(cfg.model).task != "encoder":
+        raise BifrostError(f"{cfg.model} is not an encoder model")
+    with _worker(cfg, args) as address:
+        runtime = TrustedRuntime(cfg, address)
+        try:
+            emb = runtime.embed(args.texts)
+        finally:
+            runtime.close()
+    report = {"model": cfg.model, "dims": int(emb.shape[1]), "embeddings": emb.tolist()}
+    if args.compare:
+        ref = plaintext_embeddings(cfg.model, cfg.seed, args.texts)
+        report["cosine_to_plaintext"] = [float(a @ b) for a, b in zip(emb, ref)]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for i, text in enumerate(args.texts):
+            extra = f" cos={report['cosine_to_plaintext'][i]:.6f}" if args.compare else ""
+            print(f"{text[:40]!r}: {emb.shape[1]} dims{extra}")
+    sys.stdout.flush()
+    return 0

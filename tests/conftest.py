@@ -1,0 +1,37 @@
+"""Shared fixtures: an in-process CKKS worker for small models, and fast CKKS parameters."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def run_config():
+    from bifrost.config import load_config
+
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def worker_factory(run_config):
+    """Start in-process workers (one per model name, reused for the session)."""
+    from bifrost.worker.service import build_service, serve
+
+    started = {}
+
+    def get(model: str, max_sessions: int = 8):
+        key = (model, max_sessions)
+        if key not in started:
+            service = build_service(model, run_config.seed, run_config.delegation, max_sessions, 2 * 2**30)
+            server, port = serve(service, "127.0.0.1", 0)
+            started[key] = (service, server, f"127.0.0.1:{port}")
+        return started[key]
+
+    yield get
+    for _, server, _ in started.values():
+        server.stop(grace=None)

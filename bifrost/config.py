@@ -64,6 +64,13 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    mode: str = "bifrost"  # "bifrost": prompt through CKKS too; "bifrost+": prompt prefilled inside the TEE
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bifrost", "bifrost+"):
+            raise BifrostError(f"generation.mode must be 'bifrost' or 'bifrost+', got {self.mode!r}")
+        if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise BifrostError("generation: need max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1, top_k >= 0")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Everything else in the model (embeddings, norms, attention softmax, activations, RoPE, residuals,
 KV cache, LM head) runs unchanged in the trusted runtime; the architecture code stays Hugging Face's.
-The bias of a delegated layer is public and is added here after decryption; the weight itself is not
-kept in trusted memory (the worker holds it; its digest pins it).
+The bias of a delegated layer is public and is added here after decryption. The weight (public too) is
+kept in trusted memory for Bifrost+ mode, where the prompt is prefilled inside the TEE in plaintext; in
+``bifrost`` mode the worker's copy is used, pinned by its digest.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from .engine import DelegationEngine
 
 
 class DelegatedLinear(torch.nn.Module):
-    """``y = x @ W.T + b`` with ``x @ W.T`` computed by the worker under CKKS."""
+    """``y = x @ W.T + b`` with ``x @ W.T`` computed by the worker under CKKS.
 
-    def __init__(self, site: Site, bias: torch.Tensor | None, engine: DelegationEngine | None = None) -> None:
+    While ``engine.local_linears`` is set (Bifrost+ prefill) the product is computed here, in plaintext.
+    """
+
+    def __init__(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None,
+                 engine: DelegationEngine | None = None) -> None:
         super().__init__()
         self.site = site
         self.engine = engine
+        self.register_buffer("weight", weight.detach().to(torch.float32).contiguous())  # (d_out, d_in)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @property
@@ -34,6 +40,8 @@ class DelegatedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine is None:
             raise RuntimeError(f"delegated layer {self.site.name} has no engine attached")
+        if self.engine.local_linears:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         y = self.engine.linear(self.site.name, x, x._version)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], self.site.d_out)
         if self.bias is not None:
@@ -52,7 +60,7 @@ def swap_in_delegates(model: torch.nn.Module, policy) -> list[Site]:
         site = Site(name, w.shape[1], w.shape[0], weight_digest(w))
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, DelegatedLinear(site, module.bias))
+        setattr(parent, leaf, DelegatedLinear(site, torch.from_numpy(w), module.bias))
         swapped.append(site)
     return swapped
 

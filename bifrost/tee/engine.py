@@ -11,19 +11,17 @@ The secret key stays in ``self._keys`` (a :class:`~bifrost.ckks.TrustedContext`)
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, fields
 
-import grpc
 import numpy as np
 
 from ..ckks import CKKSParams, GroupShape, get_backend
 from ..errors import BifrostError
 from ..model.delegation import Site
-from ..proto import worker_pb2, worker_pb2_grpc
-
-MAX_MESSAGE_BYTES = 1 << 30
-
+from ..proto import worker_pb2
+from .link import WorkerLink
 
 @dataclass
 class CallStats:
@@ -48,23 +46,12 @@ class CallStats:
         return CallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
 
-def connect(address: str, timeout_s: float = 30.0) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-    except grpc.FutureTimeoutError:
-        raise BifrostError(f"no CKKS worker reachable at {address} within {timeout_s:.0f} s") from None
-    return channel
-
-
 class DelegationEngine:
-    """Owns the CKKS keys of one session and the connection to one worker."""
+    """Owns the CKKS keys of one session and its link to the worker(s)."""
 
-    def __init__(self, channel: grpc.Channel, backend: str, params: CKKSParams, site_list: list[Site],
-                 groups: list[tuple[str, ...]], timeout_s: float = 600.0, prepare: bool = True) -> None:
-        self.stub = worker_pb2_grpc.CKKSWorkerStub(channel)
-        self.timeout = timeout_s
+    def __init__(self, link: WorkerLink, backend: str, params: CKKSParams, site_list: list[Site],
+                 groups: list[tuple[str, ...]], prepare: bool = True) -> None:
+        self.link = link
         self.sites = {s.name: s for s in site_list}
         self.group_of: dict[str, tuple[str, ...]] = {n: g for g in groups for n in g}
         self.shapes = {g: GroupShape(self.sites[g[0]].d_in, tuple(self.sites[n].d_out for n in g)) for g in groups}
@@ -76,20 +63,21 @@ class DelegationEngine:
         self._keys = backend_impl.keygen(params, sorted(set(self.shapes.values()), key=repr))
         public = self._keys.public_context()
         self.public_context_bytes = len(public)
-        reply = self._call(self.stub.OpenSession, worker_pb2.OpenSessionRequest(
-            backend=backend, public_context=public, prepare=list(self._refs.values()) if prepare else []))
-        self.session_id = reply.session_id
-        self.prepare_seconds = reply.prepare_seconds
+        self.prepare_seconds = link.open_session(backend, public, list(self._refs.values()) if prepare else [])
         self._pending: tuple | None = None  # (group, input tensor, version, outputs) for fused siblings
+        self.local_linears = False  # True inside in_tee(): delegated layers compute in plaintext here
 
-    def _call(self, rpc, request):
+    @contextlib.contextmanager
+    def in_tee(self):
+        """Run delegated layers in plaintext inside the TEE (Bifrost+ prefill); nothing goes to workers."""
+        previous, self.local_linears = self.local_linears, True
         try:
-            return rpc(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise BifrostError(f"worker call failed: {exc.code().name}: {exc.details()}") from None
+            yield
+        finally:
+            self.local_linears = previous
 
     def _check_worker_serves_sites(self) -> None:
-        served = {l.name: l for l in self._call(self.stub.Describe, worker_pb2.DescribeRequest()).layers}
+        served = {info.name: info for info in self.link.describe()}
         for s in self.sites.values():
             got = served.get(s.name)
             if got is None:
@@ -103,18 +91,15 @@ class DelegationEngine:
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()
-        request = worker_pb2.LinearRequest(session_id=self.session_id, group=self._refs[group],
-                                           ciphertexts=batch.ciphertexts)
-        reply = self._call(self.stub.Linear, request)
+        outputs, worker_s = self.link.linear(self._refs[group], batch.ciphertexts)
         t2 = time.perf_counter()
-        outputs = [list(o.ciphertexts) for o in reply.outputs]
         ys = self._keys.decrypt(shape, outputs, batch.rows)
         t3 = time.perf_counter()
         st = self.stats
         st.calls += 1
         st.encrypt_s += t1 - t0
         st.rpc_s += t2 - t1
-        st.worker_s += reply.compute_seconds
+        st.worker_s += worker_s
         st.decrypt_s += t3 - t2
         st.bytes_sent += sum(len(c) for c in batch.ciphertexts)
         st.bytes_received += sum(len(c) for o in outputs for c in o)
@@ -144,7 +129,4 @@ class DelegationEngine:
         return result
 
     def close(self) -> None:
-        try:
-            self.stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=self.session_id), timeout=10)
-        except grpc.RpcError:
-            pass
+        self.link.close()

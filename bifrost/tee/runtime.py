@@ -8,6 +8,7 @@ encryption, transfer, worker compute and decryption (seconds), and bytes each wa
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
 from ..model.tokenizer import load_tokenizer
 from .delegate import attach_engine, swap_in_delegates
-from .engine import CallStats, DelegationEngine, connect
+from .engine import CallStats, DelegationEngine
+from .link import GrpcWorkerLink, WorkerLink, connect
+
+
+MODES = ("bifrost", "bifrost+")
 
 
 @dataclass
@@ -86,7 +91,8 @@ def _sample(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
 class TrustedRuntime:
     """One model replica with its own CKKS keys and worker session."""
 
-    def __init__(self, cfg: RunConfig, worker_address: str, reference: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, worker: str | WorkerLink, reference: bool = False) -> None:
+        """``worker`` is a ``host:port`` address or a ready :class:`WorkerLink` (e.g. a pool)."""
         self.cfg = cfg
         self.spec = resolve(cfg.model)
         self.model = load_model(self.spec, cfg.seed)
@@ -95,18 +101,28 @@ class TrustedRuntime:
             raise BifrostError(f"the delegation policy matches no linear layer of {cfg.model}")
         self.groups = fuse_groups([s.name for s in self.sites], cfg.delegation)
         t0 = time.perf_counter()
-        self.engine = DelegationEngine(connect(worker_address), cfg.backend, cfg.ckks_params(), self.sites,
-                                       self.groups, timeout_s=cfg.worker.timeout_s)
+        link = (GrpcWorkerLink(connect(worker), cfg.worker.timeout_s, worker) if isinstance(worker, str) else worker)
+        self.engine = DelegationEngine(link, cfg.backend, cfg.ckks_params(), self.sites, self.groups)
         self.setup_s = time.perf_counter() - t0
         attach_engine(self.model, self.engine)
         self.tokenizer = load_tokenizer(self.spec.path)
         self.reference = load_model(self.spec, cfg.seed) if reference else None
 
     @torch.no_grad()
-    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None) -> GenerationResult:
+    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None,
+                 mode: str | None = None) -> GenerationResult:
+        """Generate with the KV cache in trusted memory.
+
+        ``mode``: ``bifrost`` runs the prompt through the hybrid CKKS path (all prompt tokens of a layer
+        batched into as few ciphertexts as the packing allows); ``bifrost+`` builds the prompt's KV state
+        inside the TEE in plaintext, and only decode steps use ciphertexts. Default: the config's mode.
+        """
         if self.spec.task != "causal-lm":
             raise BifrostError(f"{self.cfg.model} is an encoder; use embed()")
         gcfg = self.cfg.generation
+        mode = mode or gcfg.mode
+        if mode not in MODES:
+            raise BifrostError(f"unknown serving mode {mode!r}; choose one of {', '.join(MODES)}")
         n_new = gcfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -124,7 +140,9 @@ class TrustedRuntime:
         for i in range(n_new):
             before = self.engine.stats.snapshot()
             t0 = time.perf_counter()
-            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            local = self.engine.in_tee() if (i == 0 and mode == "bifrost+") else contextlib.nullcontext()
+            with local:
+                out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
             logits = out.logits[0, -1]
             token = _sample(logits, gcfg, gen)
             total = time.perf_counter() - t0

@@ -4,7 +4,7 @@ import grpc
 
 from bifrost.ckks.tenseal_backend import PUB_MAGIC
 from bifrost.proto import worker_pb2
-from bifrost.tee import engine as engine_mod
+from bifrost.tee import link as link_mod
 from bifrost.tee.runtime import TrustedRuntime
 
 
@@ -20,7 +20,7 @@ class _Recorder(grpc.UnaryUnaryClientInterceptor):
 def test_requests_to_the_worker_carry_no_secret_key(worker_factory, run_config, monkeypatch):
     _, _, address = worker_factory("gpt2-mini")
     recorder = _Recorder()
-    real_connect = engine_mod.connect
+    real_connect = link_mod.connect
     monkeypatch.setattr("bifrost.tee.runtime.connect",
                         lambda addr, **kw: grpc.intercept_channel(real_connect(addr, **kw), recorder))
     runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address)

@@ -10,7 +10,7 @@ import pytest
 from bifrost.ckks import CKKSParams, GroupShape, get_backend
 from bifrost.ckks.tenseal_backend import PUB_MAGIC
 from bifrost.proto import worker_pb2, worker_pb2_grpc
-from bifrost.tee.engine import connect
+from bifrost.tee.link import connect
 
 
 @pytest.fixture(scope="module")

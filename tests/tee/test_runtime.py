@@ -9,11 +9,11 @@ from bifrost.tee.runtime import TrustedRuntime
 def test_greedy_tokens_equal_plaintext_for_32_steps(worker_factory, run_config, model):
     _, _, address = worker_factory(model)
     runtime = TrustedRuntime(run_config.replace(model=model), address, reference=True)
-    result = runtime.generate("The enclave", 32)
+    result = runtime.generate("Private LLM", 32)
     runtime.close()
     f = result.fidelity
     print(f"{model}: agree {f.agreeing_steps}/32, max|logit err| {f.max_abs_logit_error:.2e}, "
-          f"min margin {f.min_top1_margin:.3f}")
+          f"min margin {f.min_top1_margin:.2e}")
     assert result.tokens == f.plaintext_tokens
     assert f.agreeing_steps == 32
     assert f.max_abs_logit_error < 1e-3

@@ -1,0 +1,213 @@
+"""Benchmark of the native CKKS kernels (``bifrost_kernels``) vs the TenSEAL backend — not a test.
+
+One run on one machine reports, per layer shape (rows = 1, i.e. one decode step):
+worker latency (``Evaluator.apply``), trusted-side encrypt/decrypt time, bytes sent (inputs) and received
+(outputs), max error vs float64 relative to the documented bound, and the same shapes through the
+repo's TenSEAL backend; plus plain TenSEAL ``CKKSVector.mm`` on 768×768, the NTT reference engine,
+row packing (prefill), and per-token projections for GPT-2 124M and Qwen3-0.6B.
+
+    .venv/bin/python benchmarks/kernels_bench.py [--repeats 7] [--skip-tenseal] [--json out.json]
+
+Prints one JSON document, then a rich table. Timings are medians (seconds) over ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Passive OpenMP waiting: on a shared, oversubscribed CPU busy-waiting threads slow torch ops by 10-50×.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bifrost.ckks import CKKSParams, GroupShape, get_backend  # noqa: E402
+
+SHAPES = [(768, 768), (768, 2304), (768, 3072), (3072, 768), (1024, 2048), (1024, 3072), (3072, 1024)]
+# Per-layer groups as a decode step delegates them (members sharing an input form one group).
+GPT2_LAYER = [GroupShape(768, (2304,)), GroupShape(768, (768,)), GroupShape(768, (3072,)), GroupShape(3072, (768,))]
+GPT2_LAYERS = 12
+QWEN3_LAYER = [GroupShape(1024, (2048, 1024, 1024)), GroupShape(2048, (1024,)), GroupShape(1024, (3072, 3072)),
+               GroupShape(3072, (1024,))]
+QWEN3_LAYERS = 28
+
+
+def activations(rng: np.random.Generator, rows: int, d_in: int) -> np.ndarray:
+    x = rng.normal(0, 1, (rows, d_in))
+    x[:, rng.choice(d_in, 3, replace=False)] = rng.uniform(150, 400, (rows, 3))  # GPT-2-like outliers
+    return x
+
+
+def median_time(fn, repeats: int, best: list | None = None):
+    """Median wall time of ``fn`` over ``repeats`` calls (the minimum is appended to ``best``)."""
+    result, times = None, []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    if best is not None:
+        best.append(min(times))
+    return statistics.median(times), result
+
+
+def measure(ctx, ev, shape: GroupShape, rows: int, repeats: int, seed: int = 0, weight_bits: int | None = None) -> dict:
+    rng = np.random.default_rng(seed)
+    ws = [rng.normal(0, 0.05, (d, shape.d_in)) for d in shape.d_outs]
+    x = activations(rng, rows, shape.d_in)
+    t = time.perf_counter()
+    prepared = ev.prepare(shape, ws)
+    prepare_s = time.perf_counter() - t
+    batch = ctx.encrypt(shape, x)                       # warm-up (allocations, FFT plans)
+    out = ev.apply(prepared, batch.ciphertexts)
+    ctx.decrypt(shape, out, rows)
+    best: list[float] = []
+    enc_s, batch = median_time(lambda: ctx.encrypt(shape, x), repeats, best)
+    apply_s, out = median_time(lambda: ev.apply(prepared, batch.ciphertexts), repeats, best)
+    dec_s, ys = median_time(lambda: ctx.decrypt(shape, out, rows), repeats, best)
+    err = max(float(np.abs(y - x @ w.T).max()) for y, w in zip(ys, ws))
+    row = {
+        "shape": f"{shape.d_in}x{'+'.join(map(str, shape.d_outs))}", "rows": rows,
+        "worker_apply_s": apply_s, "encrypt_s": enc_s, "decrypt_s": dec_s, "prepare_s": prepare_s,
+        "best_worker_apply_s": best[1], "best_encrypt_s": best[0], "best_decrypt_s": best[2],
+        "ciphertexts_in": len(batch.ciphertexts), "ciphertexts_out": sum(map(len, out)),
+        "bytes_sent": sum(map(len, batch.ciphertexts)), "bytes_received": sum(len(c) for o in out for c in o),
+        "max_abs_error": err,
+    }
+    if weight_bits is not None:
+        bound = max(float((2.0 ** -weight_bits * np.abs(x).sum(1) * np.abs(w).max()).min()) for w in ws)
+        row["error_over_bound"] = err / bound
+    return row
+
+
+def plain_tenseal_mm(repeats: int = 1) -> float:
+    import tenseal as ts
+
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 60])
+    ctx.global_scale = 2 ** 40
+    ctx.generate_galois_keys()
+    rng = np.random.default_rng(0)
+    w, x = rng.normal(0, 0.05, (768, 768)), rng.normal(0, 1, 768)
+    vec = ts.ckks_vector(ctx, x.tolist())
+    wt = w.T.tolist()
+    s, _ = median_time(lambda: vec.mm(wt), repeats)
+    return s
+
+
+def project(rows: list[dict], layers: int) -> dict:
+    return {
+        "worker_s": layers * sum(r["worker_apply_s"] for r in rows),
+        "trusted_encrypt_decrypt_s": layers * sum(r["encrypt_s"] + r["decrypt_s"] for r in rows),
+        "bytes": layers * sum(r["bytes_sent"] + r["bytes_received"] for r in rows),
+        "wire_s_at_300MBps": layers * sum(r["bytes_sent"] + r["bytes_received"] for r in rows) / 300e6,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--skip-tenseal", action="store_true")
+    ap.add_argument("--json", help="also write the JSON report here")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    native = get_backend("native")
+    ctx = native.keygen(native.default_params, [])
+    ev = native.evaluator(ctx.public_context())
+    report = {
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+                    "load_average_1min_at_start": os.getloadavg()[0],
+                    "device": str(ev.device), "torch": torch.__version__},
+        "native_params": {"N": native.default_params.poly_modulus_degree,
+                          "coeff_mod_bit_sizes": list(native.default_params.coeff_mod_bit_sizes),
+                          "scale_bits": native.default_params.scale_bits, "weight_bits": ev.weight_bits},
+        "native": [measure(ctx, ev, GroupShape(i, (o,)), 1, args.repeats, k, ev.weight_bits)
+                   for k, (i, o) in enumerate(SHAPES)],
+    }
+    by_shape = {r["shape"]: r for r in report["native"]}
+    gpt2 = [by_shape[f"{g.d_in}x{g.d_outs[0]}"] for g in GPT2_LAYER]
+    qwen = [measure(ctx, ev, g, 1, args.repeats, 100 + k, ev.weight_bits) for k, g in enumerate(QWEN3_LAYER)]
+    report["qwen3_groups"] = qwen
+    report["gpt2_124m_per_token"] = project(gpt2, GPT2_LAYERS)
+    report["qwen3_0.6b_per_token"] = project(qwen, QWEN3_LAYERS)
+
+    ntt_ev = native.evaluator(ctx.public_context(), engine="ntt")
+    ntt_row = measure(ctx, ntt_ev, GroupShape(768, (768,)), 1, max(2, args.repeats // 3))
+    report["ntt_engine_768x768_apply_s"] = ntt_row["worker_apply_s"]
+    prefill = measure(ctx, ev, GroupShape(768, (768,)), 32, max(2, args.repeats // 3), 7, ev.weight_bits)
+    report["prefill_768x768_rows32"] = prefill
+
+    if not args.skip_tenseal:
+        try:
+            tenseal = get_backend("tenseal")
+            tparams = CKKSParams()
+            shapes = [GroupShape(i, (o,)) for i, o in SHAPES]
+            tctx = tenseal.keygen(tparams, shapes)
+            tev = tenseal.evaluator(tctx.public_context())
+            report["tenseal_params"] = {"N": tparams.poly_modulus_degree,
+                                        "coeff_mod_bit_sizes": list(tparams.coeff_mod_bit_sizes)}
+            report["tenseal"] = [measure(tctx, tev, s, 1, 1, k) for k, s in enumerate(shapes)]
+        except Exception as exc:  # the benchmark still reports the native numbers
+            report["tenseal_error"] = f"{type(exc).__name__}: {exc}"
+        report["plain_tenseal_mm_768x768_s"] = plain_tenseal_mm()
+        n768 = by_shape["768x768"]["worker_apply_s"]
+        report["speedup_768x768_vs_plain_tenseal_mm"] = report["plain_tenseal_mm_768x768_s"] / n768
+        if "tenseal" in report:
+            report["speedup_768x768_vs_tenseal_backend"] = report["tenseal"][0]["worker_apply_s"] / n768
+    report["speedup_768x768_vs_openfhe_bsgs_0.33s"] = 0.33 / by_shape["768x768"]["worker_apply_s"]
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    _table(report)
+    return 0
+
+
+def _table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
+    kb = lambda b: f"{b / 1024:.0f}"  # noqa: E731
+    t = Table(title=f"native CKKS kernels, rows=1 ({report['machine']['device']}, "
+                    f"{report['machine']['cpu_threads']} threads); median ms (best), KiB")
+    for col in ("shape", "worker", "encrypt", "decrypt", "cts in/out", "sent", "recv", "err/bound",
+                "TenSEAL worker", "TenSEAL enc+dec", "TenSEAL sent+recv", "× TenSEAL"):
+        t.add_column(col, justify="right")
+    tens = {r["shape"]: r for r in report.get("tenseal", [])}
+    for r in report["native"] + report["qwen3_groups"] + [report["prefill_768x768_rows32"]]:
+        tr = tens.get(r["shape"]) if r["rows"] == 1 else None
+        t.add_row(r["shape"] + ("" if r["rows"] == 1 else f" ×{r['rows']} rows"),
+                  f"{ms(r['worker_apply_s'])} ({ms(r['best_worker_apply_s'])})",
+                  ms(r["encrypt_s"]), ms(r["decrypt_s"]), f"{r['ciphertexts_in']}/{r['ciphertexts_out']}",
+                  kb(r["bytes_sent"]), kb(r["bytes_received"]), f"{r.get('error_over_bound', float('nan')):.2f}",
+                  ms(tr["worker_apply_s"]) if tr else "", ms(tr["encrypt_s"] + tr["decrypt_s"]) if tr else "",
+                  kb(tr["bytes_sent"] + tr["bytes_received"]) if tr else "",
+                  f"{tr['worker_apply_s'] / r['worker_apply_s']:.0f}" if tr else "")
+    console = Console(width=200)
+    console.print(t)
+    for name in ("gpt2_124m_per_token", "qwen3_0.6b_per_token"):
+        p = report[name]
+        console.print(f"{name}: worker {p['worker_s']:.2f} s, trusted enc+dec {p['trusted_encrypt_decrypt_s']:.2f} s, "
+                      f"wire {p['bytes'] / 1e6:.1f} MB (≈{p['wire_s_at_300MBps']:.2f} s at 300 MB/s)")
+    extra = [f"NTT engine 768x768 worker {ms(report['ntt_engine_768x768_apply_s'])} ms",
+             f"vs OpenFHE BSGS 0.33 s: ×{report['speedup_768x768_vs_openfhe_bsgs_0.33s']:.0f}"]
+    if "plain_tenseal_mm_768x768_s" in report:
+        extra.append(f"plain TenSEAL mm 768x768 {report['plain_tenseal_mm_768x768_s']:.2f} s "
+                     f"(×{report['speedup_768x768_vs_plain_tenseal_mm']:.0f})")
+    if "tenseal_error" in report:
+        extra.append(f"TenSEAL backend failed: {report['tenseal_error']}")
+    console.print("; ".join(extra))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The ``native`` CKKS backend: symmetric-key RLWE with coefficient encoding, one level, no rotations.
+
+Trusted side (CPU, numpy + torch FFT): secret ``s`` uniform ternary; a fresh input ciphertext of the
+message polynomial m is ``(c_0, c_1) = (−a·s + m + e, a) mod Q`` with ``a`` expanded from a 32-byte
+seed (only c_0 and the seed travel). Decryption of a worker output is ``c_0 + c_1·s mod q_0``.
+All products with ``s`` are exact float64-FFT negacyclic convolutions (no NTT on the trusted side).
+
+Scaling (per call, no calibration): row r of x is scaled by Δx_r = (2^A − d_in)/‖x_r‖₁ and rounded, so
+Σ_j |x̃_rj| ≤ 2^A (A = ``scale_bits``); weights by Δw = (2^B − 1)/max|W| with
+B = ⌊log2 Q⌋ − 4 − A. Hence every encoded result |ỹ| ≤ 2^(A+B) ≤ Q/16 cannot wrap, whatever the
+activation magnitude (GPT-2 outliers included), and after the rescale to q_0 it still sits ≤ q_0/16.
+
+Error bound (tested for every GPT-2 / Qwen3 shape): for each output,
+    |ŷ_rk − y_rk| ≤ 2^(−B) · ‖x_r‖₁ · max|W|
+(weight rounding contributes ≤ 2^(−B−1) of it, activation rounding ≤ d_in·2^(−A−1), encryption and
+rescale noise ≈ 2^(−A−B)·(16·√N·q_1) ≈ 2^(−19) for the defaults). Default parameters
+``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit security at
+N = 2048) give B = 14.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from bifrost.ckks.backend import CiphertextError, GroupShape
+from bifrost.ckks.params import CKKSParams
+
+from . import negacyclic_fft as nfft
+from . import sampling, wire
+from .layout import Blocking, plan
+from .linear import EncodedWeights, apply_fft, apply_ntt, encode_weights
+from .rns import RNSBasis, ntt_primes
+
+DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24), scale_bits=35)
+GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
+MIN_WEIGHT_BITS = 8
+DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
+ENGINE_ENV = "BIFROST_KERNELS_ENGINE"
+
+
+def weight_bits(params: CKKSParams, primes: tuple[int, ...]) -> int:
+    """B: weights are quantised to |w̃| ≤ 2^B − 1 (see module docstring)."""
+    log_q = math.prod(primes).bit_length() - 1  # ⌊log2 Q⌋
+    b = log_q - GUARD_BITS - params.scale_bits
+    if b < MIN_WEIGHT_BITS:
+        raise ValueError(f"scale_bits={params.scale_bits} leaves only {b} weight bits for log2(Q)={log_q}; "
+                         f"need ≥ {MIN_WEIGHT_BITS}")
+    return b
+
+
+def _chain(params: CKKSParams) -> tuple[int, ...]:
+    try:
+        primes = ntt_primes(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes))
+        weight_bits(params, primes)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; the native backend's recommended parameters are {DEFAULT_PARAMS} "
+                         f"(ckks: poly_modulus_degree 2048, coeff_mod_bit_sizes [30, 24], scale_bits 35)") from None
+    return primes
+
+
+def _check_shape(shape: GroupShape) -> None:
+    if not isinstance(shape, GroupShape):
+        raise TypeError(f"expected GroupShape, got {type(shape).__name__}")
+
+
+class _Codec:
+    """What both sides derive from public values: primes, bit sizes, blocking, payload lengths."""
+
+    def __init__(self, params: CKKSParams, primes: tuple[int, ...], context_id: bytes):
+        self.params, self.primes, self.context_id = params, primes, context_id
+        self.n = params.poly_modulus_degree
+        self.basis = RNSBasis(primes)
+        self.bits = tuple(q.bit_length() for q in primes)
+        self.log_q = self.basis.Q.bit_length()
+        self.rescale_factor = float(math.prod(primes[1:]))
+
+    def blocking(self, shape: GroupShape, rows: int) -> Blocking:
+        return plan(self.n, self.bits, shape.d_in, tuple(shape.d_outs), rows)
+
+    def input_payload_len(self) -> int:
+        return sum(wire.packed_len(self.n, b) for b in self.bits)
+
+    def output_payload_len(self, blocking: Blocking) -> int:
+        return wire.packed_len(blocking.rows_per_ct * blocking.out_per_ct + self.n, self.bits[0])
+
+    def public_context(self) -> bytes:
+        return wire.encode_public_context(self.n, self.primes, self.params.scale_bits, self.context_id)
+
+
+class NativeTrustedContext:
+    """Key holder (trusted runtime only). Holds s, its FFT spectrum, and the AES-GCM key for scales."""
+
+    def __init__(self, params: CKKSParams):
+        self.params = params
+        self._codec = _Codec(params, _chain(params), os.urandom(wire.CONTEXT_ID_BYTES))
+        self._secret = sampling.ternary_secret(params.poly_modulus_degree)
+        self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
+        self._scale_key = AESGCM(os.urandom(32))
+
+    def public_context(self) -> bytes:
+        return self._codec.public_context()
+
+    # -------------------------------------------------------------- helpers
+    def _mul_secret(self, polys: np.ndarray) -> np.ndarray:
+        """Exact negacyclic product of centred integer polynomials [..., N] (|c| < 2^31) with s."""
+        t = torch.from_numpy(polys.astype(np.float64))
+        return nfft.round_exact(nfft.inverse(nfft.forward(t) * self._secret_spectrum)).numpy()
+
+    def _seal(self, scales: np.ndarray, row_block: int) -> bytes:
+        nonce = os.urandom(12)
+        aad = self._codec.context_id + row_block.to_bytes(4, "little")
+        return nonce + self._scale_key.encrypt(nonce, scales.astype("<f8").tobytes(), aad)
+
+    def _unseal(self, sealed: bytes, row_block: int, count: int) -> np.ndarray:
+        aad = self._codec.context_id + row_block.to_bytes(4, "little")
+        try:
+            raw = self._scale_key.decrypt(sealed[:12], sealed[12:], aad)
+        except (InvalidTag, ValueError):
+            raise CiphertextError("output ciphertext carries corrupted or foreign activation scales") from None
+        scales = np.frombuffer(raw, dtype="<f8") if len(raw) == 8 * count else np.zeros(0)
+        if scales.size != count or not (scales > 0).all():
+            raise CiphertextError("activation-scale block is malformed")
+        return scales
+
+    def _encrypt_polynomials(self, msg: np.ndarray, seeds: list[bytes], errors: np.ndarray) -> np.ndarray:
+        """c_0 = m + e − a(seed)·s mod q_i for integer polynomials msg, errors [C, N] -> residues [C, L, N]."""
+        c = self._codec
+        a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])       # [C, L, N]
+        q_col = c.basis.q_col[None, :, None]
+        a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
+        return np.mod((msg + errors)[:, None, :] - a_s, q_col)
+
+    # -------------------------------------------------------------- encrypt
+    def encrypt(self, shape: GroupShape, x: np.ndarray):
+        from bifrost.ckks.backend import EncryptedBatch
+
+        _check_shape(shape)
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != shape.d_in or x.shape[0] < 1:
+            raise ValueError(f"expected x of shape (rows, {shape.d_in}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("x contains NaN or infinity")
+        c = self._codec
+        rows, n = x.shape[0], c.n
+        blk = c.blocking(shape, rows)
+        r, n_i = blk.rows_per_ct, blk.in_per_ct
+        rb_count, b_count = blk.row_blocks(rows), blk.in_blocks(shape.d_in)
+
+        l1 = np.abs(x).sum(axis=1)
+        budget = float(2 ** self.params.scale_bits - shape.d_in)
+        scales = budget / np.where(l1 > 0, l1, 1.0)
+        sealed_scales = np.full(rb_count * r, np.inf)  # ∞: an all-zero (or padding) row decodes to exactly 0
+        sealed_scales[:rows] = np.where(l1 > 0, scales, np.inf)
+        padded = np.zeros((rb_count * r, b_count * n_i), dtype=np.int64)
+        padded[:rows, : shape.d_in] = np.rint(x * scales[:, None]).astype(np.int64)
+        blocks = padded.reshape(rb_count, r, b_count, n_i).transpose(0, 2, 1, 3)  # [RB, B, r, n_i]
+        msg = np.zeros((rb_count, b_count, n), dtype=np.int64)
+        msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
+
+        count = rb_count * b_count
+        seeds = sampling.fresh_seeds(count)
+        c0 = self._encrypt_polynomials(msg.reshape(count, n), seeds, sampling.centered_binomial((count, n)))
+        payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
+
+        sealed = [self._seal(sealed_scales[k * r:(k + 1) * r], k)
+                  for k in range(rb_count)]
+        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seeds[i],
+                                                  sealed[i // b_count]), payload[i].tobytes())
+               for i in range(count)]
+        return EncryptedBatch(ciphertexts=cts, rows=rows)
+
+    # -------------------------------------------------------------- decrypt
+    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], rows: int) -> list[np.ndarray]:
+        _check_shape(shape)
+        c = self._codec
+        if not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise CiphertextError(f"invalid row count {rows!r}")
+        blk = c.blocking(shape, int(rows))
+        r, n_o = blk.rows_per_ct, blk.out_per_ct
+        rb_count = blk.row_blocks(rows)
+        if len(outputs) != len(shape.d_outs):
+            raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member), got {len(outputs)}")
+        plen = c.output_payload_len(blk)
+        payloads, meta = [], []
+        for m, (d_out, cts) in enumerate(zip(shape.d_outs, outputs)):
+            o_count = blk.out_blocks(d_out)
+            if len(cts) != rb_count * o_count:
+                raise CiphertextError(f"member {m}: expected {rb_count * o_count} ciphertexts, got {len(cts)}")
+            for i, ct in enumerate(cts):
+                h, body = wire.decode_output(ct, c.context_id, plen)
+                if (h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.member, h.index, h.count) != \
+                        (rows, r, blk.in_per_ct, n_o, m, i, len(cts)):
+                    raise CiphertextError(f"member {m} ciphertext {i}: layout/index header does not match "
+                                          f"the expected (rows={rows}, blocking={blk})")
+                payloads.append(np.frombuffer(body, dtype=np.uint8))
+                meta.append((m, i // o_count, i % o_count, h.weight_scale, h.sealed))
+        vals = wire.unpack_bits(np.stack(payloads), r * n_o + c.n, c.bits[0])          # [C, r·n_o + N]
+        q0 = c.primes[0]
+        if (vals >= q0).any():
+            raise CiphertextError("output ciphertext coefficient out of range")
+        c1 = vals[:, r * n_o:]
+        c1 = np.where(c1 > q0 // 2, c1 - q0, c1)
+        pos = blk.output_positions().reshape(-1)
+        c1s = self._mul_secret(c1)[:, pos]
+        decoded = np.mod(vals[:, : r * n_o] + c1s, q0)
+        decoded = np.where(decoded > q0 // 2, decoded - q0, decoded).astype(np.float64)  # [C, r·n_o]
+
+        results = [np.zeros((rb_count * r, blk.out_blocks(d) * n_o)) for d in shape.d_outs]
+        unsealed: dict[bytes, np.ndarray] = {}
+        for k, (m, rb, ob, w_scale, sealed) in enumerate(meta):
+            if sealed not in unsealed:
+                unsealed[sealed] = self._unseal(sealed, rb, r)
+            x_scales = unsealed[sealed]
+            block = decoded[k].reshape(r, n_o) * (c.rescale_factor / w_scale) / x_scales[:, None]
+            results[m][rb * r:(rb + 1) * r, ob * n_o:(ob + 1) * n_o] = block
+        return [res[:rows, :d] for res, d in zip(results, shape.d_outs)]
+
+
+class NativeEvaluator:
+    """Untrusted worker: built from public-context bytes only. Runs on CUDA when available."""
+
+    def __init__(self, public_context: bytes, device: str | None = None, engine: str | None = None):
+        n, primes, scale_bits, context_id = wire.decode_public_context(public_context)
+        bits = tuple(q.bit_length() for q in primes)
+        self.params = CKKSParams(poly_modulus_degree=n, coeff_mod_bit_sizes=bits, scale_bits=scale_bits)
+        if _chain(self.params) != primes:
+            raise CiphertextError("public context primes do not match the native backend's prime chain")
+        self._codec = _Codec(self.params, primes, context_id)
+        self.weight_bits = weight_bits(self.params, primes)
+        self.device = torch.device(device or os.environ.get(DEVICE_ENV) or
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.engine = engine or os.environ.get(ENGINE_ENV, "fft")
+        if self.engine not in ("fft", "ntt"):
+            raise ValueError(f"unknown engine {self.engine!r} (fft|ntt)")
+
+    def prepare(self, shape: GroupShape, weights: Sequence[np.ndarray]) -> "PreparedGroup":
+        _check_shape(shape)
+        if len(weights) != len(shape.d_outs):
+            raise ValueError(f"expected {len(shape.d_outs)} weight matrices, got {len(weights)}")
+        ints, scales = [], []
+        for w, d_out in zip(weights, shape.d_outs):
+            w = np.asarray(w, dtype=np.float64)
+            if w.shape != (d_out, shape.d_in):
+                raise ValueError(f"weight shape {w.shape} != ({d_out}, {shape.d_in})")
+            if not np.isfinite(w).all():
+                raise ValueError("weights contain NaN or infinity")
+            peak = float(np.abs(w).max())
+            scale = (2 ** self.weight_bits - 1) / peak if peak > 0 else 1.0
+            ints.append(torch.from_numpy(np.rint(w * scale).astype(np.int64)).to(self.device))
+            scales.append(scale)
+        prepared = PreparedGroup(shape, ints, scales, {})
+        prepared.encoded(self, self._codec.blocking(shape, 1))  # decode blocking encoded eagerly
+        return prepared
+
+    def apply(self, prepared: "PreparedGroup", ciphertexts: Sequence[bytes]) -> list[list[bytes]]:
+        if not isinstance(prepared, PreparedGroup):
+            raise TypeError("prepared must come from NativeEvaluator.prepare")
+        c, shape = self._codec, prepared.shape
+        if not isinstance(ciphertexts, (list, tuple)) or not ciphertexts:
+            raise CiphertextError("expected a non-empty list of input ciphertexts")
+        plen = c.input_payload_len()
+        first, _ = wire.decode_input(ciphertexts[0], c.context_id, plen)
+        if not 1 <= first.rows <= 1 << 20:
+            raise CiphertextError(f"invalid row count {first.rows}")
+        blk = c.blocking(shape, first.rows)
+        rb_count, b_count = blk.row_blocks(first.rows), blk.in_blocks(shape.d_in)
+        expected = rb_count * b_count
+        if len(ciphertexts) != expected:
+            raise CiphertextError(f"expected {expected} input ciphertexts for rows={first.rows}, "
+                                  f"got {len(ciphertexts)}")
+        seeds, bodies, sealed = [], [], []
+        for i, ct in enumerate(ciphertexts):
+            h, body = wire.decode_input(ct, c.context_id, plen)
+            if (h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.index, h.count) != \
+                    (first.rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct, i, expected):
+                raise CiphertextError(f"input ciphertext {i}: layout/index header does not match this layer "
+                                      f"(d_in={shape.d_in}, blocking={blk})")
+            seeds.append(h.seed)
+            bodies.append(np.frombuffer(body, dtype=np.uint8))
+            if i % b_count == 0:
+                sealed.append(h.sealed)
+        packed = np.stack(bodies)
+        c0, offset = [], 0
+        for q, b in zip(c.primes, c.bits):
+            length = wire.packed_len(c.n, b)
+            limb = wire.unpack_bits(packed[:, offset:offset + length], c.n, b)
+            if (limb >= q).any():
+                raise CiphertextError("input ciphertext coefficient out of range")
+            c0.append(limb)
+            offset += length
+        c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
+        a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])    # [C, L, N]
+        cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
+        cts = cts.reshape(rb_count, b_count, 2, len(c.primes), c.n)
+
+        enc = prepared.encoded(self, blk)
+        pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
+        if self.engine == "fft":
+            sent = apply_fft(enc, cts, c.primes, c.log_q, pos)
+        else:
+            sent = apply_ntt(enc, cts, c.primes, pos)
+        sent = sent.cpu().numpy()                                                    # [RB, ΣO, r·n_o + N]
+        packed_out = wire.pack_bits(sent.reshape(-1, sent.shape[-1]), c.bits[0]).reshape(rb_count, -1,
+                                                                                       c.output_payload_len(blk))
+        results, start = [], 0
+        for m, o_count in enumerate(enc.out_blocks):
+            member = []
+            for rb in range(rb_count):
+                for ob in range(o_count):
+                    h = wire.OutputHeader(c.context_id, first.rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct,
+                                          m, rb * o_count + ob, rb_count * o_count, prepared.scales[m], sealed[rb])
+                    member.append(wire.encode_output(h, packed_out[rb, start + ob].tobytes()))
+            results.append(member)
+            start += o_count
+        return results
+
+
+class PreparedGroup:
+    """Quantised weights of one group plus their encodings, one per blocking used (lazily, cached)."""
+
+    def __init__(self, shape: GroupShape, weight_ints: list[torch.Tensor], scales: list[float],
+                 cache: dict[Blocking, EncodedWeights]):
+        self.shape, self.weight_ints, self.scales, self.cache = shape, weight_ints, scales, cache
+
+    def encoded(self, ev: NativeEvaluator, blk: Blocking) -> EncodedWeights:
+        if blk not in self.cache:
+            self.cache[blk] = encode_weights(blk, self.weight_ints, self.shape.d_in, ev._codec.primes, ev.engine)
+        return self.cache[blk]
+
+
+class NativeBackend:
+    """Registry entry ``"native"``: tensor-kernel CKKS (PyTorch; CPU or CUDA)."""
+
+    name = "native"
+    default_params = DEFAULT_PARAMS
+
+    def keygen(self, params: CKKSParams | None, shapes: Sequence[GroupShape] = ()) -> NativeTrustedContext:
+        return NativeTrustedContext(params or DEFAULT_PARAMS)
+
+    def evaluator(self, public_context: bytes, device: str | None = None, engine: str | None = None) -> NativeEvaluator:
+        return NativeEvaluator(public_context, device=device, engine=engine)

@@ -1,0 +1,169 @@
+"""Wire format of the native backend (all integers little-endian).
+
+Public context (fixed length, structurally unable to hold a key)::
+
+    b"BFKPUB01" | N:u32 | L:u8 | q_0..q_{L-1}:u64 | scale_bits:u8 | context_id:16B
+
+Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as its 32-byte seed)::
+
+    b"BFKI" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32
+    | seed:32B | sealed_len:u16 sealed | c_0 mod q_i, N coefficients of bitlen(q_i) bits per limb
+
+Output ciphertext (rescaled to q_0; only the r·n_o wanted coefficients of c_0 travel)::
+
+    b"BFKO" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | member:u16 index:u32 count:u32
+    | weight_scale:f64 | sealed_len:u16 sealed | c_0 at r·n_o positions, then c_1 (N coefficients), bitlen(q_0) bits each
+
+``sealed`` is the row block's activation scales (float64 each), AES-GCM-encrypted under a key that never
+leaves the trusted side; the worker copies it from input to output unchanged, so the trusted side is
+stateless and activation norms do not leak.
+
+Default parameters (N = 2048, q = 30 + 24 bits): input ciphertext 13,824 B of coefficients + ~110 B of
+header; output (2048 + r·n_o) × 30 bits ≈ 7.8 KB + ~120 B.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from bifrost.ckks.backend import CiphertextError, SecretKeyInPublicContextError
+
+VERSION = 1
+PUBLIC_MAGIC = b"BFKPUB01"
+SECRET_MAGIC = b"BFKSEC01"  # reserved: a serialized secret key starts with this; never accepted as public
+INPUT_MAGIC = b"BFKI"
+OUTPUT_MAGIC = b"BFKO"
+CONTEXT_ID_BYTES = 16
+
+_IN_HEAD = struct.Struct("<4sB16sIHHHII32sH")
+_OUT_HEAD = struct.Struct("<4sB16sIHHHHIIdH")
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """[M, n] non-negative ints < 2^bits -> [M, ceil(n·bits/8)] uint8 (little-endian bit order)."""
+    m, n = values.shape
+    width = 4 if bits <= 32 else 8
+    as_bits = np.unpackbits(values.astype(f"<u{width}").view(np.uint8).reshape(m, n, width), axis=2,
+                            bitorder="little")
+    packed = np.packbits(as_bits[:, :, :bits].reshape(m, n * bits), axis=1, bitorder="little")
+    return packed
+
+
+def unpack_bits(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: [M, bytes] uint8 -> [M, n] int64."""
+    m = packed.shape[0]
+    as_bits = np.unpackbits(packed, axis=1, bitorder="little", count=n * bits).reshape(m, n, bits)
+    width = 4 if bits <= 32 else 8
+    full = np.zeros((m, n, 8 * width), dtype=np.uint8)
+    full[:, :, :bits] = as_bits
+    return np.packbits(full, axis=2, bitorder="little").reshape(m, n * width).view(f"<u{width}").astype(np.int64)
+
+
+def packed_len(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+# ---------------------------------------------------------------- public context
+def encode_public_context(n: int, primes: tuple[int, ...], scale_bits: int, context_id: bytes) -> bytes:
+    return (PUBLIC_MAGIC + struct.pack("<IB", n, len(primes)) + struct.pack(f"<{len(primes)}Q", *primes)
+            + struct.pack("<B", scale_bits) + context_id)
+
+
+def decode_public_context(blob: bytes) -> tuple[int, tuple[int, ...], int, bytes]:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CiphertextError("public context must be bytes")
+    blob = bytes(blob)
+    if SECRET_MAGIC in blob:
+        raise SecretKeyInPublicContextError("refusing a public context that carries secret-key material")
+    if len(blob) < 13 or blob[:8] != PUBLIC_MAGIC:
+        raise CiphertextError("not a native-backend public context (bad magic or truncated)")
+    n, L = struct.unpack_from("<IB", blob, 8)
+    expected = 8 + 5 + 8 * L + 1 + CONTEXT_ID_BYTES
+    if len(blob) > expected:
+        raise SecretKeyInPublicContextError(
+            f"public context has {len(blob) - expected} unexpected trailing bytes (possible key material); refusing")
+    if len(blob) < expected or L < 1:
+        raise CiphertextError("truncated native-backend public context")
+    primes = struct.unpack_from(f"<{L}Q", blob, 13)
+    scale_bits = blob[13 + 8 * L]
+    context_id = blob[14 + 8 * L:]
+    return n, tuple(primes), scale_bits, context_id
+
+
+# ---------------------------------------------------------------- ciphertext headers
+@dataclass(frozen=True)
+class InputHeader:
+    context_id: bytes
+    rows: int
+    rows_per_ct: int
+    in_per_ct: int
+    out_per_ct: int
+    index: int
+    count: int
+    seed: bytes
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class OutputHeader:
+    context_id: bytes
+    rows: int
+    rows_per_ct: int
+    in_per_ct: int
+    out_per_ct: int
+    member: int
+    index: int
+    count: int
+    weight_scale: float
+    sealed: bytes
+
+
+def encode_input(h: InputHeader, payload: bytes) -> bytes:
+    return _IN_HEAD.pack(INPUT_MAGIC, VERSION, h.context_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct,
+                         h.index, h.count, h.seed, len(h.sealed)) + h.sealed + payload
+
+
+def encode_output(h: OutputHeader, payload: bytes) -> bytes:
+    return _OUT_HEAD.pack(OUTPUT_MAGIC, VERSION, h.context_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct,
+                          h.member, h.index, h.count, h.weight_scale, len(h.sealed)) + h.sealed + payload
+
+
+def _check_bytes(ct: object, what: str) -> bytes:
+    if not isinstance(ct, (bytes, bytearray, memoryview)):
+        raise CiphertextError(f"{what} must be bytes, got {type(ct).__name__}")
+    return bytes(ct)
+
+
+def decode_input(ct: object, context_id: bytes, payload_len: int) -> tuple[InputHeader, bytes]:
+    ct = _check_bytes(ct, "input ciphertext")
+    if len(ct) < _IN_HEAD.size:
+        raise CiphertextError(f"input ciphertext truncated ({len(ct)} bytes)")
+    magic, ver, cid, rows, r, n_i, n_o, index, count, seed, sealed_len = _IN_HEAD.unpack_from(ct)
+    if magic != INPUT_MAGIC or ver != VERSION:
+        raise CiphertextError("not a native-backend input ciphertext (bad magic/version)")
+    if cid != context_id:
+        raise CiphertextError("input ciphertext belongs to another context (context id mismatch)")
+    end = _IN_HEAD.size + sealed_len
+    if len(ct) != end + payload_len:
+        raise CiphertextError(f"input ciphertext has {len(ct)} bytes, expected {end + payload_len}")
+    return InputHeader(cid, rows, r, n_i, n_o, index, count, seed, ct[_IN_HEAD.size:end]), ct[end:]
+
+
+def decode_output(ct: object, context_id: bytes, payload_len: int) -> tuple[OutputHeader, bytes]:
+    ct = _check_bytes(ct, "output ciphertext")
+    if len(ct) < _OUT_HEAD.size:
+        raise CiphertextError(f"output ciphertext truncated ({len(ct)} bytes)")
+    magic, ver, cid, rows, r, n_i, n_o, member, index, count, scale, sealed_len = _OUT_HEAD.unpack_from(ct)
+    if magic != OUTPUT_MAGIC or ver != VERSION:
+        raise CiphertextError("not a native-backend output ciphertext (bad magic/version)")
+    if cid != context_id:
+        raise CiphertextError("output ciphertext belongs to another context (context id mismatch)")
+    end = _OUT_HEAD.size + sealed_len
+    if len(ct) != end + payload_len:
+        raise CiphertextError(f"output ciphertext has {len(ct)} bytes, expected {end + payload_len}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise CiphertextError("output ciphertext carries an invalid weight scale")
+    return OutputHeader(cid, rows, r, n_i, n_o, member, index, count, scale, ct[_OUT_HEAD.size:end]), ct[end:]

@@ -1,0 +1,125 @@
+"""Encrypted linear layers match a float64 reference within the documented bound, for every shape."""
+
+import numpy as np
+import pytest
+import torch
+
+from bifrost.ckks import GroupShape
+from bifrost_kernels import sampling
+from bifrost_kernels.backend import NativeBackend
+
+from .kernels_testlib import error_bound, gpt2_like, run_layer
+
+# (d_in, d_out): GPT-2 124M and Qwen3-0.6B linear layers.
+GPT2 = [(768, 768), (768, 2304), (768, 3072), (3072, 768)]
+QWEN3 = [(1024, 2048), (1024, 1024), (2048, 1024), (1024, 3072), (3072, 1024)]
+
+
+@pytest.mark.parametrize("d_in,d_out", GPT2 + QWEN3)
+def test_every_model_shape_within_bound(context, evaluator, d_in, d_out):
+    rng = np.random.default_rng(d_in * 7 + d_out)
+    w = rng.normal(0, rng.uniform(0.02, 0.1), (d_out, d_in))
+    x = gpt2_like(rng, 1, d_in)
+    (y,), _, _ = run_layer(context, evaluator, GroupShape(d_in, (d_out,)), [w], x)
+    ref = x @ w.T
+    assert (np.abs(y - ref) <= error_bound(evaluator.weight_bits, x, w)).all()
+    assert np.sqrt(np.mean((y - ref) ** 2) / np.mean(ref ** 2)) < 2.0 ** -10
+
+
+def test_identity_roundtrip_is_encrypt_decrypt(context, evaluator):
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 3, (2, 300))
+    (y,), _, _ = run_layer(context, evaluator, GroupShape(300, (300,)), [np.eye(300)], x)
+    # identity weights quantise exactly: what remains is rescale/encryption noise, ≈ 2^-19 of ‖x‖₁
+    assert np.abs(y - x).max() <= 2.0 ** -17 * np.abs(x).sum(1).max()
+
+
+@pytest.mark.parametrize("rows", [2, 7, 64])
+def test_row_packing(context, evaluator, rows):
+    rng = np.random.default_rng(rows)
+    shape = GroupShape(768, (768,))
+    w = rng.normal(0, 0.05, (768, 768))
+    x = gpt2_like(rng, rows, 768)
+    (y,), batch, _ = run_layer(context, evaluator, shape, [w], x)
+    assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
+    if rows == 64:  # rows share ciphertexts: far fewer than 64 × the single-row count
+        single = len(context.encrypt(shape, x[:1]).ciphertexts)
+        assert len(batch.ciphertexts) < 16 * single
+
+
+def test_group_shares_one_input(context, evaluator):
+    rng = np.random.default_rng(9)
+    shape = GroupShape(768, (768, 256, 768))
+    ws = [rng.normal(0, 0.05, (d, 768)) for d in shape.d_outs]
+    x = gpt2_like(rng, 3, 768)
+    ys, _, out = run_layer(context, evaluator, shape, ws, x)
+    assert len(out) == 3
+    for y, w in zip(ys, ws):
+        assert y.shape == (3, w.shape[0])
+        assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
+def test_scaling_adapts_to_activation_range(context, evaluator, magnitude):
+    rng = np.random.default_rng(11)
+    w = rng.normal(0, 0.05, (64, 200))
+    x = rng.normal(0, magnitude, (3, 200))
+    x[1] = 0.0  # an all-zero row decodes to zero
+    (y,), _, _ = run_layer(context, evaluator, GroupShape(200, (64,)), [w], x)
+    assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
+    assert (y[1] == 0).all()
+
+
+def test_adversarial_worst_case_does_not_wrap(context, evaluator):
+    """All mass on aligned signs: |y| reaches ‖x‖₁·max|W| exactly, the encoding's worst case."""
+    w = np.full((16, 512), 0.1)
+    x = np.full((1, 512), 250.0)
+    (y,), _, _ = run_layer(context, evaluator, GroupShape(512, (16,)), [w], x)
+    assert np.allclose(y, x @ w.T, rtol=2.0 ** -12)
+
+
+def test_ntt_engine_matches_fft_engine_bit_for_bit(backend, context):
+    shape = GroupShape(256, (96, 40))
+    rng = np.random.default_rng(12)
+    ws = [rng.normal(0, 0.05, (d, 256)) for d in shape.d_outs]
+    batch = context.encrypt(shape, gpt2_like(rng, 2, 256))
+    outs = []
+    for engine in ("fft", "ntt"):
+        ev = backend.evaluator(context.public_context(), device="cpu", engine=engine)
+        outs.append(ev.apply(ev.prepare(shape, ws), batch.ciphertexts))
+    assert outs[0] == outs[1]
+
+
+def test_encryption_known_answer(context):
+    """With s = 1 and s = X, c_0 = m + e − a·s has a closed form; checks the trusted-side arithmetic."""
+    n, primes = 2048, context._codec.primes
+    seed = bytes(range(32))
+    a = sampling.expand_uniform(seed, primes, n)
+    msg = np.arange(n, dtype=np.int64)[None] * 1000 - 7
+    err = np.zeros((1, n), dtype=np.int64)
+    err[0, 5] = 3
+    saved = context._secret, context._secret_spectrum
+    try:
+        for secret, a_s in [(np.eye(1, n, 0, dtype=np.int64)[0], a),
+                            (np.eye(1, n, 1, dtype=np.int64)[0], np.concatenate([-a[:, -1:], a[:, :-1]], axis=1))]:
+            from bifrost_kernels import negacyclic_fft
+            context._secret = secret
+            context._secret_spectrum = negacyclic_fft.forward(torch.from_numpy(secret).double())
+            c0 = context._encrypt_polynomials(msg, [seed], err)[0]
+            want = np.mod(msg + err - a_s, np.array(primes)[:, None])
+            assert (c0 == want).all()
+    finally:
+        context._secret, context._secret_spectrum = saved
+
+
+def test_no_weak_rng_is_used(monkeypatch):
+    """Keys, errors and seeds come from os.urandom/secrets/SHAKE only."""
+    def forbidden(*a, **k):
+        raise AssertionError("non-cryptographic RNG used")
+    for name in ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial"):
+        monkeypatch.setattr(torch, name, forbidden)
+    for name in ("default_rng", "rand", "randn", "randint", "random", "choice", "normal", "uniform", "seed"):
+        monkeypatch.setattr(np.random, name, forbidden)
+    ctx = NativeBackend().keygen(None, [])
+    ctx.encrypt(GroupShape(16, (4,)), np.ones((1, 16)))
+    assert sampling.ternary_secret(8).shape == (8,)

@@ -1,0 +1,102 @@
+"""Building blocks: primes, NTT, exact FFT convolution, CRT/rescale, digits, bit packing, sampling."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from bifrost_kernels import linear, negacyclic_fft, ntt, rns, sampling, wire
+
+
+def naive_negacyclic(a, b, q=None):
+    n = len(a)
+    c = [0] * n
+    for i in range(n):
+        for j in range(n):
+            k = i + j
+            if k < n:
+                c[k] += int(a[i]) * int(b[j])
+            else:
+                c[k - n] -= int(a[i]) * int(b[j])
+    return np.array([v % q for v in c] if q else c, dtype=np.int64)
+
+
+def test_prime_chain_is_ntt_friendly_and_sized():
+    primes = rns.ntt_primes(2048, (30, 24))
+    assert [q.bit_length() for q in primes] == [30, 24]
+    assert all(rns.is_prime(q) and q % 4096 == 1 for q in primes)
+    with pytest.raises(ValueError):
+        rns.ntt_primes(2048, (40, 14))  # primes above 31 bits are not supported by the int64 kernels
+
+
+@pytest.mark.parametrize("n", [8, 64])
+def test_ntt_roundtrip_and_negacyclic_product(n):
+    q = rns.ntt_primes(n, (20,))[0]
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, q, n), rng.integers(0, q, n)
+    fa, fb = ntt.forward(torch.tensor(a), q), ntt.forward(torch.tensor(b), q)
+    assert (ntt.inverse(fa, q).numpy() == a).all()
+    assert (ntt.inverse(fa * fb % q, q).numpy() == naive_negacyclic(a, b, q)).all()
+
+
+@pytest.mark.parametrize("n", [8, 128])
+def test_fft_negacyclic_product_is_exact(n):
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(-2**20, 2**20, n), rng.integers(-2**10, 2**10, n)
+    got = negacyclic_fft.negacyclic_multiply(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    assert (got.numpy() == naive_negacyclic(a, b)).all()
+
+
+def test_fft_rounding_guard_fires():
+    with pytest.raises(negacyclic_fft.FFTPrecisionError):
+        negacyclic_fft.round_exact(torch.tensor([0.5, 1.0], dtype=torch.float64))
+
+
+def test_crt_compose_and_rescale():
+    primes = rns.ntt_primes(2048, (30, 24))
+    basis = rns.RNSBasis(primes)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-(basis.Q // 2), basis.Q // 2, (5, 64), dtype=np.int64)
+    res = torch.from_numpy(np.moveaxis(basis.decompose(x), -1, -2).copy())  # [5, L, 64]
+    assert (linear.compose_centered(res, primes).numpy() == x).all()
+    assert (basis.compose_centered(basis.decompose(x)) == x).all()
+    resc = linear.rescale_to_first(res, primes).numpy()
+    want = np.rint(x / primes[1]).astype(np.int64) % primes[0]
+    diff = (resc - want) % primes[0]
+    assert np.all((diff == 0) | (diff == 1) | (diff == primes[0] - 1))  # rounding may differ at .5
+
+
+def test_signed_digits_reconstruct():
+    x = torch.tensor([2**53 - 1, -(2**53), 0, 12345, -1], dtype=torch.int64)
+    d, beta = linear.digit_plan(54)
+    digits = linear.signed_digits(x, d, beta).to(torch.int64)  # [D, 5]
+    back = sum(digits[k] * (1 << (beta * k)) for k in range(d))
+    assert (back == x).all() and digits[:-1].abs().max() <= 2 ** (beta - 1)
+
+
+@pytest.mark.parametrize("bits", [1, 17, 24, 30, 31, 40])
+def test_bit_packing_roundtrip(bits):
+    v = np.random.default_rng(4).integers(0, 2**bits, (3, 77))
+    p = wire.pack_bits(v, bits)
+    assert p.shape[1] == wire.packed_len(77, bits)
+    assert (wire.unpack_bits(p, 77, bits) == v).all()
+
+
+def test_seed_expansion_known_answer_and_range():
+    primes = rns.ntt_primes(2048, (30, 24))
+    u = sampling.expand_uniform(bytes(range(32)), primes, 2048)
+    # Pinned: worker and trusted side (and any other implementation) must expand identically.
+    assert u[:, :4].tolist() == [[364650916, 124535928, 670389847, 261549739], [7546943, 10548848, 10822513, 12745790]]
+    assert hashlib.sha256(u.astype("<i8").tobytes()).hexdigest() == \
+        "859b5523b3f07e184cd0586657e71500ee9ea432ad3679ca39db99e9e499d363"
+    assert (u >= 0).all() and (u < np.array(primes)[:, None]).all()
+    assert not (sampling.expand_uniform(bytes(32), primes, 2048) == u).all()
+
+
+def test_secret_and_error_distributions():
+    s = sampling.ternary_secret(30000)
+    counts = np.bincount(s + 1)
+    assert set(np.unique(s)) == {-1, 0, 1} and counts.min() > 9000
+    e = sampling.centered_binomial((4, 4096))
+    assert np.abs(e).max() <= sampling.ERROR_ETA and 3.7 < e.std() < 4.3

@@ -1,0 +1,119 @@
+"""Registry, public-context hygiene, wire sizes, and clean errors on bad input (never a crash)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from bifrost.ckks import (CiphertextError, CKKSBackend, Evaluator, GroupShape, SecretKeyInPublicContextError,
+                          TrustedContext, available_backends, get_backend)
+from bifrost_kernels import wire
+
+SHAPE = GroupShape(128, (40,))
+
+
+@pytest.fixture(scope="module")
+def layer(context, evaluator):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (40, 128))
+    prepared = evaluator.prepare(SHAPE, [w])
+    batch = context.encrypt(SHAPE, rng.normal(0, 1, (1, 128)))
+    return prepared, batch, evaluator.apply(prepared, batch.ciphertexts)
+
+
+def test_registered_and_protocols(backend, context, evaluator):
+    assert "native" in available_backends() and get_backend("native").name == "native"
+    assert isinstance(backend, CKKSBackend) and isinstance(context, TrustedContext)
+    assert isinstance(evaluator, Evaluator)
+
+
+def test_device_selection(backend, context, monkeypatch):
+    monkeypatch.setenv("BIFROST_KERNELS_DEVICE", "cpu")
+    assert backend.evaluator(context.public_context()).device.type == "cpu"
+
+
+def test_public_context_cannot_carry_the_secret(context, backend):
+    blob = context.public_context()
+    assert len(blob) == 8 + 5 + 8 * 2 + 1 + 16  # fixed-length format: no room for key material
+    secret_bytes = context._secret.astype("<i8").tobytes()
+    assert secret_bytes[:64] not in blob
+    for bad in (blob + secret_bytes, blob + b"\x00", wire.SECRET_MAGIC + secret_bytes, blob + wire.SECRET_MAGIC):
+        with pytest.raises(SecretKeyInPublicContextError):
+            backend.evaluator(bad)
+    for bad in (b"", blob[:20], b"garbage" * 10, b"\x00" * len(blob)):
+        with pytest.raises(CiphertextError):
+            backend.evaluator(bad)
+
+
+def test_wire_sizes(layer, context):
+    _, batch, out = layer
+    assert all(len(ct) < 14000 for ct in batch.ciphertexts)   # 2048 × 54 bits + header, seed not polynomial
+    assert all(len(ct) < 8000 for ct in out[0])               # rescaled to the 30-bit prime
+
+
+def test_bad_inputs_raise_ciphertext_error(layer, evaluator, backend):
+    prepared, batch, _ = layer
+    cts = batch.ciphertexts
+    other = backend.keygen(None, []).encrypt(SHAPE, np.ones((1, 128))).ciphertexts
+    bad_lists = [
+        [cts[0][:-1]] + cts[1:],                 # truncated
+        [cts[0] + b"\x00"] + cts[1:],            # extended
+        [b"\x00" * len(cts[0])] + cts[1:],       # garbage
+        [b""] + cts[1:],
+        other,                                   # another context
+        cts + cts[:1],                           # wrong count
+        cts[:-1] if len(cts) > 1 else [],
+        ["not bytes"] + cts[1:],
+    ]
+    flipped = bytearray(cts[0]); flipped[30] ^= 0xFF  # rows field
+    bad_lists.append([bytes(flipped)] + cts[1:])
+    for bad in bad_lists:
+        with pytest.raises(CiphertextError):
+            evaluator.apply(prepared, bad)
+
+
+def test_wrong_layer_shape_is_rejected(context, evaluator):
+    batch = context.encrypt(GroupShape(768, (768,)), np.ones((1, 768)))
+    prepared = evaluator.prepare(GroupShape(768, (2304,)), [np.ones((2304, 768)) * 0.01])
+    with pytest.raises(CiphertextError):
+        evaluator.apply(prepared, batch.ciphertexts)
+
+
+def test_bad_outputs_raise_ciphertext_error(layer, context, backend):
+    _, batch, out = layer
+    o = out[0]
+    tampered = bytearray(o[0]); tampered[-5] ^= 0x01  # payload bit: still decodes (no integrity in CKKS)
+    context.decrypt(SHAPE, [[bytes(tampered)] + o[1:]], 1)
+    sealed = bytearray(o[0]); sealed[70] ^= 0xFF     # inside the sealed activation scales
+    other_ctx = backend.keygen(None, [])
+    bad = [
+        [[o[0][:-3]] + o[1:]],
+        [o[:-1]],
+        [o, o],
+        [[bytes(sealed)] + o[1:]],
+        [[b"\xff" * len(o[0])] + o[1:]],
+    ]
+    for outputs in bad:
+        with pytest.raises(CiphertextError):
+            context.decrypt(SHAPE, outputs, 1)
+    with pytest.raises(CiphertextError):
+        context.decrypt(SHAPE, out, 2)          # wrong row count
+    with pytest.raises(CiphertextError):
+        other_ctx.decrypt(SHAPE, out, 1)        # foreign context
+
+
+def test_random_bytes_fuzz(layer, evaluator, context):
+    prepared, batch, out = layer
+    for i in range(40):
+        junk = os.urandom(np.random.default_rng(i).integers(0, 20000))
+        with pytest.raises(CiphertextError):
+            evaluator.apply(prepared, [junk] * len(batch.ciphertexts))
+        with pytest.raises(CiphertextError):
+            context.decrypt(SHAPE, [[junk] * len(out[0])], 1)
+
+
+def test_encrypt_validates_input(context):
+    with pytest.raises(ValueError):
+        context.encrypt(SHAPE, np.ones((1, 127)))
+    with pytest.raises(ValueError):
+        context.encrypt(SHAPE, np.full((1, 128), np.nan))

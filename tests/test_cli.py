@@ -1,0 +1,53 @@
+"""The command line: one-line errors with non-zero exit codes, and the demo's JSON report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _bifrost(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bifrost.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["demo", "--model", "/no/such/checkpoint"], "checkpoint path does not exist"),
+    (["generate", "--model", "gpt7-ultra"], "unknown model"),
+    (["demo", "--backend", "rot13", "--model", "gpt2-mini"], "unknown CKKS backend"),
+    (["demo", "--model", "gpt2-mini", "--max-new-tokens", "0"], "at least 1"),
+    (["embed", "--model", "gpt2-mini", "hi"], "not an encoder"),
+    (["worker", "--config", "/no/such.yaml"], "config file not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, needle):
+    r = _bifrost(*args, timeout=120)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.strip().splitlines() if l.startswith("bifrost: error")]) == 1
+
+
+def test_insecure_config_is_refused_at_load(tmp_path):
+    cfg = tmp_path / "weak.yaml"
+    cfg.write_text("ckks:\n  poly_modulus_degree: 4096\n  coeff_mod_bit_sizes: [60, 40, 60]\n  scale_bits: 40\n")
+    r = _bifrost("demo", "--config", str(cfg), timeout=120)
+    assert r.returncode != 0 and "128-bit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("modle: gpt2\n")
+    r = _bifrost("demo", "--config", str(cfg), timeout=120)
+    assert r.returncode != 0 and "unknown key" in r.stderr
+
+
+def test_demo_json_report_on_a_small_model():
+    r = _bifrost("demo", "--model", "gpt2-mini", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["fidelity"]["identical_to_plaintext_greedy"] is True
+    assert rep["fidelity"]["max_abs_logit_error"] < 1e-3
+    assert len(rep["per_token"]) == 4 and rep["delegated_layers"] == 8
+    assert rep["decode_breakdown_mean_s"]["worker_s"] > 0
+    assert rep["decode_bytes_per_token"]["sent"] > 0

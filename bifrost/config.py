@@ -75,21 +75,33 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = "gpt2-2l"
+    model: str = "gpt2"
     seed: int = 0
-    backend: str = "tenseal"
-    ckks: CKKSConfig = field(default_factory=CKKSConfig)
+    backend: str = "native"
+    ckks: CKKSConfig | None = None  # None: the backend's recommended parameters
     delegation: DelegationConfig = field(default_factory=DelegationConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def ckks_params(self):
+        """The CKKS parameters of this run (validated: 128-bit security, backend accepts them)."""
+        from .ckks import available_backends, get_backend
         from .ckks.params import CKKSParams, InsecureParametersError
 
+        if self.backend not in available_backends():
+            raise BifrostError(f"unknown CKKS backend {self.backend!r}; known: {available_backends()}")
+        backend = get_backend(self.backend)
+        if self.ckks is None:
+            return backend.default_params
         try:
-            return CKKSParams(**dataclasses.asdict(self.ckks))
+            params = CKKSParams(**dataclasses.asdict(self.ckks))
         except InsecureParametersError as exc:
             raise BifrostError(f"ckks: {exc}") from None
+        try:
+            backend.check_params(params)
+        except ValueError as exc:
+            raise BifrostError(f"ckks ({self.backend} backend): {exc}") from None
+        return params
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -109,7 +121,7 @@ def _build(cls, data: Any, where: str):
     for name, value in data.items():
         sub = {"ckks": CKKSConfig, "delegation": DelegationConfig, "worker": WorkerConfig, "generation": GenerationConfig}
         if cls is RunConfig and name in sub:
-            kwargs[name] = _build(sub[name], value, f"{where}.{name}")
+            kwargs[name] = None if (value is None and name == "ckks") else _build(sub[name], value, f"{where}.{name}")
             continue
         kwargs[name] = _coerce(value, str(hints[name]), f"{where}.{name}")
     return cls(**kwargs)

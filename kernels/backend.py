@@ -108,6 +108,13 @@ class NativeTrustedContext:
         return self._codec.public_context()
 
     # -------------------------------------------------------------- helpers
+    # Test hook: the secret key in the encodings a leak could take (int8, int64, residues mod each prime),
+    # used only to prove that none of them ever leaves the trusted side.
+    def _secret_key_words(self) -> bytes:
+        s = self._secret.astype(np.int64)
+        residues = [np.mod(s, q).astype("<u8").tobytes() for q in self._codec.primes]
+        return s.astype("i1").tobytes() + s.astype("<i8").tobytes() + b"".join(residues)
+
     def _mul_secret(self, polys: np.ndarray) -> np.ndarray:
         """Exact negacyclic product of centred integer polynomials [..., N] (|c| < 2^31) with s."""
         t = torch.from_numpy(polys.astype(np.float64))
@@ -342,6 +349,10 @@ class NativeBackend:
 
     name = "native"
     default_params = DEFAULT_PARAMS
+
+    def check_params(self, params: CKKSParams) -> None:
+        """Raise ValueError unless this backend can run ``params`` (NTT-friendly primes of <= 31 bits)."""
+        _chain(params)
 
     def keygen(self, params: CKKSParams | None, shapes: Sequence[GroupShape] = ()) -> NativeTrustedContext:
         return NativeTrustedContext(params or DEFAULT_PARAMS)

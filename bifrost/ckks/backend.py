@@ -74,7 +74,11 @@ class Evaluator(Protocol):
     params: CKKSParams
 
     def prepare(self, shape: GroupShape, weights: Sequence[np.ndarray]) -> Any:
-        """Encode plaintext weights (each d_out × d_in) for ``shape``; the result is cached by the caller."""
+        """Encode plaintext weights (each d_out × d_in) for ``shape``.
+
+        The result depends only on public parameters and the weights, so the worker caches it and shares
+        it between sessions whose ``params`` are equal.
+        """
 
     def apply(self, prepared: Any, ciphertexts: Sequence[bytes]) -> list[list[bytes]]:
         """Evaluate the group on encrypted input; returns one ciphertext list per member.
@@ -85,9 +89,14 @@ class Evaluator(Protocol):
 
 @runtime_checkable
 class CKKSBackend(Protocol):
-    """A CKKS implementation. ``name`` is its registry key."""
+    """A CKKS implementation. ``name`` is its registry key; ``default_params`` its recommended
+    128-bit parameter set (used when a run config does not name parameters)."""
 
     name: str
+    default_params: CKKSParams
+
+    def check_params(self, params: CKKSParams) -> None:
+        """Raise ValueError unless this backend can run ``params`` (beyond the 128-bit rule)."""
 
     def keygen(self, params: CKKSParams, shapes: Sequence[GroupShape]) -> TrustedContext:
         """Generate keys inside the TEE for evaluating ``shapes`` (e.g. the rotation keys they need)."""

@@ -447,6 +447,11 @@ class TenSEALBackend:
     """Registry entry ``tenseal``."""
 
     name = "tenseal"
+    default_params = CKKSParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60), scale_bits=40)
+
+    def check_params(self, params: CKKSParams) -> None:
+        """Raise ValueError unless ``params`` has the [q0, q1 (rescale), special] prime layout this backend uses."""
+        _seal_context(params)
 
     def keygen(self, params: CKKSParams, shapes: Sequence[GroupShape]) -> TenSEALTrustedContext:
         return TenSEALTrustedContext(params, shapes)

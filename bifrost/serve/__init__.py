@@ -1,0 +1,17 @@
+"""Attested serving: the public gRPC API, ``bifrost serve`` and ``bifrost chat``.
+
+API: ``bifrost/proto/serving.proto`` (service ``bifrost.serving.v1.BifrostServing``: Attest,
+Generate [server-streaming], Embed, CloseSession, ListModels; plus grpc.health.v1 and server
+reflection). Stubs are committed next to it and regenerated with ``python -m bifrost.proto.generate``.
+
+Layout: :mod:`.server` (front end: tokens, limits, routing of *sealed* records; never holds channel
+keys), :mod:`.actors` (``ReplicaActor``: the trusted runtime replica that owns channel keys, CKKS keys,
+history; a Ray actor or the same class in-process), :mod:`.sessions`, :mod:`.client` (SDK),
+:mod:`.cli`, :mod:`.config` (``configs/serve.yaml``). The worker pool is :mod:`bifrost.tee.pool`.
+
+Run::
+
+    bifrost serve --model gpt2-mini                        # Ray + one local CKKS worker, 127.0.0.1:50061
+    bifrost serve --model gpt2-mini --print-digests        # what a client policy pins
+    bifrost chat --policy my-policy.yaml --prompt "Hello"  # policy: allow_simulated + model_digests
+"""

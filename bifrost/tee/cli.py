@@ -132,8 +132,8 @@ def _generation_report(cfg, runtime, result) -> dict:
     rep = {
         "model": cfg.model,
         "backend": cfg.backend,
-        "ckks": {"N": cfg.ckks.poly_modulus_degree, "coeff_mod_bit_sizes": list(cfg.ckks.coeff_mod_bit_sizes),
-                 "scale_bits": cfg.ckks.scale_bits},
+        "ckks": {"N": runtime.params.poly_modulus_degree, "coeff_mod_bit_sizes": list(runtime.params.coeff_mod_bit_sizes),
+                 "scale_bits": runtime.params.scale_bits},
         "delegated_layers": len(runtime.sites),
         "tokenizer": runtime.tokenizer.name,
         "prompt_tokens": len(result.prompt_ids),

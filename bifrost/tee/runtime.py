@@ -101,8 +101,9 @@ class TrustedRuntime:
             raise BifrostError(f"the delegation policy matches no linear layer of {cfg.model}")
         self.groups = fuse_groups([s.name for s in self.sites], cfg.delegation)
         t0 = time.perf_counter()
+        self.params = cfg.ckks_params()
         link = (GrpcWorkerLink(connect(worker), cfg.worker.timeout_s, worker) if isinstance(worker, str) else worker)
-        self.engine = DelegationEngine(link, cfg.backend, cfg.ckks_params(), self.sites, self.groups)
+        self.engine = DelegationEngine(link, cfg.backend, self.params, self.sites, self.groups)
         self.setup_s = time.perf_counter() - t0
         attach_engine(self.model, self.engine)
         self.tokenizer = load_tokenizer(self.spec.path)

@@ -5,14 +5,15 @@ import pytest
 from bifrost.tee.runtime import TrustedRuntime
 
 
+@pytest.mark.parametrize("backend", ["tenseal", "native"])
 @pytest.mark.parametrize("model", ["gpt2-mini", "qwen3-mini", "llama-mini"])
-def test_greedy_tokens_equal_plaintext_for_32_steps(worker_factory, run_config, model):
+def test_greedy_tokens_equal_plaintext_for_32_steps(worker_factory, run_config, model, backend):
     _, _, address = worker_factory(model)
-    runtime = TrustedRuntime(run_config.replace(model=model), address, reference=True)
+    runtime = TrustedRuntime(run_config.replace(model=model, backend=backend), address, reference=True)
     result = runtime.generate("Private LLM", 32)
     runtime.close()
     f = result.fidelity
-    print(f"{model}: agree {f.agreeing_steps}/32, max|logit err| {f.max_abs_logit_error:.2e}, "
+    print(f"{model}/{backend}: agree {f.agreeing_steps}/32, max|logit err| {f.max_abs_logit_error:.2e}, "
           f"min margin {f.min_top1_margin:.2e}")
     assert result.tokens == f.plaintext_tokens
     assert f.agreeing_steps == 32

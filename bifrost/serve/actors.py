@@ -1,0 +1,342 @@
+"""The trusted side of serving: one :class:`ReplicaActor` per model replica.
+
+A replica wraps one :class:`~bifrost.tee.runtime.TrustedRuntime` (the model loaded once) and holds,
+per user session: the server half of the attested channel (:class:`~bifrost.attest.channel.SecureSession`),
+its own CKKS keys (a :class:`~bifrost.tee.engine.DelegationEngine` over its own worker-pool link),
+and the conversation history. The gRPC front end only ever hands this class *sealed* records and
+gets sealed records back, so prompts, tokens, activations, KV state and CKKS secret keys exist only
+in this process. The KV cache lives in the decode loop's local state of one turn.
+
+The class is plain Python: ``bifrost serve`` runs it as a Ray actor (``runtime: ray``); tests and
+``runtime: local`` run the *same class* in-process. Methods return plain data and never raise for
+bad input: errors are ``("error", <grpc status name>, message)`` tuples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from google.protobuf.message import DecodeError
+
+from ..attest.binding import compute_model_digest, compute_report_data, compute_serving_config_digest
+from ..attest.channel import SUITES, SecureSession, ServerHandshake
+from ..attest.errors import AttestationError, ChannelError
+from ..attest.evidence import get_provider
+from ..config import RunConfig
+from ..errors import BifrostError
+from ..model.catalog import ModelSpec, load_model
+from ..proto import serving_pb2
+from ..tee.delegate import attach_engine
+from ..tee.engine import DelegationEngine
+from ..tee.pool import WorkerDirectory, WorkerPool
+from ..tee.runtime import TrustedRuntime, _sample
+from .config import ServeConfig
+
+log = logging.getLogger("bifrost.serve.replica")
+
+# Associated data of sealed records: binds each record to its message type.
+AAD_GENERATE = b"bifrost.serving.v1.GenerateBody"
+AAD_CHUNK = b"bifrost.serving.v1.TokenChunk"
+AAD_EMBED = b"bifrost.serving.v1.EmbedBody"
+AAD_EMBED_RESULT = b"bifrost.serving.v1.EmbedResult"
+
+
+def _err(code: str, message: str) -> tuple[str, str, str]:
+    return ("error", code, message)
+
+
+# --------------------------------------------------------------------------- digests (public)
+
+def model_digest(spec: ModelSpec, seed: int, model: torch.nn.Module | None = None) -> bytes:
+    """The model digest a client pins. A checkpoint directory: :func:`compute_model_digest` over its
+    files. A catalog model (architecture + seed, random init): the same digest over a one-file
+    manifest holding the architecture, the seed and SHA-256 of every weight tensor."""
+    if spec.path is not None:
+        return compute_model_digest(spec.path)
+    model = model if model is not None else load_model(spec, seed)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    manifest = json.dumps({"name": spec.name, "family": spec.family, "task": spec.task, "config": spec.config,
+                           "seed": seed, "weights_sha256": h.hexdigest()}, sort_keys=True).encode()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "manifest.json"), "wb") as f:
+            f.write(manifest)
+        return compute_model_digest(d)
+
+
+def serving_config(cfg: RunConfig, scfg: ServeConfig) -> dict:
+    """The public serving configuration bound into report_data (what a client may pin)."""
+    import dataclasses
+
+    return {
+        "model": cfg.model, "seed": cfg.seed, "backend": cfg.backend,
+        "ckks": dataclasses.asdict(cfg.ckks) if cfg.ckks is not None else None, "delegation": json.loads(json.dumps(dataclasses.asdict(cfg.delegation))),
+        "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "prompt"},
+        "max_prompt_tokens": scfg.max_prompt_tokens, "max_new_tokens": scfg.max_new_tokens,
+        "max_sessions": scfg.max_sessions, "token_lifetime_s": scfg.token_lifetime_s,
+    }
+
+
+def serving_config_digest(cfg: RunConfig, scfg: ServeConfig) -> bytes:
+    return compute_serving_config_digest(serving_config(cfg, scfg))
+
+
+# --------------------------------------------------------------------------- the actor
+
+@dataclass
+class _Session:
+    channel: SecureSession
+    engine: DelegationEngine
+    report_data: bytes
+    history: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ReplicaActor:
+    """One model replica and the sessions assigned to it. Thread-safe (Ray threaded actor)."""
+
+    def __init__(self, cfg: RunConfig, scfg: ServeConfig, worker_addresses: list[str], replica_index: int = 0) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        self.cfg, self.scfg, self.index = cfg, scfg, replica_index
+        self.directory = WorkerDirectory(worker_addresses, scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
+        self.runtime = TrustedRuntime(cfg, WorkerPool(self.directory))
+        self.spec = self.runtime.spec
+        self.model_digest = model_digest(self.spec, cfg.seed, self.runtime.reference or _public_copy(self.spec, cfg.seed))
+        self.config_digest = serving_config_digest(cfg, scfg)
+        self.provider = get_provider(scfg.evidence_provider)
+        mc = self.runtime.model.config
+        self.context = int(getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None) or 0)
+        self._sessions: dict[bytes, _Session] = {}
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        log.info("replica %d ready: model %s, %d delegated layers", replica_index, cfg.model, len(self.runtime.sites))
+
+    # -- public info -----------------------------------------------------------------------
+    def info(self) -> dict:
+        return {"name": self.cfg.model, "task": self.spec.task, "model_digest": self.model_digest,
+                "serving_config_digest": self.config_digest, "context_tokens": self.context,
+                "evidence_type": self.provider.name, "pid": os.getpid(), "mode": self.cfg.generation.mode}
+
+    def stats(self) -> dict:
+        import resource
+
+        with self._lock:
+            n = len(self._sessions)
+        return {"sessions": n, "workers": self.directory.snapshot(), "failovers": self.directory.stats.failovers,
+                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pid": os.getpid()}
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # -- handshake ---------------------------------------------------------------------------
+    def attest(self, nonce: bytes, client_public_key: bytes, suite: str):
+        """Fresh channel key, evidence binding it, session keys, and this session's CKKS keys."""
+        suite = suite or "AES-256-GCM"
+        if suite not in SUITES:
+            return _err("INVALID_ARGUMENT", f"unknown suite {suite!r}; choose {', '.join(SUITES)}")
+        if len(nonce) < 16 or len(nonce) > 1024:
+            return _err("INVALID_ARGUMENT", "nonce must be 16..1024 bytes")
+        if len(client_public_key) != 32:
+            return _err("INVALID_ARGUMENT", "client_public_key must be a 32-byte raw X25519 key")
+        try:
+            hs = ServerHandshake()
+            report_data = compute_report_data(hs.public_key, nonce, self.model_digest, self.config_digest)
+            evidence = self.provider.get_evidence(report_data)
+            channel = hs.accept(client_public_key, nonce, report_data, suite)
+        except AttestationError as exc:
+            code = "INVALID_ARGUMENT" if isinstance(exc, ChannelError) else "UNAVAILABLE"
+            return _err(code, f"handshake failed: {exc}")
+        try:  # this session's own CKKS key pair and worker sessions
+            engine = DelegationEngine(WorkerPool(self.directory), self.cfg.backend, self.cfg.ckks_params(),
+                                      self.runtime.sites, self.runtime.groups)
+        except BifrostError as exc:
+            return _err("UNAVAILABLE", f"cannot open a CKKS worker session: {exc}")
+        sid = channel.session_id
+        with self._lock:
+            self._sessions[sid] = _Session(channel, engine, report_data)
+        log.info("replica %d: session %s… opened", self.index, sid.hex()[:8])
+        return {"session_id": sid, "server_public_key": hs.public_key, "report_data": report_data,
+                "evidence_type": evidence.evidence_type, "evidence": evidence.raw,
+                "endorsements": dict(evidence.endorsements),
+                "measurement": getattr(self.provider, "measurement", bytes(48)),
+                "model_digest": self.model_digest, "serving_config_digest": self.config_digest, "suite": suite}
+
+    def close_session(self, session_id: bytes) -> bool:
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+        if s is None:
+            return False
+        s.channel.close("session ended")
+        s.history.clear()
+        s.engine.close()
+        log.info("replica %d: session %s… closed", self.index, session_id.hex()[:8])
+        return True
+
+    def close_idle(self, idle_s: float) -> list[bytes]:
+        now = time.monotonic()
+        with self._lock:
+            idle = [sid for sid, s in self._sessions.items() if now - s.last_used > idle_s and not s.lock.locked()]
+        for sid in idle:
+            self.close_session(sid)
+        return idle
+
+    def _open(self, session_id: bytes, sealed: bytes, aad: bytes, body_cls):
+        """Session lookup + open the record. Returns (session, body) or an error tuple."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            return _err("NOT_FOUND", "unknown or closed session; attest again")
+        s.last_used = time.monotonic()
+        try:
+            plaintext = s.channel.open(sealed, aad)
+        except ChannelError as exc:
+            self.close_session(session_id)  # tampered / replayed / reordered: the session is over
+            log.warning("replica %d: session %s… closed: %s", self.index, session_id.hex()[:8], exc.check)
+            return _err("PERMISSION_DENIED", f"sealed payload rejected ({exc.check}); session closed")
+        try:
+            body = body_cls.FromString(plaintext)
+        except DecodeError:
+            return _err("INVALID_ARGUMENT", f"sealed payload is not a valid {body_cls.__name__}")
+        return s, body
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, session_id: bytes, sealed: bytes):
+        """Yields ``("chunk", sealed TokenChunk)`` items, or one ``("error", code, message)``."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            yield _err("NOT_FOUND", "unknown or closed session; attest again")
+            return
+        if not s.lock.acquire(timeout=10):  # the previous turn's stream may still be winding down
+            yield _err("FAILED_PRECONDITION", "this session already has a turn in progress")
+            return
+        try:
+            yield from self._generate_locked(session_id, sealed)
+        finally:
+            s.lock.release()
+
+    def _generate_locked(self, session_id: bytes, sealed: bytes):
+        opened = self._open(session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
+        if opened[0] == "error":
+            yield opened
+            return
+        s, body = opened
+        if self.spec.task != "causal-lm":
+            yield _err("FAILED_PRECONDITION", f"{self.cfg.model} is an encoder model; use Embed")
+            return
+        n_new = body.max_new_tokens or min(self.cfg.generation.max_new_tokens, self.scfg.max_new_tokens)
+        if n_new > self.scfg.max_new_tokens:
+            yield _err("INVALID_ARGUMENT", f"max_new_tokens {n_new} is over the limit of {self.scfg.max_new_tokens}")
+            return
+        prompt_ids = self.runtime.tokenizer.encode(body.prompt)
+        if not prompt_ids:
+            yield _err("INVALID_ARGUMENT", "the prompt is empty")
+            return
+        if len(prompt_ids) > self.scfg.max_prompt_tokens:
+            yield _err("INVALID_ARGUMENT", f"prompt has {len(prompt_ids)} tokens; the limit is "
+                                           f"max_prompt_tokens={self.scfg.max_prompt_tokens}")
+            return
+        if body.reset_history:
+            s.history = []
+        ids = s.history + prompt_ids
+        if self.context and len(ids) + n_new > self.context:
+            yield _err("INVALID_ARGUMENT", f"conversation ({len(ids)} tokens) + {n_new} new tokens exceeds the "
+                                           f"model context of {self.context} tokens; reset the history")
+            return
+        seed = body.sample_seed if body.has_sample_seed else None
+        tokens: list[int] = []
+        text_so_far = ""
+        try:
+            for i, (token, seconds) in enumerate(self._decode(s, ids, n_new, seed)):
+                tokens.append(token)
+                text = self.runtime.tokenizer.decode(tokens)
+                stable = text.rstrip("\ufffd") if i < n_new - 1 else text  # hold back split UTF-8
+                delta, text_so_far = stable[len(text_so_far):], stable if stable.startswith(text_so_far) else text_so_far
+                chunk = serving_pb2.TokenChunk(token_ids=[token], text=delta, done=(i == n_new - 1),
+                                               token_seconds=seconds, prompt_tokens=len(ids) if i == 0 else 0)
+                if chunk.done:  # commit the turn before the last chunk leaves (the client may hang up)
+                    s.history = ids + tokens
+                yield ("chunk", s.channel.seal(chunk.SerializeToString(), AAD_CHUNK))
+        except BifrostError as exc:  # workers exhausted etc.: tell the client inside the channel, too
+            log.warning("replica %d: session %s… generation failed: %s", self.index, session_id.hex()[:8],
+                        type(exc).__name__)
+            if not s.channel.closed:
+                err = serving_pb2.TokenChunk(done=True, error="generation failed: CKKS workers unavailable")
+                yield ("chunk", s.channel.seal(err.SerializeToString(), AAD_CHUNK))
+            yield _err("UNAVAILABLE", "generation failed: CKKS workers unavailable")
+
+    def _decode(self, s: _Session, ids: list[int], n_new: int, seed: int | None):
+        """The runtime's decode loop (same model, same sampling), one step at a time so tokens stream
+        and sessions sharing this replica interleave per step. KV state is this generator's local."""
+        gcfg = self.cfg.generation
+        gen = None
+        if gcfg.do_sample:
+            gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        past, step_input = None, torch.tensor([ids])
+        for i in range(n_new):
+            t0 = time.perf_counter()
+            with self._model_lock, torch.no_grad():
+                attach_engine(self.runtime.model, s.engine)
+                local = s.engine.in_tee() if (i == 0 and gcfg.mode == "bifrost+") else contextlib.nullcontext()
+                with local:
+                    out = self.runtime.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            token = _sample(out.logits[0, -1], gcfg, gen)
+            yield token, time.perf_counter() - t0
+            past, step_input = out.past_key_values, torch.tensor([[token]])
+
+    # -- embeddings --------------------------------------------------------------------------
+    def embed(self, session_id: bytes, sealed: bytes):
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            return _err("NOT_FOUND", "unknown or closed session; attest again")
+        with s.lock:
+            opened = self._open(session_id, sealed, AAD_EMBED, serving_pb2.EmbedBody)
+            if opened[0] == "error":
+                return opened
+            s, body = opened
+            if self.spec.task != "encoder":
+                return _err("FAILED_PRECONDITION", f"{self.cfg.model} is not an encoder model; use Generate")
+            if not body.texts or len(body.texts) > 64:
+                return _err("INVALID_ARGUMENT", "send 1..64 texts")
+            for t in body.texts:
+                n = len(self.runtime.tokenizer.encode(t))
+                if n == 0 or n > self.scfg.max_prompt_tokens:
+                    return _err("INVALID_ARGUMENT", f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
+            try:
+                with self._model_lock:
+                    attach_engine(self.runtime.model, s.engine)
+                    vectors = self.runtime.embed(list(body.texts))
+            except BifrostError:
+                return _err("UNAVAILABLE", "embedding failed: CKKS workers unavailable")
+            result = serving_pb2.EmbedResult(vectors=[serving_pb2.Vector(values=v.tolist()) for v in vectors])
+            return ("ok", s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            sids = list(self._sessions)
+        for sid in sids:
+            self.close_session(sid)
+        self.runtime.close()
+        self.directory.close()
+
+
+def _public_copy(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    return load_model(spec, seed)
+

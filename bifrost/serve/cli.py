@@ -1,0 +1,124 @@
+"""``bifrost serve`` (the attested serving front end) and ``bifrost chat`` (the client)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the attested gRPC API (Ray replicas + CKKS workers)")
+    p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
+    p.add_argument("--serve-config", help="serve config YAML (default: configs/serve.yaml)")
+    p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
+    p.add_argument("--seed", type=int, help="seed of random-init named models")
+    p.add_argument("--host", help="listen address (default from serve config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port; 0 picks a free one")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--workers", help="comma-separated CKKS worker addresses (default: start local ones)")
+    p.add_argument("--local-workers", type=int, help="how many local workers to start when none are given")
+    p.add_argument("--replicas", type=int, help="trusted-runtime replicas")
+    p.add_argument("--runtime", choices=("ray", "local"), help="ray: replicas as Ray actors; local: in-process")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting one locally")
+    p.add_argument("--max-sessions", type=int)
+    p.add_argument("--evidence", help="evidence provider: tdx | sev-snp | simulated")
+    p.add_argument("--run-dir", help="folder for this run (Ray temp dir, logs); default: a new one under serve.run_dir")
+    p.add_argument("--print-digests", action="store_true",
+                   help="print the model and serving-config digests a client policy pins, then exit")
+    p.set_defaults(func=run_serve)
+
+    c = sub.add_parser("chat", help="attest a Bifrost server and chat with it (tokens streamed)")
+    c.add_argument("--address", default="127.0.0.1:50061", help="host:port of `bifrost serve`")
+    c.add_argument("--policy", required=True, help="attestation policy YAML (must pin the model digest)")
+    c.add_argument("--prompt", help="one prompt, then exit (default: interactive; empty line quits)")
+    c.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
+    c.add_argument("--suite", default="AES-256-GCM", choices=("AES-256-GCM", "SM4-GCM"))
+    c.add_argument("--seed", type=int, help="pin the sampling seed (sampling servers only)")
+    c.set_defaults(func=run_chat)
+
+
+def _configs(args):
+    from ..config import load_config
+    from .config import load_serve_config
+
+    cfg = load_config(args.config)
+    scfg = load_serve_config(args.serve_config)
+    if args.model:
+        cfg = cfg.replace(model=args.model)
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed)
+    changes = {k: v for k, v in {
+        "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
+        "runtime": args.runtime, "ray_address": args.ray_address, "max_sessions": args.max_sessions,
+        "evidence_provider": args.evidence}.items() if v is not None}
+    if args.workers:
+        changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())
+    return cfg, scfg.replace(**changes) if changes else scfg
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .actors import model_digest, serving_config_digest
+    from .server import ServeApp
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg, scfg = _configs(args)
+    if args.print_digests:
+        from ..model.catalog import resolve
+
+        print(f"model_digest: {model_digest(resolve(cfg.model), cfg.seed).hex()}")
+        print(f"serving_config_digest: {serving_config_digest(cfg, scfg).hex()}")
+        return 0
+    app = ServeApp(cfg, scfg, args.run_dir)
+    handler = logging.FileHandler(app.run_dir / "serve.log")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=[handler, logging.StreamHandler(sys.stderr)])
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    app.start()
+    try:
+        print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({len(app.replicas)} replica(s), "
+              f"runtime {scfg.runtime}, workers {', '.join(app.worker_addresses)}, run folder {app.run_dir})",
+              file=sys.stderr, flush=True)
+        if args.port_file:
+            with open(args.port_file + ".tmp", "w") as f:
+                f.write(str(app.port))
+            os.replace(args.port_file + ".tmp", args.port_file)
+        stop.wait()
+    finally:
+        app.stop()
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ..attest.policy import load_policy
+    from .client import BifrostClient
+
+    policy = load_policy(args.policy)
+    with BifrostClient(args.address, policy, suite=args.suite) as client:
+        verdict = client.attest()  # nothing is sent before this succeeds
+        print(f"attested: {verdict.summary}; model digest {client.model_digest.hex()[:16]}…", file=sys.stderr)
+        prompts = [args.prompt] if args.prompt is not None else None
+        while True:
+            if prompts is not None:
+                if not prompts:
+                    break
+                prompt = prompts.pop()
+            else:
+                try:
+                    prompt = input("> ")
+                except EOFError:
+                    break
+                if not prompt:
+                    break
+            result = client.chat(prompt, args.max_new_tokens, sample_seed=args.seed,
+                                 on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            print()
+            print(f"[{len(result.tokens)} tokens] time to first token {result.ttft_s * 1000:.0f} ms, "
+                  f"time per output token {result.tpot_s * 1000:.0f} ms", file=sys.stderr, flush=True)
+    return 0

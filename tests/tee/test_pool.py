@@ -1,0 +1,132 @@
+"""Worker pool: least-loaded dispatch, fail-over when a worker dies or hangs mid-generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from bifrost.tee.link import WorkerCallError
+from bifrost.tee.pool import WorkerDirectory, WorkerPool
+from bifrost.tee.runtime import TrustedRuntime
+
+MODEL = "gpt2-mini"
+
+
+@pytest.fixture()
+def make_worker(run_config):
+    """Dedicated in-process workers that a test may stop (kill) or slow down."""
+    from bifrost.worker.service import build_service, serve
+
+    started = []
+
+    def make(delay_linear_s: float = 0.0):
+        svc = build_service(MODEL, run_config.seed, run_config.delegation, 16, 2**30)
+        if delay_linear_s:
+            inner = svc.Linear
+
+            def slow(request, context):
+                time.sleep(delay_linear_s)
+                return inner(request, context)
+
+            svc.Linear = slow
+        server, port = serve(svc, "127.0.0.1", 0)
+        started.append(server)
+        return server, f"127.0.0.1:{port}"
+
+    yield make
+    for s in started:
+        s.stop(grace=None)
+
+
+class KillAfter:
+    """A WorkerLink wrapper that runs ``kill`` once, just before the n-th layer call."""
+
+    def __init__(self, link, n: int, kill) -> None:
+        self.link, self.n, self.kill, self.calls = link, n, kill, 0
+
+    def __getattr__(self, name):
+        return getattr(self.link, name)
+
+    def linear(self, group, ciphertexts):
+        self.calls += 1
+        if self.calls == self.n:
+            self.kill()
+        return self.link.linear(group, ciphertexts)
+
+
+def test_least_loaded_dispatch_uses_every_worker_and_matches_plaintext(make_worker, run_config):
+    (_, a), (_, b) = make_worker(), make_worker()
+    pool = WorkerPool.from_addresses([a, b], timeout_s=30)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
+    result = rt.generate("pool", 4)
+    stats = pool.dir.stats
+    rt.close()
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert set(stats.calls_by_worker) == {a, b}
+    assert abs(stats.calls_by_worker[a] - stats.calls_by_worker[b]) <= 1  # serial calls alternate
+    assert stats.failovers == 0
+
+
+def test_pick_prefers_the_worker_with_fewest_calls_in_flight():
+    d = WorkerDirectory(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    first = d.pick(set())
+    second = d.pick(set())
+    third = d.pick(set())
+    assert len({first.address, second.address, third.address}) == 3
+    d.release(second)
+    assert d.pick(set()) is second  # the only one with nothing in flight
+    d.mark_down(first, "test")
+    assert all(d.pick(set()) is not first for _ in range(4))
+    d.close()
+
+
+def test_worker_killed_mid_generation_fails_over(make_worker, run_config):
+    (server_a, a), (_, b) = make_worker(), make_worker()
+    pool = WorkerPool.from_addresses([a, b], timeout_s=30)
+    link = KillAfter(pool, 12, lambda: server_a.stop(grace=None).wait())  # during the 2nd token
+    rt = TrustedRuntime(run_config.replace(model=MODEL), link, reference=True)
+    result = rt.generate("fail over", 5)
+    rt.close()
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert pool.dir.stats.failovers >= 1
+    snap = {w["address"]: w for w in pool.dir.snapshot()}
+    assert not snap[a]["up"] and snap[b]["up"]
+
+
+def test_hung_worker_times_out_and_the_call_moves(make_worker, run_config):
+    (_, slow), (_, fast) = make_worker(delay_linear_s=3.0), make_worker()
+    pool = WorkerPool.from_addresses([slow, fast], timeout_s=1.0, retry_after_s=600)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
+    t0 = time.perf_counter()
+    result = rt.generate("slow", 3)
+    elapsed = time.perf_counter() - t0
+    rt.close()
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert pool.dir.stats.failovers == 1  # one timeout, then the slow worker stays marked down
+    assert elapsed < 30
+
+
+def test_non_retryable_errors_are_not_retried(make_worker, run_config):
+    (_, a), (_, b) = make_worker(), make_worker()
+    pool = WorkerPool.from_addresses([a, b], timeout_s=10)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), pool)
+    group = next(iter(rt.engine._refs.values()))
+    with pytest.raises(WorkerCallError) as err:
+        pool.linear(group, [b"not a ciphertext"])
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert pool.dir.stats.failovers == 0
+    rt.close()
+
+
+def test_all_workers_down_is_an_error_not_a_hang(make_worker, run_config):
+    (server_a, a), = [make_worker()]
+    pool = WorkerPool.from_addresses([a], timeout_s=5)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), pool)
+    server_a.stop(grace=None).wait()
+    with pytest.raises(WorkerCallError) as err:
+        rt.generate("x", 1)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    rt.close()

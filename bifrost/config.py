@@ -107,7 +107,8 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _build(cls, data: Any, where: str):
+def build_section(cls, data: Any, where: str):
+    """Build dataclass ``cls`` from a YAML mapping, refusing unknown keys and wrong types (``where`` names it)."""
     if not dataclasses.is_dataclass(cls):
         return data
     if not isinstance(data, dict):
@@ -121,7 +122,7 @@ def _build(cls, data: Any, where: str):
     for name, value in data.items():
         sub = {"ckks": CKKSConfig, "delegation": DelegationConfig, "worker": WorkerConfig, "generation": GenerationConfig}
         if cls is RunConfig and name in sub:
-            kwargs[name] = None if (value is None and name == "ckks") else _build(sub[name], value, f"{where}.{name}")
+            kwargs[name] = None if (value is None and name == "ckks") else build_section(sub[name], value, f"{where}.{name}")
             continue
         kwargs[name] = _coerce(value, str(hints[name]), f"{where}.{name}")
     return cls(**kwargs)
@@ -157,6 +158,6 @@ def _coerce(value: Any, hint: str, where: str) -> Any:
 def load_config(path: Path | str | None = None) -> RunConfig:
     """Load and validate a run config (``configs/default.yaml`` when ``path`` is None)."""
     p = Path(path) if path else DEFAULT_CONFIG
-    cfg = _build(RunConfig, load_yaml(p), p.name)
+    cfg = build_section(RunConfig, load_yaml(p), p.name)
     cfg.ckks_params()  # refuse insecure parameters at load
     return cfg

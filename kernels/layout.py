@@ -14,7 +14,6 @@ public values (N, prime sizes, shape, rows) so both sides agree without negotiat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 

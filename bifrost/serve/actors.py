@@ -14,12 +14,10 @@ bad input: errors are ``("error", <grpc status name>, message)`` tuples.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import secrets
 import tempfile
 import threading
 import time
@@ -39,7 +37,7 @@ from ..proto import serving_pb2
 from ..tee.delegate import attach_engine
 from ..tee.engine import DelegationEngine
 from ..tee.pool import WorkerDirectory, WorkerPool
-from ..tee.runtime import TrustedRuntime, _sample
+from ..tee.runtime import TrustedRuntime
 from .config import ServeConfig
 
 log = logging.getLogger("bifrost.serve.replica")
@@ -282,23 +280,11 @@ class ReplicaActor:
             yield _err("UNAVAILABLE", "generation failed: CKKS workers unavailable")
 
     def _decode(self, s: _Session, ids: list[int], n_new: int, seed: int | None):
-        """The runtime's decode loop (same model, same sampling), one step at a time so tokens stream
-        and sessions sharing this replica interleave per step. KV state is this generator's local."""
-        gcfg = self.cfg.generation
-        gen = None
-        if gcfg.do_sample:
-            gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        past, step_input = None, torch.tensor([ids])
-        for i in range(n_new):
-            t0 = time.perf_counter()
-            with self._model_lock, torch.no_grad():
-                attach_engine(self.runtime.model, s.engine)
-                local = s.engine.in_tee() if (i == 0 and gcfg.mode == "bifrost+") else contextlib.nullcontext()
-                with local:
-                    out = self.runtime.model(input_ids=step_input, past_key_values=past, use_cache=True)
-            token = _sample(out.logits[0, -1], gcfg, gen)
-            yield token, time.perf_counter() - t0
-            past, step_input = out.past_key_values, torch.tensor([[token]])
+        """The runtime's decode loop with this session's engine; sessions sharing this replica interleave
+        per step (the model lock is held around each forward pass)."""
+        for step in self.runtime.decode_steps(ids, n_new, mode=self.cfg.generation.mode, sample_seed=seed,
+                                              engine=s.engine, step_lock=self._model_lock):
+            yield step.timing.token, step.timing.total_s
 
     # -- embeddings --------------------------------------------------------------------------
     def embed(self, session_id: bytes, sealed: bytes):

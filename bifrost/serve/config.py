@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_DIR, _build, load_yaml
+from ..config import CONFIG_DIR, build_section, load_yaml
 from ..errors import BifrostError
 
 DEFAULT_SERVE_CONFIG = CONFIG_DIR / "serve.yaml"
@@ -62,4 +62,4 @@ class ServeConfig:
 
 def load_serve_config(path: Path | str | None = None) -> ServeConfig:
     p = Path(path) if path else DEFAULT_SERVE_CONFIG
-    return _build(ServeConfig, load_yaml(p), p.name)
+    return build_section(ServeConfig, load_yaml(p), p.name)

@@ -12,6 +12,7 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,6 +63,13 @@ class Fidelity:
 
 
 @dataclass
+class DecodeStep:
+    timing: TokenTiming
+    logits: torch.Tensor  # this step's next-token logits (trusted memory)
+    step_input: torch.Tensor  # the ids fed to the model at this step
+
+
+@dataclass
 class GenerationResult:
     prompt_ids: list[int]
     tokens: list[int]
@@ -70,7 +78,7 @@ class GenerationResult:
     fidelity: Fidelity | None
 
 
-def _sample(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
     if not cfg.do_sample:
         return int(torch.argmax(logits))
     logits = logits.double() / max(cfg.temperature, 1e-6)
@@ -131,31 +139,45 @@ class TrustedRuntime:
         limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
         if limit and len(ids) + n_new > limit:
             raise BifrostError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
+        timings, tokens = [], []
+        fid = _FidelityTracker(self.reference) if self.reference is not None else None
+        for step in self.decode_steps(ids, n_new, mode=mode, sample_seed=sample_seed):
+            timings.append(step.timing)
+            tokens.append(step.timing.token)
+            if fid is not None:
+                fid.step(step.step_input, step.logits, step.timing.token)
+        fidelity = fid.finish(ids, n_new) if fid is not None else None
+        return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
+
+    def decode_steps(self, ids: list[int], n_new: int, *, mode: str = "bifrost", sample_seed: int | None = None,
+                     engine: DelegationEngine | None = None, step_lock=None) -> Iterator["DecodeStep"]:
+        """The decode loop, one token per iteration; the KV cache is this generator's local state.
+
+        ``engine`` lets several sessions (each with its own CKKS keys) share this model replica; a
+        ``step_lock`` is then held around each forward pass so their steps interleave safely.
+        """
+        gcfg = self.cfg.generation
         gen = None
         if gcfg.do_sample:  # sampling noise from a CSPRNG-seeded generator unless a seed is pinned
             gen = torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
-
-        timings, tokens = [], []
-        fid = _FidelityTracker(self.reference) if self.reference is not None else None
+        engine = engine or self.engine
         past, step_input = None, torch.tensor([ids])
         for i in range(n_new):
-            before = self.engine.stats.snapshot()
-            t0 = time.perf_counter()
-            local = self.engine.in_tee() if (i == 0 and mode == "bifrost+") else contextlib.nullcontext()
-            with local:
-                out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-            logits = out.logits[0, -1]
-            token = _sample(logits, gcfg, gen)
-            total = time.perf_counter() - t0
-            d: CallStats = self.engine.stats.minus(before)
-            timings.append(TokenTiming(i, token, total, d.encrypt_s, d.transfer_s, d.worker_s, d.decrypt_s,
-                                       d.bytes_sent, d.bytes_received, d.calls))
-            if fid is not None:
-                fid.step(step_input, logits, token)
-            tokens.append(token)
+            with step_lock or contextlib.nullcontext(), torch.no_grad():
+                attach_engine(self.model, engine)
+                before = engine.stats.snapshot()
+                t0 = time.perf_counter()
+                local = engine.in_tee() if (i == 0 and mode == "bifrost+") else contextlib.nullcontext()
+                with local:
+                    out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+                logits = out.logits[0, -1]
+                token = sample_token(logits, gcfg, gen)
+                total = time.perf_counter() - t0
+                d: CallStats = engine.stats.minus(before)
+            timing = TokenTiming(i, token, total, d.encrypt_s, d.transfer_s, d.worker_s, d.decrypt_s,
+                                 d.bytes_sent, d.bytes_received, d.calls)
+            yield DecodeStep(timing, logits, step_input)
             past, step_input = out.past_key_values, torch.tensor([[token]])
-        fidelity = fid.finish(ids, n_new) if fid is not None else None
-        return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -1,7 +1,6 @@
-import numpy as np
 import pytest
 
-from bifrost.ckks import GroupShape, get_backend
+from bifrost.ckks import get_backend
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test proto bench clean
+.PHONY: install demo test proto bench-ttft bench-fidelity bench-kernels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ test: install
 
 proto: install
 	$(BIN)/python -m bifrost.proto.generate
+
+# Benchmarks (not tests): each prints a table and writes JSON (and a plot) under benchmarks/results/.
+bench-ttft: install
+	$(BIN)/python benchmarks/ttft.py $(ARGS)
+
+bench-fidelity: install
+	$(BIN)/python benchmarks/fidelity.py $(ARGS)
+
+bench-kernels: install
+	$(BIN)/python benchmarks/kernels_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -59,3 +59,30 @@ def test_prompt_over_the_context_is_refused(worker_factory, run_config):
     with pytest.raises(BifrostError, match="empty"):
         runtime.generate("", 1)
     runtime.close()
+
+
+@pytest.mark.parametrize("model", ["gpt2-mini", "qwen3-mini"])
+def test_bifrost_and_bifrost_plus_give_plaintext_tokens(worker_factory, run_config, model):
+    _, _, address = worker_factory(model)
+    runtime = TrustedRuntime(run_config.replace(model=model), address, reference=True)
+    hybrid = runtime.generate("Private LLM", 12, mode="bifrost")
+    plus = runtime.generate("Private LLM", 12, mode="bifrost+")
+    runtime.close()
+    assert hybrid.tokens == hybrid.fidelity.plaintext_tokens
+    assert plus.tokens == plus.fidelity.plaintext_tokens == hybrid.tokens
+    groups = len(runtime.groups)
+    # bifrost: the whole prompt goes through the worker, one call per layer group (all rows batched);
+    # bifrost+: the prompt never reaches a worker; decode steps do in both modes.
+    assert hybrid.timings[0].calls == groups and hybrid.timings[0].bytes_sent > 0
+    assert plus.timings[0].calls == 0 and plus.timings[0].bytes_sent == 0
+    assert all(t.calls == groups for t in plus.timings[1:])
+
+
+def test_unknown_mode_is_refused(worker_factory, run_config):
+    from bifrost.errors import BifrostError
+
+    _, _, address = worker_factory("gpt2-mini")
+    runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address)
+    with pytest.raises(BifrostError, match="unknown serving mode"):
+        runtime.generate("x", 2, mode="turbo")
+    runtime.close()

@@ -1,0 +1,156 @@
+"""``bifrost estimate``: latency projections for fhe / bifrost / bifrost+, calibration and validation.
+
+    bifrost estimate [MODEL] --profile P --scheme fhe|bifrost|bifrost+|all --prompt-len L --new-tokens T
+                     [--batch B] [--layers-only] [--json] [--plot out.png]
+    bifrost estimate calibrate --out configs/hardware/<name>.yaml [--quick] [--no-fhe] [--backend B]
+    bifrost estimate validate [--profile P] [--model gpt2-2l] [--prompt-lens 4,16] [--new-tokens 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from bifrost.errors import BifrostError
+
+SUBCOMMANDS = ("calibrate", "validate")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("estimate", help="project latency of fhe / bifrost / bifrost+ from a hardware profile",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="gpt2",
+                   help="catalog name (gpt2, gpt2-xl, qwen3-0.6b, llama3-8b, ...) or a config.json / checkpoint "
+                        "directory; or the sub-command 'calibrate' / 'validate'")
+    g = p.add_argument_group("estimate")
+    g.add_argument("--profile", default=None, help="profile name in configs/hardware/ or a YAML path "
+                                                     "(default: local-2core)")
+    g.add_argument("--scheme", default="all", help="fhe | bifrost | bifrost+ | all (default)")
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=None, help="default 32 (estimate), 3 (validate)")
+    g.add_argument("--batch", type=int, default=1, help="sequences sharing each forward (costs reported per sequence)")
+    g.add_argument("--layers-only", action="store_true", help="decoder layers only: no LM head / sampling")
+    g.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    g.add_argument("--plot", default=None, metavar="OUT.png", help="write stacked bars of the breakdown")
+    c = p.add_argument_group("calibrate")
+    c.add_argument("--out", default=None, help="output YAML, e.g. configs/hardware/local-2core.yaml")
+    c.add_argument("--name", default=None, help="profile name (default: the file's stem)")
+    c.add_argument("--backend", default=None, help="CKKS backend to model (default: the run config's)")
+    c.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    c.add_argument("--no-fhe", action="store_true", help="skip the deep-context ops of the fhe baseline (slow)")
+    c.add_argument("--verbose", action="store_true")
+    v = p.add_argument_group("validate")
+    v.add_argument("--model", dest="val_model", default="gpt2-2l", help="model to run (validate)")
+    v.add_argument("--prompt-lens", default="4,16", help="comma-separated prompt lengths (validate)")
+    v.add_argument("--repeats", type=int, default=1, help="warm runs per point; medians are compared (validate)")
+    v.add_argument("--modes", default="bifrost,bifrost+")
+    v.add_argument("--address", default=None, help="use a running worker instead of starting one (validate)")
+    p.set_defaults(func=_dispatch)
+
+
+def _dispatch(args) -> int:
+    if args.model == "calibrate":
+        return _calibrate(args)
+    if args.model == "validate":
+        return _validate(args)
+    return _estimate(args)
+
+
+def _estimate(args) -> int:
+    if args.new_tokens is None:
+        args.new_tokens = 32
+    from .model import SCHEMES, estimate
+    from .profile import load_profile
+    from .report import plot, print_tables, to_json
+    from .shapes import load_shape
+
+    schemes = list(SCHEMES) if args.scheme == "all" else [args.scheme]
+    if any(s not in SCHEMES for s in schemes):
+        raise BifrostError(f"unknown scheme {args.scheme!r}; choose fhe, bifrost, bifrost+ or all")
+    profile = load_profile(args.profile)
+    shape = load_shape(args.model)
+    if args.scheme == "all" and profile.fhe is None:
+        schemes.remove("fhe")
+    ests = [estimate(profile, shape, s, args.prompt_len, args.new_tokens, args.batch, args.layers_only) for s in schemes]
+    if args.json:
+        extra = {"model_shape": shape.__dict__, "linear_macs_per_token": shape.linear_macs_per_token(),
+                 "profile_source": profile.source.__dict__}
+        print(to_json(ests, extra))
+    else:
+        print_tables(ests)
+        if "fhe" in schemes and len(ests) > 1:
+            fhe = next(e for e in ests if e.scheme == "fhe")
+            for e in ests:
+                if e.scheme != "fhe":
+                    print(f"speedup {e.scheme} vs fhe: TTFT {fhe.ttft_s / e.ttft_s:.2f}x, per token "
+                          f"{fhe.per_token_s / e.per_token_s:.2f}x, total {fhe.total_s / e.total_s:.2f}x")
+    if args.plot:
+        plot(ests, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    if not args.out:
+        raise BifrostError("calibrate needs --out PATH.yaml")
+    from .calibrate import calibrate
+    from .profile import dump_profile
+
+    out = Path(args.out)
+    command = "bifrost estimate " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("calibrate"):]) \
+        if "calibrate" in sys.argv else f"bifrost estimate calibrate --out {args.out}"
+    profile, report = calibrate(args.name or out.stem, quick=args.quick, fhe=not args.no_fhe, verbose=args.verbose,
+                                command=command, backend=args.backend)
+    fit = "\n".join(f"#   {r['d_in']}->{r['d_outs']} x{r['rows']}: apply measured {r['apply_measured_s'] * 1e3:.2f} ms, "
+                    f"model {r['apply_model_s'] * 1e3:.2f} ms ({r['error']:+.1%})" for r in report["linear_fit"])
+    header = (f"# Hardware profile MEASURED on this machine by `{command}`\n# on {profile.source.date}; "
+              f"calibration took {report['seconds']:.0f} s. Linear-layer fit (apply):\n{fit}\n")
+    dump_profile(profile, out, header)
+    print(f"wrote {out} ({report['seconds']:.0f} s)")
+    return 0
+
+
+def _validate(args) -> int:
+    args.model = args.val_model
+    if args.new_tokens is None:
+        args.new_tokens = 3
+    from .profile import load_profile
+    from .validate import run_validation
+
+    profile = load_profile(args.profile)
+    try:
+        lens = [int(x) for x in args.prompt_lens.split(",") if x]
+    except ValueError:
+        raise BifrostError(f"--prompt-lens must be comma-separated integers, got {args.prompt_lens!r}") from None
+    modes = tuple(m for m in args.modes.split(",") if m)
+    rows = run_validation(profile, args.model, lens, args.new_tokens, modes, args.address, verbose=not args.json,
+                          repeats=args.repeats)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"validation: {args.model} on profile {profile.name} (warm runs)")
+        for col in ("mode", "prompt", "TTFT meas.", "TTFT pred.", "err", "tok meas.", "tok pred.", "err", "total err"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(r.mode, str(r.prompt_len), f"{r.measured_ttft_s:.3f}", f"{r.predicted_ttft_s:.3f}",
+                      f"{r.ttft_error:+.1%}", f"{r.measured_per_token_s:.3f}", f"{r.predicted_per_token_s:.3f}",
+                      f"{r.per_token_error:+.1%}", f"{r.total_error:+.1%}")
+        Console().print(t)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # ``python -m bifrost_estimator.cli`` / bifrost-estimate
+    from bifrost.cli import main as bifrost_main
+
+    return bifrost_main(["estimate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

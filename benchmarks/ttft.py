@@ -40,7 +40,9 @@ def _plaintext(model, ids, n_new):
     return tokens, times
 
 
-def run(models, lengths, n_new, backend, log, lengths_for=None) -> dict:
+def run(models, lengths, n_new, backend, log, lengths_for=None, checkpoint=None, done=()) -> dict:
+    """Measure every (model, length); ``checkpoint(result)`` is called after each row (partial results
+    survive an interrupted sweep), and rows already in ``done`` are kept rather than re-measured."""
     import numpy as np
 
     from bifrost.config import load_config
@@ -48,15 +50,19 @@ def run(models, lengths, n_new, backend, log, lengths_for=None) -> dict:
     from bifrost.tee.runtime import TrustedRuntime
     from bifrost.worker.launcher import LocalWorker
 
-    rows = []
+    rows = list(done)
+    measured = {(r["model"], r["prompt_tokens"]) for r in rows}
     for model_name in models:
+        todo = [L for L in (lengths_for or {}).get(model_name, lengths) if (model_name, L) not in measured]
+        if not todo:
+            continue
         cfg = load_config().replace(model=model_name, backend=backend)
         plain = load_model(resolve(model_name), cfg.seed)
         vocab = plain.config.vocab_size
         with LocalWorker(model_name, cfg.seed) as worker:
             rt = TrustedRuntime(cfg, worker.address)
             log(f"{model_name}: session ready (setup {rt.setup_s:.1f} s, weights encoded in {rt.engine.prepare_seconds:.1f} s)")
-            for L in (lengths_for or {}).get(model_name, lengths):
+            for L in todo:
                 ids = np.random.default_rng(L).integers(256, vocab, size=L).tolist()
                 ref_tokens, ref_times = _plaintext(plain, ids, n_new)
                 row = {"model": model_name, "prompt_tokens": L, "new_tokens": n_new,
@@ -72,6 +78,8 @@ def run(models, lengths, n_new, backend, log, lengths_for=None) -> dict:
                                  "tokens_equal_plaintext": res.tokens == ref_tokens, "wall_s": time.perf_counter() - t0}
                 row["ttft_ratio_bifrost_over_bifrost_plus"] = row["bifrost"]["ttft_s"] / row["bifrost+"]["ttft_s"]
                 rows.append(row)
+                if checkpoint:
+                    checkpoint({"backend": backend, "cpu_count": os.cpu_count(), "rows": rows})
                 log(f"{model_name} L={L}: TTFT plaintext {row['plaintext']['ttft_s']:.3f} s, bifrost+ "
                     f"{row['bifrost+']['ttft_s']:.2f} s, bifrost {row['bifrost']['ttft_s']:.1f} s "
                     f"(ratio {row['ttft_ratio_bifrost_over_bifrost_plus']:.1f}x)")
@@ -113,6 +121,7 @@ def main() -> None:
     ap.add_argument("--lengths", nargs="+", type=int, default=[16, 64, 128, 256, 512])
     ap.add_argument("--lengths-for", action="append", default=[], metavar="MODEL=L1,L2",
                     help="prompt lengths for one model (e.g. qwen3-0.6b=16,64,128 when the full sweep would take hours)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the rest")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--backend", default="native")
     ap.add_argument("--out", default="benchmarks/results/ttft.json")
@@ -129,11 +138,22 @@ def main() -> None:
         lengths_for = {k: [int(x) for x in v.split(",")] for k, v in (s.split("=", 1) for s in args.lengths_for)}
     except ValueError:
         raise SystemExit("ttft.py: --lengths-for takes MODEL=L1,L2,...") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = []
+    if args.resume and out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("backend") != args.backend:
+            raise SystemExit(f"ttft.py: {out} holds backend {previous.get('backend')!r} results, not {args.backend!r}")
+        done = previous["rows"]
+
+    def checkpoint(partial: dict) -> None:
+        out.write_text(json.dumps(partial, indent=2))
+        plot(partial, args.plot)
+
     result = run(args.models, args.lengths, args.new_tokens, args.backend,
-                 lambda m: console.print(f"[dim]{m}[/dim]"), lengths_for)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    plot(result, args.plot)
+                 lambda m: console.print(f"[dim]{m}[/dim]"), lengths_for, checkpoint, done)
+    checkpoint(result)
     table = Table(title=f"TTFT / TPOT · backend {result['backend']} · one run, one machine")
     for col in ("model", "prompt", "plaintext TTFT", "bifrost+ TTFT", "bifrost TTFT", "bifrost/bifrost+",
                 "TPOT plain", "TPOT bifrost+", "TPOT bifrost", "tokens = plaintext"):

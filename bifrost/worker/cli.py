@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="stop when the process that started this worker exits (used for local workers)")
     p.set_defaults(func=run)
 
 
@@ -41,12 +44,19 @@ def run(args: argparse.Namespace) -> int:
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(port))
-        import os
-
         os.replace(args.port_file + ".tmp", args.port_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.exit_with_parent:
+        parent = os.getppid()
+
+        def watch_parent() -> None:  # an orphaned local worker would otherwise hold GBs forever
+            while not stop.wait(1.0):
+                if os.getppid() != parent:
+                    stop.set()
+
+        threading.Thread(target=watch_parent, daemon=True, name="parent-watch").start()
     stop.wait()
     server.stop(grace=2).wait()
     return 0

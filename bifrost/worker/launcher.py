@@ -27,7 +27,7 @@ class LocalWorker:
     def start(self) -> "LocalWorker":
         port_file = os.path.join(self._dir, "port")
         cmd = [sys.executable, "-m", "bifrost.cli", "worker", "--host", "127.0.0.1", "--port", "0",
-               "--port-file", port_file, "--model", self.model, "--seed", str(self.seed)]
+               "--port-file", port_file, "--model", self.model, "--seed", str(self.seed), "--exit-with-parent"]
         if self.config:
             cmd += ["--config", str(self.config)]
         self._log = open(self.log_path, "wb")

@@ -128,3 +128,38 @@ def test_too_many_sessions_is_resource_exhausted(worker):
     for r in opened:
         stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=r.session_id))
     _assert_still_serving(worker)
+
+
+def test_local_worker_exits_when_its_parent_dies(tmp_path):
+    """A local worker started by a process that is killed must not linger (it holds the model's weights)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from bifrost.worker.launcher import LocalWorker\n"
+        "w = LocalWorker('gpt2-mini', 0).start()\n"
+        "print(w.proc.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap if it became our child's zombie (it is re-parented to init, which reaps it)
+            os.waitpid(worker_pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    else:
+        os.kill(worker_pid, signal.SIGKILL)
+        raise AssertionError("the local worker outlived its parent by 30 s")

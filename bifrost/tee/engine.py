@@ -23,6 +23,9 @@ from ..model.delegation import Site
 from ..proto import worker_pb2
 from .link import WorkerLink
 
+ROWS_PER_CALL = 64
+
+
 @dataclass
 class CallStats:
     """Accumulated costs of delegated calls (seconds, bytes)."""
@@ -86,7 +89,15 @@ class DelegationEngine:
                 raise BifrostError(f"worker's weights for {s.name!r} differ from ours (digest mismatch)")
 
     def run_group(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
-        """``[x @ W_n.T for n in group]`` for ``x`` (rows × d_in, float64), computed under CKKS."""
+        """``[x @ W_n.T for n in group]`` for ``x`` (rows × d_in, float64), computed under CKKS.
+
+        A long prompt goes in calls of at most ``ROWS_PER_CALL`` rows, which bounds the size of one
+        request and the worker's working memory (a 512-token prompt on a 3072-wide layer is ~19k
+        ciphertexts); decode steps (one row) are always one call.
+        """
+        if len(x) > ROWS_PER_CALL:
+            parts = [self.run_group(group, x[i : i + ROWS_PER_CALL]) for i in range(0, len(x), ROWS_PER_CALL)]
+            return [np.concatenate(member) for member in zip(*parts)]
         shape = self.shapes[group]
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)

@@ -86,3 +86,15 @@ def test_unknown_mode_is_refused(worker_factory, run_config):
     with pytest.raises(BifrostError, match="unknown serving mode"):
         runtime.generate("x", 2, mode="turbo")
     runtime.close()
+
+
+def test_long_prompts_are_split_into_bounded_worker_calls(worker_factory, run_config, monkeypatch):
+    import bifrost.tee.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "ROWS_PER_CALL", 5)
+    _, _, address = worker_factory("gpt2-mini")
+    runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address, reference=True)
+    result = runtime.generate([300 + i for i in range(12)], 3, mode="bifrost")
+    runtime.close()
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert result.timings[0].calls == len(runtime.groups) * 3  # 12 prompt rows in calls of 5, 5, 2

@@ -269,8 +269,41 @@ class NativeEvaluator:
         return prepared
 
     def apply(self, prepared: "PreparedGroup", ciphertexts: Sequence[bytes]) -> list[list[bytes]]:
+        return self.apply_many(prepared, [(self, ciphertexts)])[0]
+
+    def apply_many(self, prepared: "PreparedGroup",
+                   items: Sequence[tuple["NativeEvaluator", Sequence[bytes]]]) -> list[list[list[bytes]]]:
+        """One layer group for several inputs, possibly of different sessions (different keys), in one
+        kernel pass: ``[item_evaluator.apply(prepared, cts) for item_evaluator, cts in items]``.
+
+        A plaintext-weight × ciphertext product needs no key material, so the inputs of several key sets
+        stack along the row-block axis; each item is decoded and re-encoded with its own evaluator's
+        context (context id, header checks). All items must share this evaluator's parameters (the
+        prepared weights are encoded for them). Any bad item raises :class:`CiphertextError`.
+        """
         if not isinstance(prepared, PreparedGroup):
             raise TypeError("prepared must come from NativeEvaluator.prepare")
+        if not items:
+            raise CiphertextError("expected at least one input")
+        for ev, _ in items:
+            if not isinstance(ev, NativeEvaluator) or ev._codec.primes != self._codec.primes or \
+                    ev.params.scale_bits != self.params.scale_bits:
+                raise CiphertextError("batched inputs must all use this evaluator's CKKS parameters")
+        decoded = [ev._decode_inputs(prepared, cts) for ev, cts in items]
+        blk = decoded[0][1]
+        if any(d[1] != blk for d in decoded):
+            raise CiphertextError("batched inputs use different blockings")
+        sent = self._kernel(prepared, blk, torch.cat([d[0] for d in decoded]))       # [ΣRB, ΣO, r·n_o + N]
+        results, start = [], 0
+        for (ev, _), (cts, _, rows, sealed) in zip(items, decoded):
+            rb_count = cts.shape[0]
+            results.append(ev._encode_outputs(prepared, blk, rows, sealed, sent[start:start + rb_count]))
+            start += rb_count
+        return results
+
+    def _decode_inputs(self, prepared: "PreparedGroup", ciphertexts: Sequence[bytes]):
+        """Check and unpack one input's ciphertexts -> (residues [RB, B, 2, L, N] on the device, blocking,
+        rows, sealed scale blocks per row block)."""
         c, shape = self._codec, prepared.shape
         if not isinstance(ciphertexts, (list, tuple)) or not ciphertexts:
             raise CiphertextError("expected a non-empty list of input ciphertexts")
@@ -307,24 +340,32 @@ class NativeEvaluator:
         c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
         a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])    # [C, L, N]
         cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
-        cts = cts.reshape(rb_count, b_count, 2, len(c.primes), c.n)
+        return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first.rows, sealed
 
+    def _kernel(self, prepared: "PreparedGroup", blk: Blocking, cts: torch.Tensor) -> np.ndarray:
+        """Residues [RB, B, 2, L, N] -> rescaled outputs [RB, ΣO, r·n_o + N] mod q_0 (wire order)."""
+        c = self._codec
         enc = prepared.encoded(self, blk)
         pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
         kernel = apply_fft if self.engine == "fft" else apply_ntt
         extra = (c.primes, c.log_q, pos) if self.engine == "fft" else (c.primes, pos)
         # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
         # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
-        sent = np.concatenate([kernel(enc, cts[i:i + ROW_BLOCKS_PER_KERNEL_CALL], *extra).cpu().numpy()
-                               for i in range(0, rb_count, ROW_BLOCKS_PER_KERNEL_CALL)])  # [RB, ΣO, r·n_o + N]
+        return np.concatenate([kernel(enc, cts[i:i + ROW_BLOCKS_PER_KERNEL_CALL], *extra).cpu().numpy()
+                               for i in range(0, cts.shape[0], ROW_BLOCKS_PER_KERNEL_CALL)])
+
+    def _encode_outputs(self, prepared: "PreparedGroup", blk: Blocking, rows: int, sealed: list[bytes],
+                        sent: np.ndarray) -> list[list[bytes]]:
+        c = self._codec
+        rb_count = sent.shape[0]
         packed_out = wire.pack_bits(sent.reshape(-1, sent.shape[-1]), c.bits[0]).reshape(rb_count, -1,
                                                                                        c.output_payload_len(blk))
         results, start = [], 0
-        for m, o_count in enumerate(enc.out_blocks):
+        for m, o_count in enumerate(prepared.encoded(self, blk).out_blocks):
             member = []
             for rb in range(rb_count):
                 for ob in range(o_count):
-                    h = wire.OutputHeader(c.context_id, first.rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct,
+                    h = wire.OutputHeader(c.context_id, rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct,
                                           m, rb * o_count + ob, rb_count * o_count, prepared.scales[m], sealed[rb])
                     member.append(wire.encode_output(h, packed_out[rb, start + ob].tobytes()))
             results.append(member)

@@ -8,6 +8,7 @@ from .backend import (
     GroupShape,
     SecretKeyInPublicContextError,
     TrustedContext,
+    apply_many,
     available_backends,
     get_backend,
     register_backend,
@@ -16,6 +17,6 @@ from .params import CKKSParams, InsecureParametersError, check_128_bit_security
 
 __all__ = [
     "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "GroupShape",
-    "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "available_backends",
+    "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "apply_many", "available_backends",
     "check_128_bit_security", "get_backend", "register_backend",
 ]

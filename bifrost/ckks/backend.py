@@ -84,7 +84,22 @@ class Evaluator(Protocol):
         """Evaluate the group on encrypted input; returns one ciphertext list per member.
 
         Raises :class:`CiphertextError` on malformed/foreign ciphertexts or wrong counts.
+
+        Optional extension ``apply_many(prepared, [(evaluator, ciphertexts), ...])``: the same group for
+        several inputs (of sessions with equal ``params``) in one pass; see :func:`apply_many`.
         """
+
+
+def apply_many(prepared: Any, items: Sequence[tuple[Evaluator, Sequence[bytes]]]) -> list[list[list[bytes]]]:
+    """``[ev.apply(prepared, cts) for ev, cts in items]``, in one pass when the backend can batch.
+
+    All evaluators must share parameters (``prepared`` was encoded for them).
+    """
+    first = items[0][0]
+    batched = getattr(first, "apply_many", None)
+    if batched is not None:
+        return batched(prepared, items)
+    return [ev.apply(prepared, cts) for ev, cts in items]
 
 
 @runtime_checkable

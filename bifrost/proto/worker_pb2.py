@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62ifrost/proto/worker.proto\x12\x11\x62ifrost.worker.v1\"F\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\r\x12\r\n\x05\x64_out\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"^\n\rDescribeReply\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06layers\x18\x02 \x03(\x0b\x32\x1c.bifrost.worker.v1.LayerInfo\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\t\"(\n\x08LayerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"9\n\nLayerGroup\x12+\n\x06layers\x18\x01 \x03(\x0b\x32\x1b.bifrost.worker.v1.LayerRef\"m\n\x12OpenSessionRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x16\n\x0epublic_context\x18\x02 \x01(\x0c\x12.\n\x07prepare\x18\x03 \x03(\x0b\x32\x1d.bifrost.worker.v1.LayerGroup\"?\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fprepare_seconds\x18\x02 \x01(\x01\"f\n\rLinearRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x05group\x18\x02 \x01(\x0b\x32\x1d.bifrost.worker.v1.LayerGroup\x12\x13\n\x0b\x63iphertexts\x18\x03 \x03(\x0c\"%\n\x0e\x43iphertextList\x12\x13\n\x0b\x63iphertexts\x18\x01 \x03(\x0c\"Z\n\x0bLinearReply\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.bifrost.worker.v1.CiphertextList\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11\x43loseSessionReply2\xe3\x02\n\nCKKSWorker\x12P\n\x08\x44\x65scribe\x12\".bifrost.worker.v1.DescribeRequest\x1a .bifrost.worker.v1.DescribeReply\x12Y\n\x0bOpenSession\x12%.bifrost.worker.v1.OpenSessionRequest\x1a#.bifrost.worker.v1.OpenSessionReply\x12J\n\x06Linear\x12 .bifrost.worker.v1.LinearRequest\x1a\x1e.bifrost.worker.v1.LinearReply\x12\\\n\x0c\x43loseSession\x12&.bifrost.worker.v1.CloseSessionRequest\x1a$.bifrost.worker.v1.CloseSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62ifrost/proto/worker.proto\x12\x11\x62ifrost.worker.v1\"F\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\r\x12\r\n\x05\x64_out\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"^\n\rDescribeReply\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06layers\x18\x02 \x03(\x0b\x32\x1c.bifrost.worker.v1.LayerInfo\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\t\"(\n\x08LayerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"9\n\nLayerGroup\x12+\n\x06layers\x18\x01 \x03(\x0b\x32\x1b.bifrost.worker.v1.LayerRef\"m\n\x12OpenSessionRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x16\n\x0epublic_context\x18\x02 \x01(\x0c\x12.\n\x07prepare\x18\x03 \x03(\x0b\x32\x1d.bifrost.worker.v1.LayerGroup\"?\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fprepare_seconds\x18\x02 \x01(\x01\"f\n\rLinearRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x05group\x18\x02 \x01(\x0b\x32\x1d.bifrost.worker.v1.LayerGroup\x12\x13\n\x0b\x63iphertexts\x18\x03 \x03(\x0c\"%\n\x0e\x43iphertextList\x12\x13\n\x0b\x63iphertexts\x18\x01 \x03(\x0c\"Z\n\x0bLinearReply\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.bifrost.worker.v1.CiphertextList\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\":\n\x0fLinearBatchItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"u\n\x12LinearBatchRequest\x12,\n\x05group\x18\x01 \x01(\x0b\x32\x1d.bifrost.worker.v1.LayerGroup\x12\x31\n\x05items\x18\x02 \x03(\x0b\x32\".bifrost.worker.v1.LinearBatchItem\"G\n\x11LinearBatchResult\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.bifrost.worker.v1.CiphertextList\"b\n\x10LinearBatchReply\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.bifrost.worker.v1.LinearBatchResult\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11\x43loseSessionReply2\xbe\x03\n\nCKKSWorker\x12P\n\x08\x44\x65scribe\x12\".bifrost.worker.v1.DescribeRequest\x1a .bifrost.worker.v1.DescribeReply\x12Y\n\x0bOpenSession\x12%.bifrost.worker.v1.OpenSessionRequest\x1a#.bifrost.worker.v1.OpenSessionReply\x12J\n\x06Linear\x12 .bifrost.worker.v1.LinearRequest\x1a\x1e.bifrost.worker.v1.LinearReply\x12Y\n\x0bLinearBatch\x12%.bifrost.worker.v1.LinearBatchRequest\x1a#.bifrost.worker.v1.LinearBatchReply\x12\\\n\x0c\x43loseSession\x12&.bifrost.worker.v1.CloseSessionRequest\x1a$.bifrost.worker.v1.CloseSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,10 +51,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CIPHERTEXTLIST']._serialized_end=654
   _globals['_LINEARREPLY']._serialized_start=656
   _globals['_LINEARREPLY']._serialized_end=746
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=748
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=789
-  _globals['_CLOSESESSIONREPLY']._serialized_start=791
-  _globals['_CLOSESESSIONREPLY']._serialized_end=810
-  _globals['_CKKSWORKER']._serialized_start=813
-  _globals['_CKKSWORKER']._serialized_end=1168
+  _globals['_LINEARBATCHITEM']._serialized_start=748
+  _globals['_LINEARBATCHITEM']._serialized_end=806
+  _globals['_LINEARBATCHREQUEST']._serialized_start=808
+  _globals['_LINEARBATCHREQUEST']._serialized_end=925
+  _globals['_LINEARBATCHRESULT']._serialized_start=927
+  _globals['_LINEARBATCHRESULT']._serialized_end=998
+  _globals['_LINEARBATCHREPLY']._serialized_start=1000
+  _globals['_LINEARBATCHREPLY']._serialized_end=1098
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1100
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1141
+  _globals['_CLOSESESSIONREPLY']._serialized_start=1143
+  _globals['_CLOSESESSIONREPLY']._serialized_end=1162
+  _globals['_CKKSWORKER']._serialized_start=1165
+  _globals['_CKKSWORKER']._serialized_end=1611
 # @@protoc_insertion_point(module_scope)

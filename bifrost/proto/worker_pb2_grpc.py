@@ -49,6 +49,11 @@ class CKKSWorkerStub:
                 request_serializer=bifrost_dot_proto_dot_worker__pb2.LinearRequest.SerializeToString,
                 response_deserializer=bifrost_dot_proto_dot_worker__pb2.LinearReply.FromString,
                 _registered_method=True)
+        self.LinearBatch = channel.unary_unary(
+                '/bifrost.worker.v1.CKKSWorker/LinearBatch',
+                request_serializer=bifrost_dot_proto_dot_worker__pb2.LinearBatchRequest.SerializeToString,
+                response_deserializer=bifrost_dot_proto_dot_worker__pb2.LinearBatchReply.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/bifrost.worker.v1.CKKSWorker/CloseSession',
                 request_serializer=bifrost_dot_proto_dot_worker__pb2.CloseSessionRequest.SerializeToString,
@@ -80,6 +85,15 @@ class CKKSWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LinearBatch(self, request, context):
+        """The same layer group for several sessions at once (cross-session batched decode): one kernel
+        pass over all items' ciphertexts where the backend supports it. Each item is evaluated exactly
+        as a Linear call with its own session would be; any bad item fails the whole call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -103,6 +117,11 @@ def add_CKKSWorkerServicer_to_server(servicer, server):
                     servicer.Linear,
                     request_deserializer=bifrost_dot_proto_dot_worker__pb2.LinearRequest.FromString,
                     response_serializer=bifrost_dot_proto_dot_worker__pb2.LinearReply.SerializeToString,
+            ),
+            'LinearBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinearBatch,
+                    request_deserializer=bifrost_dot_proto_dot_worker__pb2.LinearBatchRequest.FromString,
+                    response_serializer=bifrost_dot_proto_dot_worker__pb2.LinearBatchReply.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -191,6 +210,33 @@ class CKKSWorker:
             '/bifrost.worker.v1.CKKSWorker/Linear',
             bifrost_dot_proto_dot_worker__pb2.LinearRequest.SerializeToString,
             bifrost_dot_proto_dot_worker__pb2.LinearReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinearBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bifrost.worker.v1.CKKSWorker/LinearBatch',
+            bifrost_dot_proto_dot_worker__pb2.LinearBatchRequest.SerializeToString,
+            bifrost_dot_proto_dot_worker__pb2.LinearBatchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,8 @@ from ..config import RunConfig
 from ..errors import BifrostError
 from ..model.catalog import ModelSpec, load_model
 from ..proto import serving_pb2
-from ..tee.delegate import attach_engine
+from ..tee.batching import DecodeBatcher
+from ..tee.delegate import using_engine
 from ..tee.engine import DelegationEngine
 from ..tee.pool import WorkerDirectory, WorkerPool
 from ..tee.runtime import TrustedRuntime
@@ -122,6 +123,10 @@ class ReplicaActor:
         self._sessions: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
+        # batch_decode: sessions run their decode steps concurrently (each its own keys and KV cache) and
+        # the batcher merges their layer calls; otherwise the model lock interleaves their steps.
+        self.batcher = (DecodeBatcher(self.directory, scfg.batch_window_s, scfg.batch_max_rows)
+                        if scfg.batch_decode else None)
         log.info("replica %d ready: model %s, %d delegated layers", replica_index, cfg.model, len(self.runtime.sites))
 
     # -- public info -----------------------------------------------------------------------
@@ -135,7 +140,11 @@ class ReplicaActor:
 
         with self._lock:
             n = len(self._sessions)
+        batching = self.batcher.stats if self.batcher is not None else None
         return {"sessions": n, "workers": self.directory.snapshot(), "failovers": self.directory.stats.failovers,
+                "batched_worker_calls": batching.worker_calls if batching else 0,
+                "mean_items_per_batched_call": batching.mean_items if batching else 0.0,
+                "max_items_per_batched_call": batching.max_items if batching else 0,
                 "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pid": os.getpid()}
 
     def session_count(self) -> int:
@@ -161,7 +170,9 @@ class ReplicaActor:
             code = "INVALID_ARGUMENT" if isinstance(exc, ChannelError) else "UNAVAILABLE"
             return _err(code, f"handshake failed: {exc}")
         try:  # this session's own CKKS key pair and worker sessions
-            engine = DelegationEngine(WorkerPool(self.directory), self.cfg.backend, self.cfg.ckks_params(),
+            pool = WorkerPool(self.directory)
+            link = self.batcher.link_for(pool) if self.batcher is not None else pool
+            engine = DelegationEngine(link, self.cfg.backend, self.cfg.ckks_params(),
                                       self.runtime.sites, self.runtime.groups)
         except BifrostError as exc:
             return _err("UNAVAILABLE", f"cannot open a CKKS worker session: {exc}")
@@ -279,11 +290,14 @@ class ReplicaActor:
                 yield ("chunk", s.channel.seal(err.SerializeToString(), AAD_CHUNK))
             yield _err("UNAVAILABLE", "generation failed: CKKS workers unavailable")
 
+    def _step_context(self):
+        return self.batcher.participant() if self.batcher is not None else self._model_lock
+
     def _decode(self, s: _Session, ids: list[int], n_new: int, seed: int | None):
-        """The runtime's decode loop with this session's engine; sessions sharing this replica interleave
-        per step (the model lock is held around each forward pass)."""
+        """The runtime's decode loop with this session's engine. Sessions sharing this replica either run
+        their steps concurrently with batched layer calls (``batch_decode``) or interleave per step."""
         for step in self.runtime.decode_steps(ids, n_new, mode=self.cfg.generation.mode, sample_seed=seed,
-                                              engine=s.engine, step_lock=self._model_lock):
+                                              engine=s.engine, step_context=self._step_context):
             yield step.timing.token, step.timing.total_s
 
     # -- embeddings --------------------------------------------------------------------------
@@ -306,8 +320,7 @@ class ReplicaActor:
                 if n == 0 or n > self.scfg.max_prompt_tokens:
                     return _err("INVALID_ARGUMENT", f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
             try:
-                with self._model_lock:
-                    attach_engine(self.runtime.model, s.engine)
+                with self._model_lock, using_engine(s.engine):
                     vectors = self.runtime.embed(list(body.texts))
             except BifrostError:
                 return _err("UNAVAILABLE", "embedding failed: CKKS workers unavailable")

@@ -27,6 +27,9 @@ class ServeConfig:
     local_workers: int = 1
     worker_call_timeout_s: float = 60.0
     worker_retry_after_s: float = 30.0
+    batch_decode: bool = True
+    batch_window_s: float = 0.25
+    batch_max_rows: int = 16
     max_sessions: int = 32
     max_prompt_tokens: int = 512
     max_new_tokens: int = 128
@@ -47,6 +50,8 @@ class ServeConfig:
                 raise BifrostError(f"serve.{name} must be >= 1")
         if not self.workers and self.local_workers < 1:
             raise BifrostError("serve: configure worker addresses or local_workers >= 1")
+        if self.batch_window_s < 0 or self.batch_max_rows < 1:
+            raise BifrostError("serve: batch_window_s must be >= 0 and batch_max_rows >= 1")
         if self.worker_call_timeout_s <= 0 or self.session_idle_s <= 0 or self.replica_cpus < 0:
             raise BifrostError("serve: timeouts must be > 0 and replica_cpus >= 0")
         if not 1 <= self.token_lifetime_s <= 86400:

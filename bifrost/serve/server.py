@@ -330,7 +330,8 @@ def new_run_dir(root: str | os.PathLike) -> Path:
     return d
 
 
-def _config_yaml(cfg: RunConfig, **worker_overrides) -> str:
+def run_config_yaml(cfg: RunConfig, **worker_overrides) -> str:
+    """``cfg`` as a config YAML (for a local worker process), with ``worker:`` fields overridden."""
     data = dataclasses.asdict(cfg)
     data["worker"].update(worker_overrides)
 
@@ -372,7 +373,7 @@ class ServeApp:
             from ..worker.launcher import LocalWorker
 
             wcfg = self.run_dir / "worker.yaml"  # room for every session on every worker
-            wcfg.write_text(_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
+            wcfg.write_text(run_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
             for i in range(self.scfg.local_workers):
                 w = LocalWorker(self.cfg.model, self.cfg.seed, config=str(wcfg),
                                 log_path=str(self.run_dir / f"worker-{i}.log"))

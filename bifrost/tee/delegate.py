@@ -9,10 +9,18 @@ kept in trusted memory for Bifrost+ mode, where the prompt is prefilled inside t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from ..model.delegation import Site, delegated_modules, linear_weight, weight_digest
 from .engine import DelegationEngine
+
+# The engine (CKKS keys + worker link) of the session whose forward pass runs in this thread/context.
+# It overrides the model's attached default, so sessions can run forward passes of one shared model
+# concurrently, each with its own keys.
+_SESSION_ENGINE: contextvars.ContextVar[DelegationEngine | None] = contextvars.ContextVar("bifrost_engine", default=None)
 
 
 class DelegatedLinear(torch.nn.Module):
@@ -38,11 +46,12 @@ class DelegatedLinear(torch.nn.Module):
         return self.site.d_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.engine is None:
+        engine = _SESSION_ENGINE.get() or self.engine
+        if engine is None:
             raise RuntimeError(f"delegated layer {self.site.name} has no engine attached")
-        if self.engine.local_linears:
+        if engine.local_linears:
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        y = self.engine.linear(self.site.name, x, x._version)
+        y = engine.linear(self.site.name, x, x._version)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], self.site.d_out)
         if self.bias is not None:
             out = out + self.bias.to(torch.float64)
@@ -66,6 +75,17 @@ def swap_in_delegates(model: torch.nn.Module, policy) -> list[Site]:
 
 
 def attach_engine(model: torch.nn.Module, engine: DelegationEngine) -> None:
+    """Set the model's default engine (used where no :func:`using_engine` block is active)."""
     for module in model.modules():
         if isinstance(module, DelegatedLinear):
             module.engine = engine
+
+
+@contextlib.contextmanager
+def using_engine(engine: DelegationEngine):
+    """Route this thread's delegated layers through ``engine`` (one session's keys) for the block."""
+    token = _SESSION_ENGINE.set(engine)
+    try:
+        yield engine
+    finally:
+        _SESSION_ENGINE.reset(token)

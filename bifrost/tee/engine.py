@@ -102,7 +102,7 @@ class DelegationEngine:
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()
-        outputs, worker_s = self.link.linear(self._refs[group], batch.ciphertexts)
+        outputs, worker_s = self.link.linear(self._refs[group], batch.ciphertexts, rows=len(x))
         t2 = time.perf_counter()
         ys = self._keys.decrypt(shape, outputs, batch.rows)
         t3 = time.perf_counter()

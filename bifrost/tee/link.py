@@ -30,8 +30,10 @@ class WorkerLink(Protocol):
     def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
         """Register the public context; returns the worker's weight-encoding time (seconds)."""
 
-    def linear(self, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes]) -> tuple[list[list[bytes]], float]:
-        """Returns (one ciphertext list per group member, worker compute seconds)."""
+    def linear(self, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
+               rows: int = 1) -> tuple[list[list[bytes]], float]:
+        """Returns (one ciphertext list per group member, worker compute seconds). ``rows`` (how many
+        activation rows the ciphertexts hold) is a scheduling hint for batching links."""
 
     def close(self) -> None: ...
 
@@ -70,10 +72,16 @@ class GrpcWorkerLink:
         self.session_id = reply.session_id
         return reply.prepare_seconds
 
-    def linear(self, group, ciphertexts):
+    def linear(self, group, ciphertexts, rows: int = 1):
         reply = self._call(self.stub.Linear, worker_pb2.LinearRequest(
             session_id=self.session_id, group=group, ciphertexts=ciphertexts))
         return [list(o.ciphertexts) for o in reply.outputs], reply.compute_seconds
+
+    def linear_batch(self, group, items: Sequence[tuple[str, Sequence[bytes]]]):
+        """One group for several (worker session id, ciphertexts) items -> ([outputs per item], seconds)."""
+        reply = self._call(self.stub.LinearBatch, worker_pb2.LinearBatchRequest(
+            group=group, items=[worker_pb2.LinearBatchItem(session_id=sid, ciphertexts=cts) for sid, cts in items]))
+        return [[list(o.ciphertexts) for o in r.outputs] for r in reply.results], reply.compute_seconds
 
     def close(self) -> None:
         if self.session_id:

@@ -177,41 +177,19 @@ class WorkerPool:
             self._sessions[w.address] = link.session_id
         return seconds
 
-    def linear(self, group, ciphertexts):
-        tried: set[str] = set()
-        reopened: set[str] = set()
-        last: WorkerCallError | None = None
-        while True:
-            w = self.dir.pick(tried)
-            if w is None:
-                raise last or BifrostError("no CKKS worker available")
-            try:
-                if w.address not in self._sessions:  # worker was down at open time, or restarted
-                    self._open_on(w)
-                link = self.dir.link(w)
-                link.session_id = self._sessions[w.address]
-                out = link.linear(group, ciphertexts)
-                self.dir.mark_up(w)
-                with self.dir._lock:
-                    self.dir.stats.calls_by_worker[w.address] = self.dir.stats.calls_by_worker.get(w.address, 0) + 1
-                return out
-            except WorkerCallError as exc:
-                if exc.code == grpc.StatusCode.NOT_FOUND and "session" in exc.details and w.address not in reopened:
-                    reopened.add(w.address)  # the worker lost our session (it restarted): reopen once
-                    with self._lock:
-                        self._sessions.pop(w.address, None)
-                    continue
-                if exc.code not in RETRYABLE:
-                    raise
-                last = exc
-                tried.add(w.address)
-                self.dir.mark_down(w, f"{exc.code.name}: {exc.details}")
-                with self.dir._lock:
-                    self.dir.stats.failovers += 1
-                with self._lock:
-                    self._sessions.pop(w.address, None)
-            finally:
-                self.dir.release(w)
+    def linear(self, group, ciphertexts, rows: int = 1):
+        outputs, seconds = linear_on_pool(self.dir, [self], group, [ciphertexts])
+        return outputs[0], seconds
+
+    def _session_on(self, w: WorkerState) -> str:
+        """This pool's session id on worker ``w``, opening it there first if needed."""
+        if w.address not in self._sessions:  # worker was down at open time, or restarted
+            self._open_on(w)
+        return self._sessions[w.address]
+
+    def _forget(self, w: WorkerState) -> None:
+        with self._lock:
+            self._sessions.pop(w.address, None)
 
     def close(self) -> None:
         with self._lock:
@@ -225,3 +203,51 @@ class WorkerPool:
                 pass
         if self._owns:
             self.dir.close()
+
+
+def linear_on_pool(directory: WorkerDirectory, pools: Sequence[WorkerPool], group: worker_pb2.LayerGroup,
+                   inputs: Sequence[Sequence[bytes]]) -> tuple[list[list[list[bytes]]], float]:
+    """Evaluate ``group`` for ``inputs[i]`` under ``pools[i]``'s session (its own CKKS keys) on one worker.
+
+    One item is a ``Linear`` call; several are one ``LinearBatch`` call (cross-session batching). The
+    call goes to the least-loaded healthy worker; on a retryable failure it moves to another worker,
+    and a worker that lost the sessions (restart) gets them reopened once. Returns (outputs per item,
+    worker compute seconds).
+    """
+    tried: set[str] = set()
+    reopened: set[str] = set()
+    last: WorkerCallError | None = None
+    while True:
+        w = directory.pick(tried)
+        if w is None:
+            raise last or BifrostError("no CKKS worker available")
+        try:
+            sids = [p._session_on(w) for p in pools]
+            link = directory.link(w)
+            if len(pools) == 1:
+                link.session_id = sids[0]
+                out, seconds = link.linear(group, inputs[0])
+                outputs = [out]
+            else:
+                outputs, seconds = link.linear_batch(group, list(zip(sids, inputs)))
+            directory.mark_up(w)
+            with directory._lock:
+                directory.stats.calls_by_worker[w.address] = directory.stats.calls_by_worker.get(w.address, 0) + 1
+            return outputs, seconds
+        except WorkerCallError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND and "session" in exc.details and w.address not in reopened:
+                reopened.add(w.address)  # the worker lost our sessions (it restarted): reopen once
+                for p in pools:
+                    p._forget(w)
+                continue
+            if exc.code not in RETRYABLE:
+                raise
+            last = exc
+            tried.add(w.address)
+            directory.mark_down(w, f"{exc.code.name}: {exc.details}")
+            with directory._lock:
+                directory.stats.failovers += 1
+            for p in pools:
+                p._forget(w)
+        finally:
+            directory.release(w)

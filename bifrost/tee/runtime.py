@@ -12,7 +12,7 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..errors import BifrostError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
 from ..model.tokenizer import load_tokenizer
-from .delegate import attach_engine, swap_in_delegates
+from .delegate import attach_engine, swap_in_delegates, using_engine
 from .engine import CallStats, DelegationEngine
 from .link import GrpcWorkerLink, WorkerLink, connect
 
@@ -150,11 +150,14 @@ class TrustedRuntime:
         return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
 
     def decode_steps(self, ids: list[int], n_new: int, *, mode: str = "bifrost", sample_seed: int | None = None,
-                     engine: DelegationEngine | None = None, step_lock=None) -> Iterator["DecodeStep"]:
+                     engine: DelegationEngine | None = None,
+                     step_context: Callable[[], ContextManager] | None = None) -> Iterator["DecodeStep"]:
         """The decode loop, one token per iteration; the KV cache is this generator's local state.
 
-        ``engine`` lets several sessions (each with its own CKKS keys) share this model replica; a
-        ``step_lock`` is then held around each forward pass so their steps interleave safely.
+        ``engine`` lets several sessions (each with its own CKKS keys) share this model replica; each
+        forward pass runs inside ``step_context()`` (a lock, to interleave sessions' steps; or a
+        :class:`~bifrost.tee.batching.DecodeBatcher` participant, to run them concurrently and batch
+        their layer calls). The generator never yields inside that context.
         """
         gcfg = self.cfg.generation
         gen = None
@@ -163,8 +166,7 @@ class TrustedRuntime:
         engine = engine or self.engine
         past, step_input = None, torch.tensor([ids])
         for i in range(n_new):
-            with step_lock or contextlib.nullcontext(), torch.no_grad():
-                attach_engine(self.model, engine)
+            with (step_context or contextlib.nullcontext)(), using_engine(engine), torch.no_grad():
                 before = engine.stats.snapshot()
                 t0 = time.perf_counter()
                 local = engine.in_tee() if (i == 0 and mode == "bifrost+") else contextlib.nullcontext()
@@ -222,9 +224,16 @@ class _FidelityTracker:
         self.agree += int(int(torch.argmax(ref)) == chosen)
 
     def finish(self, prompt_ids: list[int], n_new: int) -> Fidelity:
-        past, step_input, tokens = None, torch.tensor([prompt_ids]), []
-        for _ in range(n_new):  # independent plaintext greedy decode
-            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-            tokens.append(int(torch.argmax(out.logits[0, -1])))
-            past, step_input = out.past_key_values, torch.tensor([[tokens[-1]]])
+        tokens = plaintext_greedy_tokens(self.model, prompt_ids, n_new)  # independent plaintext greedy decode
         return Fidelity(n_new, self.agree, self.max_err, self.min_margin, tokens)
+
+
+@torch.no_grad()
+def plaintext_greedy_tokens(model: torch.nn.Module, prompt_ids: list[int], n_new: int) -> list[int]:
+    """Greedy decoding with a plain (undelegated) model: the reference every encrypted path is held to."""
+    past, step_input, tokens = None, torch.tensor([prompt_ids]), []
+    for _ in range(n_new):
+        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+        tokens.append(int(torch.argmax(out.logits[0, -1])))
+        past, step_input = out.past_key_values, torch.tensor([[tokens[-1]]])
+    return tokens

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from ..ckks import CiphertextError, GroupShape, InsecureParametersError, get_backend
+from ..ckks import CiphertextError, GroupShape, InsecureParametersError, apply_many, get_backend
 from ..model.delegation import Site
 from ..proto import worker_pb2, worker_pb2_grpc
 
@@ -30,6 +30,7 @@ log = logging.getLogger("bifrost.worker")
 
 MAX_MESSAGE_BYTES = 1 << 30
 MAX_CIPHERTEXTS_PER_CALL = 4096
+MAX_BATCH_ITEMS = 64
 
 
 class _Abort(Exception):
@@ -183,6 +184,36 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
                 outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in outputs],
                 compute_seconds=time.perf_counter() - t0,
             )
+
+        return self._guard(context, run)
+
+    def LinearBatch(self, request, context):
+        """Items that share parameters go through the backend's ``apply_many`` together (one kernel
+        pass for the native backend); items of other parameter sets form their own pass."""
+        def run():
+            t0 = time.perf_counter()
+            shape, names, weights = self._resolve_group(request.group)
+            n_items = len(request.items)
+            if not 1 <= n_items <= MAX_BATCH_ITEMS:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected 1..{MAX_BATCH_ITEMS} items, got {n_items}")
+            total = sum(len(item.ciphertexts) for item in request.items)
+            if total > MAX_CIPHERTEXTS_PER_CALL or any(not item.ciphertexts for item in request.items):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"every item needs ciphertexts and all items together at most "
+                             f"{MAX_CIPHERTEXTS_PER_CALL}, got {total}")
+            sessions = [self._session(item.session_id) for item in request.items]
+            by_params: dict[tuple[str, str], list[int]] = {}
+            for i, s in enumerate(sessions):
+                by_params.setdefault((s.backend, s.params_key), []).append(i)
+            results: list = [None] * n_items
+            for indices in by_params.values():
+                prepared = self._prepared(sessions[indices[0]], shape, names, weights)
+                outs = apply_many(prepared, [(sessions[i].evaluator, list(request.items[i].ciphertexts))
+                                             for i in indices])
+                for i, out in zip(indices, outs):
+                    results[i] = worker_pb2.LinearBatchResult(
+                        outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in out])
+            return worker_pb2.LinearBatchReply(results=results, compute_seconds=time.perf_counter() - t0)
 
         return self._guard(context, run)
 

@@ -60,15 +60,7 @@ def client_factory(local_app, policy):
 
 
 def plaintext_greedy(model_name: str, seed: int, ids: list[int], n: int) -> list[int]:
-    import torch
-
     from bifrost.model.catalog import load_model, resolve
+    from bifrost.tee.runtime import plaintext_greedy_tokens
 
-    model = load_model(resolve(model_name), seed)
-    past, step, out_tokens = None, torch.tensor([ids]), []
-    with torch.no_grad():
-        for _ in range(n):
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
-            out_tokens.append(int(torch.argmax(out.logits[0, -1])))
-            past, step = out.past_key_values, torch.tensor([[out_tokens[-1]]])
-    return out_tokens
+    return plaintext_greedy_tokens(load_model(resolve(model_name), seed), ids, n)

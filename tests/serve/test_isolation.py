@@ -41,7 +41,7 @@ def recorded_app(serve_run_config, serve_config):
             return reply
         return wrapped
 
-    for name in ("OpenSession", "Linear", "Describe", "CloseSession"):
+    for name in ("OpenSession", "Linear", "LinearBatch", "Describe", "CloseSession"):
         setattr(svc, name, recording(name, getattr(svc, name)))
     server, port = serve(svc, "127.0.0.1", 0)
     app = ServeApp(serve_run_config, serve_config.replace(workers=(f"127.0.0.1:{port}",), replicas=2,

@@ -49,11 +49,11 @@ class KillAfter:
     def __getattr__(self, name):
         return getattr(self.link, name)
 
-    def linear(self, group, ciphertexts):
+    def linear(self, group, ciphertexts, rows: int = 1):
         self.calls += 1
         if self.calls == self.n:
             self.kill()
-        return self.link.linear(group, ciphertexts)
+        return self.link.linear(group, ciphertexts, rows)
 
 
 def test_least_loaded_dispatch_uses_every_worker_and_matches_plaintext(make_worker, run_config):

@@ -46,7 +46,51 @@ def test_requests_to_the_worker_carry_no_secret_key(worker_factory, run_config, 
 
 
 def test_worker_api_has_no_field_that_could_carry_a_secret_key():
-    for message in (worker_pb2.OpenSessionRequest, worker_pb2.LinearRequest, worker_pb2.DescribeRequest,
-                    worker_pb2.CloseSessionRequest, worker_pb2.LayerGroup, worker_pb2.LayerRef):
-        names = [f.name for f in message.DESCRIPTOR.fields]
-        assert not any("secret" in n or "private" in n or n == "key" for n in names), (message, names)
+    messages = list(worker_pb2.DESCRIPTOR.message_types_by_name.values())  # every message, new ones included
+    assert {"OpenSessionRequest", "LinearRequest", "LinearBatchRequest", "LinearBatchItem"} <= {m.name for m in messages}
+    for message in messages:
+        names = [f.name for f in message.fields]
+        assert not any("secret" in n or "private" in n or n == "key" for n in names), (message.name, names)
+
+
+def test_batched_calls_of_several_sessions_carry_no_secret_key(worker_factory, run_config):
+    """Cross-session batching: three sessions' rows in LinearBatch calls; none of their keys on the wire."""
+    import threading
+
+    import numpy as np
+
+    from bifrost.tee.batching import DecodeBatcher
+    from bifrost.tee.engine import DelegationEngine
+    from bifrost.tee.pool import WorkerDirectory, WorkerPool
+
+    _, _, address = worker_factory("gpt2-mini")
+    cfg = run_config.replace(model="gpt2-mini", backend="native")
+    runtime = TrustedRuntime(cfg, address)
+    directory = WorkerDirectory([address])
+    recorder = _Recorder()
+    directory.workers[0].channel = grpc.intercept_channel(directory.workers[0].channel, recorder)
+    batcher = DecodeBatcher(directory, window_s=10.0)
+    engines = [DelegationEngine(batcher.link_for(WorkerPool(directory)), cfg.backend, cfg.ckks_params(),
+                                runtime.sites, runtime.groups) for _ in range(3)]
+    group = runtime.groups[0]
+    barrier = threading.Barrier(3)
+
+    def session(e):
+        with batcher.participant():
+            barrier.wait(timeout=30)
+            e.run_group(group, np.full((1, runtime.engine.sites[group[0]].d_in), 0.5))
+
+    threads = [threading.Thread(target=session, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    batched = [req for m, req in recorder.messages if m.endswith("/LinearBatch")]
+    assert len(batched) == 1 and len(batched[0].items) == 3
+    wire = b"".join(req.SerializeToString() for _, req in recorder.messages)
+    for e in engines:
+        sk = e._keys._secret_key_words()
+        windows = [sk[i : i + 24] for i in range(0, len(sk) - 24, 397)]
+        assert len(windows) > 100 and not any(w in wire for w in windows)
+        e.close()
+    runtime.close()

@@ -1,0 +1,251 @@
+"""Cross-session batched decode: k concurrent sessions, batched layer calls vs one session at a time.
+
+For each session count k, in one run on one machine with one local worker process (loopback gRPC):
+- ``interleaved``: the sessions share the replica's model under a lock, one decode step at a time
+  (every layer call is its own worker call) — what ``batch_decode: false`` serves;
+- ``batched``: the sessions run their steps concurrently and a :class:`~bifrost.tee.batching.DecodeBatcher`
+  merges their layer calls into one ``LinearBatch`` call per layer group — ``batch_decode: true``.
+Every session has its own CKKS keys and KV cache; prompts are prefilled inside the TEE (Bifrost+) so
+that the numbers are decode steps. Each session's tokens are checked against plaintext greedy decoding.
+
+A second table isolates the worker: one group's k single-session ``Linear`` calls vs one ``LinearBatch``
+of k items (worker compute + transfer, no trusted-side work).
+
+Usage: ``python benchmarks/batched_decode.py [--model gpt2] [--sessions 1 4 8 16] [--new-tokens 4]``
+Writes JSON (``--out``) and a PNG plot (``--plot``), prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _decode_concurrently(rt, engines, prompts, n_new, step_context):
+    """Every session decodes in its own thread; returns (wall s, per-session tokens, inter-token gaps s).
+
+    A gap is the wall time a session waits between two of its tokens, queueing for the model lock or
+    for a batch included (what a user sees as time per output token)."""
+    tokens, step_s, errors = {}, [], []
+    start = threading.Barrier(len(engines))
+
+    def session(i):
+        try:
+            start.wait(timeout=60)
+            out, last = [], None
+            for step in rt.decode_steps(prompts[i], n_new, mode="bifrost+", engine=engines[i], step_context=step_context):
+                now = time.perf_counter()
+                out.append(step.timing.token)
+                if last is not None:
+                    step_s.append(now - last)
+                last = now
+            tokens[i] = out
+        except Exception as exc:  # noqa: BLE001 - reported
+            errors.append(f"session {i}: {exc!r}")
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(engines))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("batched_decode.py: " + "; ".join(errors))
+    return time.perf_counter() - t0, tokens, step_s
+
+
+def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict]:
+    import numpy as np
+
+    from bifrost.config import load_config
+    from bifrost.model.catalog import load_model, resolve
+    from bifrost.serve.server import run_config_yaml
+    from bifrost.tee.batching import DecodeBatcher
+    from bifrost.tee.engine import DelegationEngine
+    from bifrost.tee.pool import WorkerDirectory, WorkerPool
+    from bifrost.tee.runtime import TrustedRuntime, plaintext_greedy_tokens
+    from bifrost.worker.launcher import LocalWorker
+
+    cfg = load_config().replace(model=model_name, backend=backend)
+    plain = load_model(resolve(model_name), cfg.seed)
+    vocab = plain.config.vocab_size
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        wcfg = Path(d) / "worker.yaml"
+        wcfg.write_text(run_config_yaml(cfg, max_sessions=2 * max(counts) + 4))
+        with LocalWorker(model_name, cfg.seed, config=str(wcfg)) as worker:
+            rt = TrustedRuntime(cfg, worker.address)
+            directory = WorkerDirectory([worker.address], timeout_s=600)
+            for k in counts:
+                prompts = [np.random.default_rng(100 + i).integers(256, vocab, size=prompt_len).tolist() for i in range(k)]
+                expected = [plaintext_greedy_tokens(plain, p, n_new) for p in prompts]
+                row = {"sessions": k}
+                for variant in ("interleaved", "batched"):
+                    batcher = DecodeBatcher(directory) if variant == "batched" else None
+                    lock = threading.Lock()
+                    engines = [DelegationEngine(batcher.link_for(WorkerPool(directory)) if batcher else WorkerPool(directory),
+                                                cfg.backend, cfg.ckks_params(), rt.sites, rt.groups) for _ in range(k)]
+                    context = batcher.participant if batcher else (lambda: lock)
+                    wall, tokens, gaps = _decode_concurrently(rt, engines, prompts, n_new, context)
+                    calls = sum(e.stats.calls for e in engines)
+                    row[variant] = {
+                        "wall_s": wall, "tokens_per_s": k * n_new / wall,
+                        "tpot_mean_s": statistics.fmean(gaps), "tpot_p50_s": statistics.median(gaps),
+                        "tpot_p99_s": sorted(gaps)[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))],
+                        "worker_calls": batcher.stats.worker_calls if batcher else calls,
+                        "mean_items_per_call": batcher.stats.mean_items if batcher else 1.0,
+                        "encrypt_s": sum(e.stats.encrypt_s for e in engines),
+                        "decrypt_s": sum(e.stats.decrypt_s for e in engines),
+                        "tokens_equal_plaintext": all(tokens[i] == expected[i] for i in range(k)),
+                    }
+                    for e in engines:
+                        e.close()
+                row["throughput_ratio"] = row["batched"]["tokens_per_s"] / row["interleaved"]["tokens_per_s"]
+                rows.append(row)
+                log(f"{model_name} k={k}: interleaved {row['interleaved']['tokens_per_s']:.2f} tok/s, "
+                    f"batched {row['batched']['tokens_per_s']:.2f} tok/s ({row['throughput_ratio']:.2f}×)")
+            rt.close()
+            directory.close()
+    return rows
+
+
+def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
+    """k Linear calls (one per session) vs one LinearBatch of k items, per layer group of one block."""
+    import numpy as np
+
+    from bifrost.ckks import GroupShape, get_backend
+    from bifrost.config import load_config
+    from bifrost.model.delegation import fuse_groups
+    from bifrost.proto import worker_pb2, worker_pb2_grpc
+    from bifrost.serve.server import run_config_yaml
+    from bifrost.tee.link import connect
+    from bifrost.worker.launcher import LocalWorker
+
+    cfg = load_config().replace(model=model_name, backend=backend)
+    impl = get_backend(backend)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        wcfg = Path(d) / "worker.yaml"
+        wcfg.write_text(run_config_yaml(cfg, max_sessions=max(counts) + 4))
+        with LocalWorker(model_name, cfg.seed, config=str(wcfg)) as worker:
+            stub = worker_pb2_grpc.CKKSWorkerStub(connect(worker.address))
+            infos = {l.name: l for l in stub.Describe(worker_pb2.DescribeRequest()).layers}
+            first_block = [n for n in infos if ".0." in n]  # the first block's layers
+            groups = fuse_groups(first_block, cfg.delegation)
+            sessions = []
+            for _ in range(max(counts)):
+                keys = impl.keygen(cfg.ckks_params(), [])
+                refs = [worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=n, digest=infos[n].digest) for n in g])
+                        for g in groups]
+                sid = stub.OpenSession(worker_pb2.OpenSessionRequest(backend=backend, public_context=keys.public_context(),
+                                                                     prepare=refs)).session_id
+                sessions.append((keys, sid))
+            for g, ref in zip(groups, refs):
+                shape = GroupShape(infos[g[0]].d_in, tuple(infos[n].d_out for n in g))
+                for k in counts:
+                    cts = [keys.encrypt(shape, np.random.default_rng(i).normal(size=(1, shape.d_in))).ciphertexts
+                           for i, (keys, _) in enumerate(sessions[:k])]
+                    single, batched = [], []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        for (_, sid), c in zip(sessions, cts):
+                            stub.Linear(worker_pb2.LinearRequest(session_id=sid, group=ref, ciphertexts=c), timeout=600)
+                        single.append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        stub.LinearBatch(worker_pb2.LinearBatchRequest(group=ref, items=[
+                            worker_pb2.LinearBatchItem(session_id=sid, ciphertexts=c) for (_, sid), c in zip(sessions, cts)]),
+                            timeout=600)
+                        batched.append(time.perf_counter() - t0)
+                    row = {"group": "+".join(n.rsplit(".", 1)[-1] for n in g), "d_in": shape.d_in,
+                           "d_out": sum(shape.d_outs), "sessions": k, "single_calls_s": statistics.median(single),
+                           "one_batch_s": statistics.median(batched)}
+                    row["ratio"] = row["single_calls_s"] / row["one_batch_s"]
+                    rows.append(row)
+                    log(f"{row['group']} {shape.d_in}->{row['d_out']} k={k}: {k} calls {row['single_calls_s'] * 1e3:.0f} ms, "
+                        f"one batch {row['one_batch_s'] * 1e3:.0f} ms ({row['ratio']:.2f}×)")
+    return rows
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["end_to_end"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ks = [r["sessions"] for r in rows]
+    for variant, style in (("interleaved", "o--"), ("batched", "s-")):
+        ax.plot(ks, [r[variant]["tokens_per_s"] for r in rows], style, label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("aggregate decode throughput (tokens/s)")
+    ax.set_title(f"{result['model']} · backend {result['backend']} · {result['cpu_count']} CPUs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--sessions", nargs="+", type=int, default=[1, 4, 8, 16])
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the worker-only measurement (median)")
+    ap.add_argument("--backend", default="native")
+    ap.add_argument("--skip-worker-only", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/batched_decode.json")
+    ap.add_argument("--plot", default="benchmarks/results/batched_decode.png")
+    args = ap.parse_args()
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or any(k < 1 or k > 64 for k in args.sessions):
+        raise SystemExit("batched_decode.py: need --new-tokens >= 2, --prompt-tokens >= 1, sessions in 1..64")
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    log = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
+    result = {"model": args.model, "backend": args.backend, "cpu_count": os.cpu_count(),
+              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens}
+    result["worker_only"] = [] if args.skip_worker_only else worker_only(args.model, args.sessions, args.backend,
+                                                                         args.repeats, log)
+    result["end_to_end"] = end_to_end(args.model, args.sessions, args.new_tokens, args.prompt_tokens, args.backend, log)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, args.plot)
+
+    table = Table(title=f"Decode throughput, {args.model} · backend {args.backend} · one run, one machine")
+    for col in ("sessions", "interleaved tok/s", "batched tok/s", "batched/interleaved", "TPOT p50 interleaved",
+                "TPOT p50 batched", "worker calls (i / b)", "items per call", "tokens = plaintext"):
+        table.add_column(col, justify="right")
+    for r in result["end_to_end"]:
+        i, b = r["interleaved"], r["batched"]
+        table.add_row(str(r["sessions"]), f"{i['tokens_per_s']:.2f}", f"{b['tokens_per_s']:.2f}",
+                      f"{r['throughput_ratio']:.2f}×", f"{i['tpot_p50_s']:.2f} s", f"{b['tpot_p50_s']:.2f} s",
+                      f"{i['worker_calls']} / {b['worker_calls']}", f"{b['mean_items_per_call']:.1f}",
+                      "yes" if i["tokens_equal_plaintext"] and b["tokens_equal_plaintext"] else "NO")
+    Console(width=160).print(table)
+    if result["worker_only"]:
+        wt = Table(title="Worker only: k single-session Linear calls vs one LinearBatch of k items (median)")
+        for col in ("group", "shape", "sessions", "k calls", "one batch", "ratio"):
+            wt.add_column(col, justify="right")
+        for r in result["worker_only"]:
+            wt.add_row(r["group"], f"{r['d_in']}→{r['d_out']}", str(r["sessions"]), f"{r['single_calls_s'] * 1e3:.0f} ms",
+                       f"{r['one_batch_s'] * 1e3:.0f} ms", f"{r['ratio']:.2f}×")
+        Console(width=160).print(wt)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

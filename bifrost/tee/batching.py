@@ -1,0 +1,211 @@
+"""Cross-session batched decode: one worker call per layer group for the current tokens of many sessions.
+
+Sessions of one replica each run their decode step in their own thread, with their own CKKS keys
+(:class:`~bifrost.tee.engine.DelegationEngine`) and KV cache. When a step reaches a delegated layer
+group, the session encrypts its row under its own key and hands the ciphertexts to the
+:class:`DecodeBatcher`, which merges the requests of all sessions waiting at the *same* group into one
+``LinearBatch`` worker call (one kernel pass; a plaintext-weight × ciphertext product needs no key, so
+ciphertexts of different keys stack). Each session decrypts only its own results.
+
+When to send (the barrier rule): a forming batch is sent as soon as every session that is inside a
+decode step is waiting on some worker call (nobody else can still join), when it holds
+``max_batch_rows`` rows, or ``window_s`` after its first request (a session busy elsewhere, e.g. a long
+plaintext prefill, does not hold the others up for longer). With one session the rule sends at once.
+
+Only ciphertexts and public layer ids pass through here. What an observer of the worker learns in
+addition is which sessions decode at the same time (visible from timing anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import grpc
+
+from ..proto import worker_pb2
+from .link import WorkerCallError
+from .pool import WorkerDirectory, WorkerPool, linear_on_pool
+
+DEFAULT_WINDOW_S = 0.25
+DEFAULT_MAX_BATCH_ROWS = 16
+MAX_ITEM_ROWS = 4  # larger inputs (prompt prefill) are already batched over their own rows: sent alone
+
+
+@dataclass
+class _Item:
+    pool: WorkerPool
+    ciphertexts: Sequence[bytes]
+    rows: int
+    done: bool = False
+    outputs: list[list[bytes]] | None = None
+    worker_s: float = 0.0
+    error: BaseException | None = None
+
+
+@dataclass
+class _Batch:
+    group: worker_pb2.LayerGroup
+    created: float
+    items: list[_Item] = field(default_factory=list)
+    sent: bool = False
+    full: bool = False  # a request did not fit: send as is
+
+    @property
+    def rows(self) -> int:
+        return sum(i.rows for i in self.items)
+
+
+@dataclass
+class BatcherStats:
+    worker_calls: int = 0
+    items: int = 0
+    max_items: int = 0
+
+    @property
+    def mean_items(self) -> float:
+        return self.items / self.worker_calls if self.worker_calls else 0.0
+
+
+class DecodeBatcher:
+    """Merges concurrent sessions' layer calls (same group) into one worker call. Thread-safe."""
+
+    def __init__(self, directory: WorkerDirectory, window_s: float = DEFAULT_WINDOW_S,
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> None:
+        if window_s < 0 or max_batch_rows < 1:
+            raise ValueError("window_s must be >= 0 and max_batch_rows >= 1")
+        self.directory, self.window_s, self.max_batch_rows = directory, window_s, max_batch_rows
+        self._cv = threading.Condition()
+        self._computing = 0  # sessions inside a decode step and not waiting on a worker call
+        self._forming: dict[tuple, _Batch] = {}
+        self._local = threading.local()
+        self.stats = BatcherStats()
+
+    @contextlib.contextmanager
+    def participant(self):
+        """Wrap one session's decode step (its forward pass) so that others know to wait for it."""
+        if getattr(self._local, "active", False):  # re-entrant: already counted
+            yield
+            return
+        self._local.active = True
+        with self._cv:
+            self._computing += 1
+        try:
+            yield
+        finally:
+            self._local.active = False
+            with self._cv:
+                self._computing -= 1
+                self._cv.notify_all()
+
+    def link_for(self, pool: WorkerPool) -> "BatchedLink":
+        """A :class:`~bifrost.tee.link.WorkerLink` for one session whose layer calls go through this batcher."""
+        return BatchedLink(self, pool)
+
+    # ------------------------------------------------------------------ the rendezvous
+    def linear(self, pool: WorkerPool, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes], rows: int):
+        if not getattr(self._local, "active", False) or rows > MAX_ITEM_ROWS:
+            with self._waiting():
+                return pool.linear(group, ciphertexts)
+        key = tuple((ref.name, ref.digest) for ref in group.layers)
+        item = _Item(pool, ciphertexts, rows)
+        leader = False
+        with self._cv:
+            batch = self._forming.get(key)
+            if batch is not None and batch.rows + rows > self.max_batch_rows:
+                batch.full = True  # its members send it; this request starts the next one
+                del self._forming[key]
+                batch = None
+            if batch is None:
+                batch = self._forming[key] = _Batch(group, time.monotonic())
+            batch.items.append(item)
+            self._computing -= 1
+            self._cv.notify_all()
+            while not item.done:
+                if not batch.sent and self._ready(batch):
+                    batch.sent, leader = True, True
+                    if self._forming.get(key) is batch:
+                        del self._forming[key]
+                    break
+                timeout = None if batch.sent else max(batch.created + self.window_s - time.monotonic(), 0.001)
+                self._cv.wait(timeout=timeout)
+        if leader:
+            self._run(batch)
+        with self._cv:
+            self._computing += 1
+        if item.error is not None:
+            raise item.error
+        return item.outputs, item.worker_s
+
+    @contextlib.contextmanager
+    def _waiting(self):
+        active = getattr(self._local, "active", False)
+        if active:
+            with self._cv:
+                self._computing -= 1
+                self._cv.notify_all()
+        try:
+            yield
+        finally:
+            if active:
+                with self._cv:
+                    self._computing += 1
+
+    def _ready(self, batch: _Batch) -> bool:
+        return (batch.full or self._computing <= 0 or batch.rows >= self.max_batch_rows
+                or time.monotonic() - batch.created >= self.window_s)
+
+    def _run(self, batch: _Batch) -> None:
+        """Send one batch (outside the lock) and wake its members. Never raises."""
+        items = batch.items
+        try:
+            outputs, seconds = linear_on_pool(self.directory, [i.pool for i in items], batch.group,
+                                              [i.ciphertexts for i in items])
+            for item, out in zip(items, outputs):
+                item.outputs, item.worker_s = out, seconds
+        except WorkerCallError as exc:
+            if len(items) > 1 and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                self._run_alone(batch.group, items)  # one bad item must not fail the other sessions
+            else:
+                for item in items:
+                    item.error = exc
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting session
+            for item in items:
+                item.error = exc
+        with self._cv:
+            self.stats.worker_calls += 1
+            self.stats.items += len(items)
+            self.stats.max_items = max(self.stats.max_items, len(items))
+            for item in items:
+                item.done = True
+            self._cv.notify_all()
+
+    @staticmethod
+    def _run_alone(group: worker_pb2.LayerGroup, items: list[_Item]) -> None:
+        for item in items:
+            try:
+                item.outputs, item.worker_s = item.pool.linear(group, item.ciphertexts)
+            except BaseException as exc:  # noqa: BLE001
+                item.error = exc
+
+
+class BatchedLink:
+    """One session's link: calls go through the replica's :class:`DecodeBatcher`, everything else to its pool."""
+
+    def __init__(self, batcher: DecodeBatcher, pool: WorkerPool) -> None:
+        self.batcher, self.pool = batcher, pool
+
+    def describe(self):
+        return self.pool.describe()
+
+    def open_session(self, backend, public_context, prepare) -> float:
+        return self.pool.open_session(backend, public_context, prepare)
+
+    def linear(self, group, ciphertexts, rows: int = 1):
+        return self.batcher.linear(self.pool, group, ciphertexts, rows)
+
+    def close(self) -> None:
+        self.pool.close()

@@ -6,7 +6,9 @@ For each session count k, in one run on one machine with one local worker proces
 - ``batched``: the sessions run their steps concurrently and a :class:`~bifrost.tee.batching.DecodeBatcher`
   merges their layer calls into one ``LinearBatch`` call per layer group — ``batch_decode: true``.
 Every session has its own CKKS keys and KV cache; prompts are prefilled inside the TEE (Bifrost+) so
-that the numbers are decode steps. Each session's tokens are checked against plaintext greedy decoding.
+that the numbers are decode steps. Each session's tokens are checked against plaintext greedy decoding;
+a difference whose first step is a plaintext near-tie (top-two logits < NEAR_TIE apart, below the CKKS
+logit error) is reported as such, any other difference as NO.
 
 A second table isolates the worker: one group's k single-session ``Linear`` calls vs one ``LinearBatch``
 of k items (worker compute + transfer, no trusted-side work).
@@ -27,6 +29,33 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+NEAR_TIE = 1e-2  # plaintext top-1/top-2 logit gap below which CKKS noise (≈1e-3 at GPT-2 width) may flip a token
+
+
+def _plaintext_reference(model, ids, n_new):
+    """Plaintext greedy tokens and the top-1/top-2 logit gap at each step."""
+    import torch
+
+    past, step, tokens, gaps = None, torch.tensor([ids]), [], []
+    with torch.no_grad():
+        for _ in range(n_new):
+            out = model(input_ids=step, past_key_values=past, use_cache=True)
+            top = torch.topk(out.logits[0, -1], 2)
+            tokens.append(int(top.indices[0]))
+            gaps.append(float(top.values[0] - top.values[1]))
+            past, step = out.past_key_values, torch.tensor([[tokens[-1]]])
+    return tokens, gaps
+
+
+def _agreement(got: list[int], ref: tuple[list[int], list[float]]) -> str:
+    """"equal", "near-tie" (first difference where plaintext's top two logits are < NEAR_TIE apart), or "DIFFERENT"."""
+    tokens, gaps = ref
+    if got == tokens:
+        return "equal"
+    first = next(i for i, (a, b) in enumerate(zip(got, tokens)) if a != b)
+    return "near-tie" if gaps[first] < NEAR_TIE else "DIFFERENT"
 
 
 def _decode_concurrently(rt, engines, prompts, n_new, step_context):
@@ -71,7 +100,7 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
     from bifrost.tee.batching import DecodeBatcher
     from bifrost.tee.engine import DelegationEngine
     from bifrost.tee.pool import WorkerDirectory, WorkerPool
-    from bifrost.tee.runtime import TrustedRuntime, plaintext_greedy_tokens
+    from bifrost.tee.runtime import TrustedRuntime
     from bifrost.worker.launcher import LocalWorker
 
     cfg = load_config().replace(model=model_name, backend=backend)
@@ -86,7 +115,7 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
             directory = WorkerDirectory([worker.address], timeout_s=600)
             for k in counts:
                 prompts = [np.random.default_rng(100 + i).integers(256, vocab, size=prompt_len).tolist() for i in range(k)]
-                expected = [plaintext_greedy_tokens(plain, p, n_new) for p in prompts]
+                expected = [_plaintext_reference(plain, p, n_new) for p in prompts]
                 row = {"sessions": k}
                 for variant in ("interleaved", "batched"):
                     batcher = DecodeBatcher(directory) if variant == "batched" else None
@@ -104,7 +133,7 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
                         "mean_items_per_call": batcher.stats.mean_items if batcher else 1.0,
                         "encrypt_s": sum(e.stats.encrypt_s for e in engines),
                         "decrypt_s": sum(e.stats.decrypt_s for e in engines),
-                        "tokens_equal_plaintext": all(tokens[i] == expected[i] for i in range(k)),
+                        "agreement": [_agreement(tokens[i], expected[i]) for i in range(k)],
                     }
                     for e in engines:
                         e.close()
@@ -174,6 +203,13 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
     return rows
 
 
+def _agreement_cell(verdicts: list[str]) -> str:
+    if "DIFFERENT" in verdicts:
+        return "NO"
+    ties = verdicts.count("near-tie")
+    return f"yes ({ties} near-tie flip{'s' if ties > 1 else ''})" if ties else "yes"
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -234,7 +270,7 @@ def main() -> None:
         table.add_row(str(r["sessions"]), f"{i['tokens_per_s']:.2f}", f"{b['tokens_per_s']:.2f}",
                       f"{r['throughput_ratio']:.2f}×", f"{i['tpot_p50_s']:.2f} s", f"{b['tpot_p50_s']:.2f} s",
                       f"{i['worker_calls']} / {b['worker_calls']}", f"{b['mean_items_per_call']:.1f}",
-                      "yes" if i["tokens_equal_plaintext"] and b["tokens_equal_plaintext"] else "NO")
+                      _agreement_cell(i["agreement"] + b["agreement"]))
     Console(width=160).print(table)
     if result["worker_only"]:
         wt = Table(title="Worker only: k single-session Linear calls vs one LinearBatch of k items (median)")

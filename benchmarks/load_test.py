@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runtime", choices=("ray", "local"), default="ray")
     ap.add_argument("--backend", help="CKKS backend (default: the run config's)")
     ap.add_argument("--run-root", default="runs")
+    ap.add_argument("--no-batch", action="store_true",
+                    help="serve with batch_decode off (sessions' steps interleave under a lock) to compare")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
         cfg = cfg.replace(backend=args.backend)
     scfg = load_serve_config().replace(runtime=args.runtime, port=0, replicas=args.replicas, local_workers=args.workers,
                                        workers=(), max_sessions=max(args.sessions, 1), max_new_tokens=max(args.tokens, 1),
-                                       ray_num_cpus=max(2, args.replicas), run_dir=args.run_root)
+                                       ray_num_cpus=max(2, args.replicas), run_dir=args.run_root,
+                                       batch_decode=not args.no_batch)
     t_start = time.perf_counter()
     app = ServeApp(cfg, scfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -115,10 +118,14 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_run
     # memory peaks (VmHWM) per process: this front end, each replica (Ray actor), each worker
     mem = {"front_end": _vm_hwm(os.getpid())}
+    batching = {"batched_worker_calls": 0, "max_items_per_call": 0, "items": 0.0}
     for i, r in enumerate(app.replicas):
         try:
             st = r.call("stats")
             mem[f"replica_{i}"] = _vm_hwm(st["pid"]) or st["max_rss_bytes"]
+            batching["batched_worker_calls"] += st["batched_worker_calls"]
+            batching["items"] += st["mean_items_per_batched_call"] * st["batched_worker_calls"]
+            batching["max_items_per_call"] = max(batching["max_items_per_call"], st["max_items_per_batched_call"])
             if i == 0:
                 failovers = st["failovers"]
         except Exception:  # noqa: BLE001
@@ -158,6 +165,9 @@ def main(argv=None) -> int:
         "tpot_mean_s": round(statistics.fmean(gaps), 4) if gaps else None,
         "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p99_s": round(_pct(ttfts, 99), 3),
         "attest_p50_s": round(_pct([r["attest_s"] for r in results.values()], 50), 3),
+        "batch_decode": not args.no_batch, "batched_worker_calls": batching["batched_worker_calls"],
+        "mean_items_per_batched_call": round(batching["items"] / batching["batched_worker_calls"], 2)
+        if batching["batched_worker_calls"] else 0.0, "max_items_per_batched_call": batching["max_items_per_call"],
         "peak_rss_bytes": mem, "peak_rss_total_bytes": sum(mem.values()),
         "errors": errors, "error_count": len(errors), "worker_failovers": locals().get("failovers", None),
         "canary_check": {"passed": not leaks and len(results) == args.sessions, "leaks": leaks,
@@ -173,6 +183,9 @@ def main(argv=None) -> int:
             ("attest (keygen + worker sessions) p50", f"{report['attest_p50_s'] * 1000:.0f} ms"),
             ("peak RSS (sum of process peaks)", f"{report['peak_rss_total_bytes'] / 2**20:.0f} MiB"),
             *[(f"  peak RSS {k}", f"{v / 2**20:.0f} MiB") for k, v in mem.items()],
+            ("batched decode: worker calls / mean items / max items",
+             f"{report['batched_worker_calls']} / {report['mean_items_per_batched_call']} / "
+             f"{report['max_items_per_batched_call']}" if report["batch_decode"] else "off"),
             ("errors", str(len(errors))),
             ("canary check", "passed" if report["canary_check"]["passed"] else f"FAILED: {leaks[:3]}"),
             ("startup (workers, Ray, replicas)", f"{startup_s:.1f} s")]

@@ -122,7 +122,7 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
                     lock = threading.Lock()
                     engines = [DelegationEngine(batcher.link_for(WorkerPool(directory)) if batcher else WorkerPool(directory),
                                                 cfg.backend, cfg.ckks_params(), rt.sites, rt.groups) for _ in range(k)]
-                    context = batcher.participant if batcher else (lambda: lock)
+                    context = (lambda rows: batcher.participant()) if batcher else (lambda rows: lock)
                     wall, tokens, gaps = _decode_concurrently(rt, engines, prompts, n_new, context)
                     calls = sum(e.stats.calls for e in engines)
                     row[variant] = {
@@ -222,6 +222,7 @@ def plot(result: dict, path: str) -> None:
     for variant, style in (("interleaved", "o--"), ("batched", "s-")):
         ax.plot(ks, [r[variant]["tokens_per_s"] for r in rows], style, label=variant)
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent sessions")
     ax.set_ylabel("aggregate decode throughput (tokens/s)")
     ax.set_title(f"{result['model']} · backend {result['backend']} · {result['cpu_count']} CPUs")

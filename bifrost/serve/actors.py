@@ -14,6 +14,7 @@ bad input: errors are ``("error", <grpc status name>, message)`` tuples.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from ..config import RunConfig
 from ..errors import BifrostError
 from ..model.catalog import ModelSpec, load_model
 from ..proto import serving_pb2
-from ..tee.batching import DecodeBatcher
+from ..tee.batching import MAX_ITEM_ROWS, DecodeBatcher
 from ..tee.delegate import using_engine
 from ..tee.engine import DelegationEngine
 from ..tee.pool import WorkerDirectory, WorkerPool
@@ -123,6 +124,7 @@ class ReplicaActor:
         self._sessions: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
+        self._prefill_lock = threading.Lock()
         # batch_decode: sessions run their decode steps concurrently (each its own keys and KV cache) and
         # the batcher merges their layer calls; otherwise the model lock interleaves their steps.
         self.batcher = (DecodeBatcher(self.directory, scfg.batch_window_s, scfg.batch_max_rows)
@@ -290,8 +292,18 @@ class ReplicaActor:
                 yield ("chunk", s.channel.seal(err.SerializeToString(), AAD_CHUNK))
             yield _err("UNAVAILABLE", "generation failed: CKKS workers unavailable")
 
-    def _step_context(self):
-        return self.batcher.participant() if self.batcher is not None else self._model_lock
+    def _step_context(self, rows: int):
+        """Without batching: one forward pass at a time. With batching: decode steps run concurrently
+        (and batch their layer calls), but prompt prefills one at a time: concurrent prefills would only
+        share the CPU (every one finishing late) and hold all their intermediates in memory at once."""
+        if self.batcher is None:
+            return self._model_lock
+        if rows <= MAX_ITEM_ROWS:
+            return self.batcher.participant()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._prefill_lock)  # wait for the lock before counting as a participant
+        stack.enter_context(self.batcher.participant())
+        return stack
 
     def _decode(self, s: _Session, ids: list[int], n_new: int, seed: int | None):
         """The runtime's decode loop with this session's engine. Sessions sharing this replica either run

@@ -151,13 +151,14 @@ class TrustedRuntime:
 
     def decode_steps(self, ids: list[int], n_new: int, *, mode: str = "bifrost", sample_seed: int | None = None,
                      engine: DelegationEngine | None = None,
-                     step_context: Callable[[], ContextManager] | None = None) -> Iterator["DecodeStep"]:
+                     step_context: Callable[[int], ContextManager] | None = None) -> Iterator["DecodeStep"]:
         """The decode loop, one token per iteration; the KV cache is this generator's local state.
 
         ``engine`` lets several sessions (each with its own CKKS keys) share this model replica; each
-        forward pass runs inside ``step_context()`` (a lock, to interleave sessions' steps; or a
+        forward pass runs inside ``step_context(rows)`` (``rows``: tokens fed this step, the prompt's
+        length at the first step, then 1): a lock, to interleave sessions' steps; or a
         :class:`~bifrost.tee.batching.DecodeBatcher` participant, to run them concurrently and batch
-        their layer calls). The generator never yields inside that context.
+        their layer calls. The generator never yields inside that context.
         """
         gcfg = self.cfg.generation
         gen = None
@@ -166,7 +167,8 @@ class TrustedRuntime:
         engine = engine or self.engine
         past, step_input = None, torch.tensor([ids])
         for i in range(n_new):
-            with (step_context or contextlib.nullcontext)(), using_engine(engine), torch.no_grad():
+            context = step_context(step_input.shape[1]) if step_context else contextlib.nullcontext()
+            with context, using_engine(engine), torch.no_grad():
                 before = engine.stats.snapshot()
                 t0 = time.perf_counter()
                 local = engine.in_tee() if (i == 0 and mode == "bifrost+") else contextlib.nullcontext()

@@ -125,7 +125,8 @@ def apply_fft(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], l
     digits = signed_digits(centred, d, beta)                      # [RB, B, 2, D, N]
     spec = nfft.forward(digits)                                   # [RB, B, 2, D, F]
     f = spec.shape[-1]
-    x = spec.permute(4, 0, 2, 3, 1).reshape(f, rb * 2 * d, b)     # [F, RB·2·D, B]
+    # contiguous: torch's batched GEMM on a strided view runs ~6x slower (measured, CPU)
+    x = spec.permute(4, 0, 2, 3, 1).reshape(f, rb * 2 * d, b).contiguous()  # [F, RB·2·D, B]
     y = torch.bmm(x, enc.fft_spectra)                             # [F, RB·2·D, O]
     o = y.shape[-1]
     y = y.reshape(f, rb, 2, d, o).permute(1, 4, 2, 3, 0)          # [RB, O, 2, D, F]

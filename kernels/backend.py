@@ -139,7 +139,7 @@ class NativeTrustedContext:
     def _encrypt_polynomials(self, msg: np.ndarray, seeds: list[bytes], errors: np.ndarray) -> np.ndarray:
         """c_0 = m + e − a(seed)·s mod q_i for integer polynomials msg, errors [C, N] -> residues [C, L, N]."""
         c = self._codec
-        a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])       # [C, L, N]
+        a = sampling.expand_uniform_many(seeds, c.primes, c.n)                            # [C, L, N]
         q_col = c.basis.q_col[None, :, None]
         a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
         return np.mod((msg + errors)[:, None, :] - a_s, q_col)
@@ -338,7 +338,7 @@ class NativeEvaluator:
             c0.append(limb)
             offset += length
         c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
-        a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])    # [C, L, N]
+        a = sampling.expand_uniform_many(seeds, c.primes, c.n)                        # [C, L, N]
         cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
         return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first.rows, sealed
 

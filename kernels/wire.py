@@ -31,7 +31,7 @@ import numpy as np
 
 from bifrost.ckks.backend import CiphertextError, SecretKeyInPublicContextError
 
-VERSION = 1
+VERSION = 2  # 2: seeds expand with AES-256-CTR (1: SHAKE-256)
 PUBLIC_MAGIC = b"BFKPUB01"
 SECRET_MAGIC = b"BFKSEC01"  # reserved: a serialized secret key starts with this; never accepted as public
 INPUT_MAGIC = b"BFKI"

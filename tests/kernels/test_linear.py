@@ -118,7 +118,7 @@ def test_encryption_known_answer(context):
 
 
 def test_no_weak_rng_is_used(monkeypatch):
-    """Keys, errors and seeds come from os.urandom/secrets/SHAKE only."""
+    """Keys, errors and seeds come from os.urandom and AES-256-CTR (cryptography) only."""
     def forbidden(*a, **k):
         raise AssertionError("non-cryptographic RNG used")
     for name in ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial"):

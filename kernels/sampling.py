@@ -23,8 +23,17 @@ _ZERO_IV = bytes(16)
 
 def _aes_ctr_stream(key: bytes, length: int) -> bytes:
     """``length`` bytes of AES-256-CTR keystream (key 32 bytes, counter block starting at 0)."""
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
-    return encryptor.update(bytes(length)) + encryptor.finalize()
+    return bytes(_aes_ctr_streams([key], length))
+
+
+def _aes_ctr_streams(keys: list[bytes], length: int) -> memoryview:
+    """The keystreams of several keys, concatenated (``len(keys)·length`` bytes), written in place."""
+    zeros = bytes(length)
+    buf = bytearray(len(keys) * length + 15)  # update_into needs a block's slack at the end
+    view = memoryview(buf)
+    for k, key in enumerate(keys):
+        Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor().update_into(zeros, view[k * length:])
+    return view[: len(keys) * length]
 
 
 def random_bytes(length: int) -> bytes:
@@ -56,41 +65,52 @@ def fresh_seeds(count: int) -> list[bytes]:
 
 
 def _first_accepted(words: np.ndarray, q: int, n: int) -> np.ndarray | None:
-    """Rows of ``words`` [C, K] -> the first n entries < q of each row [C, n]; None if a row has fewer."""
+    """Rows of ``words`` [C, K] -> the first n entries < q of each row [C, n]; None if a row has fewer.
+
+    Rejections are rare for the primes used (q just below a power of two), so instead of a running count
+    each row's cut-off index is found by iterating ``cut = n + #rejected before cut`` to its fixed point.
+    """
     ok = words < q
     if (ok.sum(axis=1) < n).any():
         return None
-    keep = ok & (np.cumsum(ok, axis=1) <= n)
+    rejected_at = np.nonzero(~ok)  # few: (row, column) pairs
+    cut = np.full(words.shape[0], n)
+    while True:
+        inside = rejected_at[1] < cut[rejected_at[0]]
+        new_cut = n + np.bincount(rejected_at[0][inside], minlength=words.shape[0])
+        if (new_cut == cut).all():
+            break
+        cut = new_cut
+    keep = ok & (np.arange(words.shape[1]) < cut[:, None])
     return words[keep].reshape(words.shape[0], n)
+
+
+EXPANSION_CHUNK = 128  # seeds expanded together: bounds the temporaries (~3 MB) so they stay in cache
 
 
 def expand_uniform_many(seeds: list[bytes], primes: tuple[int, ...], n: int) -> np.ndarray:
     """Uniform polynomials [C, L, n], row (c, i) in [0, q_i), one per seed. Deterministic in the seed.
 
     Seed c's AES-256-CTR keystream is read as little-endian 32-bit words; limb i takes the words of its own
-    region ``[i·K, (i+1)·K)`` (K = n + n/4 + 64 words, doubled until every row has n accepted words), each
+    region ``[i·K, (i+1)·K)`` (K = n + n/4 + 64 words, doubled until every limb has n accepted words), each
     masked to bitlen(q_i) bits and kept if < q_i. Acceptance is q_i / 2^bitlen(q_i) > 1/2 per word.
     """
-    count, limbs = len(seeds), len(primes)
-    out = np.empty((count, limbs, n), dtype=np.int64)
-    per_limb = n + n // 4 + 64
-    pending = list(range(count))
-    while pending:
-        raw = b"".join(_aes_ctr_stream(seeds[c], 4 * per_limb * limbs) for c in pending)
-        words = np.frombuffer(raw, dtype="<u4").astype(np.int64).reshape(len(pending), limbs, per_limb)
-        retry = set()
-        for i, q in enumerate(primes):
-            masked = words[:, i, :] & ((1 << q.bit_length()) - 1)
-            accepted = _first_accepted(masked, q, n)
-            if accepted is None:  # some row ran short: redo those rows with longer regions (rare)
-                short = (masked < q).sum(axis=1) < n
-                retry |= {pending[k] for k in np.flatnonzero(short)}
-                accepted = np.zeros((len(pending), n), dtype=np.int64)
-                rows = np.flatnonzero(~short)
-                accepted[rows] = _first_accepted(masked[rows], q, n)
-            out[pending, i, :] = accepted
-        pending = sorted(retry)
-        per_limb *= 2
+    out = np.empty((len(seeds), len(primes), n), dtype=np.int64)
+    for start in range(0, len(seeds), EXPANSION_CHUNK):
+        chunk = list(range(start, min(start + EXPANSION_CHUNK, len(seeds))))
+        per_limb = n + n // 4 + 64
+        while chunk:
+            raw = _aes_ctr_streams([seeds[c] for c in chunk], 4 * per_limb * len(primes))
+            masks = np.array([(1 << q.bit_length()) - 1 for q in primes], dtype=np.uint32)
+            words = np.frombuffer(raw, dtype="<u4").reshape(len(chunk), len(primes), per_limb) & masks[:, None]
+            short = np.zeros(len(chunk), dtype=bool)
+            for i, q in enumerate(primes):
+                short |= (words[:, i, :] < q).sum(axis=1) < n
+            done = np.flatnonzero(~short)
+            for i, q in enumerate(primes):
+                out[[chunk[k] for k in done], i, :] = _first_accepted(words[done, i, :], q, n)
+            chunk = [chunk[k] for k in np.flatnonzero(short)]  # rare: redo with longer regions
+            per_limb *= 2
     return out
 
 

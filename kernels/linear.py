@@ -12,6 +12,12 @@ exactly by float64 FFTs; the sum over b is a batched complex matmul [F, rows·2�
 magnitude 2^(β-1)·2^weight_bits·sqrt(B·n_i·n_o) ≈ 2^40, far inside float64's 2^53; every rounding is
 verified (|x − round(x)| < 1/4, else :class:`~.negacyclic_fft.FFTPrecisionError`), so it is exact or fails.
 Engine "ntt": the RNS/NTT reference (per-prime NTT, pointwise multiply-accumulate mod q_i).
+
+Scalar blockings (one input column per ciphertext, ``r`` token rows in its coefficients; see
+``layout.Blocking.is_scalar``) need no polynomial products at all: output k is Σ_j W[k, j]·ct_j, a plain
+matrix product over Z_Q. :func:`apply_scalar` computes it as D float64 GEMMs [ΣO, B] @ [B, ·] on signed
+digits small enough that every partial sum is an exact integer (< 2^53), then reduces mod each prime.
+This is the prefill path for long prompts: a few big GEMMs instead of many small FFT products.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ MAX_DIGIT_BITS = 18
 def digit_plan(log_q: int) -> tuple[int, int]:
     """(D, β): D signed digits of β bits cover a centred integer |c| < 2^(log_q - 1)."""
     d = -(-log_q // MAX_DIGIT_BITS)
+    return d, -(-log_q // d)
+
+
+def scalar_digit_plan(log_q: int, weight_bits: int, d_in: int) -> tuple[int, int]:
+    """(D, β) for :func:`apply_scalar`: signed digits (|digit| ≤ 2^(β−1) + 1) such that a GEMM row sum
+    d_in·(2^weight_bits − 1)·(2^(β−1) + 1) stays ≤ 2^53, so float64 accumulation is exact in any order."""
+    beta = 30
+    while beta > 2 and d_in * ((1 << weight_bits) - 1) * ((1 << (beta - 1)) + 1) > 1 << 53:
+        beta -= 1
+    d = -(-log_q // beta)
     return d, -(-log_q // d)
 
 
@@ -96,17 +112,19 @@ class EncodedWeights:
     out_blocks: tuple[int, ...]
     fft_spectra: torch.Tensor | None = None
     ntt_transforms: torch.Tensor | None = None
+    scalar_weights: torch.Tensor | None = None  # scalar blockings: the weights themselves [ΣO, B] (float64)
     extra: dict = field(default_factory=dict)
 
 
 def encode_weights(blocking: Blocking, weight_ints: list[torch.Tensor], d_in: int, primes: tuple[int, ...],
                    engine: str) -> EncodedWeights:
-    polys = torch.cat([weight_polynomials(blocking, w, d_in) for w in weight_ints], dim=1)  # [B, ΣO, N]
     out_blocks = tuple(blocking.out_blocks(w.shape[0]) for w in weight_ints)
+    polys = torch.cat([weight_polynomials(blocking, w, d_in) for w in weight_ints], dim=1)  # [B, ΣO, N]
     if engine == "fft":
         spec = nfft.forward(polys.to(torch.float64))  # [B, O, F]
         return EncodedWeights(blocking, out_blocks, fft_spectra=spec.permute(2, 0, 1).contiguous())
-    transforms = torch.stack([ntt.forward(torch.remainder(polys, q), q) for q in primes])  # [L, B, O, N]
+    int_polys = polys.to(torch.int64)
+    transforms = torch.stack([ntt.forward(torch.remainder(int_polys, q), q) for q in primes])  # [L, B, O, N]
     return EncodedWeights(blocking, out_blocks, ntt_transforms=transforms)
 
 
@@ -131,13 +149,35 @@ def apply_fft(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], l
     o = y.shape[-1]
     y = y.reshape(f, rb, 2, d, o).permute(1, 4, 2, 3, 0)          # [RB, O, 2, D, F]
     ints = _sent_layout(nfft.round_exact(nfft.inverse(y)), positions)  # [RB, O, D, P + N], exact
+    return _recombine_and_rescale(ints, primes, beta)             # [RB, O, P + N]
+
+
+def _recombine_and_rescale(ints: torch.Tensor, primes: tuple[int, ...], beta: int) -> torch.Tensor:
+    """Exact digit results [..., D, M] (value = Σ_k ints_k·2^(β·k)) -> residues mod q_0 [..., M], rescaled."""
     limbs = []
     for q in primes:
         acc = torch.remainder(ints[..., 0, :], q)
-        for k in range(1, d):
+        for k in range(1, ints.shape[-2]):
             acc = acc + torch.remainder(ints[..., k, :], q) * pow(2, beta * k, q)
         limbs.append(torch.remainder(acc, q))
-    return rescale_to_first(torch.stack(limbs, dim=-2), primes)   # [RB, O, P + N]
+    return rescale_to_first(torch.stack(limbs, dim=-2), primes)
+
+
+def apply_scalar(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], log_q: int,
+                 weight_bits: int) -> torch.Tensor:
+    """Scalar blocking: cts [RB, B, 2, L, N] residues (column j of r token rows per ciphertext) ->
+    outputs [RB, ΣO, r + N] mod q_0, rescaled, in wire order (c_0 at the r row coefficients, then c_1)."""
+    rb, b, _, _, n = cts.shape
+    r = enc.blocking.rows_per_ct
+    d, beta = scalar_digit_plan(log_q, weight_bits, b)
+    centred = compose_centered(cts, primes)                                  # [RB, B, 2, N]
+    sent = torch.cat([centred[:, :, 0, :r], centred[:, :, 1, :]], dim=-1)    # [RB, B, r + N]
+    digits = signed_digits(sent, d, beta)                                    # [RB, B, D, r + N]
+    x = digits.permute(1, 0, 2, 3).reshape(b, rb * d * (r + n))
+    y = enc.scalar_weights @ x                                               # [ΣO, RB·D·(r + N)], exact
+    o = y.shape[0]
+    ints = y.reshape(o, rb, d, r + n).permute(1, 0, 2, 3).to(torch.int64)   # [RB, ΣO, D, r + N]
+    return _recombine_and_rescale(ints, primes, beta)
 
 
 def apply_ntt(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:

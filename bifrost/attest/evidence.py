@@ -1,10 +1,15 @@
-"""Evidence providers (registry: ``tdx``, ``sev-snp``, ``simulated``) and the simulated verifier.
+"""Evidence providers (registry: ``auto``, ``tdx``, ``sev-snp``, ``simulated``) and the simulated verifier.
 
 Real providers use Linux configfs-tsm (``/sys/kernel/config/tsm/report``): create an entry
 directory, write the 64-byte report_data to ``inblob``, read ``outblob`` (the report/quote),
 ``auxblob`` (SEV-SNP certificate table, optional) and ``provider`` (``tdx_guest``/``sev_guest``).
 ``generation`` is read after the write and again after reading ``outblob``; a difference means
 another writer raced us and the evidence is discarded.
+
+``auto`` (:func:`auto_provider`) asks configfs-tsm which TEE this guest is (the ``provider``
+attribute of a report entry) and returns the ``tdx`` or ``sev-snp`` provider; without configfs-tsm
+it fails with :class:`ProviderError`. It never falls back to ``simulated``: simulated evidence is
+produced only when ``simulated`` is configured by name.
 
 The simulated provider signs with a process-local Ed25519 key. Its evidence is refused by the
 default policy and accepted only with ``allow_simulated: true``; its verdict says SIMULATED.
@@ -103,6 +108,48 @@ class ConfigfsTsmProvider:
 
 def _read_text(path: Path) -> str:
     return path.read_bytes().decode("ascii", errors="replace").strip()
+
+
+def detect_tsm_evidence_type(root: Path | str = CONFIGFS_TSM_REPORT_ROOT, entry_name: str | None = None) -> str:
+    """The evidence type (``tdx``/``sev-snp``) this guest's configfs-tsm produces.
+
+    Reads ``provider`` from the entry ``entry_name`` if given, else from a fresh probe entry that is
+    removed again. Raises :class:`ProviderError` when configfs-tsm is absent, unreadable, or names
+    a provider Bifrost cannot verify.
+    """
+    root = Path(root)
+    if not (root.is_dir() and os.access(root, os.W_OK)):
+        raise ProviderError(
+            "provider_unavailable",
+            f"evidence provider 'auto': no writable configfs-tsm at {root} (not a TDX/SEV-SNP guest, or "
+            "configfs not mounted); for development configure evidence_provider: simulated explicitly",
+        )
+    entry = root / (entry_name or f"bifrost-probe-{secrets.token_hex(8)}")
+    created = False
+    try:
+        if entry_name is None:
+            entry.mkdir()
+            created = True
+        kernel_provider = _read_text(entry / "provider")
+    except OSError as exc:
+        raise ProviderError("configfs_io", f"cannot read the configfs-tsm provider at {entry}: {exc.strerror or exc}") from None
+    finally:
+        if created:
+            try:
+                entry.rmdir()
+            except OSError:
+                pass
+    evidence_type = _KERNEL_PROVIDERS.get(kernel_provider)
+    if evidence_type is None:
+        raise ProviderError(
+            "provider_unknown", f"configfs-tsm provider {kernel_provider!r} is not one of {', '.join(sorted(_KERNEL_PROVIDERS))}"
+        )
+    return evidence_type
+
+
+def auto_provider(root: Path | str = CONFIGFS_TSM_REPORT_ROOT, entry_name: str | None = None) -> ConfigfsTsmProvider:
+    """The configfs-tsm provider for this guest's TEE (see :func:`detect_tsm_evidence_type`)."""
+    return ConfigfsTsmProvider(detect_tsm_evidence_type(root, entry_name), root=root, entry_name=entry_name)
 
 
 # --------------------------------------------------------------------------- simulated
@@ -209,6 +256,7 @@ register_verifier("simulated", SimulatedVerifier)
 # --------------------------------------------------------------------------- provider registry
 
 _PROVIDERS: dict[str, Callable[[], EvidenceProvider]] = {
+    "auto": auto_provider,
     "tdx": lambda: ConfigfsTsmProvider("tdx"),
     "sev-snp": lambda: ConfigfsTsmProvider("sev-snp"),
     "simulated": SimulatedProvider,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import types
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Mapping, Sequence
@@ -260,13 +261,13 @@ def parse_cert_table(aux: bytes) -> dict[str, bytes]:
 
 
 @functools.lru_cache(maxsize=1)
-def bundled_ark_pins() -> dict[bytes, str]:
-    """SHA-256 of each bundled ARK's SubjectPublicKeyInfo -> ``"ARK-<product>"``."""
+def bundled_ark_pins() -> Mapping[bytes, str]:
+    """SHA-256 of each bundled ARK's SubjectPublicKeyInfo -> ``"ARK-<product>"`` (read-only)."""
     pins: dict[bytes, str] = {}
     for product, pem in list(AMD_VCEK_CHAINS_PEM.items()) + list(AMD_VLEK_CHAINS_PEM.items()):
         ark = x509.load_pem_x509_certificates(pem.encode())[-1]
         pins[spki_sha256(ark)] = f"ARK-{product}"
-    return pins
+    return types.MappingProxyType(pins)
 
 
 def _amd_extension(cert: x509.Certificate, oid: str) -> bytes | None:

@@ -36,7 +36,8 @@ class ServeConfig:
     max_request_bytes: int = 1 << 20
     session_idle_s: float = 900.0
     token_lifetime_s: int = 900
-    evidence_provider: str = "simulated"
+    # auto: tdx / sev-snp from configfs-tsm, or a clear failure; simulated only when named explicitly
+    evidence_provider: str = "auto"
     run_dir: str = "runs"
 
     def __post_init__(self) -> None:
@@ -56,6 +57,10 @@ class ServeConfig:
             raise BifrostError("serve: timeouts must be > 0 and replica_cpus >= 0")
         if not 1 <= self.token_lifetime_s <= 86400:
             raise BifrostError("serve.token_lifetime_s must be 1..86400")
+        from ..attest.evidence import provider_names
+
+        if self.evidence_provider not in provider_names():
+            raise BifrostError(f"serve.evidence_provider must be one of {', '.join(provider_names())}, got {self.evidence_provider!r}")
         for a in self.workers:
             host, _, port = a.rpartition(":")
             if not host or not port.isdigit():

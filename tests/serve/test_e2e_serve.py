@@ -65,6 +65,8 @@ def test_serve_subprocess_chat_equals_plaintext(served, run_config):
     assert (run_dir / "ray-auth-token").exists()
     assert home_ray_existed or not (Path.home() / ".ray").exists()
     assert proc.poll() is None
+    banner = (tmp / "serve.stderr").read_text()  # printed before the port file is written
+    assert "evidence simulated" in banner and "evidence provider is SIMULATED" in banner
 
 
 def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(served, run_config):

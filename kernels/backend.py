@@ -364,7 +364,7 @@ class NativeEvaluator:
         else:
             pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
             kernel = apply_fft if self.engine == "fft" else apply_ntt
-            extra = (c.primes, c.log_q, pos) if self.engine == "fft" else (c.primes, pos)
+            extra = (c.primes, c.log_q, pos, self.weight_bits) if self.engine == "fft" else (c.primes, pos)
             # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
             # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
             step = ROW_BLOCKS_PER_KERNEL_CALL

@@ -50,13 +50,17 @@ def scalar_digit_plan(log_q: int, weight_bits: int, d_in: int) -> tuple[int, int
 
 
 def signed_digits(x: torch.Tensor, count: int, bits: int) -> torch.Tensor:
-    """int64 [...] -> float64 [..., count] with x = Σ_d digit_d · 2^(bits·d), |digit_d| ≤ 2^(bits-1) (last may carry)."""
+    """int64 [...] -> float64 [..., count] with x = Σ_d digit_d · 2^(bits·d), |digit_d| ≤ 2^(bits-1) (last may carry).
+
+    Bit operations only: ``(x + half) & mask`` is the non-negative residue mod 2^bits and the arithmetic
+    shift of ``x − digit`` (a multiple of 2^bits) is an exact division.
+    """
     out = []
-    half, base = 1 << (bits - 1), 1 << bits
+    half, mask = 1 << (bits - 1), (1 << bits) - 1
     for _ in range(count - 1):
-        d = torch.remainder(x + half, base) - half
+        d = torch.bitwise_and(x + half, mask) - half
         out.append(d)
-        x = torch.div(x - d, base, rounding_mode="floor")
+        x = torch.bitwise_right_shift(x - d, bits)
     out.append(x)
     return torch.stack(out, dim=-2).to(torch.float64)  # digits on the second-to-last axis: [..., D, N]
 
@@ -133,8 +137,21 @@ def _sent_layout(comps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([comps[:, :, 0].index_select(-1, positions), comps[:, :, 1]], dim=-1)
 
 
+def _inverse_in_wire_order(y: torch.Tensor, rb: int, d: int, positions: torch.Tensor) -> torch.Tensor:
+    """Spectra [F, RB·2·D, O] (as the GEMM leaves them) -> coefficients [RB, O, D, P + N] (float64, not yet
+    rounded): c_0 at the P wanted positions, then c_1. Same result as ``_sent_layout(nfft.inverse(·))`` of
+    the permuted spectra, but the inverse FFT runs along the GEMM's own axis and only c_1 is copied whole."""
+    f, _, o = y.shape
+    v = nfft.inverse_unfolded(y, dim=0)                              # [F, RB·2·D, O, 2]: (re, im) halves
+    v = v.reshape(f, rb, 2, d, o, 2)
+    half, idx = torch.div(positions, f, rounding_mode="floor"), torch.remainder(positions, f)
+    c0 = v[:, :, 0][idx, :, :, :, half].permute(1, 3, 2, 0)          # [RB, O, D, P]
+    c1 = v[:, :, 1].permute(1, 3, 2, 4, 0).reshape(rb, o, d, 2 * f)  # [RB, O, D, N]
+    return torch.cat([c0, c1], dim=-1)
+
+
 def apply_fft(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], log_q: int,
-              positions: torch.Tensor) -> torch.Tensor:
+              positions: torch.Tensor, weight_bits: int) -> torch.Tensor:
     """cts [RB, B, 2, L, N] residues -> outputs [RB, ΣO, P + N] mod q_0, rescaled, in wire order
     (c_0 at the P = r·n_o wanted positions, then c_1)."""
     rb, b, _, _, n = cts.shape
@@ -146,20 +163,27 @@ def apply_fft(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], l
     # contiguous: torch's batched GEMM on a strided view runs ~6x slower (measured, CPU)
     x = spec.permute(4, 0, 2, 3, 1).reshape(f, rb * 2 * d, b).contiguous()  # [F, RB·2·D, B]
     y = torch.bmm(x, enc.fft_spectra)                             # [F, RB·2·D, O]
-    o = y.shape[-1]
-    y = y.reshape(f, rb, 2, d, o).permute(1, 4, 2, 3, 0)          # [RB, O, 2, D, F]
-    ints = _sent_layout(nfft.round_exact(nfft.inverse(y)), positions)  # [RB, O, D, P + N], exact
-    return _recombine_and_rescale(ints, primes, beta)             # [RB, O, P + N]
+    ints = nfft.round_exact(_inverse_in_wire_order(y, rb, d, positions))  # [RB, O, D, P + N], exact
+    # |ints| ≤ d_in·2^weight_bits·(2^(β−1) + 1): each is a sum of digit × weight products
+    magnitude_bits = (b * enc.blocking.in_per_ct).bit_length() + weight_bits + beta
+    return _recombine_and_rescale(ints, primes, beta, magnitude_bits)  # [RB, O, P + N]
 
 
-def _recombine_and_rescale(ints: torch.Tensor, primes: tuple[int, ...], beta: int) -> torch.Tensor:
-    """Exact digit results [..., D, M] (value = Σ_k ints_k·2^(β·k)) -> residues mod q_0 [..., M], rescaled."""
+def _recombine_and_rescale(ints: torch.Tensor, primes: tuple[int, ...], beta: int, magnitude_bits: int) -> torch.Tensor:
+    """Exact digit results [..., D, M] (value = Σ_k ints_k·2^(β·k), every |ints| < 2^magnitude_bits) ->
+    residues mod q_0 [..., M], rescaled."""
+    digits = ints.shape[-2]
+    if digits > 1 and magnitude_bits + beta <= 62:  # the two lowest digits combine exactly in int64
+        low = ints[..., 0, :] + torch.bitwise_left_shift(ints[..., 1, :], beta)
+        first = 2
+    else:
+        low, first = ints[..., 0, :], 1
     limbs = []
     for q in primes:
-        acc = torch.remainder(ints[..., 0, :], q)
-        for k in range(1, ints.shape[-2]):
+        acc = torch.remainder(low, q)
+        for k in range(first, digits):
             acc = acc + torch.remainder(ints[..., k, :], q) * pow(2, beta * k, q)
-        limbs.append(torch.remainder(acc, q))
+        limbs.append(torch.remainder(acc, q) if digits > first else acc)
     return rescale_to_first(torch.stack(limbs, dim=-2), primes)
 
 
@@ -177,7 +201,7 @@ def apply_scalar(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...]
     y = enc.scalar_weights @ x                                               # [ΣO, RB·D·(r + N)], exact
     o = y.shape[0]
     ints = y.reshape(o, rb, d, r + n).permute(1, 0, 2, 3).to(torch.int64)   # [RB, ΣO, D, r + N]
-    return _recombine_and_rescale(ints, primes, beta)
+    return _recombine_and_rescale(ints, primes, beta, 53)  # |ints| ≤ 2^53 by the digit plan
 
 
 def apply_ntt(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:

@@ -136,10 +136,11 @@ class NativeTrustedContext:
             raise CiphertextError("activation-scale block is malformed")
         return scales
 
-    def _encrypt_polynomials(self, msg: np.ndarray, seeds: list[bytes], errors: np.ndarray) -> np.ndarray:
-        """c_0 = m + e − a(seed)·s mod q_i for integer polynomials msg, errors [C, N] -> residues [C, L, N]."""
+    def _encrypt_polynomials(self, msg: np.ndarray, seed: bytes, errors: np.ndarray) -> np.ndarray:
+        """c_0 = m + e − a(seed, k)·s mod q_i for integer polynomials msg, errors [C, N] (ciphertext k = row k)
+        -> residues [C, L, N]."""
         c = self._codec
-        a = sampling.expand_uniform_many(seeds, c.primes, c.n)                            # [C, L, N]
+        a = sampling.expand_uniform_many(seed, np.arange(len(msg)), c.primes, c.n)     # [C, L, N]
         q_col = c.basis.q_col[None, :, None]
         a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
         return np.mod((msg + errors)[:, None, :] - a_s, q_col)
@@ -180,14 +181,14 @@ class NativeTrustedContext:
         msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
 
         count = rb_count * b_count
-        seeds = sampling.fresh_seeds(count)
-        c0 = self._encrypt_polynomials(msg.reshape(count, n), seeds, sampling.centered_binomial((count, n)))
+        seed = sampling.fresh_seed()
+        c0 = self._encrypt_polynomials(msg.reshape(count, n), seed, sampling.centered_binomial((count, n)))
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
 
         sealed = [self._seal(sealed_scales[k * r:(k + 1) * r], k)
                   for k in range(rb_count)]
         # the sealed scales travel once per row block: on its first input ciphertext (b = 0)
-        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seeds[i],
+        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed,
                                                   sealed[i // b_count] if i % b_count == 0 else b""),
                                  payload[i].tobytes())
                for i in range(count)]
@@ -327,7 +328,7 @@ class NativeEvaluator:
         if len(ciphertexts) != expected:
             raise CiphertextError(f"expected {expected} input ciphertexts for rows={first.rows}, "
                                   f"got {len(ciphertexts)}")
-        seeds, bodies, sealed = [], [], []
+        bodies, sealed = [], []
         for i, ct in enumerate(ciphertexts):
             h, body = wire.decode_input(ct, c.context_id, plen)
             if (h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.index, h.count) != \
@@ -337,7 +338,8 @@ class NativeEvaluator:
             if (i % b_count == 0) != bool(h.sealed):
                 raise CiphertextError(f"input ciphertext {i}: activation scales misplaced (they travel once per "
                                       f"row block, on its first ciphertext)")
-            seeds.append(h.seed)
+            if h.seed != first.seed:
+                raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one seed")
             bodies.append(np.frombuffer(body, dtype=np.uint8))
             if h.sealed:
                 sealed.append(h.sealed)
@@ -351,7 +353,7 @@ class NativeEvaluator:
             c0.append(limb)
             offset += length
         c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
-        a = sampling.expand_uniform_many(seeds, c.primes, c.n)                        # [C, L, N]
+        a = sampling.expand_uniform_many(first.seed, np.arange(expected), c.primes, c.n)  # [C, L, N]
         cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
         return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first.rows, sealed
 

@@ -4,7 +4,8 @@ Public context (fixed length, structurally unable to hold a key)::
 
     b"BFKPUB01" | N:u32 | L:u8 | q_0..q_{L-1}:u64 | scale_bits:u8 | context_id:16B
 
-Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as its 32-byte seed)::
+Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as the call's 32-byte seed, expanded
+with the ciphertext's index, see ``sampling.expand_uniform_many``)::
 
     b"BFKI" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32
     | seed:32B | sealed_len:u16 sealed | c_0 mod q_i, N coefficients of bitlen(q_i) bits per limb
@@ -31,7 +32,7 @@ import numpy as np
 
 from bifrost.ckks.backend import CiphertextError, SecretKeyInPublicContextError
 
-VERSION = 2  # 2: seeds expand with AES-256-CTR (1: SHAKE-256)
+VERSION = 2  # 2: one seed per call, a expands with AES-256-CTR from (seed, index) (1: SHAKE-256 per ciphertext)
 PUBLIC_MAGIC = b"BFKPUB01"
 SECRET_MAGIC = b"BFKSEC01"  # reserved: a serialized secret key starts with this; never accepted as public
 INPUT_MAGIC = b"BFKI"

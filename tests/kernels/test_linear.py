@@ -110,7 +110,7 @@ def test_encryption_known_answer(context):
             from bifrost_kernels import negacyclic_fft
             context._secret = secret
             context._secret_spectrum = negacyclic_fft.forward(torch.from_numpy(secret).double())
-            c0 = context._encrypt_polynomials(msg, [seed], err)[0]
+            c0 = context._encrypt_polynomials(msg, seed, err)[0]
             want = np.mod(msg + err - a_s, np.array(primes)[:, None])
             assert (c0 == want).all()
     finally:

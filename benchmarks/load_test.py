@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         cfg = cfg.replace(backend=args.backend)
     scfg = load_serve_config().replace(runtime=args.runtime, port=0, replicas=args.replicas, local_workers=args.workers,
                                        workers=(), max_sessions=max(args.sessions, 1), max_new_tokens=max(args.tokens, 1),
-                                       ray_num_cpus=max(2, args.replicas), run_dir=args.run_root,
+                                       max_pending_sessions=max(args.sessions, 1), ray_num_cpus=max(2, args.replicas),
+                                       run_dir=args.run_root,
                                        batch_decode=not args.no_batch)
     t_start = time.perf_counter()
     app = ServeApp(cfg, scfg)

@@ -7,8 +7,15 @@ the server or touch another session.
 
 Status mapping: missing/bad/expired token -> UNAUTHENTICATED; token of another session ->
 PERMISSION_DENIED; tampered/replayed sealed record -> PERMISSION_DENIED and the session is closed;
-prompt over ``max_prompt_tokens`` and malformed fields -> INVALID_ARGUMENT; session limit ->
-RESOURCE_EXHAUSTED; unknown session -> NOT_FOUND; workers unavailable -> UNAVAILABLE.
+prompt over ``max_prompt_tokens`` and malformed fields -> INVALID_ARGUMENT; session limits
+(``max_sessions``, ``max_pending_sessions``, full CKKS workers) -> RESOURCE_EXHAUSTED; unknown
+session -> NOT_FOUND; a turn while the session's previous one still runs -> FAILED_PRECONDITION;
+workers or replicas unavailable, replica timeout -> UNAVAILABLE; anything unexpected -> INTERNAL
+with a generic message (logged by exception type and code location only).
+
+Replica failure: a replica whose actor died is marked dead, its sessions are dropped, new sessions
+go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
+turn on the replica at the next token (``ReplicaActor.cancel``).
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
+import traceback
 from concurrent import futures
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import yaml
@@ -36,7 +46,7 @@ from ..errors import BifrostError
 from ..proto import serving_pb2
 from .actors import ReplicaActor
 from .config import ServeConfig
-from .sessions import SessionLimitError, SessionTable
+from .sessions import NoReplicaError, SessionLimitError, SessionTable
 
 log = logging.getLogger("bifrost.serve")
 
@@ -47,47 +57,213 @@ MAX_MESSAGE_BYTES = 64 << 20
 
 # --------------------------------------------------------------------------- replica handles
 
+class ReplicaUnavailableError(Exception):
+    """A replica did not answer (transient unless a subclass says otherwise)."""
+
+
+class ReplicaDeadError(ReplicaUnavailableError):
+    """The replica's process is gone for good (``max_restarts=0``): it gets no more sessions."""
+
+
+class ReplicaTimeoutError(ReplicaUnavailableError):
+    """No answer within ``replica_timeout_s``."""
+
+
+class ReplicaStream(Protocol):
+    def next(self, timeout_s: float):
+        """The next item; raises StopIteration at the end, :class:`ReplicaUnavailableError` on timeout/death."""
+
+    def cancel(self) -> None:
+        """Best effort: stop the producing task (the turn itself is stopped by the replica's ``cancel``)."""
+
+
+class Replica(Protocol):
+    """How the front end reaches one :class:`ReplicaActor` (in-process or a Ray actor)."""
+
+    def call(self, method: str, *args, timeout_s: float | None = None): ...
+
+    def cast(self, method: str, *args) -> None:
+        """Call without waiting for (or ever seeing) the result."""
+
+    def stream(self, method: str, *args) -> ReplicaStream: ...
+
+    def kill(self) -> None: ...
+
+
+class _ThreadStream:
+    """A generator run in its own thread, so that the consumer can wait with a timeout."""
+
+    def __init__(self, gen) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._pump, args=(gen,), daemon=True, name="replica-stream").start()
+
+    def _pump(self, gen) -> None:
+        try:
+            for item in gen:
+                self._q.put((True, item))
+            self._q.put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._q.put((False, exc))
+
+    def next(self, timeout_s: float):
+        try:
+            ok, value = self._q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ReplicaTimeoutError(f"no answer within {timeout_s:g} s") from None
+        if ok:
+            return value
+        if value is None:
+            raise StopIteration
+        raise value
+
+    def cancel(self) -> None:
+        pass
+
+
 class LocalReplica:
-    """The replica class run in this process (``runtime: local``, tests)."""
+    """The replica class run in this process (``runtime: local``, tests). Calls run in the caller's
+    thread (no timeout: they cannot be interrupted); streams run in their own thread."""
 
     def __init__(self, *args) -> None:
         self.obj = ReplicaActor(*args)
+        self.dead = False
 
-    def call(self, method: str, *args):
-        return getattr(self.obj, method)(*args)
+    def _method(self, method: str):
+        if self.dead:
+            raise ReplicaDeadError("replica was shut down")
+        return getattr(self.obj, method)
 
-    def stream(self, method: str, *args):
-        yield from getattr(self.obj, method)(*args)
+    def call(self, method: str, *args, timeout_s: float | None = None):
+        return self._method(method)(*args)
 
-    def kill(self) -> None:
-        self.obj.shutdown()
+    def cast(self, method: str, *args) -> None:
+        fn = self._method(method)
+        threading.Thread(target=fn, args=args, daemon=True, name=f"replica-{method}").start()
 
-
-class RayReplica:
-    """The same class as a Ray actor: one actor call per request or per streamed chunk."""
-
-    def __init__(self, actor) -> None:
-        self.actor = actor
-
-    def call(self, method: str, *args):
-        import ray
-
-        return ray.get(getattr(self.actor, method).remote(*args))
-
-    def stream(self, method: str, *args):
-        import ray
-
-        for ref in getattr(self.actor, method).options(num_returns="streaming").remote(*args):
-            yield ray.get(ref)
+    def stream(self, method: str, *args) -> ReplicaStream:
+        return _ThreadStream(self._method(method)(*args))
 
     def kill(self) -> None:
+        if not self.dead:
+            self.dead = True
+            self.obj.shutdown()
+
+
+def _ray_error(exc: BaseException) -> BaseException:
+    """Ray's exceptions as ours: a dead actor, an unreachable one, a timeout; others unchanged."""
+    import ray.exceptions as rx
+
+    if isinstance(exc, rx.GetTimeoutError):
+        return ReplicaTimeoutError(str(exc))
+    if isinstance(exc, rx.ActorUnavailableError):
+        return ReplicaUnavailableError("replica unreachable")
+    if isinstance(exc, rx.RayActorError):
+        return ReplicaDeadError("replica actor died")
+    return exc
+
+
+class _RayStream:
+    def __init__(self, gen) -> None:
+        self.gen = gen
+
+    def next(self, timeout_s: float):
         import ray
 
         try:
-            ray.get(self.actor.shutdown.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - best effort at shutdown
+            ready, _ = ray.wait([self.gen], timeout=timeout_s)
+            if not ready:
+                raise ReplicaTimeoutError(f"no answer within {timeout_s:g} s")
+            return ray.get(next(self.gen), timeout=timeout_s)
+        except StopIteration:
+            raise
+        except ReplicaUnavailableError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as is
+            raise _ray_error(exc) from None
+
+    def cancel(self) -> None:
+        import ray
+
+        try:
+            ray.cancel(self.gen)
+        except Exception:  # noqa: BLE001 - best effort (finished, or the actor is gone)
             pass
-        ray.kill(self.actor)
+
+
+class RayReplica:
+    """The same class as a Ray actor: one actor call per request; streams are Ray streaming generators."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+        self.ready = False
+
+    def call(self, method: str, *args, timeout_s: float | None = None):
+        import ray
+
+        ref = getattr(self.actor, method).remote(*args)
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            mapped = _ray_error(exc)
+            if isinstance(mapped, ReplicaTimeoutError):
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001
+                    pass
+            raise mapped from None
+
+    def cast(self, method: str, *args) -> None:
+        getattr(self.actor, method).remote(*args)
+
+    def stream(self, method: str, *args) -> ReplicaStream:
+        return _RayStream(getattr(self.actor, method).options(num_returns="streaming").remote(*args))
+
+    def kill(self) -> None:
+        import ray
+
+        if self.ready:
+            try:
+                ray.get(self.actor.shutdown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        try:
+            ray.kill(self.actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def wait_for_ray_replicas(replicas: list[RayReplica], scfg: ServeConfig, log_hint: str) -> list[dict]:
+    """Every replica's ``info`` once it has loaded its model, or a :class:`BifrostError` naming why not
+    (unschedulable: not enough Ray CPUs; the constructor failed; startup slower than startup_timeout_s)."""
+    import ray
+
+    refs = [r.actor.info.remote() for r in replicas]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=scfg.startup_timeout_s)
+    if pending:
+        free = ray.available_resources().get("CPU", 0.0)
+        raise BifrostError(
+            f"{len(pending)} of {len(refs)} replicas did not start within startup_timeout_s={scfg.startup_timeout_s:g} s: "
+            f"Ray has no room for them (each reserves replica_cpus={scfg.replica_cpus:g}; free Ray CPUs: {free:g}) "
+            f"or loading the model is slow ({log_hint})")
+    infos = []
+    for i, (r, ref) in enumerate(zip(replicas, refs)):
+        try:
+            infos.append(ray.get(ref))
+        except Exception as exc:  # noqa: BLE001 - the actor's constructor raised
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            raise BifrostError(f"replica {i} failed to start: {last} ({log_hint})") from None
+        r.ready = True
+    return infos
+
+
+def check_replicas_agree(infos: list[dict]) -> dict:
+    """All replicas must serve the same model and configuration (same install on every node)."""
+    for i, info in enumerate(infos[1:], 1):
+        for key in ("model_digest", "serving_config_digest"):
+            if info[key] != infos[0][key]:
+                raise BifrostError(f"replica {i} reports a different {key} than replica 0: is the same bifrost "
+                                   "and model installed on every node?")
+    return infos[0]
 
 
 # --------------------------------------------------------------------------- the servicer
@@ -115,27 +291,60 @@ class _Abort(Exception):
         self.code, self.message = code, message
 
 
+def _where(exc: BaseException) -> str:
+    """Code locations of a traceback (no message, no values: nothing secret)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames))
+
+
 class ServingService:
-    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list, issuer_key: Ed25519PrivateKey | None = None) -> None:
-        self.cfg, self.scfg, self.replicas = cfg, scfg, replicas
-        self.info = replicas[0].call("info")
+    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list, info: dict,
+                 issuer_key: Ed25519PrivateKey | None = None) -> None:
+        self.cfg, self.scfg, self.replicas, self.info = cfg, scfg, replicas, info
         self.issuer = TokenIssuer(issuer_key or Ed25519PrivateKey.generate(), issuer="bifrost-serve",
                                   lifetime_s=scfg.token_lifetime_s)
         self.gate = TokenGate([self.issuer.public_key], model_digest=self.info["model_digest"],
                               allow_simulated=self.info["evidence_type"] == "simulated")
-        self.sessions = SessionTable(scfg.max_sessions, len(replicas))
+        self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions)
         self.node_id = f"bifrost-serve-{secrets.token_hex(4)}"
+        self.health = None  # grpc_health servicer, set by start_grpc
         self._stop = threading.Event()
+        self._background = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="serve-bg")
+        self._probing: set[int] = set()
+        self._probing_lock = threading.Lock()
         self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="session-sweeper")
         self._sweeper.start()
 
     # -- helpers ---------------------------------------------------------------------------
-    @staticmethod
-    def _guard(context, fn):
-        try:
-            return fn()
-        except _Abort as exc:
-            context.abort(exc.code, exc.message)
+    def _internal(self, rpc: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """An unexpected exception: logged by type and code location only; the client gets no detail."""
+        log.error("%s: internal error %s at %s", rpc, type(exc).__name__, _where(exc))
+        return grpc.StatusCode.INTERNAL, "internal server error"
+
+    def _unary(self, rpc: str, fn):
+        def handle(req, context):
+            try:
+                return fn(req, context)
+            except _Abort as exc:
+                code, message = exc.code, exc.message
+            except Exception as exc:  # noqa: BLE001 - INTERNAL, never a traceback to the client
+                code, message = self._internal(rpc, exc)
+            context.abort(code, message)
+
+        return handle
+
+    def _streaming(self, rpc: str, fn):
+        def handle(req, context):
+            try:
+                yield from fn(req, context)
+                return
+            except _Abort as exc:
+                code, message = exc.code, exc.message
+            except Exception as exc:  # noqa: BLE001
+                code, message = self._internal(rpc, exc)
+            context.abort(code, message)
+
+        return handle
 
     def _check_sealed_request(self, req, context, need_sealed: bool = True):
         if req is MALFORMED:
@@ -169,132 +378,240 @@ class ServingService:
 
     def _replica_error(self, entry, item) -> _Abort:
         _, code, message = item
-        if code in ("PERMISSION_DENIED", "NOT_FOUND"):
+        if code in ("PERMISSION_DENIED", "NOT_FOUND", "ABORTED"):  # the replica has closed the session
             self.sessions.remove(entry.session_id)
         return _Abort(getattr(grpc.StatusCode, code), message)
 
+    def _replica_failed(self, entry, exc: BaseException) -> BaseException:
+        """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with."""
+        if isinstance(exc, ReplicaDeadError):
+            self._replica_died(entry.replica)
+            return _Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again")
+        self._drop(entry)  # the replica may be alive and still hold the session: close it there too
+        log.error("replica %d: request failed (%s); session %s… closed", entry.replica, type(exc).__name__,
+                  entry.session_id.hex()[:8])
+        if isinstance(exc, ReplicaTimeoutError):
+            return _Abort(grpc.StatusCode.UNAVAILABLE, f"replica did not answer within replica_timeout_s="
+                                                       f"{self.scfg.replica_timeout_s:g} s; session closed, attest again")
+        if isinstance(exc, ReplicaUnavailableError):
+            return _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable; session closed, attest again")
+        return exc  # unexpected: INTERNAL
+
+    def _drop(self, entry) -> None:
+        """Forget a session here and close it on its replica (without waiting)."""
+        self.sessions.remove(entry.session_id)
+        self._cast(entry.replica, "close_session", entry.session_id)
+
+    def _cast(self, r: int, method: str, *args) -> None:
+        try:
+            self.replicas[r].cast(method, *args)
+        except ReplicaDeadError:
+            self._replica_died(r)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("replica %d: %s not delivered (%s)", r, method, type(exc).__name__)
+
+    def _replica_died(self, r: int) -> None:
+        if r not in self.sessions.live_replicas():
+            return
+        gone = self.sessions.mark_dead(r)
+        live = self.sessions.live_replicas()
+        log.error("replica %d is dead: %d sessions dropped, %d replicas left", r, len(gone), len(live))
+        if not live and self.health is not None:
+            from grpc_health.v1 import health_pb2
+
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     # -- RPCs ------------------------------------------------------------------------------
     def Attest(self, req, context):
-        def run():
-            if req is MALFORMED:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid AttestRequest protobuf")
-            if not 16 <= len(req.nonce) <= 1024:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
-            if len(req.client_public_key) != 32:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
+        if req is MALFORMED:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid AttestRequest protobuf")
+        if not 16 <= len(req.nonce) <= 1024:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
+        if len(req.client_public_key) != 32:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
+        tried: set[int] = set()
+        while True:
             try:
-                r = self.sessions.reserve()
+                r = self.sessions.reserve(tried)
             except SessionLimitError as exc:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            except NoReplicaError:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no live replica: the server cannot open sessions") from None
             try:
-                out = self.replicas[r].call("attest", bytes(req.nonce), bytes(req.client_public_key), req.suite)
-            except Exception as exc:  # noqa: BLE001 - a dead actor must not take the server down
+                out = self.replicas[r].call("attest", bytes(req.nonce), bytes(req.client_public_key), req.suite,
+                                            timeout_s=self.scfg.replica_timeout_s)
+            except ReplicaDeadError:
+                self.sessions.cancel(r)
+                self._replica_died(r)
+                tried.add(r)  # a new session goes to another replica
+                continue
+            except ReplicaUnavailableError as exc:
                 self.sessions.cancel(r)
                 log.error("replica %d attest failed: %s", r, type(exc).__name__)
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
-            if isinstance(out, tuple):
+            except BaseException:
                 self.sessions.cancel(r)
-                raise _Abort(getattr(grpc.StatusCode, out[1]), out[2])
-            self.sessions.commit(r, out["session_id"], out["report_data"])
+                raise
+            break
+        if isinstance(out, tuple):
+            self.sessions.cancel(r)
+            raise _Abort(getattr(grpc.StatusCode, out[1]), out[2])
+        try:
             verdict = Verdict(evidence_type=out["evidence_type"], measurement=out["measurement"],
                               report_data=out["report_data"], debug=False, tcb_status="self-reported", tcb={},
                               fields={}, verified_at=datetime.now(timezone.utc), checks_passed=(),
                               simulated=out["evidence_type"] == "simulated")
             now = time.time()
             token = self.issuer.issue(verdict, node_id=self.node_id, model_digest=out["model_digest"], now=now)
-            log.info("session %s… attested on replica %d (%d sessions)", out["session_id"].hex()[:8], r, len(self.sessions))
-            return serving_pb2.AttestReply(
-                evidence_type=out["evidence_type"], evidence=out["evidence"], endorsements=out["endorsements"],
-                server_public_key=out["server_public_key"], model_digest=out["model_digest"],
-                serving_config_digest=out["serving_config_digest"], session_id=out["session_id"], token=token,
-                token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out["suite"])
-
-        return self._guard(context, run)
+        except BaseException:
+            self.sessions.cancel(r)
+            self._cast(r, "close_session", out["session_id"])
+            raise
+        self.sessions.commit(r, out["session_id"], out["report_data"])
+        log.info("session %s… attested on replica %d (%d sessions)", out["session_id"].hex()[:8], r, len(self.sessions))
+        return serving_pb2.AttestReply(
+            evidence_type=out["evidence_type"], evidence=out["evidence"], endorsements=out["endorsements"],
+            server_public_key=out["server_public_key"], model_digest=out["model_digest"],
+            serving_config_digest=out["serving_config_digest"], session_id=out["session_id"], token=token,
+            token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out["suite"])
 
     def Generate(self, req, context):
+        entry = self._check_sealed_request(req, context)
+        sid, rid = entry.session_id, req.request_id
+        if self.sessions.begin(sid) is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+        finished = threading.Event()  # the turn ended on the replica (or will not run)
+        stream = None
+
+        def on_rpc_end() -> None:  # client hung up / deadline passed: stop the turn between tokens
+            if not finished.is_set():
+                self._background.submit(self._cancel_turn, entry.replica, sid, rid, stream)
+
+        if not context.add_callback(on_rpc_end):
+            finished.set()
+            return
         try:
-            entry = self._check_sealed_request(req, context)
-            replica = self.replicas[entry.replica]
-            stream = replica.stream("generate", entry.session_id, bytes(req.sealed))
             while True:
                 try:
-                    item = next(stream)
+                    if stream is None:
+                        stream = self.replicas[entry.replica].stream("generate", sid, bytes(req.sealed), rid)
+                    item = stream.next(self.scfg.replica_timeout_s)
                 except StopIteration:
-                    break
-                except Exception as exc:  # noqa: BLE001 - replica (actor) died mid-stream
-                    log.error("replica %d failed during a stream: %s", entry.replica, type(exc).__name__)
-                    self.sessions.remove(entry.session_id)
-                    raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again") from None
+                    finished.set()
+                    return
+                except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
+                    finished.set()
+                    raise self._replica_failed(entry, exc) from None
+                self.sessions.touch(sid)
                 if item[0] == "error":
+                    finished.set()
                     raise self._replica_error(entry, item)
                 if not context.is_active():
-                    stream.close()
                     return
                 yield serving_pb2.SealedReply(sealed=item[1])
-        except _Abort as exc:
-            context.abort(exc.code, exc.message)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            finished.set()
+            raise
+        finally:
+            self.sessions.end(sid)
+
+    def _cancel_turn(self, r: int, sid: bytes, rid: str, stream) -> None:
+        if stream is not None:
+            stream.cancel()
+        self._cast(r, "cancel", sid, rid)
 
     def Embed(self, req, context):
-        def run():
-            entry = self._check_sealed_request(req, context)
+        entry = self._check_sealed_request(req, context)
+        if self.sessions.begin(entry.session_id) is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+        try:
             try:
-                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed))
+                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed), req.request_id,
+                                                         timeout_s=self.scfg.replica_timeout_s)
             except Exception as exc:  # noqa: BLE001
-                log.error("replica %d embed failed: %s", entry.replica, type(exc).__name__)
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
+                raise self._replica_failed(entry, exc) from None
             if item[0] == "error":
                 raise self._replica_error(entry, item)
             return serving_pb2.SealedReply(sealed=item[1])
-
-        return self._guard(context, run)
+        finally:
+            self.sessions.end(entry.session_id)
 
     def CloseSession(self, req, context):
-        def run():
-            entry = self._check_sealed_request(req, context, need_sealed=False)
-            self.sessions.remove(entry.session_id)
-            try:
-                self.replicas[entry.replica].call("close_session", entry.session_id)
-            except Exception:  # noqa: BLE001
-                pass
-            return serving_pb2.CloseSessionReply()
-
-        return self._guard(context, run)
+        entry = self._check_sealed_request(req, context, need_sealed=False)
+        self.sessions.remove(entry.session_id)
+        try:  # waits only for the bookkeeping: a running turn stops at its next token and cleans up
+            self.replicas[entry.replica].call("close_session", entry.session_id, timeout_s=self.scfg.replica_timeout_s)
+        except ReplicaDeadError:
+            self._replica_died(entry.replica)
+        except ReplicaUnavailableError as exc:
+            log.warning("replica %d: close_session failed (%s)", entry.replica, type(exc).__name__)
+        return serving_pb2.CloseSessionReply()
 
     def ListModels(self, req, context):
         if req is MALFORMED:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ListModelsRequest protobuf")
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ListModelsRequest protobuf")
         i = self.info
         return serving_pb2.ListModelsReply(
             models=[serving_pb2.ModelInfo(
                 name=i["name"], task=i["task"], model_digest=i["model_digest"],
                 serving_config_digest=i["serving_config_digest"], max_prompt_tokens=self.scfg.max_prompt_tokens,
                 max_new_tokens=self.scfg.max_new_tokens, context_tokens=i["context_tokens"],
-                replicas=len(self.replicas), mode=i["mode"])],
+                replicas=len(self.sessions.live_replicas()), mode=i["mode"])],
             evidence_type=i["evidence_type"], max_sessions=self.scfg.max_sessions)
 
     # -- housekeeping ------------------------------------------------------------------------
     def _sweep(self) -> None:
-        period = max(1.0, min(30.0, self.scfg.session_idle_s / 4))
+        """Drop idle sessions (never one with a request in progress), and probe every live replica:
+        ``close_idle`` there doubles as a liveness check and closes sessions the front end lost.
+        Never blocks on a replica: closes are fire-and-forget, probes run in the background."""
+        sc = self.scfg
+        period = max(0.05, min(30.0, min(sc.session_idle_s, sc.pending_idle_s) / 4))
         while not self._stop.wait(period):
-            for e in self.sessions.idle(self.scfg.session_idle_s):
-                self.sessions.remove(e.session_id)
+            for e in self.sessions.idle(sc.session_idle_s, sc.pending_idle_s):
+                if self.sessions.remove(e.session_id) is not None:
+                    log.info("session %s… closed after %s", e.session_id.hex()[:8],
+                             "idle time" if e.used else "pending_idle_s without a request")
+                    self._cast(e.replica, "close_session", e.session_id)
+            for r in self.sessions.live_replicas():
+                with self._probing_lock:
+                    if r in self._probing:
+                        continue  # the last probe has not answered yet (a busy or hung replica)
+                    self._probing.add(r)
                 try:
-                    self.replicas[e.replica].call("close_session", e.session_id)
-                except Exception:  # noqa: BLE001
-                    pass
+                    self._background.submit(self._probe, r)
+                except RuntimeError:  # shut down
+                    return
+
+    def _probe(self, r: int) -> None:
+        try:
+            self.replicas[r].call("close_idle", self.scfg.session_idle_s, timeout_s=self.scfg.replica_timeout_s)
+        except ReplicaDeadError:
+            self._replica_died(r)
+        except Exception as exc:  # noqa: BLE001 - slow or transiently unreachable: next round
+            log.warning("replica %d: probe failed (%s)", r, type(exc).__name__)
+        finally:
+            with self._probing_lock:
+                self._probing.discard(r)
 
     def stop(self) -> None:
         self._stop.set()
+        self._background.shutdown(wait=False, cancel_futures=True)
 
     def handler(self) -> grpc.GenericRpcHandler:
         P = serving_pb2
         ser = lambda m: m.SerializeToString()  # noqa: E731
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Attest": grpc.unary_unary_rpc_method_handler(self.Attest, _safe(P.AttestRequest), ser),
-            "Generate": grpc.unary_stream_rpc_method_handler(self.Generate, _safe(P.SealedRequest), ser),
-            "Embed": grpc.unary_unary_rpc_method_handler(self.Embed, _safe(P.SealedRequest), ser),
-            "CloseSession": grpc.unary_unary_rpc_method_handler(self.CloseSession, _safe(P.SealedRequest), ser),
-            "ListModels": grpc.unary_unary_rpc_method_handler(self.ListModels, _safe(P.ListModelsRequest), ser),
+            "Attest": grpc.unary_unary_rpc_method_handler(self._unary("Attest", self.Attest), _safe(P.AttestRequest), ser),
+            "Generate": grpc.unary_stream_rpc_method_handler(self._streaming("Generate", self.Generate),
+                                                             _safe(P.SealedRequest), ser),
+            "Embed": grpc.unary_unary_rpc_method_handler(self._unary("Embed", self.Embed), _safe(P.SealedRequest), ser),
+            "CloseSession": grpc.unary_unary_rpc_method_handler(self._unary("CloseSession", self.CloseSession),
+                                                                _safe(P.SealedRequest), ser),
+            "ListModels": grpc.unary_unary_rpc_method_handler(self._unary("ListModels", self.ListModels),
+                                                              _safe(P.ListModelsRequest), ser),
         })
 
 
@@ -318,6 +635,7 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int):
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    service.health = health_servicer
     return server, bound, health_servicer
 
 
@@ -356,6 +674,7 @@ class ServeApp:
         self.local_workers: list = []
         self.replicas: list = []
         self.ray_started = False
+        self._saved_env: dict[str, str | None] = {}
         self.server = self.service = self.health = None
         self.port = None
 
@@ -390,11 +709,12 @@ class ServeApp:
                              max_restarts=0)(ReplicaActor)
             actors = [cls.remote(*args, i) for i in range(self.scfg.replicas)]
             self.replicas = [RayReplica(a) for a in actors]
-            for r in self.replicas:
-                r.call("info")  # wait until every replica has loaded its model
+            hint = ("Ray logs: " + str(self.run_dir / "ray")) if not self.scfg.ray_address else "see the cluster's Ray logs"
+            infos = wait_for_ray_replicas(self.replicas, self.scfg, hint)
         else:
             self.replicas = [LocalReplica(*args, i) for i in range(self.scfg.replicas)]
-        self.service = ServingService(self.cfg, self.scfg, self.replicas)
+            infos = [r.call("info") for r in self.replicas]
+        self.service = ServingService(self.cfg, self.scfg, self.replicas, check_replicas_agree(infos))
         self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
                                                          threads=self.scfg.max_sessions + 8)
         log.info("serving %s on %s:%d (%d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
@@ -417,16 +737,16 @@ class ServeApp:
         token_path = self.run_dir / "ray-auth-token"
         token_path.touch(mode=0o600)
         token_path.write_text(secrets.token_hex(32))
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
-        os.environ["RAY_TMPDIR"] = str(ray_dir)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_TMPDIR": str(ray_dir),
+               "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+        self._saved_env = {k: os.environ.get(k) for k in env}  # restored by stop()
+        os.environ.update(env)
         import ray
         from ray._raylet import Config
 
         Config.initialize("")  # Ray caches its config at import: make it see the auth settings above
         if not ray.is_initialized():
-            ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.ray_num_cpus,
+            ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.local_ray_cpus,
                      log_to_driver=False)
             self.ray_started = True
 
@@ -452,6 +772,12 @@ class ServeApp:
 
             ray.shutdown()
             self.ray_started = False
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._saved_env = {}
         for w in self.local_workers:
             w.stop()
         self.local_workers = []

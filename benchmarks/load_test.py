@@ -6,7 +6,8 @@ p50/p99 time per output token, time to first token, peak memory per process, err
 zero) and the canary check: every session's prompt carries a secret string that must not appear
 in any other session's output nor anywhere in the run folder (serve log, worker logs, Ray logs).
 
-    .venv/bin/python benchmarks/load_test.py --model gpt2-mini --sessions 16 --tokens 32
+    .venv/bin/python benchmarks/load_test.py --model gpt2-2l --sessions 16 --tokens 32   # the recorded results
+    .venv/bin/python benchmarks/load_test.py --model gpt2-mini   # a quick functional run
 
 Prints a rich table to stderr and one JSON object to stdout.
 """

@@ -165,6 +165,7 @@ def _ray_error(exc: BaseException) -> BaseException:
 class _RayStream:
     def __init__(self, gen) -> None:
         self.gen = gen
+        self.cancelled = False
 
     def next(self, timeout_s: float):
         import ray
@@ -179,11 +180,14 @@ class _RayStream:
         except ReplicaUnavailableError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as is
+            if self.cancelled and isinstance(exc, ray.exceptions.TaskCancelledError):
+                raise StopIteration from None  # we stopped it: the end of the stream, not a failure
             raise _ray_error(exc) from None
 
     def cancel(self) -> None:
         import ray
 
+        self.cancelled = True
         try:
             ray.cancel(self.gen)
         except Exception:  # noqa: BLE001 - best effort (finished, or the actor is gone)
@@ -486,7 +490,10 @@ class ServingService:
 
         def on_rpc_end() -> None:  # client hung up / deadline passed: stop the turn between tokens
             if not finished.is_set():
-                self._background.submit(self._cancel_turn, entry.replica, sid, rid, stream)
+                try:
+                    self._background.submit(self._cancel_turn, entry.replica, sid, rid, stream)
+                except RuntimeError:  # shutting down: replicas are stopped anyway
+                    pass
 
         if not context.add_callback(on_rpc_end):
             finished.set()

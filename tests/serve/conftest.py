@@ -145,3 +145,14 @@ def connect(app, pol=None, attest: bool = True):
     if attest:
         c.attest()
     return c
+
+
+def ray_default_dirs_listing() -> dict[str, list[str] | None]:
+    """What exists in Ray's default places (~/.ray, where Ray writes auth_token, and /tmp/ray): a
+    serve run must leave both untouched (its Ray lives in the run folder)."""
+    from pathlib import Path
+
+    out: dict[str, list[str] | None] = {}
+    for root in (Path.home() / ".ray", Path("/tmp/ray")):
+        out[str(root)] = sorted(str(p) for p in root.iterdir()) if root.exists() else None
+    return out

@@ -61,10 +61,10 @@ def test_client_hang_up_stops_the_turn_and_the_next_turn_runs(app_factory, contr
 
 
 def test_replica_timeout_closes_the_session_on_the_replica_and_its_workers(app_factory, controlled_worker):
-    app = app_factory(workers=(controlled_worker.address,), replica_timeout_s=3.0)
+    app = app_factory(workers=(controlled_worker.address,), replica_timeout_s=1.0)  # (in-process calls: untimed)
     c = connect(app)
     before = controlled_worker.sessions()
-    controlled_worker.next_delay_s = 6.0  # the prefill's first layer call hangs past replica_timeout_s
+    controlled_worker.next_delay_s = 3.0  # the prefill's first layer call hangs past replica_timeout_s
     with pytest.raises(ServingError) as err:
         c.chat("stuck", 4)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "replica_timeout_s" in err.value.details

@@ -7,6 +7,7 @@ reflection). Stubs are committed next to it and regenerated with ``python -m bif
 Layout: :mod:`.server` (front end: tokens, limits, routing of *sealed* records; never holds channel
 keys), :mod:`.actors` (``ReplicaActor``: the trusted runtime replica that owns channel keys, CKKS keys,
 history; a Ray actor or the same class in-process), :mod:`.sessions`, :mod:`.client` (SDK),
+:mod:`.replicas` (how the front end reaches a replica, in-process or Ray; bounded waits),
 :mod:`.cli`, :mod:`.config` (``configs/serve.yaml``). The worker pool is :mod:`bifrost.tee.pool`.
 
 Run::

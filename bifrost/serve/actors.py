@@ -176,10 +176,6 @@ class ReplicaActor:
                 "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pid": os.getpid(),
                 "turns_cancelled": self.turns_cancelled}
 
-    def ping(self) -> bool:
-        """Liveness probe (answers at once; the actor is threaded)."""
-        return True
-
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
@@ -405,7 +401,7 @@ class ReplicaActor:
             yield step.timing.token, step.timing.total_s
 
     # -- embeddings --------------------------------------------------------------------------
-    def embed(self, session_id: bytes, sealed: bytes, request_id: str = ""):
+    def embed(self, session_id: bytes, sealed: bytes):
         try:
             with self._turn(session_id) as s:
                 return self._embed_locked(s, session_id, sealed)

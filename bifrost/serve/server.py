@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import secrets
 import threading
 import time
@@ -31,8 +30,6 @@ import traceback
 from concurrent import futures
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
-
 import grpc
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -46,6 +43,8 @@ from ..errors import BifrostError
 from ..proto import serving_pb2
 from .actors import ReplicaActor
 from .config import ServeConfig
+from .replicas import (LocalReplica, RayReplica, Replica, ReplicaDeadError, ReplicaTimeoutError,
+                       ReplicaUnavailableError, check_replicas_agree, wait_for_ray_replicas)
 from .sessions import NoReplicaError, SessionLimitError, SessionTable
 
 log = logging.getLogger("bifrost.serve")
@@ -53,221 +52,6 @@ log = logging.getLogger("bifrost.serve")
 SERVICE_NAME = "bifrost.serving.v1.BifrostServing"
 SESSION_ID_SIZE = 16
 MAX_MESSAGE_BYTES = 64 << 20
-
-
-# --------------------------------------------------------------------------- replica handles
-
-class ReplicaUnavailableError(Exception):
-    """A replica did not answer (transient unless a subclass says otherwise)."""
-
-
-class ReplicaDeadError(ReplicaUnavailableError):
-    """The replica's process is gone for good (``max_restarts=0``): it gets no more sessions."""
-
-
-class ReplicaTimeoutError(ReplicaUnavailableError):
-    """No answer within ``replica_timeout_s``."""
-
-
-class ReplicaStream(Protocol):
-    def next(self, timeout_s: float):
-        """The next item; raises StopIteration at the end, :class:`ReplicaUnavailableError` on timeout/death."""
-
-    def cancel(self) -> None:
-        """Best effort: stop the producing task (the turn itself is stopped by the replica's ``cancel``)."""
-
-
-class Replica(Protocol):
-    """How the front end reaches one :class:`ReplicaActor` (in-process or a Ray actor)."""
-
-    def call(self, method: str, *args, timeout_s: float | None = None): ...
-
-    def cast(self, method: str, *args) -> None:
-        """Call without waiting for (or ever seeing) the result."""
-
-    def stream(self, method: str, *args) -> ReplicaStream: ...
-
-    def kill(self) -> None: ...
-
-
-class _ThreadStream:
-    """A generator run in its own thread, so that the consumer can wait with a timeout."""
-
-    def __init__(self, gen) -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._pump, args=(gen,), daemon=True, name="replica-stream").start()
-
-    def _pump(self, gen) -> None:
-        try:
-            for item in gen:
-                self._q.put((True, item))
-            self._q.put((False, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._q.put((False, exc))
-
-    def next(self, timeout_s: float):
-        try:
-            ok, value = self._q.get(timeout=timeout_s)
-        except queue.Empty:
-            raise ReplicaTimeoutError(f"no answer within {timeout_s:g} s") from None
-        if ok:
-            return value
-        if value is None:
-            raise StopIteration
-        raise value
-
-    def cancel(self) -> None:
-        pass
-
-
-class LocalReplica:
-    """The replica class run in this process (``runtime: local``, tests). Calls run in the caller's
-    thread (no timeout: they cannot be interrupted); streams run in their own thread."""
-
-    def __init__(self, *args) -> None:
-        self.obj = ReplicaActor(*args)
-        self.dead = False
-
-    def _method(self, method: str):
-        if self.dead:
-            raise ReplicaDeadError("replica was shut down")
-        return getattr(self.obj, method)
-
-    def call(self, method: str, *args, timeout_s: float | None = None):
-        return self._method(method)(*args)
-
-    def cast(self, method: str, *args) -> None:
-        fn = self._method(method)
-        threading.Thread(target=fn, args=args, daemon=True, name=f"replica-{method}").start()
-
-    def stream(self, method: str, *args) -> ReplicaStream:
-        return _ThreadStream(self._method(method)(*args))
-
-    def kill(self) -> None:
-        if not self.dead:
-            self.dead = True
-            self.obj.shutdown()
-
-
-def _ray_error(exc: BaseException) -> BaseException:
-    """Ray's exceptions as ours: a dead actor, an unreachable one, a timeout; others unchanged."""
-    import ray.exceptions as rx
-
-    if isinstance(exc, rx.GetTimeoutError):
-        return ReplicaTimeoutError(str(exc))
-    if isinstance(exc, rx.ActorUnavailableError):
-        return ReplicaUnavailableError("replica unreachable")
-    if isinstance(exc, rx.RayActorError):
-        return ReplicaDeadError("replica actor died")
-    return exc
-
-
-class _RayStream:
-    def __init__(self, gen) -> None:
-        self.gen = gen
-        self.cancelled = False
-
-    def next(self, timeout_s: float):
-        import ray
-
-        try:
-            ready, _ = ray.wait([self.gen], timeout=timeout_s)
-            if not ready:
-                raise ReplicaTimeoutError(f"no answer within {timeout_s:g} s")
-            return ray.get(next(self.gen), timeout=timeout_s)
-        except StopIteration:
-            raise
-        except ReplicaUnavailableError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as is
-            if self.cancelled and isinstance(exc, ray.exceptions.TaskCancelledError):
-                raise StopIteration from None  # we stopped it: the end of the stream, not a failure
-            raise _ray_error(exc) from None
-
-    def cancel(self) -> None:
-        import ray
-
-        self.cancelled = True
-        try:
-            ray.cancel(self.gen)
-        except Exception:  # noqa: BLE001 - best effort (finished, or the actor is gone)
-            pass
-
-
-class RayReplica:
-    """The same class as a Ray actor: one actor call per request; streams are Ray streaming generators."""
-
-    def __init__(self, actor) -> None:
-        self.actor = actor
-        self.ready = False
-
-    def call(self, method: str, *args, timeout_s: float | None = None):
-        import ray
-
-        ref = getattr(self.actor, method).remote(*args)
-        try:
-            return ray.get(ref, timeout=timeout_s)
-        except Exception as exc:  # noqa: BLE001
-            mapped = _ray_error(exc)
-            if isinstance(mapped, ReplicaTimeoutError):
-                try:
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001
-                    pass
-            raise mapped from None
-
-    def cast(self, method: str, *args) -> None:
-        getattr(self.actor, method).remote(*args)
-
-    def stream(self, method: str, *args) -> ReplicaStream:
-        return _RayStream(getattr(self.actor, method).options(num_returns="streaming").remote(*args))
-
-    def kill(self) -> None:
-        import ray
-
-        if self.ready:
-            try:
-                ray.get(self.actor.shutdown.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-        try:
-            ray.kill(self.actor)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-
-
-def wait_for_ray_replicas(replicas: list[RayReplica], scfg: ServeConfig, log_hint: str) -> list[dict]:
-    """Every replica's ``info`` once it has loaded its model, or a :class:`BifrostError` naming why not
-    (unschedulable: not enough Ray CPUs; the constructor failed; startup slower than startup_timeout_s)."""
-    import ray
-
-    refs = [r.actor.info.remote() for r in replicas]
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=scfg.startup_timeout_s)
-    if pending:
-        free = ray.available_resources().get("CPU", 0.0)
-        raise BifrostError(
-            f"{len(pending)} of {len(refs)} replicas did not start within startup_timeout_s={scfg.startup_timeout_s:g} s: "
-            f"Ray has no room for them (each reserves replica_cpus={scfg.replica_cpus:g}; free Ray CPUs: {free:g}) "
-            f"or loading the model is slow ({log_hint})")
-    infos = []
-    for i, (r, ref) in enumerate(zip(replicas, refs)):
-        try:
-            infos.append(ray.get(ref))
-        except Exception as exc:  # noqa: BLE001 - the actor's constructor raised
-            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-            raise BifrostError(f"replica {i} failed to start: {last} ({log_hint})") from None
-        r.ready = True
-    return infos
-
-
-def check_replicas_agree(infos: list[dict]) -> dict:
-    """All replicas must serve the same model and configuration (same install on every node)."""
-    for i, info in enumerate(infos[1:], 1):
-        for key in ("model_digest", "serving_config_digest"):
-            if info[key] != infos[0][key]:
-                raise BifrostError(f"replica {i} reports a different {key} than replica 0: is the same bifrost "
-                                   "and model installed on every node?")
-    return infos[0]
 
 
 # --------------------------------------------------------------------------- the servicer
@@ -302,7 +86,7 @@ def _where(exc: BaseException) -> str:
 
 
 class ServingService:
-    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list, info: dict,
+    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list[Replica], info: dict,
                  issuer_key: Ed25519PrivateKey | None = None) -> None:
         self.cfg, self.scfg, self.replicas, self.info = cfg, scfg, replicas, info
         self.issuer = TokenIssuer(issuer_key or Ed25519PrivateKey.generate(), issuer="bifrost-serve",
@@ -483,21 +267,24 @@ class ServingService:
     def Generate(self, req, context):
         entry = self._check_sealed_request(req, context)
         sid, rid = entry.session_id, req.request_id
-        if self.sessions.begin(sid) is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         finished = threading.Event()  # the turn ended on the replica (or will not run)
-        stream = None
+        cancel_sent = threading.Event()
 
-        def on_rpc_end() -> None:  # client hung up / deadline passed: stop the turn between tokens
-            if not finished.is_set():
-                try:
-                    self._background.submit(self._cancel_turn, entry.replica, sid, rid, stream)
-                except RuntimeError:  # shutting down: replicas are stopped anyway
-                    pass
+        def stop_turn() -> None:  # the client hung up / its deadline passed: stop the turn between tokens
+            if finished.is_set() or cancel_sent.is_set():
+                return
+            cancel_sent.set()
+            try:
+                self._background.submit(self._cast, entry.replica, "cancel", sid, rid)
+            except RuntimeError:  # shutting down: replicas are stopped anyway
+                pass
 
-        if not context.add_callback(on_rpc_end):
+        if not context.add_callback(stop_turn):  # (runs when the RPC ends for any reason)
+            return  # the client is gone already
+        if self.sessions.begin(sid) is None:
             finished.set()
-            return
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+        stream = None
         try:
             while True:
                 try:
@@ -515,9 +302,11 @@ class ServingService:
                     finished.set()
                     raise self._replica_error(entry, item)
                 if not context.is_active():
+                    stop_turn()
                     return
                 yield serving_pb2.SealedReply(sealed=item[1])
-        except GeneratorExit:
+        except GeneratorExit:  # gRPC dropped the call (client gone)
+            stop_turn()
             raise
         except BaseException:
             finished.set()
@@ -525,18 +314,13 @@ class ServingService:
         finally:
             self.sessions.end(sid)
 
-    def _cancel_turn(self, r: int, sid: bytes, rid: str, stream) -> None:
-        if stream is not None:
-            stream.cancel()
-        self._cast(r, "cancel", sid, rid)
-
     def Embed(self, req, context):
         entry = self._check_sealed_request(req, context)
         if self.sessions.begin(entry.session_id) is None:
             raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         try:
             try:
-                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed), req.request_id,
+                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed),
                                                          timeout_s=self.scfg.replica_timeout_s)
             except Exception as exc:  # noqa: BLE001
                 raise self._replica_failed(entry, exc) from None
@@ -679,7 +463,7 @@ class ServeApp:
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(scfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.local_workers: list = []
-        self.replicas: list = []
+        self.replicas: list[Replica] = []
         self.ray_started = False
         self._saved_env: dict[str, str | None] = {}
         self.server = self.service = self.health = None

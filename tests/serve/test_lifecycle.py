@@ -109,3 +109,17 @@ def test_dead_replica_gets_no_new_sessions_and_health_follows(app_factory, worke
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "no live replica" in err.value.details
     for c in clients + fresh + [late]:
         c.close()
+
+
+def test_a_request_on_a_busy_session_waits_a_bounded_time(app_factory, controlled_worker, monkeypatch):
+    monkeypatch.setattr("bifrost.serve.actors.TURN_WAIT_S", 0.3)  # (10 s in production)
+    controlled_worker.delay_s = 0.1
+    app = app_factory(workers=(controlled_worker.address,))
+    c = connect(app)
+    stream = c.generate("busy session", 4)  # ~3 s
+    first = next(stream)
+    with pytest.raises(ServingError) as err:
+        c.embed(["while the turn runs"])  # used to wait on the session lock without a limit
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in err.value.details
+    assert len(first.token_ids) + sum(len(ev.token_ids) for ev in stream) == 4  # the running turn is unaffected
+    c.close()

@@ -30,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-workers", type=int, help="how many local workers to start when none are given")
     p.add_argument("--replicas", type=int, help="trusted-runtime replicas")
     p.add_argument("--runtime", choices=("ray", "local"), help="ray: replicas as Ray actors; local: in-process")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting one locally")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto | GCS host:port; run on a cluster node, "
+                                         "with --workers) instead of starting Ray locally; ray:// is not supported")
+    p.add_argument("--ray-num-cpus", type=int,
+                   help="CPUs of a locally started Ray (default: replicas x replica_cpus)")
     p.add_argument("--max-sessions", type=int)
     p.add_argument("--evidence", help="evidence provider: auto (tdx/sev-snp from configfs-tsm) | tdx | sev-snp | "
                                       "simulated (development only: not a TEE)")
@@ -61,7 +64,8 @@ def _configs(args):
         cfg = cfg.replace(seed=args.seed)
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
-        "runtime": args.runtime, "ray_address": args.ray_address, "max_sessions": args.max_sessions,
+        "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,
+        "max_sessions": args.max_sessions,
         "evidence_provider": args.evidence}.items() if v is not None}
     if args.workers:
         changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())

@@ -217,7 +217,6 @@ class ReplicaActor:
         return {"session_id": sid, "server_public_key": hs.public_key, "report_data": report_data,
                 "evidence_type": evidence.evidence_type, "evidence": evidence.raw,
                 "endorsements": dict(evidence.endorsements),
-                "measurement": getattr(self.provider, "measurement", bytes(48)),
                 "model_digest": self.model_digest, "serving_config_digest": self.config_digest, "suite": suite}
 
     def close_session(self, session_id: bytes) -> bool:

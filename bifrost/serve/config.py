@@ -54,6 +54,9 @@ class ServeConfig:
     startup_timeout_s: float = 600.0  # replicas must have loaded their model within this
     # auto: tdx / sev-snp from configfs-tsm, or a clear failure; simulated only when named explicitly
     evidence_provider: str = "auto"
+    # The policy the front end (the token issuer) verifies each replica's evidence against before it issues
+    # a token; null: the default policy (simulated evidence accepted only when evidence_provider: simulated).
+    issuer_policy: str | None = None
     run_dir: str = "runs"
 
     def __post_init__(self) -> None:
@@ -83,6 +86,14 @@ class ServeConfig:
 
         if self.evidence_provider not in provider_names():
             raise BifrostError(f"serve.evidence_provider must be one of {', '.join(provider_names())}, got {self.evidence_provider!r}")
+        if self.issuer_policy is not None:
+            from ..attest.errors import AttestationError
+            from ..attest.policy import load_policy
+
+            try:
+                load_policy(self.issuer_policy)
+            except AttestationError as exc:
+                raise BifrostError(f"serve.issuer_policy: {exc}") from None
         for a in self.workers:
             host, _, port = a.rpartition(":")
             if not host or not port.isdigit():

@@ -28,16 +28,17 @@ import threading
 import time
 import traceback
 from concurrent import futures
-from datetime import datetime, timezone
 from pathlib import Path
+
 import grpc
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
-from ..attest.errors import TokenError, TokenReplayError
+from ..attest.errors import AttestationError, TokenError, TokenReplayError
 from ..attest.tokens import TokenGate, TokenIssuer
-from ..attest.verdict import Verdict
+from ..attest.policy import AttestationPolicy, load_policy
+from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..config import RunConfig
 from ..errors import BifrostError
 from ..proto import serving_pb2
@@ -95,6 +96,7 @@ class ServingService:
                               allow_simulated=self.info["evidence_type"] == "simulated")
         self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions)
         self.node_id = f"bifrost-serve-{secrets.token_hex(4)}"
+        self.issuer_policy = issuer_policy(scfg)
         self.health = None  # grpc_health servicer, set by start_grpc
         self._stop = threading.Event()
         self._background = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="serve-bg")
@@ -133,6 +135,17 @@ class ServingService:
             context.abort(code, message)
 
         return handle
+
+    def _verify_replica_evidence(self, out: dict) -> Verdict:
+        """The issuer's own verification of a replica's fresh evidence (bound to this session's channel key):
+        a token names only what passed ``issuer_policy``. A failure refuses the session (UNAVAILABLE)."""
+        evidence = Evidence(out["evidence_type"], out["evidence"], out["endorsements"])
+        try:
+            return verify_evidence(evidence, self.issuer_policy, expected_report_data=out["report_data"])
+        except AttestationError as exc:
+            log.error("replica evidence refused by the issuer policy: %s", exc.check)
+            raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                         f"the server's own evidence failed its issuer policy ({exc.check}); no token issued") from None
 
     def _check_sealed_request(self, req, context, need_sealed: bool = True):
         if req is MALFORMED:
@@ -246,10 +259,7 @@ class ServingService:
             self.sessions.cancel(r)
             raise _Abort(getattr(grpc.StatusCode, out[1]), out[2])
         try:
-            verdict = Verdict(evidence_type=out["evidence_type"], measurement=out["measurement"],
-                              report_data=out["report_data"], debug=False, tcb_status="self-reported", tcb={},
-                              fields={}, verified_at=datetime.now(timezone.utc), checks_passed=(),
-                              simulated=out["evidence_type"] == "simulated")
+            verdict = self._verify_replica_evidence(out)
             now = time.time()
             token = self.issuer.issue(verdict, node_id=self.node_id, model_digest=out["model_digest"], now=now)
         except BaseException:
@@ -404,6 +414,14 @@ class ServingService:
             "ListModels": grpc.unary_unary_rpc_method_handler(self._unary("ListModels", self.ListModels),
                                                               _safe(P.ListModelsRequest), ser),
         })
+
+
+def issuer_policy(scfg: ServeConfig) -> AttestationPolicy:
+    """``serve.issuer_policy`` if set; else the default policy, which accepts simulated evidence only when
+    the operator named the simulated provider (the banner and every token then say SIMULATED)."""
+    if scfg.issuer_policy is not None:
+        return load_policy(scfg.issuer_policy)
+    return AttestationPolicy(allow_simulated=scfg.evidence_provider == "simulated")
 
 
 def start_grpc(service: ServingService, host: str, port: int, threads: int):

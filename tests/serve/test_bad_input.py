@@ -294,3 +294,26 @@ def test_full_workers_during_attest_is_resource_exhausted(app_factory, worker_fa
     b.attest()  # its worker slot is free again
     assert len(b.chat("now", 1).tokens) == 1
     b.close()
+
+
+def test_tokens_name_what_the_issuer_verified_and_a_refusing_issuer_policy_issues_none(app_factory, worker_factory,
+                                                                                       tmp_path):
+    """The front end verifies each replica's fresh evidence before it signs a token: the token's measurement
+    is the evidence's, and an issuer policy the evidence fails means UNAVAILABLE and no session."""
+    from bifrost.attest.tokens import verify_token
+
+    _, _, address = worker_factory(MODEL_NAME, 64)
+    app = app_factory(workers=(address,))
+    c = connect(app)
+    claims = verify_token(c.token, [app.service.issuer.public_key])
+    assert claims.simulated and bytes.fromhex(claims.measurement) == c.verdict.measurement
+    assert bytes.fromhex(claims.report_data) == c.verdict.report_data and claims.tcb_status == c.verdict.tcb_status
+    assert len(c.chat("ok", 1).tokens) == 1
+    c.close()
+    strict = tmp_path / "issuer.yaml"
+    strict.write_text("allow_simulated: false\n")
+    refusing = app_factory(workers=(address,), issuer_policy=str(strict))
+    with pytest.raises(ServingError) as err:
+        connect(refusing)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "issuer policy (simulated)" in err.value.details
+    assert len(refusing.service.sessions) == 0

@@ -81,3 +81,15 @@ def test_unknown_evidence_provider_is_refused() -> None:
     with pytest.raises(BifrostError) as exc:
         ServeConfig(evidence_provider="sgx")
     assert "evidence_provider" in str(exc.value) and "auto" in str(exc.value)
+
+
+def test_issuer_policy_is_checked_at_load(tmp_path):
+    with pytest.raises(BifrostError, match="serve.issuer_policy"):
+        ServeConfig(issuer_policy=str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("allow_simulated: maybe\n")
+    with pytest.raises(BifrostError, match="serve.issuer_policy"):
+        ServeConfig(issuer_policy=str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("allow_debug: false\n")
+    assert ServeConfig(issuer_policy=str(good)).issuer_policy == str(good)

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test proto bench-ttft bench-fidelity bench-kernels openfhe-venv clean
+.PHONY: install demo test proto notebooks bench-ttft bench-fidelity bench-kernels openfhe-venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 
 proto: install
 	$(BIN)/python -m bifrost.proto.generate
+
+# Re-executes the notebooks in place (outputs saved), as tests/test_notebooks.py executes them.
+notebooks: install
+	$(BIN)/jupyter-execute --inplace notebooks/*.ipynb
 
 # Benchmarks (not tests): each prints a table and writes JSON (and a plot) under benchmarks/results/.
 bench-ttft: install

@@ -98,11 +98,14 @@ def best_blocking_for_rows_per_ct(n: int, prime_bits: tuple[int, ...], d_in: int
     return Blocking(n, rows_per_ct, best[1], best[2]), best[0]
 
 
-# Scalar (token-packed) blockings: one GEMM over Z_Q per row block of up to N rows (same fit as above).
-GEMM_FLOPS_PER_S = 20e9                  # float64 GEMM (wall, 2 threads)
-SECONDS_PER_SCALAR_INPUT_CT = 450e-6     # trusted encrypt + worker unpack/expand/CRT/digits (no FFT)
-SECONDS_PER_SCALAR_OUTPUT_CT = 60e-6     # trusted decrypt (c_1·s) + headers
-SECONDS_PER_SCALAR_OUTPUT_COEFF = 0.1e-6  # worker digit recombination, rescale and packing, per coefficient
+# Scalar (token-packed) blockings: one GEMM over Z_Q per row block of up to N rows. Refitted after the worker's
+# digit/recombine rewrite to kernels_bench's 768×2304 prefill at 128 and 512 rows (worker 0.91 / 1.03 s,
+# encrypt 0.17 s, decrypt 0.26 / 0.29 s; model 1.49 / 1.63 s incl. wire): the crossover with one row per
+# ciphertext is then ~55 prompt rows for GPT-2 124M, as end-to-end TTFT measured (64 rows: 112 s one row/ct).
+GEMM_FLOPS_PER_S = 40e9                  # float64 GEMM (wall, 2 threads)
+SECONDS_PER_SCALAR_INPUT_CT = 380e-6     # trusted encrypt + worker unpack/expand/CRT/digits (no FFT)
+SECONDS_PER_SCALAR_OUTPUT_CT = 160e-6    # trusted decrypt (c_1·s) + worker per-ciphertext output work
+SECONDS_PER_SCALAR_OUTPUT_COEFF = 0.01e-6  # worker digit recombination, rescale and packing, per coefficient
 SCALAR_DIGIT_BITS = 26                   # typical digit size of the exact float64 GEMM (linear.scalar_digit_plan)
 
 
@@ -131,7 +134,7 @@ def plan(n: int, prime_bits: tuple[int, ...], d_in: int, d_outs: tuple[int, ...]
     took 20 s to encode and several GB; r=512 ran out of 24 GiB). The scalar blocking (r = min(rows, N)
     rows, one column per ciphertext) needs no encoding at all and cuts ciphertexts per row from
     ~2·sqrt(d_in·d_out/N) to (d_in + d_out)/r, at the price of a GEMM whose width is N whatever r is: it is
-    chosen when the time model says it is faster (prompts of a few hundred tokens and more).
+    chosen when the time model says it is faster (prompts of ~50–60 tokens and more at N=2048).
     """
     if rows < 1:
         raise ValueError("rows must be ≥ 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +229,20 @@ def test_end_to_end_simulated_session() -> None:
     token = issuer.issue(verdict, node_id="sim-node", model_digest=model)
     claims = TokenGate([issuer.public_key], model_digest=model, allow_simulated=True).authorize(token, "r1", session_report_data=rd)
     assert claims.simulated and claims.node_id == "sim-node"
+
+
+def test_the_suite_verifies_every_vector_in_shared_testdata():
+    """CI clones the repo with ../shared beside it: its attestation vectors must be exactly the files in
+    tests/attest/data (which the SNP/TDX tests verify), so a vector added there cannot go untested."""
+    import hashlib
+
+    from tests.attest.conftest import DATA
+
+    shared = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "attestation"
+    if not shared.is_dir():
+        pytest.skip(f"no shared test data at {shared}")
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+    assert digests(shared) == digests(DATA)

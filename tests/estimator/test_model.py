@@ -1,0 +1,81 @@
+"""The cost model's counts: Euston's recipes, level bookkeeping, the native plan, call splitting."""
+
+import dataclasses
+
+import pytest
+
+from bifrost_estimator.model import (FHEAlgorithms, coeff_counts, column_counts, estimate, forward_bifrost,
+                                     forward_fhe, rows_per_call)
+from bifrost_estimator.profile import load_profile
+from bifrost_estimator.shapes import LinearGroup, load_shape
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return load_profile("gpu-published")
+
+
+def test_euston_recipe_depths():
+    alg = FHEAlgorithms()
+    assert alg.exp().depth == 4  # cipher_exp_5: r + 3 levels, r = 1
+    assert alg.softmax()[1].depth == 10  # Euston's softmax context has 10 levels
+    assert alg.norm(768, True)[1].depth == 9  # ... its LayerNorm context 9
+    assert alg.norm(768, True)[0].adds == 768 + 1  # sum_j (x_i - x_j): d subtractions per column
+    assert alg.activation(False).depth == 37 and alg.activation(False).mults == 57
+
+
+def test_fewer_levels_after_bootstrapping_means_more_bootstraps(gpu):
+    shape = load_shape("gpt2")
+    fewer = dataclasses.replace(gpu, fhe=dataclasses.replace(gpu.fhe, deep=dataclasses.replace(gpu.fhe.deep,
+                                                                                                 usable_levels=4)))
+    a = forward_fhe(gpu, shape, 128, 128, 32, FHEAlgorithms()).counts()["bootstrap"]
+    b = forward_fhe(fewer, shape, 128, 128, 32, FHEAlgorithms()).counts()["bootstrap"]
+    assert b > a > 0
+    none = forward_fhe(gpu, shape, 128, 128, 32, FHEAlgorithms(bootstrapping=False)).counts()
+    assert "bootstrap" not in none and "context switch" not in none
+
+
+def test_fhe_linear_is_euston_column_packing(gpu):
+    """d_in x d_out constant products per slots tokens, no rotation; amortised over the filled slots."""
+    shape = load_shape("gpt2")
+    cost = forward_fhe(gpu, shape, 128, 128, 32, FHEAlgorithms())
+    mm = gpu.fhe.matmul
+    per_layer_macs = sum(g.macs for g in shape.groups())
+    tokens = 128 * 32
+    expected = shape.n_layers * per_layer_macs * tokens / mm.slots * (mm.mul_plain_s + mm.add_s)
+    assert cost.by("op")["linear (ct×pt)"] == pytest.approx(expected, rel=0.01)
+    c = column_counts(mm.slots, LinearGroup("x", 768, (2304,)), tokens)
+    assert (c.rotations, c.mul_plain, c.cts_in, c.cts_out) == (0, 768 * 2304, 768, 2304)
+
+
+def test_native_counts_follow_the_kernel_planner(monkeypatch):
+    """The estimator asks bifrost_kernels.layout.plan for the blocking instead of re-implementing it."""
+    from bifrost_kernels import layout
+
+    from bifrost_estimator.profile import CKKSOps
+
+    ops = CKKSOps(2048, (30, 24), 0.0, 1.0, 0.0, 0.0)
+    group = LinearGroup("x", 768, (768,))
+    before = coeff_counts(ops, group, 8)
+    assert before.cts_in == 8 * layout.plan(2048, (30, 24), 768, (768,), 8).in_blocks(768)
+    monkeypatch.setattr(layout, "plan", lambda n, bits, d_in, d_outs, rows: layout.Blocking(n, 4, 16, 32))
+    after = coeff_counts(ops, group, 8)
+    assert (after.row_blocks, after.cts_in, after.cts_out) == (2, 2 * 48, 2 * 24)
+
+
+def test_long_prompts_go_in_several_calls(gpu):
+    shape = load_shape("gpt2")
+    cap = rows_per_call()
+    one = forward_bifrost(gpu, shape, cap, cap, local_linears=False).counts()["transfer"]
+    two = forward_bifrost(gpu, shape, cap + 1, cap + 1, local_linears=False)
+    calls = sum(1 for t in two.terms if t.op == "transfer")
+    assert calls == 2 * len(shape.groups())
+    assert two.counts()["transfer"] > one
+
+
+def test_column_packing_what_if_matches_fhe_linear_counts(gpu):
+    shape = load_shape("gpt2-xl")
+    b = estimate(gpu, shape, "bifrost", 128, 2, batch=32, layers_only=True, linear_packing="column")
+    f = estimate(gpu, shape, "fhe", 128, 2, batch=32, layers_only=True)
+    # same products per token in both; Bifrost adds only per-ciphertext load/dump and call overheads
+    assert b.prefill.counts()["linear (CKKS)"] == pytest.approx(f.prefill.counts()["linear (ct×pt)"], rel=1e-6)

@@ -34,6 +34,9 @@ from .profile import FHE, TEE, Accelerator, CKKSOps, Link, Profile, Source
 from .shapes import LinearGroup
 
 
+GEMM_ROWS = (1, 4, 16, 64)
+
+
 def _best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
     """Best of ``reps`` timed calls: on a shared machine interference only ever adds time, so the fastest
     run estimates the cost itself (validation compares with the best warm runs too)."""
@@ -204,10 +207,15 @@ def _torch_ops(verbose: bool, quick: bool) -> dict:
         t1, t64 = _best_time(lambda: F.linear(x1, w), reps), _best_time(lambda: F.linear(x64, w), reps)
         out["gemm_flops"] = 2 * 63 * w.numel() / max(t64 - t1, 1e-6)
         out["mem_bandwidth_Bps"] = w.numel() * 4 / max(t1 - 2 * w.numel() / out["gemm_flops"], 1e-6)
-        wn = torch.randn(65536, 64)  # a narrow (d_in = 64) matmul: less arithmetic per weight read
-        xn1, xn64 = torch.randn(1, 64), torch.randn(64, 64)
-        n1, n64 = _best_time(lambda: F.linear(xn1, wn), reps * 2), _best_time(lambda: F.linear(xn64, wn), reps * 2)
-        out["gemm_flops_narrow"] = 2 * 63 * wn.numel() / max(n64 - n1, 1e-7)
+        # seconds per weight element vs rows: small-row matmuls run far below the 64-row rate (the GEMM
+        # kernels' packing), measured on an LM-head-sized weight and on a cycle of distinct delegated-size
+        # weights (as in a forward pass: each read once, cold)
+        out["gemm_s_per_weight"] = {str(r): _best_time(lambda: F.linear(torch.randn(r, 768), w), reps) / w.numel()
+                                    for r in GEMM_ROWS}
+        cycle = [torch.randn(2304, 768) for _ in range(8)]  # 56 MB: more than the last-level cache
+        out["gemm_s_per_weight_small"] = {
+            str(r): _best_time(lambda: [F.linear(xr, c) for xr in [torch.randn(r, 768)] for c in cycle], reps)
+            / (len(cycle) * cycle[0].numel()) for r in GEMM_ROWS}
         h = torch.randn(512, 1024)
         g, bb = torch.ones(1024), torch.zeros(1024)
         out["norm_s_per_elem"] = _best_time(lambda: F.layer_norm(h, (1024,), g, bb), reps) / h.numel()
@@ -467,12 +475,13 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
         eff = eff or 1.0
         acc = Accelerator("", backend, ops, w_in / eff, w_out / eff, 0.0, eff)
     else:
-        # apply = per call + per input ct + per output ct + per block product + per weight block per kernel pass
-        w0, w_in, w_out, w_prod, w_pass = _nnls(
-            [[1, r["counts"].cts_in, r["counts"].cts_out, r["counts"].mul_plain, r["counts"].weight_passes]
-             for r in cases], [r["apply_s"] for r in cases])
+        # apply = per call + per input ct + per output ct + per block product + per weight block per kernel
+        # pass + per weight block per call
+        w0, w_in, w_out, w_prod, w_pass, w_blk = _nnls(
+            [[1, r["counts"].cts_in, r["counts"].cts_out, r["counts"].mul_plain, r["counts"].weight_passes,
+              r["counts"].weight_blocks] for r in cases], [r["apply_s"] for r in cases])
         ops = CKKSOps(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes), 0.0, max(w_prod, 1e-9), 0.0, 0.0)
-        acc = Accelerator("", backend, ops, w_in, w_out, w0, 1.0, weight_pass_s=w_pass)
+        acc = Accelerator("", backend, ops, w_in, w_out, w0, 1.0, weight_pass_s=w_pass, weight_block_s=w_blk)
     fit = []
     probe = Profile("fit", "", Source("measured", ""), acc, None, None)  # type: ignore[arg-type]
     for r in cases:
@@ -515,7 +524,7 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
         decrypt_call_s=be["decrypt_call_s"], decrypt_row_block_s=be["decrypt_row_block_s"],
         glue_s_per_elem=torch_ops["glue_s_per_elem"],
         gemm_flops=torch_ops["gemm_flops"], mem_bandwidth_Bps=torch_ops["mem_bandwidth_Bps"],
-        gemm_flops_narrow=torch_ops["gemm_flops_narrow"],
+        gemm_s_per_weight=torch_ops["gemm_s_per_weight"], gemm_s_per_weight_small=torch_ops["gemm_s_per_weight_small"],
         norm_s_per_elem=torch_ops["norm_s_per_elem"], softmax_s_per_elem=torch_ops["softmax_s_per_elem"],
         act_s_per_elem=torch_ops["act_s_per_elem"], attn_s_per_mac=torch_ops["attn_s_per_mac"],
         layer_overhead_s=torch_ops["layer_overhead_s"], forward_overhead_s=torch_ops["forward_overhead_s"],

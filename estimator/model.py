@@ -282,6 +282,7 @@ class LinearCounts:
     cts_out: int
     row_blocks: int = 1  # row groups the input is split into (one sealed scale block each)
     weight_passes: int = 0  # native: encoded weight blocks streamed through the kernel (per kernel pass)
+    weight_blocks: int = 0  # native: encoded weight blocks of the group (touched once per call)
 
 
 def bsgs_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -309,7 +310,8 @@ def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
     """Counts of the native backend's coefficient blocking, taken from ``bifrost_kernels.layout.plan``
     itself (so the model follows when the planner changes): no rotations; per row block ``in_blocks``
     input and ``out_blocks`` output ciphertexts and ``in_blocks x out_blocks`` block products; the kernel
-    streams the encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks."""
+    streams the encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks and touches them once
+    per call."""
     from bifrost_kernels.layout import plan
     from bifrost_kernels.rns import ntt_primes
 
@@ -318,7 +320,8 @@ def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
     rb, kin = blk.row_blocks(rows), blk.in_blocks(group.d_in)
     kout = sum(blk.out_blocks(d) for d in group.d_outs)
     passes = ceil_div(rb, _row_blocks_per_kernel_call())
-    return LinearCounts(0, rb * kin * kout, rb * kin * kout, rb * kout, rb * kin, rb * kout, rb, passes * kin * kout)
+    return LinearCounts(0, rb * kin * kout, rb * kin * kout, rb * kout, rb * kin, rb * kout, rb, passes * kin * kout,
+                        kin * kout)
 
 
 def column_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -360,7 +363,7 @@ def accelerator_seconds(p: Profile, c: LinearCounts) -> float:
     """Worker time of one delegated call (what the worker reports as compute seconds)."""
     a = p.accelerator
     return a.efficiency * (ckks_seconds(a.linear, c) + c.cts_in * a.ct_load_s + c.cts_out * a.ct_dump_s
-                           + c.weight_passes * a.weight_pass_s) + a.call_overhead_s
+                           + c.weight_passes * a.weight_pass_s + c.weight_blocks * a.weight_block_s) + a.call_overhead_s
 
 
 def encrypt_seconds(p: Profile, c: LinearCounts) -> float:
@@ -373,15 +376,32 @@ def decrypt_seconds(p: Profile, c: LinearCounts) -> float:
     return t.decrypt_call_s + c.cts_out * t.decrypt_ct_s + c.row_blocks * t.decrypt_row_block_s
 
 
+LARGE_WEIGHT_BYTES = 32 << 20
+
+
+def _per_weight(table: dict, rows: int) -> float:
+    """Seconds per weight element at ``rows``: linear between the measured row counts, extrapolated with the
+    last segment's slope beyond them."""
+    pts = sorted((int(k), v) for k, v in table.items())
+    if rows <= pts[0][0]:
+        return pts[0][1]
+    for (r0, v0), (r1, v1) in zip(pts, pts[1:]):
+        if rows <= r1:
+            return v0 + (v1 - v0) * (rows - r0) / (r1 - r0)
+    (r0, v0), (r1, v1) = pts[-2], pts[-1]
+    return v1 + (v1 - v0) * (rows - r1) / (r1 - r0)
+
+
 def gemm_seconds(p: Profile, rows: int, d_in: int, d_out: int) -> float:
-    """Plaintext float32 ``rows x d_in`` @ ``d_in x d_out`` in the TEE: streaming the weights once from
-    memory (a forward touches each weight once, so it is never cache-hot) plus the arithmetic of every row."""
+    """Plaintext float32 ``rows x d_in`` @ ``d_in x d_out`` in the TEE. With the calibrated tables: weight
+    elements x the measured seconds per weight element at this row count (LM-head-sized table above
+    32 MB of weights, the cold delegated-size table below). Otherwise a roofline: weights streamed once
+    from memory plus 2·rows·MACs at ``gemm_flops``."""
     t = p.tee
-    flops = t.gemm_flops
-    if t.gemm_flops_narrow > 0 and d_in < 768:  # narrow inner dimension: interpolate in log2(d_in), 64..768
-        frac = (math.log2(max(d_in, 64)) - 6) / (math.log2(768) - 6)
-        flops = t.gemm_flops_narrow * (t.gemm_flops / t.gemm_flops_narrow) ** frac
-    return 4.0 * d_in * d_out / t.mem_bandwidth_Bps + 2.0 * rows * d_in * d_out / flops
+    table = t.gemm_s_per_weight if 4 * d_in * d_out > LARGE_WEIGHT_BYTES else t.gemm_s_per_weight_small
+    if table:
+        return d_in * d_out * _per_weight(table, rows)
+    return 4.0 * d_in * d_out / t.mem_bandwidth_Bps + 2.0 * rows * d_in * d_out / t.gemm_flops
 
 
 # ------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class Accelerator:
     call_overhead_s: float  # per delegated call (RPC handler, weight-cache lookup)
     efficiency: float = 1.0  # measured whole-layer time / time composed from the per-op costs (fitted)
     weight_pass_s: float = 0.0  # native: streaming one encoded weight block through one kernel pass
+    weight_block_s: float = 0.0  # native: per encoded weight block and call (independent of the rows)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class TEE:
     attn_s_per_mac: float  # q·K and p·V in the attention (eager)
     layer_overhead_s: dict = field(default_factory=dict)  # family -> framework time per decoder layer per forward
     forward_overhead_s: float = 0.0  # per forward: embedding, loop, cache bookkeeping
-    gemm_flops_narrow: float = 0.0  # FLOP/s of a matmul with d_in = 64 (0: gemm_flops); interpolated in log d_in
+    gemm_s_per_weight: dict = field(default_factory=dict)  # rows -> seconds per weight element, weights > 32 MB
+    gemm_s_per_weight_small: dict = field(default_factory=dict)  # the same for delegated-size weights, read cold
     prefill_overhead_s: float = 0.0  # added to the first forward of a sequence (no KV cache yet: masks, cache)
     prefill_layer_overhead_s: dict = field(default_factory=dict)  # family -> added per layer in that forward
     sample_s_per_vocab: float = 0.0  # argmax / sampling over the logits

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test proto bench-ttft bench-fidelity bench-kernels clean
+.PHONY: install demo test proto notebooks bench-ttft bench-fidelity bench-kernels openfhe-venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 proto: install
 	$(BIN)/python -m bifrost.proto.generate
 
+# Re-executes the notebooks in place (outputs saved), as tests/test_notebooks.py executes them.
+notebooks: install
+	$(BIN)/jupyter-execute --inplace notebooks/*.ipynb
+
 # Benchmarks (not tests): each prints a table and writes JSON (and a plot) under benchmarks/results/.
 bench-ttft: install
 	$(BIN)/python benchmarks/ttft.py $(ARGS)
@@ -30,8 +34,25 @@ bench-ttft: install
 bench-fidelity: install
 	$(BIN)/python benchmarks/fidelity.py $(ARGS)
 
-bench-kernels: install
+# OpenFHE baseline for bench-kernels in its own venv (openfhe-python has wheels for CPython 3.10/3.12, not 3.11),
+# made once. Never fails the build: without a 3.10/3.12 interpreter or the wheels it leaves no venv, and
+# kernels_bench.py reports "OpenFHE baseline skipped: <reason>".
+PYTHON310    ?= /root/.pyenv/versions/3.10.13/bin/python
+OPENFHE_VENV := benchmarks/.venv-openfhe
+
+$(OPENFHE_VENV)/.installed: benchmarks/openfhe-requirements.txt
+	@py=; for c in "$(PYTHON310)" python3.10 python3.12; do \
+	  if "$$c" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 12)))' 2>/dev/null; then py=$$c; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then echo "OpenFHE baseline skipped: no Python 3.10/3.12 (tried $(PYTHON310), python3.10, python3.12)"; \
+	else echo "creating $(OPENFHE_VENV) with $$py"; rm -rf $(OPENFHE_VENV); \
+	  if "$$py" -m venv $(OPENFHE_VENV) && $(OPENFHE_VENV)/bin/pip install -q -r $<; then touch $@; \
+	  else rm -rf $(OPENFHE_VENV); echo "OpenFHE baseline skipped: could not install $< under $$py"; fi; fi
+
+openfhe-venv: $(OPENFHE_VENV)/.installed
+
+bench-kernels: install openfhe-venv
 	$(BIN)/python benchmarks/kernels_bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OPENFHE_VENV) runs

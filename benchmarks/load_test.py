@@ -6,7 +6,8 @@ p50/p99 time per output token, time to first token, peak memory per process, err
 zero) and the canary check: every session's prompt carries a secret string that must not appear
 in any other session's output nor anywhere in the run folder (serve log, worker logs, Ray logs).
 
-    .venv/bin/python benchmarks/load_test.py --model gpt2-mini --sessions 16 --tokens 32
+    .venv/bin/python benchmarks/load_test.py --model gpt2-2l --sessions 16 --tokens 32   # the recorded results
+    .venv/bin/python benchmarks/load_test.py --model gpt2-mini   # a quick functional run
 
 Prints a rich table to stderr and one JSON object to stdout.
 """
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
         cfg = cfg.replace(backend=args.backend)
     scfg = load_serve_config().replace(runtime=args.runtime, port=0, replicas=args.replicas, local_workers=args.workers,
                                        workers=(), max_sessions=max(args.sessions, 1), max_new_tokens=max(args.tokens, 1),
-                                       ray_num_cpus=max(2, args.replicas), run_dir=args.run_root,
+                                       max_pending_sessions=max(args.sessions, 1), ray_num_cpus=max(2, args.replicas),
+                                       run_dir=args.run_root,
                                        batch_decode=not args.no_batch)
     t_start = time.perf_counter()
     app = ServeApp(cfg, scfg)

@@ -1,6 +1,8 @@
 """Bifrost native CKKS kernels (installed as ``bifrost_kernels``): registers the ``native`` backend.
 
-Heavy imports (torch) happen only when the backend is requested.
+Heavy imports (torch) happen only when the backend is requested. Run from the source tree, this folder is
+also importable as a top-level ``kernels`` (transformers imports a package of that name when it probes for
+Hugging Face's hub-kernels library); only the installed name registers, so one copy of the backend exists.
 """
 
 from bifrost.ckks.backend import register_backend
@@ -12,4 +14,5 @@ def _native_backend():
     return NativeBackend()
 
 
-register_backend("native", _native_backend)
+if __name__ == "bifrost_kernels":
+    register_backend("native", _native_backend)

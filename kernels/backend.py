@@ -35,7 +35,7 @@ from bifrost.ckks.params import CKKSParams
 from . import negacyclic_fft as nfft
 from . import sampling, wire
 from .layout import Blocking, plan
-from .linear import EncodedWeights, apply_fft, apply_ntt, encode_weights
+from .linear import EncodedWeights, apply_fft, apply_ntt, apply_scalar, encode_weights
 from .rns import RNSBasis, ntt_primes
 
 DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24), scale_bits=35)
@@ -136,13 +136,20 @@ class NativeTrustedContext:
             raise CiphertextError("activation-scale block is malformed")
         return scales
 
-    def _encrypt_polynomials(self, msg: np.ndarray, seeds: list[bytes], errors: np.ndarray) -> np.ndarray:
-        """c_0 = m + e − a(seed)·s mod q_i for integer polynomials msg, errors [C, N] -> residues [C, L, N]."""
+    def _encrypt_polynomials(self, msg: np.ndarray, seed: bytes, errors: np.ndarray) -> np.ndarray:
+        """c_0 = m + e − a(seed, k)·s mod q_i for integer polynomials msg, errors [C, N] (ciphertext k = row k)
+        -> residues [C, L, N]."""
         c = self._codec
-        a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])       # [C, L, N]
+        a = sampling.expand_uniform_many(seed, np.arange(len(msg)), c.primes, c.n)     # [C, L, N]
         q_col = c.basis.q_col[None, :, None]
         a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
         return np.mod((msg + errors)[:, None, :] - a_s, q_col)
+
+    def rows_per_call(self, shape: GroupShape, rows: int) -> int:
+        """How many of ``rows`` rows one worker call should carry: a whole scalar row block (up to N rows),
+        else ``ROWS_PER_FFT_CALL`` (bounds one request's size and the worker's working memory)."""
+        blk = self._codec.blocking(shape, min(rows, self._codec.n))
+        return blk.rows_per_ct if blk.is_scalar else ROWS_PER_FFT_CALL
 
     # -------------------------------------------------------------- encrypt
     def encrypt(self, shape: GroupShape, x: np.ndarray):
@@ -174,14 +181,16 @@ class NativeTrustedContext:
         msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
 
         count = rb_count * b_count
-        seeds = sampling.fresh_seeds(count)
-        c0 = self._encrypt_polynomials(msg.reshape(count, n), seeds, sampling.centered_binomial((count, n)))
+        seed = sampling.fresh_seed()
+        c0 = self._encrypt_polynomials(msg.reshape(count, n), seed, sampling.centered_binomial((count, n)))
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
 
         sealed = [self._seal(sealed_scales[k * r:(k + 1) * r], k)
                   for k in range(rb_count)]
-        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seeds[i],
-                                                  sealed[i // b_count]), payload[i].tobytes())
+        # the sealed scales travel once per row block: on its first input ciphertext (b = 0)
+        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed,
+                                                  sealed[i // b_count] if i % b_count == 0 else b""),
+                                 payload[i].tobytes())
                for i in range(count)]
         return EncryptedBatch(ciphertexts=cts, rows=rows)
 
@@ -208,6 +217,10 @@ class NativeTrustedContext:
                         (rows, r, blk.in_per_ct, n_o, m, i, len(cts)):
                     raise CiphertextError(f"member {m} ciphertext {i}: layout/index header does not match "
                                           f"the expected (rows={rows}, blocking={blk})")
+                carries_scales = m == 0 and i % o_count == 0
+                if carries_scales != bool(h.sealed):
+                    raise CiphertextError(f"member {m} ciphertext {i}: activation scales misplaced "
+                                          f"(they travel once per row block, on member 0's first ciphertext)")
                 payloads.append(np.frombuffer(body, dtype=np.uint8))
                 meta.append((m, i // o_count, i % o_count, h.weight_scale, h.sealed))
         vals = wire.unpack_bits(np.stack(payloads), r * n_o + c.n, c.bits[0])          # [C, r·n_o + N]
@@ -222,11 +235,9 @@ class NativeTrustedContext:
         decoded = np.where(decoded > q0 // 2, decoded - q0, decoded).astype(np.float64)  # [C, r·n_o]
 
         results = [np.zeros((rb_count * r, blk.out_blocks(d) * n_o)) for d in shape.d_outs]
-        unsealed: dict[bytes, np.ndarray] = {}
-        for k, (m, rb, ob, w_scale, sealed) in enumerate(meta):
-            if sealed not in unsealed:
-                unsealed[sealed] = self._unseal(sealed, rb, r)
-            x_scales = unsealed[sealed]
+        x_scales_of = {rb: self._unseal(sealed, rb, r) for m, rb, _, _, sealed in meta if sealed}
+        for k, (m, rb, ob, w_scale, _) in enumerate(meta):
+            x_scales = x_scales_of[rb]
             block = decoded[k].reshape(r, n_o) * (c.rescale_factor / w_scale) / x_scales[:, None]
             results[m][rb * r:(rb + 1) * r, ob * n_o:(ob + 1) * n_o] = block
         return [res[:rows, :d] for res, d in zip(results, shape.d_outs)]
@@ -253,7 +264,7 @@ class NativeEvaluator:
         _check_shape(shape)
         if len(weights) != len(shape.d_outs):
             raise ValueError(f"expected {len(shape.d_outs)} weight matrices, got {len(weights)}")
-        ints, scales = [], []
+        ints, scales = [], []  # ints: integer-valued float64 (exact: |w̃| < 2^weight_bits ≤ 2^53)
         for w, d_out in zip(weights, shape.d_outs):
             w = np.asarray(w, dtype=np.float64)
             if w.shape != (d_out, shape.d_in):
@@ -262,9 +273,9 @@ class NativeEvaluator:
                 raise ValueError("weights contain NaN or infinity")
             peak = float(np.abs(w).max())
             scale = (2 ** self.weight_bits - 1) / peak if peak > 0 else 1.0
-            ints.append(torch.from_numpy(np.rint(w * scale).astype(np.int64)).to(self.device))
+            ints.append(np.rint(w * scale))
             scales.append(scale)
-        prepared = PreparedGroup(shape, ints, scales, {})
+        prepared = PreparedGroup(shape, torch.from_numpy(np.concatenate(ints)).to(self.device), scales)
         prepared.encoded(self, self._codec.blocking(shape, 1))  # decode blocking encoded eagerly
         return prepared
 
@@ -317,16 +328,20 @@ class NativeEvaluator:
         if len(ciphertexts) != expected:
             raise CiphertextError(f"expected {expected} input ciphertexts for rows={first.rows}, "
                                   f"got {len(ciphertexts)}")
-        seeds, bodies, sealed = [], [], []
+        bodies, sealed = [], []
         for i, ct in enumerate(ciphertexts):
             h, body = wire.decode_input(ct, c.context_id, plen)
             if (h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.index, h.count) != \
                     (first.rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct, i, expected):
                 raise CiphertextError(f"input ciphertext {i}: layout/index header does not match this layer "
                                       f"(d_in={shape.d_in}, blocking={blk})")
-            seeds.append(h.seed)
+            if (i % b_count == 0) != bool(h.sealed):
+                raise CiphertextError(f"input ciphertext {i}: activation scales misplaced (they travel once per "
+                                      f"row block, on its first ciphertext)")
+            if h.seed != first.seed:
+                raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one seed")
             bodies.append(np.frombuffer(body, dtype=np.uint8))
-            if i % b_count == 0:
+            if h.sealed:
                 sealed.append(h.sealed)
         packed = np.stack(bodies)
         c0, offset = [], 0
@@ -338,7 +353,7 @@ class NativeEvaluator:
             c0.append(limb)
             offset += length
         c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
-        a = np.stack([sampling.expand_uniform(sd, c.primes, c.n) for sd in seeds])    # [C, L, N]
+        a = sampling.expand_uniform_many(first.seed, np.arange(expected), c.primes, c.n)  # [C, L, N]
         cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
         return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first.rows, sealed
 
@@ -346,13 +361,17 @@ class NativeEvaluator:
         """Residues [RB, B, 2, L, N] -> rescaled outputs [RB, ΣO, r·n_o + N] mod q_0 (wire order)."""
         c = self._codec
         enc = prepared.encoded(self, blk)
-        pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
-        kernel = apply_fft if self.engine == "fft" else apply_ntt
-        extra = (c.primes, c.log_q, pos) if self.engine == "fft" else (c.primes, pos)
-        # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
-        # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
-        return np.concatenate([kernel(enc, cts[i:i + ROW_BLOCKS_PER_KERNEL_CALL], *extra).cpu().numpy()
-                               for i in range(0, cts.shape[0], ROW_BLOCKS_PER_KERNEL_CALL)])
+        if blk.is_scalar:  # long prompts: GEMMs over Z_Q, one row block (up to N rows) at a time
+            kernel, extra, step = apply_scalar, (c.primes, c.log_q, self.weight_bits), 1
+        else:
+            pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
+            kernel = apply_fft if self.engine == "fft" else apply_ntt
+            extra = (c.primes, c.log_q, pos, self.weight_bits) if self.engine == "fft" else (c.primes, pos)
+            # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
+            # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
+            step = ROW_BLOCKS_PER_KERNEL_CALL
+        return np.concatenate([kernel(enc, cts[i:i + step], *extra).cpu().numpy()
+                               for i in range(0, cts.shape[0], step)])
 
     def _encode_outputs(self, prepared: "PreparedGroup", blk: Blocking, rows: int, sealed: list[bytes],
                         sent: np.ndarray) -> list[list[bytes]]:
@@ -365,8 +384,9 @@ class NativeEvaluator:
             member = []
             for rb in range(rb_count):
                 for ob in range(o_count):
+                    scales = sealed[rb] if m == 0 and ob == 0 else b""  # once per row block
                     h = wire.OutputHeader(c.context_id, rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct,
-                                          m, rb * o_count + ob, rb_count * o_count, prepared.scales[m], sealed[rb])
+                                          m, rb * o_count + ob, rb_count * o_count, prepared.scales[m], scales)
                     member.append(wire.encode_output(h, packed_out[rb, start + ob].tobytes()))
             results.append(member)
             start += o_count
@@ -374,19 +394,29 @@ class NativeEvaluator:
 
 
 class PreparedGroup:
-    """Quantised weights of one group plus their encoding (one blocking per group, see layout.plan; cached)."""
+    """Quantised weights of one group, [ΣO, d_in] integer-valued float64 (members stacked in order), plus
+    their encodings per blocking (see layout.plan; cached). Scalar blockings use the weights as they are."""
 
-    def __init__(self, shape: GroupShape, weight_ints: list[torch.Tensor], scales: list[float],
-                 cache: dict[Blocking, EncodedWeights]):
-        self.shape, self.weight_ints, self.scales, self.cache = shape, weight_ints, scales, cache
+    def __init__(self, shape: GroupShape, weights: torch.Tensor, scales: list[float]):
+        self.shape, self.weights, self.scales = shape, weights, scales
+        self.cache: dict[Blocking, EncodedWeights] = {}
+
+    @property
+    def weight_ints(self) -> list[torch.Tensor]:
+        """Per-member views [d_out, d_in] of :attr:`weights`."""
+        return list(torch.split(self.weights, list(self.shape.d_outs)))
 
     def encoded(self, ev: NativeEvaluator, blk: Blocking) -> EncodedWeights:
+        if blk.is_scalar:  # nothing to encode, nothing to cache per row count
+            out_blocks = tuple(self.shape.d_outs)
+            return EncodedWeights(blk, out_blocks, scalar_weights=self.weights)
         if blk not in self.cache:
             self.cache[blk] = encode_weights(blk, self.weight_ints, self.shape.d_in, ev._codec.primes, ev.engine)
         return self.cache[blk]
 
 
 ROW_BLOCKS_PER_KERNEL_CALL = 4
+ROWS_PER_FFT_CALL = 64  # a 512-token prompt on a 3072-wide layer would be ~19k one-row ciphertexts in one call
 
 
 class NativeBackend:

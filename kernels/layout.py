@@ -19,11 +19,13 @@ from functools import lru_cache
 
 import numpy as np
 
-# Time model (seconds), measured on the 2-core dev box; only ratios matter for the choice.
+# Time model (seconds), fitted to trusted encrypt + worker apply + trusted decrypt of the GPT-2 and
+# Qwen3-0.6B layer groups at 64 rows on the 2-core dev box (benchmarks/kernels_bench.py reports the
+# measured per-shape figures). Only ratios matter for the choices below, and both sides compute them identically.
 WIRE_BYTES_PER_S = 300e6
-SECONDS_PER_INPUT_CT = 40e-6   # trusted encrypt + worker forward FFTs
-SECONDS_PER_OUTPUT_CT = 40e-6  # worker inverse FFTs/rescale + trusted decrypt
-SECONDS_PER_PRODUCT = 1.5e-6   # one ciphertext-block × weight-block product in the FFT domain
+SECONDS_PER_INPUT_CT = 400e-6   # trusted encrypt (a·s, errors, packing) + worker unpack/expand/digits/FFT
+SECONDS_PER_OUTPUT_CT = 270e-6  # worker inverse FFTs/recombine/rescale/packing + trusted decrypt
+SECONDS_PER_PRODUCT = 9e-6      # one ciphertext-block × weight-block product in the FFT domain
 HEADER_BYTES = 96
 
 
@@ -38,6 +40,12 @@ class Blocking:
         if min(self.rows_per_ct, self.in_per_ct, self.out_per_ct) < 1 or \
                 self.rows_per_ct * self.in_per_ct * self.out_per_ct > self.n:
             raise ValueError(f"invalid blocking {self}")
+
+    @property
+    def is_scalar(self) -> bool:
+        """One input column per ciphertext (its coefficients hold ``r`` token rows): the weights act as
+        scalars, so the worker computes a matrix product over Z_Q instead of polynomial products."""
+        return self.in_per_ct == 1 and self.out_per_ct == 1
 
     @property
     def row_stride(self) -> int:
@@ -90,16 +98,44 @@ def best_blocking_for_rows_per_ct(n: int, prime_bits: tuple[int, ...], d_in: int
     return Blocking(n, rows_per_ct, best[1], best[2]), best[0]
 
 
+# Scalar (token-packed) blockings: one GEMM over Z_Q per row block of up to N rows (same fit as above).
+GEMM_FLOPS_PER_S = 20e9                  # float64 GEMM (wall, 2 threads)
+SECONDS_PER_SCALAR_INPUT_CT = 450e-6     # trusted encrypt + worker unpack/expand/CRT/digits (no FFT)
+SECONDS_PER_SCALAR_OUTPUT_CT = 60e-6     # trusted decrypt (c_1·s) + headers
+SECONDS_PER_SCALAR_OUTPUT_COEFF = 0.1e-6  # worker digit recombination, rescale and packing, per coefficient
+SCALAR_DIGIT_BITS = 26                   # typical digit size of the exact float64 GEMM (linear.scalar_digit_plan)
+
+
+def scalar_seconds(n: int, prime_bits: tuple[int, ...], d_in: int, d_outs: tuple[int, ...], rows: int) -> float:
+    """Modelled time of ``rows`` rows through the scalar blocking with min(rows, N) rows per ciphertext."""
+    r = min(rows, n)
+    row_blocks = -(-rows // r)
+    digits = -(-sum(prime_bits) // SCALAR_DIGIT_BITS)
+    in_bytes = HEADER_BYTES + n * sum(prime_bits) / 8
+    out_bytes = HEADER_BYTES + (n + r) * prime_bits[0] / 8
+    d_out = sum(d_outs)
+    per_out_ct = SECONDS_PER_SCALAR_OUTPUT_CT + digits * (r + n) * SECONDS_PER_SCALAR_OUTPUT_COEFF
+    per_block = (d_in * (in_bytes / WIRE_BYTES_PER_S + SECONDS_PER_SCALAR_INPUT_CT)
+                 + d_out * (out_bytes / WIRE_BYTES_PER_S + per_out_ct)
+                 + 2.0 * digits * (r + n) * d_in * d_out / GEMM_FLOPS_PER_S)
+    return row_blocks * per_block
+
+
 @lru_cache(maxsize=4096)
 def plan(n: int, prime_bits: tuple[int, ...], d_in: int, d_outs: tuple[int, ...], rows: int) -> Blocking:
-    """Blocking for ``rows`` input rows: always one row per ciphertext, whatever ``rows`` is.
+    """Blocking for ``rows`` input rows: one row per ciphertext, or the scalar blocking for long prompts.
 
-    Packing r rows per ciphertext leaves the worker's work unchanged (it is ~one FFT-domain product per
-    multiply-accumulate either way) but multiplies the encoded weights' memory and encoding time by r
-    (measured: a 768×2304 matrix at r=64 took 20 s to encode and several GB; r=512 ran out of 24 GiB).
-    With r=1 a group has exactly one weight encoding, prepared once, shared by prefill and decode; a
-    prompt's rows still travel in one worker call per group.
+    One row per ciphertext (r = 1) keeps a single weight encoding per group, prepared once and shared by
+    prefill and decode. Packing r > 1 rows with polynomial products would leave the worker's work unchanged
+    but multiply the encoded weights' memory and encoding time by r (measured: a 768×2304 matrix at r=64
+    took 20 s to encode and several GB; r=512 ran out of 24 GiB). The scalar blocking (r = min(rows, N)
+    rows, one column per ciphertext) needs no encoding at all and cuts ciphertexts per row from
+    ~2·sqrt(d_in·d_out/N) to (d_in + d_out)/r, at the price of a GEMM whose width is N whatever r is: it is
+    chosen when the time model says it is faster (prompts of a few hundred tokens and more).
     """
     if rows < 1:
         raise ValueError("rows must be ≥ 1")
-    return best_blocking_for_rows_per_ct(n, prime_bits, d_in, d_outs, 1)[0]
+    one_row, per_row = best_blocking_for_rows_per_ct(n, prime_bits, d_in, d_outs, 1)
+    if rows > 1 and scalar_seconds(n, prime_bits, d_in, d_outs, rows) < rows * per_row:
+        return Blocking(n, min(rows, n), 1, 1)
+    return one_row

@@ -41,6 +41,18 @@ def inverse(spec: torch.Tensor) -> torch.Tensor:
     return torch.cat([v.real, v.imag], dim=-1)
 
 
+def inverse_unfolded(spec: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """:func:`inverse` along any axis ``dim`` of length N/2, returned as ``torch.view_as_real``: the last
+    axis (size 2) holds (real, imag) = (coefficients j, coefficients j + N/2). Avoids moving ``dim`` last."""
+    half = spec.shape[dim]
+    _, itw = _twist(2 * half, str(spec.device))
+    shape = [1] * spec.dim()
+    shape[dim] = half
+    v = torch.fft.ifft(spec, dim=dim)
+    v.mul_(itw.reshape(shape))
+    return torch.view_as_real(v)
+
+
 class FFTPrecisionError(RuntimeError):
     """An FFT result was not close enough to an integer to be rounded exactly (parameters misused)."""
 

@@ -4,7 +4,8 @@ Public context (fixed length, structurally unable to hold a key)::
 
     b"BFKPUB01" | N:u32 | L:u8 | q_0..q_{L-1}:u64 | scale_bits:u8 | context_id:16B
 
-Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as its 32-byte seed)::
+Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as the call's 32-byte seed, expanded
+with the ciphertext's index, see ``sampling.expand_uniform_many``)::
 
     b"BFKI" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32
     | seed:32B | sealed_len:u16 sealed | c_0 mod q_i, N coefficients of bitlen(q_i) bits per limb
@@ -31,7 +32,7 @@ import numpy as np
 
 from bifrost.ckks.backend import CiphertextError, SecretKeyInPublicContextError
 
-VERSION = 1
+VERSION = 2  # 2: one seed per call, a expands with AES-256-CTR from (seed, index) (1: SHAKE-256 per ciphertext)
 PUBLIC_MAGIC = b"BFKPUB01"
 SECRET_MAGIC = b"BFKSEC01"  # reserved: a serialized secret key starts with this; never accepted as public
 INPUT_MAGIC = b"BFKI"
@@ -42,24 +43,50 @@ _IN_HEAD = struct.Struct("<4sB16sIHHHII32sH")
 _OUT_HEAD = struct.Struct("<4sB16sIHHHHIIdH")
 
 
+def _group_words(bits: int) -> int:
+    """uint64 words that hold one group of 8 values of ``bits`` bits (exactly ``bits`` bytes)."""
+    return -(-bits // 8)
+
+
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """[M, n] non-negative ints < 2^bits -> [M, ceil(n·bits/8)] uint8 (little-endian bit order)."""
+    """[M, n] non-negative ints < 2^bits (bits ≤ 64) -> [M, ceil(n·bits/8)] uint8, little-endian bit order.
+
+    Values go in groups of 8 (``bits`` bytes per group), shifted into uint64 words: a handful of vector
+    operations per group slot instead of one byte per bit.
+    """
     m, n = values.shape
-    width = 4 if bits <= 32 else 8
-    as_bits = np.unpackbits(values.astype(f"<u{width}").view(np.uint8).reshape(m, n, width), axis=2,
-                            bitorder="little")
-    packed = np.packbits(as_bits[:, :, :bits].reshape(m, n * bits), axis=1, bitorder="little")
-    return packed
+    groups, words = -(-n // 8), _group_words(bits)
+    v = np.zeros((m, groups * 8), dtype=np.uint64)
+    v[:, :n] = values
+    v = v.reshape(m, groups, 8)
+    out = np.zeros((m, groups, words), dtype=np.uint64)
+    for i in range(8):
+        w, off = divmod(i * bits, 64)
+        out[:, :, w] |= v[:, :, i] << np.uint64(off)
+        if off + bits > 64:
+            out[:, :, w + 1] |= v[:, :, i] >> np.uint64(64 - off)
+    as_bytes = out.view(np.uint8).reshape(m, groups, 8 * words)[:, :, :bits].reshape(m, groups * bits)
+    return np.ascontiguousarray(as_bytes[:, : packed_len(n, bits)])
 
 
 def unpack_bits(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: [M, bytes] uint8 -> [M, n] int64."""
     m = packed.shape[0]
-    as_bits = np.unpackbits(packed, axis=1, bitorder="little", count=n * bits).reshape(m, n, bits)
-    width = 4 if bits <= 32 else 8
-    full = np.zeros((m, n, 8 * width), dtype=np.uint8)
-    full[:, :, :bits] = as_bits
-    return np.packbits(full, axis=2, bitorder="little").reshape(m, n * width).view(f"<u{width}").astype(np.int64)
+    groups, words = -(-n // 8), _group_words(bits)
+    flat = np.zeros((m, groups * bits), dtype=np.uint8)
+    flat[:, : packed.shape[1]] = packed
+    buf = np.zeros((m, groups, 8 * words), dtype=np.uint8)
+    buf[:, :, :bits] = flat.reshape(m, groups, bits)
+    w64 = buf.view(np.uint64)  # [M, groups, words]
+    mask = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+    vals = np.empty((m, groups, 8), dtype=np.uint64)
+    for i in range(8):
+        w, off = divmod(i * bits, 64)
+        x = w64[:, :, w] >> np.uint64(off)
+        if off + bits > 64:
+            x |= w64[:, :, w + 1] << np.uint64(64 - off)
+        vals[:, :, i] = x & mask
+    return vals.reshape(m, groups * 8)[:, :n].astype(np.int64)
 
 
 def packed_len(n: int, bits: int) -> int:

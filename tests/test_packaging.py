@@ -49,3 +49,18 @@ def test_committed_grpc_stubs_match_the_proto_files(tmp_path):
     for new in generate(tmp_path):
         committed = ROOT / new.relative_to(tmp_path)
         assert committed.read_text() == new.read_text(), f"{committed} is stale: run `make proto`"
+
+
+def test_source_tree_kernels_folder_imported_by_another_name_registers_nothing(monkeypatch):
+    """transformers imports any top-level ``kernels`` it finds (HF hub kernels probe); from the repo root
+    that is this folder. The native backend must still come from the installed ``bifrost_kernels``."""
+    import importlib
+    import sys
+
+    from bifrost.ckks import get_backend
+
+    get_backend("native")
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    importlib.import_module("kernels")
+    assert type(get_backend("native")).__module__ == "bifrost_kernels.backend"

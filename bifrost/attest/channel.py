@@ -12,8 +12,12 @@ split into client->server key, server->client key and a 16-byte session ID. Suit
 ``cryptography``.
 
 Record = seq (8 bytes, big-endian) || AEAD ciphertext+tag (16 bytes). Nonce = 4 zero bytes || seq.
-AAD = direction label || session ID || seq. The receiver accepts only seq == next expected, so
-replayed, dropped or reordered records fail; any failure closes the session for good.
+AAD = direction label || session ID || seq. Sequence numbers strictly increase, so a replayed or
+reordered record (one at or below the last accepted) fails. Server→client records (the streamed
+answer) must also arrive without gaps: dropping a chunk is detected. Client→server records (requests)
+may leave gaps: a request the serving front end refuses before it reaches the session (busy, over a
+limit, unauthenticated) is never opened, and the session must survive that. Any failure closes the
+session for good.
 """
 
 from __future__ import annotations
@@ -104,7 +108,9 @@ def derive_session_keys(
 class SecureSession:
     """One side of an established session. Not thread-safe; one instance per user session."""
 
-    def __init__(self, keys: SessionKeys, role: Role) -> None:
+    def __init__(self, keys: SessionKeys, role: Role, allow_gaps: bool | None = None) -> None:
+        """``allow_gaps`` (default: True for the server, False for the client) lets the receiver skip
+        sequence numbers; replays and reordering are refused either way."""
         send_key, recv_key = (
             (keys.client_to_server, keys.server_to_client) if role == "client" else (keys.server_to_client, keys.client_to_server)
         )
@@ -117,6 +123,7 @@ class SecureSession:
         self._recv_label = b"s2c" if role == "client" else b"c2s"
         self._send_seq = 0
         self._recv_seq = 0
+        self.allow_gaps = role == "server" if allow_gaps is None else allow_gaps
         self.closed = False
         self.close_reason: str | None = None
 
@@ -153,16 +160,17 @@ class SecureSession:
             self.close("truncated record")
             raise ChannelError("record_format", "record shorter than sequence number + tag")
         seq = int.from_bytes(record[:SEQ_SIZE], "big")
-        if seq != self._recv_seq:
-            self.close(f"sequence {seq} != expected {self._recv_seq}")
-            raise ReplayError("sequence", f"record sequence {seq}, expected {self._recv_seq} (replay or reordering)")
+        if seq < self._recv_seq or (seq > self._recv_seq and not self.allow_gaps) or seq >= MAX_SEQ:
+            self.close(f"sequence {seq}, expected {'at least ' if self.allow_gaps else ''}{self._recv_seq}")
+            what = "replay or reordering" if seq < self._recv_seq else "a record is missing"
+            raise ReplayError("sequence", f"record sequence {seq}, expected {self._recv_seq} ({what})")
         aad = self._aad(self._recv_label, seq) + associated_data
         try:
             plaintext = self._recv.open(self._nonce(seq), record[SEQ_SIZE:], aad)
         except InvalidTag:
             self.close("authentication failed")
             raise ChannelError("record_authentication", "record failed authentication (tampered); session closed") from None
-        self._recv_seq += 1
+        self._recv_seq = seq + 1
         return plaintext
 
 

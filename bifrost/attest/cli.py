@@ -25,7 +25,14 @@ from .verdict import EVIDENCE_TYPES, Evidence, Verdict, verify_evidence
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     attest = subparsers.add_parser("attest", help="remote attestation: verify TDX / SEV-SNP evidence")
     attest_sub = attest.add_subparsers(dest="attest_command", metavar="ACTION")
-    verify = attest_sub.add_parser("verify", help="verify evidence offline and print the verdict")
+    verify = attest_sub.add_parser(
+        "verify",
+        help="verify evidence offline and print the verdict",
+        description="Verify SEV-SNP / TDX (or simulated) evidence offline and print the verdict. Nothing is "
+        "fetched over the network: endorsements and collateral come from the files given.",
+        epilog="exit codes: 0 verified; 1 verification failed (the failed check is printed); "
+        "2 bad input (unreadable file, undetectable evidence type, bad --at/--policy/--report-data).",
+    )
     verify.add_argument("evidence", metavar="EVIDENCE", help="raw SEV-SNP report, TDX quote, or simulated evidence")
     verify.add_argument("--type", choices=("auto",) + EVIDENCE_TYPES, default="auto", help="evidence type (default: detect)")
     verify.add_argument("--vcek", metavar="FILE", help="SEV-SNP VCEK or VLEK certificate (DER or PEM)")
@@ -127,6 +134,10 @@ def run_verify(args: argparse.Namespace) -> int:
         fields = _unverified_fields(evidence)
         if fields:
             _print_table(console, "Parsed fields (UNVERIFIED)", fields)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - safety net: a verifier bug must still end as a refusal
+        detail = " ".join(str(exc).split())[:200]
+        console.print(f"[bold red]FAILED[/]: {evidence.evidence_type} evidence refused (internal error {type(exc).__name__}: {detail})")
         return 1
     _print_verdict(console, verdict)
     return 0

@@ -1,4 +1,4 @@
-"""Evidence providers (registry: ``tdx``, ``sev-snp``, ``simulated``) and the simulated verifier.
+"""Evidence providers (registry: ``auto``, ``tdx``, ``sev-snp``, ``simulated``) and the simulated verifier.
 
 Real providers use Linux configfs-tsm (``/sys/kernel/config/tsm/report``): create an entry
 directory, write the 64-byte report_data to ``inblob``, read ``outblob`` (the report/quote),
@@ -6,12 +6,18 @@ directory, write the 64-byte report_data to ``inblob``, read ``outblob`` (the re
 ``generation`` is read after the write and again after reading ``outblob``; a difference means
 another writer raced us and the evidence is discarded.
 
+``auto`` (:func:`auto_provider`) asks configfs-tsm which TEE this guest is (the ``provider``
+attribute of a report entry) and returns the ``tdx`` or ``sev-snp`` provider; without configfs-tsm
+it fails with :class:`ProviderError`. It never falls back to ``simulated``: simulated evidence is
+produced only when ``simulated`` is configured by name.
+
 The simulated provider signs with a process-local Ed25519 key. Its evidence is refused by the
 default policy and accepted only with ``allow_simulated: true``; its verdict says SIMULATED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -19,7 +25,7 @@ import struct
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -66,33 +72,20 @@ class ConfigfsTsmProvider:
             raise ProviderError("report_data", f"report_data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
         if not self.is_available():
             raise ProviderError("provider_unavailable", f"configfs-tsm not available at {self.root}")
-        created = False
-        entry = self.root / (self.entry_name or f"bifrost-{secrets.token_hex(8)}")
         try:
-            try:
-                entry.mkdir()
-                created = True
-            except FileExistsError:
-                if self.entry_name is None:
-                    raise
-            kernel_provider = _read_text(entry / "provider")
-            if _KERNEL_PROVIDERS.get(kernel_provider) != self.name:
-                raise ProviderError("provider_mismatch", f"configfs-tsm provider is {kernel_provider!r}, wanted {self.name}")
-            (entry / "inblob").write_bytes(report_data)
-            generation = _read_text(entry / "generation")
-            outblob = (entry / "outblob").read_bytes()
-            aux_path = entry / "auxblob"
-            auxblob = aux_path.read_bytes() if aux_path.exists() else b""
-            if _read_text(entry / "generation") != generation:
-                raise ProviderError("generation", "configfs-tsm entry was rewritten concurrently; retry")
+            with _tsm_entry(self.root, self.entry_name, "bifrost") as entry:
+                kernel_provider = _read_text(entry / "provider")
+                if _KERNEL_PROVIDERS.get(kernel_provider) != self.name:
+                    raise ProviderError("provider_mismatch", f"configfs-tsm provider is {kernel_provider!r}, wanted {self.name}")
+                (entry / "inblob").write_bytes(report_data)
+                generation = _read_text(entry / "generation")
+                outblob = (entry / "outblob").read_bytes()
+                aux_path = entry / "auxblob"
+                auxblob = aux_path.read_bytes() if aux_path.exists() else b""
+                if _read_text(entry / "generation") != generation:
+                    raise ProviderError("generation", "configfs-tsm entry was rewritten concurrently; retry")
         except OSError as exc:
-            raise ProviderError("configfs_io", f"configfs-tsm I/O failed at {entry}: {exc.strerror or exc}") from None
-        finally:
-            if created:
-                try:
-                    entry.rmdir()
-                except OSError:
-                    pass  # best effort: the kernel frees the entry's state with the directory
+            raise ProviderError("configfs_io", f"configfs-tsm I/O failed under {self.root}: {exc.strerror or exc}") from None
         if not outblob:
             raise ProviderError("outblob", "configfs-tsm returned an empty outblob")
         endorsements: dict[str, bytes] = {}
@@ -103,6 +96,61 @@ class ConfigfsTsmProvider:
 
 def _read_text(path: Path) -> str:
     return path.read_bytes().decode("ascii", errors="replace").strip()
+
+
+@contextlib.contextmanager
+def _tsm_entry(root: Path, entry_name: str | None, prefix: str) -> Iterator[Path]:
+    """A configfs-tsm report entry: ``root/entry_name`` (reused if it exists) or a fresh uniquely
+    named one. An entry created here is removed on exit (best effort: the kernel frees its state
+    with the directory). OSError propagates to the caller."""
+    entry = root / (entry_name or f"{prefix}-{secrets.token_hex(8)}")
+    created = False
+    try:
+        try:
+            entry.mkdir()
+            created = True
+        except FileExistsError:
+            if entry_name is None:
+                raise
+        yield entry
+    finally:
+        if created:
+            try:
+                entry.rmdir()
+            except OSError:
+                pass
+
+
+def detect_tsm_evidence_type(root: Path | str = CONFIGFS_TSM_REPORT_ROOT, entry_name: str | None = None) -> str:
+    """The evidence type (``tdx``/``sev-snp``) this guest's configfs-tsm produces.
+
+    Reads ``provider`` from the entry ``entry_name`` if given, else from a fresh probe entry that is
+    removed again. Raises :class:`ProviderError` when configfs-tsm is absent, unreadable, or names
+    a provider Bifrost cannot verify.
+    """
+    root = Path(root)
+    if not (root.is_dir() and os.access(root, os.W_OK)):
+        raise ProviderError(
+            "provider_unavailable",
+            f"evidence provider 'auto': no writable configfs-tsm at {root} (not a TDX/SEV-SNP guest, or "
+            "configfs not mounted); for development configure evidence_provider: simulated explicitly",
+        )
+    try:
+        with _tsm_entry(root, entry_name, "bifrost-probe") as entry:
+            kernel_provider = _read_text(entry / "provider")
+    except OSError as exc:
+        raise ProviderError("configfs_io", f"cannot read the configfs-tsm provider under {root}: {exc.strerror or exc}") from None
+    evidence_type = _KERNEL_PROVIDERS.get(kernel_provider)
+    if evidence_type is None:
+        raise ProviderError(
+            "provider_unknown", f"configfs-tsm provider {kernel_provider!r} is not one of {', '.join(sorted(_KERNEL_PROVIDERS))}"
+        )
+    return evidence_type
+
+
+def auto_provider(root: Path | str = CONFIGFS_TSM_REPORT_ROOT, entry_name: str | None = None) -> ConfigfsTsmProvider:
+    """The configfs-tsm provider for this guest's TEE (see :func:`detect_tsm_evidence_type`)."""
+    return ConfigfsTsmProvider(detect_tsm_evidence_type(root, entry_name), root=root, entry_name=entry_name)
 
 
 # --------------------------------------------------------------------------- simulated
@@ -209,6 +257,7 @@ register_verifier("simulated", SimulatedVerifier)
 # --------------------------------------------------------------------------- provider registry
 
 _PROVIDERS: dict[str, Callable[[], EvidenceProvider]] = {
+    "auto": auto_provider,
     "tdx": lambda: ConfigfsTsmProvider("tdx"),
     "sev-snp": lambda: ConfigfsTsmProvider("sev-snp"),
     "simulated": SimulatedProvider,

@@ -16,6 +16,7 @@ YAML layout (every key optional; unknown keys are an error)::
       measurements: [<96 hex>]
       host_data: [<64 hex>]
       min_tcb: {bootloader: 0, tee: 0, snp: 0, microcode: 0, fmc: 0}
+      allow_masked_chip_id: false        # accept VCEK reports whose CHIP_ID is zeroed (MASK_CHIP_ID)
     tdx:
       allowed_tcb_statuses: [UpToDate]
       mrtd: [<96 hex>]
@@ -46,12 +47,14 @@ SNP_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 
 @dataclass(frozen=True)
 class SnpPolicy:
-    """SEV-SNP rules. Digests are raw bytes (measurement 48, host_data 32)."""
+    """SEV-SNP rules. Digests are raw bytes (measurement 48, host_data 32). ``allow_masked_chip_id``:
+    accept VCEK-signed reports whose CHIP_ID is all zero (no check that the VCEK is this chip's)."""
 
     allowed_vmpls: tuple[int, ...] = (0,)
     measurements: tuple[bytes, ...] = ()
     host_data: tuple[bytes, ...] = ()
     min_tcb: Mapping[str, int] = field(default_factory=dict)
+    allow_masked_chip_id: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def policy_from_mapping(data: Any) -> AttestationPolicy:
         data,
         {"allow_simulated", "allow_debug", "model_digests", "serving_config_digests", "simulated_public_keys", "snp", "tdx"},
     )
-    snp_raw = _check_keys("snp", top.get("snp"), {"allowed_vmpls", "measurements", "host_data", "min_tcb"})
+    snp_raw = _check_keys("snp", top.get("snp"), {"allowed_vmpls", "measurements", "host_data", "min_tcb", "allow_masked_chip_id"})
     min_tcb_raw = _check_keys("snp.min_tcb", snp_raw.get("min_tcb"), set(SNP_TCB_COMPONENTS))
     for key, value in min_tcb_raw.items():
         if type(value) is not int or not 0 <= value <= 255:
@@ -157,6 +160,7 @@ def policy_from_mapping(data: Any) -> AttestationPolicy:
             measurements=_hex_list("snp.measurements", snp_raw.get("measurements"), 48),
             host_data=_hex_list("snp.host_data", snp_raw.get("host_data"), 32),
             min_tcb=dict(min_tcb_raw),
+            allow_masked_chip_id=_bool("snp.allow_masked_chip_id", snp_raw.get("allow_masked_chip_id"), False),
         ),
         tdx=TdxPolicy(
             allowed_tcb_statuses=tuple(statuses),

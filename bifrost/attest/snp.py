@@ -3,12 +3,15 @@
 Checks, in order (the first failure raises; ``check`` names it):
  1. ``report_format``: length 0x4A0, version 2..5, signature algorithm 1 (ECDSA P-384 / SHA-384).
  2. ``signing_key``: signer_info says VCEK (0) or VLEK (1); the supplied leaf is of that kind.
- 3. ``cert_chain``: leaf <- ASK (VCEK) or ASVK (VLEK) <- ARK, RSA-PSS signatures, every certificate
-    valid at the verification time, ARK self-signed and equal to a bundled AMD root
-    (:mod:`bifrost.attest.roots`).
+ 3. ``cert_chain``: leaf <- ASK (VCEK) or ASVK (VLEK) <- ARK, RSA-PSS signatures, issuers are CAs
+    (basicConstraints, path length, keyCertSign), every certificate valid at the verification time
+    (``cert_validity``), ARK self-signed and its key equal to a bundled AMD root
+    (:mod:`bifrost.attest.roots`; ``root_not_trusted``). Unparsable certificates: ``cert_parse``.
  4. ``report_signature``: ECDSA-P384 over bytes [0, 0x2A0) with the leaf key.
  5. ``reported_tcb``: REPORTED_TCB equals the TCB the leaf was issued for (its SPL extensions);
-    ``chip_id``: CHIP_ID equals the VCEK hwID (unless MASK_CHIP_ID is set).
+    ``chip_id``: CHIP_ID equals the VCEK hwID (Turin: the 8-byte hwID equals CHIP_ID[0:8]). An
+    all-zero CHIP_ID (firmware MASK_CHIP_ID) has no chip binding and is refused unless the policy
+    sets ``snp.allow_masked_chip_id``. SIGNER_INFO.MASK_CHIP_KEY with a VCEK signer is refused.
  6. Policy: ``debug`` (guest policy bit 19), ``vmpl``, ``measurement``, ``host_data``, ``min_tcb``,
     ``report_data`` (exact match with the expected binding).
 
@@ -17,19 +20,20 @@ All multi-byte integers in the report are little-endian.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import struct
-import warnings
+import types
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils as asym_utils
 
 from . import _der
+from ._x509 import load_certificate, load_pem_chain, spki_sha256, verify_chain
 from .errors import (
     BindingError,
     CertificateChainError,
@@ -45,11 +49,15 @@ from .verdict import Evidence, Verdict, register_verifier
 
 SNP_REPORT_SIZE = 0x4A0
 SNP_SIGNED_SIZE = 0x2A0
+SNP_CHIP_ID_SIZE = 64
 SIGNATURE_ALGO_ECDSA_P384_SHA384 = 1
 POLICY_DEBUG_BIT = 1 << 19
 POLICY_MIGRATE_MA_BIT = 1 << 18
 POLICY_SMT_BIT = 1 << 16
 SIGNER_VCEK, SIGNER_VLEK, SIGNER_NONE = 0, 1, 7
+SIGNER_INFO_AUTHOR_KEY_EN = 1 << 0
+SIGNER_INFO_MASK_CHIP_KEY = 1 << 1
+TURIN_HWID_SIZE = 8  # Turin VCEKs carry the first 8 bytes of CHIP_ID as hwID (AMD KDS; go-sev-guest TurinHWIDSize)
 
 _AMD_OID = "1.3.6.1.4.1.3704.1."
 OID_PRODUCT_NAME = _AMD_OID + "2"
@@ -146,8 +154,20 @@ class SnpReport:
         return (self.signer_info >> 2) & 0x7
 
     @property
-    def mask_chip_id(self) -> bool:
-        return bool(self.signer_info & 0x2)
+    def author_key_en(self) -> bool:
+        """SIGNER_INFO bit 0: the guest was launched with an ID block carrying an author key."""
+        return bool(self.signer_info & SIGNER_INFO_AUTHOR_KEY_EN)
+
+    @property
+    def mask_chip_key(self) -> bool:
+        """SIGNER_INFO bit 1 (AMD SNP ABI spec: MASK_CHIP_KEY): the platform's SNP_CONFIG masks the
+        chip key, so the VCEK signs nothing (the report is VLEK-signed or unsigned)."""
+        return bool(self.signer_info & SIGNER_INFO_MASK_CHIP_KEY)
+
+    @property
+    def chip_id_masked(self) -> bool:
+        """CHIP_ID is all zero: the platform's SNP_CONFIG sets MASK_CHIP_ID (no per-chip identifier)."""
+        return not any(self.chip_id)
 
     @property
     def signed_bytes(self) -> bytes:
@@ -240,64 +260,37 @@ def parse_cert_table(aux: bytes) -> dict[str, bytes]:
         pos += 24
 
 
-def load_certificate(data: bytes, what: str) -> x509.Certificate:
-    """Load one DER or PEM certificate; raise :class:`CertificateChainError` on failure."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # AMD VCEKs carry serial 0 (deprecation warning only)
-            if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-    except (ValueError, TypeError) as exc:
-        raise CertificateChainError("cert_parse", f"cannot parse {what} certificate: {exc}") from None
-
-
-def load_pem_chain(data: bytes, what: str) -> list[x509.Certificate]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, TypeError) as exc:
-        raise CertificateChainError("cert_parse", f"cannot parse {what}: {exc}") from None
-    return certs
-
-
-def spki_sha256(cert: x509.Certificate) -> bytes:
-    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
-
-
-def check_validity(cert: x509.Certificate, at: datetime, what: str, check: str = "cert_validity") -> None:
-    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise CertificateChainError(
-            check,
-            f"{what} certificate valid {cert.not_valid_before_utc:%Y-%m-%d}..{cert.not_valid_after_utc:%Y-%m-%d}, "
-            f"verification time {at:%Y-%m-%d %H:%M:%S}Z is outside",
-        )
-
-
-def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str, check: str = "cert_chain") -> None:
-    """Issuer name match and signature (RSA-PSS, RSA PKCS#1 or ECDSA as the certificate says)."""
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise CertificateChainError(check, f"{what} is not signed by {issuer.subject.rfc4514_string()}: {exc or 'bad signature'}") from None
-
-
-def _pinned_roots() -> dict[bytes, str]:
+@functools.lru_cache(maxsize=1)
+def bundled_ark_pins() -> Mapping[bytes, str]:
+    """SHA-256 of each bundled ARK's SubjectPublicKeyInfo -> ``"ARK-<product>"`` (read-only)."""
     pins: dict[bytes, str] = {}
     for product, pem in list(AMD_VCEK_CHAINS_PEM.items()) + list(AMD_VLEK_CHAINS_PEM.items()):
         ark = x509.load_pem_x509_certificates(pem.encode())[-1]
         pins[spki_sha256(ark)] = f"ARK-{product}"
-    return pins
+    return types.MappingProxyType(pins)
+
+
+def _amd_extension(cert: x509.Certificate, oid: str) -> bytes | None:
+    """Raw value of an AMD KDS extension (OIDs cryptography does not know), or None if absent."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
+    except x509.ExtensionNotFound:
+        return None
+    value = getattr(ext, "value", None)
+    if not isinstance(value, bytes):
+        raise CertificateChainError("cert_extensions", f"AMD extension {oid} is not an opaque value")
+    return value
 
 
 def _product_name(cert: x509.Certificate) -> str | None:
+    """Product line from the KDS product-name extension ("Milan-B0" -> "Milan"), or None."""
+    value = _amd_extension(cert, OID_PRODUCT_NAME)
+    if value is None:
+        return None
     try:
-        value = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_PRODUCT_NAME)).value.value
         tag, body, _ = _der.read_tlv(value)
         return body.decode("ascii").split("-")[0] if tag == _der.TAG_IA5STRING else None
-    except (x509.ExtensionNotFound, ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError):
         return None
 
 
@@ -305,9 +298,8 @@ def leaf_tcb_components(cert: x509.Certificate) -> dict[str, int]:
     """The TCB SPL values the VCEK/VLEK was issued for (absent OIDs are omitted)."""
     out: dict[str, int] = {}
     for name, oid in OID_SPL.items():
-        try:
-            value = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value.value
-        except x509.ExtensionNotFound:
+        value = _amd_extension(cert, oid)
+        if value is None:
             continue
         try:
             out[name] = _der.parse_integer(value)
@@ -317,11 +309,10 @@ def leaf_tcb_components(cert: x509.Certificate) -> dict[str, int]:
 
 
 def leaf_hwid(cert: x509.Certificate) -> bytes | None:
-    try:
-        value = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_HWID)).value.value
-    except x509.ExtensionNotFound:
-        return None
-    if len(value) == 64:
+    """The VCEK hwID: 64 bytes (Milan, Genoa) or 8 bytes (Turin); KDS stores it without a DER
+    header, but a DER OCTET STRING wrapper is accepted too."""
+    value = _amd_extension(cert, OID_HWID)
+    if value is None or len(value) in (SNP_CHIP_ID_SIZE, TURIN_HWID_SIZE):
         return value
     try:
         tag, body, end = _der.read_tlv(value)
@@ -330,10 +321,27 @@ def leaf_hwid(cert: x509.Certificate) -> bytes | None:
     return body if tag == _der.TAG_OCTET_STRING and end == len(value) else value
 
 
+def check_chip_id(report: SnpReport, hwid: bytes | None, product: str | None) -> None:
+    """CHIP_ID must match the VCEK hwID (check ``chip_id``). Turin VCEKs carry 8 bytes, compared
+    with CHIP_ID[0:8]; every other product carries the full 64 bytes."""
+    if hwid is None:
+        raise EndorsementMismatchError("chip_id", "VCEK has no hwID extension; it cannot be bound to this chip")
+    turin = product == "Turin" or report.cpuid_fam_id == TURIN_FAMILY
+    if len(hwid) == TURIN_HWID_SIZE and turin:
+        if hwid != report.chip_id[:TURIN_HWID_SIZE]:
+            raise EndorsementMismatchError("chip_id", "CHIP_ID[0:8] does not match the Turin VCEK hwID")
+        return
+    if len(hwid) != SNP_CHIP_ID_SIZE:
+        raise EndorsementMismatchError("chip_id", f"VCEK hwID is {len(hwid)} bytes; {product or 'this product'} needs {SNP_CHIP_ID_SIZE}")
+    if hwid != report.chip_id:
+        raise EndorsementMismatchError("chip_id", "CHIP_ID does not match the VCEK hwID")
+
+
 def check_tcb_matches_leaf(reported: SnpTcbVersion, leaf_tcb: Mapping[str, int]) -> None:
-    """REPORTED_TCB must equal every SPL the leaf certificate names (check ``reported_tcb``)."""
+    """REPORTED_TCB must equal every SPL the leaf certificate names (check ``reported_tcb``).
+    Turin keys must also name the FMC SPL."""
     components = reported.components()
-    required = ("bootloader", "tee", "snp", "microcode")
+    required = ("bootloader", "tee", "snp", "microcode") + (("fmc",) if "fmc" in components else ())
     missing = [k for k in required if k not in leaf_tcb]
     if missing:
         raise TcbError("reported_tcb", f"endorsement key lacks TCB extension(s) {', '.join(missing)}")
@@ -343,12 +351,16 @@ def check_tcb_matches_leaf(reported: SnpTcbVersion, leaf_tcb: Mapping[str, int])
 
 
 def _resolve_chain(
-    report: SnpReport, evidence: Evidence, at: datetime
-) -> tuple[x509.Certificate, str]:
-    """Return the verified leaf certificate and its kind ("VCEK"/"VLEK")."""
+    report: SnpReport, evidence: Evidence, at: datetime, trusted_arks: Mapping[bytes, str]
+) -> tuple[x509.Certificate, str, str | None]:
+    """Return the verified leaf certificate, its kind ("VCEK"/"VLEK") and its product line."""
     kind = {SIGNER_VCEK: "vcek", SIGNER_VLEK: "vlek"}.get(report.signing_key)
     if kind is None:
         raise EndorsementMismatchError("signing_key", f"report signer_info.signing_key={report.signing_key} (not VCEK/VLEK)")
+    if kind == "vcek" and report.mask_chip_key:
+        raise EndorsementMismatchError(
+            "signing_key", "SIGNER_INFO has MASK_CHIP_KEY set (the VCEK signs nothing on this platform) but names the VCEK as signer"
+        )
     leaf_bytes = evidence.endorsements.get(kind)
     if leaf_bytes is None:
         other = "vlek" if kind == "vcek" else "vcek"
@@ -365,6 +377,8 @@ def _resolve_chain(
         family = {"Milan": (0x19,), "Genoa": (0x19,), "Turin": (TURIN_FAMILY,)}.get(product)
         if family is not None and report.cpuid_fam_id not in family:
             raise EndorsementMismatchError("product", f"report CPU family {report.cpuid_fam_id:#x} does not match {product} key")
+    if product == "Turin" and report.cpuid_fam_id is None:
+        raise EndorsementMismatchError("product", f"a Turin key signed a v{report.version} report without CPUID fields")
 
     if "cert_chain" in evidence.endorsements:
         chain = load_pem_chain(evidence.endorsements["cert_chain"], "AMD certificate chain")
@@ -376,20 +390,23 @@ def _resolve_chain(
     if len(chain) != 2:
         raise CertificateChainError("cert_chain", f"AMD chain must be ASK/ASVK then ARK, got {len(chain)} certificates")
     intermediate, ark = chain
-    if spki_sha256(ark) not in _pinned_roots():
+    if spki_sha256(ark) not in trusted_arks:
         raise CertificateChainError("root_not_trusted", "ARK is not one of the bundled AMD root keys")
-    check_issued_by(ark, ark, "ARK (self-signed)")
-    check_issued_by(intermediate, ark, "ASK/ASVK")
-    check_issued_by(leaf, intermediate, kind.upper())
-    for cert, what in ((ark, "ARK"), (intermediate, "ASK/ASVK"), (leaf, kind.upper())):
-        check_validity(cert, at, what)
-    return leaf, kind.upper()
+    verify_chain([leaf, intermediate, ark], [kind.upper(), "ASK/ASVK", "ARK"], at, validity_check="cert_validity")
+    return leaf, kind.upper(), product
 
 
 class SnpVerifier:
-    """Verifier for evidence type ``sev-snp`` (see module docstring for the checks)."""
+    """Verifier for evidence type ``sev-snp`` (see module docstring for the checks).
+
+    ``trusted_arks``: SHA-256 of each trusted ARK SubjectPublicKeyInfo -> label; default the
+    bundled AMD roots (:func:`bundled_ark_pins`). Only tests with self-made chains pass others.
+    """
 
     evidence_type = "sev-snp"
+
+    def __init__(self, trusted_arks: Mapping[bytes, str] | None = None) -> None:
+        self.trusted_arks = bundled_ark_pins() if trusted_arks is None else dict(trusted_arks)
 
     def verify(
         self,
@@ -401,7 +418,7 @@ class SnpVerifier:
     ) -> Verdict:
         report = parse_snp_report(evidence.raw)
         passed = ["report_format"]
-        leaf, kind = _resolve_chain(report, evidence, at)
+        leaf, kind, product = _resolve_chain(report, evidence, at, self.trusted_arks)
         passed += ["signing_key", "cert_chain"]
 
         public_key = leaf.public_key()
@@ -417,13 +434,18 @@ class SnpVerifier:
         check_tcb_matches_leaf(report.reported_tcb, leaf_tcb_components(leaf))
         passed.append("reported_tcb")
         skipped: list[str] = []
-        if kind == "VCEK" and not report.mask_chip_id:
-            hwid = leaf_hwid(leaf)
-            if hwid is None or hwid != report.chip_id:
-                raise EndorsementMismatchError("chip_id", "CHIP_ID does not match the VCEK hwID")
-            passed.append("chip_id")
+        if kind == "VLEK":
+            skipped.append("chip_id (VLEK: no per-chip binding)")
+        elif report.chip_id_masked:
+            if not policy.snp.allow_masked_chip_id:
+                raise PolicyViolationError(
+                    "chip_id", "CHIP_ID is all zero (firmware MASK_CHIP_ID): the VCEK hwID cannot be checked; "
+                    "set snp.allow_masked_chip_id to accept such reports"
+                )
+            skipped.append("chip_id (MASK_CHIP_ID: CHIP_ID is zero; allowed by policy)")
         else:
-            skipped.append("chip_id (VLEK or MASK_CHIP_ID: no per-chip binding)")
+            check_chip_id(report, leaf_hwid(leaf), product)
+            passed.append("chip_id")
 
         _apply_snp_policy(report, policy, expected_report_data, passed, skipped)
         return Verdict(
@@ -441,7 +463,7 @@ class SnpVerifier:
             fields={
                 "version": str(report.version),
                 "signer": kind,
-                "product": _product_name(leaf) or "unknown",
+                "product": product or "unknown",
                 "vmpl": str(report.vmpl),
                 "guest_policy": f"{report.policy:#018x}",
                 "guest_svn": str(report.guest_svn),

@@ -5,15 +5,19 @@ Checks, in order (the first failure raises; ``check`` names it):
     vendor ID), TD report body (v5 body type 2 = TDX 1.0, 3 = TDX 1.5), signature section, QE
     report certification data (type 6) wrapping a PEM PCK chain (type 5). Bytes after the
     signature section (padding some quote generators append) are ignored: nothing there is signed.
- 2. ``pck_chain``: PCK leaf <- PCK Platform/Processor CA <- Intel SGX Root CA; signatures, validity
-    at the verification time; the root must be the bundled Intel SGX Root CA (:mod:`.roots`).
+ 2. ``pck_chain``: PCK leaf <- PCK Platform/Processor CA <- Intel SGX Root CA; signatures, issuers
+    are CAs (basicConstraints, path length, keyCertSign), validity at the verification time; the
+    root must be the bundled Intel SGX Root CA (:mod:`.roots`). The chain is not signed by anything
+    in the quote, so every malformed certificate must end as a typed error (:mod:`._x509`).
  3. ``qe_report_signature``: QE report signed by the PCK key (ECDSA P-256, SHA-256).
  4. ``qe_report_binding``: QE REPORTDATA[0:32] = SHA-256(attestation key || QE auth data), rest zero.
  5. ``quote_signature``: header||body signed by the attestation key.
  6. Collateral (``CollateralError``): TCB info and QE identity signatures and issuer chains to the
-    Intel root, their issueDate..nextUpdate window, Root CA CRL and PCK CRL signatures and windows,
-    FMSPC/PCE-ID match. Revocation (``CertificateChainError`` ``revoked``): PCK leaf in the PCK CRL,
-    intermediates in the Root CA CRL.
+    Intel root, their issueDate..nextUpdate window, the PCK CRL issuer chain (to the Intel root,
+    naming the quote's PCK CA), Root CA CRL and PCK CRL signatures and windows, FMSPC/PCE-ID match;
+    malformed JSON, strings or CRLs are ``collateral_format`` / ``crl``. Revocation
+    (:func:`check_revocation`, ``CertificateChainError`` ``revoked``): PCK leaf in the PCK CRL,
+    intermediates (PCK CA, collateral signing chains) in the Root CA CRL.
  7. TCB (``TcbError``): QE identity (MRSIGNER, ISVPRODID, masked MISCSELECT/ATTRIBUTES) and QE TCB
     level; platform TCB level (SGX components + PCESVN from the PCK certificate, TDX components
     from TEE_TCB_SVN); TDX module identity; merged status must be in the policy's allowed list.
@@ -22,12 +26,13 @@ Checks, in order (the first failure raises; ``check`` names it):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -46,7 +51,8 @@ from .errors import (
 )
 from .policy import TDX_TCB_STATUSES, AttestationPolicy
 from .roots import INTEL_SGX_ROOT_CA_PEM
-from .snp import _allow_list, check_issued_by, check_report_data, check_validity, load_pem_chain
+from ._x509 import X509_ERRORS, load_certificate, load_crl, load_pem_chain, name_of, spki_sha256, verify_chain
+from .snp import _allow_list, check_report_data
 from .verdict import Evidence, Verdict, register_verifier
 
 HEADER_SIZE = 48
@@ -282,8 +288,8 @@ def load_tdx_collateral(data: bytes) -> TdxCollateral:
     """Parse collateral JSON. Raises :class:`CollateralError` (check ``collateral_format``)."""
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CollateralError("collateral_format", f"collateral is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # ValueError includes UnicodeDecodeError
+        raise CollateralError("collateral_format", f"collateral is not JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise CollateralError("collateral_format", "collateral must be a JSON object")
     strings = ("tcb_info", "tcb_info_issuer_chain", "qe_identity", "qe_identity_issuer_chain", "pck_crl_issuer_chain")
@@ -291,27 +297,33 @@ def load_tdx_collateral(data: bytes) -> TdxCollateral:
     missing = [k for k in strings + binary if k not in obj]
     if missing:
         raise CollateralError("collateral_format", f"collateral lacks {', '.join(missing)}")
+    encoded: dict[str, bytes] = {}
     for k in strings:
         if not isinstance(obj[k], str):
             raise CollateralError("collateral_format", f"{k} must be a string")
+        try:
+            encoded[k] = obj[k].encode("utf-8")
+        except UnicodeEncodeError:
+            raise CollateralError("collateral_format", f"{k} is not encodable as UTF-8 (lone surrogate escape?)") from None
     return TdxCollateral(
         tcb_info=obj["tcb_info"],
         tcb_info_signature=_hex_or_bytes("tcb_info_signature", obj["tcb_info_signature"]),
-        tcb_info_issuer_chain=obj["tcb_info_issuer_chain"].encode(),
+        tcb_info_issuer_chain=encoded["tcb_info_issuer_chain"],
         qe_identity=obj["qe_identity"],
         qe_identity_signature=_hex_or_bytes("qe_identity_signature", obj["qe_identity_signature"]),
-        qe_identity_issuer_chain=obj["qe_identity_issuer_chain"].encode(),
+        qe_identity_issuer_chain=encoded["qe_identity_issuer_chain"],
         root_ca_crl=_hex_or_bytes("root_ca_crl", obj["root_ca_crl"]),
         pck_crl=_hex_or_bytes("pck_crl", obj["pck_crl"]),
-        pck_crl_issuer_chain=obj["pck_crl_issuer_chain"].encode(),
+        pck_crl_issuer_chain=encoded["pck_crl_issuer_chain"],
     )
 
 
 # --------------------------------------------------------------------------- helpers
 
 
+@functools.lru_cache(maxsize=1)
 def _intel_root() -> x509.Certificate:
-    return x509.load_pem_x509_certificate(INTEL_SGX_ROOT_CA_PEM.encode())
+    return load_certificate(INTEL_SGX_ROOT_CA_PEM.encode(), "bundled Intel SGX Root CA")
 
 
 def _verify_raw_ecdsa(public_key: Any, signature: bytes, data: bytes) -> bool:
@@ -326,24 +338,14 @@ def _verify_raw_ecdsa(public_key: Any, signature: bytes, data: bytes) -> bool:
 
 
 def _verify_chain_to_intel_root(pem: bytes, at: datetime, what: str, error: type, check: str) -> list[x509.Certificate]:
-    """Verify leaf <- ... <- Intel SGX Root CA; return the chain (leaf first, root last)."""
-    try:
-        certs = load_pem_chain(pem, what)
-    except CertificateChainError as exc:
-        raise error(check, exc.detail) from None
+    """Verify leaf <- ... <- Intel SGX Root CA (:func:`._x509.verify_chain`); return the chain
+    (leaf first, root last). Every failure raises ``error(check, ...)``."""
+    certs = load_pem_chain(pem, what, error, check)
     if len(certs) < 2:
         raise error(check, f"{what} needs at least leaf and root, got {len(certs)} certificate(s)")
-    root = _intel_root()
-    if certs[-1] != root:  # byte-identical to the bundled root, not merely the same key
+    if certs[-1] != _intel_root():  # byte-identical to the bundled root, not merely the same key
         raise error(check, f"{what} does not end at the Intel SGX Root CA")
-    try:
-        check_issued_by(root, root, "Intel SGX Root CA", check)
-        for child, parent in zip(certs, certs[1:]):
-            check_issued_by(child, parent, child.subject.rfc4514_string(), check)
-        for cert in certs:
-            check_validity(cert, at, cert.subject.rfc4514_string(), check)
-    except CertificateChainError as exc:
-        raise error(check, exc.detail) from None
+    verify_chain(certs, [name_of(c) for c in certs], at, error, check)
     return certs
 
 
@@ -402,16 +404,41 @@ def _check_window(obj: Mapping[str, Any], at: datetime, what: str, check: str) -
 
 
 def _check_crl(crl_der: bytes, issuer: x509.Certificate, at: datetime, what: str) -> x509.CertificateRevocationList:
+    """Parse a DER CRL, check it is signed by ``issuer`` and current at ``at`` (``CollateralError`` ``crl``)."""
+    crl = load_crl(crl_der, what)
     try:
-        crl = x509.load_der_x509_crl(crl_der)
-    except ValueError as exc:
-        raise CollateralError("crl", f"cannot parse {what}: {exc}") from None
-    if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-        raise CollateralError("crl", f"{what} is not signed by {issuer.subject.rfc4514_string()}")
+        signed = crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except X509_ERRORS:
+        signed = False
+    if not signed:
+        raise CollateralError("crl", f"{what} is not signed by {name_of(issuer)}")
     nxt = crl.next_update_utc
-    if crl.last_update_utc > at or (nxt is not None and at > nxt):
-        raise CollateralError("crl", f"{what} is not current at {at:%Y-%m-%d}")
+    if nxt is None:
+        raise CollateralError("crl", f"{what} has no nextUpdate; its freshness cannot be judged")
+    if not crl.last_update_utc <= at <= nxt:
+        raise CollateralError("crl", f"{what} valid {crl.last_update_utc:%Y-%m-%d}..{nxt:%Y-%m-%d}; verification time {at:%Y-%m-%d} is outside")
     return crl
+
+
+def check_revocation(
+    pck_chain: list[x509.Certificate],
+    pck_crl_der: bytes,
+    root_crl_der: bytes,
+    at: datetime,
+    other_intermediates: Sequence[x509.Certificate] = (),
+) -> None:
+    """Revocation of a verified PCK chain (leaf, PCK CA, ..., root): the PCK CRL must be issued by
+    the PCK CA and the Root CA CRL by the root, both current at ``at`` (``CollateralError`` ``crl``);
+    the PCK leaf must not be in the PCK CRL, and no intermediate (the PCK CA, and the collateral
+    signing chains' ``other_intermediates``) in the Root CA CRL (``CertificateChainError`` ``revoked``)."""
+    root, pck_ca, leaf = pck_chain[-1], pck_chain[1], pck_chain[0]
+    root_crl = _check_crl(root_crl_der, root, at, "Root CA CRL")
+    pck_crl = _check_crl(pck_crl_der, pck_ca, at, "PCK CRL")
+    if pck_crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None:
+        raise CertificateChainError("revoked", f"PCK certificate (serial {leaf.serial_number:#x}) is revoked (PCK CRL)")
+    for cert in list(pck_chain[1:-1]) + list(other_intermediates):
+        if root_crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise CertificateChainError("revoked", f"{name_of(cert)} is revoked (Root CA CRL)")
 
 
 def _worse(a: str, b: str) -> str:
@@ -431,6 +458,21 @@ def _svns(components: Any) -> list[int]:
             raise CollateralError("collateral_format", "TCB component lacks an integer svn")
         out.append(c["svn"])
     return out
+
+
+def _level_status(level: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """(tcbStatus, advisoryIDs) of a matched TCB level."""
+    status, advisories = level.get("tcbStatus"), level.get("advisoryIDs", [])
+    if status not in TDX_TCB_STATUSES or not isinstance(advisories, list) or not all(isinstance(a, str) for a in advisories):
+        raise CollateralError("collateral_format", f"TCB level has an unknown tcbStatus {status!r} or malformed advisoryIDs")
+    return status, list(advisories)
+
+
+def _hex_field(obj: Mapping[str, Any], key: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(obj[key])
+    except (KeyError, TypeError, ValueError):
+        raise CollateralError("collateral_format", f"{what} {key} is missing or not hex") from None
 
 
 def _masked_equal(actual: bytes, expected_hex: Any, mask_hex: Any, what: str) -> bool:
@@ -486,9 +528,9 @@ class TdxVerifier:
         pck = _pck_extension(pck_leaf)
         tcb_info, qe_identity = self._verify_collateral(collateral, pck_chain, at)
         passed.append("collateral")
-        if bytes.fromhex(str(tcb_info.get("fmspc", ""))) != pck["fmspc"]:
+        if _hex_field(tcb_info, "fmspc", "tcb_info") != pck["fmspc"]:
             raise CollateralError("fmspc", f"TCB info FMSPC {tcb_info.get('fmspc')} != PCK FMSPC {pck['fmspc'].hex()}")
-        if bytes.fromhex(str(tcb_info.get("pceId", ""))) != pck["pceid"]:
+        if _hex_field(tcb_info, "pceId", "tcb_info") != pck["pceid"]:
             raise CollateralError("fmspc", "TCB info PCE-ID does not match the PCK certificate")
         passed.append("fmspc")
 
@@ -552,7 +594,6 @@ class TdxVerifier:
     def _verify_collateral(
         collateral: TdxCollateral, pck_chain: list[x509.Certificate], at: datetime
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        root = _intel_root()
         signed_objects = []
         for name, text, sig, chain_pem in (
             ("tcb_info", collateral.tcb_info, collateral.tcb_info_signature, collateral.tcb_info_issuer_chain),
@@ -563,7 +604,7 @@ class TdxVerifier:
                 raise CollateralError(f"{name}_signature", f"{name} signature does not verify")
             try:
                 obj = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise CollateralError("collateral_format", f"{name} is not JSON") from None
             if not isinstance(obj, dict):
                 raise CollateralError("collateral_format", f"{name} must be a JSON object")
@@ -575,20 +616,19 @@ class TdxVerifier:
         if qe_identity.get("id") != "TD_QE":
             raise CollateralError("collateral_format", "qe_identity must be the TD_QE identity")
 
-        root_crl = _check_crl(collateral.root_ca_crl, root, at, "Root CA CRL")
+        pck_crl_chain = _verify_chain_to_intel_root(
+            collateral.pck_crl_issuer_chain, at, "pck_crl issuer chain", CollateralError, "pck_crl_chain"
+        )
         pck_ca = pck_chain[1]
-        pck_crl = _check_crl(collateral.pck_crl, pck_ca, at, "PCK CRL")
-        if pck_crl.get_revoked_certificate_by_serial_number(pck_chain[0].serial_number) is not None:
-            raise CertificateChainError("revoked", "PCK certificate is revoked (PCK CRL)")
-        for cert in pck_chain[1:-1] + tcb_chain[:-1] + qe_chain[:-1]:
-            if root_crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-                raise CertificateChainError("revoked", f"{cert.subject.rfc4514_string()} is revoked (Root CA CRL)")
+        if pck_crl_chain[0].subject != pck_ca.subject or spki_sha256(pck_crl_chain[0]) != spki_sha256(pck_ca):
+            raise CollateralError("pck_crl_chain", f"PCK CRL issuer chain is for {name_of(pck_crl_chain[0])}, not the quote's {name_of(pck_ca)}")
+        check_revocation(pck_chain, collateral.pck_crl, collateral.root_ca_crl, at, tcb_chain[:-1] + qe_chain[:-1] + pck_crl_chain[:-1])
         return tcb_info, qe_identity
 
     @staticmethod
     def _qe_identity_status(qe: QeReport, identity: Mapping[str, Any]) -> tuple[str, list[str]]:
         try:
-            if bytes.fromhex(identity["mrsigner"]) != qe.mr_signer:
+            if _hex_field(identity, "mrsigner", "qe_identity") != qe.mr_signer:
                 raise TcbError("qe_identity", "QE MRSIGNER does not match the QE identity")
             if identity["isvprodid"] != qe.isv_prod_id:
                 raise TcbError("qe_identity", "QE ISVPRODID does not match the QE identity")
@@ -604,7 +644,7 @@ class TdxVerifier:
         for level in levels:
             try:
                 if qe.isv_svn >= level["tcb"]["isvsvn"]:
-                    return str(level["tcbStatus"]), list(level.get("advisoryIDs", []))
+                    return _level_status(level)
             except (KeyError, TypeError):
                 raise CollateralError("collateral_format", "qe_identity TCB level is malformed") from None
         raise TcbError("qe_identity", f"no QE identity TCB level for QE ISVSVN {qe.isv_svn}")
@@ -621,12 +661,14 @@ class TdxVerifier:
                 sgx, pcesvn, tdx = _svns(tcb["sgxtcbcomponents"]), tcb["pcesvn"], _svns(tcb["tdxtcbcomponents"])
             except (KeyError, TypeError):
                 raise CollateralError("collateral_format", "tcb_info TCB level is malformed") from None
+            if type(pcesvn) is not int:
+                raise CollateralError("collateral_format", "tcb_info TCB level pcesvn is not an integer")
             if (
                 all(p >= s for p, s in zip(pck["sgx_svns"], sgx))
                 and pck["pcesvn"] >= pcesvn
                 and all(body.tee_tcb_svn[i] >= tdx[i] for i in range(start, 16))
             ):
-                return str(level.get("tcbStatus")), list(level.get("advisoryIDs", []))
+                return _level_status(level)
         raise TcbError(
             "no_matching_tcb_level",
             f"no matching TCB level (PCK SGX SVNs {pck['sgx_svns']}, PCESVN {pck['pcesvn']}, TEE_TCB_SVN {body.tee_tcb_svn.hex()})",
@@ -638,7 +680,7 @@ class TdxVerifier:
         if major == 0:
             module = tcb_info.get("tdxModule")
             if isinstance(module, dict):
-                if bytes.fromhex(str(module.get("mrsigner", ""))) != body.mr_signer_seam:
+                if _hex_field(module, "mrsigner", "tdxModule") != body.mr_signer_seam:
                     raise TcbError("tdx_module", "MRSIGNERSEAM does not match the TDX module identity")
                 if not _masked_equal(body.seam_attributes, module.get("attributes"), module.get("attributesMask"), "SEAM attributes"):
                     raise TcbError("tdx_module", "SEAM attributes do not match the TDX module identity")
@@ -647,14 +689,14 @@ class TdxVerifier:
         for identity in tcb_info.get("tdxModuleIdentities") or []:
             if not isinstance(identity, dict) or identity.get("id") != wanted:
                 continue
-            if bytes.fromhex(str(identity.get("mrsigner", ""))) != body.mr_signer_seam:
+            if _hex_field(identity, "mrsigner", wanted) != body.mr_signer_seam:
                 raise TcbError("tdx_module", f"MRSIGNERSEAM does not match {wanted}")
             if not _masked_equal(body.seam_attributes, identity.get("attributes"), identity.get("attributesMask"), "SEAM attributes"):
                 raise TcbError("tdx_module", f"SEAM attributes do not match {wanted}")
             for level in identity.get("tcbLevels") or []:
                 try:
                     if body.tee_tcb_svn[0] >= level["tcb"]["isvsvn"]:
-                        return str(level["tcbStatus"]), list(level.get("advisoryIDs", []))
+                        return _level_status(level)
                 except (KeyError, TypeError):
                     raise CollateralError("collateral_format", "TDX module TCB level is malformed") from None
             raise TcbError("tdx_module", f"no {wanted} TCB level for module SVN {body.tee_tcb_svn[0]}")

@@ -2,24 +2,28 @@
 
 Token text = base64url(payload JSON) "." base64url(Ed25519 signature over the payload bytes).
 Payload: ``iss``, ``sub`` (node ID), ``iat``/``exp`` (Unix seconds), ``jti`` (random 16-byte hex),
-``evidence_type``, ``measurement``, ``tcb_status``, ``model_digest``, ``report_data`` (binds the
-token to the attested channel key), ``simulated``.
+``evidence_type``, ``measurement`` (SNP MEASUREMENT / TDX MRTD), ``rtmrs`` (TDX RTMR0-3; empty
+otherwise), ``tcb_status``, ``tcb`` (the verdict's TCB fields, e.g. SNP reported/current TCB, TDX
+platform/QE/module status), ``model_digest``, ``report_data`` (binds the token to the attested
+channel key), ``simulated``. Tokens without ``rtmrs``/``tcb`` (older issuers) still verify.
 
 :class:`TokenGate` is what a service puts in front of requests: valid signature from a trusted
 issuer key, ``iat <= now < exp`` (else :class:`TokenExpiredError` -> re-attest), optional session
-binding, and each (token, request ID) accepted once (:class:`TokenReplayError`).
+binding, and each (token, request ID) accepted once (:class:`TokenReplayError`). It is thread-safe.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import hmac
 import json
 import secrets
+import threading
 import time
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -48,6 +52,8 @@ class TokenClaims:
     model_digest: str
     report_data: str
     simulated: bool
+    rtmrs: tuple[str, ...] = ()
+    tcb: Mapping[str, str] = field(default_factory=dict)
 
 
 def _b64(data: bytes) -> str:
@@ -83,7 +89,9 @@ class TokenIssuer:
             "jti": secrets.token_hex(16),
             "evidence_type": verdict.evidence_type,
             "measurement": verdict.measurement.hex(),
+            "rtmrs": [verdict.fields[f"rtmr{i}"] for i in range(4)] if all(f"rtmr{i}" in verdict.fields for i in range(4)) else [],
             "tcb_status": verdict.tcb_status,
+            "tcb": {str(k): str(v) for k, v in verdict.tcb.items()},
             "model_digest": model_digest.hex(),
             "report_data": verdict.report_data.hex(),
             "simulated": verdict.simulated,
@@ -115,7 +123,7 @@ def verify_token(token: str, trusted_keys: Iterable[Ed25519PublicKey], *, now: f
             issuer=str(p["iss"]), node_id=str(p["sub"]), issued_at=int(p["iat"]), expires_at=int(p["exp"]),
             token_id=str(p["jti"]), evidence_type=str(p["evidence_type"]), measurement=str(p["measurement"]),
             tcb_status=str(p["tcb_status"]), model_digest=str(p["model_digest"]), report_data=str(p["report_data"]),
-            simulated=bool(p["simulated"]),
+            simulated=bool(p["simulated"]), rtmrs=_str_list(p.get("rtmrs", [])), tcb=_str_map(p.get("tcb", {})),
         )
     except (ValueError, KeyError, TypeError):
         raise TokenError("token_format", "token payload is malformed") from None
@@ -127,6 +135,18 @@ def verify_token(token: str, trusted_keys: Iterable[Ed25519PublicKey], *, now: f
     return claims
 
 
+def _str_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("expected a list of strings")
+    return tuple(value)
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise TypeError("expected a string mapping")
+    return dict(value)
+
+
 def public_key_bytes(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -135,7 +155,10 @@ class TokenGate:
     """Admission control for a service: one instance per service process.
 
     Remembers used (token ID, request ID) pairs until the token expires (memory bounded by live
-    tokens x requests). ``allow_simulated`` False refuses tokens minted for simulated evidence.
+    tokens x requests; expired pairs leave through a heap ordered by expiry, O(log n) each).
+    ``allow_simulated`` False refuses tokens minted for simulated evidence. Thread-safe: the
+    replay check and the insert happen under one lock, so a request ID is accepted at most once
+    however many threads present it.
     """
 
     def __init__(self, trusted_keys: Iterable[Ed25519PublicKey], *, model_digest: bytes | None = None, allow_simulated: bool = False):
@@ -143,6 +166,13 @@ class TokenGate:
         self._model_digest = model_digest
         self._allow_simulated = allow_simulated
         self._seen: dict[tuple[str, str], int] = {}
+        self._expiry: list[tuple[int, tuple[str, str]]] = []  # heap of (expires_at, key)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Remembered (token ID, request ID) pairs."""
+        with self._lock:
+            return len(self._seen)
 
     def authorize(self, token: str, request_id: str, *, session_report_data: bytes | None = None, now: float | None = None) -> TokenClaims:
         t = time.time() if now is None else now
@@ -153,9 +183,13 @@ class TokenGate:
             raise TokenError("token_model", "token names a different model digest")
         if session_report_data is not None and not hmac.compare_digest(claims.report_data, session_report_data.hex()):
             raise TokenReplayError("token_binding", "token is bound to a different attested session")
-        self._seen = {k: exp for k, exp in self._seen.items() if exp > t}
         key = (claims.token_id, request_id)
-        if key in self._seen:
-            raise TokenReplayError("request_replay", f"request {request_id!r} already seen with this token")
-        self._seen[key] = claims.expires_at
+        with self._lock:
+            while self._expiry and self._expiry[0][0] <= t:
+                _, old = heapq.heappop(self._expiry)
+                self._seen.pop(old, None)
+            if key in self._seen:
+                raise TokenReplayError("request_replay", f"request {request_id!r} already seen with this token")
+            self._seen[key] = claims.expires_at
+            heapq.heappush(self._expiry, (claims.expires_at, key))
         return claims

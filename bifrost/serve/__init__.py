@@ -7,6 +7,7 @@ reflection). Stubs are committed next to it and regenerated with ``python -m bif
 Layout: :mod:`.server` (front end: tokens, limits, routing of *sealed* records; never holds channel
 keys), :mod:`.actors` (``ReplicaActor``: the trusted runtime replica that owns channel keys, CKKS keys,
 history; a Ray actor or the same class in-process), :mod:`.sessions`, :mod:`.client` (SDK),
+:mod:`.replicas` (how the front end reaches a replica, in-process or Ray; bounded waits),
 :mod:`.cli`, :mod:`.config` (``configs/serve.yaml``). The worker pool is :mod:`bifrost.tee.pool`.
 
 Run::
@@ -14,4 +15,13 @@ Run::
     bifrost serve --model gpt2-mini                        # Ray + one local CKKS worker, 127.0.0.1:50061
     bifrost serve --model gpt2-mini --print-digests        # what a client policy pins
     bifrost chat --policy my-policy.yaml --prompt "Hello"  # policy: allow_simulated + model_digests
+
+On a Ray cluster, from one of its nodes (bifrost and the model installed on every node; CKKS workers
+given by address, since local workers listen on 127.0.0.1 only; Ray Client ``ray://`` is refused)::
+
+    bifrost serve --model gpt2 --ray-address auto --workers w1:50051,w2:50051 --replicas 4
+
+Robustness: a dead replica gets no new sessions (health NOT_SERVING when none is left); a client that
+hangs up stops its turn at the next token; idle sessions are dropped, never one with a request in
+progress; every replica answer is bounded by ``replica_timeout_s``, startup by ``startup_timeout_s``.
 """

@@ -10,10 +10,17 @@ in this process. The KV cache lives in the decode loop's local state of one turn
 The class is plain Python: ``bifrost serve`` runs it as a Ray actor (``runtime: ray``); tests and
 ``runtime: local`` run the *same class* in-process. Methods return plain data and never raise for
 bad input: errors are ``("error", <grpc status name>, message)`` tuples.
+
+Session life cycle: one request (a *turn*) at a time per session, under the session's lock. A turn
+can be stopped between tokens: :meth:`ReplicaActor.cancel` (the client hung up) or
+:meth:`ReplicaActor.close_session`. Closing a session while a turn runs only marks it; the turn
+releases the session (channel keys, history, CKKS keys, worker sessions) when it ends, so a session
+is never torn down under a running generation.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -38,6 +45,7 @@ from ..proto import serving_pb2
 from ..tee.batching import MAX_ITEM_ROWS, DecodeBatcher
 from ..tee.delegate import using_engine
 from ..tee.engine import DelegationEngine
+from ..tee.link import WorkerCallError
 from ..tee.pool import WorkerDirectory, WorkerPool
 from ..tee.runtime import TrustedRuntime
 from .config import ServeConfig
@@ -49,6 +57,9 @@ AAD_GENERATE = b"bifrost.serving.v1.GenerateBody"
 AAD_CHUNK = b"bifrost.serving.v1.TokenChunk"
 AAD_EMBED = b"bifrost.serving.v1.EmbedBody"
 AAD_EMBED_RESULT = b"bifrost.serving.v1.EmbedResult"
+
+TURN_WAIT_S = 10.0      # a request waits this long for the session's previous turn to finish
+CANCELLED_REMEMBERED = 32  # request ids of cancelled turns kept per session
 
 
 def _err(code: str, message: str) -> tuple[str, str, str]:
@@ -102,8 +113,22 @@ class _Session:
     engine: DelegationEngine
     report_data: bytes
     history: list[int] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)    # one turn at a time
+    state: threading.Lock = field(default_factory=threading.Lock)   # guards busy / closing / released
+    busy: bool = False       # a turn holds ``lock``
+    closing: bool = False    # closed: running turn stops at the next token and releases the session
+    released: bool = False
+    cancelled: collections.deque = field(default_factory=lambda: collections.deque(maxlen=CANCELLED_REMEMBERED))
     last_used: float = field(default_factory=time.monotonic)
+
+    def stopped(self, request_id: str) -> bool:
+        return self.closing or (bool(request_id) and request_id in self.cancelled)
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.error = _err(code, message)
 
 
 class ReplicaActor:
@@ -125,6 +150,7 @@ class ReplicaActor:
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._prefill_lock = threading.Lock()
+        self.turns_cancelled = 0
         # batch_decode: sessions run their decode steps concurrently (each its own keys and KV cache) and
         # the batcher merges their layer calls; otherwise the model lock interleaves their steps.
         self.batcher = (DecodeBatcher(self.directory, scfg.batch_window_s, scfg.batch_max_rows)
@@ -147,7 +173,8 @@ class ReplicaActor:
                 "batched_worker_calls": batching.worker_calls if batching else 0,
                 "mean_items_per_batched_call": batching.mean_items if batching else 0.0,
                 "max_items_per_batched_call": batching.max_items if batching else 0,
-                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pid": os.getpid()}
+                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pid": os.getpid(),
+                "turns_cancelled": self.turns_cancelled}
 
     def session_count(self) -> int:
         with self._lock:
@@ -171,13 +198,18 @@ class ReplicaActor:
         except AttestationError as exc:
             code = "INVALID_ARGUMENT" if isinstance(exc, ChannelError) else "UNAVAILABLE"
             return _err(code, f"handshake failed: {exc}")
+        pool = WorkerPool(self.directory)
         try:  # this session's own CKKS key pair and worker sessions
-            pool = WorkerPool(self.directory)
             link = self.batcher.link_for(pool) if self.batcher is not None else pool
             engine = DelegationEngine(link, self.cfg.backend, self.cfg.ckks_params(),
                                       self.runtime.sites, self.runtime.groups)
-        except BifrostError as exc:
-            return _err("UNAVAILABLE", f"cannot open a CKKS worker session: {exc}")
+        except BaseException as exc:
+            pool.close()  # worker sessions opened before the failure
+            if isinstance(exc, WorkerCallError) and exc.code.name == "RESOURCE_EXHAUSTED":
+                return _err("RESOURCE_EXHAUSTED", "the CKKS workers hold their maximum number of sessions; try later")
+            if isinstance(exc, BifrostError):
+                return _err("UNAVAILABLE", f"cannot open a CKKS worker session: {exc}")
+            raise
         sid = channel.session_id
         with self._lock:
             self._sessions[sid] = _Session(channel, engine, report_data)
@@ -185,34 +217,75 @@ class ReplicaActor:
         return {"session_id": sid, "server_public_key": hs.public_key, "report_data": report_data,
                 "evidence_type": evidence.evidence_type, "evidence": evidence.raw,
                 "endorsements": dict(evidence.endorsements),
-                "measurement": getattr(self.provider, "measurement", bytes(48)),
                 "model_digest": self.model_digest, "serving_config_digest": self.config_digest, "suite": suite}
 
     def close_session(self, session_id: bytes) -> bool:
+        """End a session. If a turn is running it stops at its next token and releases the session."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
         if s is None:
             return False
+        with s.state:
+            s.closing = True
+            release = not s.busy and not s.released
+            s.released = s.released or release
+        if release:
+            self._release(s, session_id)
+        return True
+
+    def _release(self, s: _Session, session_id: bytes) -> None:
         s.channel.close("session ended")
         s.history.clear()
         s.engine.close()
         log.info("replica %d: session %s… closed", self.index, session_id.hex()[:8])
+
+    def cancel(self, session_id: bytes, request_id: str) -> bool:
+        """Stop the turn of ``request_id`` (running or still queued) at its next token."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None or not request_id:
+            return False
+        s.cancelled.append(request_id)
         return True
 
     def close_idle(self, idle_s: float) -> list[bytes]:
+        """Backstop for sessions the front end lost track of: close those idle for ``idle_s``."""
         now = time.monotonic()
         with self._lock:
-            idle = [sid for sid, s in self._sessions.items() if now - s.last_used > idle_s and not s.lock.locked()]
+            idle = [sid for sid, s in self._sessions.items()
+                    if now - s.last_used > idle_s and not s.busy and not s.lock.locked()]
         for sid in idle:
             self.close_session(sid)
         return idle
 
-    def _open(self, session_id: bytes, sealed: bytes, aad: bytes, body_cls):
-        """Session lookup + open the record. Returns (session, body) or an error tuple."""
+    @contextlib.contextmanager
+    def _turn(self, session_id: bytes):
+        """Hold the session for one request; raises :class:`_Refused`."""
         with self._lock:
             s = self._sessions.get(session_id)
         if s is None:
-            return _err("NOT_FOUND", "unknown or closed session; attest again")
+            raise _Refused("NOT_FOUND", "unknown or closed session; attest again")
+        if not s.lock.acquire(timeout=TURN_WAIT_S):  # the previous turn may still be winding down
+            raise _Refused("FAILED_PRECONDITION", "this session already has a request in progress")
+        with s.state:
+            closed = s.closing
+            s.busy = not closed
+        if closed:
+            s.lock.release()
+            raise _Refused("NOT_FOUND", "unknown or closed session; attest again")
+        try:
+            yield s
+        finally:
+            with s.state:
+                s.busy = False
+                release = s.closing and not s.released
+                s.released = s.released or release
+            s.lock.release()
+            if release:
+                self._release(s, session_id)
+
+    def _open(self, s: _Session, session_id: bytes, sealed: bytes, aad: bytes, body_cls):
+        """Open the record (inside the session's turn). Returns (session, body) or an error tuple."""
         s.last_used = time.monotonic()
         try:
             plaintext = s.channel.open(sealed, aad)
@@ -227,23 +300,18 @@ class ReplicaActor:
         return s, body
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, session_id: bytes, sealed: bytes):
-        """Yields ``("chunk", sealed TokenChunk)`` items, or one ``("error", code, message)``."""
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            yield _err("NOT_FOUND", "unknown or closed session; attest again")
-            return
-        if not s.lock.acquire(timeout=10):  # the previous turn's stream may still be winding down
-            yield _err("FAILED_PRECONDITION", "this session already has a turn in progress")
-            return
-        try:
-            yield from self._generate_locked(session_id, sealed)
-        finally:
-            s.lock.release()
+    def generate(self, session_id: bytes, sealed: bytes, request_id: str = ""):
+        """Yields ``("chunk", sealed TokenChunk)`` items, or one ``("error", code, message)``.
 
-    def _generate_locked(self, session_id: bytes, sealed: bytes):
-        opened = self._open(session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
+        Stops between tokens when ``request_id`` is cancelled or the session is closed."""
+        try:
+            with self._turn(session_id) as s:
+                yield from self._generate_locked(s, session_id, sealed, request_id)
+        except _Refused as exc:
+            yield exc.error
+
+    def _generate_locked(self, s: _Session, session_id: bytes, sealed: bytes, request_id: str):
+        opened = self._open(s, session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
         if opened[0] == "error":
             yield opened
             return
@@ -273,8 +341,16 @@ class ReplicaActor:
         seed = body.sample_seed if body.has_sample_seed else None
         tokens: list[int] = []
         text_so_far = ""
+        if s.stopped(request_id):  # cancelled while it waited for the previous turn
+            yield from self._stopped(s, session_id, request_id, 0)
+            return
+        steps = self._decode(s, ids, n_new, seed)
         try:
-            for i, (token, seconds) in enumerate(self._decode(s, ids, n_new, seed)):
+            for i, (token, seconds) in enumerate(steps):
+                if s.stopped(request_id):  # checked between tokens: the client left or the session closed
+                    yield from self._stopped(s, session_id, request_id, len(tokens))
+                    return
+                s.last_used = time.monotonic()
                 tokens.append(token)
                 text = self.runtime.tokenizer.decode(tokens)
                 stable = text.rstrip("\ufffd") if i < n_new - 1 else text  # hold back split UTF-8
@@ -291,6 +367,17 @@ class ReplicaActor:
                 err = serving_pb2.TokenChunk(done=True, error="generation failed: CKKS workers unavailable")
                 yield ("chunk", s.channel.seal(err.SerializeToString(), AAD_CHUNK))
             yield _err("UNAVAILABLE", "generation failed: CKKS workers unavailable")
+        finally:
+            steps.close()
+
+    def _stopped(self, s: _Session, session_id: bytes, request_id: str, produced: int):
+        log.info("replica %d: session %s… turn stopped after %d tokens (%s)", self.index, session_id.hex()[:8],
+                 produced, "session closed" if s.closing else "cancelled")
+        if s.closing:
+            yield _err("ABORTED", "the session was closed during this turn")
+        else:
+            with self._lock:
+                self.turns_cancelled += 1
 
     def _step_context(self, rows: int):
         """Without batching: one forward pass at a time. With batching: decode steps run concurrently
@@ -314,30 +401,32 @@ class ReplicaActor:
 
     # -- embeddings --------------------------------------------------------------------------
     def embed(self, session_id: bytes, sealed: bytes):
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            return _err("NOT_FOUND", "unknown or closed session; attest again")
-        with s.lock:
-            opened = self._open(session_id, sealed, AAD_EMBED, serving_pb2.EmbedBody)
-            if opened[0] == "error":
-                return opened
-            s, body = opened
-            if self.spec.task != "encoder":
-                return _err("FAILED_PRECONDITION", f"{self.cfg.model} is not an encoder model; use Generate")
-            if not body.texts or len(body.texts) > 64:
-                return _err("INVALID_ARGUMENT", "send 1..64 texts")
-            for t in body.texts:
-                n = len(self.runtime.tokenizer.encode(t))
-                if n == 0 or n > self.scfg.max_prompt_tokens:
-                    return _err("INVALID_ARGUMENT", f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
-            try:
-                with self._model_lock, using_engine(s.engine):
-                    vectors = self.runtime.embed(list(body.texts))
-            except BifrostError:
-                return _err("UNAVAILABLE", "embedding failed: CKKS workers unavailable")
-            result = serving_pb2.EmbedResult(vectors=[serving_pb2.Vector(values=v.tolist()) for v in vectors])
-            return ("ok", s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
+        try:
+            with self._turn(session_id) as s:
+                return self._embed_locked(s, session_id, sealed)
+        except _Refused as exc:
+            return exc.error
+
+    def _embed_locked(self, s: _Session, session_id: bytes, sealed: bytes):
+        opened = self._open(s, session_id, sealed, AAD_EMBED, serving_pb2.EmbedBody)
+        if opened[0] == "error":
+            return opened
+        s, body = opened
+        if self.spec.task != "encoder":
+            return _err("FAILED_PRECONDITION", f"{self.cfg.model} is not an encoder model; use Generate")
+        if not body.texts or len(body.texts) > 64:
+            return _err("INVALID_ARGUMENT", "send 1..64 texts")
+        for t in body.texts:
+            n = len(self.runtime.tokenizer.encode(t))
+            if n == 0 or n > self.scfg.max_prompt_tokens:
+                return _err("INVALID_ARGUMENT", f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
+        try:
+            with self._model_lock, using_engine(s.engine):
+                vectors = self.runtime.embed(list(body.texts))
+        except BifrostError:
+            return _err("UNAVAILABLE", "embedding failed: CKKS workers unavailable")
+        result = serving_pb2.EmbedResult(vectors=[serving_pb2.Vector(values=v.tolist()) for v in vectors])
+        return ("ok", s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
 
     def shutdown(self) -> None:
         with self._lock:

@@ -10,6 +10,13 @@ import sys
 import threading
 
 
+SIMULATED_BANNER = (
+    "!!! WARNING: evidence provider is SIMULATED: this server is NOT running in an attested TEE and its\n"
+    "!!! evidence is signed by a local software key. Prompts get no hardware confidentiality. Clients refuse\n"
+    "!!! it unless their policy sets allow_simulated: true. Development and tests only."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the attested gRPC API (Ray replicas + CKKS workers)")
     p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
@@ -23,9 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-workers", type=int, help="how many local workers to start when none are given")
     p.add_argument("--replicas", type=int, help="trusted-runtime replicas")
     p.add_argument("--runtime", choices=("ray", "local"), help="ray: replicas as Ray actors; local: in-process")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting one locally")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto | GCS host:port; run on a cluster node, "
+                                         "with --workers) instead of starting Ray locally; ray:// is not supported")
+    p.add_argument("--ray-num-cpus", type=int,
+                   help="CPUs of a locally started Ray (default: replicas x replica_cpus)")
     p.add_argument("--max-sessions", type=int)
-    p.add_argument("--evidence", help="evidence provider: tdx | sev-snp | simulated")
+    p.add_argument("--evidence", help="evidence provider: auto (tdx/sev-snp from configfs-tsm) | tdx | sev-snp | "
+                                      "simulated (development only: not a TEE)")
     p.add_argument("--run-dir", help="folder for this run (Ray temp dir, logs); default: a new one under serve.run_dir")
     p.add_argument("--print-digests", action="store_true",
                    help="print the model and serving-config digests a client policy pins, then exit")
@@ -53,7 +64,8 @@ def _configs(args):
         cfg = cfg.replace(seed=args.seed)
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
-        "runtime": args.runtime, "ray_address": args.ray_address, "max_sessions": args.max_sessions,
+        "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,
+        "max_sessions": args.max_sessions,
         "evidence_provider": args.evidence}.items() if v is not None}
     if args.workers:
         changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())
@@ -73,6 +85,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"model_digest: {model_digest(resolve(cfg.model), cfg.seed).hex()}")
         print(f"serving_config_digest: {serving_config_digest(cfg, scfg).hex()}")
         return 0
+    from ..attest.evidence import get_provider
+
+    get_provider(scfg.evidence_provider)  # fail fast, in one line, before starting workers and Ray
     app = ServeApp(cfg, scfg, args.run_dir)
     handler = logging.FileHandler(app.run_dir / "serve.log")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -82,9 +97,12 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     app.start()
     try:
+        evidence = app.service.info["evidence_type"]
         print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({len(app.replicas)} replica(s), "
-              f"runtime {scfg.runtime}, workers {', '.join(app.worker_addresses)}, run folder {app.run_dir})",
-              file=sys.stderr, flush=True)
+              f"runtime {scfg.runtime}, workers {', '.join(app.worker_addresses)}, evidence {evidence}, "
+              f"run folder {app.run_dir})", file=sys.stderr, flush=True)
+        if evidence == "simulated":
+            print(SIMULATED_BANNER, file=sys.stderr, flush=True)
         if args.port_file:
             with open(args.port_file + ".tmp", "w") as f:
                 f.write(str(app.port))

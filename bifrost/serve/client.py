@@ -107,15 +107,24 @@ class BifrostClient:
         body = serving_pb2.GenerateBody(prompt=prompt, max_new_tokens=max_new_tokens, reset_history=reset_history,
                                         has_sample_seed=sample_seed is not None, sample_seed=sample_seed or 0)
         req = self._request(self.session.seal(body.SerializeToString(), AAD_GENERATE) if self.session else b"")
+        call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
+        done = False
         try:
-            for reply in self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout):
+            for reply in call:
+                if done:
+                    raise BifrostError("server sent data after the final chunk")
                 chunk = serving_pb2.TokenChunk.FromString(self.session.open(reply.sealed, AAD_CHUNK))
                 if chunk.error:
                     raise BifrostError(f"server: {chunk.error}")
+                done = chunk.done
                 if chunk.token_ids:
                     yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds)
         except grpc.RpcError as exc:
             raise ServingError(exc.code(), exc.details()) from None
+        finally:
+            call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
+        if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
+            raise BifrostError("token stream ended before its final chunk (truncated); the reply is incomplete")
 
     def chat(self, prompt: str, max_new_tokens: int = 0, reset_history: bool = False, sample_seed: int | None = None,
              on_text=None) -> ChatResult:

@@ -1,8 +1,20 @@
-"""Typed ``serve:`` configuration, validated at load from ``configs/serve.yaml`` (unknown keys refused)."""
+"""Typed ``serve:`` configuration, validated at load from ``configs/serve.yaml`` (unknown keys refused).
+
+Deployment rules enforced here (each a one-line error naming the fix):
+
+* ``ray_address`` joins an existing cluster with a driver on a cluster node (``auto`` or ``host:port``).
+  Ray Client addresses (``ray://``) are refused: replicas stream tokens through Ray streaming
+  generators, which Ray Client does not support.
+* With ``ray_address`` the replicas may run on other nodes, so CKKS ``workers`` must be given (local
+  workers listen on 127.0.0.1 of the serving node only). Every node needs the same bifrost installed.
+* A locally started Ray must have room for every replica: ``replicas * replica_cpus <= ray_num_cpus``
+  (``ray_num_cpus: null`` sizes it to exactly that).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +32,7 @@ class ServeConfig:
     port: int = 50061
     runtime: str = "ray"
     ray_address: str | None = None
-    ray_num_cpus: int = 2
+    ray_num_cpus: int | None = None  # locally started Ray; None: replicas * replica_cpus (rounded up)
     replica_cpus: float = 1.0
     replicas: int = 1
     workers: tuple[str, ...] = field(default_factory=tuple)
@@ -31,12 +43,20 @@ class ServeConfig:
     batch_window_s: float = 0.25
     batch_max_rows: int = 16
     max_sessions: int = 32
+    max_pending_sessions: int = 8    # attested sessions that never sent a request (+ handshakes in progress)
     max_prompt_tokens: int = 512
     max_new_tokens: int = 128
     max_request_bytes: int = 1 << 20
     session_idle_s: float = 900.0
+    pending_idle_s: float = 60.0     # idle limit of sessions that never sent a request
     token_lifetime_s: int = 900
-    evidence_provider: str = "simulated"
+    replica_timeout_s: float = 300.0  # longest wait for one replica answer (a call, or one streamed token)
+    startup_timeout_s: float = 600.0  # replicas must have loaded their model within this
+    # auto: tdx / sev-snp from configfs-tsm, or a clear failure; simulated only when named explicitly
+    evidence_provider: str = "auto"
+    # The policy the front end (the token issuer) verifies each replica's evidence against before it issues
+    # a token; null: the default policy (simulated evidence accepted only when evidence_provider: simulated).
+    issuer_policy: str | None = None
     run_dir: str = "runs"
 
     def __post_init__(self) -> None:
@@ -44,22 +64,70 @@ class ServeConfig:
             raise BifrostError(f"serve.runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not 0 <= self.port <= 65535:
             raise BifrostError(f"serve.port must be 0..65535, got {self.port}")
-        for name in ("replicas", "max_sessions", "max_prompt_tokens", "max_new_tokens", "max_request_bytes",
-                     "ray_num_cpus"):
+        for name in ("replicas", "max_sessions", "max_pending_sessions", "max_prompt_tokens", "max_new_tokens",
+                     "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise BifrostError(f"serve.{name} must be >= 1")
+        if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
+            raise BifrostError("serve.ray_num_cpus must be >= 1 (or null: sized to the replicas)")
         if not self.workers and self.local_workers < 1:
             raise BifrostError("serve: configure worker addresses or local_workers >= 1")
         if self.batch_window_s < 0 or self.batch_max_rows < 1:
             raise BifrostError("serve: batch_window_s must be >= 0 and batch_max_rows >= 1")
-        if self.worker_call_timeout_s <= 0 or self.session_idle_s <= 0 or self.replica_cpus < 0:
-            raise BifrostError("serve: timeouts must be > 0 and replica_cpus >= 0")
+        for name in ("worker_call_timeout_s", "session_idle_s", "pending_idle_s", "replica_timeout_s",
+                     "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise BifrostError(f"serve.{name} must be > 0")
+        if self.replica_cpus < 0:
+            raise BifrostError("serve.replica_cpus must be >= 0")
         if not 1 <= self.token_lifetime_s <= 86400:
             raise BifrostError("serve.token_lifetime_s must be 1..86400")
+        from ..attest.evidence import provider_names
+
+        if self.evidence_provider not in provider_names():
+            raise BifrostError(f"serve.evidence_provider must be one of {', '.join(provider_names())}, got {self.evidence_provider!r}")
+        if self.issuer_policy is not None:
+            from ..attest.errors import AttestationError
+            from ..attest.policy import load_policy
+
+            try:
+                load_policy(self.issuer_policy)
+            except AttestationError as exc:
+                raise BifrostError(f"serve.issuer_policy: {exc}") from None
         for a in self.workers:
             host, _, port = a.rpartition(":")
             if not host or not port.isdigit():
                 raise BifrostError(f"serve.workers: {a!r} is not host:port")
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        addr = self.ray_address
+        if addr is not None:
+            if addr.startswith("ray://"):
+                raise BifrostError(
+                    f"serve.ray_address {addr!r}: Ray Client (ray://) is not supported (token streaming needs "
+                    "Ray streaming generators); run `bifrost serve` on a cluster node with ray_address: auto|host:port")
+            host, _, port = addr.rpartition(":")
+            if addr != "auto" and (not host or not port.isdigit() or "://" in addr):
+                raise BifrostError(f"serve.ray_address must be 'auto' or host:port (the GCS address), got {addr!r}")
+            if self.runtime != "ray":
+                raise BifrostError("serve.ray_address needs runtime: ray")
+            if not self.workers:
+                raise BifrostError(
+                    "serve.ray_address: replicas may run on other nodes, which cannot reach workers started on "
+                    "127.0.0.1 here; give CKKS worker addresses (serve.workers / --workers host:port,...)")
+        elif self.runtime == "ray" and self.replicas * self.replica_cpus > self.local_ray_cpus:
+            raise BifrostError(
+                f"serve: {self.replicas} replicas x replica_cpus {self.replica_cpus:g} need "
+                f"{self.replicas * self.replica_cpus:g} Ray CPUs but ray_num_cpus is {self.ray_num_cpus}; "
+                "raise ray_num_cpus (--ray-num-cpus, or null to size it to the replicas) or lower replica_cpus")
+
+    @property
+    def local_ray_cpus(self) -> int:
+        """CPUs given to a locally started Ray."""
+        if self.ray_num_cpus is not None:
+            return self.ray_num_cpus
+        return max(1, math.ceil(self.replicas * self.replica_cpus))
 
     def replace(self, **changes: Any) -> "ServeConfig":
         return dataclasses.replace(self, **changes)

@@ -7,8 +7,15 @@ the server or touch another session.
 
 Status mapping: missing/bad/expired token -> UNAUTHENTICATED; token of another session ->
 PERMISSION_DENIED; tampered/replayed sealed record -> PERMISSION_DENIED and the session is closed;
-prompt over ``max_prompt_tokens`` and malformed fields -> INVALID_ARGUMENT; session limit ->
-RESOURCE_EXHAUSTED; unknown session -> NOT_FOUND; workers unavailable -> UNAVAILABLE.
+prompt over ``max_prompt_tokens`` and malformed fields -> INVALID_ARGUMENT; session limits
+(``max_sessions``, ``max_pending_sessions``, full CKKS workers) -> RESOURCE_EXHAUSTED; unknown
+session -> NOT_FOUND; a turn while the session's previous one still runs -> FAILED_PRECONDITION;
+workers or replicas unavailable, replica timeout -> UNAVAILABLE; anything unexpected -> INTERNAL
+with a generic message (logged by exception type and code location only).
+
+Replica failure: a replica whose actor died is marked dead, its sessions are dropped, new sessions
+go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
+turn on the replica at the next token (``ReplicaActor.cancel``).
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import os
 import secrets
 import threading
 import time
+import traceback
 from concurrent import futures
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -28,66 +35,24 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
-from ..attest.errors import TokenError, TokenReplayError
+from ..attest.errors import AttestationError, TokenError, TokenReplayError
 from ..attest.tokens import TokenGate, TokenIssuer
-from ..attest.verdict import Verdict
+from ..attest.policy import AttestationPolicy, load_policy
+from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..config import RunConfig
 from ..errors import BifrostError
 from ..proto import serving_pb2
 from .actors import ReplicaActor
 from .config import ServeConfig
-from .sessions import SessionLimitError, SessionTable
+from .replicas import (LocalReplica, RayReplica, Replica, ReplicaDeadError, ReplicaTimeoutError,
+                       ReplicaUnavailableError, check_replicas_agree, wait_for_ray_replicas)
+from .sessions import NoReplicaError, SessionLimitError, SessionTable
 
 log = logging.getLogger("bifrost.serve")
 
 SERVICE_NAME = "bifrost.serving.v1.BifrostServing"
 SESSION_ID_SIZE = 16
 MAX_MESSAGE_BYTES = 64 << 20
-
-
-# --------------------------------------------------------------------------- replica handles
-
-class LocalReplica:
-    """The replica class run in this process (``runtime: local``, tests)."""
-
-    def __init__(self, *args) -> None:
-        self.obj = ReplicaActor(*args)
-
-    def call(self, method: str, *args):
-        return getattr(self.obj, method)(*args)
-
-    def stream(self, method: str, *args):
-        yield from getattr(self.obj, method)(*args)
-
-    def kill(self) -> None:
-        self.obj.shutdown()
-
-
-class RayReplica:
-    """The same class as a Ray actor: one actor call per request or per streamed chunk."""
-
-    def __init__(self, actor) -> None:
-        self.actor = actor
-
-    def call(self, method: str, *args):
-        import ray
-
-        return ray.get(getattr(self.actor, method).remote(*args))
-
-    def stream(self, method: str, *args):
-        import ray
-
-        for ref in getattr(self.actor, method).options(num_returns="streaming").remote(*args):
-            yield ray.get(ref)
-
-    def kill(self) -> None:
-        import ray
-
-        try:
-            ray.get(self.actor.shutdown.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
-        ray.kill(self.actor)
 
 
 # --------------------------------------------------------------------------- the servicer
@@ -115,27 +80,72 @@ class _Abort(Exception):
         self.code, self.message = code, message
 
 
+def _where(exc: BaseException) -> str:
+    """Code locations of a traceback (no message, no values: nothing secret)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames))
+
+
 class ServingService:
-    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list, issuer_key: Ed25519PrivateKey | None = None) -> None:
-        self.cfg, self.scfg, self.replicas = cfg, scfg, replicas
-        self.info = replicas[0].call("info")
+    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list[Replica], info: dict,
+                 issuer_key: Ed25519PrivateKey | None = None) -> None:
+        self.cfg, self.scfg, self.replicas, self.info = cfg, scfg, replicas, info
         self.issuer = TokenIssuer(issuer_key or Ed25519PrivateKey.generate(), issuer="bifrost-serve",
                                   lifetime_s=scfg.token_lifetime_s)
         self.gate = TokenGate([self.issuer.public_key], model_digest=self.info["model_digest"],
                               allow_simulated=self.info["evidence_type"] == "simulated")
-        self.sessions = SessionTable(scfg.max_sessions, len(replicas))
+        self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions)
         self.node_id = f"bifrost-serve-{secrets.token_hex(4)}"
+        self.issuer_policy = issuer_policy(scfg)
+        self.health = None  # grpc_health servicer, set by start_grpc
         self._stop = threading.Event()
+        self._background = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="serve-bg")
+        self._probing: set[int] = set()
+        self._probing_lock = threading.Lock()
         self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="session-sweeper")
         self._sweeper.start()
 
     # -- helpers ---------------------------------------------------------------------------
-    @staticmethod
-    def _guard(context, fn):
+    def _internal(self, rpc: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """An unexpected exception: logged by type and code location only; the client gets no detail."""
+        log.error("%s: internal error %s at %s", rpc, type(exc).__name__, _where(exc))
+        return grpc.StatusCode.INTERNAL, "internal server error"
+
+    def _unary(self, rpc: str, fn):
+        def handle(req, context):
+            try:
+                return fn(req, context)
+            except _Abort as exc:
+                code, message = exc.code, exc.message
+            except Exception as exc:  # noqa: BLE001 - INTERNAL, never a traceback to the client
+                code, message = self._internal(rpc, exc)
+            context.abort(code, message)
+
+        return handle
+
+    def _streaming(self, rpc: str, fn):
+        def handle(req, context):
+            try:
+                yield from fn(req, context)
+                return
+            except _Abort as exc:
+                code, message = exc.code, exc.message
+            except Exception as exc:  # noqa: BLE001
+                code, message = self._internal(rpc, exc)
+            context.abort(code, message)
+
+        return handle
+
+    def _verify_replica_evidence(self, out: dict) -> Verdict:
+        """The issuer's own verification of a replica's fresh evidence (bound to this session's channel key):
+        a token names only what passed ``issuer_policy``. A failure refuses the session (UNAVAILABLE)."""
+        evidence = Evidence(out["evidence_type"], out["evidence"], out["endorsements"])
         try:
-            return fn()
-        except _Abort as exc:
-            context.abort(exc.code, exc.message)
+            return verify_evidence(evidence, self.issuer_policy, expected_report_data=out["report_data"])
+        except AttestationError as exc:
+            log.error("replica evidence refused by the issuer policy: %s", exc.check)
+            raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                         f"the server's own evidence failed its issuer policy ({exc.check}); no token issued") from None
 
     def _check_sealed_request(self, req, context, need_sealed: bool = True):
         if req is MALFORMED:
@@ -169,133 +179,249 @@ class ServingService:
 
     def _replica_error(self, entry, item) -> _Abort:
         _, code, message = item
-        if code in ("PERMISSION_DENIED", "NOT_FOUND"):
+        if code in ("PERMISSION_DENIED", "NOT_FOUND", "ABORTED"):  # the replica has closed the session
             self.sessions.remove(entry.session_id)
         return _Abort(getattr(grpc.StatusCode, code), message)
 
+    def _replica_failed(self, entry, exc: BaseException) -> BaseException:
+        """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with."""
+        if isinstance(exc, ReplicaDeadError):
+            self._replica_died(entry.replica)
+            return _Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again")
+        self._drop(entry)  # the replica may be alive and still hold the session: close it there too
+        log.error("replica %d: request failed (%s); session %s… closed", entry.replica, type(exc).__name__,
+                  entry.session_id.hex()[:8])
+        if isinstance(exc, ReplicaTimeoutError):
+            return _Abort(grpc.StatusCode.UNAVAILABLE, f"replica did not answer within replica_timeout_s="
+                                                       f"{self.scfg.replica_timeout_s:g} s; session closed, attest again")
+        if isinstance(exc, ReplicaUnavailableError):
+            return _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable; session closed, attest again")
+        return exc  # unexpected: INTERNAL
+
+    def _drop(self, entry) -> None:
+        """Forget a session here and close it on its replica (without waiting)."""
+        self.sessions.remove(entry.session_id)
+        self._cast(entry.replica, "close_session", entry.session_id)
+
+    def _cast(self, r: int, method: str, *args) -> None:
+        try:
+            self.replicas[r].cast(method, *args)
+        except ReplicaDeadError:
+            self._replica_died(r)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("replica %d: %s not delivered (%s)", r, method, type(exc).__name__)
+
+    def _replica_died(self, r: int) -> None:
+        if r not in self.sessions.live_replicas():
+            return
+        gone = self.sessions.mark_dead(r)
+        live = self.sessions.live_replicas()
+        log.error("replica %d is dead: %d sessions dropped, %d replicas left", r, len(gone), len(live))
+        if not live and self.health is not None:
+            from grpc_health.v1 import health_pb2
+
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     # -- RPCs ------------------------------------------------------------------------------
     def Attest(self, req, context):
-        def run():
-            if req is MALFORMED:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid AttestRequest protobuf")
-            if not 16 <= len(req.nonce) <= 1024:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
-            if len(req.client_public_key) != 32:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
+        if req is MALFORMED:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid AttestRequest protobuf")
+        if not 16 <= len(req.nonce) <= 1024:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
+        if len(req.client_public_key) != 32:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
+        tried: set[int] = set()
+        while True:
             try:
-                r = self.sessions.reserve()
+                r = self.sessions.reserve(tried)
             except SessionLimitError as exc:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            except NoReplicaError:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no live replica: the server cannot open sessions") from None
             try:
-                out = self.replicas[r].call("attest", bytes(req.nonce), bytes(req.client_public_key), req.suite)
-            except Exception as exc:  # noqa: BLE001 - a dead actor must not take the server down
+                out = self.replicas[r].call("attest", bytes(req.nonce), bytes(req.client_public_key), req.suite,
+                                            timeout_s=self.scfg.replica_timeout_s)
+            except ReplicaDeadError:
+                self.sessions.cancel(r)
+                self._replica_died(r)
+                tried.add(r)  # a new session goes to another replica
+                continue
+            except ReplicaUnavailableError as exc:
                 self.sessions.cancel(r)
                 log.error("replica %d attest failed: %s", r, type(exc).__name__)
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
-            if isinstance(out, tuple):
+            except BaseException:
                 self.sessions.cancel(r)
-                raise _Abort(getattr(grpc.StatusCode, out[1]), out[2])
-            self.sessions.commit(r, out["session_id"], out["report_data"])
-            verdict = Verdict(evidence_type=out["evidence_type"], measurement=out["measurement"],
-                              report_data=out["report_data"], debug=False, tcb_status="self-reported", tcb={},
-                              fields={}, verified_at=datetime.now(timezone.utc), checks_passed=(),
-                              simulated=out["evidence_type"] == "simulated")
+                raise
+            break
+        if isinstance(out, tuple):
+            self.sessions.cancel(r)
+            raise _Abort(getattr(grpc.StatusCode, out[1]), out[2])
+        try:
+            verdict = self._verify_replica_evidence(out)
             now = time.time()
             token = self.issuer.issue(verdict, node_id=self.node_id, model_digest=out["model_digest"], now=now)
-            log.info("session %s… attested on replica %d (%d sessions)", out["session_id"].hex()[:8], r, len(self.sessions))
-            return serving_pb2.AttestReply(
-                evidence_type=out["evidence_type"], evidence=out["evidence"], endorsements=out["endorsements"],
-                server_public_key=out["server_public_key"], model_digest=out["model_digest"],
-                serving_config_digest=out["serving_config_digest"], session_id=out["session_id"], token=token,
-                token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out["suite"])
-
-        return self._guard(context, run)
+        except BaseException:
+            self.sessions.cancel(r)
+            self._cast(r, "close_session", out["session_id"])
+            raise
+        self.sessions.commit(r, out["session_id"], out["report_data"])
+        log.info("session %s… attested on replica %d (%d sessions)", out["session_id"].hex()[:8], r, len(self.sessions))
+        return serving_pb2.AttestReply(
+            evidence_type=out["evidence_type"], evidence=out["evidence"], endorsements=out["endorsements"],
+            server_public_key=out["server_public_key"], model_digest=out["model_digest"],
+            serving_config_digest=out["serving_config_digest"], session_id=out["session_id"], token=token,
+            token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out["suite"])
 
     def Generate(self, req, context):
+        entry = self._check_sealed_request(req, context)
+        sid, rid = entry.session_id, req.request_id
+        finished = threading.Event()  # the turn ended on the replica (or will not run)
+        cancel_sent = threading.Event()
+
+        def stop_turn() -> None:  # the client hung up / its deadline passed: stop the turn between tokens
+            if finished.is_set() or cancel_sent.is_set():
+                return
+            cancel_sent.set()
+            try:
+                self._background.submit(self._cast, entry.replica, "cancel", sid, rid)
+            except RuntimeError:  # shutting down: replicas are stopped anyway
+                pass
+
+        if not context.add_callback(stop_turn):  # (runs when the RPC ends for any reason)
+            return  # the client is gone already
+        if self.sessions.begin(sid) is None:
+            finished.set()
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+        stream = None
         try:
-            entry = self._check_sealed_request(req, context)
-            replica = self.replicas[entry.replica]
-            stream = replica.stream("generate", entry.session_id, bytes(req.sealed))
             while True:
                 try:
-                    item = next(stream)
+                    if stream is None:
+                        stream = self.replicas[entry.replica].stream("generate", sid, bytes(req.sealed), rid)
+                    item = stream.next(self.scfg.replica_timeout_s)
                 except StopIteration:
-                    break
-                except Exception as exc:  # noqa: BLE001 - replica (actor) died mid-stream
-                    log.error("replica %d failed during a stream: %s", entry.replica, type(exc).__name__)
-                    self.sessions.remove(entry.session_id)
-                    raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again") from None
+                    finished.set()
+                    return
+                except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
+                    finished.set()
+                    raise self._replica_failed(entry, exc) from None
+                self.sessions.touch(sid)
                 if item[0] == "error":
+                    finished.set()
                     raise self._replica_error(entry, item)
                 if not context.is_active():
-                    stream.close()
+                    stop_turn()
                     return
                 yield serving_pb2.SealedReply(sealed=item[1])
-        except _Abort as exc:
-            context.abort(exc.code, exc.message)
+        except GeneratorExit:  # gRPC dropped the call (client gone)
+            stop_turn()
+            raise
+        except BaseException:
+            finished.set()
+            raise
+        finally:
+            self.sessions.end(sid)
 
     def Embed(self, req, context):
-        def run():
-            entry = self._check_sealed_request(req, context)
+        entry = self._check_sealed_request(req, context)
+        if self.sessions.begin(entry.session_id) is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+        try:
             try:
-                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed))
+                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed),
+                                                         timeout_s=self.scfg.replica_timeout_s)
             except Exception as exc:  # noqa: BLE001
-                log.error("replica %d embed failed: %s", entry.replica, type(exc).__name__)
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
+                raise self._replica_failed(entry, exc) from None
             if item[0] == "error":
                 raise self._replica_error(entry, item)
             return serving_pb2.SealedReply(sealed=item[1])
-
-        return self._guard(context, run)
+        finally:
+            self.sessions.end(entry.session_id)
 
     def CloseSession(self, req, context):
-        def run():
-            entry = self._check_sealed_request(req, context, need_sealed=False)
-            self.sessions.remove(entry.session_id)
-            try:
-                self.replicas[entry.replica].call("close_session", entry.session_id)
-            except Exception:  # noqa: BLE001
-                pass
-            return serving_pb2.CloseSessionReply()
-
-        return self._guard(context, run)
+        entry = self._check_sealed_request(req, context, need_sealed=False)
+        self.sessions.remove(entry.session_id)
+        try:  # waits only for the bookkeeping: a running turn stops at its next token and cleans up
+            self.replicas[entry.replica].call("close_session", entry.session_id, timeout_s=self.scfg.replica_timeout_s)
+        except ReplicaDeadError:
+            self._replica_died(entry.replica)
+        except ReplicaUnavailableError as exc:
+            log.warning("replica %d: close_session failed (%s)", entry.replica, type(exc).__name__)
+        return serving_pb2.CloseSessionReply()
 
     def ListModels(self, req, context):
         if req is MALFORMED:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ListModelsRequest protobuf")
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ListModelsRequest protobuf")
         i = self.info
         return serving_pb2.ListModelsReply(
             models=[serving_pb2.ModelInfo(
                 name=i["name"], task=i["task"], model_digest=i["model_digest"],
                 serving_config_digest=i["serving_config_digest"], max_prompt_tokens=self.scfg.max_prompt_tokens,
                 max_new_tokens=self.scfg.max_new_tokens, context_tokens=i["context_tokens"],
-                replicas=len(self.replicas), mode=i["mode"])],
+                replicas=len(self.sessions.live_replicas()), mode=i["mode"])],
             evidence_type=i["evidence_type"], max_sessions=self.scfg.max_sessions)
 
     # -- housekeeping ------------------------------------------------------------------------
     def _sweep(self) -> None:
-        period = max(1.0, min(30.0, self.scfg.session_idle_s / 4))
+        """Drop idle sessions (never one with a request in progress), and probe every live replica:
+        ``close_idle`` there doubles as a liveness check and closes sessions the front end lost.
+        Never blocks on a replica: closes are fire-and-forget, probes run in the background."""
+        sc = self.scfg
+        period = max(0.05, min(30.0, min(sc.session_idle_s, sc.pending_idle_s) / 4))
         while not self._stop.wait(period):
-            for e in self.sessions.idle(self.scfg.session_idle_s):
-                self.sessions.remove(e.session_id)
+            for e in self.sessions.idle(sc.session_idle_s, sc.pending_idle_s):
+                if self.sessions.remove(e.session_id) is not None:
+                    log.info("session %s… closed after %s", e.session_id.hex()[:8],
+                             "idle time" if e.used else "pending_idle_s without a request")
+                    self._cast(e.replica, "close_session", e.session_id)
+            for r in self.sessions.live_replicas():
+                with self._probing_lock:
+                    if r in self._probing:
+                        continue  # the last probe has not answered yet (a busy or hung replica)
+                    self._probing.add(r)
                 try:
-                    self.replicas[e.replica].call("close_session", e.session_id)
-                except Exception:  # noqa: BLE001
-                    pass
+                    self._background.submit(self._probe, r)
+                except RuntimeError:  # shut down
+                    return
+
+    def _probe(self, r: int) -> None:
+        try:
+            self.replicas[r].call("close_idle", self.scfg.session_idle_s, timeout_s=self.scfg.replica_timeout_s)
+        except ReplicaDeadError:
+            self._replica_died(r)
+        except Exception as exc:  # noqa: BLE001 - slow or transiently unreachable: next round
+            log.warning("replica %d: probe failed (%s)", r, type(exc).__name__)
+        finally:
+            with self._probing_lock:
+                self._probing.discard(r)
 
     def stop(self) -> None:
         self._stop.set()
+        self._background.shutdown(wait=False, cancel_futures=True)
 
     def handler(self) -> grpc.GenericRpcHandler:
         P = serving_pb2
         ser = lambda m: m.SerializeToString()  # noqa: E731
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Attest": grpc.unary_unary_rpc_method_handler(self.Attest, _safe(P.AttestRequest), ser),
-            "Generate": grpc.unary_stream_rpc_method_handler(self.Generate, _safe(P.SealedRequest), ser),
-            "Embed": grpc.unary_unary_rpc_method_handler(self.Embed, _safe(P.SealedRequest), ser),
-            "CloseSession": grpc.unary_unary_rpc_method_handler(self.CloseSession, _safe(P.SealedRequest), ser),
-            "ListModels": grpc.unary_unary_rpc_method_handler(self.ListModels, _safe(P.ListModelsRequest), ser),
+            "Attest": grpc.unary_unary_rpc_method_handler(self._unary("Attest", self.Attest), _safe(P.AttestRequest), ser),
+            "Generate": grpc.unary_stream_rpc_method_handler(self._streaming("Generate", self.Generate),
+                                                             _safe(P.SealedRequest), ser),
+            "Embed": grpc.unary_unary_rpc_method_handler(self._unary("Embed", self.Embed), _safe(P.SealedRequest), ser),
+            "CloseSession": grpc.unary_unary_rpc_method_handler(self._unary("CloseSession", self.CloseSession),
+                                                                _safe(P.SealedRequest), ser),
+            "ListModels": grpc.unary_unary_rpc_method_handler(self._unary("ListModels", self.ListModels),
+                                                              _safe(P.ListModelsRequest), ser),
         })
+
+
+def issuer_policy(scfg: ServeConfig) -> AttestationPolicy:
+    """``serve.issuer_policy`` if set; else the default policy, which accepts simulated evidence only when
+    the operator named the simulated provider (the banner and every token then say SIMULATED)."""
+    if scfg.issuer_policy is not None:
+        return load_policy(scfg.issuer_policy)
+    return AttestationPolicy(allow_simulated=scfg.evidence_provider == "simulated")
 
 
 def start_grpc(service: ServingService, host: str, port: int, threads: int):
@@ -318,6 +444,7 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int):
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    service.health = health_servicer
     return server, bound, health_servicer
 
 
@@ -354,8 +481,9 @@ class ServeApp:
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(scfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.local_workers: list = []
-        self.replicas: list = []
+        self.replicas: list[Replica] = []
         self.ray_started = False
+        self._saved_env: dict[str, str | None] = {}
         self.server = self.service = self.health = None
         self.port = None
 
@@ -390,11 +518,12 @@ class ServeApp:
                              max_restarts=0)(ReplicaActor)
             actors = [cls.remote(*args, i) for i in range(self.scfg.replicas)]
             self.replicas = [RayReplica(a) for a in actors]
-            for r in self.replicas:
-                r.call("info")  # wait until every replica has loaded its model
+            hint = ("Ray logs: " + str(self.run_dir / "ray")) if not self.scfg.ray_address else "see the cluster's Ray logs"
+            infos = wait_for_ray_replicas(self.replicas, self.scfg, hint)
         else:
             self.replicas = [LocalReplica(*args, i) for i in range(self.scfg.replicas)]
-        self.service = ServingService(self.cfg, self.scfg, self.replicas)
+            infos = [r.call("info") for r in self.replicas]
+        self.service = ServingService(self.cfg, self.scfg, self.replicas, check_replicas_agree(infos))
         self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
                                                          threads=self.scfg.max_sessions + 8)
         log.info("serving %s on %s:%d (%d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
@@ -417,16 +546,16 @@ class ServeApp:
         token_path = self.run_dir / "ray-auth-token"
         token_path.touch(mode=0o600)
         token_path.write_text(secrets.token_hex(32))
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
-        os.environ["RAY_TMPDIR"] = str(ray_dir)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_TMPDIR": str(ray_dir),
+               "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+        self._saved_env = {k: os.environ.get(k) for k in env}  # restored by stop()
+        os.environ.update(env)
         import ray
         from ray._raylet import Config
 
         Config.initialize("")  # Ray caches its config at import: make it see the auth settings above
         if not ray.is_initialized():
-            ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.ray_num_cpus,
+            ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.local_ray_cpus,
                      log_to_driver=False)
             self.ray_started = True
 
@@ -452,6 +581,12 @@ class ServeApp:
 
             ray.shutdown()
             self.ray_started = False
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._saved_env = {}
         for w in self.local_workers:
             w.stop()
         self.local_workers = []

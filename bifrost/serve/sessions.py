@@ -3,6 +3,11 @@
 Holds no secrets: session ids (16 bytes derived by HKDF from the channel's key exchange, so they are
 unguessable and bound to the channel keys), the public report_data the session token is bound to,
 and bookkeeping. Thread-safe.
+
+Invariants: a session with a request in progress (``busy > 0``) is never idle; a session that has
+never sent an authorized request is *pending* and counts against ``max_pending`` (with handshakes in
+progress) and expires after ``pending_idle_s`` instead of ``idle_s``; a replica marked dead gets no
+new sessions and its sessions are dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +18,11 @@ from dataclasses import dataclass, field
 
 
 class SessionLimitError(Exception):
-    pass
+    """No room for another session (``max_sessions`` or ``max_pending``): RESOURCE_EXHAUSTED."""
+
+
+class NoReplicaError(Exception):
+    """Every replica is dead (or was tried): UNAVAILABLE."""
 
 
 @dataclass
@@ -23,23 +32,37 @@ class SessionEntry:
     report_data: bytes = b""
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    used: bool = False  # an authorized request has been made
+    busy: int = 0       # requests in progress
 
 
 class SessionTable:
-    def __init__(self, max_sessions: int, replicas: int) -> None:
+    def __init__(self, max_sessions: int, replicas: int, max_pending: int | None = None) -> None:
         self.max_sessions, self.replicas = max_sessions, replicas
+        self.max_pending = max_pending if max_pending is not None else max_sessions
         self._entries: dict[bytes, SessionEntry] = {}
         self._reserved = [0] * replicas  # handshakes in progress, per replica
+        self._dead: set[int] = set()
         self._lock = threading.Lock()
 
-    def reserve(self) -> int:
-        """Claim a slot on the least-loaded replica, or raise :class:`SessionLimitError`."""
+    def reserve(self, exclude: set[int] = frozenset()) -> int:
+        """Claim a slot on the least-loaded live replica not in ``exclude``, or raise
+        :class:`SessionLimitError` / :class:`NoReplicaError`."""
         with self._lock:
             if len(self._entries) + sum(self._reserved) >= self.max_sessions:
                 raise SessionLimitError(f"server already holds {self.max_sessions} sessions (max_sessions)")
-            load = [self._reserved[r] + sum(1 for e in self._entries.values() if e.replica == r)
-                    for r in range(self.replicas)]
-            r = min(range(self.replicas), key=lambda i: load[i])
+            pending = sum(self._reserved) + sum(1 for e in self._entries.values() if not e.used)
+            if pending >= self.max_pending:
+                raise SessionLimitError(f"{pending} attested sessions have not sent a request yet "
+                                        f"(max_pending_sessions={self.max_pending}); try again later")
+            live = [r for r in range(self.replicas) if r not in self._dead and r not in exclude]
+            if not live:
+                raise NoReplicaError("no live replica")
+            load = {r: self._reserved[r] for r in live}
+            for e in self._entries.values():
+                if e.replica in load:
+                    load[e.replica] += 1
+            r = min(live, key=lambda i: load[i])
             self._reserved[r] += 1
             return r
 
@@ -54,19 +77,52 @@ class SessionTable:
 
     def get(self, session_id: bytes) -> SessionEntry | None:
         with self._lock:
+            return self._entries.get(session_id)
+
+    def begin(self, session_id: bytes) -> SessionEntry | None:
+        """An authorized request starts: the session is used and busy until :meth:`end`."""
+        with self._lock:
+            e = self._entries.get(session_id)
+            if e is not None:
+                e.used, e.busy, e.last_used = True, e.busy + 1, time.monotonic()
+            return e
+
+    def touch(self, session_id: bytes) -> None:
+        with self._lock:
             e = self._entries.get(session_id)
             if e is not None:
                 e.last_used = time.monotonic()
-            return e
+
+    def end(self, session_id: bytes) -> None:
+        with self._lock:
+            e = self._entries.get(session_id)
+            if e is not None:
+                e.busy, e.last_used = max(0, e.busy - 1), time.monotonic()
 
     def remove(self, session_id: bytes) -> SessionEntry | None:
         with self._lock:
             return self._entries.pop(session_id, None)
 
-    def idle(self, idle_s: float) -> list[SessionEntry]:
+    def idle(self, idle_s: float, pending_idle_s: float | None = None) -> list[SessionEntry]:
+        """Sessions without a request in progress, unused for ``idle_s`` (``pending_idle_s`` if never used)."""
         now = time.monotonic()
+        pending_idle_s = idle_s if pending_idle_s is None else pending_idle_s
         with self._lock:
-            return [e for e in self._entries.values() if now - e.last_used > idle_s]
+            return [e for e in self._entries.values()
+                    if not e.busy and now - e.last_used > (idle_s if e.used else pending_idle_s)]
+
+    def mark_dead(self, replica: int) -> list[SessionEntry]:
+        """Exclude ``replica`` from new sessions; returns (and drops) the sessions it held."""
+        with self._lock:
+            self._dead.add(replica)
+            gone = [e for e in self._entries.values() if e.replica == replica]
+            for e in gone:
+                del self._entries[e.session_id]
+            return gone
+
+    def live_replicas(self) -> list[int]:
+        with self._lock:
+            return [r for r in range(self.replicas) if r not in self._dead]
 
     def __len__(self) -> int:
         with self._lock:

@@ -91,14 +91,15 @@ class DelegationEngine:
     def run_group(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
         """``[x @ W_n.T for n in group]`` for ``x`` (rows × d_in, float64), computed under CKKS.
 
-        A long prompt goes in calls of at most ``ROWS_PER_CALL`` rows, which bounds the size of one
-        request and the worker's working memory (a 512-token prompt on a 3072-wide layer is ~19k
-        ciphertexts); decode steps (one row) are always one call.
+        A long prompt goes in several calls when the backend says so (``rows_per_call``; default at most
+        ``ROWS_PER_CALL`` rows), which bounds the size of one request and the worker's working memory;
+        decode steps (one row) are always one call.
         """
-        if len(x) > ROWS_PER_CALL:
-            parts = [self.run_group(group, x[i : i + ROWS_PER_CALL]) for i in range(0, len(x), ROWS_PER_CALL)]
-            return [np.concatenate(member) for member in zip(*parts)]
         shape = self.shapes[group]
+        per_call = getattr(self._keys, "rows_per_call", lambda _shape, _rows: ROWS_PER_CALL)(shape, len(x))
+        if len(x) > per_call:
+            parts = [self.run_group(group, x[i : i + per_call]) for i in range(0, len(x), per_call)]
+            return [np.concatenate(member) for member in zip(*parts)]
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()

@@ -153,19 +153,27 @@ class WorkerPool:
         return self.dir.describe()
 
     def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
-        """Open the session on every reachable worker; succeed if at least one accepts it."""
+        """Open the session on every reachable worker; succeed if at least one accepts it.
+
+        Raises :class:`WorkerCallError` RESOURCE_EXHAUSTED when every worker refused for that reason
+        (all full: retry later), :class:`BifrostError` when none accepted for other reasons."""
         self._open_args = (backend, public_context, list(prepare))
-        worst, errors = 0.0, []
+        worst, errors, codes = 0.0, [], set()
         for w in self.dir.workers:
             try:
                 worst = max(worst, self._open_on(w))
             except WorkerCallError as exc:
                 errors.append(f"{w.address}: {exc.code.name}: {exc.details}")
+                codes.add(exc.code)
                 if exc.code in RETRYABLE:
                     self.dir.mark_down(w, exc.details)
                 elif exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.close()  # sessions opened on the workers before this one
                     raise
         if not self._sessions:
+            if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
+                raise WorkerCallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"every CKKS worker is full ({'; '.join(errors)})")
             raise BifrostError(f"no CKKS worker accepted the session ({'; '.join(errors)})")
         return worst
 

@@ -90,11 +90,28 @@ def test_replay_rejected_and_closes() -> None:
 def test_reordering_rejected() -> None:
     c, s = pair()
     first, second = c.seal(b"1"), c.seal(b"2")
+    assert s.open(second) == b"2"  # requests may skip (a refused request is never opened) ...
     with pytest.raises(ReplayError) as exc:
-        s.open(second)
-    assert exc.value.check == "sequence"
+        s.open(first)  # ... but never go back
+    assert exc.value.check == "sequence" and s.closed
     with pytest.raises(ChannelClosedError):
-        s.open(first)
+        s.open(c.seal(b"3"))
+
+
+def test_a_dropped_answer_chunk_is_detected_by_the_client() -> None:
+    c, s = pair()
+    s.seal(b"chunk 0")  # lost on the way
+    with pytest.raises(ReplayError, match="missing"):
+        c.open(s.seal(b"chunk 1"))
+    assert c.closed
+
+
+def test_server_survives_a_request_it_never_opened() -> None:
+    c, s = pair()
+    assert s.open(c.seal(b"turn 1")) == b"turn 1"
+    c.seal(b"turn 2, refused by the front end before reaching the session")
+    assert s.open(c.seal(b"turn 3")) == b"turn 3"
+    assert c.open(s.seal(b"answer")) == b"answer" and not s.closed
 
 
 def test_sequence_number_is_authenticated() -> None:

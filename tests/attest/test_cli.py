@@ -90,3 +90,37 @@ def test_python_m_entry_point() -> None:
     )
     assert proc.returncode == 1, proc.stderr
     assert "report_data" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_help_documents_exit_codes(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["attest", "verify", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0 verified" in out and "1 verification failed" in out and "2 bad input" in out
+
+
+def test_unencodable_collateral_string_exit_1(capsys, tmp_path) -> None:
+    import json
+
+    v = TDX_VECTORS["dcapqvl_v4"]
+    obj = json.loads((DATA / v.collateral).read_text())
+    obj["pck_crl_issuer_chain"] = "\ud800" + obj["pck_crl_issuer_chain"]
+    bad = tmp_path / "collateral.json"
+    bad.write_text(json.dumps(obj))
+    code, out, err = run(capsys, str(DATA / v.quote), "--collateral", str(bad), "--at", "2025-07-01T00:00:00Z")
+    assert code == 1 and "collateral_format" in out and "Traceback" not in out + err
+
+
+def test_unexpected_exception_is_a_one_line_failure(capsys, monkeypatch) -> None:
+    """Safety net: a bug inside a verifier still ends as a refusal (exit 1), never a traceback."""
+    import bifrost.attest.cli as attest_cli
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("verifier bug\nwith two lines")
+
+    monkeypatch.setattr(attest_cli, "verify_evidence", broken)
+    v = TDX_VECTORS["dcapqvl_v4"]
+    code, out, err = run(capsys, str(DATA / v.quote), "--collateral", str(DATA / v.collateral), "--at", "2025-07-01T00:00:00Z")
+    assert code == 1 and err == ""
+    assert out.count("\n") == 1 and "FAILED" in out and "internal error RuntimeError: verifier bug with two lines" in out

@@ -16,7 +16,15 @@ from bifrost.attest.errors import (
     SignatureError,
     UnsupportedEvidenceError,
 )
-from bifrost.attest.evidence import ConfigfsTsmProvider, SimulatedProvider, get_provider, provider_names
+from bifrost.attest.evidence import (
+    CONFIGFS_TSM_REPORT_ROOT,
+    ConfigfsTsmProvider,
+    SimulatedProvider,
+    auto_provider,
+    detect_tsm_evidence_type,
+    get_provider,
+    provider_names,
+)
 from bifrost.attest.policy import DEFAULT_POLICY, AttestationPolicy
 from bifrost.attest.tokens import TokenGate, TokenIssuer
 from bifrost.attest.verdict import Evidence, get_verifier, verify_evidence
@@ -122,6 +130,44 @@ def test_configfs_unavailable_and_bad_input(tmp_path) -> None:
         ConfigfsTsmProvider("simulated")
 
 
+@pytest.mark.parametrize("kernel,expected", [("tdx_guest", "tdx"), ("sev_guest", "sev-snp")])
+def test_auto_provider_picks_the_tee_from_configfs(tmp_path, kernel: str, expected: str) -> None:
+    quote = read("tdx_quote_v4_dcapqvl.dat") if expected == "tdx" else read(SNP_VECTORS["genoa_vcek_v3"].report)
+    root = fake_tsm(tmp_path, kernel, quote)
+    provider = auto_provider(root, entry_name="e0")
+    assert isinstance(provider, ConfigfsTsmProvider) and provider.name == expected
+    ev = provider.get_evidence(b"\x05" * 64)
+    assert ev.evidence_type == expected and ev.raw == quote
+    assert (root / "e0" / "inblob").read_bytes() == b"\x05" * 64
+
+
+def test_auto_provider_unknown_kernel_provider(tmp_path) -> None:
+    root = fake_tsm(tmp_path, "arm_cca_guest", b"x")
+    with pytest.raises(ProviderError) as exc:
+        detect_tsm_evidence_type(root, entry_name="e0")
+    assert exc.value.check == "provider_unknown" and "arm_cca_guest" in exc.value.detail
+
+
+def test_auto_provider_without_configfs_fails_clearly_and_never_simulates(tmp_path) -> None:
+    with pytest.raises(ProviderError) as exc:
+        auto_provider(tmp_path / "no-configfs")
+    assert exc.value.check == "provider_unavailable" and "simulated explicitly" in exc.value.detail
+    if not CONFIGFS_TSM_REPORT_ROOT.is_dir():  # this machine is not a TDX/SEV-SNP guest
+        with pytest.raises(ProviderError):
+            get_provider("auto")
+
+
+def test_auto_provider_probe_entry_is_removed(tmp_path) -> None:
+    """Without entry_name, detection mkdirs a probe entry; a plain directory has no provider
+    attribute (the kernel would populate it), so detection fails cleanly and removes the probe."""
+    root = tmp_path / "report"
+    root.mkdir()
+    with pytest.raises(ProviderError) as exc:
+        detect_tsm_evidence_type(root)
+    assert exc.value.check == "configfs_io"
+    assert list(root.iterdir()) == []
+
+
 def test_simulated_refused_by_default_policy() -> None:
     ev = SimulatedProvider().get_evidence(bytes(64))
     with pytest.raises(PolicyViolationError) as exc:
@@ -154,7 +200,7 @@ def test_simulated_tamper(offset: int) -> None:
 
 
 def test_registries() -> None:
-    assert set(provider_names()) >= {"tdx", "sev-snp", "simulated"}
+    assert set(provider_names()) >= {"auto", "tdx", "sev-snp", "simulated"}
     assert get_provider("simulated").name == "simulated"
     assert get_provider("tdx").name == "tdx"
     with pytest.raises(ProviderError):

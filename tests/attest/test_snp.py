@@ -328,3 +328,166 @@ def test_cert_table_round_trip() -> None:
     assert parsed == {"vcek": vcek, "ask": ask}
     with pytest.raises(EvidenceFormatError):
         parse_cert_table(aux[:30])
+
+
+# ----------------------------------------------------------------------------- synthetic chains
+# No real Turin report is available: these build a self-made ARK -> ASK -> VCEK chain (RSA-PSS like
+# AMD's, VCEK on P-384 with the KDS extensions) and a report signed by the self-made VCEK, and run
+# them through SnpVerifier with that ARK as its trust anchor. Everything after the root pin is the
+# production code path (chain, signature, TCB decoding, chip ID rules).
+
+
+def _der_int(value: int) -> bytes:
+    body = value.to_bytes((value.bit_length() + 8) // 8 or 1, "big")
+    return bytes([0x02, len(body)]) + body
+
+
+@pytest.fixture(scope="module")
+def amd_like_keys():
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    return (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),  # ARK
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),  # ASK
+        ec.generate_private_key(ec.SECP384R1()),  # VCEK
+    )
+
+
+TURIN_TCB = {"fmc": 1, "bootloader": 2, "tee": 3, "snp": 4, "microcode": 0xA5}
+CHIP_ID = bytes(range(1, 65))
+
+
+def _turin_tcb_u64(tcb: dict[str, int]) -> bytes:
+    return bytes([tcb["fmc"], tcb["bootloader"], tcb["tee"], tcb["snp"], 0, 0, 0, tcb["microcode"]])
+
+
+def _genoa_tcb_u64(tcb: dict[str, int]) -> bytes:
+    return bytes([tcb["bootloader"], tcb["tee"], 0, 0, 0, 0, tcb["snp"], tcb["microcode"]])
+
+
+def synthetic_snp(keys, *, product: str = "Turin-B0", family: int = 0x1A, hwid: bytes | None = CHIP_ID[:8],
+                  chip_id: bytes = CHIP_ID, leaf_tcb: dict | None = None, report_tcb: dict | None = None,
+                  signer_info: int = 0):
+    """(Evidence, SnpVerifier trusting the self-made ARK)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    from bifrost.attest._x509 import spki_sha256
+
+    from .x509_helpers import der, make_cert, pem
+
+    ark_key, ask_key, vcek_key = keys
+    turin = family == 0x1A
+    leaf_tcb = dict(TURIN_TCB if leaf_tcb is None else leaf_tcb)
+    report_tcb = dict(leaf_tcb if report_tcb is None else report_tcb)
+    oid = "1.3.6.1.4.1.3704.1."
+    spl_oids = {"bootloader": "3.1", "tee": "3.2", "snp": "3.3", "microcode": "3.8", "fmc": "3.9"}
+    exts = [x509.UnrecognizedExtension(x509.ObjectIdentifier(oid + "2"), bytes([0x16, len(product)]) + product.encode())]
+    exts += [x509.UnrecognizedExtension(x509.ObjectIdentifier(oid + spl_oids[k]), _der_int(v)) for k, v in leaf_tcb.items()]
+    if hwid is not None:
+        exts.append(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid + "4"), hwid))
+    line = product.split("-")[0]
+    ark = make_cert(f"ARK-{line}", ark_key, key_cert_sign=True, pss=True)
+    ask = make_cert(f"SEV-{line}", ask_key, f"ARK-{line}", ark_key, path_length=0, key_cert_sign=True, serial=2, pss=True)
+    vcek = make_cert("SEV-VCEK", vcek_key, f"SEV-{line}", ask_key, ca=None, serial=3, extensions=tuple(exts), pss=True)
+
+    raw = bytearray(SNP_REPORT_SIZE)
+    tcb_u64 = (_turin_tcb_u64 if turin else _genoa_tcb_u64)(report_tcb)
+    raw[0:4] = (3).to_bytes(4, "little")
+    raw[0x08:0x10] = (1 << 17).to_bytes(8, "little")
+    raw[0x34:0x38] = (1).to_bytes(4, "little")
+    raw[0x48:0x4C] = signer_info.to_bytes(4, "little")
+    raw[0x50:0x90] = b"\x42" * 64
+    raw[0x90:0xC0] = b"\x17" * 48
+    for off in (0x38, 0x180, 0x1E0, 0x1F0):  # current, reported, committed, launch TCB
+        raw[off : off + 8] = tcb_u64
+    raw[0x188:0x18B] = bytes([family, 0x02, 0x01])
+    raw[0x1A0:0x1E0] = chip_id
+    r, s = utils.decode_dss_signature(vcek_key.sign(bytes(raw[:0x2A0]), ec.ECDSA(hashes.SHA384())))
+    raw[0x2A0:0x2E8] = r.to_bytes(72, "little")
+    raw[0x2E8:0x330] = s.to_bytes(72, "little")
+    evidence = Evidence("sev-snp", bytes(raw), {"vcek": der(vcek), "cert_chain": pem(der(ask)) + pem(der(ark))})
+    return evidence, SnpVerifier(trusted_arks={spki_sha256(ark): "ARK-selfmade"})
+
+
+SYNTH_AT = utc(2030, 1, 1)
+
+
+def test_synthetic_turin_vcek_with_8_byte_hwid_verifies(amd_like_keys) -> None:
+    ev, verifier = synthetic_snp(amd_like_keys)
+    verdict = verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert "chip_id" in verdict.checks_passed and "reported_tcb" in verdict.checks_passed
+    assert verdict.fields["product"] == "Turin"
+    assert verdict.tcb["reported"] == "bootloader=2 tee=3 snp=4 microcode=165 fmc=1"
+    # the bundled roots do not trust the self-made ARK
+    with pytest.raises(CertificateChainError) as exc:
+        verify_evidence(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "root_not_trusted"
+
+
+def test_synthetic_turin_hwid_covers_the_first_8_bytes_of_chip_id(amd_like_keys) -> None:
+    ev, verifier = synthetic_snp(amd_like_keys, chip_id=CHIP_ID[:8] + b"\x09" * 56)  # only [0:8] is bound
+    assert "chip_id" in verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT).checks_passed
+    ev, verifier = synthetic_snp(amd_like_keys, chip_id=b"\xee" + CHIP_ID[1:])
+    with pytest.raises(EndorsementMismatchError) as exc:
+        verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "chip_id" and "CHIP_ID[0:8]" in exc.value.detail
+
+
+def test_synthetic_8_byte_hwid_on_a_non_turin_product_is_refused(amd_like_keys) -> None:
+    genoa_tcb = {"bootloader": 2, "tee": 3, "snp": 4, "microcode": 0xA5}
+    ev, verifier = synthetic_snp(amd_like_keys, product="Genoa-B1", family=0x19, leaf_tcb=genoa_tcb)
+    with pytest.raises(EndorsementMismatchError) as exc:
+        verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "chip_id" and "needs 64" in exc.value.detail
+    ev, verifier = synthetic_snp(amd_like_keys, product="Genoa-B1", family=0x19, leaf_tcb=genoa_tcb, hwid=CHIP_ID)
+    assert "chip_id" in verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT).checks_passed
+
+
+def test_synthetic_masked_chip_id_is_a_policy_decision(amd_like_keys) -> None:
+    ev, verifier = synthetic_snp(amd_like_keys, chip_id=bytes(64))
+    with pytest.raises(PolicyViolationError) as exc:
+        verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "chip_id" and "MASK_CHIP_ID" in exc.value.detail
+    allow = dataclasses.replace(DEFAULT_POLICY, snp=SnpPolicy(allow_masked_chip_id=True))
+    verdict = verifier.verify(ev, allow, at=SYNTH_AT)
+    assert "chip_id" not in verdict.checks_passed
+    assert any(s.startswith("chip_id (MASK_CHIP_ID") for s in verdict.checks_skipped)
+
+
+def test_synthetic_mask_chip_key_with_vcek_signer_is_refused(amd_like_keys) -> None:
+    ev, verifier = synthetic_snp(amd_like_keys, signer_info=0b10)  # MASK_CHIP_KEY, SIGNING_KEY=VCEK
+    assert parse_snp_report(ev.raw).mask_chip_key
+    with pytest.raises(EndorsementMismatchError) as exc:
+        verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "signing_key" and "MASK_CHIP_KEY" in exc.value.detail
+
+
+def test_synthetic_turin_fmc_spl_is_checked(amd_like_keys) -> None:
+    ev, verifier = synthetic_snp(amd_like_keys, report_tcb={**TURIN_TCB, "fmc": 2})
+    with pytest.raises(TcbError) as exc:
+        verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "reported_tcb" and "fmc" in exc.value.detail
+    no_fmc = {k: v for k, v in TURIN_TCB.items() if k != "fmc"}
+    ev, verifier = synthetic_snp(amd_like_keys, leaf_tcb=no_fmc, report_tcb=TURIN_TCB)
+    with pytest.raises(TcbError) as exc:
+        verifier.verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert "lacks TCB extension(s) fmc" in exc.value.detail
+
+
+def test_synthetic_leaf_signed_by_a_non_ca_is_refused(amd_like_keys) -> None:
+    """A chain whose ASK lacks CA rights is refused even though every signature verifies."""
+    from bifrost.attest._x509 import spki_sha256
+
+    from .x509_helpers import der, make_cert, pem
+
+    ev, _ = synthetic_snp(amd_like_keys)
+    ark_key, ask_key, vcek_key = amd_like_keys
+    ark = make_cert("ARK-Turin", ark_key, key_cert_sign=True, pss=True)
+    ask = make_cert("SEV-Turin", ask_key, "ARK-Turin", ark_key, ca=False, serial=2, pss=True)
+    leaf = x509.load_der_x509_certificate(ev.endorsements["vcek"])
+    assert leaf.issuer == ask.subject
+    ev = dataclasses.replace(ev, endorsements={"vcek": ev.endorsements["vcek"], "cert_chain": pem(der(ask)) + pem(der(ark))})
+    with pytest.raises(CertificateChainError) as exc:
+        SnpVerifier(trusted_arks={spki_sha256(ark): "x"}).verify(ev, DEFAULT_POLICY, at=SYNTH_AT)
+    assert exc.value.check == "cert_chain" and "not a CA" in exc.value.detail

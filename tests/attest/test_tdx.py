@@ -310,3 +310,81 @@ def test_tcb_status_not_allowed() -> None:
     with pytest.raises(TcbError) as exc:
         verify("dcapqvl_v4", policy=strict)
     assert exc.value.check == "tcb_status"
+
+
+# ----------------------------------------------------------------------------- revocation
+# No public vector has a revoked PCK: a self-made root -> PCK CA -> PCK leaf chain and CRLs built
+# with `cryptography` exercise check_revocation, the function TdxVerifier runs on every quote.
+
+
+@pytest.fixture(scope="module")
+def pki():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from .x509_helpers import make_cert
+
+    root_key, ca_key, leaf_key, tcb_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    root = make_cert("Test SGX Root CA", root_key, path_length=1, key_cert_sign=True, serial=10)
+    ca = make_cert("Test PCK Platform CA", ca_key, "Test SGX Root CA", root_key, path_length=0, key_cert_sign=True, serial=11)
+    leaf = make_cert("Test PCK Certificate", leaf_key, "Test PCK Platform CA", ca_key, ca=False, serial=12)
+    tcb_signer = make_cert("Test TCB Signing", tcb_key, "Test SGX Root CA", root_key, ca=False, serial=13)
+    return {"root": (root, root_key), "ca": (ca, ca_key), "leaf": leaf, "tcb": tcb_signer}
+
+
+REVOCATION_AT = utc(2030, 6, 1)
+
+
+def _crls(pki, pck_revoked=(), root_revoked=(), last=utc(2030, 5, 20)):
+    from .x509_helpers import make_crl
+
+    (root, root_key), (ca, ca_key) = pki["root"], pki["ca"]
+    return make_crl(ca, ca_key, pck_revoked, last=last), make_crl(root, root_key, root_revoked, last=last)
+
+
+def test_revocation_clean_chain_passes(pki) -> None:
+    from bifrost.attest._x509 import verify_chain
+    from bifrost.attest.tdx import check_revocation
+
+    chain = [pki["leaf"], pki["ca"][0], pki["root"][0]]
+    verify_chain(chain, ["leaf", "ca", "root"], REVOCATION_AT, check="pck_chain")
+    pck_crl, root_crl = _crls(pki, pck_revoked=[999], root_revoked=[998])  # others revoked, not ours
+    check_revocation(chain, pck_crl, root_crl, REVOCATION_AT, [pki["tcb"]])
+
+
+@pytest.mark.parametrize("revoked", ["pck_leaf", "pck_ca", "tcb_signer"])
+def test_revoked_certificate_is_refused(pki, revoked: str) -> None:
+    from bifrost.attest.tdx import check_revocation
+
+    chain = [pki["leaf"], pki["ca"][0], pki["root"][0]]
+    if revoked == "pck_leaf":
+        pck_crl, root_crl = _crls(pki, pck_revoked=[pki["leaf"].serial_number])
+    else:
+        serial = (pki["ca"][0] if revoked == "pck_ca" else pki["tcb"]).serial_number
+        pck_crl, root_crl = _crls(pki, root_revoked=[serial])
+    with pytest.raises(CertificateChainError) as exc:
+        check_revocation(chain, pck_crl, root_crl, REVOCATION_AT, [pki["tcb"]])
+    assert exc.value.check == "revoked"
+    assert ("PCK CRL" if revoked == "pck_leaf" else "Root CA CRL") in exc.value.detail
+
+
+def test_revocation_crl_signed_by_the_wrong_issuer_stale_or_malformed(pki) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from bifrost.attest.tdx import check_revocation
+
+    from .x509_helpers import make_crl
+
+    chain = [pki["leaf"], pki["ca"][0], pki["root"][0]]
+    pck_crl, root_crl = _crls(pki)
+    forged = make_crl(pki["ca"][0], ec.generate_private_key(ec.SECP256R1()), last=utc(2030, 5, 20))  # right name, wrong key
+    stale_pck, stale_root = _crls(pki, last=utc(2029, 1, 1))
+    for pck, root, words in (
+        (forged, root_crl, "not signed by"),
+        (root_crl, root_crl, "not signed by"),  # the root's CRL offered as the PCK CRL
+        (stale_pck, root_crl, "outside"),
+        (pck_crl, stale_root, "outside"),
+        (pck_crl[:-10], root_crl, "cannot parse"),
+    ):
+        with pytest.raises(CollateralError) as exc:
+            check_revocation(chain, pck, root, REVOCATION_AT)
+        assert exc.value.check == "crl" and words in exc.value.detail

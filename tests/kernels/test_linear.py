@@ -110,7 +110,7 @@ def test_encryption_known_answer(context):
             from bifrost_kernels import negacyclic_fft
             context._secret = secret
             context._secret_spectrum = negacyclic_fft.forward(torch.from_numpy(secret).double())
-            c0 = context._encrypt_polynomials(msg, [seed], err)[0]
+            c0 = context._encrypt_polynomials(msg, seed, err)[0]
             want = np.mod(msg + err - a_s, np.array(primes)[:, None])
             assert (c0 == want).all()
     finally:
@@ -118,7 +118,7 @@ def test_encryption_known_answer(context):
 
 
 def test_no_weak_rng_is_used(monkeypatch):
-    """Keys, errors and seeds come from os.urandom/secrets/SHAKE only."""
+    """Keys, errors and seeds come from os.urandom and AES-256-CTR (cryptography) only."""
     def forbidden(*a, **k):
         raise AssertionError("non-cryptographic RNG used")
     for name in ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial"):
@@ -128,3 +128,80 @@ def test_no_weak_rng_is_used(monkeypatch):
     ctx = NativeBackend().keygen(None, [])
     ctx.encrypt(GroupShape(16, (4,)), np.ones((1, 16)))
     assert sampling.ternary_secret(8).shape == (8,)
+
+
+def test_long_prompts_use_the_scalar_blocking_within_bound(context, evaluator):
+    """A few hundred rows go one column per ciphertext (weights act as scalars: a GEMM over Z_Q)."""
+    rng = np.random.default_rng(21)
+    shape = GroupShape(768, (768, 256))
+    ws = [rng.normal(0, 0.05, (d, 768)) for d in shape.d_outs]
+    x = gpt2_like(rng, 300, 768)
+    prepared = evaluator.prepare(shape, ws)
+    cached = len(prepared.cache)
+    batch = context.encrypt(shape, x)
+    out = evaluator.apply(prepared, batch.ciphertexts)
+    ys = context.decrypt(shape, out, 300)
+    assert context._codec.blocking(shape, 300).is_scalar
+    assert len(batch.ciphertexts) == 768 and [len(o) for o in out] == [768, 256]  # one per column
+    for y, w in zip(ys, ws):
+        assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
+    assert len(prepared.cache) == cached  # nothing encoded for the scalar blocking
+    assert context.rows_per_call(shape, 300) == 300 and context.rows_per_call(shape, 5000) == 2048
+
+
+def test_scalar_blocking_spans_several_row_blocks(context, evaluator):
+    rng = np.random.default_rng(22)
+    shape, rows = GroupShape(8, (5,)), 2048 + 37
+    w = rng.normal(0, 0.3, (5, 8))
+    x = rng.normal(0, 2, (rows, 8))
+    x[100] = 0.0
+    (y,), batch, out = run_layer(context, evaluator, shape, [w], x)
+    blk = context._codec.blocking(shape, rows)
+    assert blk.is_scalar and blk.rows_per_ct == 2048 and len(batch.ciphertexts) == 2 * 8
+    assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
+    assert (y[100] == 0).all()
+
+
+@pytest.mark.parametrize("d_in,d_out", GPT2 + QWEN3)
+def test_plan_keeps_one_row_per_ciphertext_for_short_prompts_and_packs_long_ones(d_in, d_out):
+    from bifrost_kernels.layout import plan
+
+    for rows in (1, 8, 32):
+        assert not plan(2048, (30, 24), d_in, (d_out,), rows).is_scalar
+    for rows in (512, 2048, 4000):
+        blk = plan(2048, (30, 24), d_in, (d_out,), rows)
+        assert blk.is_scalar and blk.rows_per_ct == min(rows, 2048)
+
+
+def _move_scales(ct_with: bytes, ct_without: bytes, head_size: int) -> tuple[bytes, bytes]:
+    """Move the sealed-scales field from one ciphertext to another (both headers rewritten)."""
+    import struct
+
+    sealed_len = struct.unpack_from("<H", ct_with, head_size - 2)[0]
+    sealed = ct_with[head_size:head_size + sealed_len]
+    stripped = ct_with[:head_size - 2] + struct.pack("<H", 0) + ct_with[head_size + sealed_len:]
+    moved = ct_without[:head_size - 2] + struct.pack("<H", sealed_len) + sealed + ct_without[head_size:]
+    return stripped, moved
+
+
+def test_activation_scales_travel_once_per_row_block_and_misplacing_them_is_refused(context, evaluator):
+    from bifrost.ckks import CiphertextError
+    from bifrost_kernels import wire
+
+    rng = np.random.default_rng(23)
+    shape = GroupShape(256, (64,))
+    prepared = evaluator.prepare(shape, [rng.normal(0, 0.05, (64, 256))])
+    batch = context.encrypt(shape, gpt2_like(rng, 2, 256))
+    in_heads = [wire.decode_input(ct, context._codec.context_id, context._codec.input_payload_len())[0]
+                for ct in batch.ciphertexts]
+    per_block = len(batch.ciphertexts) // 2
+    assert [bool(h.sealed) for h in in_heads] == ([True] + [False] * (per_block - 1)) * 2
+    cts = list(batch.ciphertexts)
+    cts[0], cts[1] = _move_scales(cts[0], cts[1], wire._IN_HEAD.size)
+    with pytest.raises(CiphertextError, match="misplaced"):
+        evaluator.apply(prepared, cts)
+    out = evaluator.apply(prepared, batch.ciphertexts)
+    member = list(out[0])
+    member[0], member[1] = _move_scales(member[0], member[1], wire._OUT_HEAD.size)
+    with pytest.raises(CiphertextError, match="misplaced"):
+        context.decrypt(shape, [member], 2)

@@ -83,15 +83,61 @@ def test_bit_packing_roundtrip(bits):
     assert (wire.unpack_bits(p, 77, bits) == v).all()
 
 
+def _reference_expansion(seed: bytes, index: int, q: int, limb: int, n: int, words_per_limb: int) -> list[int]:
+    """Independent reading of the spec: AES-256 in ECB on counter blocks (index ‖ j), plain Python."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    first_word = limb * words_per_limb
+    stream = b"".join(enc.update(((index << 64) | k).to_bytes(16, "big"))
+                      for k in range(first_word // 4, (first_word + 2 * n) // 4 + 1))
+    out, mask = [], (1 << q.bit_length()) - 1
+    for j in range(first_word % 4, len(stream) // 4):
+        w = int.from_bytes(stream[4 * j: 4 * j + 4], "little") & mask
+        if w < q:
+            out.append(w)
+        if len(out) == n:
+            return out
+    raise AssertionError("reference stream too short")
+
+
 def test_seed_expansion_known_answer_and_range():
     primes = rns.ntt_primes(2048, (30, 24))
-    u = sampling.expand_uniform(bytes(range(32)), primes, 2048)
+    seed = bytes(range(32))
+    u = sampling.expand_uniform(seed, primes, 2048)
     # Pinned: worker and trusted side (and any other implementation) must expand identically.
-    assert u[:, :4].tolist() == [[364650916, 124535928, 670389847, 261549739], [7546943, 10548848, 10822513, 12745790]]
+    assert u[:, :4].tolist() == [[906006770, 278874410, 714797993, 7810781], [6114704, 2985765, 12907857, 52219]]
     assert hashlib.sha256(u.astype("<i8").tobytes()).hexdigest() == \
-        "859b5523b3f07e184cd0586657e71500ee9ea432ad3679ca39db99e9e499d363"
+        "91915c3e8bd006b30b46eea3a23459030ac6669f33c3190151f29cf25eb7805c"
+    words_per_limb = 2048 + 2048 // 4 + 64
+    for index in (0, 1, 4095):
+        v = sampling.expand_uniform(seed, primes, 2048, index)
+        for i, q in enumerate(primes):
+            assert v[i, :64].tolist() == _reference_expansion(seed, index, q, i, 64, words_per_limb)
     assert (u >= 0).all() and (u < np.array(primes)[:, None]).all()
     assert not (sampling.expand_uniform(bytes(32), primes, 2048) == u).all()
+    assert not (sampling.expand_uniform(seed, primes, 2048, 1) == u).all()
+
+
+def test_batched_expansion_equals_one_index_at_a_time_including_retries():
+    """Ciphertexts that need a second, longer stream expand exactly as they do alone (both sides agree)."""
+    seed = bytes(range(32))
+    q, n = 1048609, 64  # 2^20 + 33: about half of the 21-bit words are accepted
+    words = n + n // 4 + 64
+    first_region = [np.frombuffer(sampling._indexed_keystreams(seed, [k], 4 * words), "<u4") & ((1 << 21) - 1)
+                    for k in range(300)]
+    assert any((w < q).sum() < n for w in first_region)  # the retry path really runs
+    for primes, count, length in (((q,), 300, n), (rns.ntt_primes(2048, (30, 24)), 3, 2048)):
+        indices = np.arange(count) * 7 + 5
+        many = sampling.expand_uniform_many(seed, indices, primes, length)
+        for k, index in enumerate(indices):
+            assert (many[k] == sampling.expand_uniform(seed, primes, length, int(index))).all()
+        assert (many >= 0).all() and (many < np.array(primes)[:, None]).all()
+
+
+def test_expansion_refuses_a_bad_seed():
+    with pytest.raises(ValueError):
+        sampling.expand_uniform(bytes(16), (1048609,), 64)
 
 
 def test_secret_and_error_distributions():

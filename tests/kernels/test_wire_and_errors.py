@@ -72,6 +72,16 @@ def test_bad_inputs_raise_ciphertext_error(layer, evaluator, backend):
             evaluator.apply(prepared, bad)
 
 
+def test_ciphertexts_of_one_call_must_share_its_seed(layer, context, evaluator):
+    prepared, _, _ = layer
+    cts = context.encrypt(SHAPE, np.ones((2, 128))).ciphertexts  # two rows: two ciphertexts
+    seed_at = wire._IN_HEAD.size - 2 - 32  # the seed field precedes sealed_len
+    reseeded = bytearray(cts[1]); reseeded[seed_at] ^= 0x01  # claims another call's seed
+    with pytest.raises(CiphertextError, match="share one seed"):
+        evaluator.apply(prepared, [cts[0], bytes(reseeded)])
+    assert len(context.decrypt(SHAPE, evaluator.apply(prepared, cts), 2)[0]) == 2  # untouched: accepted
+
+
 def test_wrong_layer_shape_is_rejected(context, evaluator):
     batch = context.encrypt(GroupShape(768, (768,)), np.ones((1, 768)))
     prepared = evaluator.prepare(GroupShape(768, (2304,)), [np.ones((2304, 768)) * 0.01])

@@ -64,3 +64,95 @@ def plaintext_greedy(model_name: str, seed: int, ids: list[int], n: int) -> list
     from bifrost.tee.runtime import plaintext_greedy_tokens
 
     return plaintext_greedy_tokens(load_model(resolve(model_name), seed), ids, n)
+
+
+class ControlledWorker:
+    """A real in-process CKKS worker whose layer calls a test can slow down (a busy or hung worker);
+    counts its layer calls and exposes its open session count."""
+
+    def __init__(self, run_config, max_sessions: int = 64) -> None:
+        import threading
+        import time
+
+        from bifrost.worker.service import build_service, serve
+
+        self.service = build_service(MODEL, run_config.seed, run_config.delegation, max_sessions, 2**30)
+        self.delay_s = 0.0       # added to every layer call
+        self.next_delay_s = 0.0  # added to the next layer call only
+        self.calls = 0
+        lock = threading.Lock()
+
+        def slowed(inner):
+            def call(request, context):
+                with lock:
+                    self.calls += 1
+                    extra, self.next_delay_s = self.next_delay_s, 0.0
+                time.sleep(self.delay_s + extra)
+                return inner(request, context)
+            return call
+
+        for name in ("Linear", "LinearBatch"):
+            setattr(self.service, name, slowed(getattr(self.service, name)))
+        self.server, port = serve(self.service, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{port}"
+
+    def sessions(self) -> int:
+        return len(self.service._sessions)
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.fixture()
+def controlled_worker(run_config):
+    w = ControlledWorker(run_config)
+    yield w
+    w.stop()
+
+
+@pytest.fixture()
+def app_factory(serve_run_config, serve_config):
+    """Start in-process apps (runtime local) with config overrides; stopped after the test."""
+    from bifrost.serve.server import ServeApp
+
+    apps = []
+
+    def make(**changes):
+        app = ServeApp(serve_run_config, serve_config.replace(**changes)).start()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.stop()
+
+
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (background work: sweeper, closes) until true; fail after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def connect(app, pol=None, attest: bool = True):
+    from bifrost.serve.client import BifrostClient
+
+    c = BifrostClient(f"127.0.0.1:{app.port}", pol or make_policy(app.service.info["model_digest"]), timeout_s=120)
+    if attest:
+        c.attest()
+    return c
+
+
+def ray_default_dirs_listing() -> dict[str, list[str] | None]:
+    """What exists in Ray's default places (~/.ray, where Ray writes auth_token, and /tmp/ray): a
+    serve run must leave both untouched (its Ray lives in the run folder)."""
+    from pathlib import Path
+
+    out: dict[str, list[str] | None] = {}
+    for root in (Path.home() / ".ray", Path("/tmp/ray")):
+        out[str(root)] = sorted(str(p) for p in root.iterdir()) if root.exists() else None
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 
 import grpc
@@ -10,6 +12,8 @@ import pytest
 from bifrost.proto import serving_pb2
 from bifrost.serve.actors import AAD_GENERATE
 from bifrost.serve.client import ServingError
+
+from .conftest import MODEL as MODEL_NAME, connect
 
 METHOD = "/bifrost.serving.v1.BifrostServing/"
 
@@ -124,3 +128,192 @@ def test_too_many_sessions_is_resource_exhausted(local_app, client_factory):
         h.close()
     extra.close()
     _assert_healthy(client_factory)
+
+
+def _meta(client):
+    return (("authorization", f"Bearer {client.token}"),)
+
+
+def _embed_req(client, body: bytes, aad=None, request_id=None):
+    from bifrost.serve.actors import AAD_EMBED
+
+    return serving_pb2.SealedRequest(session_id=client.session_id, request_id=request_id or secrets.token_hex(8),
+                                     sealed=client.session.seal(body, aad or AAD_EMBED)).SerializeToString()
+
+
+def test_oversized_sealed_payload_is_invalid_argument_naming_the_limit(local_app, client_factory):
+    c = client_factory()
+    limit = local_app.scfg.max_request_bytes
+    big = serving_pb2.SealedRequest(session_id=c.session_id, request_id="big", sealed=bytes(limit + 1))
+    for method in ("Generate", "Embed", "CloseSession"):
+        code, msg = _raw(local_app, method, big.SerializeToString(), _meta(c))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"max_request_bytes={limit}" in msg, (method, msg)
+    assert len(c.chat("still fine", 1).tokens) == 1
+
+
+def test_bad_embed_requests(local_app, client_factory):
+    from bifrost.serve.actors import AAD_GENERATE as GEN
+
+    c = client_factory()
+    meta = _meta(c)
+    assert _raw(local_app, "Embed", b"\xff\xff\xff\xff garbage", meta)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    unsealed = serving_pb2.SealedRequest(session_id=c.session_id, request_id="u", sealed=b"x").SerializeToString()
+    assert _raw(local_app, "Embed", unsealed)[0] == grpc.StatusCode.UNAUTHENTICATED
+    empty = serving_pb2.SealedRequest(session_id=c.session_id, request_id="e").SerializeToString()
+    code, msg = _raw(local_app, "Embed", empty, meta)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in msg
+    code, msg = _raw(local_app, "Embed", _embed_req(c, b"\xff\xff\xff"), meta)  # authentic, not an EmbedBody
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "EmbedBody" in msg
+    code, msg = _raw(local_app, "Embed", _embed_req(c, serving_pb2.EmbedBody(texts=["hi"]).SerializeToString()), meta)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "not an encoder" in msg  # gpt2-mini generates
+    # a record sealed for Generate replayed into Embed: the associated data differs -> tampering
+    code, msg = _raw(local_app, "Embed", _embed_req(c, b"hi", aad=GEN), meta)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "session closed" in msg
+    with pytest.raises(ServingError) as err:
+        c.chat("closed now", 1)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_close_session_requests(local_app, client_factory):
+    a, b = client_factory(), client_factory()
+    req = serving_pb2.SealedRequest(session_id=a.session_id, request_id="c1").SerializeToString()
+    assert _raw(local_app, "CloseSession", b"\x12\xff", _meta(a))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert _raw(local_app, "CloseSession", req)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert _raw(local_app, "CloseSession", req, _meta(b))[0] == grpc.StatusCode.PERMISSION_DENIED  # b's token
+    unknown = serving_pb2.SealedRequest(session_id=secrets.token_bytes(16), request_id="c2").SerializeToString()
+    code, msg = _raw(local_app, "CloseSession", unknown, _meta(a))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert len(a.chat("a survives", 1).tokens) == 1
+    assert _raw(local_app, "CloseSession", req, _meta(a))[0] == grpc.StatusCode.OK
+    again = serving_pb2.SealedRequest(session_id=a.session_id, request_id="c3").SerializeToString()
+    assert _raw(local_app, "CloseSession", again, _meta(a))[0] == grpc.StatusCode.NOT_FOUND
+    assert len(b.chat("b survives", 1).tokens) == 1
+
+
+def test_bad_input_while_another_session_streams(local_app, client_factory, serve_run_config):
+    """Every kind of bad input from other callers, sent while a session is mid-stream: it completes unaffected."""
+    import threading
+
+    from bifrost.model.tokenizer import ByteTokenizer
+
+    from .conftest import MODEL, plaintext_greedy
+
+    streaming, attacker = client_factory(), client_factory()
+    started, done, got, failures = threading.Event(), threading.Event(), [], []
+
+    def run():
+        try:
+            for ev in streaming.generate("Streaming along", 24):
+                got.extend(ev.token_ids)
+                started.set()
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            failures.append(repr(exc))
+        finally:
+            started.set()
+            done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(120)
+    meta = _meta(attacker)
+    limit = local_app.scfg.max_request_bytes
+    bad = [
+        ("Generate", b"\xff\xff\xff\xff garbage", meta),
+        ("Generate", serving_pb2.SealedRequest(session_id=attacker.session_id, request_id="o",
+                                               sealed=bytes(limit + 1)).SerializeToString(), meta),
+        # the streaming session's id with the attacker's token
+        ("Generate", serving_pb2.SealedRequest(session_id=streaming.session_id, request_id="x",
+                                               sealed=b"forged").SerializeToString(), meta),
+        ("Embed", b"\x0a\xff\xff\xff\xff\x0f", meta),
+        ("CloseSession", serving_pb2.SealedRequest(session_id=streaming.session_id,
+                                                   request_id="y").SerializeToString(), meta),
+        ("Attest", serving_pb2.AttestRequest(nonce=b"short", client_public_key=bytes(32)).SerializeToString(), ()),
+        ("Generate", _sealed_req(attacker, serving_pb2.GenerateBody(prompt="x" * 65, max_new_tokens=1), "big")
+         .SerializeToString(), meta),
+    ]
+    for method, payload, md in bad:
+        code, _ = _raw(local_app, method, payload, md)
+        assert code != grpc.StatusCode.OK, method
+    tampered = _sealed_req(attacker, serving_pb2.GenerateBody(prompt="hi", max_new_tokens=1), "t")
+    tampered.sealed = tampered.sealed[:-1] + bytes([tampered.sealed[-1] ^ 1])
+    assert _raw(local_app, "Generate", tampered.SerializeToString(), meta)[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert done.wait(300)
+    t.join()
+    assert not failures, failures
+    assert got == plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode("Streaming along"), 24)
+
+
+def test_unexpected_exception_is_internal_without_details(local_app, client_factory, caplog):
+    c = client_factory()
+    secret_detail = f"detail-{secrets.token_hex(6)}"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(secret_detail)
+
+    caplog.set_level(logging.DEBUG)
+    gate = local_app.service.gate
+    original = gate.authorize
+    gate.authorize = broken  # a fault inside the handler (e.g. a bug in a dependency)
+    try:
+        req = serving_pb2.SealedRequest(session_id=c.session_id, request_id="i", sealed=b"opaque")
+        for method in ("Generate", "Embed", "CloseSession"):
+            code, msg = _raw(local_app, method, req.SerializeToString(), _meta(c))
+            assert code == grpc.StatusCode.INTERNAL and msg == "internal server error", (method, msg)
+    finally:
+        gate.authorize = original
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "RuntimeError" in logged and secret_detail not in logged and "Traceback" not in logged
+    assert len(c.chat("still serving", 1).tokens) == 1
+
+
+def test_pending_sessions_are_capped(app_factory, worker_factory):
+    _, _, address = worker_factory(MODEL_NAME, 64)
+    app = app_factory(workers=(address,), max_pending_sessions=2)
+    a, b = connect(app), connect(app)  # attested, nothing sent yet
+    extra = connect(app, attest=False)
+    with pytest.raises(ServingError) as err:
+        extra.attest()
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_pending_sessions=2" in err.value.details
+    assert len(a.chat("now in use", 1).tokens) == 1  # a is no longer pending
+    extra.attest()
+    for c in (a, b, extra):
+        c.close()
+
+
+def test_full_workers_during_attest_is_resource_exhausted(app_factory, worker_factory):
+    _, _, address = worker_factory(MODEL_NAME, 2)  # the replica's runtime holds one worker session
+    app = app_factory(workers=(address,))
+    a = connect(app)
+    b = connect(app, attest=False)
+    with pytest.raises(ServingError) as err:
+        b.attest()
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "CKKS workers" in err.value.details
+    assert len(app.service.sessions) == 1
+    assert len(a.chat("unaffected", 1).tokens) == 1
+    a.close()
+    b.attest()  # its worker slot is free again
+    assert len(b.chat("now", 1).tokens) == 1
+    b.close()
+
+
+def test_tokens_name_what_the_issuer_verified_and_a_refusing_issuer_policy_issues_none(app_factory, worker_factory,
+                                                                                       tmp_path):
+    """The front end verifies each replica's fresh evidence before it signs a token: the token's measurement
+    is the evidence's, and an issuer policy the evidence fails means UNAVAILABLE and no session."""
+    from bifrost.attest.tokens import verify_token
+
+    _, _, address = worker_factory(MODEL_NAME, 64)
+    app = app_factory(workers=(address,))
+    c = connect(app)
+    claims = verify_token(c.token, [app.service.issuer.public_key])
+    assert claims.simulated and bytes.fromhex(claims.measurement) == c.verdict.measurement
+    assert bytes.fromhex(claims.report_data) == c.verdict.report_data and claims.tcb_status == c.verdict.tcb_status
+    assert len(c.chat("ok", 1).tokens) == 1
+    c.close()
+    strict = tmp_path / "issuer.yaml"
+    strict.write_text("allow_simulated: false\n")
+    refusing = app_factory(workers=(address,), issuer_policy=str(strict))
+    with pytest.raises(ServingError) as err:
+        connect(refusing)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "issuer policy (simulated)" in err.value.details
+    assert len(refusing.service.sessions) == 0

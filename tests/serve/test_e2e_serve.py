@@ -16,34 +16,47 @@ import yaml
 
 from bifrost.model.tokenizer import ByteTokenizer
 
-from .conftest import MODEL, make_policy, plaintext_greedy
+from .conftest import MODEL, ControlledWorker, make_policy, plaintext_greedy, ray_default_dirs_listing
 
 PROMPT = "Attested hello"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    port_file, run_dir = tmp / "port", tmp / "run"
-    home_ray_existed = (Path.home() / ".ray").exists()
+def _start_serve(tmp: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`bifrost serve ... --port 0` as a subprocess; returns it and its address once it serves."""
+    port_file = tmp / "port"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bifrost.cli", "serve", "--model", MODEL, "--port", "0", "--port-file", str(port_file),
-         "--run-dir", str(run_dir), "--runtime", "ray", "--max-sessions", "4"],
+         "--run-dir", str(tmp / "run"), *flags],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.stderr", "wb"), env=env)
     deadline = time.monotonic() + 240
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
             pytest.fail(f"bifrost serve did not start: {(tmp / 'serve.stderr').read_text()[-2000:]}")
         time.sleep(0.2)
-    yield proc, f"127.0.0.1:{port_file.read_text().strip()}", run_dir, tmp, home_ray_existed
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _stop_serve(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    ray_dirs_before = ray_default_dirs_listing()
+    proc, address = _start_serve(tmp, "--runtime", "ray", "--max-sessions", "4")
+    yield proc, address, tmp / "run", tmp, ray_dirs_before
+    _stop_serve(proc)
+    assert ray_default_dirs_listing() == ray_dirs_before  # also after Ray shut down
 
 
 def test_serve_subprocess_chat_equals_plaintext(served, run_config):
@@ -51,7 +64,7 @@ def test_serve_subprocess_chat_equals_plaintext(served, run_config):
     from bifrost.model.catalog import resolve
     from bifrost.serve.client import BifrostClient
 
-    proc, address, run_dir, tmp, home_ray_existed = served
+    proc, address, run_dir, tmp, ray_dirs_before = served
     digest = model_digest(resolve(MODEL), run_config.seed)  # computed by the client from public weights
     with BifrostClient(address, make_policy(digest), timeout_s=120) as client:
         verdict = client.attest()
@@ -63,8 +76,10 @@ def test_serve_subprocess_chat_equals_plaintext(served, run_config):
     # Ray's temp dir and auth token live in the run folder, not in ~/.ray or /tmp/ray
     assert any((run_dir / "ray").iterdir())
     assert (run_dir / "ray-auth-token").exists()
-    assert home_ray_existed or not (Path.home() / ".ray").exists()
+    assert ray_default_dirs_listing() == ray_dirs_before  # nothing new in ~/.ray (auth_token) or /tmp/ray
     assert proc.poll() is None
+    banner = (tmp / "serve.stderr").read_text()  # printed before the port file is written
+    assert "evidence simulated" in banner and "evidence provider is SIMULATED" in banner
 
 
 def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(served, run_config):
@@ -85,3 +100,30 @@ def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(
     # the server's log never contains the prompt
     log = (run_dir / "serve.log").read_text()
     assert "session" in log and PROMPT not in log
+
+
+def test_serve_with_external_workers_flag(tmp_path, run_config):
+    """`bifrost serve --workers a,b` (workers started by the test, local runtime): the server starts none
+    of its own, opens every session on both, and spreads layer calls over both."""
+    from bifrost.serve.actors import model_digest
+    from bifrost.model.catalog import resolve
+    from bifrost.serve.client import BifrostClient
+
+    workers = [ControlledWorker(run_config), ControlledWorker(run_config)]
+    proc = None
+    try:
+        proc, address = _start_serve(tmp_path, "--runtime", "local",
+                                     "--workers", ",".join(w.address for w in workers))
+        with BifrostClient(address, make_policy(model_digest(resolve(MODEL), run_config.seed)), timeout_s=120) as c:
+            c.attest()
+            assert [w.sessions() for w in workers] == [2, 2]  # the replica's runtime's + this session's
+            result = c.chat(PROMPT, 4)
+        assert result.tokens == plaintext_greedy(MODEL, run_config.seed, ByteTokenizer().encode(PROMPT), 4)
+        assert all(w.calls > 0 for w in workers)
+        assert not list((tmp_path / "run").glob("worker-*.log"))  # no local worker was started
+        assert not (tmp_path / "run" / "ray").exists()  # local runtime: no Ray at all
+    finally:
+        if proc is not None:
+            _stop_serve(proc)
+        for w in workers:
+            w.stop()

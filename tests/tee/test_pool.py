@@ -21,8 +21,8 @@ def make_worker(run_config):
 
     started = []
 
-    def make(delay_linear_s: float = 0.0):
-        svc = build_service(MODEL, run_config.seed, run_config.delegation, 16, 2**30)
+    def make(delay_linear_s: float = 0.0, max_sessions: int = 16):
+        svc = build_service(MODEL, run_config.seed, run_config.delegation, max_sessions, 2**30)
         if delay_linear_s:
             inner = svc.Linear
 
@@ -129,3 +129,21 @@ def test_all_workers_down_is_an_error_not_a_hang(make_worker, run_config):
         rt.generate("x", 1)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     rt.close()
+
+
+def test_every_worker_full_is_resource_exhausted_not_unavailable(make_worker, run_config):
+    """Sessions beyond every worker's max_sessions: RESOURCE_EXHAUSTED (retry later), and nothing half-open."""
+    from bifrost.tee.engine import DelegationEngine
+
+    (_, a), (_, b) = make_worker(max_sessions=1), make_worker(max_sessions=1)
+    directory = WorkerDirectory([a, b], timeout_s=10)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), WorkerPool(directory))  # holds the one slot on each
+    pool = WorkerPool(directory)
+    with pytest.raises(WorkerCallError) as err:
+        DelegationEngine(pool, run_config.backend, run_config.ckks_params(), rt.sites, rt.groups)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details
+    assert pool._sessions == {}
+    rt.close()
+    second = DelegationEngine(WorkerPool(directory), run_config.backend, run_config.ckks_params(), rt.sites, rt.groups)
+    second.close()  # slots freed by rt.close() are usable again
+    directory.close()

@@ -89,12 +89,29 @@ def test_unknown_mode_is_refused(worker_factory, run_config):
 
 
 def test_long_prompts_are_split_into_bounded_worker_calls(worker_factory, run_config, monkeypatch):
-    import bifrost.tee.engine as engine_mod
+    import bifrost_kernels.backend as native
 
-    monkeypatch.setattr(engine_mod, "ROWS_PER_CALL", 5)
+    assert run_config.backend == "native"
+    monkeypatch.setattr(native, "ROWS_PER_FFT_CALL", 5)
     _, _, address = worker_factory("gpt2-mini")
     runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address, reference=True)
     result = runtime.generate([300 + i for i in range(12)], 3, mode="bifrost")
     runtime.close()
     assert result.tokens == result.fidelity.plaintext_tokens
     assert result.timings[0].calls == len(runtime.groups) * 3  # 12 prompt rows in calls of 5, 5, 2
+
+
+def test_long_prompt_goes_through_the_scalar_blocking_in_one_call_per_group(worker_factory, run_config):
+    """A 200-token prompt is token-packed (one column per ciphertext): one worker call per layer group,
+    far fewer bytes than one row per ciphertext, and still the plaintext tokens."""
+    _, _, address = worker_factory("gpt2-mini")
+    runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address, reference=True)
+    ids = [(37 * i + 11) % 50000 for i in range(200)]
+    result = runtime.generate(ids, 3, mode="bifrost")
+    shapes = set(runtime.engine.shapes.values())
+    runtime.close()
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert all(runtime.engine._keys._codec.blocking(s, 200).is_scalar for s in shapes)
+    assert result.timings[0].calls == len(runtime.groups)
+    decode_bytes = result.timings[1].bytes_sent
+    assert result.timings[0].bytes_sent < 200 * decode_bytes / 2

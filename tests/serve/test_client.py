@@ -1,0 +1,75 @@
+"""The client SDK and `bifrost chat` refuse a token stream that lost its end.
+
+A relay between client and server (what a network attacker or a broken proxy can do) forwards
+every call unchanged but cuts each Generate stream before its last message: every record it passes
+on is authentic and in order, only the final ``done`` chunk is missing."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import pytest
+import yaml
+
+from bifrost.errors import BifrostError
+
+SERVICE = "/bifrost.serving.v1.BifrostServing/"
+
+
+class TruncatingRelay(grpc.GenericRpcHandler):
+    def __init__(self, upstream: str) -> None:
+        self.channel = grpc.insecure_channel(upstream)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((self,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def service(self, details):
+        method, meta = details.method, details.invocation_metadata
+        if method == SERVICE + "Generate":
+            def truncated(request, context):
+                replies = list(self.channel.unary_stream(method)(request, metadata=meta, timeout=120))
+                yield from replies[:-1]
+            return grpc.unary_stream_rpc_method_handler(truncated)
+
+        def forward(request, context):
+            return self.channel.unary_unary(method)(request, metadata=meta, timeout=120)
+        return grpc.unary_unary_rpc_method_handler(forward)
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+        self.channel.close()
+
+
+@pytest.fixture()
+def relay(local_app):
+    r = TruncatingRelay(f"127.0.0.1:{local_app.port}")
+    yield r
+    r.stop()
+
+
+def test_sdk_refuses_a_stream_without_its_final_chunk(relay, policy, local_app):
+    from bifrost.serve.client import BifrostClient
+
+    with BifrostClient(f"127.0.0.1:{relay.port}", policy, timeout_s=120) as c:
+        c.attest()
+        with pytest.raises(BifrostError, match="truncated"):
+            c.chat("cut short", 3)
+    with BifrostClient(f"127.0.0.1:{local_app.port}", policy, timeout_s=120) as direct:  # the full stream is fine
+        direct.attest()
+        assert len(direct.chat("whole", 3).tokens) == 3
+
+
+def test_chat_cli_exits_non_zero_on_a_truncated_stream(relay, local_app, tmp_path, capsys):
+    from bifrost.cli import main
+
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump({"allow_simulated": True,
+                                           "model_digests": [local_app.service.info["model_digest"].hex()]}))
+    code = main(["chat", "--address", f"127.0.0.1:{relay.port}", "--policy", str(policy_file),
+                 "--prompt", "cut short", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("bifrost: error:") and "truncated" in last and "Traceback" not in err

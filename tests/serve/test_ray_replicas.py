@@ -1,0 +1,101 @@
+"""Replicas as Ray actors in this process's own local Ray (temp dir inside the run folder): two
+replicas serve plaintext-equal tokens, a replica killed with ``ray.kill`` gets no new sessions, and a
+replica Ray cannot schedule is a startup error instead of a hang."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from bifrost.errors import BifrostError
+from bifrost.model.tokenizer import ByteTokenizer
+from bifrost.serve.client import ServingError
+
+from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, ray_default_dirs_listing, wait_until
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_app(tmp_path_factory, run_config, serve_run_config, serve_config):
+    from bifrost.serve.server import ServeApp
+
+    before = ray_default_dirs_listing()
+    worker = ControlledWorker(run_config)
+    run_dir = tmp_path_factory.mktemp("ray") / "r"  # short: Ray's unix sockets live below it
+    app = None
+    try:
+        app = ServeApp(serve_run_config, serve_config.replace(runtime="ray", replicas=2, workers=(worker.address,),
+                                                              session_idle_s=2.0), run_dir=run_dir).start()
+        yield app, before, run_dir, worker
+    finally:
+        if app is not None:
+            app.stop()
+        worker.stop()
+    assert not ray.is_initialized() and "RAY_TMPDIR" not in os.environ
+
+
+def test_two_ray_replicas_serve_plaintext_equal_tokens(ray_app, serve_run_config):
+    app, before, run_dir, _ = ray_app
+    clients = [connect(app), connect(app)]
+    assert {app.service.sessions.get(c.session_id).replica for c in clients} == {0, 1}
+    for i, c in enumerate(clients):
+        prompt = f"Replica test {i}"
+        assert c.chat(prompt, 4).tokens == plaintext_greedy(MODEL, serve_run_config.seed,
+                                                            ByteTokenizer().encode(prompt), 4)
+        c.close()
+    pids = {r.call("info")["pid"] for r in app.replicas}
+    assert len(pids) == 2 and os.getpid() not in pids  # two actor processes
+    assert any((run_dir / "ray").glob("session_*"))  # Ray's temp dir is inside the run folder
+    assert ray_default_dirs_listing() == before  # nothing new in ~/.ray (auth_token) or /tmp/ray
+
+
+def test_unschedulable_replica_is_a_startup_error_not_a_hang(ray_app, serve_run_config, serve_config, tmp_path):
+    from bifrost.serve.server import ServeApp
+
+    worker = ray_app[3]
+    scfg = serve_config.replace(runtime="ray", ray_address="auto", workers=(worker.address,), replica_cpus=64,
+                                startup_timeout_s=3)  # joins the running Ray, which has 2 CPUs
+    with pytest.raises(BifrostError) as err:
+        ServeApp(serve_run_config, scfg, run_dir=tmp_path / "b").start()
+    assert "did not start within startup_timeout_s=3" in str(err.value) and "replica_cpus=64" in str(err.value)
+    assert ray.is_initialized()  # the other app's Ray is left alone
+
+
+def test_ray_client_hang_up_stops_the_turn_and_keeps_the_session(ray_app, serve_run_config):
+    app, worker = ray_app[0], ray_app[3]
+    c = connect(app)
+    worker.delay_s = 0.05  # >= 0.4 s per token: the turn is still running when the client leaves
+    try:
+        stream = c.generate("a long turn", 20)
+        next(stream)
+        stream.close()
+        wait_until(lambda: sum(r.call("stats")["turns_cancelled"] for r in app.replicas) == 1,
+                   what="the turn to stop on its Ray replica")
+    finally:
+        worker.delay_s = 0.0
+    result = c.chat("next turn", 2)  # the same session: not closed, not blocked
+    assert result.tokens == plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode("next turn"), 2)
+    c.close()
+
+
+def test_ray_killed_replica_gets_no_new_sessions(ray_app):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    app = ray_app[0]
+    clients = [connect(app), connect(app)]
+    on = {app.service.sessions.get(c.session_id).replica: c for c in clients}
+    ray.kill(app.replicas[1].actor)
+    with pytest.raises(ServingError) as err:
+        on[1].chat("hello", 1)
+    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)  # (the probe may be first)
+    fresh = [connect(app), connect(app)]
+    assert {app.service.sessions.get(c.session_id).replica for c in fresh} == {0}
+    assert all(len(c.chat("ok", 1).tokens) == 1 for c in fresh + [on[0]])
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    for c in clients + fresh:
+        c.close()

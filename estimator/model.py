@@ -5,7 +5,8 @@ Three schemes (see ``estimator/README.md`` for the term-by-term derivation):
 - ``bifrost``: every forward (prefill of the whole prompt, then one per new token) sends each delegated
   linear group through CKKS on the accelerator with the profile backend's own packing (``native``: the
   coefficient blocking of ``bifrost_kernels.layout.plan``; ``tenseal``: the BSGS diagonal plan of
-  ``PackingPlan.for_shape``), in calls of at most the engine's ``ROWS_PER_CALL`` rows; encrypts/decrypts
+  ``PackingPlan.for_shape``), split into calls as the trusted engine splits them (the backend's
+  ``rows_per_call``: native = a whole scalar row block, else ``ROWS_PER_FFT_CALL``); encrypts/decrypts
   in the TEE (one refresh per group and call), moves the ciphertexts over the link, and runs everything
   else (norms, attention with the KV cache, softmax, activations, RoPE, LM head, sampling) in plaintext
   in the TEE.
@@ -283,6 +284,8 @@ class LinearCounts:
     row_blocks: int = 1  # row groups the input is split into (one sealed scale block each)
     weight_passes: int = 0  # native: encoded weight blocks streamed through the kernel (per kernel pass)
     weight_blocks: int = 0  # native: encoded weight blocks of the group (touched once per call)
+    scalar_macs: int = 0  # native scalar blocking: d_in x d_out x (rows_per_ct + N) per row block (the Z_Q GEMM)
+    scalar: bool = False  # native scalar (token-packed) blocking: worker costs are the scalar_* ones
 
 
 def bsgs_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -306,18 +309,30 @@ def _row_blocks_per_kernel_call() -> int:
     return max(int(ROW_BLOCKS_PER_KERNEL_CALL), 1)
 
 
-def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
-    """Counts of the native backend's coefficient blocking, taken from ``bifrost_kernels.layout.plan``
-    itself (so the model follows when the planner changes): no rotations; per row block ``in_blocks``
-    input and ``out_blocks`` output ciphertexts and ``in_blocks x out_blocks`` block products; the kernel
-    streams the encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks and touches them once
-    per call."""
+def native_blocking(ops: CKKSOps, group: LinearGroup, rows: int):
+    """The native backend's blocking for ``rows`` rows: ``bifrost_kernels.layout.plan`` itself, at the
+    bit sizes of the primes the backend actually picks."""
     from bifrost_kernels.layout import plan
     from bifrost_kernels.rns import ntt_primes
 
     bits = tuple(q.bit_length() for q in ntt_primes(ops.poly_modulus_degree, tuple(ops.coeff_mod_bit_sizes)))
-    blk = plan(ops.poly_modulus_degree, bits, group.d_in, tuple(group.d_outs), rows)
-    rb, kin = blk.row_blocks(rows), blk.in_blocks(group.d_in)
+    return plan(ops.poly_modulus_degree, bits, group.d_in, tuple(group.d_outs), rows)
+
+
+def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
+    """Counts of the native backend's blocking, taken from ``bifrost_kernels.layout.plan`` itself (so the
+    model follows when the planner changes). Polynomial blockings: no rotations; per row block
+    ``in_blocks`` input and ``out_blocks`` output ciphertexts and ``in_blocks x out_blocks`` block
+    products; the kernel streams the encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks
+    and touches them once per call. Scalar blockings (long prompts): per row block ``d_in`` input and
+    ``d_out`` output ciphertexts and one Z_Q GEMM of ``d_in x d_out x (rows_per_ct + N)`` MACs (per digit)."""
+    blk = native_blocking(ops, group, rows)
+    rb = blk.row_blocks(rows)
+    if blk.is_scalar:
+        d_out = sum(group.d_outs)
+        macs = rb * group.d_in * d_out * (blk.rows_per_ct + ops.poly_modulus_degree)
+        return LinearCounts(0, 0, 0, rb * d_out, rb * group.d_in, rb * d_out, rb, scalar_macs=macs, scalar=True)
+    kin = blk.in_blocks(group.d_in)
     kout = sum(blk.out_blocks(d) for d in group.d_outs)
     passes = ceil_div(rb, _row_blocks_per_kernel_call())
     return LinearCounts(0, rb * kin * kout, rb * kin * kout, rb * kout, rb * kin, rb * kout, rb, passes * kin * kout,
@@ -341,18 +356,28 @@ def linear_counts(backend: str, ops: CKKSOps, group: LinearGroup, rows: int, pac
     return bsgs_counts(ops.slots, group, rows)
 
 
-def rows_per_call() -> int:
-    """The trusted engine sends a long prompt to the worker in calls of at most this many rows."""
-    try:
-        from bifrost.tee.engine import ROWS_PER_CALL
-    except ImportError:
-        return 1 << 30
+def rows_per_call(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> int:
+    """How many of ``rows`` rows one worker call carries, as the backend tells the trusted engine
+    (``rows_per_call``): native = the rows of a whole scalar row block when the planner picks the scalar
+    blocking for ``min(rows, N)`` rows, else ``ROWS_PER_FFT_CALL``; other backends the engine's
+    ``ROWS_PER_CALL``."""
+    if backend == "native":
+        from bifrost_kernels.backend import ROWS_PER_FFT_CALL
+
+        blk = native_blocking(ops, group, min(rows, ops.poly_modulus_degree))
+        return blk.rows_per_ct if blk.is_scalar else int(ROWS_PER_FFT_CALL)
+    from bifrost.tee.engine import ROWS_PER_CALL
+
     return int(ROWS_PER_CALL)
 
 
-def call_rows(rows: int) -> list[int]:
-    cap = rows_per_call()
-    return [min(cap, rows - i) for i in range(0, rows, cap)]
+def call_rows(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> list[int]:
+    """Rows of each worker call for ``rows`` rows, split exactly as ``TrustedEngine.run_group`` splits
+    them (recursively: every part is planned again)."""
+    per_call = rows_per_call(backend, ops, group, rows)
+    if rows <= per_call:
+        return [rows]
+    return [r for i in range(0, rows, per_call) for r in call_rows(backend, ops, group, min(per_call, rows - i))]
 
 
 def ckks_seconds(ops: CKKSOps, c: LinearCounts) -> float:
@@ -362,6 +387,12 @@ def ckks_seconds(ops: CKKSOps, c: LinearCounts) -> float:
 def accelerator_seconds(p: Profile, c: LinearCounts) -> float:
     """Worker time of one delegated call (what the worker reports as compute seconds)."""
     a = p.accelerator
+    if c.scalar:
+        if not a.scalar_mac_s > 0:
+            raise BifrostError(f"profile {p.name!r} has no costs for the native scalar blocking (long prompts): "
+                               "re-run `bifrost estimate calibrate` with this version")
+        return a.efficiency * (c.cts_in * a.scalar_ct_load_s + c.cts_out * a.scalar_ct_dump_s
+                               + c.scalar_macs * a.scalar_mac_s) + a.call_overhead_s
     return a.efficiency * (ckks_seconds(a.linear, c) + c.cts_in * a.ct_load_s + c.cts_out * a.ct_dump_s
                            + c.weight_passes * a.weight_pass_s + c.weight_blocks * a.weight_block_s) + a.call_overhead_s
 
@@ -442,7 +473,7 @@ def forward_bifrost(p: Profile, m: ModelShape, rows: int, ctx: int, local_linear
                      L * rows * g.macs)
             cost.add("framework", "tee", L * len(g.d_outs) * t.local_call_overhead_s)
             continue
-        for r in (call_rows(rows) if packing == "backend" else [rows]):  # what-if: one call, as Euston
+        for r in (call_rows(a.backend, a.linear, g, rows) if packing == "backend" else [rows]):  # what-if: one call, as Euston
             c = linear_counts(a.backend, a.linear, g, r, packing)
             cost.add("linear (CKKS)", "accelerator", L * accelerator_seconds(p, c), L * (c.rotations + c.mul_plain))
             cost.add("encrypt", "tee", L * encrypt_seconds(p, c), L * c.cts_in)

@@ -37,6 +37,19 @@ def test_estimate_table_and_plot(tmp_path, capsys):
     assert "speedup bifrost vs fhe" in text and png.stat().st_size > 1000
 
 
+def test_write_failure_after_the_checks_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """A disk that fills up while the plot is written: bifrost/cli.py maps the OSError to one line, exit 1."""
+    from bifrost_estimator import report
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot", full_disk)
+    assert main(["estimate", "gpt2", "--profile", "gpu-published", "--plot", str(tmp_path / "b.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and len(err.splitlines()) == 1
+
+
 def test_fhe_recipe_override_is_applied_and_reported(capsys):
     base = ["estimate", "gpt2-xl", "--profile", "gpu-published", "--scheme", "fhe", "--prompt-len", "8", "--new-tokens",
             "2", "--layers-only", "--json"]

@@ -4,8 +4,12 @@ import dataclasses
 
 import pytest
 
-from bifrost_estimator.model import (FHEAlgorithms, coeff_counts, column_counts, estimate, forward_bifrost,
-                                     forward_fhe, rows_per_call)
+import numpy as np
+
+from bifrost.ckks import GroupShape, get_backend
+from bifrost.errors import BifrostError
+from bifrost_estimator.model import (FHEAlgorithms, accelerator_seconds, call_rows, coeff_counts, column_counts,
+                                     estimate, forward_bifrost, forward_fhe, rows_per_call)
 from bifrost_estimator.profile import load_profile
 from bifrost_estimator.shapes import LinearGroup, load_shape
 
@@ -63,9 +67,45 @@ def test_native_counts_follow_the_kernel_planner(monkeypatch):
     assert (after.row_blocks, after.cts_in, after.cts_out) == (2, 2 * 48, 2 * 24)
 
 
+def test_native_counts_and_calls_match_the_real_backend():
+    """Ciphertext counts, scalar vs polynomial blocking and the rows per call agree with what the native
+    backend's trusted context does for short and long prompts."""
+    backend = get_backend("native")
+    ctx = backend.keygen(backend.default_params, [])
+    prm = backend.default_params
+    from bifrost_estimator.profile import CKKSOps
+
+    ops = CKKSOps(prm.poly_modulus_degree, tuple(prm.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
+    rng = np.random.default_rng(3)
+    for d_in, d_outs, rows in [(64, (192,), 1), (64, (192,), 16), (64, (192,), 200), (64, (64, 64, 64), 150),
+                               (768, (768,), 70), (768, (768,), 300), (3072, (768,), 5000)]:
+        shape, g = GroupShape(d_in, d_outs), LinearGroup("x", d_in, d_outs)
+        assert rows_per_call("native", ops, g, rows) == ctx.rows_per_call(shape, rows)
+        c = coeff_counts(ops, g, min(rows, rows_per_call("native", ops, g, rows)))
+        assert c.scalar == ctx._codec.blocking(shape, min(rows, 2048)).is_scalar
+        if rows <= 300:  # the ciphertexts the context really produces for one call
+            batch = ctx.encrypt(shape, rng.normal(0, 1, (min(rows, ctx.rows_per_call(shape, rows)), d_in)))
+            assert c.cts_in == len(batch.ciphertexts)
+    g = LinearGroup("x", 768, (768,))
+    assert call_rows("native", ops, g, 70) == [64, 6]  # below the scalar threshold: 64-row calls
+    assert call_rows("native", ops, g, 300) == [300]  # one scalar row block
+    assert call_rows("native", ops, g, 5000) == [2048, 2048, 904]
+    assert coeff_counts(ops, g, 300).scalar and coeff_counts(ops, g, 300).cts_in == 768
+
+
+def test_scalar_blocking_needs_its_calibrated_costs():
+    prof = load_profile("local-2core")
+    ops, g = prof.accelerator.linear, LinearGroup("x", 768, (768,))
+    c = coeff_counts(ops, g, 300)
+    old = dataclasses.replace(prof, accelerator=dataclasses.replace(prof.accelerator, scalar_mac_s=0.0))
+    with pytest.raises(BifrostError, match="scalar blocking"):
+        accelerator_seconds(old, c)
+    assert accelerator_seconds(prof, c) > accelerator_seconds(prof, coeff_counts(ops, g, 64))
+
+
 def test_long_prompts_go_in_several_calls(gpu):
     shape = load_shape("gpt2")
-    cap = rows_per_call()
+    cap = rows_per_call(gpu.accelerator.backend, gpu.accelerator.linear, shape.groups()[0], 10_000)
     one = forward_bifrost(gpu, shape, cap, cap, local_linears=False).counts()["transfer"]
     two = forward_bifrost(gpu, shape, cap + 1, cap + 1, local_linears=False)
     calls = sum(1 for t in two.terms if t.op == "transfer")

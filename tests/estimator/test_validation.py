@@ -33,7 +33,7 @@ def test_ttft_and_per_token_within_25_percent_for_both_modes(quick_profile, work
     report = "\n".join(f"{r.mode} L={r.prompt_len}: TTFT {r.measured_ttft_s * 1e3:.1f}/{r.predicted_ttft_s * 1e3:.1f} ms "
                        f"({r.ttft_error:+.1%}), per token {r.measured_per_token_s * 1e3:.1f}/"
                        f"{r.predicted_per_token_s * 1e3:.1f} ms ({r.per_token_error:+.1%}); split "
-                       + " ".join(f"{k}: {r.components[k]['measured'][c] * 1e3:.1f}/{r.components[k]['predicted'][c] * 1e3:.1f}"
+                       + " ".join(f"{k}.{c}: {r.components[k]['measured'][c] * 1e3:.1f}/{r.components[k]['predicted'][c] * 1e3:.1f}"
                                   for k in ("ttft", "per_token") for c in r.components[k]['measured'])
                        for r in rows)
     print(report)

@@ -42,8 +42,11 @@ def scenarios(profile):
     yield "+ N=2^13 ops batched (no kernel-launch floor)", unfloored, alg, "column"
     t = unfloored.tee
     fast = {k: getattr(t, k) / SERVER_TEE_SPEEDUP for k in (
-        "encrypt_ct_s", "decrypt_ct_s", "call_overhead_s", "encrypt_call_s", "decrypt_call_s", "norm_s_per_elem",
-        "softmax_s_per_elem", "act_s_per_elem", "attn_s_per_mac")}
+        "encrypt_ct_s", "decrypt_ct_s", "call_overhead_s", "encrypt_call_s", "decrypt_call_s", "encrypt_row_block_s",
+        "decrypt_row_block_s", "glue_s_per_elem", "norm_s_per_elem", "softmax_s_per_elem", "act_s_per_elem",
+        "attn_s_per_mac")}
+    fast.update({k: {rows: v / SERVER_TEE_SPEEDUP for rows, v in getattr(t, k).items()}
+                 for k in ("gemm_s_per_weight", "gemm_s_per_weight_small")})
     fast.update(gemm_flops=t.gemm_flops * SERVER_TEE_SPEEDUP, mem_bandwidth_Bps=t.mem_bandwidth_Bps * SERVER_TEE_SPEEDUP)
     server = dataclasses.replace(unfloored, tee=dataclasses.replace(t, **fast))
     yield f"+ server TEE ({SERVER_TEE_SPEEDUP:.0f}x this 2-core box)", server, alg, "column"

@@ -5,7 +5,7 @@ Measured, through the same functions the trusted engine and the worker call:
 - the backend's ``encrypt`` / ``apply`` / ``decrypt`` at several (shape, rows); fitted per call, per
   ciphertext and per row block (encrypt, decrypt) and per ciphertext in/out, per block product and per
   weight-block kernel pass (apply, native), and for the native scalar blocking of long prompts (128+
-  rows) per ciphertext in/out and per MAC of its Z_Q GEMM — the counts coming from the backend's own
+  rows) per input ciphertext, per output coefficient and per MAC of its Z_Q GEMM — the counts coming from the backend's own
   planner, so the profile describes the costs the model needs, not constants of one kernel version;
 - for tenseal, SEAL's primitives (rotation, plaintext multiply, add, rescale) plus a fitted efficiency;
 - PyTorch: norms, softmax, activations, attention products, the float32 matmul (weight streaming from
@@ -143,7 +143,7 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
         cases = [(s, r) for s in small for r in ((1, 8) if quick else (1, 4, 16))]
         cases += [(s, r) for s in gpt2 for r in ((1, 4) if quick else (1, 4, 16))]
         # long prompts: the planner's scalar (token-packed) blocking, a Z_Q GEMM on the worker
-        cases += [(s, r) for s in small[:4] for r in ((128,) if quick else (128, 256))]
+        cases += [(s, r) for s in small[:4] for r in ((128,) if quick else (128, 256))] + [(small[1], 1024)]
         cases += [(s, 128) for s in (gpt2[1:2] if quick else gpt2[:2] + gpt2[3:])]
     else:
         cases = [(s, 1) for s in small[:2]] + [(small[-1], 4)]
@@ -485,13 +485,14 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
         w0, w_in, w_out, w_prod, w_pass, w_blk = _nnls(
             [[1, r["counts"].cts_in, r["counts"].cts_out, r["counts"].mul_plain, r["counts"].weight_passes,
               r["counts"].weight_blocks] for r in poly], [r["apply_s"] for r in poly])
-        # scalar blockings: apply - per call = per input ct + per output ct + per MAC of the Z_Q GEMM
+        # scalar blockings: apply - per call = per input ct + per output coefficient + per MAC of the Z_Q GEMM
         scalar = [r for r in cases if r["counts"].scalar]
-        s_in, s_out, s_mac = _nnls([[r["counts"].cts_in, r["counts"].cts_out, r["counts"].scalar_macs] for r in scalar],
+        s_in, s_out, s_mac = _nnls([[r["counts"].cts_in, r["counts"].scalar_out_coeffs, r["counts"].scalar_macs]
+                                    for r in scalar],
                                    [max(r["apply_s"] - w0, 1e-9) for r in scalar]) if scalar else (0.0, 0.0, 0.0)
         ops = CKKSOps(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes), 0.0, max(w_prod, 1e-9), 0.0, 0.0)
         acc = Accelerator("", backend, ops, w_in, w_out, w0, 1.0, weight_pass_s=w_pass, weight_block_s=w_blk,
-                          scalar_ct_load_s=s_in, scalar_ct_dump_s=s_out, scalar_mac_s=max(s_mac, 1e-15))
+                          scalar_ct_load_s=s_in, scalar_out_coeff_s=s_out, scalar_mac_s=max(s_mac, 1e-15))
     fit = []
     probe = Profile("fit", "", Source("measured", ""), acc, None, None)  # type: ignore[arg-type]
     for r in cases:

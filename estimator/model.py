@@ -285,6 +285,7 @@ class LinearCounts:
     weight_passes: int = 0  # native: encoded weight blocks streamed through the kernel (per kernel pass)
     weight_blocks: int = 0  # native: encoded weight blocks of the group (touched once per call)
     scalar_macs: int = 0  # native scalar blocking: d_in x d_out x (rows_per_ct + N) per row block (the Z_Q GEMM)
+    scalar_out_coeffs: int = 0  # native scalar blocking: d_out x (rows_per_ct + N) per row block (recombine, rescale)
     scalar: bool = False  # native scalar (token-packed) blocking: worker costs are the scalar_* ones
 
 
@@ -325,13 +326,15 @@ def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
     ``in_blocks`` input and ``out_blocks`` output ciphertexts and ``in_blocks x out_blocks`` block
     products; the kernel streams the encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks
     and touches them once per call. Scalar blockings (long prompts): per row block ``d_in`` input and
-    ``d_out`` output ciphertexts and one Z_Q GEMM of ``d_in x d_out x (rows_per_ct + N)`` MACs (per digit)."""
+    ``d_out`` output ciphertexts of ``rows_per_ct + N`` sent coefficients each, and one Z_Q GEMM of
+    ``d_in x d_out x (rows_per_ct + N)`` MACs (per digit)."""
     blk = native_blocking(ops, group, rows)
     rb = blk.row_blocks(rows)
     if blk.is_scalar:
         d_out = sum(group.d_outs)
         macs = rb * group.d_in * d_out * (blk.rows_per_ct + ops.poly_modulus_degree)
-        return LinearCounts(0, 0, 0, rb * d_out, rb * group.d_in, rb * d_out, rb, scalar_macs=macs, scalar=True)
+        return LinearCounts(0, 0, 0, rb * d_out, rb * group.d_in, rb * d_out, rb, scalar_macs=macs,
+                            scalar_out_coeffs=rb * d_out * (blk.rows_per_ct + ops.poly_modulus_degree), scalar=True)
     kin = blk.in_blocks(group.d_in)
     kout = sum(blk.out_blocks(d) for d in group.d_outs)
     passes = ceil_div(rb, _row_blocks_per_kernel_call())
@@ -391,7 +394,7 @@ def accelerator_seconds(p: Profile, c: LinearCounts) -> float:
         if not a.scalar_mac_s > 0:
             raise BifrostError(f"profile {p.name!r} has no costs for the native scalar blocking (long prompts): "
                                "re-run `bifrost estimate calibrate` with this version")
-        return a.efficiency * (c.cts_in * a.scalar_ct_load_s + c.cts_out * a.scalar_ct_dump_s
+        return a.efficiency * (c.cts_in * a.scalar_ct_load_s + c.scalar_out_coeffs * a.scalar_out_coeff_s
                                + c.scalar_macs * a.scalar_mac_s) + a.call_overhead_s
     return a.efficiency * (ckks_seconds(a.linear, c) + c.cts_in * a.ct_load_s + c.cts_out * a.ct_dump_s
                            + c.weight_passes * a.weight_pass_s + c.weight_blocks * a.weight_block_s) + a.call_overhead_s

@@ -78,7 +78,7 @@ class Accelerator:
     weight_pass_s: float = 0.0  # native: streaming one encoded weight block through one kernel pass
     weight_block_s: float = 0.0  # native: per encoded weight block and call (independent of the rows)
     scalar_ct_load_s: float = 0.0  # native scalar blocking: per input ciphertext (unpack, expand, digits)
-    scalar_ct_dump_s: float = 0.0  # native scalar blocking: per output ciphertext (recombine, rescale, pack)
+    scalar_out_coeff_s: float = 0.0  # native scalar blocking: per sent output coefficient (recombine, rescale, pack)
     scalar_mac_s: float = 0.0  # native scalar blocking: per d_in x d_out x (rows_per_ct + N) MAC of the Z_Q GEMM
 
 

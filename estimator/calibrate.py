@@ -185,8 +185,9 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
                            [r["decrypt_s"] for r in out])
     be = {"encrypt_call_s": e0, "encrypt_ct_s": e_ct, "encrypt_row_block_s": e_rb,
           "decrypt_call_s": d0, "decrypt_ct_s": d_ct, "decrypt_row_block_s": d_rb,
-          "ct_in_bytes": int(np.median([r["in_bytes"] for r in out])),
-          "ct_out_bytes": int(np.median([r["out_bytes"] for r in out]))}
+          # per-ciphertext wire sizes of the polynomial blockings (the model adds a scalar output's r rows)
+          "ct_in_bytes": int(np.median([r["in_bytes"] for r in out if not r["counts"].scalar])),
+          "ct_out_bytes": int(np.median([r["out_bytes"] for r in out if not r["counts"].scalar]))}
     if e_ct <= 0 or d_ct <= 0:  # degenerate fit (noise): fall back to plain per-ciphertext averages
         be["encrypt_ct_s"] = float(np.median([r["encrypt_s"] / r["counts"].cts_in for r in out]))
         be["decrypt_ct_s"] = float(np.median([r["decrypt_s"] / r["counts"].cts_out for r in out]))

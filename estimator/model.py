@@ -287,6 +287,7 @@ class LinearCounts:
     scalar_macs: int = 0  # native scalar blocking: d_in x d_out x (rows_per_ct + N) per row block (the Z_Q GEMM)
     scalar_out_coeffs: int = 0  # native scalar blocking: d_out x (rows_per_ct + N) per row block (recombine, rescale)
     scalar: bool = False  # native scalar (token-packed) blocking: worker costs are the scalar_* ones
+    extra_out_bytes: int = 0  # wire bytes beyond cts_out x link.ct_out_bytes (scalar outputs carry r row coefficients)
 
 
 def bsgs_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -310,14 +311,18 @@ def _row_blocks_per_kernel_call() -> int:
     return max(int(ROW_BLOCKS_PER_KERNEL_CALL), 1)
 
 
-def native_blocking(ops: CKKSOps, group: LinearGroup, rows: int):
-    """The native backend's blocking for ``rows`` rows: ``bifrost_kernels.layout.plan`` itself, at the
-    bit sizes of the primes the backend actually picks."""
-    from bifrost_kernels.layout import plan
+def _native_prime_bits(ops: CKKSOps) -> tuple[int, ...]:
+    """Bit sizes of the primes the native backend actually picks for these parameters."""
     from bifrost_kernels.rns import ntt_primes
 
-    bits = tuple(q.bit_length() for q in ntt_primes(ops.poly_modulus_degree, tuple(ops.coeff_mod_bit_sizes)))
-    return plan(ops.poly_modulus_degree, bits, group.d_in, tuple(group.d_outs), rows)
+    return tuple(q.bit_length() for q in ntt_primes(ops.poly_modulus_degree, tuple(ops.coeff_mod_bit_sizes)))
+
+
+def native_blocking(ops: CKKSOps, group: LinearGroup, rows: int):
+    """The native backend's blocking for ``rows`` rows: ``bifrost_kernels.layout.plan`` itself."""
+    from bifrost_kernels.layout import plan
+
+    return plan(ops.poly_modulus_degree, _native_prime_bits(ops), group.d_in, tuple(group.d_outs), rows)
 
 
 def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
@@ -333,8 +338,10 @@ def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
     if blk.is_scalar:
         d_out = sum(group.d_outs)
         macs = rb * group.d_in * d_out * (blk.rows_per_ct + ops.poly_modulus_degree)
+        r, n = blk.rows_per_ct, ops.poly_modulus_degree
         return LinearCounts(0, 0, 0, rb * d_out, rb * group.d_in, rb * d_out, rb, scalar_macs=macs,
-                            scalar_out_coeffs=rb * d_out * (blk.rows_per_ct + ops.poly_modulus_degree), scalar=True)
+                            scalar_out_coeffs=rb * d_out * (r + n), scalar=True,
+                            extra_out_bytes=rb * d_out * (r - 1) * _native_prime_bits(ops)[0] // 8)
     kin = blk.in_blocks(group.d_in)
     kout = sum(blk.out_blocks(d) for d in group.d_outs)
     passes = ceil_div(rb, _row_blocks_per_kernel_call())
@@ -483,7 +490,7 @@ def forward_bifrost(p: Profile, m: ModelShape, rows: int, ctx: int, local_linear
             cost.add("decrypt", "tee", L * decrypt_seconds(p, c), L * c.cts_out)
             glue = t.call_overhead_s + r * (g.d_in + sum(g.d_outs)) * t.glue_s_per_elem
             cost.add("framework", "tee", L * glue)
-            nbytes = c.cts_in * link.ct_in_bytes + c.cts_out * link.ct_out_bytes
+            nbytes = c.cts_in * link.ct_in_bytes + c.cts_out * link.ct_out_bytes + c.extra_out_bytes
             cost.add("transfer", "link", L * (nbytes / link.bandwidth_Bps + link.latency_s), L * nbytes)
     _tee_nonlinear(cost, p, m, rows, ctx, batch, ctx * batch == rows if prefill is None else prefill)
     return cost

@@ -100,7 +100,7 @@ def test_scalar_blocking_needs_its_calibrated_costs():
     old = dataclasses.replace(prof, accelerator=dataclasses.replace(prof.accelerator, scalar_mac_s=0.0))
     with pytest.raises(BifrostError, match="scalar blocking"):
         accelerator_seconds(old, c)
-    assert accelerator_seconds(prof, c) > accelerator_seconds(prof, coeff_counts(ops, g, 64))
+    assert 0 < accelerator_seconds(prof, c) < accelerator_seconds(prof, coeff_counts(ops, g, 1024))  # grows with r
 
 
 def test_long_prompts_go_in_several_calls(gpu):

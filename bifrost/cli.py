@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except BifrostError as exc:
         print(f"bifrost: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # e.g. an output path that cannot be written
+        print(f"bifrost: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bifrost: interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,9 @@
-"""``bifrost estimate``: latency projections for fhe / bifrost / bifrost+, calibration and validation.
+"""``bifrost estimate`` (also ``bifrost-estimate``): latency projections for fhe / bifrost / bifrost+,
+calibration and validation.
 
     bifrost estimate [MODEL] --profile P --scheme fhe|bifrost|bifrost+|all --prompt-len L --new-tokens T
-                     [--batch B] [--layers-only] [--json] [--plot out.png]
-    bifrost estimate calibrate --out configs/hardware/<name>.yaml [--quick] [--no-fhe] [--backend B]
+                     [--batch B] [--layers-only] [--fhe-recipe KEY=VALUE ...] [--json] [--plot out.png]
+    bifrost estimate calibrate --out configs/hardware/<name>.yaml [--force] [--quick] [--no-fhe] [--backend B]
     bifrost estimate validate [--profile P] [--model gpt2-2l] [--prompt-lens 4,16] [--new-tokens 3] [--json]
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from bifrost.errors import BifrostError
@@ -32,20 +35,28 @@ def add_parser(sub) -> None:
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--new-tokens", type=int, default=None, help="default 32 (estimate), 3 (validate)")
     g.add_argument("--batch", type=int, default=1, help="sequences sharing each forward (costs reported per sequence)")
-    g.add_argument("--layers-only", action="store_true", help="decoder layers only: no LM head / sampling")
+    g.add_argument("--layers-only", action="store_true",
+                   help="decoder layers only: drop final norm, LM head, sampling and per-forward overhead")
+    g.add_argument("--fhe-recipe", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an fhe recipe field (e.g. bootstrapping=false, softmax_inverse_iters=3); repeatable")
+    g.add_argument("--linear-packing", default="backend", choices=("backend", "column"),
+                   help="Bifrost's delegated layers with the backend's own plan (default) or Euston's column "
+                        "packing (what-if)")
     g.add_argument("--json", action="store_true", help="print JSON instead of tables")
     g.add_argument("--plot", default=None, metavar="OUT.png", help="write stacked bars of the breakdown")
     c = p.add_argument_group("calibrate")
     c.add_argument("--out", default=None, help="output YAML, e.g. configs/hardware/local-2core.yaml")
+    c.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     c.add_argument("--name", default=None, help="profile name (default: the file's stem)")
     c.add_argument("--backend", default=None, help="CKKS backend to model (default: the run config's)")
-    c.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    c.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (FHE ops still run; see --no-fhe)")
     c.add_argument("--no-fhe", action="store_true", help="skip the deep-context ops of the fhe baseline (slow)")
     c.add_argument("--verbose", action="store_true")
     v = p.add_argument_group("validate")
     v.add_argument("--model", dest="val_model", default="gpt2-2l", help="model to run (validate)")
     v.add_argument("--prompt-lens", default="4,16", help="comma-separated prompt lengths (validate)")
-    v.add_argument("--repeats", type=int, default=1, help="warm runs per point; medians are compared (validate)")
+    v.add_argument("--repeats", type=int, default=3,
+                   help="warm runs per point; the best is compared, the median reported (validate)")
     v.add_argument("--modes", default="bifrost,bifrost+")
     v.add_argument("--address", default=None, help="use a running worker instead of starting one (validate)")
     p.set_defaults(func=_dispatch)
@@ -62,7 +73,7 @@ def _dispatch(args) -> int:
 def _estimate(args) -> int:
     if args.new_tokens is None:
         args.new_tokens = 32
-    from .model import SCHEMES, estimate
+    from .model import SCHEMES, FHEAlgorithms, estimate, with_overrides
     from .profile import load_profile
     from .report import plot, print_tables, to_json
     from .shapes import load_shape
@@ -70,14 +81,20 @@ def _estimate(args) -> int:
     schemes = list(SCHEMES) if args.scheme == "all" else [args.scheme]
     if any(s not in SCHEMES for s in schemes):
         raise BifrostError(f"unknown scheme {args.scheme!r}; choose fhe, bifrost, bifrost+ or all")
+    if args.plot:
+        check_plot_path(args.plot)
+    alg = with_overrides(FHEAlgorithms(), args.fhe_recipe)
     profile = load_profile(args.profile)
     shape = load_shape(args.model)
     if args.scheme == "all" and profile.fhe is None:
         schemes.remove("fhe")
-    ests = [estimate(profile, shape, s, args.prompt_len, args.new_tokens, args.batch, args.layers_only) for s in schemes]
+    ests = [estimate(profile, shape, s, args.prompt_len, args.new_tokens, args.batch, args.layers_only, alg,
+                     args.linear_packing) for s in schemes]
     if args.json:
         extra = {"model_shape": shape.__dict__, "linear_macs_per_token": shape.linear_macs_per_token(),
-                 "profile_source": profile.source.__dict__}
+                 "profile_source": profile.source.__dict__, "linear_packing": args.linear_packing}
+        if "fhe" in schemes:
+            extra["fhe_recipe"] = alg.to_dict(shape)
         print(to_json(ests, extra))
     else:
         print_tables(ests)
@@ -97,10 +114,15 @@ def _estimate(args) -> int:
 def _calibrate(args) -> int:
     if not args.out:
         raise BifrostError("calibrate needs --out PATH.yaml")
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise BifrostError(f"--out {out}: a profile is a .yaml file")
+    if out.exists() and not args.force:
+        raise BifrostError(f"--out {out} exists; pass --force to overwrite it")
+    check_writable_dir(out)
     from .calibrate import calibrate
     from .profile import dump_profile
 
-    out = Path(args.out)
     command = "bifrost estimate " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("calibrate"):]) \
         if "calibrate" in sys.argv else f"bifrost estimate calibrate --out {args.out}"
     profile, report = calibrate(args.name or out.stem, quick=args.quick, fhe=not args.no_fhe, verbose=args.verbose,
@@ -112,6 +134,30 @@ def _calibrate(args) -> int:
     dump_profile(profile, out, header)
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return 0
+
+
+def check_writable_dir(path: Path) -> None:
+    """Fail now, with one line, if ``path`` cannot be created (before minutes of work, not after)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BifrostError(f"{path}: directory {parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".bifrost-write-check-"):
+            pass
+    except OSError as exc:
+        raise BifrostError(f"{path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise BifrostError(f"{path}: not writable")
+
+
+def check_plot_path(path: str) -> None:
+    from .report import PLOT_FORMATS
+
+    p = Path(path)
+    if p.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise BifrostError(f"--plot {path}: unsupported format {p.suffix or '(none)'!r}; use one of "
+                           f"{', '.join('.' + f for f in PLOT_FORMATS)}")
+    check_writable_dir(p)
 
 
 def _validate(args) -> int:
@@ -127,26 +173,21 @@ def _validate(args) -> int:
     except ValueError:
         raise BifrostError(f"--prompt-lens must be comma-separated integers, got {args.prompt_lens!r}") from None
     modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or any(m not in ("bifrost", "bifrost+") for m in modes):
+        raise BifrostError(f"--modes must be bifrost and/or bifrost+, got {args.modes!r}")
     rows = run_validation(profile, args.model, lens, args.new_tokens, modes, args.address, verbose=not args.json,
                           repeats=args.repeats)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from .report import validation_table
 
-        t = Table(title=f"validation: {args.model} on profile {profile.name} (warm runs)")
-        for col in ("mode", "prompt", "TTFT meas.", "TTFT pred.", "err", "tok meas.", "tok pred.", "err", "total err"):
-            t.add_column(col, justify="right")
-        for r in rows:
-            t.add_row(r.mode, str(r.prompt_len), f"{r.measured_ttft_s:.3f}", f"{r.predicted_ttft_s:.3f}",
-                      f"{r.ttft_error:+.1%}", f"{r.measured_per_token_s:.3f}", f"{r.predicted_per_token_s:.3f}",
-                      f"{r.per_token_error:+.1%}", f"{r.total_error:+.1%}")
-        Console().print(t)
+        validation_table(rows, f"validation: {args.model} on profile {profile.name} (best / median of {args.repeats} "
+                               f"warm runs, seconds)")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:  # ``python -m bifrost_estimator.cli`` / bifrost-estimate
+def main(argv: list[str] | None = None) -> int:  # ``bifrost-estimate`` (pyproject) / ``python -m bifrost_estimator.cli``
     from bifrost.cli import main as bifrost_main
 
     return bifrost_main(["estimate", *(sys.argv[1:] if argv is None else argv)])

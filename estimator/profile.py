@@ -2,13 +2,16 @@
 
 Every number is seconds per operation, bytes, or a rate. A profile states where its numbers come from
 (``source``): measured here by ``bifrost estimate calibrate``, or published figures with citations and a
-list of which values are assumptions. Unknown keys, missing keys, wrong types and non-positive costs are
-refused with a :class:`~bifrost.errors.BifrostError` naming the file and the key.
+list of which values are assumptions. Unknown keys, missing keys, wrong types, negative, infinite or NaN
+numbers, required costs that are zero, and CKKS parameters no backend can run (N not a power of two in
+[1024, 65536], fewer than two primes, primes outside 20..60 bits) are refused with a one-line
+:class:`~bifrost.errors.BifrostError` naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,11 @@ class CKKSOps:
     def slots(self) -> int:
         return self.poly_modulus_degree // 2
 
+    @property
+    def levels(self) -> int:
+        """Rescales a fresh ciphertext allows: the primes between the first and the special prime."""
+        return max(len(self.coeff_mod_bit_sizes) - 2, 1)
+
 
 @dataclass(frozen=True)
 class Accelerator:
@@ -67,6 +75,11 @@ class Accelerator:
     ct_dump_s: float  # serialize one output ciphertext
     call_overhead_s: float  # per delegated call (RPC handler, weight-cache lookup)
     efficiency: float = 1.0  # measured whole-layer time / time composed from the per-op costs (fitted)
+    weight_pass_s: float = 0.0  # native: streaming one encoded weight block through one kernel pass
+    weight_block_s: float = 0.0  # native: per encoded weight block and call (independent of the rows)
+    scalar_ct_load_s: float = 0.0  # native scalar blocking: per input ciphertext (unpack, expand, digits)
+    scalar_out_coeff_s: float = 0.0  # native scalar blocking: per sent output coefficient (recombine, rescale, pack)
+    scalar_mac_s: float = 0.0  # native scalar blocking: per d_in x d_out x (rows_per_ct + N) MAC of the Z_Q GEMM
 
 
 @dataclass(frozen=True)
@@ -76,16 +89,26 @@ class TEE:
     name: str
     encrypt_ct_s: float  # pack + encode + encrypt + serialize one input ciphertext
     decrypt_ct_s: float  # parse + decrypt + decode + unpack one output ciphertext
-    call_overhead_s: float  # per delegated call: tensor <-> numpy glue in the engine
-    gemm_flops: float  # float32 matmul rate (FLOP/s, 2 per MAC) with many rows
-    mem_bandwidth_Bps: float  # weight streaming rate of a one-row matmul (GEMV)
+    call_overhead_s: float  # per delegated call: DelegatedLinear, engine bookkeeping, tensor <-> numpy
+    gemm_flops: float  # float32 matmul rate (FLOP/s, 2 per MAC): extra time per extra row
+    mem_bandwidth_Bps: float  # weight streaming rate of a matmul (each weight is read once per forward: cold)
     norm_s_per_elem: float  # LayerNorm / RMSNorm
     softmax_s_per_elem: float
     act_s_per_elem: float  # GELU / SiLU
     attn_s_per_mac: float  # q·K and p·V in the attention (eager)
     layer_overhead_s: dict = field(default_factory=dict)  # family -> framework time per decoder layer per forward
     forward_overhead_s: float = 0.0  # per forward: embedding, loop, cache bookkeeping
+    gemm_s_per_weight: dict = field(default_factory=dict)  # rows -> seconds per weight element, weights > 32 MB
+    gemm_s_per_weight_small: dict = field(default_factory=dict)  # the same for delegated-size weights, read cold
+    prefill_overhead_s: float = 0.0  # added to the first forward of a sequence (no KV cache yet: masks, cache)
+    prefill_layer_overhead_s: dict = field(default_factory=dict)  # family -> added per layer in that forward
     sample_s_per_vocab: float = 0.0  # argmax / sampling over the logits
+    encrypt_call_s: float = 0.0  # per delegated call, on top of encrypt_ct_s per ciphertext
+    encrypt_row_block_s: float = 0.0  # per row block (sealing its row scales)
+    decrypt_call_s: float = 0.0
+    decrypt_row_block_s: float = 0.0  # per row block (unsealing its row scales)
+    local_call_overhead_s: float = 0.0  # per delegated layer computed in the TEE (Bifrost+ prefill)
+    glue_s_per_elem: float = 0.0  # tensor <-> float64 numpy conversion, per input + output element
 
 
 @dataclass(frozen=True)
@@ -165,14 +188,15 @@ def _coerce(hint, value, where: str):
             raise BifrostError(f"{where}: expected a list")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is dict:
-        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) and v >= 0 for v in value.values()):
             raise BifrostError(f"{where}: expected a mapping of names to non-negative numbers")
         return {str(k): float(v) for k, v in value.items()}
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise BifrostError(f"{where}: expected a number, got {type(value).__name__}")
-        if value < 0 or value != value:
-            raise BifrostError(f"{where}: must be a non-negative number, got {value}")
+        if not math.isfinite(value) or value < 0:
+            raise BifrostError(f"{where}: must be a finite non-negative number, got {value}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -188,10 +212,37 @@ def _coerce(hint, value, where: str):
 
 
 _POSITIVE = {  # costs that must be > 0 for the model to make sense
-    "accelerator.linear": ("mul_plain_s", "poly_modulus_degree"),
+    "accelerator.linear": ("mul_plain_s",),
     "tee": ("encrypt_ct_s", "decrypt_ct_s", "gemm_flops", "mem_bandwidth_Bps"),
     "link": ("bandwidth_Bps", "ct_in_bytes", "ct_out_bytes"),
 }
+MAX_POLY_DEGREE = 65536
+
+
+def _check_ckks(ops: CKKSOps, where: str) -> None:
+    n, bits = ops.poly_modulus_degree, ops.coeff_mod_bit_sizes
+    if n < 1024 or n > MAX_POLY_DEGREE or n & (n - 1):
+        raise BifrostError(f"{where}.poly_modulus_degree: must be a power of two in [1024, {MAX_POLY_DEGREE}], "
+                           f"got {n}")
+    if len(bits) < 2:
+        raise BifrostError(f"{where}.coeff_mod_bit_sizes: needs at least 2 primes (data + special), got {list(bits)}")
+    if any(not 20 <= b <= 60 for b in bits):
+        raise BifrostError(f"{where}.coeff_mod_bit_sizes: every prime must have 20..60 bits, got {list(bits)}")
+    if ops.usable_levels < 1:
+        raise BifrostError(f"{where}.usable_levels: must be >= 1, got {ops.usable_levels}")
+
+
+def _check_native_primes(ops: CKKSOps, where: str) -> None:
+    """The native backend's own prime search decides whether it can run these parameters."""
+    try:
+        from bifrost_kernels.rns import ntt_primes
+
+        ntt_primes(ops.poly_modulus_degree, tuple(ops.coeff_mod_bit_sizes))
+    except ImportError:  # kernels not installed: the generic checks above still apply
+        return
+    except ValueError as exc:
+        raise BifrostError(f"{where}.coeff_mod_bit_sizes: the native backend cannot use {list(ops.coeff_mod_bit_sizes)} "
+                           f"at N={ops.poly_modulus_degree}: {exc}") from None
 
 
 def profile_from_dict(data: dict, where: str = "profile") -> Profile:
@@ -208,15 +259,19 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
         for k in keys:
             if not getattr(obj, k) > 0:
                 raise BifrostError(f"{where}.{path}.{k}: must be > 0")
-    for ops, label in ((prof.accelerator.linear, "accelerator.linear"),) + (
-            ((prof.fhe.matmul, "fhe.matmul"), (prof.fhe.deep, "fhe.deep")) if prof.fhe else ()):
-        n = ops.poly_modulus_degree
-        if n < 1024 or n & (n - 1):
-            raise BifrostError(f"{where}.{label}.poly_modulus_degree: must be a power of two >= 1024, got {n}")
+    contexts = [(prof.accelerator.linear, "accelerator.linear")]
     if prof.fhe is not None:
-        d = prof.fhe.deep
-        if not (d.mul_ct_s > 0 and d.bootstrap_s > 0 and d.usable_levels >= 1):
-            raise BifrostError(f"{where}.fhe.deep: needs mul_ct_s > 0, bootstrap_s > 0, usable_levels >= 1")
+        contexts += [(prof.fhe.matmul, "fhe.matmul"), (prof.fhe.deep, "fhe.deep")]
+    for ops, label in contexts:
+        _check_ckks(ops, f"{where}.{label}")
+    if prof.accelerator.backend == "native":
+        _check_native_primes(prof.accelerator.linear, f"{where}.accelerator.linear")
+    if prof.fhe is not None:
+        mm, d = prof.fhe.matmul, prof.fhe.deep
+        if not (mm.rotate_s > 0 and mm.mul_plain_s > 0 and mm.add_s > 0 and mm.mul_ct_s > 0):
+            raise BifrostError(f"{where}.fhe.matmul: needs rotate_s, mul_plain_s, add_s and mul_ct_s > 0")
+        if not (d.rotate_s > 0 and d.mul_plain_s > 0 and d.add_s > 0 and d.mul_ct_s > 0 and d.bootstrap_s > 0):
+            raise BifrostError(f"{where}.fhe.deep: needs rotate_s, mul_plain_s, add_s, mul_ct_s and bootstrap_s > 0")
     return prof
 
 

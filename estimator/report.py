@@ -6,6 +6,8 @@ import json
 
 from .model import DEVICES, Estimate
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
 
 def _fmt(s: float) -> str:
     if s >= 100:
@@ -40,6 +42,24 @@ def print_tables(estimates: list[Estimate], console=None) -> None:
         for key in sorted(set(pre) | set(dec), key=lambda k: -(pre.get(k, 0) + dec.get(k, 0))):
             t.add_row(key[0], key[1], _fmt(pre.get(key, 0.0)), _fmt(dec.get(key, 0.0)))
         console.print(t)
+
+
+def validation_table(rows, title: str, console=None) -> None:
+    """Measured vs predicted TTFT and time per token; narrow enough for an 80-column terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("mode", no_wrap=True, min_width=8)
+    for col in ("L", "TTFT", "pred", "err", "token", "pred", "err", "median err"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        med = (r.predicted_ttft_s / r.median_ttft_s - 1 if r.median_ttft_s else 0.0,
+               r.predicted_per_token_s / r.median_per_token_s - 1 if r.median_per_token_s else 0.0)
+        t.add_row(r.mode, str(r.prompt_len), f"{r.measured_ttft_s:.3f}", f"{r.predicted_ttft_s:.3f}",
+                  f"{r.ttft_error:+.0%}", f"{r.measured_per_token_s:.3f}", f"{r.predicted_per_token_s:.3f}",
+                  f"{r.per_token_error:+.0%}", f"{med[0]:+.0%}/{med[1]:+.0%}")
+    (console or Console()).print(t)
 
 
 def _sum(costs):

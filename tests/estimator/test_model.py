@@ -1,0 +1,121 @@
+"""The cost model's counts: Euston's recipes, level bookkeeping, the native plan, call splitting."""
+
+import dataclasses
+
+import pytest
+
+import numpy as np
+
+from bifrost.ckks import GroupShape, get_backend
+from bifrost.errors import BifrostError
+from bifrost_estimator.model import (FHEAlgorithms, accelerator_seconds, call_rows, coeff_counts, column_counts,
+                                     estimate, forward_bifrost, forward_fhe, rows_per_call)
+from bifrost_estimator.profile import load_profile
+from bifrost_estimator.shapes import LinearGroup, load_shape
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return load_profile("gpu-published")
+
+
+def test_euston_recipe_depths():
+    alg = FHEAlgorithms()
+    assert alg.exp().depth == 4  # cipher_exp_5: r + 3 levels, r = 1
+    assert alg.softmax()[1].depth == 10  # Euston's softmax context has 10 levels
+    assert alg.norm(768, True)[1].depth == 9  # ... its LayerNorm context 9
+    assert alg.norm(768, True)[0].adds == 768 + 1  # sum_j (x_i - x_j): d subtractions per column
+    assert alg.activation(False).depth == 37 and alg.activation(False).mults == 57
+
+
+def test_fewer_levels_after_bootstrapping_means_more_bootstraps(gpu):
+    shape = load_shape("gpt2")
+    fewer = dataclasses.replace(gpu, fhe=dataclasses.replace(gpu.fhe, deep=dataclasses.replace(gpu.fhe.deep,
+                                                                                                 usable_levels=4)))
+    a = forward_fhe(gpu, shape, 128, 128, 32, FHEAlgorithms()).counts()["bootstrap"]
+    b = forward_fhe(fewer, shape, 128, 128, 32, FHEAlgorithms()).counts()["bootstrap"]
+    assert b > a > 0
+    none = forward_fhe(gpu, shape, 128, 128, 32, FHEAlgorithms(bootstrapping=False)).counts()
+    assert "bootstrap" not in none and "context switch" not in none
+
+
+def test_fhe_linear_is_euston_column_packing(gpu):
+    """d_in x d_out constant products per slots tokens, no rotation; amortised over the filled slots."""
+    shape = load_shape("gpt2")
+    cost = forward_fhe(gpu, shape, 128, 128, 32, FHEAlgorithms())
+    mm = gpu.fhe.matmul
+    per_layer_macs = sum(g.macs for g in shape.groups())
+    tokens = 128 * 32
+    expected = shape.n_layers * per_layer_macs * tokens / mm.slots * (mm.mul_plain_s + mm.add_s)
+    assert cost.by("op")["linear (ct×pt)"] == pytest.approx(expected, rel=0.01)
+    c = column_counts(mm.slots, LinearGroup("x", 768, (2304,)), tokens)
+    assert (c.rotations, c.mul_plain, c.cts_in, c.cts_out) == (0, 768 * 2304, 768, 2304)
+
+
+def test_native_counts_follow_the_kernel_planner(monkeypatch):
+    """The estimator asks bifrost_kernels.layout.plan for the blocking instead of re-implementing it."""
+    from bifrost_kernels import layout
+
+    from bifrost_estimator.profile import CKKSOps
+
+    ops = CKKSOps(2048, (30, 24), 0.0, 1.0, 0.0, 0.0)
+    group = LinearGroup("x", 768, (768,))
+    before = coeff_counts(ops, group, 8)
+    assert before.cts_in == 8 * layout.plan(2048, (30, 24), 768, (768,), 8).in_blocks(768)
+    monkeypatch.setattr(layout, "plan", lambda n, bits, d_in, d_outs, rows: layout.Blocking(n, 4, 16, 32))
+    after = coeff_counts(ops, group, 8)
+    assert (after.row_blocks, after.cts_in, after.cts_out) == (2, 2 * 48, 2 * 24)
+
+
+def test_native_counts_and_calls_match_the_real_backend():
+    """Ciphertext counts, scalar vs polynomial blocking and the rows per call agree with what the native
+    backend's trusted context does for short and long prompts."""
+    backend = get_backend("native")
+    ctx = backend.keygen(backend.default_params, [])
+    prm = backend.default_params
+    from bifrost_estimator.profile import CKKSOps
+
+    ops = CKKSOps(prm.poly_modulus_degree, tuple(prm.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
+    rng = np.random.default_rng(3)
+    for d_in, d_outs, rows in [(64, (192,), 1), (64, (192,), 16), (64, (192,), 200), (64, (64, 64, 64), 150),
+                               (768, (768,), 70), (768, (768,), 300), (3072, (768,), 5000)]:
+        shape, g = GroupShape(d_in, d_outs), LinearGroup("x", d_in, d_outs)
+        assert rows_per_call("native", ops, g, rows) == ctx.rows_per_call(shape, rows)
+        c = coeff_counts(ops, g, min(rows, rows_per_call("native", ops, g, rows)))
+        assert c.scalar == ctx._codec.blocking(shape, min(rows, 2048)).is_scalar
+        if rows <= 300:  # the ciphertexts the context really produces for one call
+            batch = ctx.encrypt(shape, rng.normal(0, 1, (min(rows, ctx.rows_per_call(shape, rows)), d_in)))
+            assert c.cts_in == len(batch.ciphertexts)
+    g = LinearGroup("x", 768, (768,))
+    assert call_rows("native", ops, g, 70) == [64, 6]  # below the scalar threshold: 64-row calls
+    assert call_rows("native", ops, g, 300) == [300]  # one scalar row block
+    assert call_rows("native", ops, g, 5000) == [2048, 2048, 904]
+    assert coeff_counts(ops, g, 300).scalar and coeff_counts(ops, g, 300).cts_in == 768
+
+
+def test_scalar_blocking_needs_its_calibrated_costs():
+    prof = load_profile("local-2core")
+    ops, g = prof.accelerator.linear, LinearGroup("x", 768, (768,))
+    c = coeff_counts(ops, g, 300)
+    old = dataclasses.replace(prof, accelerator=dataclasses.replace(prof.accelerator, scalar_mac_s=0.0))
+    with pytest.raises(BifrostError, match="scalar blocking"):
+        accelerator_seconds(old, c)
+    assert 0 < accelerator_seconds(prof, c) < accelerator_seconds(prof, coeff_counts(ops, g, 1024))  # grows with r
+
+
+def test_long_prompts_go_in_several_calls(gpu):
+    shape = load_shape("gpt2")
+    cap = rows_per_call(gpu.accelerator.backend, gpu.accelerator.linear, shape.groups()[0], 10_000)
+    one = forward_bifrost(gpu, shape, cap, cap, local_linears=False).counts()["transfer"]
+    two = forward_bifrost(gpu, shape, cap + 1, cap + 1, local_linears=False)
+    calls = sum(1 for t in two.terms if t.op == "transfer")
+    assert calls == 2 * len(shape.groups())
+    assert two.counts()["transfer"] > one
+
+
+def test_column_packing_what_if_matches_fhe_linear_counts(gpu):
+    shape = load_shape("gpt2-xl")
+    b = estimate(gpu, shape, "bifrost", 128, 2, batch=32, layers_only=True, linear_packing="column")
+    f = estimate(gpu, shape, "fhe", 128, 2, batch=32, layers_only=True)
+    # same products per token in both; Bifrost adds only per-ciphertext load/dump and call overheads
+    assert b.prefill.counts()["linear (CKKS)"] == pytest.approx(f.prefill.counts()["linear (ct×pt)"], rel=1e-6)

@@ -85,6 +85,8 @@ def run(models, lengths, n_new, backend, log, lengths_for=None, checkpoint=None,
                     f"(ratio {row['ttft_ratio_bifrost_over_bifrost_plus']:.1f}x)")
             rt.close()
         del plain
+    order = {m: i for i, m in enumerate(models)}
+    rows.sort(key=lambda r: (order.get(r["model"], len(order)), r["prompt_tokens"]))
     return {"backend": backend, "cpu_count": os.cpu_count(), "rows": rows}
 
 
@@ -97,7 +99,7 @@ def plot(result: dict, path: str) -> None:
     models = sorted({r["model"] for r in result["rows"]}, key=[r["model"] for r in result["rows"]].index)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        rows = [r for r in result["rows"] if r["model"] == model]
+        rows = sorted((r for r in result["rows"] if r["model"] == model), key=lambda r: r["prompt_tokens"])
         L = [r["prompt_tokens"] for r in rows]
         for mode, style in (("bifrost", "o-"), ("bifrost+", "s-"), ("plaintext", "^--")):
             ax.plot(L, [r[mode]["ttft_s"] for r in rows], style, label=mode)

@@ -78,7 +78,7 @@ def test_native_counts_and_calls_match_the_real_backend():
     ops = CKKSOps(prm.poly_modulus_degree, tuple(prm.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
     rng = np.random.default_rng(3)
     for d_in, d_outs, rows in [(64, (192,), 1), (64, (192,), 16), (64, (192,), 200), (64, (64, 64, 64), 150),
-                               (768, (768,), 70), (768, (768,), 300), (3072, (768,), 5000)]:
+                               (768, (768,), 32), (768, (768,), 48), (768, (768,), 70), (768, (768,), 300), (3072, (768,), 5000)]:
         shape, g = GroupShape(d_in, d_outs), LinearGroup("x", d_in, d_outs)
         assert rows_per_call("native", ops, g, rows) == ctx.rows_per_call(shape, rows)
         c = coeff_counts(ops, g, min(rows, rows_per_call("native", ops, g, rows)))
@@ -87,7 +87,9 @@ def test_native_counts_and_calls_match_the_real_backend():
             batch = ctx.encrypt(shape, rng.normal(0, 1, (min(rows, ctx.rows_per_call(shape, rows)), d_in)))
             assert c.cts_in == len(batch.ciphertexts)
     g = LinearGroup("x", 768, (768,))
-    assert call_rows("native", ops, g, 70) == [64, 6]  # below the scalar threshold: 64-row calls
+    assert call_rows("native", ops, g, 32) == [32] and not coeff_counts(ops, g, 32).scalar  # polynomial blocking
+    g_down = LinearGroup("x", 3072, (768,))  # its scalar threshold lies above 80 rows: 64-row calls below it
+    assert call_rows("native", ops, g_down, 80) == [64, 16] and not coeff_counts(ops, g_down, 64).scalar
     assert call_rows("native", ops, g, 300) == [300]  # one scalar row block
     assert call_rows("native", ops, g, 5000) == [2048, 2048, 904]
     assert coeff_counts(ops, g, 300).scalar and coeff_counts(ops, g, 300).cts_in == 768

@@ -166,9 +166,9 @@ def test_scalar_blocking_spans_several_row_blocks(context, evaluator):
 def test_plan_keeps_one_row_per_ciphertext_for_short_prompts_and_packs_long_ones(d_in, d_out):
     from bifrost_kernels.layout import plan
 
-    for rows in (1, 8, 32):
+    for rows in (1, 8, 32, 64):  # the measured crossover lies at ~65–90 rows (layout.ONE_ROW_MEASURED_OVER_MODEL)
         assert not plan(2048, (30, 24), d_in, (d_out,), rows).is_scalar
-    for rows in (512, 2048, 4000):
+    for rows in (128, 512, 2048, 4000):
         blk = plan(2048, (30, 24), d_in, (d_out,), rows)
         assert blk.is_scalar and blk.rows_per_ct == min(rows, 2048)
 

@@ -102,6 +102,19 @@ def spki_sha256(cert: x509.Certificate) -> bytes:
     return hashlib.sha256(der).digest()
 
 
+def opaque_extension(cert: x509.Certificate, oid: str, error: ErrorType = CertificateChainError,
+                     check: str = "cert_extensions") -> bytes | None:
+    """Raw DER value of an extension ``cryptography`` does not know (vendor OIDs), or None if absent."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
+    except x509.ExtensionNotFound:
+        return None
+    value = getattr(ext, "value", None)
+    if not isinstance(value, bytes):
+        raise error(check, f"extension {oid} is not an opaque value")
+    return value
+
+
 def check_validity(cert: x509.Certificate, at: datetime, what: str, error: ErrorType = CertificateChainError, check: str = "cert_validity") -> None:
     if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
         raise error(

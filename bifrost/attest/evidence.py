@@ -65,7 +65,7 @@ class ConfigfsTsmProvider:
         self.entry_name = entry_name
 
     def is_available(self) -> bool:
-        return self.root.is_dir() and os.access(self.root, os.W_OK)
+        return _tsm_available(self.root)
 
     def get_evidence(self, report_data: bytes) -> Evidence:
         if len(report_data) != REPORT_DATA_SIZE:
@@ -96,6 +96,11 @@ class ConfigfsTsmProvider:
 
 def _read_text(path: Path) -> str:
     return path.read_bytes().decode("ascii", errors="replace").strip()
+
+
+def _tsm_available(root: Path) -> bool:
+    """configfs-tsm is usable here: its report folder exists and we may create entries in it."""
+    return root.is_dir() and os.access(root, os.W_OK)
 
 
 @contextlib.contextmanager
@@ -129,7 +134,7 @@ def detect_tsm_evidence_type(root: Path | str = CONFIGFS_TSM_REPORT_ROOT, entry_
     a provider Bifrost cannot verify.
     """
     root = Path(root)
-    if not (root.is_dir() and os.access(root, os.W_OK)):
+    if not _tsm_available(root):
         raise ProviderError(
             "provider_unavailable",
             f"evidence provider 'auto': no writable configfs-tsm at {root} (not a TDX/SEV-SNP guest, or "

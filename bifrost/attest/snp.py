@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils as asym_utils
 
 from . import _der
-from ._x509 import load_certificate, load_pem_chain, spki_sha256, verify_chain
+from ._x509 import load_certificate, load_pem_chain, opaque_extension, spki_sha256, verify_chain
 from .errors import (
     BindingError,
     CertificateChainError,
@@ -260,31 +260,26 @@ def parse_cert_table(aux: bytes) -> dict[str, bytes]:
         pos += 24
 
 
+@functools.lru_cache(maxsize=None)
+def _bundled_chain(kind: str, product: str) -> tuple[x509.Certificate, ...]:
+    """The bundled ASK/ASVK + ARK of ``product`` for ``kind`` ("vcek"/"vlek"), parsed once per process."""
+    table = AMD_VCEK_CHAINS_PEM if kind == "vcek" else AMD_VLEK_CHAINS_PEM
+    return tuple(load_pem_chain(table[product].encode(), "bundled AMD chain"))
+
+
 @functools.lru_cache(maxsize=1)
 def bundled_ark_pins() -> Mapping[bytes, str]:
     """SHA-256 of each bundled ARK's SubjectPublicKeyInfo -> ``"ARK-<product>"`` (read-only)."""
     pins: dict[bytes, str] = {}
-    for product, pem in list(AMD_VCEK_CHAINS_PEM.items()) + list(AMD_VLEK_CHAINS_PEM.items()):
-        ark = x509.load_pem_x509_certificates(pem.encode())[-1]
-        pins[spki_sha256(ark)] = f"ARK-{product}"
+    for kind, table in (("vcek", AMD_VCEK_CHAINS_PEM), ("vlek", AMD_VLEK_CHAINS_PEM)):
+        for product in table:
+            pins[spki_sha256(_bundled_chain(kind, product)[-1])] = f"ARK-{product}"
     return types.MappingProxyType(pins)
-
-
-def _amd_extension(cert: x509.Certificate, oid: str) -> bytes | None:
-    """Raw value of an AMD KDS extension (OIDs cryptography does not know), or None if absent."""
-    try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
-    except x509.ExtensionNotFound:
-        return None
-    value = getattr(ext, "value", None)
-    if not isinstance(value, bytes):
-        raise CertificateChainError("cert_extensions", f"AMD extension {oid} is not an opaque value")
-    return value
 
 
 def _product_name(cert: x509.Certificate) -> str | None:
     """Product line from the KDS product-name extension ("Milan-B0" -> "Milan"), or None."""
-    value = _amd_extension(cert, OID_PRODUCT_NAME)
+    value = opaque_extension(cert, OID_PRODUCT_NAME)
     if value is None:
         return None
     try:
@@ -298,7 +293,7 @@ def leaf_tcb_components(cert: x509.Certificate) -> dict[str, int]:
     """The TCB SPL values the VCEK/VLEK was issued for (absent OIDs are omitted)."""
     out: dict[str, int] = {}
     for name, oid in OID_SPL.items():
-        value = _amd_extension(cert, oid)
+        value = opaque_extension(cert, oid)
         if value is None:
             continue
         try:
@@ -311,7 +306,7 @@ def leaf_tcb_components(cert: x509.Certificate) -> dict[str, int]:
 def leaf_hwid(cert: x509.Certificate) -> bytes | None:
     """The VCEK hwID: 64 bytes (Milan, Genoa) or 8 bytes (Turin); KDS stores it without a DER
     header, but a DER OCTET STRING wrapper is accepted too."""
-    value = _amd_extension(cert, OID_HWID)
+    value = opaque_extension(cert, OID_HWID)
     if value is None or len(value) in (SNP_CHIP_ID_SIZE, TURIN_HWID_SIZE):
         return value
     try:
@@ -386,7 +381,7 @@ def _resolve_chain(
         table = AMD_VCEK_CHAINS_PEM if kind == "vcek" else AMD_VLEK_CHAINS_PEM
         if product not in table:
             raise CertificateChainError("cert_missing", f"no bundled AMD chain for product {product!r}; supply --cert-chain")
-        chain = load_pem_chain(table[product].encode(), "bundled AMD chain")
+        chain = list(_bundled_chain(kind, product))
     if len(chain) != 2:
         raise CertificateChainError("cert_chain", f"AMD chain must be ASK/ASVK then ARK, got {len(chain)} certificates")
     intermediate, ark = chain

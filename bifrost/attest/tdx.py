@@ -51,7 +51,8 @@ from .errors import (
 )
 from .policy import TDX_TCB_STATUSES, AttestationPolicy
 from .roots import INTEL_SGX_ROOT_CA_PEM
-from ._x509 import X509_ERRORS, load_certificate, load_crl, load_pem_chain, name_of, spki_sha256, verify_chain
+from ._x509 import (X509_ERRORS, load_certificate, load_crl, load_pem_chain, name_of, opaque_extension, spki_sha256,
+                    verify_chain)
 from .snp import _allow_list, check_report_data
 from .verdict import Evidence, Verdict, register_verifier
 
@@ -351,10 +352,9 @@ def _verify_chain_to_intel_root(pem: bytes, at: datetime, what: str, error: type
 
 def _pck_extension(leaf: x509.Certificate) -> dict[str, Any]:
     """Extract FMSPC, PCE-ID, PCESVN, CPUSVN and the 16 SGX TCB component SVNs from the PCK cert."""
-    try:
-        ext = leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSION_OID)).value.value
-    except (x509.ExtensionNotFound, AttributeError):
-        raise CertificateChainError("pck_extension", "PCK certificate lacks the SGX extension") from None
+    ext = opaque_extension(leaf, SGX_EXTENSION_OID, CertificateChainError, "pck_extension")
+    if ext is None:
+        raise CertificateChainError("pck_extension", "PCK certificate lacks the SGX extension")
     out: dict[str, Any] = {}
     try:
         tag, seq, _ = _der.read_tlv(ext)

@@ -165,7 +165,7 @@ class TokenGate:
         self._keys = tuple(trusted_keys)
         self._model_digest = model_digest
         self._allow_simulated = allow_simulated
-        self._seen: dict[tuple[str, str], int] = {}
+        self._seen: set[tuple[str, str]] = set()
         self._expiry: list[tuple[int, tuple[str, str]]] = []  # heap of (expires_at, key)
         self._lock = threading.Lock()
 
@@ -187,9 +187,9 @@ class TokenGate:
         with self._lock:
             while self._expiry and self._expiry[0][0] <= t:
                 _, old = heapq.heappop(self._expiry)
-                self._seen.pop(old, None)
+                self._seen.discard(old)
             if key in self._seen:
                 raise TokenReplayError("request_replay", f"request {request_id!r} already seen with this token")
-            self._seen[key] = claims.expires_at
+            self._seen.add(key)
             heapq.heappush(self._expiry, (claims.expires_at, key))
         return claims

@@ -372,10 +372,10 @@ def rows_per_call(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> 
     blocking for ``min(rows, N)`` rows, else ``ROWS_PER_FFT_CALL``; other backends the engine's
     ``ROWS_PER_CALL``."""
     if backend == "native":
-        from bifrost_kernels.backend import ROWS_PER_FFT_CALL
+        from bifrost_kernels.backend import rows_per_call as native_rows_per_call
 
-        blk = native_blocking(ops, group, min(rows, ops.poly_modulus_degree))
-        return blk.rows_per_ct if blk.is_scalar else int(ROWS_PER_FFT_CALL)
+        return native_rows_per_call(ops.poly_modulus_degree, _native_prime_bits(ops), group.d_in,
+                                    tuple(group.d_outs), rows)
     from bifrost.tee.engine import ROWS_PER_CALL
 
     return int(ROWS_PER_CALL)

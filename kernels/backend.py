@@ -146,10 +146,9 @@ class NativeTrustedContext:
         return np.mod((msg + errors)[:, None, :] - a_s, q_col)
 
     def rows_per_call(self, shape: GroupShape, rows: int) -> int:
-        """How many of ``rows`` rows one worker call should carry: a whole scalar row block (up to N rows),
-        else ``ROWS_PER_FFT_CALL`` (bounds one request's size and the worker's working memory)."""
-        blk = self._codec.blocking(shape, min(rows, self._codec.n))
-        return blk.rows_per_ct if blk.is_scalar else ROWS_PER_FFT_CALL
+        """How many of ``rows`` rows one worker call should carry (:func:`rows_per_call`)."""
+        c = self._codec
+        return rows_per_call(c.n, c.bits, shape.d_in, tuple(shape.d_outs), rows)
 
     # -------------------------------------------------------------- encrypt
     def encrypt(self, shape: GroupShape, x: np.ndarray):
@@ -417,6 +416,14 @@ class PreparedGroup:
 
 ROW_BLOCKS_PER_KERNEL_CALL = 4
 ROWS_PER_FFT_CALL = 64  # a 512-token prompt on a 3072-wide layer would be ~19k one-row ciphertexts in one call
+
+
+def rows_per_call(n: int, prime_bits: tuple[int, ...], d_in: int, d_outs: tuple[int, ...], rows: int) -> int:
+    """Rows one worker call carries out of ``rows``: a whole scalar row block (up to N rows) when the planner
+    picks the scalar blocking, else ``ROWS_PER_FFT_CALL`` (bounds one request's size and the worker's
+    working memory). The trusted engine splits prompts by this; the estimator predicts with it."""
+    blk = plan(n, prime_bits, d_in, d_outs, min(rows, n))
+    return blk.rows_per_ct if blk.is_scalar else ROWS_PER_FFT_CALL
 
 
 class NativeBackend:

@@ -64,6 +64,8 @@ class DelegationEngine:
         self._check_worker_serves_sites()
         backend_impl = get_backend(backend)
         self._keys = backend_impl.keygen(params, sorted(set(self.shapes.values()), key=repr))
+        # rows one worker call carries: the backend's own rule when it has one, else ROWS_PER_CALL
+        self._rows_per_call = getattr(self._keys, "rows_per_call", lambda _shape, _rows: ROWS_PER_CALL)
         public = self._keys.public_context()
         self.public_context_bytes = len(public)
         self.prepare_seconds = link.open_session(backend, public, list(self._refs.values()) if prepare else [])
@@ -96,7 +98,7 @@ class DelegationEngine:
         decode steps (one row) are always one call.
         """
         shape = self.shapes[group]
-        per_call = getattr(self._keys, "rows_per_call", lambda _shape, _rows: ROWS_PER_CALL)(shape, len(x))
+        per_call = self._rows_per_call(shape, len(x))
         if len(x) > per_call:
             parts = [self.run_group(group, x[i : i + per_call]) for i in range(0, len(x), per_call)]
             return [np.concatenate(member) for member in zip(*parts)]

@@ -95,8 +95,7 @@ class ServeConfig:
             except AttestationError as exc:
                 raise BifrostError(f"serve.issuer_policy: {exc}") from None
         for a in self.workers:
-            host, _, port = a.rpartition(":")
-            if not host or not port.isdigit():
+            if not _is_host_port(a):
                 raise BifrostError(f"serve.workers: {a!r} is not host:port")
         self._check_ray()
 
@@ -107,8 +106,7 @@ class ServeConfig:
                 raise BifrostError(
                     f"serve.ray_address {addr!r}: Ray Client (ray://) is not supported (token streaming needs "
                     "Ray streaming generators); run `bifrost serve` on a cluster node with ray_address: auto|host:port")
-            host, _, port = addr.rpartition(":")
-            if addr != "auto" and (not host or not port.isdigit() or "://" in addr):
+            if addr != "auto" and (not _is_host_port(addr) or "://" in addr):
                 raise BifrostError(f"serve.ray_address must be 'auto' or host:port (the GCS address), got {addr!r}")
             if self.runtime != "ray":
                 raise BifrostError("serve.ray_address needs runtime: ray")
@@ -136,3 +134,9 @@ class ServeConfig:
 def load_serve_config(path: Path | str | None = None) -> ServeConfig:
     p = Path(path) if path else DEFAULT_SERVE_CONFIG
     return build_section(ServeConfig, load_yaml(p), p.name)
+
+
+def _is_host_port(address: str) -> bool:
+    """``host:port`` with a non-empty host and a decimal port."""
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit()

@@ -307,7 +307,6 @@ class ServingService:
                 except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
                     finished.set()
                     raise self._replica_failed(entry, exc) from None
-                self.sessions.touch(sid)
                 if item[0] == "error":
                     finished.set()
                     raise self._replica_error(entry, item)

@@ -87,12 +87,6 @@ class SessionTable:
                 e.used, e.busy, e.last_used = True, e.busy + 1, time.monotonic()
             return e
 
-    def touch(self, session_id: bytes) -> None:
-        with self._lock:
-            e = self._entries.get(session_id)
-            if e is not None:
-                e.last_used = time.monotonic()
-
     def end(self, session_id: bytes) -> None:
         with self._lock:
             e = self._entries.get(session_id)

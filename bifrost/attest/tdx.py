@@ -399,8 +399,12 @@ def _parse_time(value: Any, what: str) -> datetime:
 def _check_window(obj: Mapping[str, Any], at: datetime, what: str, check: str) -> None:
     issue = _parse_time(obj.get("issueDate"), f"{what} issueDate")
     nxt = _parse_time(obj.get("nextUpdate"), f"{what} nextUpdate")
-    if not issue <= at <= nxt:
-        raise CollateralError(check, f"{what} valid {issue:%Y-%m-%d}..{nxt:%Y-%m-%d}; verification time {at:%Y-%m-%d} is outside")
+    _require_window(issue, nxt, at, what, check)
+
+
+def _require_window(start: datetime, end: datetime, at: datetime, what: str, check: str) -> None:
+    if not start <= at <= end:
+        raise CollateralError(check, f"{what} valid {start:%Y-%m-%d}..{end:%Y-%m-%d}; verification time {at:%Y-%m-%d} is outside")
 
 
 def _check_crl(crl_der: bytes, issuer: x509.Certificate, at: datetime, what: str) -> x509.CertificateRevocationList:
@@ -415,8 +419,7 @@ def _check_crl(crl_der: bytes, issuer: x509.Certificate, at: datetime, what: str
     nxt = crl.next_update_utc
     if nxt is None:
         raise CollateralError("crl", f"{what} has no nextUpdate; its freshness cannot be judged")
-    if not crl.last_update_utc <= at <= nxt:
-        raise CollateralError("crl", f"{what} valid {crl.last_update_utc:%Y-%m-%d}..{nxt:%Y-%m-%d}; verification time {at:%Y-%m-%d} is outside")
+    _require_window(crl.last_update_utc, nxt, at, what, "crl")
     return crl
 
 

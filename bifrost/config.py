@@ -50,10 +50,46 @@ class DelegationConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """The untrusted CKKS worker. ``address``/``cert``/``timeout_s`` tell the trusted side how to reach one;
+    the rest configures ``bifrost worker`` itself."""
+
     address: str | None = None  # host:port of a running worker; None starts a local one on loopback
+    cert: str | None = None     # that worker's certificate (PEM), pinned; required with ``address``
     timeout_s: float = 600.0
+    identity: str | None = None  # worker: folder of its TLS key + certificate (created on first start)
+    trusted_clients: tuple[str, ...] = ()  # worker: certificates of the trusted runtimes that may call it
     max_sessions: int = 8
-    cache_bytes: int = 12 * 2**30  # encoded-weight cache per worker, bytes
+    session_idle_s: float = 900.0  # worker: sessions unused this long are dropped (the trusted side reopens)
+    cache_bytes: int = 12 * 2**30  # worker: encoded-weight cache, bytes (LRU; entries carry their real size)
+    max_public_context_bytes: int = 128 << 20  # worker: larger public contexts are refused
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.cache_bytes < 1 or self.session_idle_s <= 0 or self.timeout_s <= 0 \
+                or self.max_public_context_bytes < 1024:
+            raise BifrostError("worker: need max_sessions >= 1, cache_bytes >= 1, session_idle_s > 0, timeout_s > 0, "
+                               "max_public_context_bytes >= 1024")
+
+
+@dataclass(frozen=True)
+class TEEConfig:
+    """The trusted runtime's own settings."""
+
+    identity: str | None = None         # folder of its TLS key + certificate; None: a fresh one per process
+    quarantine_file: str | None = None  # worker identities caught deviating (JSON, shared by replicas and
+                                        # later runs); None: kept in memory for this process
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    """Checks of every delegated product (bifrost.tee.verify): k secret vectors per matrix and session,
+    and the width z of the honest tolerance."""
+
+    vectors: int = 8
+    z: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.vectors <= 64 or not 4.0 <= self.z <= 40.0:
+            raise BifrostError("verification: need 1 <= vectors <= 64 and 4 <= z <= 40")
 
 
 @dataclass(frozen=True)
@@ -81,6 +117,8 @@ class RunConfig:
     ckks: CKKSConfig | None = None  # None: the backend's recommended parameters
     delegation: DelegationConfig = field(default_factory=DelegationConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    tee: TEEConfig = field(default_factory=TEEConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def ckks_params(self):
@@ -120,7 +158,8 @@ def build_section(cls, data: Any, where: str):
     kwargs = {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for name, value in data.items():
-        sub = {"ckks": CKKSConfig, "delegation": DelegationConfig, "worker": WorkerConfig, "generation": GenerationConfig}
+        sub = {"ckks": CKKSConfig, "delegation": DelegationConfig, "worker": WorkerConfig, "tee": TEEConfig,
+               "verification": VerificationConfig, "generation": GenerationConfig}
         if cls is RunConfig and name in sub:
             kwargs[name] = None if (value is None and name == "ckks") else build_section(sub[name], value, f"{where}.{name}")
             continue

@@ -10,26 +10,34 @@ Scaling (per call, no calibration): row r of x is scaled by Δx_r = (2^A − d_i
 B = ⌊log2 Q⌋ − 4 − A. Hence every encoded result |ỹ| ≤ 2^(A+B) ≤ Q/16 cannot wrap, whatever the
 activation magnitude (GPT-2 outliers included), and after the rescale to q_0 it still sits ≤ q_0/16.
 
-Error bound (tested for every GPT-2 / Qwen3 shape): for each output,
-    |ŷ_rk − y_rk| ≤ 2^(−B) · ‖x_r‖₁ · max|W|
-(weight rounding contributes ≤ 2^(−B−1) of it, activation rounding ≤ d_in·2^(−A−1), encryption and
-rescale noise ≈ 2^(−A−B)·(16·√N·q_1) ≈ 2^(−19) for the defaults). Default parameters
-``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit security at
-N = 2048) give B = 14.
+Error bound (worst case, :meth:`NativeTrustedContext.error_bound`; every term is a bound, not an estimate):
+for output k of row r of member W,
+
+    |ŷ_rk − y_rk| ≤ [ 2^(A−1)                      weight rounding, ½·Σ_j |x̃_rj|
+                     + ½·Δw·‖W‖_row              activation rounding, ½·Σ_j |W_kj|·Δw
+                     + 32·n_o·(Δw·‖W‖_row + d_in/2)   encryption noise (|e| ≤ 32) through the n_o·n_i weights
+                                                   of the output block (n_o = 1 for scalar blockings)
+                     + R·(1 + N)/2·(1 + 2^−16) ] / (Δx_r·Δw)   rescale rounding by R = q_1···q_{L−1}
+
+with ‖W‖_row = max_k Σ_j |W_kj|. For the defaults this is ≈ 2^(−13.5)·‖x_r‖₁·max|W| for the widest output
+blocks; measured errors stay 10–30× below it. The products the worker returns are decoded with Δx and Δw
+from the trusted side's own state (its record of the call and its copy of the weights); nothing in an
+output's header is used but to refuse a reply that is not for this call.
+Default parameters ``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit
+security at N = 2048) give B = 14.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bifrost.ckks.backend import CiphertextError, GroupShape
+from bifrost.ckks.backend import CiphertextError, EncryptedBatch, GroupShape, WeightStats
 from bifrost.ckks.params import CKKSParams
 
 from . import negacyclic_fft as nfft
@@ -41,6 +49,7 @@ from .rns import RNSBasis, ntt_primes
 DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24), scale_bits=35)
 GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
 MIN_WEIGHT_BITS = 8
+ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
 ENGINE_ENV = "BIFROST_KERNELS_ENGINE"
 
@@ -53,6 +62,11 @@ def weight_bits(params: CKKSParams, primes: tuple[int, ...]) -> int:
         raise ValueError(f"scale_bits={params.scale_bits} leaves only {b} weight bits for log2(Q)={log_q}; "
                          f"need ≥ {MIN_WEIGHT_BITS}")
     return b
+
+
+def weight_scale(bits: int, peak: float) -> float:
+    """Δw = (2^bits − 1)/max|W| (1 for an all-zero matrix): the same float on both sides for the same weights."""
+    return (2 ** bits - 1) / peak if peak > 0 else 1.0
 
 
 def _chain(params: CKKSParams) -> tuple[int, ...]:
@@ -90,19 +104,37 @@ class _Codec:
     def output_payload_len(self, blocking: Blocking) -> int:
         return wire.packed_len(blocking.rows_per_ct * blocking.out_per_ct + self.n, self.bits[0])
 
+    def call_bytes(self, shape: GroupShape, rows: int) -> tuple[int, int]:
+        """(input, output) bytes of an honest call of ``rows`` rows: every ciphertext, headers included."""
+        blk = self.blocking(shape, rows)
+        rb = blk.row_blocks(rows)
+        n_in = rb * blk.in_blocks(shape.d_in) * (wire.INPUT_HEADER_BYTES + self.input_payload_len())
+        n_out = rb * sum(blk.out_blocks(d) for d in shape.d_outs) * (wire.OUTPUT_HEADER_BYTES + self.output_payload_len(blk))
+        return n_in, n_out
+
     def public_context(self) -> bytes:
         return wire.encode_public_context(self.n, self.primes, self.params.scale_bits, self.context_id)
 
 
+@dataclass(frozen=True)
+class CallState:
+    """The trusted side's private record of one encryption call (``EncryptedBatch.state``): never sent."""
+
+    blocking: Blocking
+    rows: int
+    call_id: bytes
+    x_scales: np.ndarray  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row: decodes to 0
+
+
 class NativeTrustedContext:
-    """Key holder (trusted runtime only). Holds s, its FFT spectrum, and the AES-GCM key for scales."""
+    """Key holder (trusted runtime only). Holds s and its FFT spectrum."""
 
     def __init__(self, params: CKKSParams):
         self.params = params
         self._codec = _Codec(params, _chain(params), os.urandom(wire.CONTEXT_ID_BYTES))
+        self.weight_bits = weight_bits(params, self._codec.primes)
         self._secret = sampling.ternary_secret(params.poly_modulus_degree)
         self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
-        self._scale_key = AESGCM(os.urandom(32))
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
@@ -120,22 +152,6 @@ class NativeTrustedContext:
         t = torch.from_numpy(polys.astype(np.float64))
         return nfft.round_exact(nfft.inverse(nfft.forward(t) * self._secret_spectrum)).numpy()
 
-    def _seal(self, scales: np.ndarray, row_block: int) -> bytes:
-        nonce = os.urandom(12)
-        aad = self._codec.context_id + row_block.to_bytes(4, "little")
-        return nonce + self._scale_key.encrypt(nonce, scales.astype("<f8").tobytes(), aad)
-
-    def _unseal(self, sealed: bytes, row_block: int, count: int) -> np.ndarray:
-        aad = self._codec.context_id + row_block.to_bytes(4, "little")
-        try:
-            raw = self._scale_key.decrypt(sealed[:12], sealed[12:], aad)
-        except (InvalidTag, ValueError):
-            raise CiphertextError("output ciphertext carries corrupted or foreign activation scales") from None
-        scales = np.frombuffer(raw, dtype="<f8") if len(raw) == 8 * count else np.zeros(0)
-        if scales.size != count or not (scales > 0).all():
-            raise CiphertextError("activation-scale block is malformed")
-        return scales
-
     def _encrypt_polynomials(self, msg: np.ndarray, seed: bytes, errors: np.ndarray) -> np.ndarray:
         """c_0 = m + e − a(seed, k)·s mod q_i for integer polynomials msg, errors [C, N] (ciphertext k = row k)
         -> residues [C, L, N]."""
@@ -145,15 +161,8 @@ class NativeTrustedContext:
         a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
         return np.mod((msg + errors)[:, None, :] - a_s, q_col)
 
-    def rows_per_call(self, shape: GroupShape, rows: int) -> int:
-        """How many of ``rows`` rows one worker call should carry (:func:`rows_per_call`)."""
-        c = self._codec
-        return rows_per_call(c.n, c.bits, shape.d_in, tuple(shape.d_outs), rows)
-
     # -------------------------------------------------------------- encrypt
-    def encrypt(self, shape: GroupShape, x: np.ndarray):
-        from bifrost.ckks.backend import EncryptedBatch
-
+    def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
         _check_shape(shape)
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 1:
@@ -171,8 +180,8 @@ class NativeTrustedContext:
         l1 = np.abs(x).sum(axis=1)
         budget = float(2 ** self.params.scale_bits - shape.d_in)
         scales = budget / np.where(l1 > 0, l1, 1.0)
-        sealed_scales = np.full(rb_count * r, np.inf)  # ∞: an all-zero (or padding) row decodes to exactly 0
-        sealed_scales[:rows] = np.where(l1 > 0, scales, np.inf)
+        x_scales = np.full(rb_count * r, np.inf)  # ∞: an all-zero (or padding) row decodes to exactly 0
+        x_scales[:rows] = np.where(l1 > 0, scales, np.inf)
         padded = np.zeros((rb_count * r, b_count * n_i), dtype=np.int64)
         padded[:rows, : shape.d_in] = np.rint(x * scales[:, None]).astype(np.int64)
         blocks = padded.reshape(rb_count, r, b_count, n_i).transpose(0, 2, 1, 3)  # [RB, B, r, n_i]
@@ -183,45 +192,44 @@ class NativeTrustedContext:
         seed = sampling.fresh_seed()
         c0 = self._encrypt_polynomials(msg.reshape(count, n), seed, sampling.centered_binomial((count, n)))
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
-
-        sealed = [self._seal(sealed_scales[k * r:(k + 1) * r], k)
-                  for k in range(rb_count)]
-        # the sealed scales travel once per row block: on its first input ciphertext (b = 0)
-        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed,
-                                                  sealed[i // b_count] if i % b_count == 0 else b""),
+        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed),
                                  payload[i].tobytes())
                for i in range(count)]
-        return EncryptedBatch(ciphertexts=cts, rows=rows)
+        state = CallState(blk, rows, seed[:wire.CALL_ID_BYTES], x_scales)
+        return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
+
+    def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> CallState:
+        _check_shape(shape)
+        state = getattr(batch, "state", None)
+        if not isinstance(state, CallState):
+            raise TypeError("batch must come from this backend's encrypt()")
+        if len(weights) != len(shape.d_outs) or not all(isinstance(w, WeightStats) for w in weights):
+            raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
+        return state
 
     # -------------------------------------------------------------- decrypt
-    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], rows: int) -> list[np.ndarray]:
-        _check_shape(shape)
-        c = self._codec
-        if not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise CiphertextError(f"invalid row count {rows!r}")
-        blk = c.blocking(shape, int(rows))
+    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
+                weights: Sequence[WeightStats]) -> list[np.ndarray]:
+        state = self._state(shape, batch, weights)
+        c, blk, rows = self._codec, state.blocking, state.rows
         r, n_o = blk.rows_per_ct, blk.out_per_ct
         rb_count = blk.row_blocks(rows)
-        if len(outputs) != len(shape.d_outs):
-            raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member), got {len(outputs)}")
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(shape.d_outs):
+            raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member)")
         plen = c.output_payload_len(blk)
         payloads, meta = [], []
         for m, (d_out, cts) in enumerate(zip(shape.d_outs, outputs)):
             o_count = blk.out_blocks(d_out)
-            if len(cts) != rb_count * o_count:
-                raise CiphertextError(f"member {m}: expected {rb_count * o_count} ciphertexts, got {len(cts)}")
+            if not isinstance(cts, (list, tuple)) or len(cts) != rb_count * o_count:
+                raise CiphertextError(f"member {m}: expected {rb_count * o_count} ciphertexts")
             for i, ct in enumerate(cts):
                 h, body = wire.decode_output(ct, c.context_id, plen)
-                if (h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.member, h.index, h.count) != \
-                        (rows, r, blk.in_per_ct, n_o, m, i, len(cts)):
-                    raise CiphertextError(f"member {m} ciphertext {i}: layout/index header does not match "
-                                          f"the expected (rows={rows}, blocking={blk})")
-                carries_scales = m == 0 and i % o_count == 0
-                if carries_scales != bool(h.sealed):
-                    raise CiphertextError(f"member {m} ciphertext {i}: activation scales misplaced "
-                                          f"(they travel once per row block, on member 0's first ciphertext)")
+                if (h.call_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.member, h.index, h.count) != \
+                        (state.call_id, rows, r, blk.in_per_ct, n_o, m, i, len(cts)):
+                    raise CiphertextError(f"member {m} ciphertext {i}: header does not match this call "
+                                          f"(rows={rows}, blocking={blk})")
                 payloads.append(np.frombuffer(body, dtype=np.uint8))
-                meta.append((m, i // o_count, i % o_count, h.weight_scale, h.sealed))
+                meta.append((m, i // o_count, i % o_count))
         vals = wire.unpack_bits(np.stack(payloads), r * n_o + c.n, c.bits[0])          # [C, r·n_o + N]
         q0 = c.primes[0]
         if (vals >= q0).any():
@@ -233,13 +241,29 @@ class NativeTrustedContext:
         decoded = np.mod(vals[:, : r * n_o] + c1s, q0)
         decoded = np.where(decoded > q0 // 2, decoded - q0, decoded).astype(np.float64)  # [C, r·n_o]
 
+        w_scales = [weight_scale(self.weight_bits, w.peak) for w in weights]
         results = [np.zeros((rb_count * r, blk.out_blocks(d) * n_o)) for d in shape.d_outs]
-        x_scales_of = {rb: self._unseal(sealed, rb, r) for m, rb, _, _, sealed in meta if sealed}
-        for k, (m, rb, ob, w_scale, _) in enumerate(meta):
-            x_scales = x_scales_of[rb]
-            block = decoded[k].reshape(r, n_o) * (c.rescale_factor / w_scale) / x_scales[:, None]
+        for k, (m, rb, ob) in enumerate(meta):
+            x_scales = state.x_scales[rb * r:(rb + 1) * r]
+            block = decoded[k].reshape(r, n_o) * (c.rescale_factor / w_scales[m]) / x_scales[:, None]
             results[m][rb * r:(rb + 1) * r, ob * n_o:(ob + 1) * n_o] = block
         return [res[:rows, :d] for res, d in zip(results, shape.d_outs)]
+
+    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> np.ndarray:
+        """(rows × members) worst-case error of an honest worker (module docstring), units of x·W."""
+        state = self._state(shape, batch, weights)
+        c, blk = self._codec, state.blocking
+        n_o = blk.out_per_ct
+        x_scales = state.x_scales[:state.rows]
+        out = np.zeros((state.rows, len(weights)))
+        for m, w in enumerate(weights):
+            dw = weight_scale(self.weight_bits, w.peak)
+            w_row = w.row_l1 * dw  # ≥ Σ_j |W_kj|·Δw for every output k
+            total = (2.0 ** (self.params.scale_bits - 1) + 0.5 * w_row + ERROR_MAX * n_o * (w_row + shape.d_in / 2)
+                     + c.rescale_factor * (1 + c.n) / 2 * (1 + 2.0 ** -16))
+            total += 2.0 ** -45 * 2.0 ** self.params.scale_bits * (w_row + shape.d_in)  # float64 decode rounding
+            out[:, m] = total / (dw * x_scales)  # 0 for ∞ scales (all-zero rows decode to exactly 0)
+        return out
 
 
 class NativeEvaluator:
@@ -263,18 +287,15 @@ class NativeEvaluator:
         _check_shape(shape)
         if len(weights) != len(shape.d_outs):
             raise ValueError(f"expected {len(shape.d_outs)} weight matrices, got {len(weights)}")
-        ints, scales = [], []  # ints: integer-valued float64 (exact: |w̃| < 2^weight_bits ≤ 2^53)
+        ints = []  # integer-valued float64 (exact: |w̃| < 2^weight_bits ≤ 2^53)
         for w, d_out in zip(weights, shape.d_outs):
             w = np.asarray(w, dtype=np.float64)
             if w.shape != (d_out, shape.d_in):
                 raise ValueError(f"weight shape {w.shape} != ({d_out}, {shape.d_in})")
             if not np.isfinite(w).all():
                 raise ValueError("weights contain NaN or infinity")
-            peak = float(np.abs(w).max())
-            scale = (2 ** self.weight_bits - 1) / peak if peak > 0 else 1.0
-            ints.append(np.rint(w * scale))
-            scales.append(scale)
-        prepared = PreparedGroup(shape, torch.from_numpy(np.concatenate(ints)).to(self.device), scales)
+            ints.append(np.rint(w * weight_scale(self.weight_bits, float(np.abs(w).max()))))
+        prepared = PreparedGroup(shape, torch.from_numpy(np.concatenate(ints)).to(self.device))
         prepared.encoded(self, self._codec.blocking(shape, 1))  # decode blocking encoded eagerly
         return prepared
 
@@ -305,15 +326,15 @@ class NativeEvaluator:
             raise CiphertextError("batched inputs use different blockings")
         sent = self._kernel(prepared, blk, torch.cat([d[0] for d in decoded]))       # [ΣRB, ΣO, r·n_o + N]
         results, start = [], 0
-        for (ev, _), (cts, _, rows, sealed) in zip(items, decoded):
+        for (ev, _), (cts, _, first) in zip(items, decoded):
             rb_count = cts.shape[0]
-            results.append(ev._encode_outputs(prepared, blk, rows, sealed, sent[start:start + rb_count]))
+            results.append(ev._encode_outputs(prepared, blk, first, sent[start:start + rb_count]))
             start += rb_count
         return results
 
     def _decode_inputs(self, prepared: "PreparedGroup", ciphertexts: Sequence[bytes]):
         """Check and unpack one input's ciphertexts -> (residues [RB, B, 2, L, N] on the device, blocking,
-        rows, sealed scale blocks per row block)."""
+        the first ciphertext's header)."""
         c, shape = self._codec, prepared.shape
         if not isinstance(ciphertexts, (list, tuple)) or not ciphertexts:
             raise CiphertextError("expected a non-empty list of input ciphertexts")
@@ -327,21 +348,16 @@ class NativeEvaluator:
         if len(ciphertexts) != expected:
             raise CiphertextError(f"expected {expected} input ciphertexts for rows={first.rows}, "
                                   f"got {len(ciphertexts)}")
-        bodies, sealed = [], []
+        bodies = []
         for i, ct in enumerate(ciphertexts):
             h, body = wire.decode_input(ct, c.context_id, plen)
             if (h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.index, h.count) != \
                     (first.rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct, i, expected):
                 raise CiphertextError(f"input ciphertext {i}: layout/index header does not match this layer "
                                       f"(d_in={shape.d_in}, blocking={blk})")
-            if (i % b_count == 0) != bool(h.sealed):
-                raise CiphertextError(f"input ciphertext {i}: activation scales misplaced (they travel once per "
-                                      f"row block, on its first ciphertext)")
             if h.seed != first.seed:
                 raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one seed")
             bodies.append(np.frombuffer(body, dtype=np.uint8))
-            if h.sealed:
-                sealed.append(h.sealed)
         packed = np.stack(bodies)
         c0, offset = [], 0
         for q, b in zip(c.primes, c.bits):
@@ -354,7 +370,7 @@ class NativeEvaluator:
         c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
         a = sampling.expand_uniform_many(first.seed, np.arange(expected), c.primes, c.n)  # [C, L, N]
         cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
-        return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first.rows, sealed
+        return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first
 
     def _kernel(self, prepared: "PreparedGroup", blk: Blocking, cts: torch.Tensor) -> np.ndarray:
         """Residues [RB, B, 2, L, N] -> rescaled outputs [RB, ΣO, r·n_o + N] mod q_0 (wire order)."""
@@ -372,7 +388,7 @@ class NativeEvaluator:
         return np.concatenate([kernel(enc, cts[i:i + step], *extra).cpu().numpy()
                                for i in range(0, cts.shape[0], step)])
 
-    def _encode_outputs(self, prepared: "PreparedGroup", blk: Blocking, rows: int, sealed: list[bytes],
+    def _encode_outputs(self, prepared: "PreparedGroup", blk: Blocking, first: wire.InputHeader,
                         sent: np.ndarray) -> list[list[bytes]]:
         c = self._codec
         rb_count = sent.shape[0]
@@ -383,9 +399,8 @@ class NativeEvaluator:
             member = []
             for rb in range(rb_count):
                 for ob in range(o_count):
-                    scales = sealed[rb] if m == 0 and ob == 0 else b""  # once per row block
-                    h = wire.OutputHeader(c.context_id, rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct,
-                                          m, rb * o_count + ob, rb_count * o_count, prepared.scales[m], scales)
+                    h = wire.OutputHeader(c.context_id, first.call_id, first.rows, blk.rows_per_ct, blk.in_per_ct,
+                                          blk.out_per_ct, m, rb * o_count + ob, rb_count * o_count)
                     member.append(wire.encode_output(h, packed_out[rb, start + ob].tobytes()))
             results.append(member)
             start += o_count
@@ -396,9 +411,19 @@ class PreparedGroup:
     """Quantised weights of one group, [ΣO, d_in] integer-valued float64 (members stacked in order), plus
     their encodings per blocking (see layout.plan; cached). Scalar blockings use the weights as they are."""
 
-    def __init__(self, shape: GroupShape, weights: torch.Tensor, scales: list[float]):
-        self.shape, self.weights, self.scales = shape, weights, scales
+    def __init__(self, shape: GroupShape, weights: torch.Tensor):
+        self.shape, self.weights = shape, weights
         self.cache: dict[Blocking, EncodedWeights] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the quantised weights and every cached encoding (bytes)."""
+        total = self.weights.element_size() * self.weights.nelement()
+        for enc in self.cache.values():
+            for t in (enc.fft_spectra, enc.ntt_transforms):
+                if t is not None:
+                    total += t.element_size() * t.nelement()
+        return total
 
     @property
     def weight_ints(self) -> list[torch.Tensor]:
@@ -441,3 +466,15 @@ class NativeBackend:
 
     def evaluator(self, public_context: bytes, device: str | None = None, engine: str | None = None) -> NativeEvaluator:
         return NativeEvaluator(public_context, device=device, engine=engine)
+
+    def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
+        primes = _chain(params)
+        return rows_per_call(params.poly_modulus_degree, tuple(q.bit_length() for q in primes), shape.d_in,
+                             tuple(shape.d_outs), rows)
+
+    def max_output_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
+        return _Codec(params, _chain(params), bytes(wire.CONTEXT_ID_BYTES)).call_bytes(shape, rows)[1]
+
+    def call_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> tuple[int, int]:
+        """Exact (input, output) wire bytes of an honest call of ``rows`` rows (the estimator predicts with it)."""
+        return _Codec(params, _chain(params), bytes(wire.CONTEXT_ID_BYTES)).call_bytes(shape, rows)

@@ -18,15 +18,10 @@ import os
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from bifrost.ckks.csprng import random_bytes
+
 SEED_BYTES = 32
 ERROR_ETA = 32  # centered binomial parameter: variance η/2 = 16
-_ZERO_IV = bytes(16)
-
-
-def _aes_ctr_stream(key: bytes, length: int) -> bytes:
-    """``length`` bytes of AES-256-CTR keystream (key 32 bytes, counter block starting at 0)."""
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
-    return encryptor.update(bytes(length)) + encryptor.finalize()
 
 
 def _indexed_keystreams(key: bytes, indices: np.ndarray, length: int) -> bytes:
@@ -38,13 +33,6 @@ def _indexed_keystreams(key: bytes, indices: np.ndarray, length: int) -> bytes:
     counters[:, :, 1] = np.arange(blocks, dtype=np.uint64)[None, :]
     encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
     return encryptor.update(counters.tobytes()) + encryptor.finalize()
-
-
-def random_bytes(length: int) -> bytes:
-    """``length`` CSPRNG bytes: AES-256-CTR under a fresh key from ``os.urandom`` (short requests: urandom)."""
-    if length <= 4096:
-        return os.urandom(length)
-    return _aes_ctr_stream(os.urandom(32), length)
 
 
 def ternary_secret(n: int) -> np.ndarray:

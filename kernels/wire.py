@@ -7,20 +7,21 @@ Public context (fixed length, structurally unable to hold a key)::
 Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as the call's 32-byte seed, expanded
 with the ciphertext's index, see ``sampling.expand_uniform_many``)::
 
-    b"BFKI" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32
-    | seed:32B | sealed_len:u16 sealed | c_0 mod q_i, N coefficients of bitlen(q_i) bits per limb
+    b"BFKI" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32 | seed:32B
+    | c_0 mod q_i, N coefficients of bitlen(q_i) bits per limb
 
 Output ciphertext (rescaled to q_0; only the r·n_o wanted coefficients of c_0 travel)::
 
-    b"BFKO" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | member:u16 index:u32 count:u32
-    | weight_scale:f64 | sealed_len:u16 sealed | c_0 at r·n_o positions, then c_1 (N coefficients), bitlen(q_0) bits each
+    b"BFKO" | ver:u8 | context_id:16B | call:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | member:u16 index:u32 count:u32
+    | c_0 at r·n_o positions, then c_1 (N coefficients), bitlen(q_0) bits each
 
-``sealed`` is the row block's activation scales (float64 each), AES-GCM-encrypted under a key that never
-leaves the trusted side; the worker copies it from input to output unchanged, so the trusted side is
-stateless and activation norms do not leak.
+``call`` is the first 16 bytes of the input's seed, echoed so that a reply names the call it answers. No
+field of an output steers decoding: activation and weight scales, the blocking and the row count are the
+trusted side's own (``EncryptedBatch.state`` and its copy of the weights); headers are only compared with
+them. (Version 2 carried the weight scale and AES-GCM-sealed activation scales in the headers.)
 
-Default parameters (N = 2048, q = 30 + 24 bits): input ciphertext 13,824 B of coefficients + ~110 B of
-header; output (2048 + r·n_o) × 30 bits ≈ 7.8 KB + ~120 B.
+Default parameters (N = 2048, q = 30 + 24 bits): input ciphertext 13,824 B of coefficients + 71 B of
+header; output (2048 + r·n_o) × 30 bits ≈ 7.8 KB + 57 B of header.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ import numpy as np
 
 from bifrost.ckks.backend import CiphertextError, SecretKeyInPublicContextError
 
-VERSION = 2  # 2: one seed per call, a expands with AES-256-CTR from (seed, index) (1: SHAKE-256 per ciphertext)
+VERSION = 3  # 3: no scales on the wire (2: weight scale + sealed activation scales; 1: SHAKE-256 per ciphertext)
 PUBLIC_MAGIC = b"BFKPUB01"
 SECRET_MAGIC = b"BFKSEC01"  # reserved: a serialized secret key starts with this; never accepted as public
 INPUT_MAGIC = b"BFKI"
 OUTPUT_MAGIC = b"BFKO"
 CONTEXT_ID_BYTES = 16
 
-_IN_HEAD = struct.Struct("<4sB16sIHHHII32sH")
-_OUT_HEAD = struct.Struct("<4sB16sIHHHHIIdH")
+_IN_HEAD = struct.Struct("<4sB16sIHHHII32s")
+_OUT_HEAD = struct.Struct("<4sB16s16sIHHHHII")
+CALL_ID_BYTES = 16
 
 
 def _group_words(bits: int) -> int:
@@ -131,12 +133,16 @@ class InputHeader:
     index: int
     count: int
     seed: bytes
-    sealed: bytes
+
+    @property
+    def call_id(self) -> bytes:
+        return self.seed[:CALL_ID_BYTES]
 
 
 @dataclass(frozen=True)
 class OutputHeader:
     context_id: bytes
+    call_id: bytes
     rows: int
     rows_per_ct: int
     in_per_ct: int
@@ -144,18 +150,20 @@ class OutputHeader:
     member: int
     index: int
     count: int
-    weight_scale: float
-    sealed: bytes
+
+
+INPUT_HEADER_BYTES = _IN_HEAD.size
+OUTPUT_HEADER_BYTES = _OUT_HEAD.size
 
 
 def encode_input(h: InputHeader, payload: bytes) -> bytes:
     return _IN_HEAD.pack(INPUT_MAGIC, VERSION, h.context_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct,
-                         h.index, h.count, h.seed, len(h.sealed)) + h.sealed + payload
+                         h.index, h.count, h.seed) + payload
 
 
 def encode_output(h: OutputHeader, payload: bytes) -> bytes:
-    return _OUT_HEAD.pack(OUTPUT_MAGIC, VERSION, h.context_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct,
-                          h.member, h.index, h.count, h.weight_scale, len(h.sealed)) + h.sealed + payload
+    return _OUT_HEAD.pack(OUTPUT_MAGIC, VERSION, h.context_id, h.call_id, h.rows, h.rows_per_ct, h.in_per_ct,
+                          h.out_per_ct, h.member, h.index, h.count) + payload
 
 
 def _check_bytes(ct: object, what: str) -> bytes:
@@ -166,31 +174,23 @@ def _check_bytes(ct: object, what: str) -> bytes:
 
 def decode_input(ct: object, context_id: bytes, payload_len: int) -> tuple[InputHeader, bytes]:
     ct = _check_bytes(ct, "input ciphertext")
-    if len(ct) < _IN_HEAD.size:
-        raise CiphertextError(f"input ciphertext truncated ({len(ct)} bytes)")
-    magic, ver, cid, rows, r, n_i, n_o, index, count, seed, sealed_len = _IN_HEAD.unpack_from(ct)
+    if len(ct) != _IN_HEAD.size + payload_len:
+        raise CiphertextError(f"input ciphertext has {len(ct)} bytes, expected {_IN_HEAD.size + payload_len}")
+    magic, ver, cid, rows, r, n_i, n_o, index, count, seed = _IN_HEAD.unpack_from(ct)
     if magic != INPUT_MAGIC or ver != VERSION:
         raise CiphertextError("not a native-backend input ciphertext (bad magic/version)")
     if cid != context_id:
         raise CiphertextError("input ciphertext belongs to another context (context id mismatch)")
-    end = _IN_HEAD.size + sealed_len
-    if len(ct) != end + payload_len:
-        raise CiphertextError(f"input ciphertext has {len(ct)} bytes, expected {end + payload_len}")
-    return InputHeader(cid, rows, r, n_i, n_o, index, count, seed, ct[_IN_HEAD.size:end]), ct[end:]
+    return InputHeader(cid, rows, r, n_i, n_o, index, count, seed), ct[_IN_HEAD.size:]
 
 
 def decode_output(ct: object, context_id: bytes, payload_len: int) -> tuple[OutputHeader, bytes]:
     ct = _check_bytes(ct, "output ciphertext")
-    if len(ct) < _OUT_HEAD.size:
-        raise CiphertextError(f"output ciphertext truncated ({len(ct)} bytes)")
-    magic, ver, cid, rows, r, n_i, n_o, member, index, count, scale, sealed_len = _OUT_HEAD.unpack_from(ct)
+    if len(ct) != _OUT_HEAD.size + payload_len:
+        raise CiphertextError(f"output ciphertext has {len(ct)} bytes, expected {_OUT_HEAD.size + payload_len}")
+    magic, ver, cid, call, rows, r, n_i, n_o, member, index, count = _OUT_HEAD.unpack_from(ct)
     if magic != OUTPUT_MAGIC or ver != VERSION:
         raise CiphertextError("not a native-backend output ciphertext (bad magic/version)")
     if cid != context_id:
         raise CiphertextError("output ciphertext belongs to another context (context id mismatch)")
-    end = _OUT_HEAD.size + sealed_len
-    if len(ct) != end + payload_len:
-        raise CiphertextError(f"output ciphertext has {len(ct)} bytes, expected {end + payload_len}")
-    if not (np.isfinite(scale) and scale > 0):
-        raise CiphertextError("output ciphertext carries an invalid weight scale")
-    return OutputHeader(cid, rows, r, n_i, n_o, member, index, count, scale, ct[_OUT_HEAD.size:end]), ct[end:]
+    return OutputHeader(cid, call, rows, r, n_i, n_o, member, index, count), ct[_OUT_HEAD.size:]

@@ -20,17 +20,15 @@ def run_config():
 
 @pytest.fixture(scope="session")
 def worker_factory(run_config):
-    """Start in-process workers (one per model name, reused for the session)."""
-    from bifrost.worker.service import build_service, serve
+    """Start in-process workers (one per model name, reused for the session): (service, server, endpoint)."""
+    from tests.workers import start_worker
 
     started = {}
 
     def get(model: str, max_sessions: int = 8):
         key = (model, max_sessions)
         if key not in started:
-            service = build_service(model, run_config.seed, run_config.delegation, max_sessions, 2 * 2**30)
-            server, port = serve(service, "127.0.0.1", 0)
-            started[key] = (service, server, f"127.0.0.1:{port}")
+            started[key] = start_worker(run_config, model, max_sessions)
         return started[key]
 
     yield get

@@ -8,15 +8,16 @@ from .backend import (
     GroupShape,
     SecretKeyInPublicContextError,
     TrustedContext,
-    apply_many,
+    WeightStats,
     available_backends,
     get_backend,
     register_backend,
+    row_bucket,
 )
 from .params import CKKSParams, InsecureParametersError, check_128_bit_security
 
 __all__ = [
     "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "GroupShape",
-    "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "apply_many", "available_backends",
-    "check_128_bit_security", "get_backend", "register_backend",
+    "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "available_backends",
+    "WeightStats", "check_128_bit_security", "get_backend", "register_backend", "row_bucket",
 ]

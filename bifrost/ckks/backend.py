@@ -43,12 +43,44 @@ class GroupShape:
             raise ValueError(f"invalid group shape {self}")
 
 
+@dataclass(frozen=True)
+class WeightStats:
+    """What the trusted side knows of one plaintext weight matrix W (d_out × d_in) from its own copy:
+    ``peak`` = max|W| and ``row_l1`` = max_k Σ_j |W[k, j]|. Decoding scales and error bounds come from
+    these, never from anything a worker sends."""
+
+    peak: float
+    row_l1: float
+
+    @classmethod
+    def of(cls, w) -> "WeightStats":
+        a = np.abs(np.asarray(w, dtype=np.float64))
+        if a.ndim != 2 or not a.size:
+            raise ValueError("weights must be a non-empty (d_out, d_in) matrix")
+        return cls(float(a.max()), float(a.sum(axis=1).max()))
+
+
 @dataclass
 class EncryptedBatch:
-    """Ciphertexts of one encrypted input batch plus what decryption needs to know."""
+    """One encrypted input batch. Only ``ciphertexts`` ever leave the trusted runtime; ``state`` is the
+    backend's private record of the call (activation scales, the call's identity), kept in trusted memory
+    and needed to decrypt and bound the call's outputs."""
 
     ciphertexts: list[bytes]
     rows: int
+    state: Any = None
+
+
+def row_bucket(rows: int) -> int:
+    """Rows a worker call carries for ``rows`` real rows: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, …
+    (powers of two and 1.5 × powers of two). The trusted engine pads with zero rows, so a worker learns a
+    prompt's length only to within a factor of 1.5 (and computes at most 50 % more rows)."""
+    if rows < 1:
+        raise ValueError("rows must be >= 1")
+    if rows <= 4:
+        return rows
+    p = 1 << (rows - 1).bit_length()  # the next power of two
+    return p * 3 // 4 if p * 3 // 4 >= rows else p
 
 
 @runtime_checkable
@@ -63,8 +95,20 @@ class TrustedContext(Protocol):
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
         """Encrypt ``x`` (rows × d_in, float64) in the packing the backend uses for ``shape``."""
 
-    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], rows: int) -> list[np.ndarray]:
-        """Decrypt one ciphertext list per group member into (rows × d_out) float64 arrays."""
+    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
+                weights: Sequence[WeightStats]) -> list[np.ndarray]:
+        """Decrypt the worker's outputs for ``batch`` (one ciphertext list per group member) into
+        (rows × d_out) float64 arrays. Scales, levels and layout come from ``batch.state`` and ``weights``
+        (the trusted side's statistics of each member's weights), never from the ciphertexts.
+
+        Raises :class:`CiphertextError` when the outputs are not well formed for this call (counts,
+        lengths, headers, levels, scales, coefficient ranges). Each such check is a function of the bytes
+        received and public values only, so its outcome tells the sender nothing it did not know. Whether
+        the decoded values are *right* is for the caller to check (:meth:`error_bound`)."""
+
+    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> np.ndarray:
+        """(rows × members) worst-case |ŷ_rk − (x @ W_m.T)_rk| of an honest worker, for every output k
+        of row r and member m (units of x·W): the backend's documented error bound."""
 
 
 @runtime_checkable
@@ -74,7 +118,8 @@ class Evaluator(Protocol):
     params: CKKSParams
 
     def prepare(self, shape: GroupShape, weights: Sequence[np.ndarray]) -> Any:
-        """Encode plaintext weights (each d_out × d_in) for ``shape``.
+        """Encode plaintext weights (each d_out × d_in) for ``shape``. The result's ``nbytes`` is its
+        memory in bytes (the worker's cache budgets it).
 
         The result depends only on public parameters and the weights, so the worker caches it and shares
         it between sessions whose ``params`` are equal.
@@ -84,22 +129,11 @@ class Evaluator(Protocol):
         """Evaluate the group on encrypted input; returns one ciphertext list per member.
 
         Raises :class:`CiphertextError` on malformed/foreign ciphertexts or wrong counts.
-
-        Optional extension ``apply_many(prepared, [(evaluator, ciphertexts), ...])``: the same group for
-        several inputs (of sessions with equal ``params``) in one pass; see :func:`apply_many`.
         """
 
-
-def apply_many(prepared: Any, items: Sequence[tuple[Evaluator, Sequence[bytes]]]) -> list[list[list[bytes]]]:
-    """``[ev.apply(prepared, cts) for ev, cts in items]``, in one pass when the backend can batch.
-
-    All evaluators must share parameters (``prepared`` was encoded for them).
-    """
-    first = items[0][0]
-    batched = getattr(first, "apply_many", None)
-    if batched is not None:
-        return batched(prepared, items)
-    return [ev.apply(prepared, cts) for ev, cts in items]
+    def apply_many(self, prepared: Any, items: Sequence[tuple["Evaluator", Sequence[bytes]]]) -> list[list[list[bytes]]]:
+        """``[ev.apply(prepared, cts) for ev, cts in items]`` for the inputs of several sessions (different
+        keys) whose evaluators share this one's parameters, in one pass where the backend can."""
 
 
 @runtime_checkable
@@ -118,6 +152,14 @@ class CKKSBackend(Protocol):
 
     def evaluator(self, public_context: bytes) -> Evaluator:
         """Build the worker-side evaluator; raises SecretKeyInPublicContextError if a secret key is present."""
+
+    def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
+        """How many of ``rows`` rows one worker call carries (bounds a request's size and worker memory);
+        the trusted engine splits by it and the estimator predicts with it."""
+
+    def max_output_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
+        """Upper bound on the bytes of all output ciphertexts of an honest reply to a call of ``rows`` rows
+        (a pure function of public values): the trusted side refuses larger replies unread."""
 
 
 _REGISTRY: dict[str, Callable[[], CKKSBackend]] = {}

@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 import tenseal.sealapi as seal
 
-from .backend import CiphertextError, EncryptedBatch, GroupShape, SecretKeyInPublicContextError
+from .backend import CiphertextError, EncryptedBatch, GroupShape, SecretKeyInPublicContextError, WeightStats
 from .params import CKKSParams
 
 CT_MAGIC = b"BFTSCT1\0"
@@ -50,6 +50,10 @@ CONTEXT_ID_BYTES = 16
 _LAYOUT = struct.Struct("<III")
 _HEADER_BYTES = len(CT_MAGIC) + CONTEXT_ID_BYTES + _LAYOUT.size
 _PUBLIC_FIELDS = {"params", "context_id", "galois_steps"}
+ROWS_PER_CALL = 64
+MAX_GALOIS_STEPS = 1 << 14
+# error bound (documented, see TenSEALTrustedContext.error_bound): 2^(ERROR_BITS - scale_bits)·√N·(...)
+ERROR_BITS = 13
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +176,15 @@ class PackingPlan:
 # --------------------------------------------------------------------------------------------
 # Trusted side
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _CallState:
+    """The trusted side's private record of one encryption call (``EncryptedBatch.state``)."""
+
+    plan: PackingPlan
+    rows: int
+    x_l1: np.ndarray  # ‖x_r‖₁ per row
+
+
 class TenSEALTrustedContext:
     """Key holder (inside the TEE). Encrypts with the secret key (symmetric, seeded ciphertexts)."""
 
@@ -193,6 +206,7 @@ class TenSEALTrustedContext:
         # The Serializable form stores each key's uniform part as a seed: about half the bytes.
         self._galois_blob = _scratch().dump(keygen.create_galois_keys(elements)) if elements else b""
         self._scale = 2.0 ** params.scale_bits
+        self._output_parms_id = self._ctx.first_context_data().next_context_data().parms_id()
 
     def plan(self, shape: GroupShape) -> PackingPlan:
         p = self._plans.get(shape)
@@ -216,6 +230,7 @@ class TenSEALTrustedContext:
         return PUB_MAGIC + struct.pack("<I", len(meta)) + meta + self._galois_blob
 
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
+        """Encrypt ``x``; ``state`` records the plan, the row count and ‖x_r‖₁ (trusted memory)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != shape.d_in:
             raise ValueError(f"expected (rows, {shape.d_in}) input, got {x.shape}")
@@ -238,22 +253,38 @@ class TenSEALTrustedContext:
                 self._encoder.encode(z.tolist(), self._scale, pt)
                 body = _scratch().dump(self._encryptor.encrypt_symmetric(pt))
                 cts.append(CT_MAGIC + self.context_id + plan.layout_tag + body)
-        return EncryptedBatch(cts, rows)
+        return EncryptedBatch(cts, rows, _CallState(plan, rows, np.abs(x).sum(axis=1)))
 
-    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], rows: int) -> list[np.ndarray]:
-        plan = self.plan(shape)
+    def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> "_CallState":
+        state = getattr(batch, "state", None)
+        if not isinstance(state, _CallState) or state.plan != self.plan(shape):
+            raise TypeError("batch must come from this context's encrypt() for this shape")
+        if len(weights) != len(shape.d_outs) or not all(isinstance(w, WeightStats) for w in weights):
+            raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
+        return state
+
+    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
+                weights: Sequence[WeightStats]) -> list[np.ndarray]:
+        """Refuses (CiphertextError) any output not at the level and scale one multiplication + rescale of
+        a fresh input gives (``parms_id`` of the next level, scale exactly 2^scale_bits): the decoding
+        scale comes from here, not from the ciphertext."""
+        state = self._state(shape, batch, weights)
+        plan, rows = state.plan, state.rows
         n_groups = math.ceil(rows / plan.rows_per_ct)
-        if len(outputs) != len(shape.d_outs):
-            raise CiphertextError(f"expected outputs for {len(shape.d_outs)} layers, got {len(outputs)}")
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(shape.d_outs):
+            raise CiphertextError(f"expected outputs for {len(shape.d_outs)} layers")
         results = []
         for d_out, cts in zip(shape.d_outs, outputs):
             n_out = plan.out_chunks(d_out)
-            if len(cts) != n_groups * n_out:
-                raise CiphertextError(f"expected {n_groups * n_out} output ciphertexts, got {len(cts)}")
+            if not isinstance(cts, (list, tuple)) or len(cts) != n_groups * n_out:
+                raise CiphertextError(f"expected {n_groups * n_out} output ciphertexts")
             y = np.zeros((n_groups * plan.rows_per_ct, n_out * plan.m))
             for gi in range(n_groups):
                 for c in range(n_out):
                     ct = _load_ciphertext(self._ctx, self.context_id, plan, cts[gi * n_out + c])
+                    if ct.parms_id() != self._output_parms_id or not ct.is_ntt_form() or ct.scale != self._scale:
+                        raise CiphertextError("output ciphertext is not at the level and scale of one product "
+                                              "and rescale")
                     pt = seal.Plaintext()
                     self._decryptor.decrypt(ct, pt)
                     slots = np.asarray(self._encoder.decode_double(pt))
@@ -261,6 +292,20 @@ class TenSEALTrustedContext:
                     y[gi * plan.rows_per_ct : (gi + 1) * plan.rows_per_ct, c * plan.m : (c + 1) * plan.m] = blocks[:, : plan.m]
             results.append(y[:rows, :d_out])
         return results
+
+    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> np.ndarray:
+        """(rows × members) error bound of an honest worker:
+        ε = 2^(13 − scale_bits)·√N·(1 + ‖W‖_row + ‖x_r‖₁/16), ‖W‖_row = max_k Σ_j |W_kj|.
+
+        CKKS noise in SEAL is additive and random: encoding rounding (≤ ½ per coefficient, at scale 2^scale_bits
+        for x and q_1 ≈ 2^scale_bits for the weights), fresh encryption noise (σ = 3.2), the rescale and the
+        key switches of the rotations; in the slots it grows like √N, not like the worst-case ℓ1 bound N.
+        Measured errors stay 15–200× below this bound on every GPT-2 / Qwen3 / MiniLM shape and for
+        activations with outliers of a few hundred (``benchmarks/verify_fpr.py``); it is a documented
+        high-probability bound, not a worst case (the native backend's is)."""
+        state = self._state(shape, batch, weights)
+        unit = 2.0 ** (ERROR_BITS - self.params.scale_bits) * math.sqrt(self.params.poly_modulus_degree)
+        return np.stack([unit * (1.0 + w.row_l1 + state.x_l1 / 16.0) for w in weights], axis=1)
 
     # Test hook: raw secret-key words, used only to prove they never leave the trusted side.
     def _secret_key_words(self) -> bytes:
@@ -309,12 +354,12 @@ class TenSEALEvaluator:
 
     def __init__(self, public_context: bytes) -> None:
         meta, galois_blob = _parse_public_context(public_context)
-        self.params = CKKSParams.from_dict(meta["params"])
-        self.context_id = bytes.fromhex(meta["context_id"])
+        self.params = meta["params"]
+        self.context_id = meta["context_id"]
         self._parms, self._ctx = _seal_context(self.params)
         self._encoder = seal.CKKSEncoder(self._ctx)
         self._evaluator = seal.Evaluator(self._ctx)
-        self.galois_steps = set(int(s) for s in meta["galois_steps"])
+        self.galois_steps = set(meta["galois_steps"])
         self._galois = seal.GaloisKeys()
         if galois_blob:
             try:
@@ -367,7 +412,17 @@ class TenSEALEvaluator:
             diagonals.append(per_member)
         return PreparedGroup(shape, plan, diagonals, nbytes)
 
+    def apply_many(self, prepared: PreparedGroup,
+                   items: Sequence[tuple["TenSEALEvaluator", Sequence[bytes]]]) -> list[list[list[bytes]]]:
+        """Each item with its own evaluator (context id, rotation keys); no shared kernel pass."""
+        for ev, _ in items:
+            if not isinstance(ev, TenSEALEvaluator) or ev.params != self.params:
+                raise CiphertextError("batched inputs must all use this evaluator's CKKS parameters")
+        return [ev.apply(prepared, cts) for ev, cts in items]
+
     def apply(self, prepared: PreparedGroup, ciphertexts: Sequence[bytes]) -> list[list[bytes]]:
+        if not isinstance(prepared, PreparedGroup) or prepared.plan.slots != self.params.slots:
+            raise CiphertextError("prepared weights were encoded for other parameters")
         plan = prepared.plan
         if not ciphertexts or len(ciphertexts) % plan.in_chunks:
             raise CiphertextError(
@@ -421,17 +476,20 @@ class TenSEALEvaluator:
 
 
 def _parse_public_context(blob: bytes) -> tuple[dict, bytes]:
+    """Public-context bytes -> ({params: CKKSParams, context_id: bytes, galois_steps: list[int]}, Galois keys).
+    Every malformed input (wrong JSON types, deep nesting, huge numbers, unknown or missing fields) raises
+    :class:`CiphertextError` (or SecretKeyInPublicContextError)."""
     if not isinstance(blob, (bytes, bytearray)) or len(blob) < len(PUB_MAGIC) + 4:
         raise CiphertextError("public context is truncated or empty")
     if blob[: len(PUB_MAGIC)] != PUB_MAGIC:
         raise CiphertextError("not a Bifrost/TenSEAL public context (bad magic)")
     (n,) = struct.unpack("<I", blob[len(PUB_MAGIC) : len(PUB_MAGIC) + 4])
     start = len(PUB_MAGIC) + 4
-    if n > len(blob) - start:
-        raise CiphertextError("public context is truncated")
+    if n > len(blob) - start or n > 1 << 20:
+        raise CiphertextError("public context metadata is truncated or too large")
     try:
-        meta = json.loads(blob[start : start + n])
-    except ValueError:
+        meta = json.loads(bytes(blob[start : start + n]))
+    except (ValueError, RecursionError):
         raise CiphertextError("public context metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise CiphertextError("public context metadata must be an object")
@@ -439,8 +497,43 @@ def _parse_public_context(blob: bytes) -> tuple[dict, bytes]:
     if any("secret" in str(k).lower() for k in extra):
         raise SecretKeyInPublicContextError("public context carries a secret key; refused")
     if extra or set(meta) != _PUBLIC_FIELDS:
-        raise CiphertextError(f"public context has unexpected fields {sorted(extra) or sorted(_PUBLIC_FIELDS - set(meta))}")
-    return meta, bytes(blob[start + n :])
+        raise CiphertextError(f"public context has unexpected fields {sorted(map(str, extra)) or sorted(_PUBLIC_FIELDS - set(meta))}")
+    return {"params": _params_field(meta["params"]), "context_id": _context_id_field(meta["context_id"]),
+            "galois_steps": _steps_field(meta["galois_steps"])}, bytes(blob[start + n :])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _params_field(p) -> CKKSParams:
+    keys = {"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits"}
+    if not isinstance(p, dict) or set(p) != keys:
+        raise CiphertextError(f"public context params must be an object with exactly {sorted(keys)}")
+    sizes = p["coeff_mod_bit_sizes"]
+    if not _is_int(p["poly_modulus_degree"]) or not _is_int(p["scale_bits"]) or not isinstance(sizes, list) \
+            or not 1 <= len(sizes) <= 16 or not all(_is_int(b) for b in sizes):
+        raise CiphertextError("public context params have the wrong types")
+    try:
+        return CKKSParams(poly_modulus_degree=p["poly_modulus_degree"], coeff_mod_bit_sizes=tuple(sizes),
+                          scale_bits=p["scale_bits"])
+    except ValueError as exc:  # InsecureParametersError included
+        raise CiphertextError(f"public context params refused: {exc}") from None
+
+
+def _context_id_field(v) -> bytes:
+    if not isinstance(v, str) or len(v) != 2 * CONTEXT_ID_BYTES:
+        raise CiphertextError("public context id must be 32 hex digits")
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise CiphertextError("public context id must be 32 hex digits") from None
+
+
+def _steps_field(v) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_GALOIS_STEPS or not all(_is_int(s) and 0 < s < 1 << 20 for s in v):
+        raise CiphertextError("public context galois_steps must be a list of positive rotation steps")
+    return v
 
 
 class TenSEALBackend:
@@ -459,6 +552,17 @@ class TenSEALBackend:
     def evaluator(self, public_context: bytes) -> TenSEALEvaluator:
         _reject_tenseal_private_context(public_context)
         return TenSEALEvaluator(public_context)
+
+    def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
+        return ROWS_PER_CALL
+
+    def max_output_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
+        """Uncompressed SEAL serialization at the output level (one data prime), plus headers, per output
+        ciphertext (zstd-compressed ones are smaller)."""
+        plan = PackingPlan.for_shape(params.slots, shape)
+        count = math.ceil(rows / plan.rows_per_ct) * sum(plan.out_chunks(d) for d in shape.d_outs)
+        per_ct = _HEADER_BYTES + 2 * params.poly_modulus_degree * 8 + 4096
+        return count * per_ct
 
 
 def _reject_tenseal_private_context(blob: bytes) -> None:

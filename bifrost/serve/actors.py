@@ -42,11 +42,13 @@ from ..config import RunConfig
 from ..errors import BifrostError
 from ..model.catalog import ModelSpec, load_model
 from ..proto import serving_pb2
+from ..attest.mtls import WorkerEndpoint
 from ..tee.batching import MAX_ITEM_ROWS, DecodeBatcher
 from ..tee.delegate import using_engine
 from ..tee.engine import DelegationEngine
 from ..tee.link import WorkerCallError
-from ..tee.pool import WorkerDirectory, WorkerPool
+from ..tee.pool import WorkerPool
+from ..tee.quarantine import WorkerQuarantine
 from ..tee.runtime import TrustedRuntime
 from .config import ServeConfig
 
@@ -134,12 +136,14 @@ class _Refused(Exception):
 class ReplicaActor:
     """One model replica and the sessions assigned to it. Thread-safe (Ray threaded actor)."""
 
-    def __init__(self, cfg: RunConfig, scfg: ServeConfig, worker_addresses: list[str], replica_index: int = 0) -> None:
+    def __init__(self, cfg: RunConfig, scfg: ServeConfig, workers: list[WorkerEndpoint], replica_index: int = 0) -> None:
+        """``workers``: the CKKS workers (address + pinned certificate); this replica presents the TLS identity
+        ``cfg.tee.identity`` to them and shares ``scfg.quarantine_file`` with every replica and later run."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.cfg, self.scfg, self.index = cfg, scfg, replica_index
-        self.directory = WorkerDirectory(worker_addresses, scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
-        self.runtime = TrustedRuntime(cfg, WorkerPool(self.directory))
+        self.runtime = TrustedRuntime(cfg, None, quarantine=WorkerQuarantine(scfg.quarantine_file))
+        self.directory = self.runtime.directory(list(workers), scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
         self.spec = self.runtime.spec
         self.model_digest = model_digest(self.spec, cfg.seed, self.runtime.reference or _public_copy(self.spec, cfg.seed))
         self.config_digest = serving_config_digest(cfg, scfg)
@@ -170,6 +174,8 @@ class ReplicaActor:
             n = len(self._sessions)
         batching = self.batcher.stats if self.batcher is not None else None
         return {"sessions": n, "workers": self.directory.snapshot(), "failovers": self.directory.stats.failovers,
+                "quarantined_workers": sorted(self.runtime.quarantine.entries()),
+                "workers_refused_at_start": list(self.directory.refused),
                 "batched_worker_calls": batching.worker_calls if batching else 0,
                 "mean_items_per_batched_call": batching.mean_items if batching else 0.0,
                 "max_items_per_batched_call": batching.max_items if batching else 0,
@@ -201,8 +207,7 @@ class ReplicaActor:
         pool = WorkerPool(self.directory)
         try:  # this session's own CKKS key pair and worker sessions
             link = self.batcher.link_for(pool) if self.batcher is not None else pool
-            engine = DelegationEngine(link, self.cfg.backend, self.cfg.ckks_params(),
-                                      self.runtime.sites, self.runtime.groups)
+            engine = self.runtime.new_engine(link)
         except BaseException as exc:
             pool.close()  # worker sessions opened before the failure
             if isinstance(exc, WorkerCallError) and exc.code.name == "RESOURCE_EXHAUSTED":

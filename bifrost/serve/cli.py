@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="listen port; 0 picks a free one")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument("--workers", help="comma-separated CKKS worker addresses (default: start local ones)")
+    p.add_argument("--worker-certs", help="comma-separated certificates (PEM) of those workers, same order: pinned")
     p.add_argument("--local-workers", type=int, help="how many local workers to start when none are given")
     p.add_argument("--replicas", type=int, help="trusted-runtime replicas")
     p.add_argument("--runtime", choices=("ray", "local"), help="ray: replicas as Ray actors; local: in-process")
@@ -69,6 +70,8 @@ def _configs(args):
         "evidence_provider": args.evidence}.items() if v is not None}
     if args.workers:
         changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())
+    if args.worker_certs:
+        changes["worker_certs"] = tuple(a.strip() for a in args.worker_certs.split(",") if a.strip())
     return cfg, scfg.replace(**changes) if changes else scfg
 
 

@@ -36,6 +36,7 @@ class ServeConfig:
     replica_cpus: float = 1.0
     replicas: int = 1
     workers: tuple[str, ...] = field(default_factory=tuple)
+    worker_certs: tuple[str, ...] = field(default_factory=tuple)  # pinned certificate of each worker, same order
     local_workers: int = 1
     worker_call_timeout_s: float = 60.0
     worker_retry_after_s: float = 30.0
@@ -58,6 +59,8 @@ class ServeConfig:
     # a token; null: the default policy (simulated evidence accepted only when evidence_provider: simulated).
     issuer_policy: str | None = None
     run_dir: str = "runs"
+    # worker identities caught deviating: shared by every replica and every later run naming the same file
+    quarantine_file: str = "runs/worker-quarantine.json"
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -97,6 +100,9 @@ class ServeConfig:
         for a in self.workers:
             if not _is_host_port(a):
                 raise BifrostError(f"serve.workers: {a!r} is not host:port")
+        if len(self.worker_certs) != len(self.workers):
+            raise BifrostError(f"serve: {len(self.workers)} worker address(es) but {len(self.worker_certs)} "
+                               "worker_certs: every worker's certificate is pinned (same order)")
         self._check_ray()
 
     def _check_ray(self) -> None:

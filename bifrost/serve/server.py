@@ -495,20 +495,26 @@ class ServeApp:
         return self
 
     def _start(self) -> None:
-        addresses = list(self.scfg.workers)
-        if not addresses:
+        from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint
+
+        if not self.cfg.tee.identity:  # the replicas' TLS identity (one for the deployment), kept in the run folder
+            TLSIdentity.generate(TRUSTED_TLS_NAME).save(self.run_dir / "identity")
+            self.cfg = self.cfg.replace(tee=dataclasses.replace(self.cfg.tee, identity=str(self.run_dir / "identity")))
+        identity = TLSIdentity.load_or_create(self.cfg.tee.identity, TRUSTED_TLS_NAME)
+        endpoints = [WorkerEndpoint.from_files(a, c) for a, c in zip(self.scfg.workers, self.scfg.worker_certs)]
+        if not endpoints:
             from ..worker.launcher import LocalWorker
 
             wcfg = self.run_dir / "worker.yaml"  # room for every session on every worker
             wcfg.write_text(run_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
             for i in range(self.scfg.local_workers):
-                w = LocalWorker(self.cfg.model, self.cfg.seed, config=str(wcfg),
+                w = LocalWorker(self.cfg.model, self.cfg.seed, [identity.cert_pem], config=str(wcfg),
                                 log_path=str(self.run_dir / f"worker-{i}.log"))
                 self.local_workers.append(w)
                 w.start()
-                addresses.append(w.address)
-        self.worker_addresses = addresses
-        args = (self.cfg, self.scfg, addresses)
+                endpoints.append(w.endpoint)
+        self.worker_addresses = [e.address for e in endpoints]
+        args = (self.cfg, self.scfg, endpoints)
         if self.scfg.runtime == "ray":
             self._start_ray()
             import ray
@@ -526,7 +532,7 @@ class ServeApp:
         self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
                                                          threads=self.scfg.max_sessions + 8)
         log.info("serving %s on %s:%d (%d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
-                 self.port, len(self.replicas), self.scfg.runtime, ", ".join(addresses))
+                 self.port, len(self.replicas), self.scfg.runtime, ", ".join(self.worker_addresses))
 
     def _start_ray(self) -> None:
         if self.scfg.ray_address:  # a real cluster: it has its own temp dir and auth settings

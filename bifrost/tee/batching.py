@@ -24,11 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import grpc
-
 from ..proto import worker_pb2
-from .link import WorkerCallError
-from .pool import WorkerDirectory, WorkerPool, linear_on_pool
+from .link import WorkerReply
+from .pool import WorkerDirectory, WorkerPool
 
 DEFAULT_WINDOW_S = 0.25
 DEFAULT_MAX_BATCH_ROWS = 16
@@ -41,8 +39,7 @@ class _Item:
     ciphertexts: Sequence[bytes]
     rows: int
     done: bool = False
-    outputs: list[list[bytes]] | None = None
-    worker_s: float = 0.0
+    reply: WorkerReply | None = None
     error: BaseException | None = None
 
 
@@ -106,7 +103,8 @@ class DecodeBatcher:
         return BatchedLink(self, pool)
 
     # ------------------------------------------------------------------ the rendezvous
-    def linear(self, pool: WorkerPool, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes], rows: int):
+    def linear(self, pool: WorkerPool, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
+               rows: int) -> WorkerReply:
         if not getattr(self._local, "active", False) or rows > MAX_ITEM_ROWS:
             with self._waiting():
                 return pool.linear(group, ciphertexts)
@@ -138,7 +136,7 @@ class DecodeBatcher:
             self._computing += 1
         if item.error is not None:
             raise item.error
-        return item.outputs, item.worker_s
+        return item.reply
 
     @contextlib.contextmanager
     def _waiting(self):
@@ -159,19 +157,14 @@ class DecodeBatcher:
                 or time.monotonic() - batch.created >= self.window_s)
 
     def _run(self, batch: _Batch) -> None:
-        """Send one batch (outside the lock) and wake its members. Never raises."""
+        """Send one batch (outside the lock) and wake its members. Never raises: an error (e.g. an error
+        status of the worker, which each session's engine holds against that worker) goes to every member."""
         items = batch.items
         try:
-            outputs, seconds = linear_on_pool(self.directory, [i.pool for i in items], batch.group,
-                                              [i.ciphertexts for i in items])
+            outputs, seconds, worker = self.directory.linear([i.pool for i in items], batch.group,
+                                                             [i.ciphertexts for i in items])
             for item, out in zip(items, outputs):
-                item.outputs, item.worker_s = out, seconds
-        except WorkerCallError as exc:
-            if len(items) > 1 and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                self._run_alone(batch.group, items)  # one bad item must not fail the other sessions
-            else:
-                for item in items:
-                    item.error = exc
+                item.reply = WorkerReply(out, seconds, worker)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting session
             for item in items:
                 item.error = exc
@@ -182,14 +175,6 @@ class DecodeBatcher:
             for item in items:
                 item.done = True
             self._cv.notify_all()
-
-    @staticmethod
-    def _run_alone(group: worker_pb2.LayerGroup, items: list[_Item]) -> None:
-        for item in items:
-            try:
-                item.outputs, item.worker_s = item.pool.linear(group, item.ciphertexts)
-            except BaseException as exc:  # noqa: BLE001
-                item.error = exc
 
 
 class BatchedLink:

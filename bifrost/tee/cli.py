@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--model", help="model name (configs/models.yaml) or local checkpoint directory")
         p.add_argument("--backend", help="CKKS backend name")
         p.add_argument("--worker", help="host:port of a running worker (default: start one on loopback)")
+        p.add_argument("--worker-cert", help="that worker's certificate (PEM), pinned (default: worker.cert)")
         p.add_argument("--seed", type=int, help="seed of random-init named models")
         p.add_argument("--json", action="store_true", help="print a JSON report instead of tables")
 
@@ -81,16 +82,25 @@ def _config(args):
 
 @contextlib.contextmanager
 def _worker(cfg, args):
+    """The worker endpoint: a running worker (address + pinned certificate), else a local one on loopback
+    that trusts this process's TLS identity."""
+    from ..attest.mtls import WorkerEndpoint
+    from ..errors import BifrostError
+
     address = args.worker or cfg.worker.address
     if address:
-        yield address
+        cert = args.worker_cert or cfg.worker.cert
+        if not cert:
+            raise BifrostError(f"worker {address}: give its certificate to pin with --worker-cert (or worker.cert)")
+        yield WorkerEndpoint.from_files(address, cert)
         return
+    from ..tee.runtime import trusted_identity
     from ..worker.launcher import LocalWorker
 
     with _status(f"starting a local CKKS worker for {cfg.model}"):
-        worker = LocalWorker(cfg.model, cfg.seed, config=args.config).start()
+        worker = LocalWorker(cfg.model, cfg.seed, [trusted_identity(cfg).cert_pem], config=args.config).start()
     try:
-        yield worker.address
+        yield worker.endpoint
     finally:
         worker.stop()
 
@@ -112,9 +122,9 @@ def run_generate(args) -> int:
     from ..tee.runtime import TrustedRuntime
 
     cfg = _config(args)
-    with _worker(cfg, args) as address:
+    with _worker(cfg, args) as endpoint:
         with _status("generating CKKS keys and opening a worker session (weights are encoded once)"):
-            runtime = TrustedRuntime(cfg, address, reference=args.compare)
+            runtime = TrustedRuntime(cfg, endpoint, reference=args.compare)
         try:
             result = runtime.generate(cfg.generation.prompt)
         finally:
@@ -144,7 +154,13 @@ def _generation_report(cfg, runtime, result) -> dict:
         "time_to_first_token_s": result.timings[0].total_s,
         "decode_s_per_token_mean": statistics.fmean(t.total_s for t in decode),
         "decode_breakdown_mean_s": {k: statistics.fmean(getattr(t, k) for t in decode)
-                                    for k in ("nonlinear_s", "encrypt_s", "transfer_s", "worker_s", "decrypt_s")},
+                                    for k in ("nonlinear_s", "encrypt_s", "transfer_s", "worker_s", "decrypt_s",
+                                              "verify_s", "local_s")},
+        "verification": {"vectors": cfg.verification.vectors, "z": cfg.verification.z,
+                         "comparisons": runtime.engine.stats.checks, "deviations": runtime.engine.stats.deviations,
+                         "calls_recomputed_in_tee": runtime.engine.stats.local_calls,
+                         "quarantined_workers": sorted(runtime.quarantine.entries()),
+                         "verify_share_of_decode": statistics.fmean(t.verify_s / t.total_s for t in decode)},
         "decode_bytes_per_token": {"sent": statistics.fmean(t.bytes_sent for t in decode),
                                    "received": statistics.fmean(t.bytes_received for t in decode)},
         "per_token": [dict(vars(t), nonlinear_s=t.nonlinear_s) for t in result.timings],
@@ -164,16 +180,23 @@ def _print_generation(rep: dict, result) -> None:
     console = Console(width=None if sys.stdout.isatty() else 140)
     table = Table(title=f"{rep['model']} · backend {rep['backend']} · N={rep['ckks']['N']} · "
                         f"{rep['delegated_layers']} delegated layers", title_justify="left")
-    for col in ("#", "token", "total ms", "non-linear", "encrypt", "transfer", "worker", "decrypt", "KB up", "KB down"):
+    for col in ("#", "token", "total ms", "non-linear", "encrypt", "transfer", "worker", "decrypt", "verify",
+                "KB up", "KB down"):
         table.add_column(col, justify="right")
     for t in result.timings:
         label = "prefill" if t.index == 0 else str(t.index)
         table.add_row(label, str(t.token), f"{t.total_s * 1e3:.0f}", f"{t.nonlinear_s * 1e3:.0f}", f"{t.encrypt_s * 1e3:.0f}",
                       f"{t.transfer_s * 1e3:.0f}", f"{t.worker_s * 1e3:.0f}", f"{t.decrypt_s * 1e3:.0f}",
-                      f"{t.bytes_sent / 1e3:.0f}", f"{t.bytes_received / 1e3:.0f}")
+                      f"{t.verify_s * 1e3:.1f}", f"{t.bytes_sent / 1e3:.0f}", f"{t.bytes_received / 1e3:.0f}")
     console.print(table)
     console.print(f"tokenizer: {rep['tokenizer']}")
     console.print(f"generated: {rep['text']!r}")
+    v = rep["verification"]
+    status = (f"[green]all {v['comparisons']} comparisons passed[/green]" if not v["deviations"] else
+              f"[red]{v['deviations']} deviating replies, recomputed in the TEE; quarantined: "
+              f"{', '.join(w[:23] for w in v['quarantined_workers'])}[/red]")
+    console.print(f"verification ({v['vectors']} secret vectors per matrix): {status}; "
+                  f"{v['verify_share_of_decode']:.2%} of decode time")
     console.print(f"time to first token ({rep['prompt_tokens']} prompt tokens): {rep['time_to_first_token_s']:.2f} s · "
                   f"decode: {rep['decode_s_per_token_mean'] * 1e3:.0f} ms/token · setup {rep['setup_s']:.1f} s")
     if "fidelity" in rep:
@@ -193,8 +216,8 @@ def run_embed(args) -> int:
 
     if resolve(cfg.model).task != "encoder":
         raise BifrostError(f"{cfg.model} is not an encoder model")
-    with _worker(cfg, args) as address:
-        runtime = TrustedRuntime(cfg, address)
+    with _worker(cfg, args) as endpoint:
+        runtime = TrustedRuntime(cfg, endpoint)
         try:
             emb = runtime.embed(args.texts)
         finally:

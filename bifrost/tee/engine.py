@@ -1,71 +1,132 @@
-"""Trusted-side delegation engine: encrypt → worker → decrypt, one refresh per delegated layer.
+"""Trusted-side delegation engine: encrypt → worker → decrypt → verify, one refresh per delegated layer.
 
 Every call is a complete *decrypt-then-encrypt refresh* boundary: the input is freshly encrypted at
 the top CKKS level, the worker spends exactly one level (one plaintext multiplication + rescale), and
 the result is decrypted here. No ciphertext outlives one delegated layer, so no bootstrapping is ever
 needed and the noise budget never accumulates across layers.
 
+Nothing a worker sends steers decoding: scales, levels and blockings come from the call's trusted
+record (``EncryptedBatch.state``) and the trusted copy of the weights. Every decoded product is verified
+(:mod:`.verify`) before it is used. A reply that fails any check — an error status, the wrong size or
+shape, a replayed ciphertext, a value out of range, the product check — quarantines the worker that sent
+it (:mod:`.quarantine`) and the product is computed here from the trusted weights instead. The worker
+sees nothing change: what it receives next is exactly what it would have received (the tokens are the
+honest ones), so a failure answers none of its questions. Calls served by a quarantined worker are
+always recomputed here; when a quarantined worker exists that product is started before the request
+goes out, so it overlaps the worker's round trip.
+
+Rows a worker sees are padded to :func:`~bifrost.ckks.row_bucket` (zero rows), so a prompt's length is
+visible to it only to within a factor of 1.5.
+
 The secret key stays in ``self._keys`` (a :class:`~bifrost.ckks.TrustedContext`); only its
-``public_context()`` and ciphertexts are handed to the gRPC stub.
+``public_context()`` and ciphertexts are handed to the link.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import logging
 import time
-from dataclasses import dataclass, fields
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Mapping
 
 import numpy as np
 
-from ..ckks import CKKSParams, GroupShape, get_backend
+from ..ckks import CiphertextError, CKKSParams, GroupShape, get_backend, row_bucket
+from ..config import VerificationConfig
 from ..errors import BifrostError
 from ..model.delegation import Site
 from ..proto import worker_pb2
-from .link import WorkerLink
+from .link import WorkerCallError, WorkerLink, WorkerReply
+from .quarantine import WorkerQuarantine
+from .verify import ProductVerifier
 
-ROWS_PER_CALL = 64
+log = logging.getLogger("bifrost.engine")
+
+REPLAY_WINDOW = 1 << 17  # output-ciphertext fingerprints remembered per session (~6 MB)
+_LOCAL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee-local-linear")
+
+
+@dataclass
+class GroupStats:
+    """Worker traffic of one layer group (what the estimator predicts exactly)."""
+
+    calls: int = 0
+    rows: int = 0            # rows sent, padding included
+    cts_in: int = 0
+    cts_out: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 @dataclass
 class CallStats:
-    """Accumulated costs of delegated calls (seconds, bytes)."""
+    """Accumulated costs of delegated calls (seconds, bytes, counts)."""
 
     calls: int = 0
     encrypt_s: float = 0.0
     rpc_s: float = 0.0  # wall time of the RPC: transfer + worker compute
     worker_s: float = 0.0  # worker-reported compute
     decrypt_s: float = 0.0
+    verify_s: float = 0.0  # range + product checks, replay fingerprints
+    local_s: float = 0.0   # products recomputed in the TEE (quarantined or deviating worker)
     bytes_sent: int = 0
     bytes_received: int = 0
+    checks: int = 0        # rows × members × vectors compared
+    deviations: int = 0    # calls whose reply failed a check
+    local_calls: int = 0   # calls whose product was computed in the TEE
+    groups: dict = field(default_factory=dict)  # group -> GroupStats
 
     @property
     def transfer_s(self) -> float:
         return max(self.rpc_s - self.worker_s, 0.0)
 
     def snapshot(self) -> "CallStats":
-        return CallStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        out = CallStats(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "groups"})
+        out.groups = {g: GroupStats(**vars(s)) for g, s in self.groups.items()}
+        return out
 
     def minus(self, other: "CallStats") -> "CallStats":
-        return CallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+        out = CallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)
+                           if f.name != "groups"})
+        for g, s in self.groups.items():
+            o = other.groups.get(g, GroupStats())
+            out.groups[g] = GroupStats(**{k: v - getattr(o, k) for k, v in vars(s).items()})
+        return out
 
 
 class DelegationEngine:
-    """Owns the CKKS keys of one session and its link to the worker(s)."""
+    """Owns the CKKS keys, check vectors and worker link of one session."""
 
     def __init__(self, link: WorkerLink, backend: str, params: CKKSParams, site_list: list[Site],
-                 groups: list[tuple[str, ...]], prepare: bool = True) -> None:
+                 groups: list[tuple[str, ...]], weights: Mapping[str, np.ndarray], *,
+                 verify: VerificationConfig | None = None, quarantine: WorkerQuarantine | None = None,
+                 prepare: bool = True) -> None:
+        """``weights``: the trusted copy of every site's weight, (d_out, d_in) — the products are checked
+        against it, and computed from it when a worker deviates."""
         self.link = link
         self.sites = {s.name: s for s in site_list}
         self.group_of: dict[str, tuple[str, ...]] = {n: g for g in groups for n in g}
         self.shapes = {g: GroupShape(self.sites[g[0]].d_in, tuple(self.sites[n].d_out for n in g)) for g in groups}
         self._refs = {g: worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=n, digest=self.sites[n].digest) for n in g])
                       for g in groups}
+        missing = [n for n in self.sites if n not in weights]
+        if missing:
+            raise BifrostError(f"no trusted weights for delegated layers {missing[:3]}")
+        self._weights = {g: [np.asarray(weights[n], dtype=np.float64) for n in g] for g in groups}
+        self.verifier = ProductVerifier(self._weights, verify)
+        self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
+        self.quarantine = quarantine if quarantine is not None else WorkerQuarantine()
         self.stats = CallStats()
+        self._seen: set[bytes] = set()
+        self._seen_order: collections.deque = collections.deque()
         self._check_worker_serves_sites()
-        backend_impl = get_backend(backend)
-        self._keys = backend_impl.keygen(params, sorted(set(self.shapes.values()), key=repr))
-        # rows one worker call carries: the backend's own rule when it has one, else ROWS_PER_CALL
-        self._rows_per_call = getattr(self._keys, "rows_per_call", lambda _shape, _rows: ROWS_PER_CALL)
+        self.params = params
+        self._backend = get_backend(backend)
+        self._keys = self._backend.keygen(params, sorted(set(self.shapes.values()), key=repr))
         public = self._keys.public_context()
         self.public_context_bytes = len(public)
         self.prepare_seconds = link.open_session(backend, public, list(self._refs.values()) if prepare else [])
@@ -90,34 +151,113 @@ class DelegationEngine:
             if got.digest != s.digest:
                 raise BifrostError(f"worker's weights for {s.name!r} differ from ours (digest mismatch)")
 
-    def run_group(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
-        """``[x @ W_n.T for n in group]`` for ``x`` (rows × d_in, float64), computed under CKKS.
+    def rows_per_call(self, group: tuple[str, ...], rows: int) -> int:
+        return self._backend.rows_per_call(self.params, self.shapes[group], rows)
 
-        A long prompt goes in several calls when the backend says so (``rows_per_call``; default at most
-        ``ROWS_PER_CALL`` rows), which bounds the size of one request and the worker's working memory;
-        decode steps (one row) are always one call.
-        """
-        shape = self.shapes[group]
-        per_call = self._rows_per_call(shape, len(x))
+    def run_group(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        """``[x @ W_n.T for n in group]`` for ``x`` (rows × d_in, float64), computed under CKKS and verified.
+
+        The rows are padded with zero rows to :func:`row_bucket` and split into calls as the backend says
+        (``rows_per_call``: bounds a request's size and the worker's working memory; every part is
+        planned again); decode steps (one row) are always one call."""
+        x = np.asarray(x, dtype=np.float64)
+        rows = len(x)
+        padded = row_bucket(rows)
+        if padded != rows:
+            x = np.concatenate([x, np.zeros((padded - rows, x.shape[1]))])
+        return [y[:rows] for y in self._run_rows(group, x)]
+
+    def _run_rows(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        per_call = self.rows_per_call(group, len(x))
         if len(x) > per_call:
-            parts = [self.run_group(group, x[i : i + per_call]) for i in range(0, len(x), per_call)]
+            parts = [self._run_rows(group, x[i: i + per_call]) for i in range(0, len(x), per_call)]
             return [np.concatenate(member) for member in zip(*parts)]
+        return self._call(group, x)
+
+    def _local(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        return [x @ w.T for w in self._weights[group]]
+
+    def _call(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        shape, st = self.shapes[group], self.stats
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()
-        outputs, worker_s = self.link.linear(self._refs[group], batch.ciphertexts, rows=len(x))
+        # With a quarantined worker about, start the TEE's own product now so that it overlaps the round
+        # trip: a quarantined worker's calls then keep the timing of an honest one.
+        ahead: Future | None = _LOCAL.submit(self._local, group, x) if len(self.quarantine) else None
+        reply, failure = None, ""
+        try:
+            reply = self.link.linear(self._refs[group], batch.ciphertexts, rows=len(x))
+        except WorkerCallError as exc:
+            if not exc.worker:  # no worker reachable at all: not a deviation, the turn fails
+                raise
+            failure, worker = f"error status {exc.code.name}", exc.worker
         t2 = time.perf_counter()
-        ys = self._keys.decrypt(shape, outputs, batch.rows)
+        ys, received = None, 0
+        if reply is not None:
+            worker = reply.worker
+            received = sum(len(c) for o in reply.outputs for c in o)
+            try:
+                failure = self._check_reply(shape, reply, received, len(x))
+                if not failure:
+                    ys = self._keys.decrypt(shape, reply.outputs, batch, self._stats_of[group])
+            except CiphertextError as exc:
+                failure = f"malformed reply: {exc}"
         t3 = time.perf_counter()
-        st = self.stats
+        if ys is not None:
+            bounds = self._keys.error_bound(shape, batch, self._stats_of[group])
+            result = self.verifier.check(group, x, ys, bounds)
+            st.checks += result.comparisons
+            if not result.ok:
+                failure = f"{result.reason} check ({result.worst:.3g} × tolerance)"
+        t4 = time.perf_counter()
+        if failure:
+            st.deviations += 1
+            self.quarantine.add(worker, failure.split(":")[0])
+            log.debug("call to %s deviated: %s", worker[:23], failure)
+        if failure or worker in self.quarantine:
+            ys = ahead.result() if ahead is not None else self._local(group, x)
+            st.local_calls += 1
+        elif ahead is not None:
+            ahead.cancel()
+        t5 = time.perf_counter()
         st.calls += 1
         st.encrypt_s += t1 - t0
         st.rpc_s += t2 - t1
-        st.worker_s += worker_s
+        st.worker_s += reply.compute_s if reply is not None else 0.0
         st.decrypt_s += t3 - t2
-        st.bytes_sent += sum(len(c) for c in batch.ciphertexts)
-        st.bytes_received += sum(len(c) for o in outputs for c in o)
+        st.verify_s += t4 - t3
+        st.local_s += t5 - t4
+        sent = sum(len(c) for c in batch.ciphertexts)
+        st.bytes_sent += sent
+        st.bytes_received += received
+        g = st.groups.setdefault(group, GroupStats())
+        g.calls += 1
+        g.rows += len(x)
+        g.cts_in += len(batch.ciphertexts)
+        g.cts_out += sum(len(o) for o in reply.outputs) if reply is not None else 0
+        g.bytes_sent += sent
+        g.bytes_received += received
         return ys
+
+    def _check_reply(self, shape: GroupShape, reply: WorkerReply, received: int, rows: int) -> str:
+        """Public checks of a reply (functions of its bytes only): size and exact replays."""
+        limit = self._backend.max_output_bytes(self.params, shape, rows)
+        if received > limit:
+            return f"oversized reply: {received} bytes for at most {limit}"
+        prints = []
+        for member in reply.outputs:
+            for ct in member:
+                fp = hashlib.blake2b(len(ct).to_bytes(4, "little") + ct[-64:], digest_size=12).digest()
+                prints.append(fp)
+        if len(set(prints)) != len(prints) or any(fp in self._seen for fp in prints):
+            return "replayed ciphertext"
+        for fp in prints:
+            self._seen.add(fp)
+            self._seen_order.append(fp)
+        while len(self._seen_order) > REPLAY_WINDOW:
+            self._seen.discard(self._seen_order.popleft())
+        return ""
 
     def linear(self, name: str, x, version: int) -> np.ndarray:
         """Output of site ``name`` for input ``x`` (a torch tensor, rows × d_in).

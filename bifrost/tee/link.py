@@ -1,27 +1,45 @@
 """How the trusted runtime reaches workers: a small ``WorkerLink`` Protocol and its gRPC implementation.
 
-A link carries only public material (public CKKS context, ciphertexts, layer ids). A pool of workers
-with dispatch and fail-over is another ``WorkerLink``; the delegation engine does not care which.
+A link carries only public material (public CKKS context, ciphertexts, layer ids). Every channel is
+mutual TLS under the worker's pinned certificate (:mod:`bifrost.attest.mtls`), and every reply names
+the worker identity that produced it, so the engine can hold that identity to account. A pool of
+workers with dispatch and fail-over is another ``WorkerLink``; the delegation engine does not care which.
+
+Reply sizes: a channel refuses (unread) any message larger than ``max_reply_bytes``, the largest reply
+an honest worker can send for this model and backend (:func:`reply_limit`); the engine then checks
+each reply against the exact size of its call.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
 
 import grpc
 
+from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_channel
+from ..ckks import CKKSParams, GroupShape, get_backend, row_bucket
 from ..errors import BifrostError
 from ..proto import worker_pb2, worker_pb2_grpc
 
-MAX_MESSAGE_BYTES = 1 << 30
+MAX_REQUEST_BYTES = 1 << 30  # what the trusted side may send (its own requests: bounded by the blockings)
+REPLY_OVERHEAD_BYTES = 1 << 16  # protobuf framing of a reply beyond its ciphertexts, with room to spare
 
 
 class WorkerCallError(BifrostError):
-    """A worker answered with an error status (or could not be reached)."""
+    """A worker answered with an error status (or could not be reached). ``worker`` is the identity of
+    the worker that answered with a non-transport error, if any."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, worker: str = "") -> None:
         super().__init__(f"worker call failed: {code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.worker = code, details, worker
+
+
+@dataclass(frozen=True)
+class WorkerReply:
+    outputs: list[list[bytes]]  # one ciphertext list per group member
+    compute_s: float            # worker-reported compute time (seconds; informational, not trusted)
+    worker: str                 # identity of the worker that answered (pinned certificate fingerprint)
 
 
 class WorkerLink(Protocol):
@@ -30,38 +48,65 @@ class WorkerLink(Protocol):
     def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
         """Register the public context; returns the worker's weight-encoding time (seconds)."""
 
-    def linear(self, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
-               rows: int = 1) -> tuple[list[list[bytes]], float]:
-        """Returns (one ciphertext list per group member, worker compute seconds). ``rows`` (how many
-        activation rows the ciphertexts hold) is a scheduling hint for batching links."""
+    def linear(self, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes], rows: int = 1) -> WorkerReply:
+        """Evaluate one layer group. ``rows`` (how many activation rows the ciphertexts hold) is a
+        scheduling hint for batching links. Raises :class:`WorkerCallError`."""
 
     def close(self) -> None: ...
 
 
-def connect(address: str, timeout_s: float = 30.0) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+def reply_limit(backend: str, params: CKKSParams, shapes: Iterable[GroupShape], max_rows: int,
+                batch_rows: int = 16) -> int:
+    """Largest message an honest worker sends to this model's trusted side: the biggest call of at most
+    ``max_rows`` rows (padded to its bucket, split as the engine splits it), or a batched decode call of
+    ``batch_rows`` one-row items; plus protobuf framing."""
+    impl = get_backend(backend)
+    biggest = 0
+    for shape in set(shapes):
+        rows = row_bucket(max(1, max_rows))
+        per_call = impl.rows_per_call(params, shape, rows)
+        biggest = max(biggest, impl.max_output_bytes(params, shape, min(rows, per_call)),
+                      batch_rows * impl.max_output_bytes(params, shape, 1))
+    return biggest + REPLY_OVERHEAD_BYTES + 64 * batch_rows
+
+
+def channel_options(max_reply_bytes: int) -> list[tuple]:
+    return [("grpc.max_receive_message_length", int(max_reply_bytes)),
+            ("grpc.max_send_message_length", MAX_REQUEST_BYTES)]
+
+
+def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_reply_bytes: int = 1 << 30,
+            timeout_s: float = 30.0) -> grpc.Channel:
+    """A ready mutual-TLS channel to ``endpoint`` (presenting ``identity``, default: this process's)."""
+    channel = worker_channel(endpoint, identity or process_identity(), channel_options(max_reply_bytes))
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
     except grpc.FutureTimeoutError:
         channel.close()
-        raise BifrostError(f"no CKKS worker reachable at {address} within {timeout_s:.0f} s") from None
+        raise BifrostError(f"no CKKS worker reachable at {endpoint.address} within {timeout_s:.0f} s "
+                           "(is it running, and does it trust this runtime's certificate and present the pinned one?)"
+                           ) from None
     return channel
 
 
 class GrpcWorkerLink:
     """One worker over one gRPC channel, one session."""
 
-    def __init__(self, channel: grpc.Channel, timeout_s: float = 600.0, address: str = "") -> None:
-        self.channel, self.address, self.timeout = channel, address, timeout_s
+    def __init__(self, channel: grpc.Channel, identity: str, timeout_s: float = 600.0, address: str = "") -> None:
+        self.channel, self.identity, self.address, self.timeout = channel, identity, address, timeout_s
         self.stub = worker_pb2_grpc.CKKSWorkerStub(channel)
         self.session_id: str | None = None
+
+    @classmethod
+    def connect(cls, endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, timeout_s: float = 600.0,
+                max_reply_bytes: int = 1 << 30) -> "GrpcWorkerLink":
+        return cls(connect(endpoint, identity, max_reply_bytes), endpoint.identity, timeout_s, endpoint.address)
 
     def _call(self, rpc, request):
         try:
             return rpc(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise WorkerCallError(exc.code(), exc.details()) from None
+            raise WorkerCallError(exc.code(), exc.details() or "", self.identity) from None
 
     def describe(self):
         return self._call(self.stub.Describe, worker_pb2.DescribeRequest()).layers
@@ -72,22 +117,28 @@ class GrpcWorkerLink:
         self.session_id = reply.session_id
         return reply.prepare_seconds
 
-    def linear(self, group, ciphertexts, rows: int = 1):
+    def linear(self, group, ciphertexts, rows: int = 1) -> WorkerReply:
         reply = self._call(self.stub.Linear, worker_pb2.LinearRequest(
             session_id=self.session_id, group=group, ciphertexts=ciphertexts))
-        return [list(o.ciphertexts) for o in reply.outputs], reply.compute_seconds
+        return WorkerReply([list(o.ciphertexts) for o in reply.outputs], reply.compute_seconds, self.identity)
 
-    def linear_batch(self, group, items: Sequence[tuple[str, Sequence[bytes]]]):
+    def linear_batch(self, group, items: Sequence[tuple[str, Sequence[bytes]]]) -> tuple[list[list[list[bytes]]], float]:
         """One group for several (worker session id, ciphertexts) items -> ([outputs per item], seconds)."""
         reply = self._call(self.stub.LinearBatch, worker_pb2.LinearBatchRequest(
             group=group, items=[worker_pb2.LinearBatchItem(session_id=sid, ciphertexts=cts) for sid, cts in items]))
+        if len(reply.results) != len(items):
+            raise WorkerCallError(grpc.StatusCode.DATA_LOSS, f"batched reply has {len(reply.results)} results for "
+                                  f"{len(items)} items", self.identity)
         return [[list(o.ciphertexts) for o in r.outputs] for r in reply.results], reply.compute_seconds
 
-    def close(self) -> None:
+    def close_session(self) -> None:
         if self.session_id:
             try:
                 self.stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=self.session_id), timeout=10)
             except grpc.RpcError:
                 pass
             self.session_id = None
+
+    def close(self) -> None:
+        self.close_session()
         self.channel.close()

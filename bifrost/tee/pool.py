@@ -1,12 +1,20 @@
 """A pool of CKKS workers behind the ``WorkerLink`` Protocol: least-loaded dispatch and fail-over.
 
-:class:`WorkerDirectory` is shared by every session of a process: one gRPC channel per worker, the
-in-flight load and health of each worker. :class:`WorkerPool` is one session's link (one CKKS key
-set): it opens the session on every worker with the same public context, sends each layer call to
-the least-loaded healthy worker, and when a call fails with UNAVAILABLE / DEADLINE_EXCEEDED /
-CANCELLED / ABORTED (a dead, hung or restarting worker) it marks that worker down and retries the
-same call on another one. CKKS layer calls are pure functions of (public context, ciphertexts), so
-a retry cannot change the result. A worker marked down is tried again after ``retry_after_s``.
+:class:`WorkerDirectory` is shared by every session of a process: one mutual-TLS channel per worker
+(pinned certificate, see :mod:`bifrost.attest.mtls`), the in-flight load and health of each worker.
+:class:`WorkerPool` is one session's link (one CKKS key set): it opens the session on every worker with
+the same public context, and :meth:`WorkerDirectory.linear` sends each layer call (one item, or the
+items of several sessions) to the least-loaded healthy worker. When a call fails with UNAVAILABLE /
+DEADLINE_EXCEEDED / CANCELLED / ABORTED / RESOURCE_EXHAUSTED (a dead, hung, restarting or overloaded
+worker: the worker's own doing, nothing that depends on the plaintext) it marks that worker down and
+retries the same call on another one. CKKS layer calls are pure functions of (public context,
+ciphertexts), so a retry cannot change the result. A worker marked down is tried again after
+``retry_after_s``. Any other error status is raised with the identity of the worker that sent it: the
+engine treats it as a deviation (see :mod:`bifrost.tee.engine`).
+
+Workers in the quarantine file when the directory is built (caught deviating in an earlier run or by
+another replica before this one started) are refused outright. Workers quarantined while it runs stay in
+the rotation (their results are discarded by the engine): see :mod:`bifrost.tee.quarantine` for why.
 
 Only public material passes through here (public contexts, ciphertexts, layer ids).
 """
@@ -21,25 +29,32 @@ from typing import Sequence
 
 import grpc
 
+from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_channel
 from ..errors import BifrostError
 from ..proto import worker_pb2
-from .link import MAX_MESSAGE_BYTES, GrpcWorkerLink, WorkerCallError
+from .link import GrpcWorkerLink, WorkerCallError, WorkerReply, channel_options
+from .quarantine import WorkerQuarantine
 
 log = logging.getLogger("bifrost.pool")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 @dataclass
 class WorkerState:
-    address: str
+    endpoint: WorkerEndpoint
+    identity: str
     channel: grpc.Channel
     inflight: int = 0
     calls: int = 0
     failures: int = 0
     down_until: float = 0.0
     last_error: str = ""
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
 
     def up(self, now: float) -> bool:
         return self.down_until <= now
@@ -48,21 +63,34 @@ class WorkerState:
 @dataclass
 class PoolStats:
     failovers: int = 0          # calls retried on another worker
-    calls_by_worker: dict[str, int] = field(default_factory=dict)
+    calls_by_worker: dict[str, int] = field(default_factory=dict)  # by address
 
 
 class WorkerDirectory:
     """The workers known to this process (shared by all sessions' pools). Thread-safe."""
 
-    def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0, retry_after_s: float = 30.0) -> None:
-        if not addresses:
-            raise BifrostError("a worker pool needs at least one worker address")
-        if len(set(addresses)) != len(addresses):
-            raise BifrostError("worker addresses must be distinct")
+    def __init__(self, endpoints: Sequence[WorkerEndpoint], identity: TLSIdentity | None = None,
+                 timeout_s: float = 60.0, retry_after_s: float = 30.0, max_reply_bytes: int = 1 << 30,
+                 quarantine: WorkerQuarantine | None = None) -> None:
+        if not endpoints:
+            raise BifrostError("a worker pool needs at least one worker")
+        if not all(isinstance(e, WorkerEndpoint) for e in endpoints):
+            raise BifrostError("workers are given as WorkerEndpoint (address + pinned certificate)")
+        if len({e.address for e in endpoints}) != len(endpoints) or len({e.identity for e in endpoints}) != len(endpoints):
+            raise BifrostError("worker addresses and certificates must be distinct")
+        self.quarantine = quarantine if quarantine is not None else WorkerQuarantine()
+        refused = [e for e in endpoints if e.identity in self.quarantine]
+        for e in refused:
+            log.warning("worker %s (%s) is quarantined: refused", e.address, e.identity[:23])
+        endpoints = [e for e in endpoints if e not in refused]
+        if not endpoints:
+            raise BifrostError("every configured CKKS worker is quarantined (caught deviating); "
+                               "configure other workers")
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.workers = [WorkerState(a, grpc.insecure_channel(a, options=opts)) for a in addresses]
+        self.identity = identity or process_identity()
+        opts = channel_options(max_reply_bytes)
+        self.workers = [WorkerState(e, e.identity, worker_channel(e, self.identity, opts)) for e in endpoints]
+        self.refused = [e.address for e in refused]
         self._lock = threading.Lock()
         self._describe: list | None = None
         self.stats = PoolStats()
@@ -98,7 +126,7 @@ class WorkerDirectory:
                 w.down_until = 0.0
 
     def link(self, w: WorkerState) -> GrpcWorkerLink:
-        return GrpcWorkerLink(w.channel, self.timeout_s, w.address)
+        return GrpcWorkerLink(w.channel, w.identity, self.timeout_s, w.address)
 
     def describe(self) -> list[worker_pb2.LayerInfo]:
         """Layers served (checked identical on every worker that answers)."""
@@ -126,8 +154,57 @@ class WorkerDirectory:
     def snapshot(self) -> list[dict]:
         now = time.monotonic()
         with self._lock:
-            return [{"address": w.address, "up": w.up(now), "inflight": w.inflight, "calls": w.calls,
-                     "failures": w.failures} for w in self.workers]
+            return [{"address": w.address, "identity": w.identity, "up": w.up(now), "inflight": w.inflight,
+                     "calls": w.calls, "failures": w.failures, "quarantined": w.identity in self.quarantine}
+                    for w in self.workers]
+
+    def linear(self, pools: Sequence["WorkerPool"], group: worker_pb2.LayerGroup,
+               inputs: Sequence[Sequence[bytes]]) -> tuple[list[list[list[bytes]]], float, str]:
+        """Evaluate ``group`` for ``inputs[i]`` under ``pools[i]``'s session (its own CKKS keys) on one worker:
+        one item is a ``Linear`` call, several are one ``LinearBatch`` call (cross-session batching).
+
+        The call goes to the least-loaded healthy worker; on a retryable failure it moves to another one,
+        and a worker that lost the sessions (restart) gets them reopened once. Returns (outputs per item,
+        worker compute seconds, identity of the worker that answered). Raises :class:`WorkerCallError`:
+        with ``worker`` set for an error status of a worker (the engine's business), without it when no
+        worker could be reached."""
+        tried: set[str] = set()
+        reopened: set[str] = set()
+        last: WorkerCallError | None = None
+        while True:
+            w = self.pick(tried)
+            if w is None:
+                raise WorkerCallError(last.code, last.details) if last else BifrostError("no CKKS worker available")
+            try:
+                sids = [p._session_on(w) for p in pools]
+                link = self.link(w)
+                if len(pools) == 1:
+                    link.session_id = sids[0]
+                    reply = link.linear(group, inputs[0])
+                    outputs, seconds = [reply.outputs], reply.compute_s
+                else:
+                    outputs, seconds = link.linear_batch(group, list(zip(sids, inputs)))
+                self.mark_up(w)
+                with self._lock:
+                    self.stats.calls_by_worker[w.address] = self.stats.calls_by_worker.get(w.address, 0) + 1
+                return outputs, seconds, w.identity
+            except WorkerCallError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND and "session" in exc.details and w.address not in reopened:
+                    reopened.add(w.address)  # the worker lost our sessions (restart, idle expiry): reopen once
+                    for p in pools:
+                        p._forget(w)
+                    continue
+                if exc.code not in RETRYABLE:
+                    raise WorkerCallError(exc.code, exc.details, w.identity) from None
+                last = exc
+                tried.add(w.address)
+                self.mark_down(w, f"{exc.code.name}: {exc.details}")
+                with self._lock:
+                    self.stats.failovers += 1
+                for p in pools:
+                    p._forget(w)
+            finally:
+                self.release(w)
 
     def close(self) -> None:
         for w in self.workers:
@@ -145,8 +222,8 @@ class WorkerPool:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_addresses(cls, addresses: Sequence[str], timeout_s: float = 60.0, retry_after_s: float = 30.0) -> "WorkerPool":
-        return cls(WorkerDirectory(addresses, timeout_s, retry_after_s), owns_directory=True)
+    def from_endpoints(cls, endpoints: Sequence[WorkerEndpoint], **kwargs) -> "WorkerPool":
+        return cls(WorkerDirectory(endpoints, **kwargs), owns_directory=True)
 
     # -- WorkerLink ------------------------------------------------------------------------
     def describe(self):
@@ -165,7 +242,7 @@ class WorkerPool:
             except WorkerCallError as exc:
                 errors.append(f"{w.address}: {exc.code.name}: {exc.details}")
                 codes.add(exc.code)
-                if exc.code in RETRYABLE:
+                if exc.code in RETRYABLE and exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.dir.mark_down(w, exc.details)
                 elif exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.close()  # sessions opened on the workers before this one
@@ -185,13 +262,13 @@ class WorkerPool:
             self._sessions[w.address] = link.session_id
         return seconds
 
-    def linear(self, group, ciphertexts, rows: int = 1):
-        outputs, seconds = linear_on_pool(self.dir, [self], group, [ciphertexts])
-        return outputs[0], seconds
+    def linear(self, group, ciphertexts, rows: int = 1) -> WorkerReply:
+        outputs, seconds, worker = self.dir.linear([self], group, [ciphertexts])
+        return WorkerReply(outputs[0], seconds, worker)
 
     def _session_on(self, w: WorkerState) -> str:
         """This pool's session id on worker ``w``, opening it there first if needed."""
-        if w.address not in self._sessions:  # worker was down at open time, or restarted
+        if w.address not in self._sessions:  # worker was down at open time, restarted, or expired us
             self._open_on(w)
         return self._sessions[w.address]
 
@@ -205,57 +282,7 @@ class WorkerPool:
         by_addr = {w.address: w for w in self.dir.workers}
         for address, sid in sessions.items():
             link = self.dir.link(by_addr[address])
-            try:
-                link.stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=sid), timeout=5)
-            except grpc.RpcError:
-                pass
+            link.session_id = sid
+            link.close_session()
         if self._owns:
             self.dir.close()
-
-
-def linear_on_pool(directory: WorkerDirectory, pools: Sequence[WorkerPool], group: worker_pb2.LayerGroup,
-                   inputs: Sequence[Sequence[bytes]]) -> tuple[list[list[list[bytes]]], float]:
-    """Evaluate ``group`` for ``inputs[i]`` under ``pools[i]``'s session (its own CKKS keys) on one worker.
-
-    One item is a ``Linear`` call; several are one ``LinearBatch`` call (cross-session batching). The
-    call goes to the least-loaded healthy worker; on a retryable failure it moves to another worker,
-    and a worker that lost the sessions (restart) gets them reopened once. Returns (outputs per item,
-    worker compute seconds).
-    """
-    tried: set[str] = set()
-    reopened: set[str] = set()
-    last: WorkerCallError | None = None
-    while True:
-        w = directory.pick(tried)
-        if w is None:
-            raise last or BifrostError("no CKKS worker available")
-        try:
-            sids = [p._session_on(w) for p in pools]
-            link = directory.link(w)
-            if len(pools) == 1:
-                link.session_id = sids[0]
-                out, seconds = link.linear(group, inputs[0])
-                outputs = [out]
-            else:
-                outputs, seconds = link.linear_batch(group, list(zip(sids, inputs)))
-            directory.mark_up(w)
-            with directory._lock:
-                directory.stats.calls_by_worker[w.address] = directory.stats.calls_by_worker.get(w.address, 0) + 1
-            return outputs, seconds
-        except WorkerCallError as exc:
-            if exc.code == grpc.StatusCode.NOT_FOUND and "session" in exc.details and w.address not in reopened:
-                reopened.add(w.address)  # the worker lost our sessions (it restarted): reopen once
-                for p in pools:
-                    p._forget(w)
-                continue
-            if exc.code not in RETRYABLE:
-                raise
-            last = exc
-            tried.add(w.address)
-            directory.mark_down(w, f"{exc.code.name}: {exc.details}")
-            with directory._lock:
-                directory.stats.failovers += 1
-            for p in pools:
-                p._forget(w)
-        finally:
-            directory.release(w)

@@ -17,14 +17,18 @@ from typing import Callable, ContextManager, Iterator
 import numpy as np
 import torch
 
+from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity
+from ..ckks import GroupShape
 from ..config import RunConfig
 from ..errors import BifrostError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
 from ..model.tokenizer import load_tokenizer
-from .delegate import attach_engine, swap_in_delegates, using_engine
+from .delegate import DelegatedLinear, attach_engine, swap_in_delegates, using_engine
 from .engine import CallStats, DelegationEngine
-from .link import GrpcWorkerLink, WorkerLink, connect
+from .link import WorkerLink, reply_limit
+from .pool import WorkerDirectory, WorkerPool
+from .quarantine import WorkerQuarantine
 
 
 MODES = ("bifrost", "bifrost+")
@@ -44,11 +48,15 @@ class TokenTiming:
     bytes_sent: int
     bytes_received: int
     calls: int
+    verify_s: float = 0.0   # product checks in the TEE
+    local_s: float = 0.0    # products recomputed in the TEE after a deviation (0 with honest workers)
+    deviations: int = 0     # worker replies that failed a check
 
     @property
     def nonlinear_s(self) -> float:
         """Trusted-side model compute: norms, attention, activations, embeddings, LM head, glue."""
-        return max(self.total_s - self.encrypt_s - self.transfer_s - self.worker_s - self.decrypt_s, 0.0)
+        return max(self.total_s - self.encrypt_s - self.transfer_s - self.worker_s - self.decrypt_s
+                   - self.verify_s - self.local_s, 0.0)
 
 
 @dataclass
@@ -96,11 +104,27 @@ def sample_token(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def trusted_identity(cfg: RunConfig) -> TLSIdentity:
+    """The TLS identity this trusted runtime presents to workers: ``tee.identity`` (created if missing),
+    else this process's ephemeral one."""
+    if cfg.tee.identity:
+        return TLSIdentity.load_or_create(cfg.tee.identity, TRUSTED_TLS_NAME)
+    return process_identity()
+
+
+def context_tokens(model: torch.nn.Module) -> int:
+    mc = model.config
+    return int(getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None) or 0)
+
+
 class TrustedRuntime:
     """One model replica with its own CKKS keys and worker session."""
 
-    def __init__(self, cfg: RunConfig, worker: str | WorkerLink, reference: bool = False) -> None:
-        """``worker`` is a ``host:port`` address or a ready :class:`WorkerLink` (e.g. a pool)."""
+    def __init__(self, cfg: RunConfig, worker: WorkerEndpoint | WorkerLink | None, reference: bool = False,
+                 quarantine: WorkerQuarantine | None = None) -> None:
+        """``worker``: a worker's endpoint (address + pinned certificate) or a ready :class:`WorkerLink`
+        (e.g. a pool); None: no default engine (a server gives every session its own, :meth:`new_engine`).
+        ``quarantine``: shared registry of deviating workers (default: ``tee.quarantine_file``)."""
         self.cfg = cfg
         self.spec = resolve(cfg.model)
         self.model = load_model(self.spec, cfg.seed)
@@ -108,14 +132,39 @@ class TrustedRuntime:
         if not self.sites:
             raise BifrostError(f"the delegation policy matches no linear layer of {cfg.model}")
         self.groups = fuse_groups([s.name for s in self.sites], cfg.delegation)
+        # the trusted copy of every delegated weight: products are checked against it (and computed from
+        # it when a worker deviates, or in Bifrost+ prefill)
+        self.weights = {m.site.name: m.weight.numpy() for m in self.model.modules() if isinstance(m, DelegatedLinear)}
+        self.quarantine = quarantine if quarantine is not None else WorkerQuarantine(cfg.tee.quarantine_file)
         t0 = time.perf_counter()
         self.params = cfg.ckks_params()
-        link = (GrpcWorkerLink(connect(worker), cfg.worker.timeout_s, worker) if isinstance(worker, str) else worker)
-        self.engine = DelegationEngine(link, cfg.backend, self.params, self.sites, self.groups)
+        if isinstance(worker, WorkerEndpoint):
+            worker = WorkerPool(self.directory([worker]), owns_directory=True)
+        elif isinstance(worker, str):
+            raise BifrostError(f"worker {worker!r}: a worker is reached by its address and its pinned certificate "
+                               "(worker.cert / --worker-cert)")
+        self.engine = self.new_engine(worker) if worker is not None else None
         self.setup_s = time.perf_counter() - t0
-        attach_engine(self.model, self.engine)
+        if self.engine is not None:
+            attach_engine(self.model, self.engine)
         self.tokenizer = load_tokenizer(self.spec.path)
         self.reference = load_model(self.spec, cfg.seed) if reference else None
+
+    def group_shapes(self) -> list[GroupShape]:
+        return [GroupShape(self.weights[g[0]].shape[1], tuple(self.weights[n].shape[0] for n in g)) for g in self.groups]
+
+    def directory(self, endpoints: list[WorkerEndpoint], timeout_s: float | None = None,
+                  retry_after_s: float = 30.0) -> WorkerDirectory:
+        """A worker directory for this model: mutual TLS with this runtime's identity, replies capped at the
+        largest an honest worker sends for this model (:func:`~bifrost.tee.link.reply_limit`)."""
+        limit = reply_limit(self.cfg.backend, self.params, self.group_shapes(), context_tokens(self.model) or 512)
+        return WorkerDirectory(endpoints, trusted_identity(self.cfg), timeout_s or self.cfg.worker.timeout_s,
+                               retry_after_s, limit, self.quarantine)
+
+    def new_engine(self, link: WorkerLink) -> DelegationEngine:
+        """A session's engine: fresh CKKS keys and check vectors over ``link``, this replica's model."""
+        return DelegationEngine(link, self.cfg.backend, self.params, self.sites, self.groups, self.weights,
+                                verify=self.cfg.verification, quarantine=self.quarantine)
 
     @torch.no_grad()
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None,
@@ -136,7 +185,7 @@ class TrustedRuntime:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BifrostError("the prompt is empty")
-        limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
+        limit = context_tokens(self.model)
         if limit and len(ids) + n_new > limit:
             raise BifrostError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
         timings, tokens = [], []
@@ -165,6 +214,8 @@ class TrustedRuntime:
         if gcfg.do_sample:  # sampling noise from a CSPRNG-seeded generator unless a seed is pinned
             gen = torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
         engine = engine or self.engine
+        if engine is None:
+            raise BifrostError("this runtime has no worker link: pass a session's engine")
         past, step_input = None, torch.tensor([ids])
         for i in range(n_new):
             context = step_context(step_input.shape[1]) if step_context else contextlib.nullcontext()
@@ -179,7 +230,7 @@ class TrustedRuntime:
                 total = time.perf_counter() - t0
                 d: CallStats = engine.stats.minus(before)
             timing = TokenTiming(i, token, total, d.encrypt_s, d.transfer_s, d.worker_s, d.decrypt_s,
-                                 d.bytes_sent, d.bytes_received, d.calls)
+                                 d.bytes_sent, d.bytes_received, d.calls, d.verify_s, d.local_s, d.deviations)
             yield DecodeStep(timing, logits, step_input)
             past, step_input = out.past_key_values, torch.tensor([[token]])
 
@@ -191,7 +242,8 @@ class TrustedRuntime:
         return np.stack([_mean_pooled(self.model, self.tokenizer, t) for t in texts])
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def _mean_pooled(model, tokenizer, text: str) -> np.ndarray:

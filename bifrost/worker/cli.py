@@ -19,6 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--identity", help="folder of this worker's TLS key + certificate, created on first start "
+                                      "(default: worker.identity); trusted runtimes pin <folder>/cert.pem")
+    p.add_argument("--trusted-client", action="append", default=[], metavar="CERT",
+                   help="certificate (PEM) of a trusted runtime allowed to open sessions; repeat for several "
+                        "(default: worker.trusted_clients)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the process that started this worker exits (used for local workers)")
     p.set_defaults(func=run)
@@ -29,18 +34,30 @@ def run(args: argparse.Namespace) -> int:
     from .service import build_service, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from ..attest.mtls import WORKER_TLS_NAME, TLSIdentity, server_credentials
+    from ..errors import BifrostError
+    from .service import client_certificates, limits_from_config
+
     cfg = load_config(args.config)
     model = args.model or cfg.model
     seed = cfg.seed if args.seed is None else args.seed
-    service = build_service(model, seed, cfg.delegation, cfg.worker.max_sessions, cfg.worker.cache_bytes)
+    identity_dir = args.identity or cfg.worker.identity
+    if not identity_dir:
+        raise BifrostError("a worker needs a TLS identity: --identity DIR (or worker.identity in the config)")
+    trusted = args.trusted_client or list(cfg.worker.trusted_clients)
+    if not trusted:
+        raise BifrostError("a worker serves only authenticated trusted runtimes: give their certificates with "
+                           "--trusted-client CERT (or worker.trusted_clients)")
+    identity = TLSIdentity.load_or_create(identity_dir, WORKER_TLS_NAME)
+    credentials = server_credentials(identity, client_certificates(trusted))
+    service = build_service(model, seed, cfg.delegation, limits_from_config(cfg))
     try:
-        server, port = serve(service, args.host, args.port, args.threads)
+        server, port = serve(service, credentials, args.host, args.port, args.threads)
     except (OSError, RuntimeError) as exc:
-        from ..errors import BifrostError
-
         raise BifrostError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     print(f"bifrost worker: model {service.model_name}, {len(service.layers)} delegated layers, "
-          f"listening on {args.host}:{port}", file=sys.stderr, flush=True)
+          f"listening on {args.host}:{port} (mutual TLS, {len(trusted)} trusted runtime(s)); identity "
+          f"{identity.fingerprint}, certificate {os.path.join(identity_dir, 'cert.pem')}", file=sys.stderr, flush=True)
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(port))

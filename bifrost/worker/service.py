@@ -4,33 +4,53 @@ What it can see: public model weights, public CKKS contexts (parameters + evalua
 ciphertexts. It never receives a secret key (the API has no field for one and the backends refuse
 public contexts that carry one) and never sees a plaintext activation.
 
-Bad requests get a gRPC status and a message and leave the worker serving:
-unknown session/layer → NOT_FOUND; malformed, truncated or foreign ciphertexts, wrong counts,
-insecure parameters, secret keys → INVALID_ARGUMENT; weight digest mismatch → FAILED_PRECONDITION;
-too many sessions → RESOURCE_EXHAUSTED.
+Who may call it: it listens only with mutual TLS and requires the certificate of a configured trusted
+runtime (:mod:`bifrost.attest.mtls`); there is no plaintext port.
+
+Hostile callers cannot exhaust it:
+
+- parameters: only the configured parameter sets are accepted (each backend's recommended set, plus
+  the run config's ``ckks`` for its backend), so prepared weights have a bounded number of cache keys;
+- memory: prepared weights carry their real size (``nbytes``) and the cache evicts least-recently-used
+  entries to stay within ``cache_bytes``; public contexts are capped at ``max_public_context_bytes``;
+  sessions at ``max_sessions``. Budget: cache_bytes + max_sessions × (a session's evaluator: about its
+  public context, 97 B for the native backend, 12–64 MB for TenSEAL's rotation keys) + the model's weights;
+- sessions: a slot is reserved atomically before any work, released on failure, and sessions unused for
+  ``session_idle_s`` are dropped (the trusted side reopens them: NOT_FOUND "session").
+
+Every bad request gets a typed status and a message, and the worker keeps serving:
+unknown session/layer → NOT_FOUND; malformed, truncated or foreign ciphertexts or public contexts, wrong
+counts, insecure or unconfigured parameters, secret keys → INVALID_ARGUMENT; weight digest mismatch →
+FAILED_PRECONDITION; too many sessions → RESOURCE_EXHAUSTED; anything unexpected → INTERNAL with a generic
+message (logged by exception type and code location only).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import grpc
 import numpy as np
 
-from ..ckks import CiphertextError, GroupShape, InsecureParametersError, apply_many, get_backend
+from ..ckks import CiphertextError, CKKSParams, GroupShape, InsecureParametersError, get_backend
 from ..model.delegation import Site
 from ..proto import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("bifrost.worker")
 
-MAX_MESSAGE_BYTES = 1 << 30
-MAX_CIPHERTEXTS_PER_CALL = 4096
+MAX_REQUEST_BYTES = 512 << 20   # one request (public context or ciphertexts) at most; larger ones are refused unread
+MAX_REPLY_BYTES = 1 << 30
+MAX_CIPHERTEXTS_PER_CALL = 8192
 MAX_BATCH_ITEMS = 64
+MAX_PREPARE_GROUPS = 4096
 
 
 class _Abort(Exception):
@@ -44,11 +64,38 @@ class _Session:
     backend: str
     evaluator: object
     params_key: str
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float
+
+
+@dataclass
+class WorkerLimits:
+    """What one worker process allows (see the module docstring). Seconds and bytes."""
+
+    max_sessions: int = 8
+    session_idle_s: float = 900.0
+    cache_bytes: int = 12 * 2**30
+    max_public_context_bytes: int = 128 << 20
+    allowed_params: dict[str, frozenset[str]] = field(default_factory=dict)  # backend -> parameter fingerprints
+
+
+def allowed_params(cfg) -> dict[str, frozenset[str]]:
+    """Each registered backend's recommended parameters, plus the run config's ``ckks`` for its backend."""
+    from ..ckks import available_backends
+
+    out: dict[str, set[str]] = {}
+    for name in available_backends():
+        try:
+            out.setdefault(name, set()).add(get_backend(name).default_params.fingerprint())
+        except ImportError:  # a backend whose library is missing here: not served
+            continue
+    if cfg is not None and cfg.ckks is not None:
+        out.setdefault(cfg.backend, set()).add(cfg.ckks_params().fingerprint())
+    return {k: frozenset(v) for k, v in out.items()}
 
 
 class PreparedWeightCache:
-    """Encoded weights keyed by (backend, parameters, layer names), shared by sessions; LRU by bytes."""
+    """Encoded weights keyed by (backend, parameters, layer names), shared by sessions; LRU within
+    ``budget`` bytes, each entry counted at its real size (``nbytes``). Thread-safe."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
@@ -56,8 +103,13 @@ class PreparedWeightCache:
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
         self.bytes = 0
+        self.evictions = 0
 
-    def get_or_prepare(self, key: tuple, prepare) -> object:
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def get_or_prepare(self, key: tuple, prepare: Callable[[], object]) -> object:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -66,37 +118,49 @@ class PreparedWeightCache:
         with key_lock:  # one encoder per key; others wait and then hit the cache
             with self._lock:
                 if key in self._entries:
+                    self._entries.move_to_end(key)
                     return self._entries[key][0]
             prepared = prepare()
-            size = int(getattr(prepared, "nbytes", 0))
+            size = int(prepared.nbytes)
             with self._lock:
                 self._entries[key] = (prepared, size)
                 self.bytes += size
                 while self.bytes > self.budget and len(self._entries) > 1:
                     _, (_, old) = self._entries.popitem(last=False)
                     self.bytes -= old
+                    self.evictions += 1
+                self._key_locks.pop(key, None)
             return prepared
 
 
 class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
-    def __init__(self, model_name: str, layers: list[tuple[Site, np.ndarray]], max_sessions: int = 8,
-                 cache_bytes: int = 12 * 2**30) -> None:
+    def __init__(self, model_name: str, layers: list[tuple[Site, np.ndarray]], limits: WorkerLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.model_name = model_name
         self.layers = {site.name: (site, w) for site, w in layers}
-        self.max_sessions = max_sessions
-        self.cache = PreparedWeightCache(cache_bytes)
+        self.limits = limits or WorkerLimits(allowed_params=allowed_params(None))
+        self.clock = clock
+        self.cache = PreparedWeightCache(self.limits.cache_bytes)
         self._sessions: dict[str, _Session] = {}
+        self._reserved = 0
         self._lock = threading.Lock()
+        self.stop_sweeper: threading.Event | None = None  # set by serve()
+
+    @property
+    def max_sessions(self) -> int:
+        return self.limits.max_sessions
 
     # -- helpers ---------------------------------------------------------------------------
     def _resolve_group(self, group: worker_pb2.LayerGroup) -> tuple[GroupShape, list[str], list[np.ndarray]]:
         if not group.layers:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "layer group is empty")
+        if len(group.layers) > 16:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a layer group has at most 16 layers")
         names, weights, d_in = [], [], None
         for ref in group.layers:
             entry = self.layers.get(ref.name)
             if entry is None:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"unknown layer {ref.name!r} (model {self.model_name})")
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"unknown layer {ref.name[:200]!r} (model {self.model_name})")
             site, w = entry
             if ref.digest != site.digest:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -111,12 +175,27 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a layer appears twice in one group")
         return GroupShape(d_in, tuple(self.layers[n][0].d_out for n in names)), names, weights
 
+    def expire_idle(self) -> int:
+        """Drop sessions unused for ``session_idle_s``; returns how many."""
+        now = self.clock()
+        with self._lock:
+            idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.limits.session_idle_s]
+            for sid in idle:
+                del self._sessions[sid]
+        if idle:
+            log.info("%d idle session(s) expired", len(idle))
+        return len(idle)
+
     def _session(self, session_id: str) -> _Session:
         with self._lock:
             s = self._sessions.get(session_id)
+            if s is not None and self.clock() - s.last_used > self.limits.session_idle_s:
+                del self._sessions[session_id]
+                s = None
+            if s is not None:
+                s.last_used = self.clock()
         if s is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session")
-        s.last_used = time.monotonic()
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown, expired or closed session")
         return s
 
     def _prepared(self, session: _Session, shape: GroupShape, names: list[str], weights: list[np.ndarray]):
@@ -128,11 +207,15 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
         try:
             return fn()
         except _Abort as exc:
-            context.abort(exc.code, exc.message)
-        except (CiphertextError, InsecureParametersError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code, message = exc.code, exc.message
+        except (CiphertextError, InsecureParametersError, ValueError) as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:1000]
+        except Exception as exc:  # noqa: BLE001 - never an untyped status with raw exception text
+            frames = traceback.extract_tb(exc.__traceback__)[-3:]
+            where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))
+            log.error("internal error %s at %s", type(exc).__name__, where)
+            code, message = grpc.StatusCode.INTERNAL, "internal worker error"
+        context.abort(code, message)
 
     # -- RPCs ------------------------------------------------------------------------------
     def Describe(self, request, context):
@@ -142,29 +225,51 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
             model=self.model_name,
             layers=[worker_pb2.LayerInfo(name=s.name, d_in=s.d_in, d_out=s.d_out, digest=s.digest)
                     for s, _ in self.layers.values()],
-            backends=available_backends(),
+            backends=[b for b in available_backends() if b in self.limits.allowed_params],
         )
+
+    def _evaluator(self, request) -> tuple[str, object, str]:
+        allowed = self.limits.allowed_params.get(request.backend)
+        if allowed is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"backend {request.backend[:64]!r} is not served here; served: {sorted(self.limits.allowed_params)}")
+        if len(request.public_context) > self.limits.max_public_context_bytes:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"public context over max_public_context_bytes="
+                                                           f"{self.limits.max_public_context_bytes}")
+        backend = get_backend(request.backend)
+        evaluator = backend.evaluator(bytes(request.public_context))
+        key = evaluator.params.fingerprint()
+        if key not in allowed:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"CKKS parameters {evaluator.params} are not configured on this worker")
+        return backend.name, evaluator, key
 
     def OpenSession(self, request, context):
         def run():
-            try:
-                backend = get_backend(request.backend)
-            except ValueError as exc:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            with self._lock:
-                if len(self._sessions) >= self.max_sessions:
+            if len(request.prepare) > MAX_PREPARE_GROUPS:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PREPARE_GROUPS} groups to prepare")
+            self.expire_idle()
+            with self._lock:  # reserve the slot before any work: the check and the insert are one step
+                if len(self._sessions) + self._reserved >= self.limits.max_sessions:
                     raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"worker already holds {self.max_sessions} sessions (max_sessions)")
-            evaluator = backend.evaluator(bytes(request.public_context))
-            session = _Session(backend.name, evaluator, evaluator.params.fingerprint())
-            groups = [self._resolve_group(g) for g in request.prepare]
-            t0 = time.perf_counter()
-            for shape, names, weights in _progress(groups, "encoding weights"):
-                self._prepared(session, shape, names, weights)
-            session_id = secrets.token_hex(16)
-            with self._lock:
-                self._sessions[session_id] = session
-            log.info("session %s… opened (%s, %d groups prepared)", session_id[:8], backend.name, len(groups))
+                                 f"worker already holds {self.limits.max_sessions} sessions (max_sessions)")
+                self._reserved += 1
+            try:
+                backend, evaluator, params_key = self._evaluator(request)
+                session = _Session(backend, evaluator, params_key, self.clock())
+                groups = [self._resolve_group(g) for g in request.prepare]
+                t0 = time.perf_counter()
+                for shape, names, weights in _progress(groups, "encoding weights"):
+                    self._prepared(session, shape, names, weights)
+                session_id = secrets.token_hex(16)
+                with self._lock:
+                    self._sessions[session_id] = session
+                    self._reserved -= 1
+            except BaseException:
+                with self._lock:
+                    self._reserved -= 1
+                raise
+            log.info("session %s… opened (%s, %d groups prepared)", session_id[:8], backend, len(groups))
             return worker_pb2.OpenSessionReply(session_id=session_id, prepare_seconds=time.perf_counter() - t0)
 
         return self._guard(context, run)
@@ -207,9 +312,10 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
                 by_params.setdefault((s.backend, s.params_key), []).append(i)
             results: list = [None] * n_items
             for indices in by_params.values():
+                first = sessions[indices[0]].evaluator
                 prepared = self._prepared(sessions[indices[0]], shape, names, weights)
-                outs = apply_many(prepared, [(sessions[i].evaluator, list(request.items[i].ciphertexts))
-                                             for i in indices])
+                outs = first.apply_many(prepared, [(sessions[i].evaluator, list(request.items[i].ciphertexts))
+                                                   for i in indices])
                 for i, out in zip(indices, outs):
                     results[i] = worker_pb2.LinearBatchResult(
                         outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in out])
@@ -233,30 +339,48 @@ def _progress(items, desc):
     return tqdm(items, desc=desc, unit="group")
 
 
-def serve(service: WorkerService, host: str = "127.0.0.1", port: int = 0, threads: int = 4) -> tuple[grpc.Server, int]:
-    """Start the gRPC server; returns (server, bound port)."""
+def serve(service: WorkerService, credentials, host: str = "127.0.0.1", port: int = 0,
+          threads: int = 4) -> tuple[grpc.Server, int]:
+    """Start the gRPC server with mutual-TLS ``credentials`` (:func:`bifrost.attest.mtls.server_credentials`);
+    returns (server, bound port). Idle sessions are swept every minute."""
     from concurrent import futures
 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    if credentials is None:
+        raise ValueError("a worker serves only with mutual TLS credentials")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                 ("grpc.max_send_message_length", MAX_REPLY_BYTES)],
     )
     worker_pb2_grpc.add_CKKSWorkerServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     server.start()
     health_servicer.set("bifrost.worker.v1.CKKSWorker", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = threading.Event()
+    period = min(60.0, service.limits.session_idle_s / 2)
+
+    def sweep() -> None:
+        while not stop.wait(period):
+            service.expire_idle()
+
+    threading.Thread(target=sweep, daemon=True, name="session-sweeper").start()
+    service.stop_sweeper = stop
     return server, bound
 
 
-def build_service(model: str, seed: int, delegation, max_sessions: int, cache_bytes: int) -> WorkerService:
+def limits_from_config(cfg) -> WorkerLimits:
+    w = cfg.worker
+    return WorkerLimits(w.max_sessions, w.session_idle_s, w.cache_bytes, w.max_public_context_bytes, allowed_params(cfg))
+
+
+def build_service(model: str, seed: int, delegation, limits: WorkerLimits | None = None) -> WorkerService:
     """Load the model's public weights and keep only the delegated layers."""
     from ..model.catalog import load_model, resolve
     from ..model.delegation import sites
@@ -265,4 +389,10 @@ def build_service(model: str, seed: int, delegation, max_sessions: int, cache_by
     torch_model = load_model(spec, seed)
     layers = sites(torch_model, delegation)
     del torch_model
-    return WorkerService(spec.name, layers, max_sessions=max_sessions, cache_bytes=cache_bytes)
+    return WorkerService(spec.name, layers, limits)
+
+
+def client_certificates(paths: Iterable[str]) -> list[bytes]:
+    from ..attest.mtls import read_certificate
+
+    return [read_certificate(p) for p in paths]

@@ -8,7 +8,7 @@ from bifrost.ckks import GroupShape
 from bifrost_kernels import sampling
 from bifrost_kernels.backend import NativeBackend
 
-from .kernels_testlib import error_bound, gpt2_like, run_layer
+from .kernels_testlib import error_bound, error_ratio, gpt2_like, run_layer, stats
 
 # (d_in, d_out): GPT-2 124M and Qwen3-0.6B linear layers.
 GPT2 = [(768, 768), (768, 2304), (768, 3072), (3072, 768)]
@@ -20,9 +20,11 @@ def test_every_model_shape_within_bound(context, evaluator, d_in, d_out):
     rng = np.random.default_rng(d_in * 7 + d_out)
     w = rng.normal(0, rng.uniform(0.02, 0.1), (d_out, d_in))
     x = gpt2_like(rng, 1, d_in)
-    (y,), _, _ = run_layer(context, evaluator, GroupShape(d_in, (d_out,)), [w], x)
+    shape = GroupShape(d_in, (d_out,))
+    (y,), batch, _ = run_layer(context, evaluator, shape, [w], x)
     ref = x @ w.T
-    assert (np.abs(y - ref) <= error_bound(evaluator.weight_bits, x, w)).all()
+    assert error_ratio(context, shape, batch, [w], x, [y]) < 1  # the documented worst case
+    assert (np.abs(y - ref) <= error_bound(evaluator.weight_bits, x, w)).all()  # its leading term, even
     assert np.sqrt(np.mean((y - ref) ** 2) / np.mean(ref ** 2)) < 2.0 ** -10
 
 
@@ -42,7 +44,7 @@ def test_many_rows_share_one_weight_encoding(context, evaluator, rows):
     x = gpt2_like(rng, rows, 768)
     prepared = evaluator.prepare(shape, [w])
     batch = context.encrypt(shape, x)
-    (y,) = context.decrypt(shape, evaluator.apply(prepared, batch.ciphertexts), rows)
+    (y,) = context.decrypt(shape, evaluator.apply(prepared, batch.ciphertexts), batch, stats([w]))
     evaluator.apply(prepared, context.encrypt(shape, x[:1]).ciphertexts)  # a decode step after the prompt
     assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
     # One row per ciphertext: prompt and decode reuse the single weight encoding prepared once
@@ -57,7 +59,8 @@ def test_group_shares_one_input(context, evaluator):
     shape = GroupShape(768, (768, 256, 768))
     ws = [rng.normal(0, 0.05, (d, 768)) for d in shape.d_outs]
     x = gpt2_like(rng, 3, 768)
-    ys, _, out = run_layer(context, evaluator, shape, ws, x)
+    ys, batch, out = run_layer(context, evaluator, shape, ws, x)
+    assert error_ratio(context, shape, batch, ws, x, ys) < 1
     assert len(out) == 3
     for y, w in zip(ys, ws):
         assert y.shape == (3, w.shape[0])
@@ -130,7 +133,7 @@ def test_no_weak_rng_is_used(monkeypatch):
     assert sampling.ternary_secret(8).shape == (8,)
 
 
-def test_long_prompts_use_the_scalar_blocking_within_bound(context, evaluator):
+def test_long_prompts_use_the_scalar_blocking_within_bound(backend, context, evaluator):
     """A few hundred rows go one column per ciphertext (weights act as scalars: a GEMM over Z_Q)."""
     rng = np.random.default_rng(21)
     shape = GroupShape(768, (768, 256))
@@ -140,13 +143,15 @@ def test_long_prompts_use_the_scalar_blocking_within_bound(context, evaluator):
     cached = len(prepared.cache)
     batch = context.encrypt(shape, x)
     out = evaluator.apply(prepared, batch.ciphertexts)
-    ys = context.decrypt(shape, out, 300)
+    ys = context.decrypt(shape, out, batch, stats(ws))
     assert context._codec.blocking(shape, 300).is_scalar
+    assert error_ratio(context, shape, batch, ws, x, ys) < 1
     assert len(batch.ciphertexts) == 768 and [len(o) for o in out] == [768, 256]  # one per column
     for y, w in zip(ys, ws):
         assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
     assert len(prepared.cache) == cached  # nothing encoded for the scalar blocking
-    assert context.rows_per_call(shape, 300) == 300 and context.rows_per_call(shape, 5000) == 2048
+    params = context.params
+    assert backend.rows_per_call(params, shape, 300) == 300 and backend.rows_per_call(params, shape, 5000) == 2048
 
 
 def test_scalar_blocking_spans_several_row_blocks(context, evaluator):
@@ -158,6 +163,7 @@ def test_scalar_blocking_spans_several_row_blocks(context, evaluator):
     (y,), batch, out = run_layer(context, evaluator, shape, [w], x)
     blk = context._codec.blocking(shape, rows)
     assert blk.is_scalar and blk.rows_per_ct == 2048 and len(batch.ciphertexts) == 2 * 8
+    assert error_ratio(context, shape, batch, [w], x, [y]) < 1
     assert np.all(np.abs(y - x @ w.T) <= error_bound(evaluator.weight_bits, x, w))
     assert (y[100] == 0).all()
 
@@ -173,35 +179,47 @@ def test_plan_keeps_one_row_per_ciphertext_for_short_prompts_and_packs_long_ones
         assert blk.is_scalar and blk.rows_per_ct == min(rows, 2048)
 
 
-def _move_scales(ct_with: bytes, ct_without: bytes, head_size: int) -> tuple[bytes, bytes]:
-    """Move the sealed-scales field from one ciphertext to another (both headers rewritten)."""
-    import struct
-
-    sealed_len = struct.unpack_from("<H", ct_with, head_size - 2)[0]
-    sealed = ct_with[head_size:head_size + sealed_len]
-    stripped = ct_with[:head_size - 2] + struct.pack("<H", 0) + ct_with[head_size + sealed_len:]
-    moved = ct_without[:head_size - 2] + struct.pack("<H", sealed_len) + sealed + ct_without[head_size:]
-    return stripped, moved
-
-
-def test_activation_scales_travel_once_per_row_block_and_misplacing_them_is_refused(context, evaluator):
+def test_decoding_takes_nothing_from_the_worker_headers(context, evaluator):
+    """Output headers carry no scale (version 3), and a reply is tied to its call: outputs of another call
+    (same shape, same session) or with a rewritten row count are refused before anything is decoded."""
     from bifrost.ckks import CiphertextError
     from bifrost_kernels import wire
 
+    assert "d" not in wire._OUT_HEAD.format and "d" not in wire._IN_HEAD.format  # no float field at all
     rng = np.random.default_rng(23)
     shape = GroupShape(256, (64,))
-    prepared = evaluator.prepare(shape, [rng.normal(0, 0.05, (64, 256))])
-    batch = context.encrypt(shape, gpt2_like(rng, 2, 256))
-    in_heads = [wire.decode_input(ct, context._codec.context_id, context._codec.input_payload_len())[0]
-                for ct in batch.ciphertexts]
-    per_block = len(batch.ciphertexts) // 2
-    assert [bool(h.sealed) for h in in_heads] == ([True] + [False] * (per_block - 1)) * 2
-    cts = list(batch.ciphertexts)
-    cts[0], cts[1] = _move_scales(cts[0], cts[1], wire._IN_HEAD.size)
-    with pytest.raises(CiphertextError, match="misplaced"):
-        evaluator.apply(prepared, cts)
-    out = evaluator.apply(prepared, batch.ciphertexts)
-    member = list(out[0])
-    member[0], member[1] = _move_scales(member[0], member[1], wire._OUT_HEAD.size)
-    with pytest.raises(CiphertextError, match="misplaced"):
-        context.decrypt(shape, [member], 2)
+    w = rng.normal(0, 0.05, (64, 256))
+    prepared = evaluator.prepare(shape, [w])
+    first = context.encrypt(shape, gpt2_like(rng, 2, 256))
+    second = context.encrypt(shape, gpt2_like(rng, 2, 256))
+    out_second = evaluator.apply(prepared, second.ciphertexts)
+    with pytest.raises(CiphertextError, match="does not match this call"):
+        context.decrypt(shape, out_second, first, stats([w]))
+    member = list(out_second[0])
+    rows_at = wire._OUT_HEAD.size - 2 * 4 - 2 - 3 * 2 - 4  # rows:u32 precedes r, n_i, n_o, member, index, count
+    tampered = bytearray(member[0]); tampered[rows_at] ^= 0x01
+    with pytest.raises(CiphertextError, match="does not match this call"):
+        context.decrypt(shape, [[bytes(tampered)] + member[1:]], second, stats([w]))
+    (y,) = context.decrypt(shape, out_second, second, stats([w]))
+    assert y.shape == (2, 64)
+
+
+def test_error_bound_is_the_documented_formula(context):
+    """ε = [2^(A−1) + ½Δw‖W‖_row + 32·n_o·(Δw‖W‖_row + d_in/2) + R(1+N)/2·(1+2^-16) + rounding] / (Δx·Δw)."""
+    from bifrost.ckks import WeightStats
+    from bifrost_kernels.backend import weight_scale
+
+    shape = GroupShape(768, (2304,))
+    x = np.zeros((2, 768))
+    x[0, :] = 1.0
+    batch = context.encrypt(shape, x)
+    ws = WeightStats(peak=0.5, row_l1=100.0)
+    (eps0,), (eps1,) = context.error_bound(shape, batch, [ws])
+    A, B = context.params.scale_bits, context.weight_bits
+    dw, dx = weight_scale(B, 0.5), (2 ** A - 768) / 768
+    n_o, R, N = batch.state.blocking.out_per_ct, context._codec.rescale_factor, 2048
+    want = (2 ** (A - 1) + 0.5 * 100 * dw + 32 * n_o * (100 * dw + 384) + R * (1 + N) / 2 * (1 + 2 ** -16)
+            + 2.0 ** -45 * 2 ** A * (100 * dw + 768)) / (dw * dx)
+    assert eps0 == pytest.approx(want, rel=1e-12)
+    assert eps1 == 0.0  # an all-zero row decodes to exactly 0
+    assert 1.0 < eps0 / (2.0 ** -B * 768 * 0.5) < 1.3  # ≈ the leading term 2^-B·‖x‖₁·max|W|

@@ -42,6 +42,9 @@ def test_larger_ring_works(backend):
     shape = GroupShape(100, (50,))
     rng = np.random.default_rng(0)
     w, x = rng.normal(0, 0.05, (50, 100)), rng.normal(0, 1, (2, 100))
-    out = ev.apply(ev.prepare(shape, [w]), ctx.encrypt(shape, x).ciphertexts)
-    y = ctx.decrypt(shape, out, 2)[0]
+    from bifrost.ckks import WeightStats
+
+    batch = ctx.encrypt(shape, x)
+    out = ev.apply(ev.prepare(shape, [w]), batch.ciphertexts)
+    y = ctx.decrypt(shape, out, batch, [WeightStats.of(w)])[0]
     assert np.abs(y - x @ w.T).max() < 2.0 ** -ev.weight_bits * np.abs(x).sum(1).max() * np.abs(w).max()

@@ -9,14 +9,16 @@ from bifrost.ckks import (CiphertextError, CKKSBackend, Evaluator, GroupShape, S
                           TrustedContext, available_backends, get_backend)
 from bifrost_kernels import wire
 
+from .kernels_testlib import stats
+
 SHAPE = GroupShape(128, (40,))
+W = np.random.default_rng(0).normal(0, 0.05, (40, 128))
 
 
 @pytest.fixture(scope="module")
 def layer(context, evaluator):
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 0.05, (40, 128))
-    prepared = evaluator.prepare(SHAPE, [w])
+    prepared = evaluator.prepare(SHAPE, [W])
     batch = context.encrypt(SHAPE, rng.normal(0, 1, (1, 128)))
     return prepared, batch, evaluator.apply(prepared, batch.ciphertexts)
 
@@ -45,10 +47,13 @@ def test_public_context_cannot_carry_the_secret(context, backend):
             backend.evaluator(bad)
 
 
-def test_wire_sizes(layer, context):
+def test_wire_sizes(layer, context, backend):
     _, batch, out = layer
     assert all(len(ct) < 14000 for ct in batch.ciphertexts)   # 2048 × 54 bits + header, seed not polynomial
     assert all(len(ct) < 8000 for ct in out[0])               # rescaled to the 30-bit prime
+    sent, received = sum(map(len, batch.ciphertexts)), sum(len(c) for o in out for c in o)
+    assert backend.call_bytes(context.params, SHAPE, 1) == (sent, received)  # exact, from public values
+    assert backend.max_output_bytes(context.params, SHAPE, 1) == received
 
 
 def test_bad_inputs_raise_ciphertext_error(layer, evaluator, backend):
@@ -75,11 +80,12 @@ def test_bad_inputs_raise_ciphertext_error(layer, evaluator, backend):
 def test_ciphertexts_of_one_call_must_share_its_seed(layer, context, evaluator):
     prepared, _, _ = layer
     cts = context.encrypt(SHAPE, np.ones((2, 128))).ciphertexts  # two rows: two ciphertexts
-    seed_at = wire._IN_HEAD.size - 2 - 32  # the seed field precedes sealed_len
+    seed_at = wire._IN_HEAD.size - 32  # the seed ends the header
     reseeded = bytearray(cts[1]); reseeded[seed_at] ^= 0x01  # claims another call's seed
     with pytest.raises(CiphertextError, match="share one seed"):
         evaluator.apply(prepared, [cts[0], bytes(reseeded)])
-    assert len(context.decrypt(SHAPE, evaluator.apply(prepared, cts), 2)[0]) == 2  # untouched: accepted
+    batch = context.encrypt(SHAPE, np.ones((2, 128)))
+    assert len(context.decrypt(SHAPE, evaluator.apply(prepared, batch.ciphertexts), batch, stats([W]))[0]) == 2
 
 
 def test_wrong_layer_shape_is_rejected(context, evaluator):
@@ -92,24 +98,29 @@ def test_wrong_layer_shape_is_rejected(context, evaluator):
 def test_bad_outputs_raise_ciphertext_error(layer, context, backend):
     _, batch, out = layer
     o = out[0]
-    tampered = bytearray(o[0]); tampered[-5] ^= 0x01  # payload bit: still decodes (no integrity in CKKS)
-    context.decrypt(SHAPE, [[bytes(tampered)] + o[1:]], 1)
-    sealed = bytearray(o[0]); sealed[70] ^= 0xFF     # inside the sealed activation scales
+    tampered = bytearray(o[0]); tampered[-5] ^= 0x01  # payload bit: still decodes (the product check's job)
+    context.decrypt(SHAPE, [[bytes(tampered)] + o[1:]], batch, stats([W]))
+    call = bytearray(o[0]); call[25] ^= 0xFF          # inside the echoed call id
     other_ctx = backend.keygen(None, [])
     bad = [
         [[o[0][:-3]] + o[1:]],
         [o[:-1]],
         [o, o],
-        [[bytes(sealed)] + o[1:]],
+        [[bytes(call)] + o[1:]],
         [[b"\xff" * len(o[0])] + o[1:]],
+        [["not bytes"] + o[1:]],
+        "not a list",
     ]
     for outputs in bad:
         with pytest.raises(CiphertextError):
-            context.decrypt(SHAPE, outputs, 1)
+            context.decrypt(SHAPE, outputs, batch, stats([W]))
+    two_rows = context.encrypt(SHAPE, np.ones((2, 128)))
     with pytest.raises(CiphertextError):
-        context.decrypt(SHAPE, out, 2)          # wrong row count
+        context.decrypt(SHAPE, out, two_rows, stats([W]))   # another call (and row count)
+    with pytest.raises(TypeError):
+        other_ctx.decrypt(SHAPE, out, object(), stats([W]))  # not a batch of this backend
     with pytest.raises(CiphertextError):
-        other_ctx.decrypt(SHAPE, out, 1)        # foreign context
+        other_ctx.decrypt(SHAPE, out, other_ctx.encrypt(SHAPE, np.ones((1, 128))), stats([W]))  # foreign context
 
 
 def test_random_bytes_fuzz(layer, evaluator, context):
@@ -119,7 +130,7 @@ def test_random_bytes_fuzz(layer, evaluator, context):
         with pytest.raises(CiphertextError):
             evaluator.apply(prepared, [junk] * len(batch.ciphertexts))
         with pytest.raises(CiphertextError):
-            context.decrypt(SHAPE, [[junk] * len(out[0])], 1)
+            context.decrypt(SHAPE, [[junk] * len(out[0])], batch, stats([W]))
 
 
 def test_encrypt_validates_input(context):

@@ -8,24 +8,43 @@ MODEL = "gpt2-mini"
 
 
 @pytest.fixture(scope="session")
-def serve_run_config(run_config):
-    return run_config.replace(model=MODEL)
+def serve_run_config(run_config, tmp_path_factory):
+    """The replicas present this process's TLS identity (saved to a folder), which the test workers trust."""
+    import dataclasses
+
+    from bifrost.attest.mtls import process_identity
+
+    folder = tmp_path_factory.mktemp("tee-identity")
+    process_identity().save(folder)
+    return run_config.replace(model=MODEL, tee=dataclasses.replace(run_config.tee, identity=str(folder)))
 
 
 @pytest.fixture(scope="session")
 def serve_config(tmp_path_factory):
     from bifrost.serve.config import load_serve_config
 
+    runs = tmp_path_factory.mktemp("serve-runs")
     return load_serve_config().replace(runtime="local", port=0, max_sessions=6, max_prompt_tokens=64,
-                                       max_new_tokens=32, run_dir=str(tmp_path_factory.mktemp("serve-runs")))
+                                       max_new_tokens=32, run_dir=str(runs),
+                                       quarantine_file=str(runs / "worker-quarantine.json"))
+
+
+def worker_config(endpoint, folder) -> dict:
+    """serve-config overrides for one running worker: its address and its certificate file (pinned)."""
+    from pathlib import Path
+
+    cert = Path(folder) / f"worker-{endpoint.address.replace(':', '_')}.pem"
+    cert.write_bytes(endpoint.cert_pem)
+    return {"workers": (endpoint.address,), "worker_certs": (str(cert),)}
 
 
 @pytest.fixture(scope="session")
-def local_app(worker_factory, serve_run_config, serve_config):
+def local_app(worker_factory, serve_run_config, serve_config, tmp_path_factory):
     from bifrost.serve.server import ServeApp
 
-    _, _, address = worker_factory(MODEL, 64)
-    app = ServeApp(serve_run_config, serve_config.replace(workers=(address,))).start()
+    _, _, endpoint = worker_factory(MODEL, 64)
+    app = ServeApp(serve_run_config, serve_config.replace(**worker_config(endpoint, tmp_path_factory.mktemp("certs"))))
+    app.start()
     yield app
     app.stop()
 
@@ -74,9 +93,9 @@ class ControlledWorker:
         import threading
         import time
 
-        from bifrost.worker.service import build_service, serve
+        from tests.workers import make_service, start_worker
 
-        self.service = build_service(MODEL, run_config.seed, run_config.delegation, max_sessions, 2**30)
+        self.service = make_service(run_config, MODEL, max_sessions, 2**30)
         self.delay_s = 0.0       # added to every layer call
         self.next_delay_s = 0.0  # added to the next layer call only
         self.calls = 0
@@ -93,8 +112,8 @@ class ControlledWorker:
 
         for name in ("Linear", "LinearBatch"):
             setattr(self.service, name, slowed(getattr(self.service, name)))
-        self.server, port = serve(self.service, "127.0.0.1", 0)
-        self.address = f"127.0.0.1:{port}"
+        _, self.server, self.endpoint = start_worker(run_config, MODEL, service=self.service)
+        self.address = self.endpoint.address
 
     def sessions(self) -> int:
         return len(self.service._sessions)

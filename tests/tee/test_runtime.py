@@ -28,9 +28,11 @@ def test_breakdown_accounts_for_every_delegated_call(worker_factory, run_config)
     # qwen3-mini: 2 layers x (q/k/v fused, o, gate/up fused, down) = 8 worker calls per token
     assert [t.calls for t in result.timings] == [8, 8, 8]
     for t in result.timings:
-        parts = t.encrypt_s + t.transfer_s + t.worker_s + t.decrypt_s + t.nonlinear_s
+        parts = t.encrypt_s + t.transfer_s + t.worker_s + t.decrypt_s + t.verify_s + t.local_s + t.nonlinear_s
         assert t.total_s == pytest.approx(parts, rel=1e-6, abs=1e-6)
         assert t.worker_s > 0 and t.bytes_sent > 0 and t.bytes_received > 0
+        assert t.verify_s > 0 and t.local_s < t.total_s / 10 and t.deviations == 0
+    assert runtime.engine.stats.checks > 0 and runtime.engine.stats.local_calls == 0
 
 
 def test_sampling_is_reproducible_with_a_pinned_seed_only(worker_factory, run_config):

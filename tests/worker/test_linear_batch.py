@@ -4,7 +4,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bifrost.ckks import GroupShape, get_backend
+from bifrost.ckks import GroupShape, WeightStats, get_backend
 from bifrost.proto import worker_pb2, worker_pb2_grpc
 from bifrost.tee.link import connect
 
@@ -13,8 +13,8 @@ GROUP = ("transformer.h.0.mlp.c_fc",)
 
 @pytest.fixture(scope="module")
 def setup(worker_factory):
-    service, _, address = worker_factory("gpt2-mini", max_sessions=8)
-    stub = worker_pb2_grpc.CKKSWorkerStub(connect(address))
+    service, _, endpoint = worker_factory("gpt2-mini", max_sessions=8)
+    stub = worker_pb2_grpc.CKKSWorkerStub(connect(endpoint))
     infos = {l.name: l for l in stub.Describe(worker_pb2.DescribeRequest()).layers}
     info = infos[GROUP[0]]
     shape = GroupShape(info.d_in, (info.d_out,))
@@ -42,25 +42,26 @@ def test_each_session_decrypts_its_own_result_and_matches_a_single_call(setup):
     reply = _batch(setup, [(sid, b.ciphertexts) for (_, sid), b in zip(setup["sessions"], batches)])
     assert len(reply.results) == 3 and reply.compute_seconds > 0
     for (keys, sid), x, b, result in zip(setup["sessions"], xs, batches, reply.results):
-        (y,) = keys.decrypt(setup["shape"], [list(result.outputs[0].ciphertexts)], b.rows)
+        stats = [WeightStats.of(setup["weight"])]
+        (y,) = keys.decrypt(setup["shape"], [list(result.outputs[0].ciphertexts)], b, stats)
         ref = x @ setup["weight"].T
         bound = 2.0 ** -14 * np.abs(x).sum(1, keepdims=True) * np.abs(setup["weight"]).max()
         assert np.all(np.abs(y - ref) <= bound)
         single = setup["stub"].Linear(worker_pb2.LinearRequest(session_id=sid, group=setup["group"],
                                                                ciphertexts=b.ciphertexts), timeout=60)
-        (y1,) = keys.decrypt(setup["shape"], [list(single.outputs[0].ciphertexts)], b.rows)
+        (y1,) = keys.decrypt(setup["shape"], [list(single.outputs[0].ciphertexts)], b, stats)
         assert np.array_equal(y, y1)  # batching changes nothing but the number of calls
 
 
 def test_a_result_cannot_be_decrypted_by_another_session(setup):
     (k0, s0), (k1, s1) = setup["sessions"][:2]
     x = np.ones((1, setup["shape"].d_in))
-    reply = _batch(setup, [(s0, k0.encrypt(setup["shape"], x).ciphertexts),
-                           (s1, k1.encrypt(setup["shape"], x).ciphertexts)])
+    b0 = k0.encrypt(setup["shape"], x)
+    reply = _batch(setup, [(s0, b0.ciphertexts), (s1, k1.encrypt(setup["shape"], x).ciphertexts)])
     from bifrost.ckks import CiphertextError
 
     with pytest.raises(CiphertextError):  # session 1's output carries session 1's context id
-        k0.decrypt(setup["shape"], [list(reply.results[1].outputs[0].ciphertexts)], 1)
+        k0.decrypt(setup["shape"], [list(reply.results[1].outputs[0].ciphertexts)], b0, [WeightStats.of(setup["weight"])])
 
 
 def test_bad_batches_are_rejected_with_a_status(setup):

@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from bifrost.proto import worker_pb2
-from bifrost.tee import link as link_mod
+from bifrost.tee import pool as pool_mod
 from bifrost.tee.runtime import TrustedRuntime
 
 
@@ -19,12 +19,11 @@ class _Recorder(grpc.UnaryUnaryClientInterceptor):
 
 @pytest.mark.parametrize("backend", ["tenseal", "native"])
 def test_requests_to_the_worker_carry_no_secret_key(worker_factory, run_config, monkeypatch, backend):
-    _, _, address = worker_factory("gpt2-mini")
+    _, _, endpoint = worker_factory("gpt2-mini")
     recorder = _Recorder()
-    real_connect = link_mod.connect
-    monkeypatch.setattr("bifrost.tee.runtime.connect",
-                        lambda addr, **kw: grpc.intercept_channel(real_connect(addr, **kw), recorder))
-    runtime = TrustedRuntime(run_config.replace(model="gpt2-mini", backend=backend), address)
+    real_channel = pool_mod.worker_channel
+    monkeypatch.setattr(pool_mod, "worker_channel", lambda *a, **kw: grpc.intercept_channel(real_channel(*a, **kw), recorder))
+    runtime = TrustedRuntime(run_config.replace(model="gpt2-mini", backend=backend), endpoint)
     runtime.generate("secret prompt", 3)
     runtime.close()
 
@@ -60,18 +59,16 @@ def test_batched_calls_of_several_sessions_carry_no_secret_key(worker_factory, r
     import numpy as np
 
     from bifrost.tee.batching import DecodeBatcher
-    from bifrost.tee.engine import DelegationEngine
-    from bifrost.tee.pool import WorkerDirectory, WorkerPool
+    from bifrost.tee.pool import WorkerPool
 
-    _, _, address = worker_factory("gpt2-mini")
+    _, _, endpoint = worker_factory("gpt2-mini")
     cfg = run_config.replace(model="gpt2-mini", backend="native")
-    runtime = TrustedRuntime(cfg, address)
-    directory = WorkerDirectory([address])
+    runtime = TrustedRuntime(cfg, endpoint)
+    directory = runtime.directory([endpoint])
     recorder = _Recorder()
     directory.workers[0].channel = grpc.intercept_channel(directory.workers[0].channel, recorder)
     batcher = DecodeBatcher(directory, window_s=10.0)
-    engines = [DelegationEngine(batcher.link_for(WorkerPool(directory)), cfg.backend, cfg.ckks_params(),
-                                runtime.sites, runtime.groups) for _ in range(3)]
+    engines = [runtime.new_engine(batcher.link_for(WorkerPool(directory))) for _ in range(3)]
     group = runtime.groups[0]
     barrier = threading.Barrier(3)
 

@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bifrost.ckks import CKKSParams, GroupShape, get_backend
+from bifrost.ckks import CKKSParams, GroupShape, WeightStats, get_backend
 from bifrost.ckks.tenseal_backend import PUB_MAGIC
 from bifrost.proto import worker_pb2, worker_pb2_grpc
 from bifrost.tee.link import connect
@@ -15,8 +15,8 @@ from bifrost.tee.link import connect
 
 @pytest.fixture(scope="module")
 def worker(worker_factory):
-    service, _, address = worker_factory("gpt2-mini", max_sessions=3)
-    stub = worker_pb2_grpc.CKKSWorkerStub(connect(address))
+    service, _, endpoint = worker_factory("gpt2-mini", max_sessions=3)
+    stub = worker_pb2_grpc.CKKSWorkerStub(connect(endpoint))
     layers = {l.name: l for l in stub.Describe(worker_pb2.DescribeRequest()).layers}
     name = "transformer.h.0.attn.c_proj"
     info = layers[name]
@@ -34,9 +34,10 @@ def _linear(w, cts, session=None, group=None):
 
 def _assert_still_serving(w):
     x = np.linspace(-1, 1, w["shape"].d_in)[None, :]
-    reply = _linear(w, w["keys"].encrypt(w["shape"], x).ciphertexts)
-    (y,) = w["keys"].decrypt(w["shape"], [list(reply.outputs[0].ciphertexts)], 1)
+    batch = w["keys"].encrypt(w["shape"], x)
+    reply = _linear(w, batch.ciphertexts)
     weight = w["service"].layers[w["info"].name][1]
+    (y,) = w["keys"].decrypt(w["shape"], [list(reply.outputs[0].ciphertexts)], batch, [WeightStats.of(weight)])
     assert np.abs(y[0] - weight @ x[0]).max() < 1e-4
 
 
@@ -109,7 +110,7 @@ def test_public_context_with_secret_key_is_refused(worker):
 
 def test_unknown_backend_and_insecure_parameters_are_invalid_argument(worker):
     code, details = _code(lambda: worker["stub"].OpenSession(worker_pb2.OpenSessionRequest(backend="rot13")))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown CKKS backend" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not served" in details
     meta = json.dumps({"params": {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [60, 60], "scale_bits": 40},
                        "context_id": "00" * 16, "galois_steps": []}).encode()
     code, details = _code(lambda: worker["stub"].OpenSession(worker_pb2.OpenSessionRequest(
@@ -141,8 +142,9 @@ def test_local_worker_exits_when_its_parent_dies(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
+        "from bifrost.attest.mtls import process_identity\n"
         "from bifrost.worker.launcher import LocalWorker\n"
-        "w = LocalWorker('gpt2-mini', 0).start()\n"
+        "w = LocalWorker('gpt2-mini', 0, [process_identity().cert_pem]).start()\n"
         "print(w.proc.pid, flush=True)\n"
         "time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
@@ -163,3 +165,126 @@ def test_local_worker_exits_when_its_parent_dies(tmp_path):
     else:
         os.kill(worker_pid, signal.SIGKILL)
         raise AssertionError("the local worker outlived its parent by 30 s")
+
+
+def test_only_configured_parameter_sets_are_accepted(worker):
+    """128-bit-secure but unconfigured parameters are refused: the prepared-weight cache has a bounded number of keys."""
+    other = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24), scale_bits=34)
+    keys = get_backend("native").keygen(other, [])
+    code, details = _code(lambda: worker["stub"].OpenSession(worker_pb2.OpenSessionRequest(
+        backend="native", public_context=keys.public_context())))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not configured" in details
+    _assert_still_serving(worker)
+
+
+def test_oversized_public_context_is_refused(worker):
+    code, details = _code(lambda: worker["stub"].OpenSession(worker_pb2.OpenSessionRequest(
+        backend="tenseal", public_context=PUB_MAGIC + b"\x00" * (worker["service"].limits.max_public_context_bytes + 1))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_public_context_bytes" in details
+
+
+def test_unexpected_errors_are_internal_without_details(worker, monkeypatch):
+    def boom(*a, **k):
+        raise KeyError("secret-looking internal state")
+
+    monkeypatch.setattr(worker["service"], "_resolve_group", boom)
+    cts = worker["keys"].encrypt(worker["shape"], np.ones((1, worker["shape"].d_in))).ciphertexts
+    code, details = _code(lambda: _linear(worker, cts))
+    assert code == grpc.StatusCode.INTERNAL and details == "internal worker error"
+    monkeypatch.undo()
+    _assert_still_serving(worker)
+
+
+def test_callers_without_a_trusted_certificate_cannot_reach_the_worker(worker_factory):
+    """Mutual TLS: no plaintext port, and a client certificate not in trusted_clients is refused at the handshake."""
+    from bifrost.attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, worker_channel
+
+    _, _, endpoint = worker_factory("gpt2-mini", max_sessions=3)
+    for channel in (grpc.insecure_channel(endpoint.address),
+                    worker_channel(endpoint, TLSIdentity.generate(TRUSTED_TLS_NAME))):
+        stub = worker_pb2_grpc.CKKSWorkerStub(channel)
+        code, _ = _code(lambda: stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native"), timeout=10))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+
+
+@pytest.fixture()
+def clocked_worker(run_config):
+    """A worker with a settable clock (seconds), max 2 sessions, 60 s idle expiry."""
+    from tests.workers import start_worker
+
+    now = [1000.0]
+    service, server, endpoint = start_worker(run_config, "gpt2-mini", max_sessions=2, session_idle_s=60.0)
+    service.clock = lambda: now[0]
+    stub = worker_pb2_grpc.CKKSWorkerStub(connect(endpoint))
+    yield service, stub, now
+    server.stop(grace=None)
+
+
+def _open_native(stub):
+    keys = get_backend("native").keygen(None, [])
+    return stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=keys.public_context()),
+                            timeout=60).session_id
+
+
+def test_idle_sessions_expire_and_free_their_slots(clocked_worker):
+    service, stub, now = clocked_worker
+    first = _open_native(stub)
+    _open_native(stub)
+    assert _code(lambda: _open_native(stub))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    now[0] += 59.0
+    service._session(first)  # a call keeps a session alive
+    now[0] += 2.0            # the other one is now idle for 61 s
+    _open_native(stub)       # its slot is reused
+    assert len(service._sessions) == 2 and first in service._sessions
+    now[0] += 61.0
+    assert service.expire_idle() == 2
+    code, details = _code(lambda: stub.Linear(worker_pb2.LinearRequest(session_id=first), timeout=60))
+    assert code == grpc.StatusCode.NOT_FOUND and "session" in details  # the trusted side reopens on this
+
+
+def test_concurrent_open_session_flood_never_exceeds_max_sessions(clocked_worker):
+    """The slot check and the insert are one step: 12 concurrent opens on a 2-slot worker, exactly 2 succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service, stub, _ = clocked_worker
+
+    def attempt(_):
+        try:
+            _open_native(stub)
+            return "ok"
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(attempt, range(12)))
+    assert outcomes.count("ok") == 2
+    assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 10
+    assert len(service._sessions) == 2 and service._reserved == 0
+
+
+def test_prepared_weights_carry_their_size_and_stay_within_the_cache_budget(run_config):
+    """Every group of gpt2-mini prepared under a budget of ~3 groups: the cache evicts down to its budget."""
+    from bifrost.worker.service import PreparedWeightCache
+
+    from tests.workers import start_worker
+
+    service, server, endpoint = start_worker(run_config, "gpt2-mini")
+    try:
+        stub = worker_pb2_grpc.CKKSWorkerStub(connect(endpoint))
+        groups = [worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=s.name, digest=s.digest)])
+                  for s, _ in service.layers.values()]
+        keys = get_backend("native").keygen(None, [])
+        stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=keys.public_context(),
+                                                       prepare=groups[:1]), timeout=60)
+        one = service.cache.bytes
+        assert one > 0  # real sizes (the old native entries counted as 0 bytes and were never evicted)
+        service.cache = PreparedWeightCache(3 * one)
+        for _ in range(3):  # a flood of sessions preparing every group
+            sid = stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=keys.public_context(),
+                                                                 prepare=groups), timeout=120).session_id
+            stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=sid))
+            assert service.cache.bytes <= 3 * one
+        assert service.cache.evictions >= len(groups) - 3
+    finally:
+        server.stop(grace=None)

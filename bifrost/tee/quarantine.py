@@ -1,0 +1,116 @@
+"""Worker identities caught deviating: their results are never used again, and they are never told.
+
+A worker whose reply fails any check (malformed, wrong size, replayed, out of range, or the product
+check) is *quarantined*: from that call on, every result it returns — to any session of any replica —
+is discarded and the product is computed inside the TEE from the trusted copy of the weights. The
+worker keeps receiving exactly the requests it would have received (same sessions, sizes and
+schedule): whether a check passed depends on the plaintext, so any visible reaction (an abort, a
+closed session, a retry elsewhere, requests stopping) would answer the worker's query. It is refused
+outright only when the trusted side next starts (identities are pinned TLS keys, see
+:mod:`bifrost.attest.mtls`), so over its whole life a worker identity learns one bit: whether it was
+dropped at a restart.
+
+The registry is shared by every session of a process and, through ``path`` (a JSON file, updated under
+an exclusive ``fcntl`` lock and replaced atomically), by every replica and every later run that names
+the same file. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("bifrost.quarantine")
+
+FORMAT = "bifrost-worker-quarantine/v1"
+
+
+class WorkerQuarantine:
+    """Identities (``sha256:<hex>`` of a worker's pinned TLS key) whose results are never used."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] = {}
+        self._stamp: tuple[int, int] | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._reload()
+
+    # -- file plumbing -----------------------------------------------------------------------
+    def _read_file(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            log.error("quarantine file %s is unreadable; keeping the identities already known", self.path)
+            return dict(self._entries)
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("workers"), dict):
+            log.error("quarantine file %s has an unknown format; keeping the identities already known", self.path)
+            return dict(self._entries)
+        return {str(k): v for k, v in data["workers"].items() if isinstance(v, dict)}
+
+    def _reload(self) -> None:
+        """Re-read the file when it changed (a stat per call: cheap)."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            self._entries.update(self._read_file())
+            self._stamp = stamp
+
+    # -- API ---------------------------------------------------------------------------------
+    def __contains__(self, identity: str) -> bool:
+        with self._lock:
+            if self.path is not None:
+                self._reload()
+            return identity in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            if self.path is not None:
+                self._reload()
+            return len(self._entries)
+
+    def entries(self) -> dict[str, dict]:
+        with self._lock:
+            if self.path is not None:
+                self._reload()
+            return {k: dict(v) for k, v in self._entries.items()}
+
+    def add(self, identity: str, reason: str) -> bool:
+        """Quarantine ``identity`` (``reason``: which check failed; no data). Returns True if it is new."""
+        entry = {"reason": reason, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with self._lock:
+            if identity in self._entries:
+                return False
+            self._entries[identity] = entry
+            if self.path is not None:
+                self._write(identity, entry)
+        log.warning("worker %s quarantined (%s): its results are discarded and recomputed in the TEE; it is "
+                    "refused at the next start", identity[:23], reason)
+        return True
+
+    def _write(self, identity: str, entry: dict) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                current = self._read_file()
+                current.setdefault(identity, entry)
+                self._entries.update(current)
+                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"format": FORMAT, "workers": current}, indent=1, sort_keys=True))
+                os.replace(tmp, self.path)
+                st = os.stat(self.path)
+                self._stamp = (st.st_mtime_ns, st.st_size)
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -1,0 +1,110 @@
+"""Every delegated product is checked inside the TEE before it is used (a Freivalds-style test).
+
+Per session and per delegated weight matrix W (d_out × d_in), ``k`` secret vectors s_1..s_k ~ N(0, I_d_out)
+are drawn from the OS CSPRNG and u_j = s_jᵀW is computed once (float64) from the trusted copy of W. A
+decoded worker output ŷ (rows × d_out) for the input x (rows × d_in) passes when, for every row r and j,
+
+    range:   |ŷ_rk| ≤ ‖x_r‖₁·max|W| + ε_r           for every output k (the product cannot be larger)
+    product: |s_j·ŷ_r − u_j·x_r| ≤ τ_r = z·√d_out·ε_r + (float64 rounding slack)
+
+where ε_r is the backend's documented worst-case error per output (``TrustedContext.error_bound``).
+
+Why these numbers. Honest error e = ŷ_r − x_rWᵀ has ‖e‖₂ ≤ √d_out·ε_r, and s_j·e ~ N(0, ‖e‖₂²) for a
+secret Gaussian s_j drawn independently of e, so an honest product fails a vector with probability
+≤ erfc(z/√2): 1.2e-15 at the default z = 8. A deviation Δ (anything but the product: another input, a
+replay, other weights, a scaled or shifted output) passes one vector with probability at most
+P(|N(0, ‖Δ‖₂²)| ≤ τ) ≤ √(2/π)·τ/‖Δ‖₂, and all k independent vectors with at most (0.80·τ/‖Δ‖₂)^k. With
+the default k = 8: a deviation of norm 2τ escapes with probability ≤ 6.5e-4, 4τ with ≤ 2.6e-6,
+10τ with ≤ 1.7e-8, and one of 10⁴·τ (an inflated scale) with ≤ 1.7e-33; the first miss quarantines the
+worker for good (:mod:`.quarantine`), so an attacker gets one such draw per identity. k = 8 keeps the
+per-session cost small: k·(d_in + d_out) multiply-adds per row and member per call, plus k·d_in·d_out
+once per session to form u (a few plaintext decode steps' worth of work).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..ckks.backend import WeightStats
+from ..ckks.csprng import standard_normal
+from ..config import VerificationConfig
+
+_U53 = 2.0 ** -53
+
+
+def false_positive_bound(cfg: VerificationConfig) -> float:
+    """Probability that one honest row of one member fails (any of the k vectors)."""
+    return min(1.0, cfg.vectors * math.erfc(cfg.z / math.sqrt(2)))
+
+
+def miss_probability(cfg: VerificationConfig, norm_over_tau: float) -> float:
+    """Upper bound on a deviation of ℓ2 norm ``norm_over_tau``·τ escaping all k vectors."""
+    return min(1.0, math.sqrt(2 / math.pi) / max(norm_over_tau, 1e-300)) ** cfg.vectors
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    reason: str          # "" | "range" | "product" | "not finite"
+    worst: float         # max |s·ŷ − u·x| / τ over rows, members and vectors (≤ 1 passes)
+    comparisons: int     # rows × members × vectors compared
+
+
+class _Member:
+    """Check vectors of one weight matrix: S [k, d_out], U = S·W [k, d_in], |S|·|W| [k, d_in]."""
+
+    def __init__(self, w: np.ndarray, k: int) -> None:
+        w = np.asarray(w, dtype=np.float64)
+        self.d_out, self.d_in = w.shape
+        self.stats = WeightStats.of(w)
+        self.S = standard_normal((k, self.d_out))
+        self.U = self.S @ w
+        self.U_abs = np.abs(self.S) @ np.abs(w)
+        self.S_abs = np.abs(self.S)
+
+
+class ProductVerifier:
+    """One session's check vectors for every delegated group (members in group order)."""
+
+    def __init__(self, groups: Mapping[tuple[str, ...], Sequence[np.ndarray]], cfg: VerificationConfig | None = None):
+        cfg = cfg or VerificationConfig()
+        self.cfg = cfg
+        self._members = {g: [_Member(w, cfg.vectors) for w in ws] for g, ws in groups.items()}
+
+    def weight_stats(self, group: tuple[str, ...]) -> list[WeightStats]:
+        return [m.stats for m in self._members[group]]
+
+    def check(self, group: tuple[str, ...], x: np.ndarray, ys: Sequence[np.ndarray], bounds: np.ndarray) -> CheckResult:
+        """``x`` (rows × d_in) the encrypted input, ``ys`` the decoded outputs per member, ``bounds``
+        (rows × members) the backend's error bound ε. Pure arithmetic on trusted data: no early exit."""
+        members = self._members[group]
+        x = np.asarray(x, dtype=np.float64)
+        x_abs = np.abs(x)
+        x_l1 = x_abs.sum(axis=1)
+        worst, reason, comparisons = 0.0, "", 0
+        for m, (mem, y) in enumerate(zip(members, ys)):
+            y = np.asarray(y, dtype=np.float64)
+            eps = bounds[:, m]
+            if not np.isfinite(y).all():
+                reason, worst = reason or "not finite", math.inf
+                continue
+            limit = x_l1 * mem.stats.peak + eps
+            if (np.abs(y) > limit[:, None] * (1 + 1e-12)).any():
+                reason, worst = reason or "range", math.inf
+            residual = np.abs(y @ mem.S.T - x @ mem.U.T)                              # [rows, k]
+            gamma = (max(mem.d_in, mem.d_out) + 2) * _U53
+            slack = 4 * gamma * (np.abs(y) @ mem.S_abs.T + x_abs @ mem.U_abs.T)       # float64 rounding
+            tau = self.cfg.z * math.sqrt(mem.d_out) * eps[:, None] + slack
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(residual > tau, np.where(tau > 0, residual / tau, math.inf),
+                                 np.where(tau > 0, residual / tau, 0.0))
+            comparisons += ratio.size
+            peak = float(ratio.max()) if ratio.size else 0.0
+            if peak > 1.0:
+                reason = reason or "product"
+            worst = max(worst, peak)
+        return CheckResult(not reason, reason, worst, comparisons)

@@ -9,7 +9,10 @@ import secrets
 import grpc
 import pytest
 
+from bifrost.errors import BifrostError
 from bifrost.model.tokenizer import ByteTokenizer
+from bifrost.proto import serving_pb2
+from bifrost.serve.actors import AAD_EMBED
 from bifrost.serve.client import ServingError
 
 from .conftest import MODEL, connect, plaintext_greedy, wait_until
@@ -118,9 +121,15 @@ def test_a_request_on_a_busy_session_waits_a_bounded_time(app_factory, controlle
     c = connect(app)
     stream = c.generate("busy session", 4)  # ~3 s
     first = next(stream)
-    with pytest.raises(ServingError) as err:
-        c.embed(["while the turn runs"])  # used to wait on the session lock without a limit
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in err.value.details
+    with pytest.raises(BifrostError, match="already has a request in progress"):
+        c.embed(["while the turn runs"])  # the SDK serializes one client's requests, and never waits on itself
+    # a request that does reach the busy session (sent around the SDK) used to wait on its lock without a limit
+    req = serving_pb2.SealedRequest(session_id=c.session_id, request_id=secrets.token_hex(8), sealed=c.session.seal(
+        serving_pb2.EmbedBody(texts=["while the turn runs"]).SerializeToString(), AAD_EMBED))
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch, pytest.raises(grpc.RpcError) as err:
+        ch.unary_unary("/bifrost.serving.v1.BifrostServing/Embed")(
+            req.SerializeToString(), metadata=(("authorization", f"Bearer {c.token}"),), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in err.value.details()
     assert len(first.token_ids) + sum(len(ev.token_ids) for ev in stream) == 4  # the running turn is unaffected
     # the refused request was never opened; the channel tolerates that gap, so the session goes on
     assert sum(len(ev.token_ids) for ev in c.generate("after the refusal", 2)) == 2

@@ -14,6 +14,10 @@ starts a request while its own Generate stream is still open gets a :class:`Bifr
 
 Refusals: :class:`ServingError` carries the status code and the server's reason; ``sealed`` says the
 reason came through the attested channel (the cleartext status only says "request refused").
+
+TLS: ``tls_ca_file`` (PEM) or ``tls_root_certificates`` (PEM bytes) connects with TLS, verifying the
+server certificate against those roots. TLS hides the bearer token and gRPC metadata from the network;
+prompts and answers are sealed by the attested channel either way.
 """
 
 from __future__ import annotations
@@ -51,8 +55,15 @@ def _sealed_error(code_name: str, reason: str) -> ServingError:
     return ServingError(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN, reason, sealed=True)
 
 
-def _rpc_error(exc: grpc.RpcError) -> ServingError:
-    return ServingError(exc.code(), exc.details())
+def _rpc_error(exc: grpc.RpcError, tls: bool) -> ServingError:
+    """A gRPC failure as :class:`ServingError`; a failed connection names the likely TLS mismatch."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and any(w in details.lower() for w in ("connect", "handshake", "socket")):
+        hint = ("check that the server uses TLS, that the CA file holds its certificate's issuer and that the "
+                "certificate names this address" if tls else
+                "if the server uses TLS, connect with tls_ca_file (bifrost chat --tls-ca FILE)")
+        details = f"{details} ({hint})"
+    return ServingError(code, details)
 
 
 @dataclass
@@ -77,9 +88,24 @@ class BifrostClient:
     and the longest wait for another thread's request on this client."""
 
     def __init__(self, address: str, policy: AttestationPolicy, suite: str = "AES-256-GCM",
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, tls_ca_file: str | None = None,
+                 tls_root_certificates: bytes | None = None) -> None:
         self.address, self.policy, self.suite, self.timeout = address, policy, suite, timeout_s
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        if tls_ca_file is not None and tls_root_certificates is not None:
+            raise BifrostError("give tls_ca_file or tls_root_certificates, not both")
+        if tls_ca_file is not None:
+            try:
+                with open(tls_ca_file, "rb") as f:
+                    tls_root_certificates = f.read()
+            except OSError as exc:
+                raise BifrostError(f"cannot read the TLS CA file {tls_ca_file}: {exc.strerror}") from None
+        self.tls = tls_root_certificates is not None
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = serving_pb2_grpc.BifrostServingStub(self.channel)
         self.session: SecureSession | None = None
         self.session_id: bytes | None = None
@@ -109,7 +135,7 @@ class BifrostClient:
         try:
             return fn(*args, timeout=self.timeout, **kwargs)
         except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+            raise _rpc_error(exc, self.tls) from None
 
     def _meta(self):
         return (("authorization", f"Bearer {self.token}"),)
@@ -168,7 +194,7 @@ class BifrostClient:
                     if chunk.token_ids:
                         yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds)
             except grpc.RpcError as exc:
-                raise _rpc_error(exc) from None
+                raise _rpc_error(exc, self.tls) from None
             finally:
                 call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
             if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
@@ -198,7 +224,7 @@ class BifrostClient:
             except grpc.RpcError as exc:
                 sealed = dict(exc.trailing_metadata() or ()).get(SEALED_TRAILER)
                 if not sealed:
-                    raise _rpc_error(exc) from None
+                    raise _rpc_error(exc, self.tls) from None
                 refusal = serving_pb2.EmbedResult.FromString(self.session.open(sealed, AAD_EMBED_RESULT))
                 raise _sealed_error(refusal.error_code, refusal.error or "refused without a reason") from None
             result = serving_pb2.EmbedResult.FromString(self.session.open(reply.sealed, AAD_EMBED_RESULT))

@@ -21,6 +21,9 @@ same code and only :data:`~.actors.SEALED_REFUSAL` (no counts or sizes). Generat
 TokenChunk before the status; Embed puts the sealed EmbedResult in the trailing metadata
 ``bifrost-sealed-bin``. CloseSession closes a session only once the replica opened its sealed CloseBody.
 
+TLS (``tls_cert_file``/``tls_key_file``) hides bearer tokens and metadata from the network; the
+attested channel stays the confidentiality layer either way.
+
 Replica failure: a replica whose actor died is marked dead, its sessions are dropped, new sessions
 go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
 turn on the replica at the next token (``ReplicaActor.cancel``).
@@ -441,8 +444,9 @@ def issuer_policy(scfg: ServeConfig) -> AttestationPolicy:
     return AttestationPolicy(allow_simulated=scfg.evidence_provider == "simulated")
 
 
-def start_grpc(service: ServingService, host: str, port: int, threads: int):
-    """Serve with health checking and reflection; returns (server, port, health servicer)."""
+def start_grpc(service: ServingService, host: str, port: int, threads: int, tls: tuple[bytes, bytes] | None = None):
+    """Serve with health checking and reflection; ``tls``: (private key PEM, certificate chain PEM) for a
+    TLS port, None for plaintext. Returns (server, port, health servicer)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -455,7 +459,10 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int):
     reflection.enable_server_reflection(
         (serving_pb2.DESCRIPTOR.services_by_name["BifrostServing"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise BifrostError(f"cannot listen on {host}:{port}")
     server.start()
@@ -542,9 +549,11 @@ class ServeApp:
             infos = [r.call("info") for r in self.replicas]
         self.service = ServingService(self.cfg, self.scfg, self.replicas, check_replicas_agree(infos))
         self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
-                                                         threads=self.scfg.max_sessions + 8)
-        log.info("serving %s on %s:%d (%d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
-                 self.port, len(self.replicas), self.scfg.runtime, ", ".join(addresses))
+                                                         threads=self.scfg.max_sessions + 8,
+                                                         tls=self.scfg.tls_credentials())
+        log.info("serving %s on %s:%d (%s; %d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
+                 self.port, self.scfg.transport, len(self.replicas),
+                 self.scfg.runtime, ", ".join(addresses))
 
     def _start_ray(self) -> None:
         if self.scfg.ray_address:  # a real cluster: it has its own temp dir and auth settings

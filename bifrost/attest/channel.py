@@ -1,4 +1,4 @@
-"""Attested channel: X25519 + HKDF-SHA256 -> per-direction AEAD keys, sequence-numbered records.
+"""Attested channel: X25519 + HKDF-SHA256 -> per-direction AEAD keys, sequence-numbered, padded records.
 
 Handshake: the server's ephemeral X25519 public key is bound into report_data (see
 :mod:`.binding`), so after verifying the evidence the client knows only the attested VM holds the
@@ -12,16 +12,40 @@ split into client->server key, server->client key and a 16-byte session ID. Suit
 ``cryptography``.
 
 Record = seq (8 bytes, big-endian) || AEAD ciphertext+tag (16 bytes). Nonce = 4 zero bytes || seq.
-AAD = direction label || session ID || seq. Sequence numbers strictly increase, so a replayed or
-reordered record (one at or below the last accepted) fails. Server→client records (the streamed
-answer) must also arrive without gaps: dropping a chunk is detected. Client→server records (requests)
-may leave gaps: a request the serving front end refuses before it reaches the session (busy, over a
-limit, unauthenticated) is never opened, and the session must survive that. Any failure closes the
-session for good.
+AAD = direction label || session ID || seq || caller's associated data. The AEAD plaintext is the
+*framed* message: ``u32 big-endian length || message || zero padding`` up to the smallest size bucket
+that holds ``4 + length`` bytes: 256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, then the next
+multiple of 1 MiB (:data:`RECORD_BUCKETS`, :func:`padded_size`). A record on the wire is therefore
+``8 + bucket + 16`` bytes, whatever the message inside the bucket. ``open`` refuses a record whose
+length field points past its end, whose padded size is not the bucket of its length, or whose padding
+is not all zero (``ChannelError(check="record_format")``).
+
+What padding does not hide: the bucket of each record (a 300-byte prompt and a 1000-byte prompt both
+take the 1 KiB bucket, a 5000-byte one does not); the number of records (the serving API sends one
+TokenChunk per generated token, so an observer counts the tokens of every answer); and timing (when
+each record is sent, so time to first token and time per token).
+
+Sequence numbers strictly increase, so a replayed or reordered record (one at or below the last
+accepted) fails. Server→client records (the streamed answer) must also arrive without gaps: dropping a
+chunk is detected. Client→server records (requests) may leave gaps: a request the serving front end
+refuses before it reaches the session (busy, over a limit, unauthenticated) is never opened, and the
+session must survive that.
+
+Failures: on the client side (``fatal_errors``, default for the client role) any failure closes the
+session for good: a bad server→client record means the answer can no longer be trusted. On the server
+side a record that fails authentication, is a replay, is reordered or truncated is refused *without
+changing the session*: it is not closed and its receive sequence number does not move, so the genuine
+record with that sequence number still opens. Anyone who can reach the server (e.g. with a sniffed
+bearer token) can send garbage; that must not end a victim's session. An authentic record whose
+framing is bad uses up its sequence number but does not close a server session either.
+
+Thread safety: a :class:`SecureSession` serializes ``seal``/``open``/``close`` with a lock, so
+concurrent callers never reuse a sequence number (hence never a GCM nonce).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +64,50 @@ TAG_SIZE = 16
 SEQ_SIZE = 8
 SESSION_ID_SIZE = 16
 MAX_SEQ = (1 << 64) - 1
+LENGTH_SIZE = 4
+MIB = 1 << 20
+# Padded AEAD plaintext sizes (bytes); above the last one, the next multiple of 1 MiB.
+RECORD_BUCKETS = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, MIB)
+MAX_MESSAGE = (1 << 32) - 1 - LENGTH_SIZE
 Role = Literal["client", "server"]
+
+
+def padded_size(framed_len: int) -> int:
+    """The bucket (bytes) for ``framed_len`` = 4 + message length: the smallest of
+    :data:`RECORD_BUCKETS` that holds it, else the next multiple of 1 MiB."""
+    for bucket in RECORD_BUCKETS:
+        if framed_len <= bucket:
+            return bucket
+    return -(-framed_len // MIB) * MIB
+
+
+def record_size(message_len: int) -> int:
+    """Bytes on the wire of a record carrying ``message_len`` bytes: seq + padded plaintext + tag."""
+    return SEQ_SIZE + padded_size(LENGTH_SIZE + message_len) + TAG_SIZE
+
+
+def frame(message: bytes) -> bytes:
+    """``u32 big-endian length || message || zero padding`` up to :func:`padded_size`."""
+    n = len(message)
+    if n > MAX_MESSAGE:
+        raise ChannelError("record_format", f"message of {n} bytes does not fit a record's 32-bit length field")
+    return n.to_bytes(LENGTH_SIZE, "big") + message + bytes(padded_size(LENGTH_SIZE + n) - LENGTH_SIZE - n)
+
+
+def unframe(padded: bytes) -> bytes:
+    """The message inside a framed plaintext; raises ``ChannelError(check="record_format")`` when the
+    length points past the end, the size is not that length's bucket, or the padding is not all zero."""
+    if len(padded) < LENGTH_SIZE:
+        raise ChannelError("record_format", "record plaintext is shorter than its length field")
+    n = int.from_bytes(padded[:LENGTH_SIZE], "big")
+    end = LENGTH_SIZE + n
+    if end > len(padded):
+        raise ChannelError("record_format", "record length field points past the end of the record")
+    if len(padded) != padded_size(end):
+        raise ChannelError("record_format", "record is not padded to the size bucket of its length")
+    if padded.count(0, end) != len(padded) - end:
+        raise ChannelError("record_format", "record padding is not all zero")
+    return padded[LENGTH_SIZE:end]
 
 
 def raw_public(key: X25519PrivateKey) -> bytes:
@@ -106,11 +173,14 @@ def derive_session_keys(
 
 
 class SecureSession:
-    """One side of an established session. Not thread-safe; one instance per user session."""
+    """One side of an established session; thread-safe (one lock around seal/open/close)."""
 
-    def __init__(self, keys: SessionKeys, role: Role, allow_gaps: bool | None = None) -> None:
+    def __init__(self, keys: SessionKeys, role: Role, allow_gaps: bool | None = None,
+                 fatal_errors: bool | None = None) -> None:
         """``allow_gaps`` (default: True for the server, False for the client) lets the receiver skip
-        sequence numbers; replays and reordering are refused either way."""
+        sequence numbers; replays and reordering are refused either way. ``fatal_errors`` (default: True
+        for the client, False for the server): a record that fails to open closes the session; when
+        False it is refused and the session is left exactly as it was (see the module docstring)."""
         send_key, recv_key = (
             (keys.client_to_server, keys.server_to_client) if role == "client" else (keys.server_to_client, keys.client_to_server)
         )
@@ -124,6 +194,8 @@ class SecureSession:
         self._send_seq = 0
         self._recv_seq = 0
         self.allow_gaps = role == "server" if allow_gaps is None else allow_gaps
+        self.fatal_errors = role == "client" if fatal_errors is None else fatal_errors
+        self._lock = threading.Lock()
         self.closed = False
         self.close_reason: str | None = None
 
@@ -135,6 +207,10 @@ class SecureSession:
         return bytes(4) + seq.to_bytes(SEQ_SIZE, "big")
 
     def close(self, reason: str = "closed by caller") -> None:
+        with self._lock:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
         self.closed = True
         self.close_reason = reason
 
@@ -142,36 +218,48 @@ class SecureSession:
         if self.closed:
             raise ChannelClosedError("session_closed", f"session is closed ({self.close_reason})")
 
+    def _refuse(self, reason: str, cls: type[ChannelError], check: str, detail: str) -> ChannelError:
+        """The error for a record that failed to open; closes the session only if errors are fatal."""
+        if self.fatal_errors:
+            self._close(reason)
+        return cls(check, detail + ("; session closed" if self.fatal_errors else "; record refused, session unchanged"))
+
     def seal(self, plaintext: bytes, associated_data: bytes = b"") -> bytes:
-        """Encrypt the next outgoing record."""
-        self._ensure_open()
-        if self._send_seq >= MAX_SEQ:
-            self.close("sequence numbers exhausted")
+        """Frame and pad (:func:`frame`), then encrypt as the next outgoing record (a fresh sequence number)."""
+        framed = frame(plaintext)
+        with self._lock:
             self._ensure_open()
-        seq = self._send_seq
-        self._send_seq += 1
-        aad = self._aad(self._send_label, seq) + associated_data
-        return seq.to_bytes(SEQ_SIZE, "big") + self._send.seal(self._nonce(seq), plaintext, aad)
+            if self._send_seq >= MAX_SEQ:
+                self._close("sequence numbers exhausted")
+                self._ensure_open()
+            seq = self._send_seq
+            self._send_seq += 1
+            aad = self._aad(self._send_label, seq) + associated_data
+            return seq.to_bytes(SEQ_SIZE, "big") + self._send.seal(self._nonce(seq), framed, aad)
 
     def open(self, record: bytes, associated_data: bytes = b"") -> bytes:
-        """Decrypt the next incoming record. Any failure closes the session and raises."""
-        self._ensure_open()
-        if len(record) < SEQ_SIZE + TAG_SIZE:
-            self.close("truncated record")
-            raise ChannelError("record_format", "record shorter than sequence number + tag")
-        seq = int.from_bytes(record[:SEQ_SIZE], "big")
-        if seq < self._recv_seq or (seq > self._recv_seq and not self.allow_gaps) or seq >= MAX_SEQ:
-            self.close(f"sequence {seq}, expected {'at least ' if self.allow_gaps else ''}{self._recv_seq}")
-            what = "replay or reordering" if seq < self._recv_seq else "a record is missing"
-            raise ReplayError("sequence", f"record sequence {seq}, expected {self._recv_seq} ({what})")
-        aad = self._aad(self._recv_label, seq) + associated_data
-        try:
-            plaintext = self._recv.open(self._nonce(seq), record[SEQ_SIZE:], aad)
-        except InvalidTag:
-            self.close("authentication failed")
-            raise ChannelError("record_authentication", "record failed authentication (tampered); session closed") from None
-        self._recv_seq = seq + 1
-        return plaintext
+        """Decrypt and unframe the next incoming record; raises :class:`ChannelError` (see ``fatal_errors``)."""
+        with self._lock:
+            self._ensure_open()
+            if len(record) < SEQ_SIZE + TAG_SIZE:
+                raise self._refuse("truncated record", ChannelError, "record_format",
+                                   "record shorter than sequence number + tag")
+            seq = int.from_bytes(record[:SEQ_SIZE], "big")
+            if seq < self._recv_seq or (seq > self._recv_seq and not self.allow_gaps) or seq >= MAX_SEQ:
+                what = "replay or reordering" if seq < self._recv_seq else "a record is missing"
+                raise self._refuse(f"sequence {seq}, expected {'at least ' if self.allow_gaps else ''}{self._recv_seq}",
+                                   ReplayError, "sequence", f"record sequence {seq}, expected {self._recv_seq} ({what})")
+            aad = self._aad(self._recv_label, seq) + associated_data
+            try:
+                padded = self._recv.open(self._nonce(seq), record[SEQ_SIZE:], aad)
+            except InvalidTag:
+                raise self._refuse("authentication failed", ChannelError, "record_authentication",
+                                   "record failed authentication (tampered or forged)") from None
+            self._recv_seq = seq + 1  # authentic: its sequence number is used up, whatever its framing
+            try:
+                return unframe(padded)
+            except ChannelError as exc:
+                raise self._refuse("bad record framing", ChannelError, exc.check, exc.detail) from None
 
 
 class ServerHandshake:

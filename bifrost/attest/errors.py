@@ -74,7 +74,8 @@ class ModelDigestError(AttestationError):
 
 
 class ChannelError(AttestationError):
-    """Attested channel failure: bad handshake, bad record, tampered ciphertext. Closes the session."""
+    """Attested channel failure: bad handshake, bad record, tampered ciphertext. A bad record closes a
+    client session; a server session refuses it and stays as it was (see :mod:`.channel`)."""
 
 
 class ReplayError(ChannelError):

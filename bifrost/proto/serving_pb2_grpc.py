@@ -82,14 +82,17 @@ class BifrostServingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Sentence embeddings (encoder models). `sealed` opens to EmbedBody; the reply to EmbedResult.
+        """Sentence embeddings (encoder models). `sealed` opens to EmbedBody; the reply to EmbedResult. A
+        refusal after the record was opened: non-OK status, and the trailing metadata "bifrost-sealed-bin"
+        holds a sealed EmbedResult with error/error_code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """End a session: its history, KV state and CKKS keys are dropped.
+        """End a session: its history, KV state and CKKS keys are dropped. `sealed` opens to CloseBody; an
+        empty, forged or replayed record closes nothing (INVALID_ARGUMENT / PERMISSION_DENIED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

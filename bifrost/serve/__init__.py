@@ -21,6 +21,12 @@ given by address, since local workers listen on 127.0.0.1 only; Ray Client ``ray
 
     bifrost serve --model gpt2 --ray-address auto --workers w1:50051,w2:50051 --replicas 4
 
+Wire privacy: sealed records are padded to size buckets; refusals after a record was opened travel
+sealed (the cleartext status says only "request refused"); a forged or replayed record, CloseSession
+included, changes nothing; ``tls_cert_file``/``tls_key_file`` (``--tls-cert``/``--tls-key``; client
+``tls_ca_file``, ``bifrost chat --tls-ca``) add TLS, which hides bearer tokens and metadata. See the
+README's "What the network sees".
+
 Robustness: a dead replica gets no new sessions (health NOT_SERVING when none is left); a client that
 hangs up stops its turn at the next token; idle sessions are dropped, never one with a request in
 progress; every replica answer is bounded by ``replica_timeout_s``, startup by ``startup_timeout_s``.

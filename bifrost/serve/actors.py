@@ -11,6 +11,15 @@ The class is plain Python: ``bifrost serve`` runs it as a Ray actor (``runtime: 
 ``runtime: local`` run the *same class* in-process. Methods return plain data and never raise for
 bad input: errors are ``("error", <grpc status name>, message)`` tuples.
 
+Refusals: before a request's sealed record is opened (unknown or busy session, a record that does not
+authenticate or is a replay) the error tuple's message is the reason, for the client in cleartext.
+Such a record changes nothing: the session stays open and its receive sequence number does not move
+(the channel's server role). Once the record is opened, every refusal carries its exact reason and
+status-code name *sealed*, and the tuple's message is the generic :data:`SEALED_REFUSAL`: Generate
+yields ``("chunk", sealed TokenChunk(error, error_code, done))`` and then the error tuple; Embed returns
+``("error", code, SEALED_REFUSAL, sealed EmbedResult(error, error_code))``. Counts and sizes (prompt
+tokens, limits, conversation length) never appear outside the channel.
+
 Session life cycle: one request (a *turn*) at a time per session, under the session's lock. A turn
 can be stopped between tokens: :meth:`ReplicaActor.cancel` (the client hung up) or
 :meth:`ReplicaActor.close_session`. Closing a session while a turn runs only marks it; the turn
@@ -36,7 +45,7 @@ from google.protobuf.message import DecodeError
 
 from ..attest.binding import compute_model_digest, compute_report_data, compute_serving_config_digest
 from ..attest.channel import SUITES, SecureSession, ServerHandshake
-from ..attest.errors import AttestationError, ChannelError
+from ..attest.errors import AttestationError, ChannelClosedError, ChannelError
 from ..attest.evidence import get_provider
 from ..config import RunConfig
 from ..errors import BifrostError
@@ -59,6 +68,9 @@ AAD_GENERATE = b"bifrost.serving.v1.GenerateBody"
 AAD_CHUNK = b"bifrost.serving.v1.TokenChunk"
 AAD_EMBED = b"bifrost.serving.v1.EmbedBody"
 AAD_EMBED_RESULT = b"bifrost.serving.v1.EmbedResult"
+AAD_CLOSE = b"bifrost.serving.v1.CloseBody"
+SEALED_REFUSAL = "request refused; the reason is in the sealed reply"  # the cleartext message of such refusals
+SEALED_TRAILER = "bifrost-sealed-bin"  # Embed: trailing metadata carrying the sealed refusal
 
 TURN_WAIT_S = 10.0      # a request waits this long for the session's previous turn to finish
 CANCELLED_REMEMBERED = 32  # request ids of cancelled turns kept per session
@@ -128,9 +140,19 @@ class _Session:
 
 
 class _Refused(Exception):
+    """A refusal before the request's record was opened: the message goes back in cleartext."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.error = _err(code, message)
+
+
+class _Rejected(Exception):
+    """A refusal after the request's record was opened: the reason goes back sealed."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
 
 
 class ReplicaActor:
@@ -290,59 +312,86 @@ class ReplicaActor:
                 self._release(s, session_id)
 
     def _open(self, s: _Session, session_id: bytes, sealed: bytes, aad: bytes, body_cls):
-        """Open the record (inside the session's turn). Returns (session, body) or an error tuple."""
-        s.last_used = time.monotonic()
+        """Open the record (inside the session's turn) and parse the body. A record that does not open
+        raises :class:`_Refused` and leaves the session as it was; a bad body raises :class:`_Rejected`."""
         try:
             plaintext = s.channel.open(sealed, aad)
         except ChannelError as exc:
-            self.close_session(session_id)  # tampered / replayed / reordered: the session is over
-            log.warning("replica %d: session %s… closed: %s", self.index, session_id.hex()[:8], exc.check)
-            return _err("PERMISSION_DENIED", f"sealed payload rejected ({exc.check}); session closed")
+            log.warning("replica %d: session %s…: record refused (%s)", self.index, session_id.hex()[:8], exc.check)
+            raise _Refused("PERMISSION_DENIED", f"sealed payload rejected ({exc.check}); the session is unchanged") from None
+        s.last_used = time.monotonic()  # only an authentic record restarts the idle time
         try:
-            body = body_cls.FromString(plaintext)
+            return body_cls.FromString(plaintext)
         except DecodeError:
-            return _err("INVALID_ARGUMENT", f"sealed payload is not a valid {body_cls.__name__}")
-        return s, body
+            raise _Rejected("INVALID_ARGUMENT", f"sealed payload is not a valid {body_cls.__name__}") from None
+
+    @staticmethod
+    def _refusal(s: _Session, exc: _Rejected, reply, aad: bytes) -> bytes | None:
+        """``reply`` (a TokenChunk or EmbedResult) carrying the refusal, sealed; None if the channel is closed."""
+        reply.error, reply.error_code = exc.reason, exc.code
+        try:
+            return s.channel.seal(reply.SerializeToString(), aad)
+        except ChannelError:
+            return None
+
+    def close_sealed(self, session_id: bytes, sealed: bytes):
+        """CloseSession from the client: the sealed CloseBody must open first. Returns True, or an error
+        tuple; a record that does not open (empty, forged, replayed) leaves the session as it was."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            return _err("NOT_FOUND", "unknown or closed session; attest again")
+        try:  # not under the turn lock: a close stops a running turn at its next token
+            plaintext = s.channel.open(sealed, AAD_CLOSE)
+        except ChannelClosedError:
+            return _err("NOT_FOUND", "unknown or closed session; attest again")
+        except ChannelError as exc:
+            log.warning("replica %d: session %s…: close refused (%s)", self.index, session_id.hex()[:8], exc.check)
+            return _err("PERMISSION_DENIED", f"sealed CloseSession record rejected ({exc.check}); the session is unchanged")
+        try:
+            serving_pb2.CloseBody.FromString(plaintext)
+        except DecodeError:
+            return _err("INVALID_ARGUMENT", "sealed payload is not a valid CloseBody")
+        self.close_session(session_id)
+        return True
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, session_id: bytes, sealed: bytes, request_id: str = ""):
-        """Yields ``("chunk", sealed TokenChunk)`` items, or one ``("error", code, message)``.
+        """Yields ``("chunk", sealed TokenChunk)`` items, or one ``("error", code, message)`` (after a sealed
+        refusal chunk when the record was opened).
 
         Stops between tokens when ``request_id`` is cancelled or the session is closed."""
         try:
             with self._turn(session_id) as s:
-                yield from self._generate_locked(s, session_id, sealed, request_id)
+                try:
+                    yield from self._generate_locked(s, session_id, sealed, request_id)
+                except _Rejected as exc:
+                    record = self._refusal(s, exc, serving_pb2.TokenChunk(done=True), AAD_CHUNK)
+                    if record is not None:
+                        yield ("chunk", record)
+                    yield _err(exc.code, SEALED_REFUSAL)
         except _Refused as exc:
             yield exc.error
 
     def _generate_locked(self, s: _Session, session_id: bytes, sealed: bytes, request_id: str):
-        opened = self._open(s, session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
-        if opened[0] == "error":
-            yield opened
-            return
-        s, body = opened
+        body = self._open(s, session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
         if self.spec.task != "causal-lm":
-            yield _err("FAILED_PRECONDITION", f"{self.cfg.model} is an encoder model; use Embed")
-            return
+            raise _Rejected("FAILED_PRECONDITION", f"{self.cfg.model} is an encoder model; use Embed")
         n_new = body.max_new_tokens or min(self.cfg.generation.max_new_tokens, self.scfg.max_new_tokens)
         if n_new > self.scfg.max_new_tokens:
-            yield _err("INVALID_ARGUMENT", f"max_new_tokens {n_new} is over the limit of {self.scfg.max_new_tokens}")
-            return
+            raise _Rejected("INVALID_ARGUMENT", f"max_new_tokens {n_new} is over the limit of {self.scfg.max_new_tokens}")
         prompt_ids = self.runtime.tokenizer.encode(body.prompt)
         if not prompt_ids:
-            yield _err("INVALID_ARGUMENT", "the prompt is empty")
-            return
+            raise _Rejected("INVALID_ARGUMENT", "the prompt is empty")
         if len(prompt_ids) > self.scfg.max_prompt_tokens:
-            yield _err("INVALID_ARGUMENT", f"prompt has {len(prompt_ids)} tokens; the limit is "
-                                           f"max_prompt_tokens={self.scfg.max_prompt_tokens}")
-            return
+            raise _Rejected("INVALID_ARGUMENT", f"prompt has {len(prompt_ids)} tokens; the limit is "
+                                                f"max_prompt_tokens={self.scfg.max_prompt_tokens}")
         if body.reset_history:
             s.history = []
         ids = s.history + prompt_ids
         if self.context and len(ids) + n_new > self.context:
-            yield _err("INVALID_ARGUMENT", f"conversation ({len(ids)} tokens) + {n_new} new tokens exceeds the "
-                                           f"model context of {self.context} tokens; reset the history")
-            return
+            raise _Rejected("INVALID_ARGUMENT", f"conversation ({len(ids)} tokens) + {n_new} new tokens exceeds the "
+                                                f"model context of {self.context} tokens; reset the history")
         seed = body.sample_seed if body.has_sample_seed else None
         tokens: list[int] = []
         text_so_far = ""
@@ -365,13 +414,10 @@ class ReplicaActor:
                 if chunk.done:  # commit the turn before the last chunk leaves (the client may hang up)
                     s.history = ids + tokens
                 yield ("chunk", s.channel.seal(chunk.SerializeToString(), AAD_CHUNK))
-        except BifrostError as exc:  # workers exhausted etc.: tell the client inside the channel, too
+        except BifrostError as exc:  # workers exhausted etc.: the reason goes back sealed
             log.warning("replica %d: session %s… generation failed: %s", self.index, session_id.hex()[:8],
                         type(exc).__name__)
-            if not s.channel.closed:
-                err = serving_pb2.TokenChunk(done=True, error="generation failed: CKKS workers unavailable")
-                yield ("chunk", s.channel.seal(err.SerializeToString(), AAD_CHUNK))
-            yield _err("UNAVAILABLE", "generation failed: CKKS workers unavailable")
+            raise _Rejected("UNAVAILABLE", "generation failed: CKKS workers unavailable") from None
         finally:
             steps.close()
 
@@ -406,30 +452,34 @@ class ReplicaActor:
 
     # -- embeddings --------------------------------------------------------------------------
     def embed(self, session_id: bytes, sealed: bytes):
+        """``("ok", sealed EmbedResult)`` or an error tuple (4 items, the last a sealed EmbedResult, when
+        the record was opened)."""
         try:
             with self._turn(session_id) as s:
-                return self._embed_locked(s, session_id, sealed)
+                try:
+                    return self._embed_locked(s, session_id, sealed)
+                except _Rejected as exc:
+                    record = self._refusal(s, exc, serving_pb2.EmbedResult(), AAD_EMBED_RESULT)
+                    return _err(exc.code, SEALED_REFUSAL) + ((record,) if record is not None else ())
         except _Refused as exc:
             return exc.error
 
     def _embed_locked(self, s: _Session, session_id: bytes, sealed: bytes):
-        opened = self._open(s, session_id, sealed, AAD_EMBED, serving_pb2.EmbedBody)
-        if opened[0] == "error":
-            return opened
-        s, body = opened
+        body = self._open(s, session_id, sealed, AAD_EMBED, serving_pb2.EmbedBody)
         if self.spec.task != "encoder":
-            return _err("FAILED_PRECONDITION", f"{self.cfg.model} is not an encoder model; use Generate")
+            raise _Rejected("FAILED_PRECONDITION", f"{self.cfg.model} is not an encoder model; use Generate")
         if not body.texts or len(body.texts) > 64:
-            return _err("INVALID_ARGUMENT", "send 1..64 texts")
+            raise _Rejected("INVALID_ARGUMENT", "send 1..64 texts")
         for t in body.texts:
             n = len(self.runtime.tokenizer.encode(t))
             if n == 0 or n > self.scfg.max_prompt_tokens:
-                return _err("INVALID_ARGUMENT", f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
+                raise _Rejected("INVALID_ARGUMENT",
+                                f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
         try:
             with self._model_lock, using_engine(s.engine):
                 vectors = self.runtime.embed(list(body.texts))
         except BifrostError:
-            return _err("UNAVAILABLE", "embedding failed: CKKS workers unavailable")
+            raise _Rejected("UNAVAILABLE", "embedding failed: CKKS workers unavailable") from None
         result = serving_pb2.EmbedResult(vectors=[serving_pb2.Vector(values=v.tolist()) for v in vectors])
         return ("ok", s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
 

@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int)
     p.add_argument("--evidence", help="evidence provider: auto (tdx/sev-snp from configfs-tsm) | tdx | sev-snp | "
                                       "simulated (development only: not a TEE)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the serving port (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key (unencrypted) of --tls-cert")
     p.add_argument("--run-dir", help="folder for this run (Ray temp dir, logs); default: a new one under serve.run_dir")
     p.add_argument("--print-digests", action="store_true",
                    help="print the model and serving-config digests a client policy pins, then exit")
@@ -49,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--prompt", help="one prompt, then exit (default: interactive; empty line quits)")
     c.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
     c.add_argument("--suite", default="AES-256-GCM", choices=("AES-256-GCM", "SM4-GCM"))
+    c.add_argument("--tls-ca", help="connect with TLS, verifying the server certificate against this PEM CA file")
     c.add_argument("--seed", type=int, help="pin the sampling seed (sampling servers only)")
     c.set_defaults(func=run_chat)
 
@@ -66,7 +69,7 @@ def _configs(args):
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
         "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,
-        "max_sessions": args.max_sessions,
+        "max_sessions": args.max_sessions, "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
         "evidence_provider": args.evidence}.items() if v is not None}
     if args.workers:
         changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())
@@ -101,7 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app.start()
     try:
         evidence = app.service.info["evidence_type"]
-        print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({len(app.replicas)} replica(s), "
+        print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({scfg.transport}, {len(app.replicas)} replica(s), "
               f"runtime {scfg.runtime}, workers {', '.join(app.worker_addresses)}, evidence {evidence}, "
               f"run folder {app.run_dir})", file=sys.stderr, flush=True)
         if evidence == "simulated":
@@ -121,7 +124,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from .client import BifrostClient
 
     policy = load_policy(args.policy)
-    with BifrostClient(args.address, policy, suite=args.suite) as client:
+    with BifrostClient(args.address, policy, suite=args.suite, tls_ca_file=args.tls_ca) as client:
         verdict = client.attest()  # nothing is sent before this succeeds
         print(f"attested: {verdict.summary}; model digest {client.model_digest.hex()[:16]}…", file=sys.stderr)
         prompts = [args.prompt] if args.prompt is not None else None

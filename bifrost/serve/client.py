@@ -5,11 +5,26 @@ evidence against the caller's :class:`~bifrost.attest.policy.AttestationPolicy` 
 bound to (server channel key, nonce, model digest, serving-config digest), checks the pinned model
 digest (mandatory) and serving-config digest, derives the channel keys, and only then is anything
 sealed and sent. Simulated evidence is refused unless the policy says ``allow_simulated: true``.
+
+Threads: one client may be shared. Its requests are serialized by a per-client lock held from sealing
+a request until its answer is consumed (for ``generate``: until the stream ends or the generator is
+closed), so records reach the server in sequence order and answers are opened in order. A thread that
+starts a request while its own Generate stream is still open gets a :class:`BifrostError` at once
+(it would otherwise wait for itself); other threads wait up to ``timeout_s``.
+
+Refusals: :class:`ServingError` carries the status code and the server's reason; ``sealed`` says the
+reason came through the attested channel (the cleartext status only says "request refused").
+
+TLS: ``tls_ca_file`` (PEM) or ``tls_root_certificates`` (PEM bytes) connects with TLS, verifying the
+server certificate against those roots. TLS hides the bearer token and gRPC metadata from the network;
+prompts and answers are sealed by the attested channel either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -23,15 +38,32 @@ from ..attest.policy import AttestationPolicy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..errors import BifrostError
 from ..proto import serving_pb2, serving_pb2_grpc
-from .actors import AAD_CHUNK, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE
+from .actors import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER
 
 
 class ServingError(BifrostError):
-    """The server answered with an error status."""
+    """The server answered with an error status. ``sealed``: ``details`` came inside the attested channel."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, sealed: bool = False) -> None:
         super().__init__(f"server: {code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.sealed = code, details, sealed
+
+
+def _sealed_error(code_name: str, reason: str) -> ServingError:
+    """A refusal that arrived sealed: its code name (unknown names -> UNKNOWN) and exact reason."""
+    code = getattr(grpc.StatusCode, code_name, None) if code_name.isupper() else None
+    return ServingError(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN, reason, sealed=True)
+
+
+def _rpc_error(exc: grpc.RpcError, tls: bool) -> ServingError:
+    """A gRPC failure as :class:`ServingError`; a failed connection names the likely TLS mismatch."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and any(w in details.lower() for w in ("connect", "handshake", "socket")):
+        hint = ("check that the server uses TLS, that the CA file holds its certificate's issuer and that the "
+                "certificate names this address" if tls else
+                "if the server uses TLS, connect with tls_ca_file (bifrost chat --tls-ca FILE)")
+        details = f"{details} ({hint})"
+    return ServingError(code, details)
 
 
 @dataclass
@@ -52,23 +84,58 @@ class ChatResult:
 
 
 class BifrostClient:
+    """Attested client of one server; thread-safe (see the module docstring). ``timeout_s``: per RPC,
+    and the longest wait for another thread's request on this client."""
+
     def __init__(self, address: str, policy: AttestationPolicy, suite: str = "AES-256-GCM",
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, tls_ca_file: str | None = None,
+                 tls_root_certificates: bytes | None = None) -> None:
         self.address, self.policy, self.suite, self.timeout = address, policy, suite, timeout_s
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        if tls_ca_file is not None and tls_root_certificates is not None:
+            raise BifrostError("give tls_ca_file or tls_root_certificates, not both")
+        if tls_ca_file is not None:
+            try:
+                with open(tls_ca_file, "rb") as f:
+                    tls_root_certificates = f.read()
+            except OSError as exc:
+                raise BifrostError(f"cannot read the TLS CA file {tls_ca_file}: {exc.strerror}") from None
+        self.tls = tls_root_certificates is not None
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = serving_pb2_grpc.BifrostServingStub(self.channel)
         self.session: SecureSession | None = None
         self.session_id: bytes | None = None
         self.token: str | None = None
         self.verdict: Verdict | None = None
         self.model_digest: bytes | None = None
+        self._lock = threading.Lock()    # one request at a time on this client's session
+        self._holder: int | None = None  # thread id holding _lock
 
     # -- plumbing ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold this client's request lock (see the module docstring)."""
+        if self._holder == threading.get_ident():
+            raise BifrostError("this thread already has a request in progress on this client (a Generate stream "
+                               "not yet consumed or closed); finish or close it first")
+        if not self._lock.acquire(timeout=self.timeout):
+            raise BifrostError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
+        self._holder = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._holder = None
+            self._lock.release()
+
     def _rpc(self, fn, *args, **kwargs):
         try:
             return fn(*args, timeout=self.timeout, **kwargs)
         except grpc.RpcError as exc:
-            raise ServingError(exc.code(), exc.details()) from None
+            raise _rpc_error(exc, self.tls) from None
 
     def _meta(self):
         return (("authorization", f"Bearer {self.token}"),)
@@ -83,6 +150,10 @@ class BifrostClient:
         return self._rpc(self.stub.ListModels, serving_pb2.ListModelsRequest())
 
     def attest(self) -> Verdict:
+        with self._exclusive():
+            return self._attest()
+
+    def _attest(self) -> Verdict:
         nonce = secrets.token_bytes(32)
         hs = ClientHandshake(nonce)
         reply = self._rpc(self.stub.Attest, serving_pb2.AttestRequest(nonce=nonce, client_public_key=hs.public_key,
@@ -104,27 +175,30 @@ class BifrostClient:
 
     def generate(self, prompt: str, max_new_tokens: int = 0, reset_history: bool = False,
                  sample_seed: int | None = None) -> Iterator[StreamEvent]:
+        """Stream one turn. Holds this client's request lock from the first ``next()`` until the stream
+        ends or the generator is closed."""
         body = serving_pb2.GenerateBody(prompt=prompt, max_new_tokens=max_new_tokens, reset_history=reset_history,
                                         has_sample_seed=sample_seed is not None, sample_seed=sample_seed or 0)
-        req = self._request(self.session.seal(body.SerializeToString(), AAD_GENERATE) if self.session else b"")
-        call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
-        done = False
-        try:
-            for reply in call:
-                if done:
-                    raise BifrostError("server sent data after the final chunk")
-                chunk = serving_pb2.TokenChunk.FromString(self.session.open(reply.sealed, AAD_CHUNK))
-                if chunk.error:
-                    raise BifrostError(f"server: {chunk.error}")
-                done = chunk.done
-                if chunk.token_ids:
-                    yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds)
-        except grpc.RpcError as exc:
-            raise ServingError(exc.code(), exc.details()) from None
-        finally:
-            call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
-        if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
-            raise BifrostError("token stream ended before its final chunk (truncated); the reply is incomplete")
+        with self._exclusive():
+            req = self._request(self.session.seal(body.SerializeToString(), AAD_GENERATE) if self.session else b"")
+            call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
+            done = False
+            try:
+                for reply in call:
+                    if done:
+                        raise BifrostError("server sent data after the final chunk")
+                    chunk = serving_pb2.TokenChunk.FromString(self.session.open(reply.sealed, AAD_CHUNK))
+                    if chunk.error:
+                        raise _sealed_error(chunk.error_code, chunk.error)
+                    done = chunk.done
+                    if chunk.token_ids:
+                        yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds)
+            except grpc.RpcError as exc:
+                raise _rpc_error(exc, self.tls) from None
+            finally:
+                call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
+            if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
+                raise BifrostError("token stream ended before its final chunk (truncated); the reply is incomplete")
 
     def chat(self, prompt: str, max_new_tokens: int = 0, reset_history: bool = False, sample_seed: int | None = None,
              on_text=None) -> ChatResult:
@@ -143,20 +217,42 @@ class BifrostClient:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         body = serving_pb2.EmbedBody(texts=texts)
-        req = self._request(self.session.seal(body.SerializeToString(), AAD_EMBED) if self.session else b"")
-        reply = self._rpc(self.stub.Embed, req, metadata=self._meta())
-        result = serving_pb2.EmbedResult.FromString(self.session.open(reply.sealed, AAD_EMBED_RESULT))
+        with self._exclusive():
+            req = self._request(self.session.seal(body.SerializeToString(), AAD_EMBED) if self.session else b"")
+            try:
+                reply = self.stub.Embed(req, metadata=self._meta(), timeout=self.timeout)
+            except grpc.RpcError as exc:
+                sealed = dict(exc.trailing_metadata() or ()).get(SEALED_TRAILER)
+                if not sealed:
+                    raise _rpc_error(exc, self.tls) from None
+                refusal = serving_pb2.EmbedResult.FromString(self.session.open(sealed, AAD_EMBED_RESULT))
+                raise _sealed_error(refusal.error_code, refusal.error or "refused without a reason") from None
+            result = serving_pb2.EmbedResult.FromString(self.session.open(reply.sealed, AAD_EMBED_RESULT))
+        if result.error:
+            raise _sealed_error(result.error_code, result.error)
         return np.array([list(v.values) for v in result.vectors])
 
     def close(self) -> None:
-        if self.session is not None:
-            try:
-                self._rpc(self.stub.CloseSession, self._request(), metadata=self._meta())
-            except ServingError:
-                pass
-            self.session.close("client closed")
-            self.session = None
-        self.channel.close()
+        """Close the session on the server (a sealed CloseBody) and the connection. Waits for another
+        thread's request on this client to finish; from inside this thread's own open stream it goes ahead."""
+        own = self._holder == threading.get_ident()
+        if not own and not self._lock.acquire(timeout=self.timeout):
+            raise BifrostError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
+        try:
+            session, self.session = self.session, None
+            if session is not None:
+                try:
+                    sealed = session.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
+                    self._rpc(self.stub.CloseSession, serving_pb2.SealedRequest(
+                        session_id=self.session_id, request_id=secrets.token_hex(16), sealed=sealed),
+                        metadata=self._meta())
+                except BifrostError:  # best effort: the server drops idle sessions anyway
+                    pass
+                session.close("client closed")
+            self.channel.close()
+        finally:
+            if not own:
+                self._lock.release()
 
     def __enter__(self) -> "BifrostClient":
         return self

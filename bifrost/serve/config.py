@@ -9,6 +9,8 @@ Deployment rules enforced here (each a one-line error naming the fix):
   workers listen on 127.0.0.1 of the serving node only). Every node needs the same bifrost installed.
 * A locally started Ray must have room for every replica: ``replicas * replica_cpus <= ray_num_cpus``
   (``ray_num_cpus: null`` sizes it to exactly that).
+* TLS on the serving port: ``tls_cert_file`` and ``tls_key_file`` (PEM) together or not at all; the
+  certificate must parse, the key must be an unencrypted PEM key and belong to the first certificate.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class ServeConfig:
     run_dir: str = "runs"
     # worker identities caught deviating: shared by every replica and every later run naming the same file
     quarantine_file: str = "runs/worker-quarantine.json"
+    # TLS on the serving port (PEM files; both or neither). Hides bearer tokens and metadata from the
+    # network; prompts are sealed by the attested channel with or without it.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -100,10 +106,40 @@ class ServeConfig:
         for a in self.workers:
             if not _is_host_port(a):
                 raise BifrostError(f"serve.workers: {a!r} is not host:port")
+        self._check_ray()
         if len(self.worker_certs) != len(self.workers):
             raise BifrostError(f"serve: {len(self.workers)} worker address(es) but {len(self.worker_certs)} "
                                "worker_certs: every worker's certificate is pinned (same order)")
-        self._check_ray()
+        self.tls_credentials()  # validated at load
+
+    def tls_credentials(self) -> tuple[bytes, bytes] | None:
+        """``(private key PEM, certificate chain PEM)`` for ``grpc.ssl_server_credentials``, or None
+        without TLS. Raises :class:`BifrostError` (one line) for half a pair, an unreadable or non-PEM
+        file, an encrypted key, or a key that is not the first certificate's."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise BifrostError("serve: set both tls_cert_file and tls_key_file (--tls-cert/--tls-key), or neither")
+        if self.tls_cert_file is None:
+            return None
+        from cryptography import x509
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+
+        cert_pem, key_pem = _read("tls_cert_file", self.tls_cert_file), _read("tls_key_file", self.tls_key_file)
+        try:
+            cert = x509.load_pem_x509_certificates(cert_pem)[0]
+        except ValueError:
+            raise BifrostError(f"serve.tls_cert_file: {self.tls_cert_file} holds no PEM certificate") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except TypeError:
+            raise BifrostError(f"serve.tls_key_file: {self.tls_key_file} is encrypted; give an unencrypted PEM key") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise BifrostError(f"serve.tls_key_file: {self.tls_key_file} holds no PEM private key") from None
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise BifrostError(f"serve.tls_key_file: {self.tls_key_file} is not the key of the certificate in "
+                               f"{self.tls_cert_file}")
+        return key_pem, cert_pem
 
     def _check_ray(self) -> None:
         addr = self.ray_address
@@ -127,6 +163,11 @@ class ServeConfig:
                 "raise ray_num_cpus (--ray-num-cpus, or null to size it to the replicas) or lower replica_cpus")
 
     @property
+    def transport(self) -> str:
+        """What the serving port speaks: ``"TLS"`` or ``"plaintext gRPC"``."""
+        return "TLS" if self.tls_cert_file else "plaintext gRPC"
+
+    @property
     def local_ray_cpus(self) -> int:
         """CPUs given to a locally started Ray."""
         if self.ray_num_cpus is not None:
@@ -140,6 +181,13 @@ class ServeConfig:
 def load_serve_config(path: Path | str | None = None) -> ServeConfig:
     p = Path(path) if path else DEFAULT_SERVE_CONFIG
     return build_section(ServeConfig, load_yaml(p), p.name)
+
+
+def _read(name: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BifrostError(f"serve.{name}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _is_host_port(address: str) -> bool:

@@ -6,12 +6,23 @@ tokens. Every bad input ends as a gRPC status with a message; nothing here lets 
 the server or touch another session.
 
 Status mapping: missing/bad/expired token -> UNAUTHENTICATED; token of another session ->
-PERMISSION_DENIED; tampered/replayed sealed record -> PERMISSION_DENIED and the session is closed;
-prompt over ``max_prompt_tokens`` and malformed fields -> INVALID_ARGUMENT; session limits
+PERMISSION_DENIED; tampered/forged/replayed sealed record -> PERMISSION_DENIED and the session is left
+exactly as it was (not closed; anyone holding a sniffed bearer token can send garbage); malformed
+fields, empty or oversized sealed payload -> INVALID_ARGUMENT; session limits
 (``max_sessions``, ``max_pending_sessions``, full CKKS workers) -> RESOURCE_EXHAUSTED; unknown
 session -> NOT_FOUND; a turn while the session's previous one still runs -> FAILED_PRECONDITION;
 workers or replicas unavailable, replica timeout -> UNAVAILABLE; anything unexpected -> INTERNAL
 with a generic message (logged by exception type and code location only).
+
+Refusals after the replica opened the sealed record (prompt over ``max_prompt_tokens``,
+``max_new_tokens`` over the limit, empty prompt, conversation over the context, wrong model task, bad
+Embed texts, worker failure mid-turn) carry their reason and code sealed; the cleartext status has the
+same code and only :data:`~.actors.SEALED_REFUSAL` (no counts or sizes). Generate streams the sealed
+TokenChunk before the status; Embed puts the sealed EmbedResult in the trailing metadata
+``bifrost-sealed-bin``. CloseSession closes a session only once the replica opened its sealed CloseBody.
+
+TLS (``tls_cert_file``/``tls_key_file``) hides bearer tokens and metadata from the network; the
+attested channel stays the confidentiality layer either way.
 
 Replica failure: a replica whose actor died is marked dead, its sessions are dropped, new sessions
 go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
@@ -42,7 +53,7 @@ from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..config import RunConfig
 from ..errors import BifrostError
 from ..proto import serving_pb2
-from .actors import ReplicaActor
+from .actors import SEALED_TRAILER, ReplicaActor
 from .config import ServeConfig
 from .replicas import (LocalReplica, RayReplica, Replica, ReplicaDeadError, ReplicaTimeoutError,
                        ReplicaUnavailableError, check_replicas_agree, wait_for_ray_replicas)
@@ -75,9 +86,11 @@ def _safe(cls):
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """Answer with ``code``/``message``; ``sealed`` (a sealed refusal record) goes in the trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, sealed: bytes | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.sealed = code, message, sealed
 
 
 def _where(exc: BaseException) -> str:
@@ -117,6 +130,8 @@ class ServingService:
                 return fn(req, context)
             except _Abort as exc:
                 code, message = exc.code, exc.message
+                if exc.sealed is not None:
+                    context.set_trailing_metadata(((SEALED_TRAILER, exc.sealed),))
             except Exception as exc:  # noqa: BLE001 - INTERNAL, never a traceback to the client
                 code, message = self._internal(rpc, exc)
             context.abort(code, message)
@@ -147,14 +162,14 @@ class ServingService:
             raise _Abort(grpc.StatusCode.UNAVAILABLE,
                          f"the server's own evidence failed its issuer policy ({exc.check}); no token issued") from None
 
-    def _check_sealed_request(self, req, context, need_sealed: bool = True):
+    def _check_sealed_request(self, req, context):
         if req is MALFORMED:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid SealedRequest protobuf")
         if len(req.session_id) != SESSION_ID_SIZE:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be {SESSION_ID_SIZE} bytes")
         if not 1 <= len(req.request_id) <= 64:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1..64 characters")
-        if need_sealed and not req.sealed:
+        if not req.sealed:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "sealed payload is empty")
         if len(req.sealed) > self.scfg.max_request_bytes:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -178,10 +193,11 @@ class ServingService:
         return entry
 
     def _replica_error(self, entry, item) -> _Abort:
-        _, code, message = item
-        if code in ("PERMISSION_DENIED", "NOT_FOUND", "ABORTED"):  # the replica has closed the session
+        """A replica's ``("error", code, message[, sealed refusal])``; NOT_FOUND / ABORTED: the session is gone."""
+        code, message = item[1], item[2]
+        if code in ("NOT_FOUND", "ABORTED"):
             self.sessions.remove(entry.session_id)
-        return _Abort(getattr(grpc.StatusCode, code), message)
+        return _Abort(getattr(grpc.StatusCode, code), message, item[3] if len(item) > 3 else None)
 
     def _replica_failed(self, entry, exc: BaseException) -> BaseException:
         """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with."""
@@ -295,6 +311,7 @@ class ServingService:
             finished.set()
             raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         stream = None
+        opened = False  # the replica answered with a sealed record: it opened this request's record
         try:
             while True:
                 try:
@@ -310,6 +327,7 @@ class ServingService:
                 if item[0] == "error":
                     finished.set()
                     raise self._replica_error(entry, item)
+                opened = True
                 if not context.is_active():
                     stop_turn()
                     return
@@ -321,12 +339,13 @@ class ServingService:
             finished.set()
             raise
         finally:
-            self.sessions.end(sid)
+            self.sessions.end(sid, opened)
 
     def Embed(self, req, context):
         entry = self._check_sealed_request(req, context)
         if self.sessions.begin(entry.session_id) is None:
             raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+        item = ()
         try:
             try:
                 item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed),
@@ -336,18 +355,20 @@ class ServingService:
             if item[0] == "error":
                 raise self._replica_error(entry, item)
             return serving_pb2.SealedReply(sealed=item[1])
-        finally:
-            self.sessions.end(entry.session_id)
+        finally:  # opened: the answer (or the refusal, 4th item) is a sealed record
+            self.sessions.end(entry.session_id, opened=bool(item) and (item[0] == "ok" or len(item) > 3))
 
     def CloseSession(self, req, context):
-        entry = self._check_sealed_request(req, context, need_sealed=False)
-        self.sessions.remove(entry.session_id)
+        """Closes the session only after its replica opened the sealed CloseBody; otherwise nothing changes."""
+        entry = self._check_sealed_request(req, context)
         try:  # waits only for the bookkeeping: a running turn stops at its next token and cleans up
-            self.replicas[entry.replica].call("close_session", entry.session_id, timeout_s=self.scfg.replica_timeout_s)
-        except ReplicaDeadError:
-            self._replica_died(entry.replica)
-        except ReplicaUnavailableError as exc:
-            log.warning("replica %d: close_session failed (%s)", entry.replica, type(exc).__name__)
+            out = self.replicas[entry.replica].call("close_sealed", entry.session_id, bytes(req.sealed),
+                                                    timeout_s=self.scfg.replica_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
+            raise self._replica_failed(entry, exc) from None
+        if isinstance(out, tuple):
+            raise self._replica_error(entry, out)
+        self.sessions.remove(entry.session_id)
         return serving_pb2.CloseSessionReply()
 
     def ListModels(self, req, context):
@@ -423,8 +444,9 @@ def issuer_policy(scfg: ServeConfig) -> AttestationPolicy:
     return AttestationPolicy(allow_simulated=scfg.evidence_provider == "simulated")
 
 
-def start_grpc(service: ServingService, host: str, port: int, threads: int):
-    """Serve with health checking and reflection; returns (server, port, health servicer)."""
+def start_grpc(service: ServingService, host: str, port: int, threads: int, tls: tuple[bytes, bytes] | None = None):
+    """Serve with health checking and reflection; ``tls``: (private key PEM, certificate chain PEM) for a
+    TLS port, None for plaintext. Returns (server, port, health servicer)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -437,7 +459,10 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int):
     reflection.enable_server_reflection(
         (serving_pb2.DESCRIPTOR.services_by_name["BifrostServing"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise BifrostError(f"cannot listen on {host}:{port}")
     server.start()
@@ -530,9 +555,11 @@ class ServeApp:
             infos = [r.call("info") for r in self.replicas]
         self.service = ServingService(self.cfg, self.scfg, self.replicas, check_replicas_agree(infos))
         self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
-                                                         threads=self.scfg.max_sessions + 8)
-        log.info("serving %s on %s:%d (%d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
-                 self.port, len(self.replicas), self.scfg.runtime, ", ".join(self.worker_addresses))
+                                                         threads=self.scfg.max_sessions + 8,
+                                                         tls=self.scfg.tls_credentials())
+        log.info("serving %s on %s:%d (%s; %d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
+                 self.port, self.scfg.transport, len(self.replicas),
+                 self.scfg.runtime, ", ".join(self.worker_addresses))
 
     def _start_ray(self) -> None:
         if self.scfg.ray_address:  # a real cluster: it has its own temp dir and auth settings

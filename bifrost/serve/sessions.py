@@ -4,10 +4,12 @@ Holds no secrets: session ids (16 bytes derived by HKDF from the channel's key e
 unguessable and bound to the channel keys), the public report_data the session token is bound to,
 and bookkeeping. Thread-safe.
 
-Invariants: a session with a request in progress (``busy > 0``) is never idle; a session that has
-never sent an authorized request is *pending* and counts against ``max_pending`` (with handshakes in
-progress) and expires after ``pending_idle_s`` instead of ``idle_s``; a replica marked dead gets no
-new sessions and its sessions are dropped.
+Invariants: a session with a request in progress (``busy > 0``) is never idle; a session none of whose
+requests has been opened by its replica yet is *pending* and counts against ``max_pending`` (with
+handshakes in progress) and expires after ``pending_idle_s`` instead of ``idle_s``; only a request
+whose sealed record the replica opened marks a session used and restarts its idle time (a forged or
+replayed record, e.g. from someone holding a sniffed token, keeps no session alive); a replica marked
+dead gets no new sessions and its sessions are dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class SessionEntry:
     report_data: bytes = b""
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
-    used: bool = False  # an authorized request has been made
+    used: bool = False  # a request of this session has been opened by its replica
     busy: int = 0       # requests in progress
 
 
@@ -80,18 +82,22 @@ class SessionTable:
             return self._entries.get(session_id)
 
     def begin(self, session_id: bytes) -> SessionEntry | None:
-        """An authorized request starts: the session is used and busy until :meth:`end`."""
+        """An authorized request starts: the session is busy until :meth:`end`."""
         with self._lock:
             e = self._entries.get(session_id)
             if e is not None:
-                e.used, e.busy, e.last_used = True, e.busy + 1, time.monotonic()
+                e.busy += 1
             return e
 
-    def end(self, session_id: bytes) -> None:
+    def end(self, session_id: bytes, opened: bool) -> None:
+        """The request ended; ``opened``: the replica opened its record (answered with a sealed one), so
+        the session is used and its idle time restarts."""
         with self._lock:
             e = self._entries.get(session_id)
             if e is not None:
-                e.busy, e.last_used = max(0, e.busy - 1), time.monotonic()
+                e.busy = max(0, e.busy - 1)
+                if opened:
+                    e.used, e.last_used = True, time.monotonic()
 
     def remove(self, session_id: bytes) -> SessionEntry | None:
         with self._lock:

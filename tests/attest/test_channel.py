@@ -1,14 +1,18 @@
-"""Attested channel: key agreement, AEAD suites (AES-256-GCM, SM4-GCM), replay/reorder/tamper."""
+"""Attested channel: key agreement, AEAD suites (AES-256-GCM, SM4-GCM), replay/reorder/tamper, record
+padding to size buckets, thread safety; a bad record closes a client session but leaves a server session
+exactly as it was."""
 
 from __future__ import annotations
 
 import secrets
+import threading
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from bifrost.attest.binding import compute_report_data
-from bifrost.attest.channel import ClientHandshake, ServerHandshake, _Aead
+from bifrost.attest.channel import (MIB, RECORD_BUCKETS, ClientHandshake, ServerHandshake, _Aead, frame,
+                                    padded_size, record_size)
 from bifrost.attest.errors import ChannelClosedError, ChannelError, ReplayError
 
 SUITES = ["AES-256-GCM", "SM4-GCM"]
@@ -66,25 +70,56 @@ def test_directions_use_different_keys() -> None:
 
 @pytest.mark.parametrize("suite", SUITES)
 @pytest.mark.parametrize("offset", [8, 12, -1, -16])
-def test_tampered_ciphertext_closes_session(suite: str, offset: int) -> None:
+def test_tampered_request_is_refused_and_the_server_session_is_unchanged(suite: str, offset: int) -> None:
     c, s = pair(suite)
-    record = bytearray(c.seal(b"secret prompt"))
+    genuine = c.seal(b"secret prompt")
+    record = bytearray(genuine)
     record[offset] ^= 1
     with pytest.raises(ChannelError) as exc:
         s.open(bytes(record))
-    assert exc.value.check == "record_authentication"
-    assert s.closed
+    assert exc.value.check == "record_authentication" and "session unchanged" in str(exc.value)
+    assert not s.closed
+    assert s.open(genuine) == b"secret prompt"  # the receive sequence number did not move
+    assert s.open(c.seal(b"next")) == b"next"
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_tampered_answer_closes_the_client_session(suite: str) -> None:
+    c, s = pair(suite)
+    record = bytearray(s.seal(b"token"))
+    record[-1] ^= 1
+    with pytest.raises(ChannelError) as exc:
+        c.open(bytes(record))
+    assert exc.value.check == "record_authentication" and "session closed" in str(exc.value)
+    assert c.closed
     with pytest.raises(ChannelClosedError):
-        s.open(c.seal(b"next"))
+        c.open(s.seal(b"next"))
 
 
-def test_replay_rejected_and_closes() -> None:
+def test_forged_record_with_a_high_sequence_number_does_not_advance_the_server() -> None:
     c, s = pair()
-    record = c.seal(b"once")
-    assert s.open(record) == b"once"
+    forged = (1000).to_bytes(8, "big") + secrets.token_bytes(64)
+    with pytest.raises(ChannelError) as exc:
+        s.open(forged)
+    assert exc.value.check == "record_authentication" and not s.closed
+    assert s.open(c.seal(b"seq 0")) == b"seq 0"  # were the forged seq accepted, seq 0 would be a replay
+    with pytest.raises(ChannelError) as exc:
+        s.open(b"short")
+    assert exc.value.check == "record_format" and not s.closed
+    assert s.open(c.seal(b"seq 1")) == b"seq 1"
+
+
+@pytest.mark.parametrize("direction", ["request", "answer"])
+def test_replay_is_refused_and_closes_only_a_client_session(direction: str) -> None:
+    c, s = pair()
+    sender, receiver = (c, s) if direction == "request" else (s, c)
+    record = sender.seal(b"once")
+    assert receiver.open(record) == b"once"
     with pytest.raises(ReplayError):
-        s.open(record)
-    assert s.closed
+        receiver.open(record)
+    assert receiver.closed == (receiver is c)
+    if receiver is s:
+        assert s.open(c.seal(b"twice")) == b"twice"
 
 
 def test_reordering_rejected() -> None:
@@ -93,9 +128,8 @@ def test_reordering_rejected() -> None:
     assert s.open(second) == b"2"  # requests may skip (a refused request is never opened) ...
     with pytest.raises(ReplayError) as exc:
         s.open(first)  # ... but never go back
-    assert exc.value.check == "sequence" and s.closed
-    with pytest.raises(ChannelClosedError):
-        s.open(c.seal(b"3"))
+    assert exc.value.check == "sequence" and not s.closed
+    assert s.open(c.seal(b"3")) == b"3"
 
 
 def test_a_dropped_answer_chunk_is_detected_by_the_client() -> None:
@@ -128,7 +162,10 @@ def test_truncated_record() -> None:
     c, s = pair()
     with pytest.raises(ChannelError) as exc:
         s.open(c.seal(b"x")[:10])
-    assert exc.value.check == "record_format"
+    assert exc.value.check == "record_format" and not s.closed
+    with pytest.raises(ChannelError) as exc:
+        c.open(s.seal(b"y")[:10])
+    assert exc.value.check == "record_format" and c.closed
 
 
 def test_report_data_mismatch_yields_different_keys() -> None:
@@ -162,3 +199,90 @@ def test_bad_peer_key_and_suite() -> None:
     with pytest.raises(ChannelError) as exc:
         client.connect(server.public_key, bytes(64), suite="CHACHA")
     assert exc.value.check == "suite"
+
+
+# --------------------------------------------------------------------------- padding
+
+def test_bucket_boundaries() -> None:
+    assert RECORD_BUCKETS == (256, 1024, 4096, 16384, 65536, 262144, MIB)
+    assert padded_size(1) == padded_size(256) == 256
+    for smaller, bucket in zip(RECORD_BUCKETS, RECORD_BUCKETS[1:]):
+        assert padded_size(smaller) == smaller and padded_size(smaller + 1) == bucket
+    assert padded_size(MIB + 1) == 2 * MIB and padded_size(2 * MIB) == 2 * MIB
+    assert padded_size(5 * MIB + 1) == 6 * MIB
+    assert record_size(0) == record_size(252) == 8 + 256 + 16 and record_size(253) == 8 + 1024 + 16
+
+
+@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("n, bucket", [(0, 256), (252, 256), (253, 1024), (1020, 1024), (1021, 4096),
+                                       (MIB - 4, MIB), (MIB - 3, 2 * MIB)])
+def test_sealed_record_sizes_follow_the_buckets(suite: str, n: int, bucket: int) -> None:
+    c, s = pair(suite)
+    message = secrets.token_bytes(n)
+    record = c.seal(message)
+    assert len(record) == 8 + bucket + 16 == record_size(n)
+    assert s.open(record) == message
+
+
+def test_messages_of_different_lengths_in_one_bucket_give_equal_records() -> None:
+    c, _ = pair()
+    sizes = {len(c.seal(b"x" * n)) for n in (0, 1, 3, 17, 200, 252)}
+    assert sizes == {280}
+
+
+def _seal_unframed(sender, plaintext: bytes, associated_data: bytes = b"") -> bytes:
+    """An authentic record whose AEAD plaintext is ``plaintext`` as given (no framing): only a key holder
+    can make one, so these exercise the framing checks behind authentication."""
+    seq = sender._send_seq
+    sender._send_seq += 1
+    aad = sender._aad(sender._send_label, seq) + associated_data
+    return seq.to_bytes(8, "big") + sender._send.seal(sender._nonce(seq), plaintext, aad)
+
+
+@pytest.mark.parametrize("plaintext, what", [
+    ((300).to_bytes(4, "big") + b"x" * 252, "past the end"),           # length beyond the record
+    (frame(b"hi")[:-1] + b"\x01", "padding"),                          # non-zero padding byte
+    (frame(b"hi")[:100], "bucket"),                                    # not padded to its bucket
+    ((2).to_bytes(4, "big") + b"hi" + bytes(1018), "bucket"),           # padded to a larger bucket
+    (b"\x00\x00", "shorter than its length field"),
+])
+def test_bad_framing_is_refused(plaintext: bytes, what: str) -> None:
+    c, s = pair()
+    record = _seal_unframed(c, plaintext)
+    with pytest.raises(ChannelError) as exc:
+        s.open(record)
+    assert exc.value.check == "record_format" and what in str(exc.value)
+    assert not s.closed
+    with pytest.raises(ReplayError):  # authentic: its sequence number is used up
+        s.open(record)
+    assert s.open(c.seal(b"fine")) == b"fine"
+    with pytest.raises(ChannelError) as exc:  # the client is strict
+        c.open(_seal_unframed(s, plaintext))
+    assert exc.value.check == "record_format" and c.closed
+
+
+# --------------------------------------------------------------------------- threads
+
+def test_concurrent_seals_never_reuse_a_sequence_number() -> None:
+    c, s = pair()
+    per_thread, threads = 40, 8
+    records: list[bytes] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            r = c.seal(f"{t}:{i}".encode())
+            with lock:
+                records.append(r)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    seqs = sorted(int.from_bytes(r[:8], "big") for r in records)
+    assert seqs == list(range(per_thread * threads))  # unique, no gaps: every nonce used once
+    opened = {s.open(r) for r in sorted(records, key=lambda r: r[:8])}
+    assert opened == {f"{t}:{i}".encode() for t in range(threads) for i in range(per_thread)}

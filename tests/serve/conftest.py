@@ -130,13 +130,16 @@ def controlled_worker(run_config):
 
 
 @pytest.fixture()
-def app_factory(serve_run_config, serve_config):
-    """Start in-process apps (runtime local) with config overrides; stopped after the test."""
+def app_factory(serve_run_config, serve_config, tmp_path):
+    """Start in-process apps (runtime local) with config overrides (``worker=endpoint``: that one worker,
+    its certificate pinned); stopped after the test."""
     from bifrost.serve.server import ServeApp
 
     apps = []
 
-    def make(**changes):
+    def make(worker=None, **changes):
+        if worker is not None:
+            changes.update(worker_config(worker, tmp_path))
         app = ServeApp(serve_run_config, serve_config.replace(**changes)).start()
         apps.append(app)
         return app

@@ -1,4 +1,6 @@
-"""Bad input always ends as a gRPC status with a message; the server keeps serving other sessions."""
+"""Bad input always ends as a gRPC status with a message; the server keeps serving other sessions. A
+record that does not open (tampered, forged, replayed) changes nothing about its session; refusals
+after a record was opened carry their reason sealed and a generic cleartext message."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import grpc
 import pytest
 
 from bifrost.proto import serving_pb2
-from bifrost.serve.actors import AAD_GENERATE
+from bifrost.serve.actors import AAD_CHUNK, AAD_CLOSE, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL, SEALED_TRAILER
 from bifrost.serve.client import ServingError
 
 from .conftest import MODEL as MODEL_NAME, connect
@@ -18,14 +20,35 @@ from .conftest import MODEL as MODEL_NAME, connect
 METHOD = "/bifrost.serving.v1.BifrostServing/"
 
 
-def _raw(app, method: str, payload: bytes, metadata=()):
+def _raw_full(app, method: str, payload: bytes, metadata=()):
+    """(status code, details or reply, streamed replies received before the status, trailing metadata)."""
     with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-        call = ch.unary_stream(METHOD + method) if method == "Generate" else ch.unary_unary(METHOD + method)
+        replies = []
         try:
-            out = call(payload, metadata=metadata, timeout=60)
-            return grpc.StatusCode.OK, list(out) if method == "Generate" else out
+            if method == "Generate":
+                for r in ch.unary_stream(METHOD + method)(payload, metadata=metadata, timeout=60):
+                    replies.append(r)
+                return grpc.StatusCode.OK, replies, replies, {}
+            return grpc.StatusCode.OK, ch.unary_unary(METHOD + method)(payload, metadata=metadata, timeout=60), [], {}
         except grpc.RpcError as exc:
-            return exc.code(), exc.details()
+            return exc.code(), exc.details(), replies, dict(exc.trailing_metadata() or ())
+
+
+def _raw(app, method: str, payload: bytes, metadata=()):
+    return _raw_full(app, method, payload, metadata)[:2]
+
+
+def _sealed_refusal(client, method: str, replies, trailers):
+    """The refusal a raw call got sealed, opened with the client's session (keeps it in step)."""
+    if method == "Generate":
+        assert len(replies) == 1
+        msg = serving_pb2.TokenChunk.FromString(
+            client.session.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK))
+        assert msg.done and not msg.token_ids
+    else:
+        msg = serving_pb2.EmbedResult.FromString(client.session.open(trailers[SEALED_TRAILER], AAD_EMBED_RESULT))
+        assert not msg.vectors
+    return msg.error_code, msg.error
 
 
 def _sealed_req(client, body: serving_pb2.GenerateBody, request_id="r1"):
@@ -70,18 +93,27 @@ def test_token_of_another_session_and_replayed_request_are_refused(local_app, cl
     assert code == grpc.StatusCode.UNAUTHENTICATED and "already seen" in msg
 
 
-def test_tampered_payload_closes_only_that_session(local_app, client_factory):
+def test_tampered_payload_is_refused_and_changes_nothing(local_app, client_factory):
     victim, bystander = client_factory(), client_factory()
     req = _sealed_req(victim, serving_pb2.GenerateBody(prompt="hi", max_new_tokens=1))
-    sealed = bytearray(req.sealed)
+    genuine = req.sealed
+    sealed = bytearray(genuine)
     sealed[-1] ^= 1
     req.sealed = bytes(sealed)
     meta = (("authorization", f"Bearer {victim.token}"),)
+    entry = local_app.service.sessions.get(victim.session_id)
+    replica_session = local_app.replicas[entry.replica].obj._sessions[victim.session_id]
+    before = (entry.used, entry.last_used, replica_session.last_used)
     code, msg = _raw(local_app, "Generate", req.SerializeToString(), meta)
-    assert code == grpc.StatusCode.PERMISSION_DENIED and "session closed" in msg
-    with pytest.raises(ServingError) as err:  # the session is gone for good
-        victim.chat("hi", 1)
-    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "session is unchanged" in msg
+    # not even its idle clock moved (garbage keeps no session alive), nor the receive sequence number:
+    # the genuine record with that number still opens
+    assert (entry.used, entry.last_used, replica_session.last_used) == before and not entry.used
+    req.sealed, req.request_id = genuine, "r2"
+    code, replies = _raw(local_app, "Generate", req.SerializeToString(), meta)
+    assert code == grpc.StatusCode.OK and len(replies) == 1 and entry.used
+    victim.session.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK)  # keep the client in step
+    assert len(victim.chat("hi", 1).tokens) == 1
     assert len(bystander.chat("still here", 2).tokens) == 2
 
 
@@ -90,9 +122,13 @@ def test_limits_and_malformed_fields_are_invalid_argument(local_app, client_fact
     with pytest.raises(ServingError) as err:
         c.chat("x" * 65, 1)  # 65 byte-level tokens > max_prompt_tokens=64
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_prompt_tokens=64" in err.value.details
+    assert err.value.sealed
     with pytest.raises(ServingError) as err:
         c.chat("x", 33)
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "32" in err.value.details
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "32" in err.value.details and err.value.sealed
+    with pytest.raises(ServingError) as err:
+        c.chat("", 1)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in err.value.details and err.value.sealed
     meta = (("authorization", f"Bearer {c.token}"),)
     code, _ = _raw(local_app, "Generate", b"\xff\xff\xff\xff garbage", meta)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -106,12 +142,36 @@ def test_limits_and_malformed_fields_are_invalid_argument(local_app, client_fact
     code, _ = _raw(local_app, "Attest", serving_pb2.AttestRequest(nonce=bytes(16), client_public_key=bytes(32),
                                                                    suite="ROT13").SerializeToString())
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    # a sealed record that authenticates but is not a GenerateBody
+    # a sealed record that authenticates but is not a GenerateBody: the reason comes back sealed
     bad = serving_pb2.SealedRequest(session_id=c.session_id, request_id="z",
                                     sealed=c.session.seal(b"\xff\xff\xff", AAD_GENERATE))
-    code, msg = _raw(local_app, "Generate", bad.SerializeToString(), meta)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "GenerateBody" in msg
+    code, msg, replies, _ = _raw_full(local_app, "Generate", bad.SerializeToString(), meta)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg == SEALED_REFUSAL
+    assert _sealed_refusal(c, "Generate", replies, {}) == ("INVALID_ARGUMENT", "sealed payload is not a valid GenerateBody")
     assert len(c.chat("fine", 2).tokens) == 2  # the session survives all of that
+
+
+def test_refusals_after_opening_say_nothing_in_cleartext(local_app, client_factory, monkeypatch):
+    """Counts and limits travel only sealed: the cleartext status is the code and a generic message."""
+    c = client_factory()
+    meta = (("authorization", f"Bearer {c.token}"),)
+    replica = local_app.replicas[local_app.service.sessions.get(c.session_id).replica].obj
+    monkeypatch.setattr(replica, "context", 12)  # (gpt2-mini: 256) a short context to run over
+    cases = [  # (body, code, words of the sealed reason)
+        (serving_pb2.GenerateBody(prompt="x" * 65, max_new_tokens=1), "INVALID_ARGUMENT", "prompt has 65 tokens"),
+        (serving_pb2.GenerateBody(prompt="hi", max_new_tokens=33), "INVALID_ARGUMENT", "max_new_tokens 33"),
+        (serving_pb2.GenerateBody(prompt="", max_new_tokens=1), "INVALID_ARGUMENT", "the prompt is empty"),
+        (serving_pb2.GenerateBody(prompt="x" * 10, max_new_tokens=3), "INVALID_ARGUMENT",
+         "conversation (10 tokens) + 3 new tokens exceeds the model context of 12"),
+    ]
+    for i, (body, code_name, words) in enumerate(cases):
+        req = _sealed_req(c, body, f"case-{i}").SerializeToString()
+        code, msg, replies, _ = _raw_full(local_app, "Generate", req, meta)
+        assert code == getattr(grpc.StatusCode, code_name) and msg == SEALED_REFUSAL, (words, msg)
+        sealed_code, reason = _sealed_refusal(c, "Generate", replies, {})
+        assert sealed_code == code_name and words in reason
+        assert not any(ch.isdigit() for ch in msg)
+    assert len(c.chat("fine", 1).tokens) == 1
 
 
 def test_too_many_sessions_is_resource_exhausted(local_app, client_factory):
@@ -162,32 +222,74 @@ def test_bad_embed_requests(local_app, client_factory):
     empty = serving_pb2.SealedRequest(session_id=c.session_id, request_id="e").SerializeToString()
     code, msg = _raw(local_app, "Embed", empty, meta)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in msg
-    code, msg = _raw(local_app, "Embed", _embed_req(c, b"\xff\xff\xff"), meta)  # authentic, not an EmbedBody
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "EmbedBody" in msg
-    code, msg = _raw(local_app, "Embed", _embed_req(c, serving_pb2.EmbedBody(texts=["hi"]).SerializeToString()), meta)
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "not an encoder" in msg  # gpt2-mini generates
-    # a record sealed for Generate replayed into Embed: the associated data differs -> tampering
+    # authentic, not an EmbedBody: refused with the reason sealed in the trailing metadata
+    code, msg, _, trailers = _raw_full(local_app, "Embed", _embed_req(c, b"\xff\xff\xff"), meta)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg == SEALED_REFUSAL
+    assert _sealed_refusal(c, "Embed", [], trailers) == ("INVALID_ARGUMENT", "sealed payload is not a valid EmbedBody")
+    code, msg, _, trailers = _raw_full(local_app, "Embed", _embed_req(c, serving_pb2.EmbedBody(texts=["hi"]).SerializeToString()), meta)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and msg == SEALED_REFUSAL
+    assert "not an encoder" in _sealed_refusal(c, "Embed", [], trailers)[1]  # gpt2-mini generates
+    with pytest.raises(ServingError) as err:  # the SDK raises the sealed reason
+        c.embed(["hi"])
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not an encoder" in err.value.details
+    assert err.value.sealed
+    # a record sealed for Generate replayed into Embed: the associated data differs -> refused, nothing changes
     code, msg = _raw(local_app, "Embed", _embed_req(c, b"hi", aad=GEN), meta)
-    assert code == grpc.StatusCode.PERMISSION_DENIED and "session closed" in msg
-    with pytest.raises(ServingError) as err:
-        c.chat("closed now", 1)
-    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "session is unchanged" in msg
+    assert len(c.chat("still open", 1).tokens) == 1
+
+
+def _close_req(client, sealed: bytes | None = None, request_id=None) -> bytes:
+    if sealed is None:
+        sealed = client.session.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
+    return serving_pb2.SealedRequest(session_id=client.session_id, request_id=request_id or secrets.token_hex(8),
+                                     sealed=sealed).SerializeToString()
 
 
 def test_bad_close_session_requests(local_app, client_factory):
+    """Only a sealed CloseBody from the session's key holder closes it: someone who sniffed the bearer
+    token cannot end the session with an empty, forged, misdirected or replayed record."""
     a, b = client_factory(), client_factory()
-    req = serving_pb2.SealedRequest(session_id=a.session_id, request_id="c1").SerializeToString()
+    sessions = local_app.service.sessions
     assert _raw(local_app, "CloseSession", b"\x12\xff", _meta(a))[0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert _raw(local_app, "CloseSession", req)[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert _raw(local_app, "CloseSession", req, _meta(b))[0] == grpc.StatusCode.PERMISSION_DENIED  # b's token
-    unknown = serving_pb2.SealedRequest(session_id=secrets.token_bytes(16), request_id="c2").SerializeToString()
-    code, msg = _raw(local_app, "CloseSession", unknown, _meta(a))
-    assert code == grpc.StatusCode.NOT_FOUND
+    assert _raw(local_app, "CloseSession", _close_req(a))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert _raw(local_app, "CloseSession", _close_req(a), _meta(b))[0] == grpc.StatusCode.PERMISSION_DENIED  # b's token
+    unknown = serving_pb2.SealedRequest(session_id=secrets.token_bytes(16), request_id="c2", sealed=b"x").SerializeToString()
+    assert _raw(local_app, "CloseSession", unknown, _meta(a))[0] == grpc.StatusCode.NOT_FOUND
+    empty = serving_pb2.SealedRequest(session_id=a.session_id, request_id="c1").SerializeToString()
+    code, msg = _raw(local_app, "CloseSession", empty, _meta(a))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in msg
+    stale = a.session.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)  # held back, used later
+    assert len(a.chat("a talks", 1).tokens) == 1
+    bad = [
+        (secrets.token_bytes(8 + 256 + 16), "record_authentication"),  # forged
+        (a.session.seal(serving_pb2.GenerateBody(prompt="hi").SerializeToString(), AAD_GENERATE),
+         "record_authentication"),  # a Generate record
+        (stale, "sequence"),  # an older record of this session (replayed / reordered)
+        (b"short", "record_format"),
+    ]
+    for sealed, check in bad:
+        code, msg = _raw(local_app, "CloseSession", _close_req(a, sealed), _meta(a))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and check in msg and "unchanged" in msg, (check, msg)
+        assert sessions.get(a.session_id) is not None
     assert len(a.chat("a survives", 1).tokens) == 1
-    assert _raw(local_app, "CloseSession", req, _meta(a))[0] == grpc.StatusCode.OK
-    again = serving_pb2.SealedRequest(session_id=a.session_id, request_id="c3").SerializeToString()
-    assert _raw(local_app, "CloseSession", again, _meta(a))[0] == grpc.StatusCode.NOT_FOUND
+    good = _close_req(a)
+    assert _raw(local_app, "CloseSession", good, _meta(a))[0] == grpc.StatusCode.OK
+    assert sessions.get(a.session_id) is None
+    assert _raw(local_app, "CloseSession", _close_req(a), _meta(a))[0] == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(ServingError) as err:
+        a.chat("closed now", 1)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert len(b.chat("b survives", 1).tokens) == 1
+
+
+def test_sdk_close_sends_a_sealed_close(local_app, client_factory):
+    c = client_factory()
+    sid = c.session_id
+    replica = local_app.replicas[local_app.service.sessions.get(sid).replica].obj
+    assert sid in replica._sessions
+    c.close()
+    assert local_app.service.sessions.get(sid) is None and sid not in replica._sessions
 
 
 def test_bad_input_while_another_session_streams(local_app, client_factory, serve_run_config):
@@ -227,6 +329,10 @@ def test_bad_input_while_another_session_streams(local_app, client_factory, serv
         ("Embed", b"\x0a\xff\xff\xff\xff\x0f", meta),
         ("CloseSession", serving_pb2.SealedRequest(session_id=streaming.session_id,
                                                    request_id="y").SerializeToString(), meta),
+        # the streaming session's own (sniffed) token with a forged close record
+        ("CloseSession", serving_pb2.SealedRequest(session_id=streaming.session_id, request_id="k",
+                                                   sealed=secrets.token_bytes(280)).SerializeToString(),
+         _meta(streaming)),
         ("Attest", serving_pb2.AttestRequest(nonce=b"short", client_public_key=bytes(32)).SerializeToString(), ()),
         ("Generate", _sealed_req(attacker, serving_pb2.GenerateBody(prompt="x" * 65, max_new_tokens=1), "big")
          .SerializeToString(), meta),
@@ -268,7 +374,7 @@ def test_unexpected_exception_is_internal_without_details(local_app, client_fact
 
 def test_pending_sessions_are_capped(app_factory, worker_factory):
     _, _, address = worker_factory(MODEL_NAME, 64)
-    app = app_factory(workers=(address,), max_pending_sessions=2)
+    app = app_factory(worker=address, max_pending_sessions=2)
     a, b = connect(app), connect(app)  # attested, nothing sent yet
     extra = connect(app, attest=False)
     with pytest.raises(ServingError) as err:
@@ -281,8 +387,8 @@ def test_pending_sessions_are_capped(app_factory, worker_factory):
 
 
 def test_full_workers_during_attest_is_resource_exhausted(app_factory, worker_factory):
-    _, _, address = worker_factory(MODEL_NAME, 2)  # the replica's runtime holds one worker session
-    app = app_factory(workers=(address,))
+    _, _, address = worker_factory(MODEL_NAME, 1)  # room for one session (replicas hold none of their own)
+    app = app_factory(worker=address)
     a = connect(app)
     b = connect(app, attest=False)
     with pytest.raises(ServingError) as err:
@@ -303,7 +409,7 @@ def test_tokens_name_what_the_issuer_verified_and_a_refusing_issuer_policy_issue
     from bifrost.attest.tokens import verify_token
 
     _, _, address = worker_factory(MODEL_NAME, 64)
-    app = app_factory(workers=(address,))
+    app = app_factory(worker=address)
     c = connect(app)
     claims = verify_token(c.token, [app.service.issuer.public_key])
     assert claims.simulated and bytes.fromhex(claims.measurement) == c.verdict.measurement
@@ -312,7 +418,7 @@ def test_tokens_name_what_the_issuer_verified_and_a_refusing_issuer_policy_issue
     c.close()
     strict = tmp_path / "issuer.yaml"
     strict.write_text("allow_simulated: false\n")
-    refusing = app_factory(workers=(address,), issuer_policy=str(strict))
+    refusing = app_factory(worker=address, issuer_policy=str(strict))
     with pytest.raises(ServingError) as err:
         connect(refusing)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "issuer policy (simulated)" in err.value.details

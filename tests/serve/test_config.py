@@ -33,7 +33,8 @@ def test_cluster_needs_worker_addresses_and_the_ray_runtime():
     assert "workers" in str(err.value) and "127.0.0.1" in str(err.value)
     with pytest.raises(BifrostError, match="runtime: ray"):
         ServeConfig(ray_address="head:6379", workers=("w:1",), runtime="local")
-    ok = ServeConfig(ray_address="head:6379", workers=("w1:5000", "w2:5000"), replicas=8)
+    ok = ServeConfig(ray_address="head:6379", workers=("w1:5000", "w2:5000"), worker_certs=("a.pem", "b.pem"),
+                     replicas=8)
     assert ok.replicas == 8  # a cluster's capacity is the cluster's: checked at startup (startup_timeout_s)
 
 
@@ -93,3 +94,8 @@ def test_issuer_policy_is_checked_at_load(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("allow_debug: false\n")
     assert ServeConfig(issuer_policy=str(good)).issuer_policy == str(good)
+
+
+def test_every_worker_address_needs_its_pinned_certificate():
+    with pytest.raises(BifrostError, match="worker_certs"):
+        ServeConfig(workers=("w1:5000", "w2:5000"), worker_certs=("a.pem",))

@@ -109,14 +109,23 @@ def test_serve_with_external_workers_flag(tmp_path, run_config):
     from bifrost.model.catalog import resolve
     from bifrost.serve.client import BifrostClient
 
+    from bifrost.attest.mtls import process_identity
+
     workers = [ControlledWorker(run_config), ControlledWorker(run_config)]
+    process_identity().save(tmp_path / "tee-identity")  # the identity these workers trust
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"tee": {"identity": str(tmp_path / "tee-identity")}}))
+    certs = []
+    for i, w in enumerate(workers):
+        certs.append(tmp_path / f"worker-{i}.pem")
+        certs[-1].write_bytes(w.endpoint.cert_pem)
     proc = None
     try:
-        proc, address = _start_serve(tmp_path, "--runtime", "local",
-                                     "--workers", ",".join(w.address for w in workers))
+        proc, address = _start_serve(tmp_path, "--runtime", "local", "--config", str(tmp_path / "run.yaml"),
+                                     "--workers", ",".join(w.address for w in workers),
+                                     "--worker-certs", ",".join(map(str, certs)))
         with BifrostClient(address, make_policy(model_digest(resolve(MODEL), run_config.seed)), timeout_s=120) as c:
             c.attest()
-            assert [w.sessions() for w in workers] == [2, 2]  # the replica's runtime's + this session's
+            assert [w.sessions() for w in workers] == [1, 1]  # this session's, on both
             result = c.chat(PROMPT, 4)
         assert result.tokens == plaintext_greedy(MODEL, run_config.seed, ByteTokenizer().encode(PROMPT), 4)
         assert all(w.calls > 0 for w in workers)

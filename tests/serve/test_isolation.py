@@ -19,12 +19,15 @@ N_SESSIONS = 4
 
 
 @pytest.fixture(scope="module")
-def recorded_app(serve_run_config, serve_config):
+def recorded_app(serve_run_config, serve_config, tmp_path_factory):
     """A server (2 replicas, in-process) whose CKKS worker records every byte it receives and sends."""
     from bifrost.serve.server import ServeApp
-    from bifrost.worker.service import build_service, serve
 
-    svc = build_service(MODEL, serve_run_config.seed, serve_run_config.delegation, 64, 2**30)
+    from tests.workers import make_service, start_worker
+
+    from .conftest import worker_config
+
+    svc = make_service(serve_run_config, MODEL, 64, 2**30)
     traffic: list[bytes] = []
     contexts: list[str] = []
     lock = threading.Lock()
@@ -43,9 +46,9 @@ def recorded_app(serve_run_config, serve_config):
 
     for name in ("OpenSession", "Linear", "LinearBatch", "Describe", "CloseSession"):
         setattr(svc, name, recording(name, getattr(svc, name)))
-    server, port = serve(svc, "127.0.0.1", 0)
-    app = ServeApp(serve_run_config, serve_config.replace(workers=(f"127.0.0.1:{port}",), replicas=2,
-                                                           max_sessions=N_SESSIONS + 2)).start()
+    _, server, endpoint = start_worker(serve_run_config, MODEL, service=svc)
+    app = ServeApp(serve_run_config, serve_config.replace(replicas=2, max_sessions=N_SESSIONS + 2,
+                                                           **worker_config(endpoint, tmp_path_factory.mktemp("c")))).start()
     yield app, traffic, contexts
     app.stop()
     server.stop(grace=None)
@@ -92,7 +95,7 @@ def test_canaries_stay_in_their_own_session(recorded_app, serve_run_config, capl
         assert canary.encode() not in blob
         assert canary not in log_text
         assert canary.encode("utf-16-le") not in blob
-    # each session (and each replica's own runtime) registered a different public CKKS context
-    assert len(set(contexts)) == len(contexts) >= N_SESSIONS + 2
+    # each session registered a different public CKKS context (replicas hold no worker session of their own)
+    assert len(set(contexts)) == len(contexts) == N_SESSIONS
     assert "on replica 0" in log_text and "on replica 1" in log_text  # sessions spread over both replicas
     assert all(r.call("stats")["sessions"] == 0 for r in app.replicas)  # and all closed again

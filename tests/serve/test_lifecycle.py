@@ -9,7 +9,10 @@ import secrets
 import grpc
 import pytest
 
+from bifrost.errors import BifrostError
 from bifrost.model.tokenizer import ByteTokenizer
+from bifrost.proto import serving_pb2
+from bifrost.serve.actors import AAD_EMBED
 from bifrost.serve.client import ServingError
 
 from .conftest import MODEL, connect, plaintext_greedy, wait_until
@@ -24,7 +27,7 @@ def _expected(prompt: str, n: int, seed: int) -> list[int]:
 def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessions(
         app_factory, controlled_worker, serve_run_config):
     controlled_worker.delay_s = 0.1  # >= 0.8 s per token: every token takes longer than the idle limit
-    app = app_factory(workers=(controlled_worker.address,), session_idle_s=0.5, pending_idle_s=0.5)
+    app = app_factory(worker=controlled_worker.endpoint, session_idle_s=0.5, pending_idle_s=0.5)
     replica = app.replicas[0].obj
     baseline = controlled_worker.sessions()  # the replica runtime's own worker session
     c = connect(app)
@@ -45,7 +48,7 @@ def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessi
 
 def test_client_hang_up_stops_the_turn_and_the_next_turn_runs(app_factory, controlled_worker, serve_run_config):
     controlled_worker.delay_s = 0.1
-    app = app_factory(workers=(controlled_worker.address,))
+    app = app_factory(worker=controlled_worker.endpoint)
     c = connect(app)
     stream = c.generate("a long turn", 20)  # ~16 s if nobody stopped it: longer than the 10 s turn wait
     next(stream)
@@ -61,7 +64,7 @@ def test_client_hang_up_stops_the_turn_and_the_next_turn_runs(app_factory, contr
 
 
 def test_replica_timeout_closes_the_session_on_the_replica_and_its_workers(app_factory, controlled_worker):
-    app = app_factory(workers=(controlled_worker.address,), replica_timeout_s=1.0)  # (in-process calls: untimed)
+    app = app_factory(worker=controlled_worker.endpoint, replica_timeout_s=1.0)  # (in-process calls: untimed)
     c = connect(app)
     before = controlled_worker.sessions()
     controlled_worker.next_delay_s = 3.0  # the prefill's first layer call hangs past replica_timeout_s
@@ -82,7 +85,7 @@ def test_dead_replica_gets_no_new_sessions_and_health_follows(app_factory, worke
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     _, _, address = worker_factory(MODEL, 64)
-    app = app_factory(workers=(address,), replicas=2, session_idle_s=2.0)  # sweeper/probe every 0.5 s
+    app = app_factory(worker=address, replicas=2, session_idle_s=2.0)  # sweeper/probe every 0.5 s
 
     def health():
         with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
@@ -114,13 +117,19 @@ def test_dead_replica_gets_no_new_sessions_and_health_follows(app_factory, worke
 def test_a_request_on_a_busy_session_waits_a_bounded_time(app_factory, controlled_worker, monkeypatch):
     monkeypatch.setattr("bifrost.serve.actors.TURN_WAIT_S", 0.3)  # (10 s in production)
     controlled_worker.delay_s = 0.1
-    app = app_factory(workers=(controlled_worker.address,))
+    app = app_factory(worker=controlled_worker.endpoint)
     c = connect(app)
     stream = c.generate("busy session", 4)  # ~3 s
     first = next(stream)
-    with pytest.raises(ServingError) as err:
-        c.embed(["while the turn runs"])  # used to wait on the session lock without a limit
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in err.value.details
+    with pytest.raises(BifrostError, match="already has a request in progress"):
+        c.embed(["while the turn runs"])  # the SDK serializes one client's requests, and never waits on itself
+    # a request that does reach the busy session (sent around the SDK) used to wait on its lock without a limit
+    req = serving_pb2.SealedRequest(session_id=c.session_id, request_id=secrets.token_hex(8), sealed=c.session.seal(
+        serving_pb2.EmbedBody(texts=["while the turn runs"]).SerializeToString(), AAD_EMBED))
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch, pytest.raises(grpc.RpcError) as err:
+        ch.unary_unary("/bifrost.serving.v1.BifrostServing/Embed")(
+            req.SerializeToString(), metadata=(("authorization", f"Bearer {c.token}"),), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "in progress" in err.value.details()
     assert len(first.token_ids) + sum(len(ev.token_ids) for ev in stream) == 4  # the running turn is unaffected
     # the refused request was never opened; the channel tolerates that gap, so the session goes on
     assert sum(len(ev.token_ids) for ev in c.generate("after the refusal", 2)) == 2

@@ -15,20 +15,23 @@ from bifrost.serve.client import ServingError
 
 from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, ray_default_dirs_listing, wait_until
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402 - a hard dependency
 
 
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory, run_config, serve_run_config, serve_config):
     from bifrost.serve.server import ServeApp
 
+    from .conftest import worker_config
+
     before = ray_default_dirs_listing()
     worker = ControlledWorker(run_config)
     run_dir = tmp_path_factory.mktemp("ray") / "r"  # short: Ray's unix sockets live below it
     app = None
     try:
-        app = ServeApp(serve_run_config, serve_config.replace(runtime="ray", replicas=2, workers=(worker.address,),
-                                                              session_idle_s=2.0), run_dir=run_dir).start()
+        app = ServeApp(serve_run_config, serve_config.replace(
+            runtime="ray", replicas=2, session_idle_s=2.0, **worker_config(worker.endpoint, tmp_path_factory.mktemp("c"))),
+            run_dir=run_dir).start()
         yield app, before, run_dir, worker
     finally:
         if app is not None:
@@ -55,9 +58,11 @@ def test_two_ray_replicas_serve_plaintext_equal_tokens(ray_app, serve_run_config
 def test_unschedulable_replica_is_a_startup_error_not_a_hang(ray_app, serve_run_config, serve_config, tmp_path):
     from bifrost.serve.server import ServeApp
 
+    from .conftest import worker_config
+
     worker = ray_app[3]
-    scfg = serve_config.replace(runtime="ray", ray_address="auto", workers=(worker.address,), replica_cpus=64,
-                                startup_timeout_s=3)  # joins the running Ray, which has 2 CPUs
+    scfg = serve_config.replace(runtime="ray", ray_address="auto", replica_cpus=64, startup_timeout_s=3,
+                                **worker_config(worker.endpoint, tmp_path))  # joins the running Ray: 2 CPUs
     with pytest.raises(BifrostError) as err:
         ServeApp(serve_run_config, scfg, run_dir=tmp_path / "b").start()
     assert "did not start within startup_timeout_s=3" in str(err.value) and "replica_cpus=64" in str(err.value)

@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--backend", help="CKKS backend name")
         p.add_argument("--worker", help="host:port of a running worker (default: start one on loopback)")
         p.add_argument("--worker-cert", help="that worker's certificate (PEM), pinned (default: worker.cert)")
+        p.add_argument("--identity", help="folder of this trusted runtime's TLS key + certificate, created if missing "
+                                          "(default: tee.identity; none: a fresh one per run, for local workers); "
+                                          "a remote worker must trust <folder>/cert.pem")
         p.add_argument("--seed", type=int, help="seed of random-init named models")
         p.add_argument("--json", action="store_true", help="print a JSON report instead of tables")
 
@@ -56,6 +59,10 @@ def _config(args):
         changes["backend"] = args.backend
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.identity:
+        import dataclasses
+
+        changes["tee"] = dataclasses.replace(cfg.tee, identity=args.identity)
     cfg = cfg.replace(**changes)
     gen = {}
     if getattr(args, "prompt", None) is not None:
@@ -89,6 +96,9 @@ def _worker(cfg, args):
 
     address = args.worker or cfg.worker.address
     if address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise BifrostError(f"worker address {address!r} is not host:port")
         cert = args.worker_cert or cfg.worker.cert
         if not cert:
             raise BifrostError(f"worker {address}: give its certificate to pin with --worker-cert (or worker.cert)")

@@ -5,9 +5,9 @@
 :class:`WorkerPool` is one session's link (one CKKS key set): it opens the session on every worker with
 the same public context, and :meth:`WorkerDirectory.linear` sends each layer call (one item, or the
 items of several sessions) to the least-loaded healthy worker. When a call fails with UNAVAILABLE /
-DEADLINE_EXCEEDED / CANCELLED / ABORTED / RESOURCE_EXHAUSTED (a dead, hung, restarting or overloaded
-worker: the worker's own doing, nothing that depends on the plaintext) it marks that worker down and
-retries the same call on another one. CKKS layer calls are pure functions of (public context,
+DEADLINE_EXCEEDED / CANCELLED / ABORTED (a dead, hung or restarting worker: the worker's own doing,
+nothing that depends on the plaintext) it marks that worker down and retries the same call on another
+one. CKKS layer calls are pure functions of (public context,
 ciphertexts), so a retry cannot change the result. A worker marked down is tried again after
 ``retry_after_s``. Any other error status is raised with the identity of the worker that sent it: the
 engine treats it as a deviation (see :mod:`bifrost.tee.engine`).
@@ -38,7 +38,9 @@ from .quarantine import WorkerQuarantine
 log = logging.getLogger("bifrost.pool")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+# (RESOURCE_EXHAUSTED from OpenSession means "full, try later"; on a layer call our workers never send it, and
+# this side raises it for a reply over the size cap: a deviation of that worker, see bifrost.tee.engine)
 
 
 @dataclass
@@ -147,7 +149,9 @@ class WorkerDirectory:
             elif key != seen[0]:
                 raise BifrostError(f"worker {w.address} serves different layers or weights than the others")
         if seen is None:
-            raise BifrostError(f"no CKKS worker answered ({'; '.join(errors)})")
+            raise BifrostError(f"no CKKS worker answered ({'; '.join(errors)}): is it running, does it list this "
+                               "runtime's certificate among its trusted clients, and is its own certificate the "
+                               "pinned one?")
         self._describe = seen[1]
         return self._describe
 
@@ -242,7 +246,7 @@ class WorkerPool:
             except WorkerCallError as exc:
                 errors.append(f"{w.address}: {exc.code.name}: {exc.details}")
                 codes.add(exc.code)
-                if exc.code in RETRYABLE and exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if exc.code in RETRYABLE:
                     self.dir.mark_down(w, exc.details)
                 elif exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.close()  # sessions opened on the workers before this one

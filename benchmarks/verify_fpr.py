@@ -1,0 +1,221 @@
+"""False positives of the TEE's product check with an honest worker, over every layer shape of the named models.
+
+For every layer group of the models in ``configs/models.yaml`` (fused groups as the engine forms them:
+GPT-2 124M and 1.5B, Qwen3-0.6B, LLaMA-3-8B, all-MiniLM-L6-v2 with its real pretrained weights, and the
+small test models), the real backend encrypts activations, an honest evaluator (the worker's code) computes
+the product, the trusted side decrypts it and runs :class:`bifrost.tee.verify.ProductVerifier` with fresh
+secret vectors, exactly as the engine does. Activations come in seven kinds: Gaussian, GPT-2-style outlier
+features of 150–400, heavy-tailed (Student t, 2 degrees of freedom), post-GELU sparse, tiny (1e-4), large
+(1e3) and an all-zero row; calls of 1 row (decode), 12 rows and, where the native planner token-packs,
+96 rows. A *check* is one (row, member) verification with all k vectors; *comparisons* = checks × k.
+
+Reported per backend: checks, comparisons, false positives (must be 0), the largest honest residual as a
+fraction of its tolerance τ, the largest honest error as a fraction of the backend's documented bound ε,
+and the check's resolution: τ / ‖y_r‖₂ (the ℓ2 size, relative to the output, of a deviation the check
+catches with probability ≥ 1 − (0.8/c)^k at c·τ). Weights: N(0, 0.02²) with 1 % heavy-tailed entries for
+the random-init models (what their configs give), the real ones for MiniLM.
+
+Usage: ``python benchmarks/verify_fpr.py [--backends native,tenseal] [--models gpt2,qwen3-0.6b] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("gaussian", "gpt2-outliers", "heavy-tailed", "post-gelu", "tiny", "large", "zero-row")
+DEFAULT_MODELS = ("gpt2", "gpt2-xl", "qwen3-0.6b", "llama3-8b", "minilm", "gpt2-mini", "qwen3-mini", "llama-mini")
+TENSEAL_SKIP = {"gpt2-xl", "llama3-8b"}  # rotation-key and diagonal memory beyond this 24 GiB machine
+
+
+def activations(kind: str, rows: int, d_in: int, rng) -> np.ndarray:
+    if kind == "gaussian":
+        return rng.normal(0, 1, (rows, d_in))
+    if kind == "gpt2-outliers":
+        x = rng.normal(0, 1, (rows, d_in))
+        cols = rng.choice(d_in, size=min(3, d_in), replace=False)
+        x[:, cols] = rng.uniform(150, 400, (rows, len(cols))) * rng.choice([-1, 1], (rows, len(cols)))
+        return x
+    if kind == "heavy-tailed":
+        return rng.standard_t(2, (rows, d_in))
+    if kind == "post-gelu":
+        z = rng.normal(0, 2, (rows, d_in))
+        return z * 0.5 * (1 + np.tanh(0.7978845608 * (z + 0.044715 * z ** 3)))
+    if kind == "tiny":
+        return rng.normal(0, 1e-4, (rows, d_in))
+    if kind == "large":
+        return rng.normal(0, 1e3, (rows, d_in))
+    x = rng.normal(0, 1, (rows, d_in))
+    x[0] = 0.0  # one all-zero row (decodes to exactly 0)
+    return x
+
+
+def model_groups(name: str, seed: int):
+    """[(group names, [W (d_out, d_in)])] of ``name`` as the engine groups them. Real weights for checkpoints
+    (MiniLM); shapes + N(0, 0.02²) with heavy-tailed entries for random-init named models (never built: the
+    1.5B/8B models do not fit in memory as modules here)."""
+    import torch
+
+    from bifrost.config import load_config
+    from bifrost.model.catalog import resolve
+    from bifrost.model.delegation import fuse_groups
+
+    cfg = load_config()
+    spec = resolve(name)
+    if spec.path is not None:
+        from bifrost.model.catalog import load_model
+        from bifrost.model.delegation import sites
+
+        layers = sites(load_model(spec, seed), cfg.delegation)
+        weights = {s.name: w for s, w in layers}
+        shapes = {s.name: (s.d_out, s.d_in) for s, _ in layers}
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from bifrost.model.catalog import _config_class
+
+        with torch.device("meta"):  # shapes only: no memory for 8B parameters
+            meta = AutoModelForCausalLM.from_config(_config_class(spec.family)(**spec.config))
+        from bifrost.model.delegation import delegated_modules
+
+        shapes = {}
+        for mod_name, module in delegated_modules(meta, cfg.delegation):
+            w = module.weight
+            shapes[mod_name] = tuple(w.shape) if isinstance(module, torch.nn.Linear) else (w.shape[1], w.shape[0])
+        weights = None
+    groups = fuse_groups(list(shapes), cfg.delegation)
+    seen, out = set(), []
+    rng = np.random.default_rng(seed)
+    for g in groups:  # one group per distinct fused shape: layers repeat the same shapes
+        key = tuple(shapes[n] for n in g)
+        if key in seen:
+            continue
+        seen.add(key)
+        if weights is not None:
+            ws = [weights[n] for n in g]
+        else:
+            ws = []
+            for n in g:
+                w = rng.normal(0, 0.02, shapes[n])
+                heavy = rng.random(shapes[n]) < 0.01
+                w[heavy] = rng.standard_t(3, heavy.sum()) * 0.05
+                ws.append(w.astype(np.float32).astype(np.float64))
+        out.append((g, ws))
+    return out
+
+
+def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int, packed_rows: int) -> dict:
+    from bifrost.ckks import GroupShape, get_backend
+    from bifrost.config import VerificationConfig
+    from bifrost.tee.verify import ProductVerifier
+
+    impl = get_backend(backend)
+    params = impl.default_params
+    vcfg = VerificationConfig()
+    rng = np.random.default_rng(seed + 1)
+    totals = {"checks": 0, "comparisons": 0, "false_positives": 0, "calls": 0, "max_residual_over_tau": 0.0,
+              "max_error_over_bound": 0.0, "resolution_median": None, "resolution_p99": None, "per_shape": []}
+    resolutions = []
+    for model in models:
+        if backend == "tenseal" and model in TENSEAL_SKIP:
+            totals.setdefault("skipped_models", []).append(model)
+            continue
+        for group, ws in model_groups(model, seed):
+            t0 = time.perf_counter()
+            shape = GroupShape(ws[0].shape[1], tuple(w.shape[0] for w in ws))
+            keys = impl.keygen(params, [shape])
+            ev = impl.evaluator(keys.public_context())
+            prepared = ev.prepare(shape, ws)
+            verifier = ProductVerifier({group: ws}, vcfg)
+            stats = verifier.weight_stats(group)
+            row_counts = [1, prompt_rows]
+            if backend == "native" and shape.d_in * sum(shape.d_outs) <= 4096 * 6144:
+                from bifrost_kernels.layout import plan
+
+                bits = tuple(q.bit_length() for q in keys._codec.primes)
+                if plan(params.poly_modulus_degree, bits, shape.d_in, tuple(shape.d_outs), packed_rows).is_scalar:
+                    row_counts.append(packed_rows)
+            shape_stats = {"model": model, "group": list(group), "d_in": shape.d_in, "d_outs": list(shape.d_outs),
+                           "checks": 0, "false_positives": 0, "max_residual_over_tau": 0.0, "max_error_over_bound": 0.0}
+            for kind in KINDS:
+                for rows in row_counts:
+                    if kind != "gaussian" and rows == packed_rows:
+                        continue  # token-packed calls: one kind (they cost a GEMM over N columns)
+                    x = activations(kind, rows, shape.d_in, rng)
+                    batch = keys.encrypt(shape, x)
+                    ys = keys.decrypt(shape, ev.apply(prepared, batch.ciphertexts), batch, stats)
+                    bounds = keys.error_bound(shape, batch, stats)
+                    result = verifier.check(group, x, ys, bounds)
+                    totals["calls"] += 1
+                    checks = rows * len(ws)
+                    shape_stats["checks"] += checks
+                    shape_stats["false_positives"] += int(not result.ok)
+                    shape_stats["max_residual_over_tau"] = max(shape_stats["max_residual_over_tau"], result.worst)
+                    for m, (y, w) in enumerate(zip(ys, ws)):
+                        ref = x @ w.T
+                        err = np.abs(y - ref).max(axis=1)
+                        b = bounds[:, m]
+                        ratio = np.where(b > 0, err / np.where(b > 0, b, 1.0), 0.0)
+                        shape_stats["max_error_over_bound"] = max(shape_stats["max_error_over_bound"], float(ratio.max()))
+                        norms = np.linalg.norm(ref, axis=1)
+                        tau = vcfg.z * math.sqrt(w.shape[0]) * b
+                        ok = norms > 0
+                        resolutions.extend((tau[ok] / norms[ok]).tolist())
+            totals["checks"] += shape_stats["checks"]
+            totals["false_positives"] += shape_stats["false_positives"]
+            totals["max_residual_over_tau"] = max(totals["max_residual_over_tau"], shape_stats["max_residual_over_tau"])
+            totals["max_error_over_bound"] = max(totals["max_error_over_bound"], shape_stats["max_error_over_bound"])
+            shape_stats["seconds"] = time.perf_counter() - t0
+            totals["per_shape"].append(shape_stats)
+            print(f"[{backend}] {model:12s} {shape.d_in:>6}->{'+'.join(map(str, shape.d_outs)):<18} checks "
+                  f"{shape_stats['checks']:>5}  false positives {shape_stats['false_positives']}  max |r|/τ "
+                  f"{shape_stats['max_residual_over_tau']:.3g}  max err/ε {shape_stats['max_error_over_bound']:.3g}  "
+                  f"({shape_stats['seconds']:.1f} s)", flush=True)
+            del prepared, ev, keys
+    totals["comparisons"] = totals["checks"] * vcfg.vectors
+    totals["vectors"], totals["z"] = vcfg.vectors, vcfg.z
+    if resolutions:
+        r = np.array(resolutions)
+        totals["resolution_median"], totals["resolution_p99"] = float(np.median(r)), float(np.quantile(r, 0.99))
+    return totals
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="native,tenseal")
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-rows", type=int, default=12)
+    ap.add_argument("--packed-rows", type=int, default=96)
+    ap.add_argument("--out", default="benchmarks/results/verify_fpr.json")
+    args = ap.parse_args()
+    report = {"command": " ".join(["python", *sys.argv]), "backends": {}}
+    for backend in args.backends.split(","):
+        report["backends"][backend] = run_backend(backend, args.models.split(","), args.seed, args.prompt_rows,
+                                                  args.packed_rows)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Honest-worker false positives of the product check")
+    for col in ("backend", "calls", "checks", "comparisons", "false positives", "max |r|/τ", "max err/ε",
+                "τ/‖y‖₂ median", "τ/‖y‖₂ p99"):
+        table.add_column(col, justify="right")
+    for name, t in report["backends"].items():
+        table.add_row(name, str(t["calls"]), str(t["checks"]), str(t["comparisons"]), str(t["false_positives"]),
+                      f"{t['max_residual_over_tau']:.3g}", f"{t['max_error_over_bound']:.3g}",
+                      f"{t['resolution_median']:.2e}", f"{t['resolution_p99']:.2e}")
+    Console().print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

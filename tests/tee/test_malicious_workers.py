@@ -1,0 +1,150 @@
+"""Malicious workers (tests/adversary.py): each deviation is caught in the TEE, no wrong token is produced,
+and the worker's whole view of the trusted side — every request it receives, its session, layer group and
+byte sizes — is the same as with an honest worker. So a deviation whose detection depends on the
+plaintext (the half-space probe of issue 13) answers nothing: its "yes" and "no" runs look alike.
+
+gpt2-mini, native backend unless named: 8 worker calls per token (2 layers × c_attn, attn.c_proj, c_fc,
+mlp.c_proj), one session, calls in a fixed order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bifrost.tee.runtime import TrustedRuntime
+from tests import adversary as adv
+from tests.workers import make_service, start_worker
+
+MODEL, C_FC0, SHORT, LONG, DECODE = adv.MODEL, adv.C_FC0, adv.SHORT, adv.LONG, adv.DECODE
+NEW_TOKENS = 4
+
+
+def run(run_config, attack, prompt=SHORT, backend="native", new_tokens=NEW_TOKENS) -> adv.Outcome:
+    return adv.run_attack(run_config, MODEL, attack, prompt, backend, new_tokens)
+
+
+@pytest.fixture(scope="module")
+def honest(run_config):
+    """The honest worker's view for each (backend, prompt): what every attack's view must equal."""
+    cache = {}
+
+    def get(prompt=SHORT, backend="native", new_tokens=NEW_TOKENS):
+        key = (str(prompt), backend, new_tokens)
+        if key not in cache:
+            out = run(run_config, None, prompt, backend, new_tokens)
+            assert out.tokens == out.plaintext and not out.quarantined and out.deviations_seen == 0
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def view(out: adv.Outcome, sizes: bool = True) -> list:
+    """The worker's view. TenSEAL serializes ciphertexts zstd-compressed: their sizes vary from run to run
+    (with the uniformly random c_0/c_1, independently of the plaintext), so there only counts are compared."""
+    return out.observed if sizes else [(o.method, o.session, o.group, len(o.sizes)) for o in out.observed]
+
+
+def assert_caught_and_invisible(out: adv.Outcome, baseline: adv.Outcome, reason: str | None = None,
+                                sizes: bool = True) -> None:
+    assert out.deviated, "the attack never fired"
+    assert out.tokens == out.plaintext == baseline.tokens  # no wrong token
+    assert len(out.quarantined) == 1 and out.deviations_seen >= 1  # caught, and the worker quarantined
+    if reason is not None:
+        assert next(iter(out.quarantined.values()))["reason"].startswith(reason), out.quarantined
+    assert out.local_calls >= out.deviations_seen  # its products were recomputed in the TEE
+    assert view(out, sizes) == view(baseline, sizes)  # the worker saw exactly what an honest worker sees
+
+
+# -------------------------------------------------------------------------- the catalog: every deviation
+@pytest.mark.parametrize("scenario", adv.CATALOG, ids=[sc.name for sc in adv.CATALOG])
+def test_deviation_is_caught_and_unseen(run_config, honest, scenario):
+    """Caught in the TEE (by the named check), no wrong token, and the worker's view equals an honest run's.
+    Includes issue 13's half-space probe (one output of layer 0's c_fc replaced by 2^24·Enc(⟨w, x⟩); it used
+    to overflow the next encryption when ⟨w, x⟩ > 0 and close the session) in both prefill blockings and in
+    decode, and TenSEAL's worker-chosen scale."""
+    out = run(run_config, scenario.make(), scenario.prompt, scenario.backend, scenario.new_tokens)
+    assert_caught_and_invisible(out, honest(scenario.prompt, scenario.backend, scenario.new_tokens), scenario.reason,
+                                sizes=scenario.backend != "tenseal")
+
+
+def test_half_space_yes_and_no_answers_look_the_same(run_config, honest):
+    """A genuine half-space query: the attacker adds 16·Enc(⟨w, x⟩) to one output of layer 0's c_fc in the
+    prefill. "Yes" (w along the true hidden state, computed offline from the public weights for the right
+    guess) is a deviation the TEE catches; "no" (w orthogonal to every prompt row) changes nothing measurable
+    and passes. The two runs, and an honest one, are identical to the worker."""
+    yes, no = adv.yes_no_directions(run_config)
+    x = adv.layer_input(run_config, MODEL, SHORT, C_FC0)
+    assert np.abs(x @ no).max() < 1e-9 and abs(x[0] @ yes) > 1.0
+    when = adv.on_layer(C_FC0, 0)
+    out_yes = run(run_config, adv.half_space_probe(when, yes, 16))
+    out_no = run(run_config, adv.half_space_probe(when, no, 16))
+    base = honest(SHORT)
+    assert out_yes.deviated and out_no.deviated  # both really sent a modified reply
+    assert len(out_yes.quarantined) == 1 and not out_no.quarantined  # the TEE's verdicts differ ...
+    assert out_yes.observed == out_no.observed == base.observed   # ... but nothing the worker sees does
+    assert out_yes.tokens == out_no.tokens == base.tokens == base.plaintext
+
+
+def test_correct_49_calls_in_50_deviates_rarely_and_is_caught_each_time(run_config):
+    out = run(run_config, adv.one_call_in(50, lambda when: adv.constant_on_one_output(when, 2 ** 22)), new_tokens=8)
+    assert 1 <= len(out.deviated) < 3 and out.deviations_seen == len(out.deviated)
+
+
+def test_a_quarantined_worker_keeps_its_traffic_and_is_never_trusted_again(run_config, honest):
+    """After one detected deviation the worker turns honest: its later (correct) results are still discarded
+    and recomputed in the TEE, and it still receives every call, as before."""
+    out = run(run_config, adv.constant_on_one_output(adv.on_layer(C_FC0, 1), 2 ** 22))
+    linear_calls = sum(o.method == "Linear" for o in out.observed)
+    assert out.deviated == [10]  # decode step 1's c_fc of layer 0: the 11th call
+    assert out.deviations_seen == 1 and out.local_calls == linear_calls - 10  # that call and every later one
+    assert out.observed == honest().observed
+
+
+def test_a_worker_quarantined_by_one_replica_is_refused_at_the_next_start(run_config, tmp_path):
+    """The quarantine file is shared: a later runtime (another replica, or the next run) naming it never
+    connects to that worker identity again."""
+    from bifrost.errors import BifrostError
+    from bifrost.tee.quarantine import WorkerQuarantine
+
+    path = tmp_path / "quarantine.json"
+    service = adv.AdversarialService(make_service(run_config, MODEL), adv.scaled_output(DECODE, 2 ** 20))
+    _, server, endpoint = start_worker(run_config, MODEL, service=service)
+    try:
+        rt = TrustedRuntime(run_config.replace(model=MODEL), endpoint, quarantine=WorkerQuarantine(path))
+        rt.generate(SHORT, 3)
+        rt.close()
+        assert endpoint.identity in WorkerQuarantine(path)
+        with pytest.raises(BifrostError, match="quarantined"):
+            TrustedRuntime(run_config.replace(model=MODEL), endpoint, quarantine=WorkerQuarantine(path))
+    finally:
+        server.stop(grace=None)
+
+
+def test_an_honest_worker_beside_a_quarantined_one_serves_as_before(run_config):
+    """Two workers, one malicious: tokens equal plaintext, only the malicious identity is quarantined, and
+    the honest one's results keep being used (no recomputation for its calls)."""
+    from bifrost.tee.pool import WorkerPool
+
+    bad = adv.AdversarialService(make_service(run_config, MODEL), adv.scaled_output(lambda call: call.index >= 2, 2 ** 20))
+    good = adv.AdversarialService(make_service(run_config, MODEL), None)
+    servers, endpoints = [], []
+    for svc in (bad, good):
+        _, server, endpoint = start_worker(run_config, MODEL, service=svc)
+        servers.append(server)
+        endpoints.append(endpoint)
+    try:
+        pool = WorkerPool.from_endpoints(endpoints, timeout_s=60)
+        rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
+        result = rt.generate(SHORT, 4)
+        stats, quarantined = rt.engine.stats, rt.quarantine.entries()
+        rt.close()
+    finally:
+        for s in servers:
+            s.stop(grace=None)
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert set(quarantined) == {endpoints[0].identity}
+    bad_calls = sum(o.method == "Linear" for o in bad.observed)
+    assert bad_calls >= 10 and len(good.history) >= 10  # both kept their share of the traffic
+    assert stats.local_calls == bad_calls - 2  # everything the bad worker answered after call 2, nothing else

@@ -15,12 +15,10 @@ Usage: ``python benchmarks/defence_overheads.py [--repeats 20] [--out benchmarks
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from concurrent import futures
-from pathlib import Path
 
 import numpy as np
 
@@ -135,12 +133,15 @@ def record_padding() -> dict:
             "generate_body_plain_bytes": len(body), "generate_body_record_bytes": len(s.seal(body))}
 
 
+from _report import write_report  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/defence_overheads.json")
     args = ap.parse_args()
-    report = {"command": " ".join(["python", *sys.argv]), "checks": checks(args.repeats),
+    report = {"checks": checks(args.repeats),
               "tls": tls_vs_plain(args.repeats), "row_padding": row_padding(), "record_padding": record_padding()}
     c, t, r, p = report["checks"], report["tls"], report["row_padding"], report["record_padding"]
     print(f"product check + fingerprints per GPT-2 decode token: {c['per_token_check_ms']:.1f} ms "
@@ -155,9 +156,7 @@ def main() -> int:
           f"{r['worst_extra_rows']:.0%}; e.g. {r['examples']}")
     print(f"record padding: TokenChunk {p['token_chunk_plain_bytes']} -> {p['token_chunk_record_bytes']} B, "
           f"GenerateBody {p['generate_body_plain_bytes']} -> {p['generate_body_record_bytes']} B")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -14,13 +14,15 @@ the repository root: the attacks live in tests/adversary.py).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+from _report import write_report  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 def main() -> int:
@@ -89,10 +91,8 @@ def main() -> int:
     print(f"half-space query, yes vs no: caught {pair['yes_caught']} / {pair['no_caught']}, worker's views "
           f"identical (and equal to an honest run's): {pair['views_identical']}, tokens = plaintext: "
           f"{pair['tokens_equal_plaintext']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "attacks": rows,
-                                          "half_space_yes_no": pair}, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, {"attacks": rows,
+                                          "half_space_yes_no": pair})
     return 0
 
 

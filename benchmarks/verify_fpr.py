@@ -21,11 +21,9 @@ Usage: ``python benchmarks/verify_fpr.py [--backends native,tenseal] [--models g
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -186,6 +184,9 @@ def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int, pa
     return totals
 
 
+from _report import write_report  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="native,tenseal")
@@ -195,7 +196,7 @@ def main() -> int:
     ap.add_argument("--packed-rows", type=int, default=96)
     ap.add_argument("--out", default="benchmarks/results/verify_fpr.json")
     args = ap.parse_args()
-    report = {"command": " ".join(["python", *sys.argv]), "backends": {}}
+    report = {"backends": {}}
     for backend in args.backends.split(","):
         report["backends"][backend] = run_backend(backend, args.models.split(","), args.seed, args.prompt_rows,
                                                   args.packed_rows)
@@ -211,9 +212,7 @@ def main() -> int:
                       f"{t['max_residual_over_tau']:.3g}", f"{t['max_error_over_bound']:.3g}",
                       f"{t['resolution_median']:.2e}", f"{t['resolution_p99']:.2e}")
     Console().print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

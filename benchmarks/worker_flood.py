@@ -17,7 +17,6 @@ Usage: ``python benchmarks/worker_flood.py [--model gpt2] [--cache-mib 512] [--r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -31,6 +30,9 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+from _report import write_report  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 def main() -> int:
@@ -122,7 +124,7 @@ def main() -> int:
         worker.stop()
     budget = (start_rss + (args.cache_mib << 20) + args.max_sessions * max(context_bytes or [0])
               + args.worker_threads * group_bytes + (64 << 20))
-    report = {"command": " ".join(["python", *sys.argv]), "model": args.model, "requests": args.requests,
+    report = {"model": args.model, "requests": args.requests,
               "threads": args.threads, "max_sessions": args.max_sessions, "cache_bytes": args.cache_mib << 20,
               "outcomes": dict(outcomes), "unconfigured_parameters": unconfigured, "flood_s": flood_s,
               "rss_after_start_bytes": start_rss, "peak_rss_bytes": peak, "budget_bytes": budget,
@@ -134,9 +136,7 @@ def main() -> int:
           f"{args.worker_threads} threads x {group_bytes / 2**20:.0f} MiB + 64 MiB) "
           f"{budget / 2**20:.0f} MiB -> {'within' if peak <= budget else 'OVER'} budget; outcomes {dict(outcomes)}; "
           f"unconfigured parameters: {unconfigured}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -199,26 +199,25 @@ def half_space_probe(when, direction: np.ndarray, gain: int, replace: bool = Fal
     return attack
 
 
-def scaled_output(when, factor: int) -> Attack:
-    """Multiply one output ciphertext by ``factor`` (the native analogue of the old worker-chosen scale)."""
+def rewrite_first(when, fn) -> Attack:
+    """An attack that replaces the first output ciphertext of member 0 by ``fn(call, ciphertext)``."""
     def attack(call: Call):
         if not when(call):
             return None
         member = list(call.outputs[0])
-        member[0] = native_combine(call.evaluator, member[0], None, factor)
+        member[0] = fn(call, member[0])
         return [member] + call.outputs[1:]
     return attack
+
+
+def scaled_output(when, factor: int) -> Attack:
+    """Multiply one output ciphertext by ``factor`` (the native analogue of the old worker-chosen scale)."""
+    return rewrite_first(when, lambda call, ct: native_combine(call.evaluator, ct, None, factor))
 
 
 def constant_on_one_output(when, value: int) -> Attack:
     """Add ``value`` (units of q_0) to one decoded output: c_0 at its wanted position."""
-    def attack(call: Call):
-        if not when(call):
-            return None
-        member = list(call.outputs[0])
-        member[0] = native_combine(call.evaluator, member[0], None, add_c0={0: value})
-        return [member] + call.outputs[1:]
-    return attack
+    return rewrite_first(when, lambda call, ct: native_combine(call.evaluator, ct, None, add_c0={0: value}))
 
 
 def scaled_row(when, factor: int) -> Attack:
@@ -306,13 +305,7 @@ def error_status(when, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT)
 
 def oversized(when, extra_bytes: int) -> Attack:
     """Append junk to one output ciphertext."""
-    def attack(call: Call):
-        if not when(call):
-            return None
-        member = list(call.outputs[0])
-        member[0] = member[0] + bytes(extra_bytes)
-        return [member] + call.outputs[1:]
-    return attack
+    return rewrite_first(when, lambda call, ct: ct + bytes(extra_bytes))
 
 
 def one_call_in(n: int, inner_factory, seed: int = 1) -> Attack:
@@ -323,46 +316,34 @@ def one_call_in(n: int, inner_factory, seed: int = 1) -> Attack:
 
 
 # ------------------------------------------------------------------ TenSEAL surgery
-def tenseal_rewrite(call: Call, fn) -> list[list[bytes]]:
+def tenseal_rewrite(when, fn) -> Attack:
     """Apply ``fn(evaluator, seal_ciphertext)`` (in place) to the first output ciphertext of member 0."""
-    from bifrost.ckks.tenseal_backend import _HEADER_BYTES, _load_ciphertext, _scratch
+    def rewrite(call: Call, blob: bytes) -> bytes:
+        from bifrost.ckks.tenseal_backend import _HEADER_BYTES, PackingPlan, _load_ciphertext, _scratch
 
-    ev = call.evaluator
-    site = call.service.layers[call.group[0]][0]
-    from bifrost.ckks.tenseal_backend import PackingPlan
-
-    plan = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,)))
-    member = list(call.outputs[0])
-    ct = _load_ciphertext(ev._ctx, ev.context_id, plan, member[0])
-    fn(ev, ct)
-    member[0] = member[0][:_HEADER_BYTES] + _scratch().dump(ct)
-    return [member] + call.outputs[1:]
+        ev = call.evaluator
+        site = call.service.layers[call.group[0]][0]
+        plan = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,)))
+        ct = _load_ciphertext(ev._ctx, ev.context_id, plan, blob)
+        fn(ev, ct)
+        return blob[:_HEADER_BYTES] + _scratch().dump(ct)
+    return rewrite_first(when, rewrite)
 
 
 def tenseal_scale(when, factor: float) -> Attack:
-    def attack(call: Call):
-        if not when(call):
-            return None
-
-        def bend(ev, ct):
-            ct.scale = ct.scale * factor
-        return tenseal_rewrite(call, bend)
-    return attack
+    def bend(ev, ct):
+        ct.scale = ct.scale * factor
+    return tenseal_rewrite(when, bend)
 
 
 def tenseal_constant(when, value: float) -> Attack:
-    def attack(call: Call):
-        if not when(call):
-            return None
+    def add(ev, ct):
+        import tenseal.sealapi as seal
 
-        def add(ev, ct):
-            import tenseal.sealapi as seal
-
-            pt = seal.Plaintext()
-            ev._encoder.encode([value] + [0.0] * (ev.params.slots - 1), ct.parms_id(), ct.scale, pt)
-            ev._evaluator.add_plain_inplace(ct, pt)
-        return tenseal_rewrite(call, add)
-    return attack
+        pt = seal.Plaintext()
+        ev._encoder.encode([value] + [0.0] * (ev.params.slots - 1), ct.parms_id(), ct.scale, pt)
+        ev._evaluator.add_plain_inplace(ct, pt)
+    return tenseal_rewrite(when, add)
 
 
 @dataclass

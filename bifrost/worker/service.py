@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 import grpc
 import numpy as np
 
-from ..ckks import CiphertextError, CKKSParams, GroupShape, InsecureParametersError, get_backend
+from ..ckks import CiphertextError, GroupShape, InsecureParametersError, get_backend
 from ..model.delegation import Site
 from ..proto import worker_pb2, worker_pb2_grpc
 

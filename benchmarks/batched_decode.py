@@ -5,10 +5,12 @@ For each session count k, in one run on one machine with one local worker proces
   (every layer call is its own worker call) — what ``batch_decode: false`` serves;
 - ``batched``: the sessions run their steps concurrently and a :class:`~bifrost.tee.batching.DecodeBatcher`
   merges their layer calls into one ``LinearBatch`` call per layer group — ``batch_decode: true``.
-Every session has its own CKKS keys and KV cache; prompts are prefilled inside the TEE (Bifrost+) so
-that the numbers are decode steps. Each session's tokens are checked against plaintext greedy decoding;
-a difference whose first step is a plaintext near-tie (top-two logits < NEAR_TIE apart, below the CKKS
-logit error) is reported as such, any other difference as NO.
+Every session has its own CKKS keys, check vectors and KV cache (every delegated product is verified in
+the TEE; ``verify_s`` is that time, summed over the sessions); prompts are prefilled inside the TEE
+(Bifrost+) so that the numbers are decode steps. The local worker runs over pinned-key mutual TLS.
+Each session's tokens are checked against plaintext greedy decoding; a difference whose first step is a
+plaintext near-tie (top-two logits < NEAR_TIE apart, below the CKKS logit error) is reported as such,
+any other difference as NO.
 
 A second table isolates the worker: one group's k single-session ``Linear`` calls vs one ``LinearBatch``
 of k items (worker compute + transfer, no trusted-side work).
@@ -98,9 +100,8 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
     from bifrost.model.catalog import load_model, resolve
     from bifrost.serve.server import run_config_yaml
     from bifrost.tee.batching import DecodeBatcher
-    from bifrost.tee.engine import DelegationEngine
-    from bifrost.tee.pool import WorkerDirectory, WorkerPool
-    from bifrost.tee.runtime import TrustedRuntime
+    from bifrost.tee.pool import WorkerPool
+    from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.launcher import LocalWorker
 
     cfg = load_config().replace(model=model_name, backend=backend)
@@ -110,9 +111,9 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
     with tempfile.TemporaryDirectory() as d:
         wcfg = Path(d) / "worker.yaml"
         wcfg.write_text(run_config_yaml(cfg, max_sessions=2 * max(counts) + 4))
-        with LocalWorker(model_name, cfg.seed, config=str(wcfg)) as worker:
-            rt = TrustedRuntime(cfg, worker.address)
-            directory = WorkerDirectory([worker.address], timeout_s=600)
+        with LocalWorker(model_name, cfg.seed, [trusted_identity(cfg).cert_pem], config=str(wcfg)) as worker:
+            rt = TrustedRuntime(cfg, None)  # the model; every session gets its own engine (keys, check vectors)
+            directory = rt.directory([worker.endpoint], timeout_s=600)
             for k in counts:
                 prompts = [np.random.default_rng(100 + i).integers(256, vocab, size=prompt_len).tolist() for i in range(k)]
                 expected = [_plaintext_reference(plain, p, n_new) for p in prompts]
@@ -120,8 +121,8 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
                 for variant in ("interleaved", "batched"):
                     batcher = DecodeBatcher(directory) if variant == "batched" else None
                     lock = threading.Lock()
-                    engines = [DelegationEngine(batcher.link_for(WorkerPool(directory)) if batcher else WorkerPool(directory),
-                                                cfg.backend, cfg.ckks_params(), rt.sites, rt.groups) for _ in range(k)]
+                    engines = [rt.new_engine(batcher.link_for(WorkerPool(directory)) if batcher else WorkerPool(directory))
+                               for _ in range(k)]
                     context = (lambda rows: batcher.participant()) if batcher else (lambda rows: lock)
                     wall, tokens, gaps = _decode_concurrently(rt, engines, prompts, n_new, context)
                     calls = sum(e.stats.calls for e in engines)
@@ -133,6 +134,8 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
                         "mean_items_per_call": batcher.stats.mean_items if batcher else 1.0,
                         "encrypt_s": sum(e.stats.encrypt_s for e in engines),
                         "decrypt_s": sum(e.stats.decrypt_s for e in engines),
+                        "verify_s": sum(e.stats.verify_s for e in engines),
+                        "deviations": sum(e.stats.deviations for e in engines),
                         "agreement": [_agreement(tokens[i], expected[i]) for i in range(k)],
                     }
                     for e in engines:
@@ -156,6 +159,7 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
     from bifrost.proto import worker_pb2, worker_pb2_grpc
     from bifrost.serve.server import run_config_yaml
     from bifrost.tee.link import connect
+    from bifrost.tee.runtime import trusted_identity
     from bifrost.worker.launcher import LocalWorker
 
     cfg = load_config().replace(model=model_name, backend=backend)
@@ -164,8 +168,9 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         wcfg = Path(d) / "worker.yaml"
         wcfg.write_text(run_config_yaml(cfg, max_sessions=max(counts) + 4))
-        with LocalWorker(model_name, cfg.seed, config=str(wcfg)) as worker:
-            stub = worker_pb2_grpc.CKKSWorkerStub(connect(worker.address))
+        identity = trusted_identity(cfg)
+        with LocalWorker(model_name, cfg.seed, [identity.cert_pem], config=str(wcfg)) as worker:
+            stub = worker_pb2_grpc.CKKSWorkerStub(connect(worker.endpoint, identity))
             infos = {l.name: l for l in stub.Describe(worker_pb2.DescribeRequest()).layers}
             first_block = [n for n in infos if ".0." in n]  # the first block's layers
             groups = fuse_groups(first_block, cfg.delegation)
@@ -264,15 +269,19 @@ def main() -> None:
 
     table = Table(title=f"Decode throughput, {args.model} · backend {args.backend} · one run, one machine")
     for col in ("sessions", "interleaved tok/s", "batched tok/s", "batched/interleaved", "TPOT p50 interleaved",
-                "TPOT p50 batched", "worker calls (i / b)", "items per call", "tokens = plaintext"):
+                "TPOT p50 batched", "verify ms/token (i / b)", "worker calls (i / b)", "items per call",
+                "tokens = plaintext"):
         table.add_column(col, justify="right")
     for r in result["end_to_end"]:
         i, b = r["interleaved"], r["batched"]
+        steps = r["sessions"] * (args.new_tokens - 1)  # delegated decode steps (the prompt is prefilled in the TEE)
         table.add_row(str(r["sessions"]), f"{i['tokens_per_s']:.2f}", f"{b['tokens_per_s']:.2f}",
                       f"{r['throughput_ratio']:.2f}×", f"{i['tpot_p50_s']:.2f} s", f"{b['tpot_p50_s']:.2f} s",
+                      f"{i['verify_s'] / steps * 1e3:.1f} / {b['verify_s'] / steps * 1e3:.1f}",
                       f"{i['worker_calls']} / {b['worker_calls']}", f"{b['mean_items_per_call']:.1f}",
-                      _agreement_cell(i["agreement"] + b["agreement"]))
-    Console(width=160).print(table)
+                      _agreement_cell(i["agreement"] + b["agreement"])
+                      + (f" ({i['deviations'] + b['deviations']} deviations)" if i["deviations"] + b["deviations"] else ""))
+    Console(width=200).print(table)
     if result["worker_only"]:
         wt = Table(title="Worker only: k single-session Linear calls vs one LinearBatch of k items (median)")
         for col in ("group", "shape", "sessions", "k calls", "one batch", "ratio"):

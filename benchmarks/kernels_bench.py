@@ -1,14 +1,17 @@
 """Benchmark of the native CKKS kernels (``bifrost_kernels``) vs the TenSEAL backend — not a test.
 
 One run on one machine reports, per layer shape (rows = 1, i.e. one decode step):
-worker latency (``Evaluator.apply``), trusted-side encrypt/decrypt time, bytes sent (inputs) and received
-(outputs), max error vs float64 relative to the documented bound, and the same shapes through the
-repo's TenSEAL backend; plus plain TenSEAL ``CKKSVector.mm`` on 768×768, the NTT reference engine,
-prefill of a 768×2304 layer at 32/128/512 rows (one row per ciphertext vs the scalar token-packed
-blocking, as the plan picks), and per-token projections for GPT-2 124M and Qwen3-0.6B. Right after the
-native shapes it runs ``openfhe_bsgs.py`` (OpenFHE hoisted baby-step/giant-step, 768×768) under the
-separate OpenFHE venv that ``make bench-kernels`` creates, and reports the measured ratio; without that
-venv the report says why the baseline was skipped.
+worker latency (``Evaluator.apply``), trusted-side encrypt/decrypt time, the TEE's check of the product
+(``verify``: the backend's error bound + the range/Freivalds check of :mod:`bifrost.tee.verify`, as the
+engine runs it on every call), bytes sent (inputs) and received (outputs), max error vs float64 relative
+to the closed-form bound 2^-B·‖x‖₁·max|W| (``err/bound``) and to the backend's worst-case bound
+``TrustedContext.error_bound`` (``err/ε``), and the same shapes through the repo's TenSEAL backend;
+plus plain TenSEAL ``CKKSVector.mm`` on 768×768, the NTT reference engine, prefill of a 768×2304 layer at
+32/128/512 rows (one row per ciphertext vs the scalar token-packed blocking, as the plan picks), and
+per-token projections for GPT-2 124M and Qwen3-0.6B. Right after the native shapes it runs
+``openfhe_bsgs.py`` (OpenFHE hoisted baby-step/giant-step, 768×768) under the separate OpenFHE venv that
+``make bench-kernels`` creates, and reports the measured ratio; without that venv the report says why the
+baseline was skipped.
 
     .venv/bin/python benchmarks/kernels_bench.py [--repeats 7] [--skip-tenseal] [--json out.json]
                                                  [--openfhe-python benchmarks/.venv-openfhe/bin/python]
@@ -34,7 +37,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bifrost.ckks import CKKSParams, GroupShape, get_backend  # noqa: E402
+from bifrost.ckks import CKKSParams, GroupShape, WeightStats, get_backend  # noqa: E402
+from bifrost.tee.verify import ProductVerifier  # noqa: E402
 
 SHAPES = [(768, 768), (768, 2304), (768, 3072), (3072, 768), (1024, 2048), (1024, 3072), (3072, 1024)]
 # Per-layer groups as a decode step delegates them (members sharing an input form one group).
@@ -71,27 +75,39 @@ def median_time(fn, repeats: int, best: list | None = None):
 def measure(ctx, ev, shape: GroupShape, rows: int, repeats: int, seed: int = 0, weight_bits: int | None = None) -> dict:
     rng = np.random.default_rng(seed)
     ws = [rng.normal(0, 0.05, (d, shape.d_in)) for d in shape.d_outs]
+    stats = [WeightStats.of(w) for w in ws]  # the trusted side's statistics of its own weights
     x = activations(rng, rows, shape.d_in)
     t = time.perf_counter()
     prepared = ev.prepare(shape, ws)
     prepare_s = time.perf_counter() - t
     batch = ctx.encrypt(shape, x)                       # warm-up (allocations, FFT plans)
     out = ev.apply(prepared, batch.ciphertexts)
-    ctx.decrypt(shape, out, rows)
+    ctx.decrypt(shape, out, batch, stats)
     best: list[float] = []
     enc_s, batch = median_time(lambda: ctx.encrypt(shape, x), repeats, best)
     apply_s, out = median_time(lambda: ev.apply(prepared, batch.ciphertexts), repeats, best)
-    dec_s, ys = median_time(lambda: ctx.decrypt(shape, out, rows), repeats, best)
+    dec_s, ys = median_time(lambda: ctx.decrypt(shape, out, batch, stats), repeats, best)
+    # The TEE's check of the product (as the engine runs it): the backend's error bound, then range +
+    # Freivalds with the default secret vectors (drawn once per session, not timed here).
+    verifier = ProductVerifier({("group",): ws})
+    verify = lambda: verifier.check(("group",), x, ys, ctx.error_bound(shape, batch, stats))  # noqa: E731
+    verify_s, checked = median_time(verify, repeats, best)
+    eps = ctx.error_bound(shape, batch, stats)  # rows × members
     err = max(float(np.abs(y - x @ w.T).max()) for y, w in zip(ys, ws))
     row = {
         "shape": f"{shape.d_in}x{'+'.join(map(str, shape.d_outs))}", "rows": rows,
-        "worker_apply_s": apply_s, "encrypt_s": enc_s, "decrypt_s": dec_s, "prepare_s": prepare_s,
-        "best_worker_apply_s": best[1], "best_encrypt_s": best[0], "best_decrypt_s": best[2],
+        "worker_apply_s": apply_s, "encrypt_s": enc_s, "decrypt_s": dec_s, "verify_s": verify_s, "prepare_s": prepare_s,
+        "best_worker_apply_s": best[1], "best_encrypt_s": best[0], "best_decrypt_s": best[2], "best_verify_s": best[3],
         "ciphertexts_in": len(batch.ciphertexts), "ciphertexts_out": sum(map(len, out)),
         "bytes_sent": sum(map(len, batch.ciphertexts)), "bytes_received": sum(len(c) for o in out for c in o),
         "max_abs_error": err,
+        # error over the backend's worst-case bound per output (TrustedContext.error_bound: what the TEE's
+        # range and product checks are sized by); the check's worst |s·ŷ − u·x| / tolerance (≤ 1 passes)
+        "error_over_error_bound": max(float((np.abs(y - x @ w.T) / eps[:, [m]]).max())
+                                      for m, (y, w) in enumerate(zip(ys, ws))),
+        "verify_passed": checked.ok, "verify_worst_over_tolerance": checked.worst,
     }
-    if weight_bits is not None:
+    if weight_bits is not None:  # the closed form 2^-B·‖x_r‖₁·max|W| (B = weight bits), as recorded before
         bound = max(float((2.0 ** -weight_bits * np.abs(x).sum(1) * np.abs(w).max()).min()) for w in ws)
         row["error_over_bound"] = err / bound
     return row
@@ -144,6 +160,7 @@ def project(rows: list[dict], layers: int) -> dict:
     return {
         "worker_s": layers * sum(r["worker_apply_s"] for r in rows),
         "trusted_encrypt_decrypt_s": layers * sum(r["encrypt_s"] + r["decrypt_s"] for r in rows),
+        "trusted_verify_s": layers * sum(r["verify_s"] for r in rows),
         "bytes": layers * sum(r["bytes_sent"] + r["bytes_received"] for r in rows),
         "wire_s_at_300MBps": layers * sum(r["bytes_sent"] + r["bytes_received"] for r in rows) / 300e6,
     }
@@ -235,7 +252,8 @@ def _table(report: dict) -> None:
     kb = lambda b: f"{b / 1024:.0f}"  # noqa: E731
     t = Table(title=f"native CKKS kernels, rows=1 ({report['machine']['device']}, "
                     f"{report['machine']['cpu_threads']} threads); median ms (best), KiB")
-    for col in ("shape", "worker", "encrypt", "decrypt", "cts in/out", "sent", "recv", "err/bound",
+    for col in ("shape", "worker", "encrypt", "decrypt", "verify", "cts in/out", "sent", "recv", "err/bound",
+                "err/ε",
                 "TenSEAL worker", "TenSEAL enc+dec", "TenSEAL sent+recv", "× TenSEAL"):
         t.add_column(col, justify="right")
     tens = {r["shape"]: r for r in report.get("tenseal", [])}
@@ -243,8 +261,9 @@ def _table(report: dict) -> None:
         tr = tens.get(r["shape"]) if r["rows"] == 1 else None
         t.add_row(r["shape"] + ("" if r["rows"] == 1 else f" ×{r['rows']} rows ({r['blocking']})"),
                   f"{ms(r['worker_apply_s'])} ({ms(r['best_worker_apply_s'])})",
-                  ms(r["encrypt_s"]), ms(r["decrypt_s"]), f"{r['ciphertexts_in']}/{r['ciphertexts_out']}",
-                  kb(r["bytes_sent"]), kb(r["bytes_received"]), f"{r.get('error_over_bound', float('nan')):.2f}",
+                  ms(r["encrypt_s"]), ms(r["decrypt_s"]), ms(r["verify_s"]) + ("" if r["verify_passed"] else " FAIL"),
+                  f"{r['ciphertexts_in']}/{r['ciphertexts_out']}", kb(r["bytes_sent"]), kb(r["bytes_received"]),
+                  f"{r.get('error_over_bound', float('nan')):.2f}", f"{r['error_over_error_bound']:.3f}",
                   ms(tr["worker_apply_s"]) if tr else "", ms(tr["encrypt_s"] + tr["decrypt_s"]) if tr else "",
                   kb(tr["bytes_sent"] + tr["bytes_received"]) if tr else "",
                   f"{tr['worker_apply_s'] / r['worker_apply_s']:.0f}" if tr else "")
@@ -253,6 +272,7 @@ def _table(report: dict) -> None:
     for name in ("gpt2_124m_per_token", "qwen3_0.6b_per_token"):
         p = report[name]
         console.print(f"{name}: worker {p['worker_s']:.2f} s, trusted enc+dec {p['trusted_encrypt_decrypt_s']:.2f} s, "
+                      f"verify {p['trusted_verify_s']:.3f} s, "
                       f"wire {p['bytes'] / 1e6:.1f} MB (≈{p['wire_s_at_300MBps']:.2f} s at 300 MB/s)")
     extra = [f"NTT engine 768x768 worker {ms(report['ntt_engine_768x768_apply_s'])} ms"]
     if "speedup_768x768_vs_openfhe_bsgs" in report:

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
                                        workers=(), max_sessions=max(args.sessions, 1), max_new_tokens=max(args.tokens, 1),
                                        max_pending_sessions=max(args.sessions, 1), ray_num_cpus=max(2, args.replicas),
                                        run_dir=args.run_root,
+                                       quarantine_file=str(Path(args.run_root) / "worker-quarantine.json"),
                                        batch_decode=not args.no_batch)
     t_start = time.perf_counter()
     app = ServeApp(cfg, scfg)
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     # memory peaks (VmHWM) per process: this front end, each replica (Ray actor), each worker
     mem = {"front_end": _vm_hwm(os.getpid())}
     batching = {"batched_worker_calls": 0, "max_items_per_call": 0, "items": 0.0}
+    quarantined: set[str] = set()  # worker identities caught deviating (honest local workers: none)
     for i, r in enumerate(app.replicas):
         try:
             st = r.call("stats")
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
             batching["batched_worker_calls"] += st["batched_worker_calls"]
             batching["items"] += st["mean_items_per_batched_call"] * st["batched_worker_calls"]
             batching["max_items_per_call"] = max(batching["max_items_per_call"], st["max_items_per_batched_call"])
+            quarantined.update(st.get("quarantined_workers", ()))
             if i == 0:
                 failovers = st["failovers"]
         except Exception:  # noqa: BLE001
@@ -172,6 +175,7 @@ def main(argv=None) -> int:
         if batching["batched_worker_calls"] else 0.0, "max_items_per_batched_call": batching["max_items_per_call"],
         "peak_rss_bytes": mem, "peak_rss_total_bytes": sum(mem.values()),
         "errors": errors, "error_count": len(errors), "worker_failovers": locals().get("failovers", None),
+        "quarantined_workers": sorted(quarantined),
         "canary_check": {"passed": not leaks and len(results) == args.sessions, "leaks": leaks,
                          "run_files_scanned": scanned},
         "run_dir": str(run_dir), "cpu_count": os.cpu_count(),
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
              f"{report['batched_worker_calls']} / {report['mean_items_per_batched_call']} / "
              f"{report['max_items_per_batched_call']}" if report["batch_decode"] else "off"),
             ("errors", str(len(errors))),
+            ("workers quarantined (TEE checks)", str(len(quarantined))),
             ("canary check", "passed" if report["canary_check"]["passed"] else f"FAILED: {leaks[:3]}"),
             ("startup (workers, Ray, replicas)", f"{startup_s:.1f} s")]
     for k, v in rows:

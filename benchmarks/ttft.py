@@ -6,8 +6,10 @@ For each model and prompt length, in one run on one machine:
   worker call), then decode steps do too;
 - ``bifrost+``: the prompt's KV state is built inside the trusted runtime in plaintext; decode steps use
   the hybrid path.
-A local worker (loopback gRPC) serves the delegated layers. Prompts are fixed pseudo-random token ids
-(public benchmark input). Tokens of every mode are compared with plaintext greedy decoding.
+A local worker (loopback gRPC, pinned-key mutual TLS) serves the delegated layers; every delegated
+product is verified in the TEE (``ttft_verify_s`` / ``tpot_verify_s``: that time, part of TTFT / TPOT).
+Prompts are fixed pseudo-random token ids (public benchmark input). Tokens of every mode are compared
+with plaintext greedy decoding.
 
 Writes JSON (``--out``) and a PNG plot (``--plot``), prints a table with the Bifrost/Bifrost+ TTFT ratio.
 Usage: ``python benchmarks/ttft.py [--models gpt2 qwen3-0.6b] [--lengths 16 64 128 256 512] [--new-tokens 4]``
@@ -47,7 +49,7 @@ def run(models, lengths, n_new, backend, log, lengths_for=None, checkpoint=None,
 
     from bifrost.config import load_config
     from bifrost.model.catalog import load_model, resolve
-    from bifrost.tee.runtime import TrustedRuntime
+    from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.launcher import LocalWorker
 
     rows = list(done)
@@ -59,8 +61,8 @@ def run(models, lengths, n_new, backend, log, lengths_for=None, checkpoint=None,
         cfg = load_config().replace(model=model_name, backend=backend)
         plain = load_model(resolve(model_name), cfg.seed)
         vocab = plain.config.vocab_size
-        with LocalWorker(model_name, cfg.seed) as worker:
-            rt = TrustedRuntime(cfg, worker.address)
+        with LocalWorker(model_name, cfg.seed, [trusted_identity(cfg).cert_pem]) as worker:
+            rt = TrustedRuntime(cfg, worker.endpoint)
             log(f"{model_name}: session ready (setup {rt.setup_s:.1f} s, weights encoded in {rt.engine.prepare_seconds:.1f} s)")
             for L in todo:
                 ids = np.random.default_rng(L).integers(256, vocab, size=L).tolist()
@@ -75,6 +77,9 @@ def run(models, lengths, n_new, backend, log, lengths_for=None, checkpoint=None,
                                  "ttft_bytes": t[0].bytes_sent + t[0].bytes_received,
                                  "ttft_worker_s": t[0].worker_s,
                                  "ttft_trusted_crypto_s": t[0].encrypt_s + t[0].decrypt_s,
+                                 "ttft_verify_s": t[0].verify_s,
+                                 "tpot_verify_s": statistics.fmean(x.verify_s for x in t[1:] or t),
+                                 "deviations": sum(x.deviations for x in t),
                                  "tokens_equal_plaintext": res.tokens == ref_tokens, "wall_s": time.perf_counter() - t0}
                 row["ttft_ratio_bifrost_over_bifrost_plus"] = row["bifrost"]["ttft_s"] / row["bifrost+"]["ttft_s"]
                 rows.append(row)
@@ -156,17 +161,22 @@ def main() -> None:
     result = run(args.models, args.lengths, args.new_tokens, args.backend,
                  lambda m: console.print(f"[dim]{m}[/dim]"), lengths_for, checkpoint, done)
     checkpoint(result)
+    nan = float("nan")
     table = Table(title=f"TTFT / TPOT · backend {result['backend']} · one run, one machine")
     for col in ("model", "prompt", "plaintext TTFT", "bifrost+ TTFT", "bifrost TTFT", "bifrost/bifrost+",
-                "TPOT plain", "TPOT bifrost+", "TPOT bifrost", "tokens = plaintext"):
+                "TPOT plain", "TPOT bifrost+", "TPOT bifrost", "bifrost verify TTFT/TPOT", "tokens = plaintext"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         same = all(r[m]["tokens_equal_plaintext"] for m in ("bifrost", "bifrost+"))
+        deviations = sum(r[m].get("deviations", 0) for m in ("bifrost", "bifrost+"))
         table.add_row(r["model"], str(r["prompt_tokens"]), f"{r['plaintext']['ttft_s']:.3f} s",
                       f"{r['bifrost+']['ttft_s']:.2f} s", f"{r['bifrost']['ttft_s']:.1f} s",
                       f"{r['ttft_ratio_bifrost_over_bifrost_plus']:.1f}×", f"{r['plaintext']['tpot_s'] * 1e3:.0f} ms",
-                      f"{r['bifrost+']['tpot_s']:.2f} s", f"{r['bifrost']['tpot_s']:.2f} s", "yes" if same else "NO")
-    Console(width=160).print(table)
+                      f"{r['bifrost+']['tpot_s']:.2f} s", f"{r['bifrost']['tpot_s']:.2f} s",
+                      f"{r['bifrost'].get('ttft_verify_s', nan) * 1e3:.1f} / "  # rows of --resume may predate it
+                      f"{r['bifrost'].get('tpot_verify_s', nan) * 1e3:.1f} ms",
+                      ("yes" if same else "NO") + (f" ({deviations} deviations)" if deviations else ""))
+    Console(width=180).print(table)
     print(json.dumps(result))
 
 

@@ -19,10 +19,10 @@ for output k of row r of member W,
                                                    of the output block (n_o = 1 for scalar blockings)
                      + R·(1 + N)/2·(1 + 2^−16) ] / (Δx_r·Δw)   rescale rounding by R = q_1···q_{L−1}
 
-with ‖W‖_row = max_k Σ_j |W_kj|. For the defaults this is ≈ 2^(−13.5)·‖x_r‖₁·max|W| for the widest output
-blocks; measured errors stay 10–30× below it. The products the worker returns are decoded with Δx and Δw
-from the trusted side's own state (its record of the call and its copy of the weights); nothing in an
-output's header is used but to refuse a reply that is not for this call.
+with ‖W‖_row = max_k Σ_j |W_kj|. For the defaults this is 1.0–1.2 × 2^(−B)·‖x_r‖₁·max|W|; measured errors
+reach 0.15–0.45 of it (``benchmarks/verify_fpr.py``). The products the worker returns are decoded with Δx
+and Δw from the trusted side's own state (its record of the call and its copy of the weights); nothing in
+an output's header is used but to refuse a reply that is not for this call.
 Default parameters ``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit
 security at N = 2048) give B = 14.
 """

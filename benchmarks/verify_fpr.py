@@ -21,9 +21,11 @@ Usage: ``python benchmarks/verify_fpr.py [--backends native,tenseal] [--models g
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -195,24 +197,43 @@ def main() -> int:
     ap.add_argument("--prompt-rows", type=int, default=12)
     ap.add_argument("--packed-rows", type=int, default=96)
     ap.add_argument("--out", default="benchmarks/results/verify_fpr.json")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run to the runs already in --out (fresh keys and vectors); totals cover all runs")
     args = ap.parse_args()
-    report = {"backends": {}}
+    runs = []
+    if args.append and Path(args.out).exists():
+        runs = json.loads(Path(args.out).read_text())["runs"]
+    run = {"command": " ".join(["python", *sys.argv]), "backends": {}}
     for backend in args.backends.split(","):
-        report["backends"][backend] = run_backend(backend, args.models.split(","), args.seed, args.prompt_rows,
-                                                  args.packed_rows)
+        run["backends"][backend] = run_backend(backend, args.models.split(","), args.seed, args.prompt_rows,
+                                               args.packed_rows)
+    runs.append(run)
+    totals: dict[str, dict] = {}
+    for r in runs:
+        for name, t in r["backends"].items():
+            acc = totals.setdefault(name, {"calls": 0, "checks": 0, "comparisons": 0, "false_positives": 0,
+                                           "max_residual_over_tau": 0.0, "max_error_over_bound": 0.0,
+                                           "resolution_median": [], "resolution_p99": 0.0})
+            for k in ("calls", "checks", "comparisons", "false_positives"):
+                acc[k] += t[k]
+            for k in ("max_residual_over_tau", "max_error_over_bound", "resolution_p99"):
+                acc[k] = max(acc[k], t[k])
+            acc["resolution_median"].append(t["resolution_median"])
+    for acc in totals.values():
+        acc["resolution_median"] = float(np.median(acc["resolution_median"]))
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Honest-worker false positives of the product check")
+    table = Table(title=f"Honest-worker false positives of the product check ({len(runs)} run(s))")
     for col in ("backend", "calls", "checks", "comparisons", "false positives", "max |r|/τ", "max err/ε",
                 "τ/‖y‖₂ median", "τ/‖y‖₂ p99"):
         table.add_column(col, justify="right")
-    for name, t in report["backends"].items():
+    for name, t in totals.items():
         table.add_row(name, str(t["calls"]), str(t["checks"]), str(t["comparisons"]), str(t["false_positives"]),
                       f"{t['max_residual_over_tau']:.3g}", f"{t['max_error_over_bound']:.3g}",
                       f"{t['resolution_median']:.2e}", f"{t['resolution_p99']:.2e}")
-    Console().print(table)
-    write_report(args.out, report)
+    Console(width=160).print(table)
+    write_report(args.out, {"totals": totals, "runs": runs})
     return 0
 
 

@@ -186,6 +186,9 @@ class BatchedLink:
     def describe(self):
         return self.pool.describe()
 
+    def identities(self):
+        return self.pool.identities()
+
     def open_session(self, backend, public_context, prepare) -> float:
         return self.pool.open_session(backend, public_context, prepare)
 

@@ -182,9 +182,10 @@ class DelegationEngine:
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()
-        # With a quarantined worker about, start the TEE's own product now so that it overlaps the round
-        # trip: a quarantined worker's calls then keep the timing of an honest one.
-        ahead: Future | None = _LOCAL.submit(self._local, group, x) if len(self.quarantine) else None
+        # With a quarantined worker in this session's pool, start the TEE's own product now so that it overlaps
+        # the round trip: a quarantined worker's calls then keep the timing of an honest one.
+        quarantined = len(self.quarantine) and any(w in self.quarantine for w in self.link.identities())
+        ahead: Future | None = _LOCAL.submit(self._local, group, x) if quarantined else None
         reply, failure = None, ""
         try:
             reply = self.link.linear(self._refs[group], batch.ciphertexts, rows=len(x))

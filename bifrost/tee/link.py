@@ -45,6 +45,9 @@ class WorkerReply:
 class WorkerLink(Protocol):
     def describe(self) -> Sequence[worker_pb2.LayerInfo]: ...
 
+    def identities(self) -> Sequence[str]:
+        """Identities (pinned certificate fingerprints) of the workers this link may send calls to."""
+
     def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
         """Register the public context; returns the worker's weight-encoding time (seconds)."""
 
@@ -110,6 +113,9 @@ class GrpcWorkerLink:
 
     def describe(self):
         return self._call(self.stub.Describe, worker_pb2.DescribeRequest()).layers
+
+    def identities(self) -> list[str]:
+        return [self.identity]
 
     def open_session(self, backend, public_context, prepare) -> float:
         reply = self._call(self.stub.OpenSession, worker_pb2.OpenSessionRequest(

@@ -233,6 +233,9 @@ class WorkerPool:
     def describe(self):
         return self.dir.describe()
 
+    def identities(self) -> list[str]:
+        return [w.identity for w in self.dir.workers]
+
     def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
         """Open the session on every reachable worker; succeed if at least one accepts it.
 

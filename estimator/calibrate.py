@@ -521,7 +521,8 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
     fhe_section = None
     assumptions = ["link.bandwidth_Bps: gRPC echo with the worker's own LinearRequest/LinearReply messages over "
                    "mutual TLS on loopback; worker-side request handling outside apply() is inside link.latency_s",
-                   f"link ciphertext sizes: medians over the calibration cases ({backend} backend)"]
+                   f"link ciphertext sizes: medians over the calibration cases ({backend} backend); the model uses "
+                   "them only for a backend without exact call_bytes (native bytes are exact)"]
     if fhe:
         mm_bits = (60, 40, 40, 40, 60)  # Euston's matmul context, N = 2^13
         mm = _seal_ops(8192, mm_bits, max(3, reps // 3), with_ct_mult=True, enforce_128=False)

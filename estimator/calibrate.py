@@ -11,7 +11,7 @@ Measured, through the same functions the trusted engine and the worker call:
 - PyTorch: norms, softmax, activations, attention products, the float32 matmul (weight streaming from
   DRAM and from cache, arithmetic per row), tensor <-> numpy glue, and the per-layer / per-forward
   framework overhead of the Hugging Face decoder families;
-- gRPC loopback transfer with the worker's own message types;
+- gRPC loopback transfer with the worker's own message types, over mutual TLS as the runtime uses it;
 - unless ``--no-fhe``: the all-FHE baseline's SEAL operations in Euston's matmul context (N=2^13) and in a
   deep context (N=2^15; slow key generation). ``--quick`` only uses fewer shapes and repetitions.
 
@@ -132,9 +132,9 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tuple[dict, list[dict]]:
     """Backend-level timings of encrypt / apply / decrypt at several (shape, rows), with the counts of
     the backend's own plan for each case."""
-    from bifrost.ckks import GroupShape, get_backend
+    from bifrost.ckks import GroupShape, WeightStats, get_backend
 
-    from .model import linear_counts
+    from .model import exact_call_bytes, linear_counts
 
     small = [GroupShape(64, (192,)), GroupShape(64, (64,)), GroupShape(64, (256,)), GroupShape(256, (64,)),
              GroupShape(64, (64, 64, 64))]
@@ -158,22 +158,27 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
     _log(verbose, f"{backend_name} keygen for {len(shapes)} shapes: {time.perf_counter() - t0:.1f} s")
     ops0 = CKKSOps(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
     rng = np.random.default_rng(1)
-    prepared, out = {}, []
+    prepared, stats, out = {}, {}, []
     for shape, rows in cases:
         if shape not in prepared:
-            prepared[shape] = ev.prepare(shape, [rng.normal(0, 0.05, (d, shape.d_in)) for d in shape.d_outs])
+            weights = [rng.normal(0, 0.05, (d, shape.d_in)) for d in shape.d_outs]
+            prepared[shape], stats[shape] = ev.prepare(shape, weights), [WeightStats.of(w) for w in weights]
         x = rng.normal(0, 1, (rows, shape.d_in))
         reps = (3 if quick else 5) if shape.d_in * sum(shape.d_outs) > 1 << 18 else 7  # small cases are cheap
         enc_s = _best_time(lambda: keys.encrypt(shape, x), reps)
         batch = keys.encrypt(shape, x)
         apply_s = _best_time(lambda: ev.apply(prepared[shape], batch.ciphertexts), reps)
         outputs = ev.apply(prepared[shape], batch.ciphertexts)
-        dec_s = _best_time(lambda: keys.decrypt(shape, outputs, rows), reps)
-        c = linear_counts(backend_name, ops0, LinearGroup("cal", shape.d_in, tuple(shape.d_outs)), rows)
-        if c.cts_in != len(batch.ciphertexts) or c.cts_out != sum(len(o) for o in outputs):
-            raise BifrostError(f"the estimator's counts for {shape} x{rows} ({c.cts_in} in, {c.cts_out} out) differ "
-                               f"from the {backend_name} backend's ({len(batch.ciphertexts)} in, "
-                               f"{sum(len(o) for o in outputs)} out): the model no longer follows the backend")
+        dec_s = _best_time(lambda: keys.decrypt(shape, outputs, batch, stats[shape]), reps)
+        group = LinearGroup("cal", shape.d_in, tuple(shape.d_outs))
+        c = linear_counts(backend_name, ops0, group, rows)
+        got = (len(batch.ciphertexts), sum(len(o) for o in outputs))
+        nbytes = (sum(len(b) for b in batch.ciphertexts), sum(len(b) for o in outputs for b in o))
+        exact = exact_call_bytes(backend_name, ops0, group, rows)
+        if (c.cts_in, c.cts_out) != got or exact not in (None, nbytes):
+            raise BifrostError(f"the estimator's counts for {shape} x{rows} ({c.cts_in} in, {c.cts_out} out, bytes "
+                               f"{exact}) differ from the {backend_name} backend's ({got[0]} in, {got[1]} out, bytes "
+                               f"{nbytes}): the model no longer follows the backend")
         out.append({"d_in": shape.d_in, "d_outs": list(shape.d_outs), "rows": rows, "counts": c,
                     "encrypt_s": enc_s, "apply_s": apply_s, "decrypt_s": dec_s,
                     "in_bytes": float(np.mean([len(b) for b in batch.ciphertexts])),
@@ -307,12 +312,15 @@ def _framework_overhead(verbose: bool, quick: bool) -> tuple[dict, float, float,
 # Link: gRPC loopback with the worker's message types
 # ------------------------------------------------------------------------------------------------
 def _grpc_link(ct_in: int, ct_out: int, verbose: bool, quick: bool) -> dict:
+    """An echo of the worker's Linear messages over mutual TLS on loopback, as the runtime reaches workers."""
     from concurrent import futures
 
     import grpc
 
+    from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity, server_credentials
     from bifrost.proto import worker_pb2
-    from bifrost.tee.link import MAX_MESSAGE_BYTES
+    from bifrost.tee.link import connect
+    from bifrost.worker.service import MAX_REPLY_BYTES, MAX_REQUEST_BYTES
 
     def echo(request, context):
         n = len(request.ciphertexts)
@@ -322,13 +330,14 @@ def _grpc_link(ct_in: int, ct_out: int, verbose: bool, quick: bool) -> dict:
     handler = grpc.method_handlers_generic_handler("bifrost.calibrate.Echo", {
         "Linear": grpc.unary_unary_rpc_method_handler(echo, worker_pb2.LinearRequest.FromString,
                                                       worker_pb2.LinearReply.SerializeToString)})
-    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    opts = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.max_send_message_length", MAX_REPLY_BYTES)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=opts)
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    identity = TLSIdentity.generate(WORKER_TLS_NAME)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(identity, [process_identity().cert_pem]))
     server.start()
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
+        channel = connect(WorkerEndpoint(f"127.0.0.1:{port}", identity.cert_pem))
         call = channel.unary_unary("/bifrost.calibrate.Echo/Linear",
                                    request_serializer=worker_pb2.LinearRequest.SerializeToString,
                                    response_deserializer=worker_pb2.LinearReply.FromString)
@@ -390,26 +399,31 @@ def _engine_round_trip(backend: str, partial: Profile, verbose: bool, quick: boo
     the engine's own split into encrypt / RPC / worker / decrypt. Returns the per-call extra time in situ
     (measured minus composed from the micro-benchmarks) of encrypt, decrypt and the worker, the per-call link latency
     (RPC minus worker time minus bytes / bandwidth) and the per-call trusted glue."""
+    import dataclasses as _dc
+
     import torch
 
+    from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint, server_credentials
     from bifrost.config import load_config
-    from bifrost.tee.runtime import TrustedRuntime
-    from bifrost.worker.service import build_service, serve
+    from bifrost.tee.runtime import TrustedRuntime, trusted_identity
+    from bifrost.worker.service import build_service, limits_from_config, serve
 
     from .model import accelerator_seconds, decrypt_seconds, encrypt_seconds, linear_counts
 
     cfg = load_config().replace(model=ROUND_TRIP_MODEL, backend=backend)
-    service = build_service(ROUND_TRIP_MODEL, cfg.seed, cfg.delegation, 2, 1 << 30)
-    server, port = serve(service, "127.0.0.1", 0)
+    limits = _dc.replace(limits_from_config(cfg), max_sessions=2, cache_bytes=1 << 30)
+    service = build_service(ROUND_TRIP_MODEL, cfg.seed, cfg.delegation, limits)
+    worker_id = TLSIdentity.generate(WORKER_TLS_NAME)  # an in-process worker that trusts only this runtime
+    server, port = serve(service, server_credentials(worker_id, [trusted_identity(cfg).cert_pem]), "127.0.0.1", 0)
     samples = []
     try:
-        rt = TrustedRuntime(cfg, f"127.0.0.1:{port}")
+        rt = TrustedRuntime(cfg, WorkerEndpoint(f"127.0.0.1:{port}", worker_id.cert_pem))
         try:
             eng = rt.engine
             for group in rt.groups:
                 shape = eng.shapes[group]
                 g = LinearGroup("rt", shape.d_in, tuple(shape.d_outs))
-                for rows in (1, 8):
+                for rows in (1, 8):  # row buckets: one call each, no padding
                     c = linear_counts(backend, partial.accelerator.linear, g, rows)
                     for _ in range(1 + (3 if quick else 5)):
                         x = torch.randn(1, rows, shape.d_in)
@@ -506,8 +520,9 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
 
     fhe_section = None
     assumptions = ["link.bandwidth_Bps: gRPC echo with the worker's own LinearRequest/LinearReply messages over "
-                   "loopback; worker-side request handling outside apply() is inside link.latency_s",
-                   f"link ciphertext sizes: medians over the calibration cases ({backend} backend)"]
+                   "mutual TLS on loopback; worker-side request handling outside apply() is inside link.latency_s",
+                   f"link ciphertext sizes: medians over the calibration cases ({backend} backend); the model uses "
+                   "them only for a backend without exact call_bytes (native bytes are exact)"]
     if fhe:
         mm_bits = (60, 40, 40, 40, 60)  # Euston's matmul context, N = 2^13
         mm = _seal_ops(8192, mm_bits, max(3, reps // 3), with_ct_mult=True, enforce_128=False)
@@ -555,7 +570,7 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
                       date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
                       assumptions=tuple(assumptions)),
         accelerator=acc, tee=tee,
-        link=Link("gRPC over loopback", link["bandwidth_Bps"], link["latency_s"], be["ct_in_bytes"], be["ct_out_bytes"]),
+        link=Link("gRPC (mutual TLS) over loopback", link["bandwidth_Bps"], link["latency_s"], be["ct_in_bytes"], be["ct_out_bytes"]),
         fhe=fhe_section)
     rt = _engine_round_trip(backend, profile, verbose, quick)
     clamp = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731  (beyond that it is a noisy sample, not a cost)

@@ -5,6 +5,7 @@ calibration and validation.
                      [--batch B] [--layers-only] [--fhe-recipe KEY=VALUE ...] [--json] [--plot out.png]
     bifrost estimate calibrate --out configs/hardware/<name>.yaml [--force] [--quick] [--no-fhe] [--backend B]
     bifrost estimate validate [--profile P] [--model gpt2-2l] [--prompt-lens 4,16] [--new-tokens 3] [--json]
+                              [--address HOST:PORT --worker-cert PEM]
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def add_parser(sub) -> None:
                    help="warm runs per point; the best is compared, the median reported (validate)")
     v.add_argument("--modes", default="bifrost,bifrost+")
     v.add_argument("--address", default=None, help="use a running worker instead of starting one (validate)")
+    v.add_argument("--worker-cert", default=None, help="that worker's certificate (PEM), pinned (validate)")
     p.set_defaults(func=_dispatch)
 
 
@@ -175,7 +177,14 @@ def _validate(args) -> int:
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or any(m not in ("bifrost", "bifrost+") for m in modes):
         raise BifrostError(f"--modes must be bifrost and/or bifrost+, got {args.modes!r}")
-    rows = run_validation(profile, args.model, lens, args.new_tokens, modes, args.address, verbose=not args.json,
+    endpoint = None
+    if args.address:
+        from bifrost.attest.mtls import WorkerEndpoint
+
+        if not args.worker_cert:
+            raise BifrostError(f"worker {args.address}: give its certificate to pin with --worker-cert")
+        endpoint = WorkerEndpoint.from_files(args.address, args.worker_cert)
+    rows = run_validation(profile, args.model, lens, args.new_tokens, modes, endpoint, verbose=not args.json,
                           repeats=args.repeats)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
@@ -184,7 +193,7 @@ def _validate(args) -> int:
 
         validation_table(rows, f"validation: {args.model} on profile {profile.name} (best / median of {args.repeats} "
                                f"warm runs, seconds)")
-    return 0
+    return 1 if any(r.traffic_mismatches for r in rows) else 0  # times are reported; the traffic must be exact
 
 
 def main(argv: list[str] | None = None) -> int:  # ``bifrost-estimate`` (pyproject) / ``python -m bifrost_estimator.cli``

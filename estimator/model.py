@@ -5,11 +5,13 @@ Three schemes (see ``estimator/README.md`` for the term-by-term derivation):
 - ``bifrost``: every forward (prefill of the whole prompt, then one per new token) sends each delegated
   linear group through CKKS on the accelerator with the profile backend's own packing (``native``: the
   coefficient blocking of ``bifrost_kernels.layout.plan``; ``tenseal``: the BSGS diagonal plan of
-  ``PackingPlan.for_shape``), split into calls as the trusted engine splits them (the backend's
-  ``rows_per_call``: native = a whole scalar row block, else ``ROWS_PER_FFT_CALL``); encrypts/decrypts
-  in the TEE (one refresh per group and call), moves the ciphertexts over the link, and runs everything
-  else (norms, attention with the KV cache, softmax, activations, RoPE, LM head, sampling) in plaintext
-  in the TEE.
+  ``PackingPlan.for_shape``), in the calls the trusted engine sends (rows padded to ``row_bucket``, then
+  split by the backend's ``rows_per_call``: native = a whole scalar row block, else ``ROWS_PER_FFT_CALL``);
+  encrypts/decrypts in the TEE (one refresh per group and call), moves the ciphertexts over the link
+  (native: the backend's exact ``call_bytes``; tenseal: ciphertext counts x the profile's median sizes),
+  and runs everything else (norms, attention with the KV cache, softmax, activations, RoPE, LM head,
+  sampling) in plaintext in the TEE. Calls, rows and ciphertext counts (and native bytes) equal what the
+  engine records per layer group (``forward_traffic`` vs ``DelegationEngine.stats.groups``).
 - ``bifrost+``: as ``bifrost`` but the prefill forward runs entirely inside the TEE in plaintext.
 - ``fhe``: everything encrypted on the accelerator, composed per layer the way Euston does (Gao et al.,
   IEEE S&P 2026): tokens packed column-wise (one ciphertext = one feature of ``slots`` tokens, e.g.
@@ -30,8 +32,9 @@ import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from bifrost.ckks.backend import GroupShape
+from bifrost.ckks import CKKSParams, GroupShape, get_backend, row_bucket
 from bifrost.errors import BifrostError
 
 from .profile import CKKSOps, Profile
@@ -287,7 +290,6 @@ class LinearCounts:
     scalar_macs: int = 0  # native scalar blocking: d_in x d_out x (rows_per_ct + N) per row block (the Z_Q GEMM)
     scalar_out_coeffs: int = 0  # native scalar blocking: d_out x (rows_per_ct + N) per row block (recombine, rescale)
     scalar: bool = False  # native scalar (token-packed) blocking: worker costs are the scalar_* ones
-    extra_out_bytes: int = 0  # wire bytes beyond cts_out x link.ct_out_bytes (scalar outputs carry r row coefficients)
 
 
 def bsgs_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -340,8 +342,7 @@ def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
         macs = rb * group.d_in * d_out * (blk.rows_per_ct + ops.poly_modulus_degree)
         r, n = blk.rows_per_ct, ops.poly_modulus_degree
         return LinearCounts(0, 0, 0, rb * d_out, rb * group.d_in, rb * d_out, rb, scalar_macs=macs,
-                            scalar_out_coeffs=rb * d_out * (r + n), scalar=True,
-                            extra_out_bytes=rb * d_out * (r - 1) * _native_prime_bits(ops)[0] // 8)
+                            scalar_out_coeffs=rb * d_out * (r + n), scalar=True)
     kin = blk.in_blocks(group.d_in)
     kout = sum(blk.out_blocks(d) for d in group.d_outs)
     passes = ceil_div(rb, _row_blocks_per_kernel_call())
@@ -366,28 +367,107 @@ def linear_counts(backend: str, ops: CKKSOps, group: LinearGroup, rows: int, pac
     return bsgs_counts(ops.slots, group, rows)
 
 
+@lru_cache(maxsize=None)
+def backend_params(backend: str, ops: CKKSOps) -> CKKSParams:
+    """The CKKS parameters a profile's delegated-layer context stands for: ``ops``' ring dimension and primes
+    with the backend's recommended ``scale_bits`` (the rows per call and the wire sizes do not depend on
+    the scale; the backend still checks that it can run these parameters)."""
+    default = get_backend(backend).default_params
+    try:
+        params = CKKSParams(ops.poly_modulus_degree, tuple(ops.coeff_mod_bit_sizes), default.scale_bits)
+        get_backend(backend).check_params(params)
+    except ValueError as exc:
+        raise BifrostError(f"the {backend} backend cannot run N={ops.poly_modulus_degree}, primes "
+                           f"{list(ops.coeff_mod_bit_sizes)}: {exc}") from None
+    return params
+
+
+@lru_cache(maxsize=4096)
 def rows_per_call(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> int:
-    """How many of ``rows`` rows one worker call carries, as the backend tells the trusted engine
-    (``rows_per_call``): native = the rows of a whole scalar row block when the planner picks the scalar
-    blocking for ``min(rows, N)`` rows, else ``ROWS_PER_FFT_CALL``; other backends the engine's
-    ``ROWS_PER_CALL``."""
-    if backend == "native":
-        from bifrost_kernels.backend import rows_per_call as native_rows_per_call
-
-        return native_rows_per_call(ops.poly_modulus_degree, _native_prime_bits(ops), group.d_in,
-                                    tuple(group.d_outs), rows)
-    from bifrost.tee.engine import ROWS_PER_CALL
-
-    return int(ROWS_PER_CALL)
+    """How many of ``rows`` rows one worker call carries: the backend's own ``rows_per_call``, which the
+    trusted engine splits by (native: a whole scalar row block when the planner picks the scalar blocking
+    for ``min(rows, N)`` rows, else ``ROWS_PER_FFT_CALL``; tenseal: its ``ROWS_PER_CALL``)."""
+    return int(get_backend(backend).rows_per_call(backend_params(backend, ops), _group_shape(group), rows))
 
 
 def call_rows(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> list[int]:
-    """Rows of each worker call for ``rows`` rows, split exactly as ``TrustedEngine.run_group`` splits
-    them (recursively: every part is planned again)."""
+    """Rows of each worker call for ``rows`` real rows, exactly as ``DelegationEngine.run_group`` sends them:
+    padded with zero rows to :func:`~bifrost.ckks.row_bucket`, then split by the backend's ``rows_per_call``
+    (recursively: every part is planned again)."""
+    return _split_rows(backend, ops, group, row_bucket(rows))
+
+
+def _split_rows(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> list[int]:
     per_call = rows_per_call(backend, ops, group, rows)
     if rows <= per_call:
         return [rows]
-    return [r for i in range(0, rows, per_call) for r in call_rows(backend, ops, group, min(per_call, rows - i))]
+    return [r for i in range(0, rows, per_call) for r in _split_rows(backend, ops, group, min(per_call, rows - i))]
+
+
+@lru_cache(maxsize=4096)
+def exact_call_bytes(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> tuple[int, int] | None:
+    """(input, output) wire bytes of one honest call of ``rows`` rows from the backend's own ``call_bytes``
+    (native: exact, headers included); None for a backend without exact sizes (tenseal: SEAL's compressed
+    serialisation varies with the data)."""
+    size = getattr(get_backend(backend), "call_bytes", None)
+    if size is None:
+        return None
+    sent, received = size(backend_params(backend, ops), _group_shape(group), rows)
+    return int(sent), int(received)
+
+
+def _group_shape(group: LinearGroup) -> GroupShape:
+    return GroupShape(group.d_in, tuple(group.d_outs))
+
+
+@dataclass(frozen=True)
+class DelegatedCall:
+    """One worker call of a delegated group: its rows (padding included), operation counts and wire bytes."""
+
+    rows: int
+    counts: LinearCounts
+    bytes_sent: int
+    bytes_received: int
+    exact_bytes: bool  # from the backend's call_bytes; else cts x the profile's median ciphertext sizes
+
+
+def delegated_calls(p: Profile, group: LinearGroup, rows: int, packing: str = "backend") -> list[DelegatedCall]:
+    """The worker calls of ``group`` for ``rows`` real rows (``packing="column"``: the what-if of one
+    Euston-style call, sized from the profile)."""
+    a, link = p.accelerator, p.link
+    out = []
+    for r in (call_rows(a.backend, a.linear, group, rows) if packing == "backend" else [rows]):
+        c = linear_counts(a.backend, a.linear, group, r, packing)
+        exact = exact_call_bytes(a.backend, a.linear, group, r) if packing == "backend" else None
+        sent, received = exact or (c.cts_in * link.ct_in_bytes, c.cts_out * link.ct_out_bytes)
+        out.append(DelegatedCall(r, c, sent, received, exact is not None))
+    return out
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Worker traffic of one delegated group in one forward: the fields of the engine's ``GroupStats``."""
+
+    calls: int = 0
+    rows: int = 0  # rows sent, padding included
+    cts_in: int = 0
+    cts_out: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    exact_bytes: bool = True  # False: bytes from the profile's median ciphertext sizes (an approximation)
+
+
+def group_traffic(p: Profile, group: LinearGroup, rows: int) -> Traffic:
+    calls = delegated_calls(p, group, rows)
+    return Traffic(len(calls), sum(c.rows for c in calls), sum(c.counts.cts_in for c in calls),
+                   sum(c.counts.cts_out for c in calls), sum(c.bytes_sent for c in calls),
+                   sum(c.bytes_received for c in calls), all(c.exact_bytes for c in calls))
+
+
+def forward_traffic(p: Profile, m: ModelShape, rows: int, local_linears: bool = False) -> dict[str, Traffic]:
+    """Per delegated group of one decoder layer (every layer alike): the worker traffic of one forward of
+    ``rows`` rows; nothing when the layers run in the TEE (Bifrost+ prefill)."""
+    return {g.name: Traffic() if local_linears else group_traffic(p, g, rows) for g in m.groups()}
 
 
 def ckks_seconds(ops: CKKSOps, c: LinearCounts) -> float:
@@ -483,15 +563,17 @@ def forward_bifrost(p: Profile, m: ModelShape, rows: int, ctx: int, local_linear
                      L * rows * g.macs)
             cost.add("framework", "tee", L * len(g.d_outs) * t.local_call_overhead_s)
             continue
-        for r in (call_rows(a.backend, a.linear, g, rows) if packing == "backend" else [rows]):  # what-if: one call, as Euston
-            c = linear_counts(a.backend, a.linear, g, r, packing)
+        calls = delegated_calls(p, g, rows, packing)
+        for call in calls:
+            c = call.counts
             cost.add("linear (CKKS)", "accelerator", L * accelerator_seconds(p, c), L * (c.rotations + c.mul_plain))
             cost.add("encrypt", "tee", L * encrypt_seconds(p, c), L * c.cts_in)
             cost.add("decrypt", "tee", L * decrypt_seconds(p, c), L * c.cts_out)
-            glue = t.call_overhead_s + r * (g.d_in + sum(g.d_outs)) * t.glue_s_per_elem
-            cost.add("framework", "tee", L * glue)
-            nbytes = c.cts_in * link.ct_in_bytes + c.cts_out * link.ct_out_bytes + c.extra_out_bytes
+            nbytes = call.bytes_sent + call.bytes_received
             cost.add("transfer", "link", L * (nbytes / link.bandwidth_Bps + link.latency_s), L * nbytes)
+        # per call: DelegatedLinear and the engine; per real row: tensor <-> float64 numpy of input and outputs
+        glue = len(calls) * t.call_overhead_s + rows * (g.d_in + sum(g.d_outs)) * t.glue_s_per_elem
+        cost.add("framework", "tee", L * glue)
     _tee_nonlinear(cost, p, m, rows, ctx, batch, ctx * batch == rows if prefill is None else prefill)
     return cost
 

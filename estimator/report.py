@@ -49,7 +49,12 @@ def validation_table(rows, title: str, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title)
+    checked = sum(r.traffic_checked for r in rows)
+    wrong = [line for r in rows for line in r.traffic_mismatches]
+    caption = ("worker traffic (calls, rows, ciphertexts, bytes per layer group and forward): "
+               + (f"{len(wrong)} of {checked} fields differ from the model" if wrong else
+                  f"all {checked} fields as predicted")) if checked or wrong else None
+    t = Table(title=title, caption=caption)
     t.add_column("mode", no_wrap=True, min_width=8)
     for col in ("L", "TTFT", "pred", "err", "token", "pred", "err", "median err"):
         t.add_column(col, justify="right", no_wrap=True)
@@ -59,7 +64,10 @@ def validation_table(rows, title: str, console=None) -> None:
         t.add_row(r.mode, str(r.prompt_len), f"{r.measured_ttft_s:.3f}", f"{r.predicted_ttft_s:.3f}",
                   f"{r.ttft_error:+.0%}", f"{r.measured_per_token_s:.3f}", f"{r.predicted_per_token_s:.3f}",
                   f"{r.per_token_error:+.0%}", f"{med[0]:+.0%}/{med[1]:+.0%}")
-    (console or Console()).print(t)
+    console = console or Console()
+    console.print(t)
+    for line in wrong[:20]:
+        console.print(f"  traffic: {line}")
 
 
 def _sum(costs):

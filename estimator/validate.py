@@ -8,17 +8,24 @@ times warm, the configurations taking turns so that a burst of load on the share
 them alike. The best warm TTFT and the best warm decode step are compared (interference only ever adds
 time; calibration takes the best of its repetitions too), and the medians are reported beside them.
 The split of the measured time (encrypt / transfer / worker / decrypt / trusted compute) is reported next to
-the model's, so a miss can be traced to its term.
+the model's, so a miss can be traced to its term. Times depend on the machine's load: they are reported
+(``benchmarks/estimator_validation.py``, ``bifrost estimate validate``), not asserted by the test suite.
+
+What does not depend on load is checked exactly: during the cold run of each configuration the engine's
+worker traffic of every forward and layer group (calls, rows sent, input and output ciphertexts, and for a
+backend with exact sizes the bytes each way; ``DelegationEngine.stats.groups``) is compared with the
+model's :func:`~bifrost_estimator.model.forward_traffic`; any difference is listed in ``traffic_mismatches``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
-from .model import Cost, estimate
+from .model import Cost, Traffic, estimate, forward_traffic
 from .profile import Profile
-from .shapes import load_shape
+from .shapes import ModelShape, load_shape
 
 COMPONENTS = ("encrypt", "transfer", "worker", "decrypt", "trusted")
 
@@ -37,7 +44,61 @@ def measured_components(timings) -> dict[str, float]:
     """The split of the best (fastest) of ``timings``."""
     t = min(timings, key=lambda x: x.total_s)
     return {"encrypt": t.encrypt_s, "transfer": t.transfer_s, "worker": t.worker_s, "decrypt": t.decrypt_s,
-            "trusted": t.nonlinear_s}
+            "trusted": t.nonlinear_s + t.verify_s + t.local_s}  # the model's trusted terms hold the product checks
+
+
+# the engine's GroupStats fields the model predicts (the bytes compared only where they are exact)
+TRAFFIC_FIELDS = tuple(f.name for f in dataclasses.fields(Traffic) if f.name != "exact_bytes")
+
+
+def measured_traffic(runtime, ids: list[int], new_tokens: int, mode: str) -> tuple[list, list[dict]]:
+    """Generate ``new_tokens`` tokens; returns (the token timings, per forward the engine's worker traffic of
+    every layer group that it has called: ``{group: GroupStats}``)."""
+    engine = runtime.engine
+    timings, traffic = [], []
+    steps = runtime.decode_steps(ids, new_tokens, mode=mode)
+    while True:
+        before = engine.stats.snapshot()
+        step = next(steps, None)
+        if step is None:
+            return timings, traffic
+        timings.append(step.timing)
+        traffic.append(engine.stats.minus(before).groups)
+
+
+def predicted_traffic(profile: Profile, shape: ModelShape, prompt_len: int, new_tokens: int,
+                      mode: str) -> list[dict[str, Traffic]]:
+    """Per forward (the prefill, then one per further token): the model's traffic per group of one layer."""
+    return ([forward_traffic(profile, shape, prompt_len, local_linears=mode == "bifrost+")]
+            + [forward_traffic(profile, shape, 1) for _ in range(new_tokens - 1)])
+
+
+def traffic_mismatches(profile: Profile, shape: ModelShape, engine_shapes: dict, measured: list[dict],
+                       prompt_len: int, mode: str) -> tuple[int, list[str]]:
+    """Compare the engine's traffic per forward and layer group (``engine_shapes``: group -> GroupShape,
+    ``measured``: from :func:`measured_traffic`) with the model's, field by field (bytes only where the
+    backend gives exact sizes). Returns (comparisons made, one line per difference)."""
+    predicted = predicted_traffic(profile, shape, prompt_len, len(measured), mode)
+    by_shape = {(g.d_in, tuple(g.d_outs)): g.name for g in shape.groups()}  # traffic depends on the shape only
+    if len(engine_shapes) != shape.n_layers * len(shape.groups()):
+        return 0, [f"the engine delegates {len(engine_shapes)} groups, the model {shape.n_layers} x "
+                   f"{len(shape.groups())}"]
+    checked, out = 0, []
+    for i, (pred, meas) in enumerate(zip(predicted, measured)):
+        for group, gshape in engine_shapes.items():
+            name = by_shape.get((gshape.d_in, tuple(gshape.d_outs)))
+            if name is None:
+                out.append(f"group {group[0]}: shape {gshape} is not one the model delegates")
+                continue
+            p, m = pred[name], meas.get(group)
+            fields = TRAFFIC_FIELDS if p.exact_bytes else [f for f in TRAFFIC_FIELDS if not f.startswith("bytes")]
+            for f in fields:
+                checked += 1
+                got = getattr(m, f) if m is not None else 0
+                if getattr(p, f) != got:
+                    out.append(f"{mode} L={prompt_len} forward {i} {group[0]}: {f} predicted {getattr(p, f)}, "
+                               f"measured {got}")
+    return checked, out
 
 
 @dataclass
@@ -53,6 +114,8 @@ class Comparison:
     median_ttft_s: float = 0.0
     median_per_token_s: float = 0.0
     components: dict = field(default_factory=dict)  # {"ttft"|"per_token": {"measured"|"predicted": {...}}}
+    traffic_checked: int = 0  # worker-traffic fields compared (forwards x layer groups x fields)
+    traffic_mismatches: list = field(default_factory=list)  # one line per predicted != measured
 
     @property
     def ttft_error(self) -> float:
@@ -82,14 +145,16 @@ class Comparison:
 
 
 def run_validation(profile: Profile, model: str, prompt_lens: list[int], new_tokens: int, modes=("bifrost", "bifrost+"),
-                   address: str | None = None, backend: str | None = None, verbose: bool = False,
+                   endpoint=None, backend: str | None = None, verbose: bool = False,
                    repeats: int = 3) -> list[Comparison]:
-    """Measure each (mode, prompt length): one cold run, then ``repeats`` warm runs (see module doc)."""
+    """Measure each (mode, prompt length): one cold run (its worker traffic compared exactly), then
+    ``repeats`` warm runs (see module doc). ``endpoint``: a running worker's
+    :class:`~bifrost.attest.mtls.WorkerEndpoint`; None starts a :class:`~bifrost.worker.launcher.LocalWorker`."""
     import contextlib
 
     from bifrost.config import load_config
     from bifrost.errors import BifrostError
-    from bifrost.tee.runtime import TrustedRuntime
+    from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.launcher import LocalWorker
 
     if new_tokens < 2:
@@ -100,16 +165,26 @@ def run_validation(profile: Profile, model: str, prompt_lens: list[int], new_tok
     if cfg.backend != profile.accelerator.backend:
         raise BifrostError(f"profile {profile.name!r} models backend {profile.accelerator.backend!r}, "
                            f"the run uses {cfg.backend!r}")
+    params, ops = cfg.ckks_params(), profile.accelerator.linear
+    if (params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes)) != (ops.poly_modulus_degree,
+                                                                           tuple(ops.coeff_mod_bit_sizes)):
+        raise BifrostError(f"profile {profile.name!r} models N={ops.poly_modulus_degree}, primes "
+                           f"{list(ops.coeff_mod_bit_sizes)}; the run uses N={params.poly_modulus_degree}, primes "
+                           f"{list(params.coeff_mod_bit_sizes)}")
     shape = load_shape(model)
     configs = [(mode, L) for mode in modes for L in prompt_lens]
     runs: dict[tuple, list] = {c: [] for c in configs}
     colds: dict[tuple, float] = {}
-    with (contextlib.nullcontext(None) if address else LocalWorker(model, cfg.seed)) as worker:
-        runtime = TrustedRuntime(cfg, address or worker.address)
+    traffic: dict[tuple, tuple[int, list[str]]] = {}
+    local = None if endpoint else LocalWorker(model, cfg.seed, [trusted_identity(cfg).cert_pem])
+    with (local or contextlib.nullcontext()) as worker:
+        runtime = TrustedRuntime(cfg, endpoint or worker.endpoint)
         try:
             ids = {L: [(17 * i + 11) % min(50000, shape.vocab - 1) + 1 for i in range(L)] for L in prompt_lens}
             for mode, L in configs:
-                colds[(mode, L)] = runtime.generate(ids[L], new_tokens, mode=mode).timings[0].total_s
+                timings, measured = measured_traffic(runtime, ids[L], new_tokens, mode)
+                colds[(mode, L)] = timings[0].total_s
+                traffic[(mode, L)] = traffic_mismatches(profile, shape, runtime.engine.shapes, measured, L, mode)
             for _ in range(repeats):
                 for mode, L in configs:
                     runs[(mode, L)].append(runtime.generate(ids[L], new_tokens, mode=mode))
@@ -125,10 +200,12 @@ def run_validation(profile: Profile, model: str, prompt_lens: list[int], new_tok
                        min(t.total_s for t in steps), dec.total, colds[(mode, L)],
                        statistics.median(t.total_s for t in first), statistics.median(t.total_s for t in steps),
                        {"ttft": {"measured": measured_components(first), "predicted": predicted_components(pre)},
-                        "per_token": {"measured": measured_components(steps), "predicted": predicted_components(dec)}})
+                        "per_token": {"measured": measured_components(steps), "predicted": predicted_components(dec)}},
+                       *traffic[(mode, L)])
         if verbose:
             print(f"[validate] {mode} L={L}: TTFT {c.measured_ttft_s:.3f} s measured / {c.predicted_ttft_s:.3f} s "
                   f"predicted ({c.ttft_error:+.1%}); per token {c.measured_per_token_s:.3f} / "
-                  f"{c.predicted_per_token_s:.3f} s ({c.per_token_error:+.1%})", flush=True)
+                  f"{c.predicted_per_token_s:.3f} s ({c.per_token_error:+.1%}); worker traffic: "
+                  f"{len(c.traffic_mismatches) or 'no'} differences in {c.traffic_checked} fields", flush=True)
         out.append(c)
     return out

@@ -87,6 +87,7 @@ def test_layers_only_drops_exactly_the_head_terms_of_every_scheme(capsys):
     (["estimate", "calibrate", "--out", "/proc/x.yaml"], "cannot write"),
     (["estimate", "calibrate", "--out", "profile.txt"], ".yaml"),
     (["estimate", "validate", "--profile", "gpu-published", "--modes", "fhe"], "--modes"),
+    (["estimate", "validate", "--address", "127.0.0.1:1"], "--worker-cert"),
 ])
 def test_user_errors_exit_non_zero_with_one_line(argv, msg, capsys):
     assert main(argv) != 0
@@ -154,6 +155,25 @@ def test_validation_table_fits_80_columns():
     validation_table(rows, "validation: gpt2 on profile local-2core", console)
     text = console.export_text()
     assert "bifrost+" in text and "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "traffic" not in text  # nothing was compared
+
+
+def test_validation_table_reports_the_traffic_check():
+    from rich.console import Console
+
+    from bifrost_estimator.report import validation_table
+    from bifrost_estimator.validate import Comparison
+
+    ok = Comparison("bifrost", 5, 3, 1.0, 1.0, 0.3, 0.3, 1.0, traffic_checked=144)
+    bad = Comparison("bifrost+", 5, 3, 1.0, 1.0, 0.3, 0.3, 1.0, traffic_checked=144,
+                     traffic_mismatches=["bifrost+ L=5 forward 1 transformer.h.0.attn.c_attn: cts_out predicted 3, "
+                                         "measured 4"])
+    console = Console(width=80, record=True)
+    validation_table([ok], "v", console)
+    assert "all 144 fields as predicted" in " ".join(console.export_text().split())
+    validation_table([ok, bad], "v", console)
+    text = " ".join(console.export_text().split())
+    assert "1 of 288 fields differ" in text and "cts_out predicted 3, measured 4" in text
 
 
 def test_linear_cost_scales_with_prompt_rows_in_bifrost_not_bifrost_plus(capsys):

@@ -9,8 +9,8 @@ import numpy as np
 from bifrost.ckks import GroupShape, get_backend
 from bifrost.errors import BifrostError
 from bifrost_estimator.model import (FHEAlgorithms, accelerator_seconds, call_rows, coeff_counts, column_counts,
-                                     estimate, forward_bifrost, forward_fhe, rows_per_call)
-from bifrost_estimator.profile import load_profile
+                                     estimate, exact_call_bytes, forward_bifrost, forward_fhe, rows_per_call)
+from bifrost_estimator.profile import CKKSOps, load_profile
 from bifrost_estimator.shapes import LinearGroup, load_shape
 
 
@@ -67,32 +67,54 @@ def test_native_counts_follow_the_kernel_planner(monkeypatch):
     assert (after.row_blocks, after.cts_in, after.cts_out) == (2, 2 * 48, 2 * 24)
 
 
-def test_native_counts_and_calls_match_the_real_backend():
-    """Ciphertext counts, scalar vs polynomial blocking and the rows per call agree with what the native
-    backend's trusted context does for short and long prompts."""
-    backend = get_backend("native")
-    ctx = backend.keygen(backend.default_params, [])
-    prm = backend.default_params
-    from bifrost_estimator.profile import CKKSOps
+def test_native_counts_calls_and_bytes_match_the_real_backend():
+    """Rows per call, scalar vs polynomial blocking, ciphertext counts and exact wire bytes agree with what
+    the native backend does for short and long prompts (its own rows_per_call, encrypt and apply)."""
+    from bifrost_kernels.layout import plan
 
+    backend = get_backend("native")
+    prm = backend.default_params
+    ctx = backend.keygen(prm, [])
+    ev = backend.evaluator(ctx.public_context())
     ops = CKKSOps(prm.poly_modulus_degree, tuple(prm.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
     rng = np.random.default_rng(3)
     for d_in, d_outs, rows in [(64, (192,), 1), (64, (192,), 16), (64, (192,), 200), (64, (64, 64, 64), 150),
                                (768, (768,), 32), (768, (768,), 48), (768, (768,), 70), (768, (768,), 300), (3072, (768,), 5000)]:
         shape, g = GroupShape(d_in, d_outs), LinearGroup("x", d_in, d_outs)
-        assert rows_per_call("native", ops, g, rows) == ctx.rows_per_call(shape, rows)
-        c = coeff_counts(ops, g, min(rows, rows_per_call("native", ops, g, rows)))
-        assert c.scalar == ctx._codec.blocking(shape, min(rows, 2048)).is_scalar
-        if rows <= 300:  # the ciphertexts the context really produces for one call
-            batch = ctx.encrypt(shape, rng.normal(0, 1, (min(rows, ctx.rows_per_call(shape, rows)), d_in)))
-            assert c.cts_in == len(batch.ciphertexts)
-    g = LinearGroup("x", 768, (768,))
+        per_call = rows_per_call("native", ops, g, rows)
+        assert per_call == backend.rows_per_call(prm, shape, rows)
+        r = min(rows, per_call)
+        c = coeff_counts(ops, g, r)
+        assert c.scalar == plan(2048, (30, 24), d_in, d_outs, min(rows, 2048)).is_scalar
+        if rows <= 300:  # the ciphertexts the context and an evaluator really produce for one call
+            batch = ctx.encrypt(shape, rng.normal(0, 1, (r, d_in)))
+            sent, received = exact_call_bytes("native", ops, g, r)
+            assert c.cts_in == len(batch.ciphertexts) and sent == sum(len(b) for b in batch.ciphertexts)
+            if d_in * sum(d_outs) <= 64 * 192:
+                outs = ev.apply(ev.prepare(shape, [rng.normal(0, 0.05, (d, d_in)) for d in d_outs]), batch.ciphertexts)
+                assert c.cts_out == sum(len(o) for o in outs)
+                assert received == sum(len(b) for o in outs for b in o)
+
+
+def test_call_rows_pad_to_the_row_bucket_then_split_by_the_backend():
+    """As DelegationEngine.run_group: zero rows up to row_bucket, then the backend's rows_per_call, each part
+    planned again."""
+    from bifrost.ckks import row_bucket
+
+    prm = get_backend("native").default_params
+    ops = CKKSOps(prm.poly_modulus_degree, tuple(prm.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
+    g, g_down = LinearGroup("x", 768, (768,)), LinearGroup("x", 3072, (768,))
+    assert [row_bucket(r) for r in (1, 4, 5, 7, 33, 65, 80, 300, 5000)] == [1, 4, 6, 8, 48, 96, 96, 384, 6144]
     assert call_rows("native", ops, g, 32) == [32] and not coeff_counts(ops, g, 32).scalar  # polynomial blocking
-    g_down = LinearGroup("x", 3072, (768,))  # its scalar threshold lies above 80 rows: 64-row calls below it
-    assert call_rows("native", ops, g_down, 80) == [64, 16] and not coeff_counts(ops, g_down, 64).scalar
-    assert call_rows("native", ops, g, 300) == [300]  # one scalar row block
-    assert call_rows("native", ops, g, 5000) == [2048, 2048, 904]
-    assert coeff_counts(ops, g, 300).scalar and coeff_counts(ops, g, 300).cts_in == 768
+    assert call_rows("native", ops, g, 5) == [6]
+    assert call_rows("native", ops, g_down, 80) == [96] and coeff_counts(ops, g_down, 96).scalar  # padded past 88
+    assert call_rows("native", ops, g, 300) == [384]  # one scalar row block
+    assert call_rows("native", ops, g, 5000) == [2048, 2048, 2048]
+    assert call_rows("native", ops, g, 2049) == [2048, 1024]
+    ts = CKKSOps(8192, (60, 40, 60), 1.0, 1.0, 0.0, 0.0)
+    assert call_rows("tenseal", ts, g, 64) == [64]
+    assert call_rows("tenseal", ts, g, 65) == [64, 32]  # 96 rows in calls of ROWS_PER_CALL = 64
+    assert exact_call_bytes("tenseal", ts, g, 1) is None  # no exact sizes: the profile's medians
 
 
 def test_scalar_blocking_needs_its_calibrated_costs():

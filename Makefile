@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test proto notebooks bench-ttft bench-fidelity bench-kernels openfhe-venv clean
+.PHONY: install demo test fuzz proto notebooks bench-ttft bench-fidelity bench-kernels openfhe-venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: install
 # Exit code 5 ("no tests ran") is a failure here, as is any other non-zero code.
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The fuzz tests (tests/fuzz, hypothesis) with many more examples than the default run's "ci" profile;
+# prints the executions per target and how many raised untyped exceptions (FUZZ_PROFILE=ci: the default budget).
+FUZZ_PROFILE ?= long
+
+fuzz: install
+	HYPOTHESIS_PROFILE=$(FUZZ_PROFILE) $(BIN)/python -m pytest -q tests/fuzz $(ARGS)
 
 proto: install
 	$(BIN)/python -m bifrost.proto.generate

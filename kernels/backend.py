@@ -272,8 +272,12 @@ class NativeEvaluator:
     def __init__(self, public_context: bytes, device: str | None = None, engine: str | None = None):
         n, primes, scale_bits, context_id = wire.decode_public_context(public_context)
         bits = tuple(q.bit_length() for q in primes)
-        self.params = CKKSParams(poly_modulus_degree=n, coeff_mod_bit_sizes=bits, scale_bits=scale_bits)
-        if _chain(self.params) != primes:
+        try:
+            self.params = CKKSParams(poly_modulus_degree=n, coeff_mod_bit_sizes=bits, scale_bits=scale_bits)
+            chain = _chain(self.params)
+        except ValueError as exc:  # InsecureParametersError included: the caller chose these bytes
+            raise CiphertextError(f"public context parameters refused: {exc}") from None
+        if chain != primes:
             raise CiphertextError("public context primes do not match the native backend's prime chain")
         self._codec = _Codec(self.params, primes, context_id)
         self.weight_bits = weight_bits(self.params, primes)

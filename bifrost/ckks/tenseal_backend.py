@@ -114,9 +114,12 @@ def _galois_element(step: int, n: int) -> int:
 
 def _seal_context(params: CKKSParams):
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
-    parms.set_poly_modulus_degree(params.poly_modulus_degree)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)))
-    ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    try:
+        parms.set_poly_modulus_degree(params.poly_modulus_degree)
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)))
+        ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    except Exception as exc:  # SEAL's std::logic_error etc. (e.g. "failed to find enough qualifying primes")
+        raise CiphertextError(f"SEAL refused the parameters {params}: {exc}") from None
     if not ctx.parameters_set():
         raise CiphertextError(f"SEAL refused the parameters: {ctx.parameters_error_message()}")
     if len(params.coeff_mod_bit_sizes) != 3:

@@ -19,8 +19,9 @@ Hostile callers cannot exhaust it:
   ``session_idle_s`` are dropped (the trusted side reopens them: NOT_FOUND "session").
 
 Every bad request gets a typed status and a message, and the worker keeps serving:
-unknown session/layer → NOT_FOUND; malformed, truncated or foreign ciphertexts or public contexts, wrong
-counts, insecure or unconfigured parameters, secret keys → INVALID_ARGUMENT; weight digest mismatch →
+unknown session/layer → NOT_FOUND; request bytes that do not parse as the method's message (e.g. invalid
+UTF-8 in a string field), malformed, truncated or foreign ciphertexts or public contexts, wrong counts,
+insecure or unconfigured parameters, secret keys → INVALID_ARGUMENT; weight digest mismatch →
 FAILED_PRECONDITION; too many sessions → RESOURCE_EXHAUSTED; anything unexpected → INTERNAL with a generic
 message (logged by exception type and code location only).
 """
@@ -39,6 +40,7 @@ from typing import Callable, Iterable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ..ckks import CiphertextError, GroupShape, InsecureParametersError, get_backend
 from ..model.delegation import Site
@@ -329,6 +331,48 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
         return worker_pb2.CloseSessionReply()
 
 
+class _Malformed:
+    pass
+
+
+_MALFORMED = _Malformed()
+
+
+def _parse_or_malformed(cls):
+    """A request deserializer that never raises: bytes that are not a ``cls`` (bad wire format, invalid
+    UTF-8 in a string field) become a marker answered INVALID_ARGUMENT, not gRPC's own INTERNAL
+    "Exception deserializing request!"."""
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError):
+            return _MALFORMED
+
+    return parse
+
+
+def _refuse_malformed(method, what: str):
+    def handle(request, context):
+        if request is _MALFORMED:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: not a valid protobuf message")
+        return method(request, context)
+
+    return handle
+
+
+def _add_servicer(service: WorkerService, server: grpc.Server) -> None:
+    """``worker_pb2_grpc.add_CKKSWorkerServicer_to_server`` with deserializers that never raise."""
+    desc = worker_pb2.DESCRIPTOR.services_by_name["CKKSWorker"]
+    handlers = {}
+    for m in desc.methods:
+        request_cls, reply_cls = getattr(worker_pb2, m.input_type.name), getattr(worker_pb2, m.output_type.name)
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _refuse_malformed(getattr(service, m.name), m.input_type.name),
+            request_deserializer=_parse_or_malformed(request_cls), response_serializer=reply_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
+
+
 def _progress(items, desc):
     import sys
 
@@ -354,7 +398,7 @@ def serve(service: WorkerService, credentials, host: str = "127.0.0.1", port: in
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                  ("grpc.max_send_message_length", MAX_REPLY_BYTES)],
     )
-    worker_pb2_grpc.add_CKKSWorkerServicer_to_server(service, server)
+    _add_servicer(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_secure_port(f"{host}:{port}", credentials)

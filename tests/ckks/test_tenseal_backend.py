@@ -92,6 +92,17 @@ def test_insecure_parameters_in_public_context_are_refused(backend):
         backend.evaluator(PUB_MAGIC + struct.pack("<I", len(meta)) + meta)
 
 
+@pytest.mark.parametrize("sizes", [[17, 19], [18] * 6])
+def test_parameters_seal_cannot_build_are_ciphertext_errors(backend, sizes):
+    """Found by tests/fuzz: secure parameters for which SEAL finds too few NTT primes (17-19 bits at
+    N = 8192: primes must be 1 mod 2N) escaped as RuntimeError (the worker answered INTERNAL)."""
+    meta = json.dumps({"params": {"poly_modulus_degree": 8192 if len(sizes) == 2 else 4096,
+                                  "coeff_mod_bit_sizes": sizes, "scale_bits": 10},
+                       "context_id": "00" * 16, "galois_steps": []}).encode()
+    with pytest.raises(CiphertextError, match="qualifying primes"):
+        backend.evaluator(PUB_MAGIC + struct.pack("<I", len(meta)) + meta)
+
+
 @pytest.mark.parametrize("meta", [
     {"params": [], "context_id": "00" * 16, "galois_steps": []},
     {"params": {"poly_modulus_degree": "8192", "coeff_mod_bit_sizes": [60, 40, 60], "scale_bits": 40},

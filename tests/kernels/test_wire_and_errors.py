@@ -47,6 +47,18 @@ def test_public_context_cannot_carry_the_secret(context, backend):
             backend.evaluator(bad)
 
 
+def test_public_context_with_refused_parameters_is_a_ciphertext_error(context, backend):
+    """Found by tests/fuzz: well-formed public contexts whose parameters CKKSParams or the prime chain refuse
+    raised InsecureParametersError / ValueError instead of CiphertextError."""
+    primes, cid = context._codec.primes, bytes(16)
+    for n, chain, scale_bits, what in ((2049, primes, 35, "power of two"),     # a flipped bit in N
+                                       (2048, (0, 5), 35, "prime sizes"),      # zeroed primes
+                                       (2048, primes, 0, "scale_bits"),
+                                       (2048, primes, 50, "weight bits")):     # insecure / unusable scale
+        with pytest.raises(CiphertextError, match=what):
+            backend.evaluator(wire.encode_public_context(n, chain, scale_bits, cid))
+
+
 def test_wire_sizes(layer, context, backend):
     _, batch, out = layer
     assert all(len(ct) < 14000 for ct in batch.ciphertexts)   # 2048 × 54 bits + header, seed not polynomial

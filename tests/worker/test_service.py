@@ -16,7 +16,8 @@ from bifrost.tee.link import connect
 @pytest.fixture(scope="module")
 def worker(worker_factory):
     service, _, endpoint = worker_factory("gpt2-mini", max_sessions=3)
-    stub = worker_pb2_grpc.CKKSWorkerStub(connect(endpoint))
+    channel = connect(endpoint)
+    stub = worker_pb2_grpc.CKKSWorkerStub(channel)
     layers = {l.name: l for l in stub.Describe(worker_pb2.DescribeRequest()).layers}
     name = "transformer.h.0.attn.c_proj"
     info = layers[name]
@@ -24,7 +25,8 @@ def worker(worker_factory):
     keys = get_backend("tenseal").keygen(CKKSParams(), [shape])
     reply = stub.OpenSession(worker_pb2.OpenSessionRequest(backend="tenseal", public_context=keys.public_context()))
     group = worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=name, digest=info.digest)])
-    return dict(stub=stub, keys=keys, shape=shape, session=reply.session_id, group=group, info=info, service=service)
+    return dict(stub=stub, channel=channel, keys=keys, shape=shape, session=reply.session_id, group=group, info=info,
+                service=service)
 
 
 def _linear(w, cts, session=None, group=None):
@@ -181,6 +183,21 @@ def test_oversized_public_context_is_refused(worker):
     code, details = _code(lambda: worker["stub"].OpenSession(worker_pb2.OpenSessionRequest(
         backend="tenseal", public_context=PUB_MAGIC + b"\x00" * (worker["service"].limits.max_public_context_bytes + 1))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_public_context_bytes" in details
+
+
+@pytest.mark.parametrize("method, body", [
+    ("Linear", b"\x0a\x02\xff\xfe"),       # session_id (field 1) that is not UTF-8
+    ("CloseSession", b"\x0a\x01\x80"),
+    ("OpenSession", b"\x12\xff\xff\xff"),  # public_context length past the end
+    ("Describe", b"\xff\xff\xff"),
+])
+def test_request_bytes_that_do_not_parse_are_invalid_argument(worker, method, body):
+    """Found by tests/fuzz: gRPC's own deserializer answered such requests INTERNAL "Exception deserializing
+    request!"; the worker now answers INVALID_ARGUMENT and keeps serving."""
+    call = worker["channel"].unary_unary(f"/bifrost.worker.v1.CKKSWorker/{method}")
+    code, details = _code(lambda: call(body, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in details
+    _assert_still_serving(worker)
 
 
 def test_unexpected_errors_are_internal_without_details(worker, monkeypatch):

@@ -17,9 +17,11 @@ Run::
     bifrost chat --policy my-policy.yaml --prompt "Hello"  # policy: allow_simulated + model_digests
 
 On a Ray cluster, from one of its nodes (bifrost and the model installed on every node; CKKS workers
-given by address, since local workers listen on 127.0.0.1 only; Ray Client ``ray://`` is refused)::
+given by address and pinned certificate, since local workers listen on 127.0.0.1 only; each worker trusts
+the deployment's ``tee.identity`` certificate; Ray Client ``ray://`` is refused)::
 
-    bifrost serve --model gpt2 --ray-address auto --workers w1:50051,w2:50051 --replicas 4
+    bifrost serve --model gpt2 --ray-address auto --workers w1:50051,w2:50051 \
+        --worker-certs w1.pem,w2.pem --config deploy.yaml --replicas 4    # deploy.yaml: tee.identity: /etc/bifrost/tee
 
 Wire privacy: sealed records are padded to size buckets; refusals after a record was opened travel
 sealed (the cleartext status says only "request refused"); a forged or replayed record, CloseSession

@@ -17,10 +17,13 @@ for output k of row r of member W,
                      + ½·Δw·‖W‖_row              activation rounding, ½·Σ_j |W_kj|·Δw
                      + 32·n_o·(Δw·‖W‖_row + d_in/2)   encryption noise (|e| ≤ 32) through the n_o·n_i weights
                                                    of the output block (n_o = 1 for scalar blockings)
-                     + R·(1 + N)/2·(1 + 2^−16) ] / (Δx_r·Δw)   rescale rounding by R = q_1···q_{L−1}
+                     + R·(1 + hw(s))/2·(1 + 2^−16) ] / (Δx_r·Δw)   rescale rounding by R = q_1···q_{L−1}
 
-with ‖W‖_row = max_k Σ_j |W_kj|. For the defaults this is 1.0–1.2 × 2^(−B)·‖x_r‖₁·max|W|; measured errors
-reach 0.15–0.45 of it (``benchmarks/verify_fpr.py``). The products the worker returns are decoded with Δx
+with ‖W‖_row = max_k Σ_j |W_kj| and hw(s) ≈ 2N/3 the number of non-zero secret coefficients. For the
+defaults this is 0.9–1.1 × 2^(−B)·‖x_r‖₁·max|W|; measured errors reach 0.15–0.5 of it
+(``benchmarks/verify_fpr.py``). The first two terms are deterministic: against the activations and weights
+*as encoded* (:meth:`NativeTrustedContext.effective_input`, :meth:`~NativeTrustedContext.effective_weights`)
+they vanish, and the product check uses that tighter bound (``effective=True``). The products the worker returns are decoded with Δx
 and Δw from the trusted side's own state (its record of the call and its copy of the weights); nothing in
 an output's header is used but to refuse a reply that is not for this call.
 Default parameters ``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit
@@ -124,6 +127,7 @@ class CallState:
     rows: int
     call_id: bytes
     x_scales: np.ndarray  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row: decodes to 0
+    x_encoded: np.ndarray  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
 
 
 class NativeTrustedContext:
@@ -134,6 +138,7 @@ class NativeTrustedContext:
         self._codec = _Codec(params, _chain(params), os.urandom(wire.CONTEXT_ID_BYTES))
         self.weight_bits = weight_bits(params, self._codec.primes)
         self._secret = sampling.ternary_secret(params.poly_modulus_degree)
+        self._secret_weight = int(np.count_nonzero(self._secret))  # hw(s): bounds the rescale rounding
         self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
 
     def public_context(self) -> bytes:
@@ -184,6 +189,7 @@ class NativeTrustedContext:
         x_scales[:rows] = np.where(l1 > 0, scales, np.inf)
         padded = np.zeros((rb_count * r, b_count * n_i), dtype=np.int64)
         padded[:rows, : shape.d_in] = np.rint(x * scales[:, None]).astype(np.int64)
+        x_encoded = padded[:rows, : shape.d_in] / scales[:, None]
         blocks = padded.reshape(rb_count, r, b_count, n_i).transpose(0, 2, 1, 3)  # [RB, B, r, n_i]
         msg = np.zeros((rb_count, b_count, n), dtype=np.int64)
         msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
@@ -195,7 +201,7 @@ class NativeTrustedContext:
         cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed),
                                  payload[i].tobytes())
                for i in range(count)]
-        state = CallState(blk, rows, seed[:wire.CALL_ID_BYTES], x_scales)
+        state = CallState(blk, rows, seed[:wire.CALL_ID_BYTES], x_scales, x_encoded)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
     def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> CallState:
@@ -249,8 +255,11 @@ class NativeTrustedContext:
             results[m][rb * r:(rb + 1) * r, ob * n_o:(ob + 1) * n_o] = block
         return [res[:rows, :d] for res, d in zip(results, shape.d_outs)]
 
-    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> np.ndarray:
-        """(rows × members) worst-case error of an honest worker (module docstring), units of x·W."""
+    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats],
+                    effective: bool = False) -> np.ndarray:
+        """(rows × members) worst-case error of an honest worker (module docstring), units of x·W. With
+        ``effective``, against :meth:`effective_input` × :meth:`effective_weights`ᵀ: the two rounding terms
+        are then exact and drop out, leaving encryption noise and the rescale."""
         state = self._state(shape, batch, weights)
         c, blk = self._codec, state.blocking
         n_o = blk.out_per_ct
@@ -259,11 +268,24 @@ class NativeTrustedContext:
         for m, w in enumerate(weights):
             dw = weight_scale(self.weight_bits, w.peak)
             w_row = w.row_l1 * dw  # ≥ Σ_j |W_kj|·Δw for every output k
-            total = (2.0 ** (self.params.scale_bits - 1) + 0.5 * w_row + ERROR_MAX * n_o * (w_row + shape.d_in / 2)
-                     + c.rescale_factor * (1 + c.n) / 2 * (1 + 2.0 ** -16))
+            rounding = 0.0 if effective else 2.0 ** (self.params.scale_bits - 1) + 0.5 * w_row
+            total = (rounding + ERROR_MAX * n_o * (w_row + shape.d_in / 2)
+                     + c.rescale_factor * (1 + self._secret_weight) / 2 * (1 + 2.0 ** -16))
             total += 2.0 ** -45 * 2.0 ** self.params.scale_bits * (w_row + shape.d_in)  # float64 decode rounding
             out[:, m] = total / (dw * x_scales)  # 0 for ∞ scales (all-zero rows decode to exactly 0)
         return out
+
+    def effective_weights(self, w: np.ndarray) -> np.ndarray:
+        """The matrix an honest worker multiplies by, in real units: rint(W·Δw)/Δw."""
+        w = np.asarray(w, dtype=np.float64)
+        dw = weight_scale(self.weight_bits, float(np.abs(w).max()) if w.size else 0.0)
+        return np.rint(w * dw) / dw
+
+    def effective_input(self, batch: EncryptedBatch) -> np.ndarray:
+        """The activations exactly as encrypted (x̃/Δx, rows × d_in)."""
+        if not isinstance(getattr(batch, "state", None), CallState):
+            raise TypeError("batch must come from this backend's encrypt()")
+        return batch.state.x_encoded
 
 
 class NativeEvaluator:

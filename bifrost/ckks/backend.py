@@ -106,9 +106,17 @@ class TrustedContext(Protocol):
         received and public values only, so its outcome tells the sender nothing it did not know. Whether
         the decoded values are *right* is for the caller to check (:meth:`error_bound`)."""
 
-    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> np.ndarray:
+    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats],
+                    effective: bool = False) -> np.ndarray:
         """(rows × members) worst-case |ŷ_rk − (x @ W_m.T)_rk| of an honest worker, for every output k
-        of row r and member m (units of x·W): the backend's documented error bound."""
+        of row r and member m (units of x·W): the backend's documented error bound. ``effective``: the bound
+        on |ŷ − effective_input @ effective_weights.T| instead (no larger; smaller where encoding rounds)."""
+
+    def effective_weights(self, w: np.ndarray) -> np.ndarray:
+        """The weights an honest worker effectively multiplies by (after the backend's quantisation), (d_out, d_in)."""
+
+    def effective_input(self, batch: EncryptedBatch) -> np.ndarray:
+        """The activations of ``batch`` as encoded (after the backend's rounding), rows × d_in."""
 
 
 @runtime_checkable

@@ -185,6 +185,7 @@ class _CallState:
 
     plan: PackingPlan
     rows: int
+    x: np.ndarray     # the activations (slot encoding adds no rounding the bound does not cover)
     x_l1: np.ndarray  # ‖x_r‖₁ per row
 
 
@@ -256,7 +257,7 @@ class TenSEALTrustedContext:
                 self._encoder.encode(z.tolist(), self._scale, pt)
                 body = _scratch().dump(self._encryptor.encrypt_symmetric(pt))
                 cts.append(CT_MAGIC + self.context_id + plan.layout_tag + body)
-        return EncryptedBatch(cts, rows, _CallState(plan, rows, np.abs(x).sum(axis=1)))
+        return EncryptedBatch(cts, rows, _CallState(plan, rows, x, np.abs(x).sum(axis=1)))
 
     def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> "_CallState":
         state = getattr(batch, "state", None)
@@ -296,7 +297,17 @@ class TenSEALTrustedContext:
             results.append(y[:rows, :d_out])
         return results
 
-    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> np.ndarray:
+    def effective_weights(self, w: np.ndarray) -> np.ndarray:
+        """The weights themselves (their encoding error is inside :meth:`error_bound`)."""
+        return np.asarray(w, dtype=np.float64)
+
+    def effective_input(self, batch: EncryptedBatch) -> np.ndarray:
+        if not isinstance(getattr(batch, "state", None), _CallState):
+            raise TypeError("batch must come from this backend's encrypt()")
+        return batch.state.x
+
+    def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats],
+                    effective: bool = False) -> np.ndarray:
         """(rows × members) error bound of an honest worker:
         ε = 2^(−scale_bits)·√N·(2^19 + 2^13·‖W‖_row + 4·‖x_r‖₁), ‖W‖_row = max_k Σ_j |W_kj|.
 
@@ -307,7 +318,8 @@ class TenSEALTrustedContext:
         outlier, tiny, large and all-zero rows: ``benchmarks/verify_fpr.py``) stayed below 4·10^4 (a floor from
         the rescale and the key switches after it) + 800·‖W‖_row (noise through the weights) + 0.15·‖x_r‖₁ (the
         weights' encoding): the bound leaves ≥ 10× on each term. It is a documented high-probability bound
-        validated by measurement, not a worst case (the native backend's is)."""
+        validated by measurement, not a worst case (the native backend's is). ``effective`` changes nothing:
+        the effective input and weights are the plain ones."""
         state = self._state(shape, batch, weights)
         unit = 2.0 ** -self.params.scale_bits * math.sqrt(self.params.poly_modulus_degree)
         return np.stack([unit * (ERROR_FLOOR + ERROR_PER_WEIGHT * w.row_l1 + ERROR_PER_INPUT * state.x_l1)

@@ -117,8 +117,6 @@ class DelegationEngine:
         if missing:
             raise BifrostError(f"no trusted weights for delegated layers {missing[:3]}")
         self._weights = {g: [np.asarray(weights[n], dtype=np.float64) for n in g] for g in groups}
-        self.verifier = ProductVerifier(self._weights, verify)
-        self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
         self.quarantine = quarantine if quarantine is not None else WorkerQuarantine()
         self.stats = CallStats()
         self._seen: set[bytes] = set()
@@ -127,6 +125,8 @@ class DelegationEngine:
         self.params = params
         self._backend = get_backend(backend)
         self._keys = self._backend.keygen(params, sorted(set(self.shapes.values()), key=repr))
+        self.verifier = ProductVerifier(self._weights, verify, effective_weights=self._keys.effective_weights)
+        self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
         public = self._keys.public_context()
         self.public_context_bytes = len(public)
         self.prepare_seconds = link.open_session(backend, public, list(self._refs.values()) if prepare else [])
@@ -206,8 +206,10 @@ class DelegationEngine:
                 failure = f"malformed reply: {exc}"
         t3 = time.perf_counter()
         if ys is not None:
-            bounds = self._keys.error_bound(shape, batch, self._stats_of[group])
-            result = self.verifier.check(group, x, ys, bounds)
+            stats = self._stats_of[group]
+            result = self.verifier.check(group, x, ys, self._keys.error_bound(shape, batch, stats),
+                                         self._keys.effective_input(batch),
+                                         self._keys.error_bound(shape, batch, stats, effective=True))
             st.checks += result.comparisons
             if not result.ok:
                 failure = f"{result.reason} check ({result.worst:.3g} × tolerance)"

@@ -5,11 +5,14 @@ are drawn from the OS CSPRNG and u_j = s_jᵀW is computed once (float64) from t
 decoded worker output ŷ (rows × d_out) for the input x (rows × d_in) passes when, for every row r and j,
 
     range:   |ŷ_rk| ≤ ‖x_r‖₁·max|W| + ε_r           for every output k (the product cannot be larger)
-    product: |s_j·ŷ_r − u_j·x_r| ≤ τ_r = z·√d_out·ε_r + (float64 rounding slack)
+    product: |s_j·ŷ_r − u_j·x̂_r| ≤ τ_r = z·√d_out·ε̂_r + (float64 rounding slack)
 
-where ε_r is the backend's documented worst-case error per output (``TrustedContext.error_bound``).
+where ε_r is the backend's documented worst-case error per output (``TrustedContext.error_bound``). The
+product check is made against the operands *as encoded* (x̂ = ``effective_input``, u_j = s_jᵀŴ with
+Ŵ = ``effective_weights(W)``: the native backend's rounded activations and quantised weights, known exactly
+here), so its tolerance ε̂ (``error_bound(effective=True)``) holds only the encryption and rescale noise.
 
-Why these numbers. Honest error e = ŷ_r − x_rWᵀ has ‖e‖₂ ≤ √d_out·ε_r, and s_j·e ~ N(0, ‖e‖₂²) for a
+Why these numbers. Honest error e = ŷ_r − x̂_rŴᵀ has ‖e‖₂ ≤ √d_out·ε̂_r, and s_j·e ~ N(0, ‖e‖₂²) for a
 secret Gaussian s_j drawn independently of e, so an honest product fails a vector with probability
 ≤ erfc(z/√2): 1.2e-15 at the default z = 8. A deviation Δ (anything but the product: another input, a
 replay, other weights, a scaled or shifted output) passes one vector with probability at most
@@ -55,13 +58,16 @@ class CheckResult:
 
 
 class _Member:
-    """Check vectors of one weight matrix: S [k, d_out], U = S·W [k, d_in], and U_abs ≥ |S|·|W| [k, d_in]
-    (max_k |s_jk| · Σ_k |W_ki|: bounds the float64 rounding of U without a second product)."""
+    """Check vectors of one weight matrix W: S [k, d_out], U = S·W' [k, d_in] for the weights W' the product is
+    checked against (W itself, or its encoding), and U_abs ≥ |S|·|W'| [k, d_in] (max_k |s_jk| · Σ_k |W'_ki|:
+    bounds the float64 rounding of U without a second product). ``stats`` describe W itself."""
 
-    def __init__(self, w: np.ndarray, k: int) -> None:
+    def __init__(self, w: np.ndarray, k: int, effective=None) -> None:
         w = np.asarray(w, dtype=np.float64)
         self.d_out, self.d_in = w.shape
         self.stats = WeightStats.of(w)
+        if effective is not None:
+            w = effective(w)
         self.S = standard_normal((k, self.d_out))
         self.U = self.S @ w
         self.S_abs = np.abs(self.S)
@@ -71,21 +77,29 @@ class _Member:
 class ProductVerifier:
     """One session's check vectors for every delegated group (members in group order)."""
 
-    def __init__(self, groups: Mapping[tuple[str, ...], Sequence[np.ndarray]], cfg: VerificationConfig | None = None):
+    def __init__(self, groups: Mapping[tuple[str, ...], Sequence[np.ndarray]], cfg: VerificationConfig | None = None,
+                 effective_weights=None):
+        """``effective_weights``: the backend's map from W to the matrix an honest worker multiplies by (the
+        check is then made against the encoded operands, with ``TrustedContext.error_bound(effective=True)``)."""
         cfg = cfg or VerificationConfig()
         self.cfg = cfg
-        self._members = {g: [_Member(w, cfg.vectors) for w in ws] for g, ws in groups.items()}
+        self._members = {g: [_Member(w, cfg.vectors, effective_weights) for w in ws] for g, ws in groups.items()}
 
     def weight_stats(self, group: tuple[str, ...]) -> list[WeightStats]:
         return [m.stats for m in self._members[group]]
 
-    def check(self, group: tuple[str, ...], x: np.ndarray, ys: Sequence[np.ndarray], bounds: np.ndarray) -> CheckResult:
-        """``x`` (rows × d_in) the encrypted input, ``ys`` the decoded outputs per member, ``bounds``
-        (rows × members) the backend's error bound ε. Pure arithmetic on trusted data: no early exit."""
+    def check(self, group: tuple[str, ...], x: np.ndarray, ys: Sequence[np.ndarray], bounds: np.ndarray,
+              x_check: np.ndarray | None = None, check_bounds: np.ndarray | None = None) -> CheckResult:
+        """``x`` (rows × d_in) the input, ``ys`` the decoded outputs per member, ``bounds`` (rows × members) the
+        backend's error bound ε (range check); ``x_check`` / ``check_bounds``: the operand and the bound of the
+        product check when it is made against the encoded operands (default: ``x``, ``bounds``). Pure
+        arithmetic on trusted data: no early exit."""
         members = self._members[group]
         x = np.asarray(x, dtype=np.float64)
+        x_l1 = np.abs(x).sum(axis=1)
+        x = x if x_check is None else np.asarray(x_check, dtype=np.float64)
+        check_bounds = bounds if check_bounds is None else check_bounds
         x_abs = np.abs(x)
-        x_l1 = x_abs.sum(axis=1)
         worst, reason, comparisons = 0.0, "", 0
         for m, (mem, y) in enumerate(zip(members, ys)):
             y = np.asarray(y, dtype=np.float64)
@@ -99,7 +113,7 @@ class ProductVerifier:
             residual = np.abs(y @ mem.S.T - x @ mem.U.T)                              # [rows, k]
             gamma = (max(mem.d_in, mem.d_out) + 2) * _U53
             slack = 4 * gamma * (np.abs(y) @ mem.S_abs.T + x_abs @ mem.U_abs.T)       # float64 rounding
-            tau = self.cfg.z * math.sqrt(mem.d_out) * eps[:, None] + slack
+            tau = self.cfg.z * math.sqrt(mem.d_out) * check_bounds[:, m][:, None] + slack
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(residual > tau, np.where(tau > 0, residual / tau, math.inf),
                                  np.where(tau > 0, residual / tau, 0.0))

@@ -205,7 +205,8 @@ def test_decoding_takes_nothing_from_the_worker_headers(context, evaluator):
 
 
 def test_error_bound_is_the_documented_formula(context):
-    """ε = [2^(A−1) + ½Δw‖W‖_row + 32·n_o·(Δw‖W‖_row + d_in/2) + R(1+N)/2·(1+2^-16) + rounding] / (Δx·Δw)."""
+    """ε = [2^(A−1) + ½Δw‖W‖_row + 32·n_o·(Δw‖W‖_row + d_in/2) + R(1+hw(s))/2·(1+2^-16) + rounding] / (Δx·Δw);
+    against the encoded operands (effective=True) the two rounding terms drop out."""
     from bifrost.ckks import WeightStats
     from bifrost_kernels.backend import weight_scale
 
@@ -215,11 +216,36 @@ def test_error_bound_is_the_documented_formula(context):
     batch = context.encrypt(shape, x)
     ws = WeightStats(peak=0.5, row_l1=100.0)
     (eps0,), (eps1,) = context.error_bound(shape, batch, [ws])
+    (eff0,), (eff1,) = context.error_bound(shape, batch, [ws], effective=True)
     A, B = context.params.scale_bits, context.weight_bits
     dw, dx = weight_scale(B, 0.5), (2 ** A - 768) / 768
-    n_o, R, N = batch.state.blocking.out_per_ct, context._codec.rescale_factor, 2048
-    want = (2 ** (A - 1) + 0.5 * 100 * dw + 32 * n_o * (100 * dw + 384) + R * (1 + N) / 2 * (1 + 2 ** -16)
-            + 2.0 ** -45 * 2 ** A * (100 * dw + 768)) / (dw * dx)
-    assert eps0 == pytest.approx(want, rel=1e-12)
-    assert eps1 == 0.0  # an all-zero row decodes to exactly 0
-    assert 1.0 < eps0 / (2.0 ** -B * 768 * 0.5) < 1.3  # ≈ the leading term 2^-B·‖x‖₁·max|W|
+    n_o, R = batch.state.blocking.out_per_ct, context._codec.rescale_factor
+    hw = int(np.count_nonzero(context._secret))
+    noise = 32 * n_o * (100 * dw + 384) + R * (1 + hw) / 2 * (1 + 2 ** -16) + 2.0 ** -45 * 2 ** A * (100 * dw + 768)
+    assert eps0 == pytest.approx((2 ** (A - 1) + 0.5 * 100 * dw + noise) / (dw * dx), rel=1e-12)
+    assert eff0 == pytest.approx(noise / (dw * dx), rel=1e-12)
+    assert eps1 == eff1 == 0.0  # an all-zero row decodes to exactly 0
+    assert 0.8 < eps0 / (2.0 ** -B * 768 * 0.5) < 1.3  # ≈ the leading term 2^-B·‖x‖₁·max|W|
+    assert eff0 < 0.6 * eps0  # the weight rounding was the largest term
+
+
+def test_encoded_operands_predict_the_honest_product_far_more_tightly(context, evaluator):
+    """Against x̂ = effective_input and Ŵ = effective_weights(W) only the encryption and rescale noise is left:
+    the honest error is within the effective bound, which is far below the plain one."""
+    rng = np.random.default_rng(31)
+    shape = GroupShape(768, (768,))
+    w = rng.normal(0, 0.05, (768, 768))
+    x = gpt2_like(rng, 3, 768)
+    (y,), batch, _ = run_layer(context, evaluator, shape, [w], x)
+    bound = context.error_bound(shape, batch, stats([w]), effective=True)[:, 0]
+    err = np.abs(y - context.effective_input(batch) @ context.effective_weights(w).T).max(axis=1)
+    assert (err <= bound).all()
+    assert (err < np.abs(y - x @ w.T).max(axis=1) / 10).all()  # rounding dominated the plain error
+    scaled = context.effective_weights(w) * weight_scale_of(context, w)
+    assert np.abs(scaled - np.rint(scaled)).max() < 1e-6  # integers × 1/Δw
+
+
+def weight_scale_of(context, w):
+    from bifrost_kernels.backend import weight_scale
+
+    return weight_scale(context.weight_bits, float(np.abs(w).max()))

@@ -114,7 +114,7 @@ def model_groups(name: str, seed: int):
 def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int, packed_rows: int) -> dict:
     from bifrost.ckks import GroupShape, get_backend
     from bifrost.config import VerificationConfig
-    from bifrost.tee.verify import ProductVerifier
+    from bifrost.tee.verify import CheckOperand, ProductVerifier
 
     impl = get_backend(backend)
     params = impl.default_params
@@ -133,7 +133,8 @@ def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int, pa
             keys = impl.keygen(params, [shape])
             ev = impl.evaluator(keys.public_context())
             prepared = ev.prepare(shape, ws)
-            verifier = ProductVerifier({group: ws}, vcfg, effective_weights=keys.effective_weights)
+            verifier = ProductVerifier({group: [CheckOperand.of(w, lambda m: impl.quantized_weights(params, m))
+                                                for w in ws]}, vcfg)
             stats = verifier.weight_stats(group)
             row_counts = [1, prompt_rows]
             if backend == "native" and shape.d_in * sum(shape.d_outs) <= 4096 * 6144:

@@ -72,6 +72,14 @@ def weight_scale(bits: int, peak: float) -> float:
     return (2 ** bits - 1) / peak if peak > 0 else 1.0
 
 
+def quantize(bits: int, w: np.ndarray) -> tuple[np.ndarray, float]:
+    """(rint(W·Δw), Δw): the integers the worker multiplies by (int16 where they fit) and their scale."""
+    t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64))
+    dw = weight_scale(bits, float(t.abs().max()) if t.numel() else 0.0)
+    dtype = np.int16 if bits <= 15 else np.int32 if bits <= 31 else np.int64
+    return torch.round(t * dw).numpy().astype(dtype), dw  # (torch: multi-threaded; same values as numpy's rint)
+
+
 def _chain(params: CKKSParams) -> tuple[int, ...]:
     try:
         primes = ntt_primes(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes))
@@ -277,9 +285,8 @@ class NativeTrustedContext:
 
     def effective_weights(self, w: np.ndarray) -> np.ndarray:
         """The matrix an honest worker multiplies by, in real units: rint(W·Δw)/Δw."""
-        w = np.asarray(w, dtype=np.float64)
-        dw = weight_scale(self.weight_bits, float(np.abs(w).max()) if w.size else 0.0)
-        return np.rint(w * dw) / dw
+        m, c = quantize(self.weight_bits, w)
+        return m / c
 
     def effective_input(self, batch: EncryptedBatch) -> np.ndarray:
         """The activations exactly as encrypted (x̃/Δx, rows × d_in)."""
@@ -500,6 +507,9 @@ class NativeBackend:
 
     def max_output_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
         return _Codec(params, _chain(params), bytes(wire.CONTEXT_ID_BYTES)).call_bytes(shape, rows)[1]
+
+    def quantized_weights(self, params: CKKSParams, w: np.ndarray) -> tuple[np.ndarray, float]:
+        return quantize(weight_bits(params, _chain(params)), w)
 
     def call_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> tuple[int, int]:
         """Exact (input, output) wire bytes of an honest call of ``rows`` rows (the estimator predicts with it)."""

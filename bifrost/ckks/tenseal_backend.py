@@ -574,6 +574,12 @@ class TenSEALBackend:
     def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
         return ROWS_PER_CALL
 
+    def quantized_weights(self, params: CKKSParams, w: np.ndarray) -> tuple[np.ndarray, float]:
+        """The weights themselves (float32 where that is exact, as for every model's weights), scale 1."""
+        w = np.asarray(w, dtype=np.float64)
+        w32 = w.astype(np.float32)
+        return (w32 if np.array_equal(w32, w) else w), 1.0
+
     def max_output_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
         """Uncompressed SEAL serialization at the output level (one data prime), plus headers, per output
         ciphertext (zstd-compressed ones are smaller)."""

@@ -42,7 +42,7 @@ from ..model.delegation import Site
 from ..proto import worker_pb2
 from .link import WorkerCallError, WorkerLink, WorkerReply
 from .quarantine import WorkerQuarantine
-from .verify import ProductVerifier
+from .verify import CheckOperand, ProductVerifier
 
 log = logging.getLogger("bifrost.engine")
 
@@ -98,15 +98,22 @@ class CallStats:
         return out
 
 
+def check_operands(backend: str, params: CKKSParams, weights: Mapping[str, np.ndarray]) -> dict[str, CheckOperand]:
+    """Every site's :class:`~.verify.CheckOperand` (what its product is checked against): made once per replica."""
+    impl = get_backend(backend)
+    return {name: CheckOperand.of(w, lambda m: impl.quantized_weights(params, m)) for name, w in weights.items()}
+
+
 class DelegationEngine:
     """Owns the CKKS keys, check vectors and worker link of one session."""
 
     def __init__(self, link: WorkerLink, backend: str, params: CKKSParams, site_list: list[Site],
                  groups: list[tuple[str, ...]], weights: Mapping[str, np.ndarray], *,
                  verify: VerificationConfig | None = None, quarantine: WorkerQuarantine | None = None,
-                 prepare: bool = True) -> None:
+                 operands: Mapping[str, CheckOperand] | None = None, prepare: bool = True) -> None:
         """``weights``: the trusted copy of every site's weight, (d_out, d_in) — the products are checked
-        against it, and computed from it when a worker deviates."""
+        against it, and computed from it when a worker deviates. ``operands``: its check operands, shared by
+        the sessions of a replica (default: made here, :func:`check_operands`)."""
         self.link = link
         self.sites = {s.name: s for s in site_list}
         self.group_of: dict[str, tuple[str, ...]] = {n: g for g in groups for n in g}
@@ -125,7 +132,8 @@ class DelegationEngine:
         self.params = params
         self._backend = get_backend(backend)
         self._keys = self._backend.keygen(params, sorted(set(self.shapes.values()), key=repr))
-        self.verifier = ProductVerifier(self._weights, verify, effective_weights=self._keys.effective_weights)
+        operands = operands or check_operands(backend, params, weights)
+        self.verifier = ProductVerifier({g: [operands[n] for n in g] for g in groups}, verify)
         self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
         public = self._keys.public_context()
         self.public_context_bytes = len(public)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator
@@ -25,7 +26,7 @@ from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
 from ..model.tokenizer import load_tokenizer
 from .delegate import DelegatedLinear, attach_engine, swap_in_delegates, using_engine
-from .engine import CallStats, DelegationEngine
+from .engine import CallStats, DelegationEngine, check_operands
 from .link import WorkerLink, reply_limit
 from .pool import WorkerDirectory, WorkerPool
 from .quarantine import WorkerQuarantine
@@ -138,6 +139,8 @@ class TrustedRuntime:
         self.quarantine = quarantine if quarantine is not None else WorkerQuarantine(cfg.tee.quarantine_file)
         t0 = time.perf_counter()
         self.params = cfg.ckks_params()
+        self._operands = None
+        self._operands_lock = threading.Lock()
         if isinstance(worker, WorkerEndpoint):
             worker = WorkerPool(self.directory([worker]), owns_directory=True)
         elif isinstance(worker, str):
@@ -161,10 +164,17 @@ class TrustedRuntime:
         return WorkerDirectory(endpoints, trusted_identity(self.cfg), timeout_s or self.cfg.worker.timeout_s,
                                retry_after_s, limit, self.quarantine)
 
+    def operands(self) -> dict:
+        """The product check's operands of every site (made on first use, shared by every session)."""
+        with self._operands_lock:
+            if self._operands is None:
+                self._operands = check_operands(self.cfg.backend, self.params, self.weights)
+            return self._operands
+
     def new_engine(self, link: WorkerLink) -> DelegationEngine:
         """A session's engine: fresh CKKS keys and check vectors over ``link``, this replica's model."""
         return DelegationEngine(link, self.cfg.backend, self.params, self.sites, self.groups, self.weights,
-                                verify=self.cfg.verification, quarantine=self.quarantine)
+                                verify=self.cfg.verification, quarantine=self.quarantine, operands=self.operands())
 
     @torch.no_grad()
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None,

@@ -9,7 +9,7 @@ decoded worker output ŷ (rows × d_out) for the input x (rows × d_in) passes w
 
 where ε_r is the backend's documented worst-case error per output (``TrustedContext.error_bound``). The
 product check is made against the operands *as encoded* (x̂ = ``effective_input``, u_j = s_jᵀŴ with
-Ŵ = ``effective_weights(W)``: the native backend's rounded activations and quantised weights, known exactly
+Ŵ = ``quantized_weights(W)`` of the backend: the native backend's rounded activations and quantised weights, known exactly
 here), so its tolerance ε̂ (``error_bound(effective=True)``) holds only the encryption and rescale noise.
 
 Why these numbers. Honest error e = ŷ_r − x̂_rŴᵀ has ‖e‖₂ ≤ √d_out·ε̂_r, and s_j·e ~ N(0, ‖e‖₂²) for a
@@ -57,33 +57,48 @@ class CheckResult:
     comparisons: int     # rows × members × vectors compared
 
 
-class _Member:
-    """Check vectors of one weight matrix W: S [k, d_out], U = S·W' [k, d_in] for the weights W' the product is
-    checked against (W itself, or its encoding), and U_abs ≥ |S|·|W'| [k, d_in] (max_k |s_jk| · Σ_k |W'_ki|:
-    bounds the float64 rounding of U without a second product). ``stats`` describe W itself."""
+@dataclass(frozen=True)
+class CheckOperand:
+    """What the product check needs of one weight matrix W, shared by every session of a replica: ``stats`` of
+    W itself (range check, error bounds) and the matrix the product is checked against, W' = m / c exactly
+    (the backend's ``quantized_weights``: the native backend's integers and Δw; TenSEAL's W and 1), with
+    ``col_abs`` = Σ_k |W'_ki| per input column."""
 
-    def __init__(self, w: np.ndarray, k: int, effective=None) -> None:
+    stats: WeightStats
+    m: np.ndarray
+    c: float
+    col_abs: np.ndarray
+
+    @classmethod
+    def of(cls, w: np.ndarray, quantize=None) -> "CheckOperand":
+        """``quantize``: the backend's ``w -> (m, c)`` (None: W itself)."""
         w = np.asarray(w, dtype=np.float64)
-        self.d_out, self.d_in = w.shape
-        self.stats = WeightStats.of(w)
-        if effective is not None:
-            w = effective(w)
+        m, c = quantize(w) if quantize is not None else (w, 1.0)
+        return cls(WeightStats.of(w), m, float(c), np.abs(m).sum(axis=0, dtype=np.float64) / c)
+
+
+class _Member:
+    """One session's check vectors for one weight matrix: S [k, d_out], U = S·W' [k, d_in], and U_abs ≥ |S|·|W'|
+    (max_k |s_jk| · Σ_k |W'_ki|: bounds the float64 rounding of U without a second product)."""
+
+    def __init__(self, op: CheckOperand, k: int) -> None:
+        self.d_out, self.d_in = op.m.shape
+        self.stats = op.stats
         self.S = standard_normal((k, self.d_out))
-        self.U = self.S @ w
+        self.U = (self.S @ op.m.astype(np.float64)) / op.c
         self.S_abs = np.abs(self.S)
-        self.U_abs = np.outer(self.S_abs.max(axis=1), np.abs(w).sum(axis=0))
+        self.U_abs = np.outer(self.S_abs.max(axis=1), op.col_abs)
 
 
 class ProductVerifier:
     """One session's check vectors for every delegated group (members in group order)."""
 
-    def __init__(self, groups: Mapping[tuple[str, ...], Sequence[np.ndarray]], cfg: VerificationConfig | None = None,
-                 effective_weights=None):
-        """``effective_weights``: the backend's map from W to the matrix an honest worker multiplies by (the
-        check is then made against the encoded operands, with ``TrustedContext.error_bound(effective=True)``)."""
+    def __init__(self, groups: Mapping[tuple[str, ...], Sequence], cfg: VerificationConfig | None = None):
+        """``groups``: per group, one :class:`CheckOperand` per member (or a weight matrix: checked as it is)."""
         cfg = cfg or VerificationConfig()
         self.cfg = cfg
-        self._members = {g: [_Member(w, cfg.vectors, effective_weights) for w in ws] for g, ws in groups.items()}
+        self._members = {g: [_Member(op if isinstance(op, CheckOperand) else CheckOperand.of(op), cfg.vectors)
+                             for op in ops] for g, ops in groups.items()}
 
     def weight_stats(self, group: tuple[str, ...]) -> list[WeightStats]:
         return [m.stats for m in self._members[group]]

@@ -102,6 +102,13 @@ def main() -> int:
             with lock:
                 outcomes[outcome] += 1
 
+        other = get_backend("native").keygen(CKKSParams(2048, (30, 24), 34), [])
+        try:  # before the flood fills the session slots
+            stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=other.public_context()),
+                             timeout=60)
+            unconfigured = "accepted"
+        except grpc.RpcError as exc:
+            unconfigured = f"{exc.code().name}: {exc.details()}"
         t0 = time.monotonic()
         threads = [threading.Thread(target=lambda k=k: [one(i) for i in range(k, args.requests, args.threads)])
                    for k in range(args.threads)]
@@ -110,13 +117,6 @@ def main() -> int:
         for t in threads:
             t.join()
         flood_s = time.monotonic() - t0
-        other = get_backend("native").keygen(CKKSParams(2048, (30, 24), 34), [])
-        try:
-            stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=other.public_context()),
-                             timeout=60)
-            unconfigured = "accepted"
-        except grpc.RpcError as exc:
-            unconfigured = f"{exc.code().name}: {exc.details()}"
         stop.set()
         peak = max(samples + [rss_bytes(worker.proc.pid)])
     finally:

@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from ..attest.mtls import WORKER_TLS_NAME, TLSIdentity, server_credentials
     from ..errors import BifrostError
-    from .service import client_certificates, limits_from_config
+    from .service import bound_allocator, client_certificates, limits_from_config
+
+    bound_allocator()  # before the model loads and the gRPC threads start: evicted memory is really freed
 
     cfg = load_config(args.config)
     model = args.model or cfg.model

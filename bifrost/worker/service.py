@@ -419,6 +419,24 @@ def serve(service: WorkerService, credentials, host: str = "127.0.0.1", port: in
     return server, bound
 
 
+def bound_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
+    """glibc only: serve allocations of ``mmap_threshold`` bytes or more with their own mappings (returned to the
+    system when freed: evicted prepared weights really leave) and cap malloc arenas at ``arenas`` (per-thread
+    arenas otherwise keep freed memory). Without it, a flood of OpenSession requests measured 3.4 GiB of
+    resident memory for a 0.5 GiB cache (GPT-2 124M; with it 1.6 GiB). Call before the first threads start.
+    Returns False where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_ARENA_MAX, arenas))
+
+
 def limits_from_config(cfg) -> WorkerLimits:
     w = cfg.worker
     return WorkerLimits(w.max_sessions, w.session_idle_s, w.cache_bytes, w.max_public_context_bytes, allowed_params(cfg))

@@ -74,8 +74,45 @@ def test_concurrent_sessions_share_one_worker_call_per_group(model_parts):
     assert batcher.stats.worker_calls == len(same_din)  # 4 sessions, one call per group
     assert batcher.stats.max_items == 4
     assert all(e.stats.calls == len(same_din) for e in engines)
+    # each session checked its own rows (its own secret vectors): one row x one member x 8 vectors per group
+    assert all(e.stats.checks == len(same_din) * 8 and e.stats.deviations == 0 for e in engines)
     for e in engines:
         e.close()
+
+
+def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_parts, run_config):
+    """A batched call whose reply for one item is tampered with: that session's check fails (its product is
+    recomputed in the TEE, the worker quarantined); the other sessions' rows pass their own checks."""
+    from tests import adversary as adv
+    from tests.workers import make_service, start_worker
+
+    cfg, rt, _, weights = model_parts
+    tampered = []
+
+    def attack(call):  # the second item of the first batched call
+        if call.index == 1 and not tampered:
+            tampered.append(call.index)
+            return adv.scaled_output(lambda c: True, 2 ** 20)(call)
+        return None
+
+    service = adv.AdversarialService(make_service(run_config, MODEL), attack)
+    _, server, endpoint = start_worker(run_config, MODEL, service=service)
+    try:
+        directory = rt.directory([endpoint])
+        batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=16)
+        engines = _engines(batcher, directory, cfg, rt, 3)
+        group = rt.groups[0]
+        rng = np.random.default_rng(5)
+        xs = [rng.normal(size=(1, rt.engine.sites[group[0]].d_in)) for _ in engines]
+        results = _run_sessions(batcher, engines, [group], xs)
+        _check(results, [group], xs, weights)  # every session got the right product
+        assert batcher.stats.max_items == 3 and tampered == [1]
+        assert sorted(e.stats.deviations for e in engines) == [0, 0, 1]
+        assert endpoint.identity in rt.quarantine
+        for e in engines:
+            e.close()
+    finally:
+        server.stop(grace=None)
 
 
 def test_batches_respect_max_rows_and_prefill_goes_alone(model_parts):

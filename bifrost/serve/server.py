@@ -407,8 +407,11 @@ class ServingService:
                     return
 
     def _probe(self, r: int) -> None:
+        # The replica's backstop waits for the longer of the two idle limits: the front end itself keeps a
+        # session that never sent a request for pending_idle_s, and the replica cannot tell the two apart.
+        backstop = max(self.scfg.session_idle_s, self.scfg.pending_idle_s)
         try:
-            self.replicas[r].call("close_idle", self.scfg.session_idle_s, timeout_s=self.scfg.replica_timeout_s)
+            self.replicas[r].call("close_idle", backstop, timeout_s=self.scfg.replica_timeout_s)
         except ReplicaDeadError:
             self._replica_died(r)
         except Exception as exc:  # noqa: BLE001 - slow or transiently unreachable: next round

@@ -38,6 +38,7 @@ class WorkerQuarantine:
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
         self._stamp: tuple[int, int] | None = None
+        self._pending: list[threading.Event] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._reload()
@@ -87,17 +88,35 @@ class WorkerQuarantine:
             return {k: dict(v) for k, v in self._entries.items()}
 
     def add(self, identity: str, reason: str) -> bool:
-        """Quarantine ``identity`` (``reason``: which check failed; no data). Returns True if it is new."""
+        """Quarantine ``identity`` (``reason``: which check failed; no data). Returns True if it is new.
+
+        Effective at once in this process; the file write and the operator's warning happen on a background
+        thread, so the call that caught the worker is not delayed by them (its next request leaves on time)."""
         entry = {"reason": reason, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with self._lock:
             if identity in self._entries:
                 return False
             self._entries[identity] = entry
-            if self.path is not None:
-                self._write(identity, entry)
-        log.warning("worker %s quarantined (%s): its results are discarded and recomputed in the TEE; it is "
-                    "refused at the next start", identity[:23], reason)
+        done = threading.Event()
+        self._pending.append(done)
+        threading.Thread(target=self._publish, args=(identity, entry, done), daemon=True,
+                         name="quarantine-publish").start()
         return True
+
+    def _publish(self, identity: str, entry: dict, done: threading.Event) -> None:
+        try:
+            if self.path is not None:
+                with self._lock:
+                    self._write(identity, entry)
+            log.warning("worker %s quarantined (%s): its results are discarded and recomputed in the TEE; it is "
+                        "refused at the next start", identity[:23], entry["reason"])
+        finally:
+            done.set()
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait for pending file writes (tests, shutdown)."""
+        for done in list(self._pending):
+            done.wait(timeout_s)
 
     def _write(self, identity: str, entry: dict) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")

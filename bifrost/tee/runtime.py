@@ -254,6 +254,7 @@ class TrustedRuntime:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        self.quarantine.flush()
 
 
 def _mean_pooled(model, tokenizer, text: str) -> np.ndarray:

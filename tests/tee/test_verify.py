@@ -123,8 +123,11 @@ def test_quarantine_is_shared_through_its_file_and_survives_a_restart(tmp_path):
     a, b = WorkerQuarantine(path), WorkerQuarantine(path)
     assert "sha256:aa" not in a and len(b) == 0
     assert a.add("sha256:aa", "product check") is True
+    assert "sha256:aa" in a  # effective at once here; the file follows on a background thread
+    a.flush()
     assert "sha256:aa" in b and b.entries()["sha256:aa"]["reason"] == "product check"  # another replica sees it
     assert b.add("sha256:bb", "range check") and a.add("sha256:aa", "again") is False
+    b.flush()
     assert set(WorkerQuarantine(path).entries()) == {"sha256:aa", "sha256:bb"}  # a later run reads both
     assert json.loads(path.read_text())["format"] == "bifrost-worker-quarantine/v1"
 
@@ -133,6 +136,7 @@ def test_a_damaged_quarantine_file_keeps_what_is_known(tmp_path, caplog):
     path = tmp_path / "q.json"
     q = WorkerQuarantine(path)
     q.add("sha256:aa", "product check")
+    q.flush()
     path.write_text("{not json")
     assert "sha256:aa" in q  # nothing forgotten
     assert "unreadable" in caplog.text

@@ -1,7 +1,7 @@
 """Cross-session batched decode: k concurrent sessions, batched layer calls vs one session at a time.
 
 For each session count k, in one run on one machine with one local worker process (loopback gRPC):
-- ``interleaved``: the sessions share the replica's model under a lock, one decode step at a time
+- ``interleaved``: one replica step loop without a batcher: each step runs the sessions' decode passes one after another
   (every layer call is its own worker call) — what ``batch_decode: false`` serves;
 - ``batched``: the sessions run their steps concurrently and a :class:`~bifrost.tee.batching.DecodeBatcher`
   merges their layer calls into one ``LinearBatch`` call per layer group — ``batch_decode: true``.
@@ -60,37 +60,44 @@ def _agreement(got: list[int], ref: tuple[list[int], list[float]]) -> str:
     return "near-tie" if gaps[first] < NEAR_TIE else "DIFFERENT"
 
 
-def _decode_concurrently(rt, engines, prompts, n_new, step_context):
-    """Every session decodes in its own thread; returns (wall s, per-session tokens, inter-token gaps s).
+def _decode_concurrently(rt, engines, prompts, n_new, batcher):
+    """Every session's turn goes through one replica step loop (:class:`~bifrost.tee.scheduler.StepLoop`,
+    with or without a batcher); returns (wall s, per-session tokens, inter-token gaps s).
 
-    A gap is the wall time a session waits between two of its tokens, queueing for the model lock or
-    for a batch included (what a user sees as time per output token)."""
-    tokens, step_s, errors = {}, [], []
-    start = threading.Barrier(len(engines))
+    A gap is the wall time a session waits between two of its tokens, queueing for its turn in the step
+    or for a batch included (what a user sees as time per output token)."""
+    from bifrost.tee.scheduler import StepLoop, TokenEvent, Turn
 
-    def session(i):
-        try:
-            start.wait(timeout=60)
-            out, last = [], None
-            for step in rt.decode_steps(prompts[i], n_new, mode="bifrost+", engine=engines[i], step_context=step_context):
-                now = time.perf_counter()
-                out.append(step.timing.token)
-                if last is not None:
-                    step_s.append(now - last)
-                last = now
-            tokens[i] = out
-        except Exception as exc:  # noqa: BLE001 - reported
-            errors.append(f"session {i}: {exc!r}")
-
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(engines))]
+    loop = StepLoop(rt, "bifrost+", batcher, max_concurrent=len(engines))
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    turns = [loop.submit(Turn(e, p, n_new, lambda: False)) for e, p in zip(engines, prompts)]
+    tokens, step_s, errors = {}, [], []
+
+    def consume(i, turn):  # one reader per session, as a serving replica has
+        out, last = [], None
+        while True:
+            ev = turn.events.get()
+            if not isinstance(ev, TokenEvent):
+                if ev.error is not None:
+                    errors.append(f"session {i}: {ev.error!r}")
+                break
+            now = time.perf_counter()
+            out.append(ev.token)
+            if last is not None:
+                step_s.append(now - last)
+            last = now
+        tokens[i] = out
+
+    readers = [threading.Thread(target=consume, args=(i, t)) for i, t in enumerate(turns)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    wall = time.perf_counter() - t0
+    loop.close()
     if errors:
         raise SystemExit("batched_decode.py: " + "; ".join(errors))
-    return time.perf_counter() - t0, tokens, step_s
+    return wall, tokens, step_s
 
 
 def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict]:
@@ -98,9 +105,9 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
 
     from bifrost.config import load_config
     from bifrost.model.catalog import load_model, resolve
-    from bifrost.serve.server import run_config_yaml
+    from bifrost.tee.deploy import run_config_yaml
     from bifrost.tee.batching import DecodeBatcher
-    from bifrost.tee.pool import WorkerPool
+    from bifrost.tee.pool import WorkerSessions
     from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.launcher import LocalWorker
 
@@ -113,18 +120,16 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
         wcfg.write_text(run_config_yaml(cfg, max_sessions=2 * max(counts) + 4))
         with LocalWorker(model_name, cfg.seed, [trusted_identity(cfg).cert_pem], config=str(wcfg)) as worker:
             rt = TrustedRuntime(cfg, None)  # the model; every session gets its own engine (keys, check vectors)
-            directory = rt.directory([worker.endpoint], timeout_s=600)
+            directory = rt.worker_pool([worker.endpoint], timeout_s=600)
             for k in counts:
                 prompts = [np.random.default_rng(100 + i).integers(256, vocab, size=prompt_len).tolist() for i in range(k)]
                 expected = [_plaintext_reference(plain, p, n_new) for p in prompts]
                 row = {"sessions": k}
                 for variant in ("interleaved", "batched"):
                     batcher = DecodeBatcher(directory) if variant == "batched" else None
-                    lock = threading.Lock()
-                    engines = [rt.new_engine(batcher.link_for(WorkerPool(directory)) if batcher else WorkerPool(directory))
+                    engines = [rt.new_engine(batcher.link_for(WorkerSessions(directory)) if batcher else WorkerSessions(directory))
                                for _ in range(k)]
-                    context = (lambda rows: batcher.participant()) if batcher else (lambda rows: lock)
-                    wall, tokens, gaps = _decode_concurrently(rt, engines, prompts, n_new, context)
+                    wall, tokens, gaps = _decode_concurrently(rt, engines, prompts, n_new, batcher)
                     calls = sum(e.stats.calls for e in engines)
                     row[variant] = {
                         "wall_s": wall, "tokens_per_s": k * n_new / wall,
@@ -157,7 +162,7 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
     from bifrost.config import load_config
     from bifrost.model.delegation import fuse_groups
     from bifrost.proto import worker_pb2, worker_pb2_grpc
-    from bifrost.serve.server import run_config_yaml
+    from bifrost.tee.deploy import run_config_yaml
     from bifrost.tee.link import connect
     from bifrost.tee.runtime import trusted_identity
     from bifrost.worker.launcher import LocalWorker

@@ -87,6 +87,7 @@ def tls_vs_plain(repeats: int) -> dict:
 
     from bifrost.attest.mtls import (TRUSTED_TLS_NAME, WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint,
                                      server_credentials, worker_channel)
+    from bifrost.proto.wire import worker_server_options
 
     payload = b"\x5a" * (24 * 13_895)  # one GPT-2 c_fc decode call's input ciphertexts (24 × 13.9 KB)
     reply = b"\xa5" * (48 * 7_993)      # and its 48 outputs
@@ -96,7 +97,7 @@ def tls_vs_plain(repeats: int) -> dict:
 
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Call": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)})
-    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    opts = worker_server_options()  # sized as a worker's channel
     worker, client = TLSIdentity.generate(WORKER_TLS_NAME), TLSIdentity.generate(TRUSTED_TLS_NAME)
     out = {}
     for name in ("plaintext", "mutual TLS"):

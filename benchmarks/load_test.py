@@ -67,10 +67,10 @@ def main(argv=None) -> int:
 
     from bifrost.config import load_config
     from bifrost.model.catalog import resolve
-    from bifrost.serve.actors import model_digest
+    from bifrost.model.digests import model_digest
     from bifrost.serve.client import BifrostClient
     from bifrost.serve.config import load_serve_config
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
     from bifrost.attest.policy import policy_from_mapping
 
     cfg = load_config().replace(model=args.model)

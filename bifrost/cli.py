@@ -1,6 +1,8 @@
 """``bifrost`` command line. Each trust domain contributes its own sub-commands.
 
 Sub-command modules expose ``add_parser(subparsers)`` and set ``func(args) -> int`` on their parser.
+Only the module of the command being run is imported (``COMMANDS``): ``bifrost worker`` and
+``bifrost chat`` never load the trusted runtime (``bifrost/tee``); ``bifrost --help`` loads them all.
 Any :class:`~bifrost.errors.BifrostError` (and a few well-understood OS errors) becomes one line on
 stderr and a non-zero exit code, never a traceback.
 """
@@ -18,20 +20,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import BifrostError
 
-# Order is the order shown in --help. A module that is absent (optional component) is skipped.
-SUBCOMMAND_MODULES = (
-    "bifrost.tee.cli",
-    "bifrost.worker.cli",
-    "bifrost.attest.cli",
-    "bifrost.serve.cli",
-    "bifrost_estimator.cli",
-)
+# command -> the module that adds it. Order is the order shown in --help. A module that is absent
+# (optional component) is skipped.
+COMMANDS = {
+    "demo": "bifrost.tee.cli",
+    "generate": "bifrost.tee.cli",
+    "embed": "bifrost.tee.cli",
+    "serve": "bifrost.tee.serve_cli",
+    "worker": "bifrost.worker.cli",
+    "attest": "bifrost.attest.cli",
+    "chat": "bifrost.serve.cli",
+    "estimate": "bifrost_estimator.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every sub-command, or only ``command``'s module when it names a known command."""
     parser = argparse.ArgumentParser(prog="bifrost", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -43,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -320,7 +320,7 @@ def _grpc_link(ct_in: int, ct_out: int, verbose: bool, quick: bool) -> dict:
     from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity, server_credentials
     from bifrost.proto import worker_pb2
     from bifrost.tee.link import connect
-    from bifrost.worker.service import MAX_REPLY_BYTES, MAX_REQUEST_BYTES
+    from bifrost.proto.wire import worker_server_options
 
     def echo(request, context):
         n = len(request.ciphertexts)
@@ -330,7 +330,7 @@ def _grpc_link(ct_in: int, ct_out: int, verbose: bool, quick: bool) -> dict:
     handler = grpc.method_handlers_generic_handler("bifrost.calibrate.Echo", {
         "Linear": grpc.unary_unary_rpc_method_handler(echo, worker_pb2.LinearRequest.FromString,
                                                       worker_pb2.LinearReply.SerializeToString)})
-    opts = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.max_send_message_length", MAX_REPLY_BYTES)]
+    opts = worker_server_options()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=opts)
     server.add_generic_rpc_handlers((handler,))
     identity = TLSIdentity.generate(WORKER_TLS_NAME)

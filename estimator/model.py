@@ -306,10 +306,9 @@ def bsgs_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
 
 
 def _row_blocks_per_kernel_call() -> int:
-    try:
-        from bifrost_kernels.backend import ROW_BLOCKS_PER_KERNEL_CALL
-    except ImportError:  # a kernel without the bound streams the weights once per row block
-        return 1
+    """How many row blocks one native kernel pass takes (the kernel's own constant)."""
+    from bifrost_kernels.backend import ROW_BLOCKS_PER_KERNEL_CALL
+
     return max(int(ROW_BLOCKS_PER_KERNEL_CALL), 1)
 
 
@@ -409,11 +408,8 @@ def exact_call_bytes(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) 
     """(input, output) wire bytes of one honest call of ``rows`` rows from the backend's own ``call_bytes``
     (native: exact, headers included); None for a backend without exact sizes (tenseal: SEAL's compressed
     serialisation varies with the data)."""
-    size = getattr(get_backend(backend), "call_bytes", None)
-    if size is None:
-        return None
-    sent, received = size(backend_params(backend, ops), _group_shape(group), rows)
-    return int(sent), int(received)
+    size = get_backend(backend).call_bytes(backend_params(backend, ops), _group_shape(group), rows)
+    return None if size is None else (int(size[0]), int(size[1]))
 
 
 def _group_shape(group: LinearGroup) -> GroupShape:

@@ -56,7 +56,7 @@ def measured_traffic(runtime, ids: list[int], new_tokens: int, mode: str) -> tup
     every layer group that it has called: ``{group: GroupStats}``)."""
     engine = runtime.engine
     timings, traffic = [], []
-    steps = runtime.decode_steps(ids, new_tokens, mode=mode)
+    steps = runtime.decode_steps(runtime.engine, ids, new_tokens, mode=mode)
     while True:
         before = engine.stats.snapshot()
         step = next(steps, None)

@@ -169,6 +169,10 @@ class CKKSBackend(Protocol):
         """Upper bound on the bytes of all output ciphertexts of an honest reply to a call of ``rows`` rows
         (a pure function of public values): the trusted side refuses larger replies unread."""
 
+    def call_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> tuple[int, int] | None:
+        """(request, reply) wire bytes of one honest call of ``rows`` rows, exactly (headers included), or None
+        when the backend's sizes vary with the data (the estimator predicts with it)."""
+
     def quantized_weights(self, params: CKKSParams, w: np.ndarray) -> tuple[np.ndarray, float]:
         """The weights an honest worker multiplies by, as (m, c) with effective W = m / c exactly in float64
         and m in a compact dtype (the trusted side keeps it once per replica for the product check)."""

@@ -574,6 +574,10 @@ class TenSEALBackend:
     def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
         return ROWS_PER_CALL
 
+    def call_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> None:
+        """None: SEAL's compressed serialisation varies with the data (no exact sizes)."""
+        return None
+
     def quantized_weights(self, params: CKKSParams, w: np.ndarray) -> tuple[np.ndarray, float]:
         """The weights themselves (float32 where that is exact, as for every model's weights), scale 1."""
         w = np.asarray(w, dtype=np.float64)

@@ -5,10 +5,12 @@ Generate [server-streaming], Embed, CloseSession, ListModels; plus grpc.health.v
 reflection). Stubs are committed next to it and regenerated with ``python -m bifrost.proto.generate``.
 
 Layout: :mod:`.server` (front end: tokens, limits, routing of *sealed* records; never holds channel
-keys), :mod:`.actors` (``ReplicaActor``: the trusted runtime replica that owns channel keys, CKKS keys,
-history; a Ray actor or the same class in-process), :mod:`.sessions`, :mod:`.client` (SDK),
-:mod:`.replicas` (how the front end reaches a replica, in-process or Ray; bounded waits),
-:mod:`.cli`, :mod:`.config` (``configs/serve.yaml``). The worker pool is :mod:`bifrost.tee.pool`.
+keys), :mod:`.sessions` (the front end's session table), :mod:`.client` (SDK), :mod:`.replicas` (how the
+front end reaches a replica, in-process or Ray; bounded waits), :mod:`.cli` (``bifrost chat``),
+:mod:`.config` (``configs/serve.yaml``). Nothing here imports the trusted runtime: the replica that owns
+channel keys, CKKS keys and history is :mod:`bifrost.tee.replica`, and the deployment that builds the
+replicas and hands them to the front end (``bifrost serve``) is :mod:`bifrost.tee.deploy`. Replica ↔
+front end messages: :mod:`bifrost.proto.replica`; wire constants: :mod:`bifrost.proto.wire`.
 
 Run::
 

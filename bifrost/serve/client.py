@@ -38,7 +38,7 @@ from ..attest.policy import AttestationPolicy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..errors import BifrostError
 from ..proto import serving_pb2, serving_pb2_grpc
-from .actors import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER
+from ..proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER, serving_options
 
 
 class ServingError(BifrostError):
@@ -100,7 +100,7 @@ class BifrostClient:
             except OSError as exc:
                 raise BifrostError(f"cannot read the TLS CA file {tls_ca_file}: {exc.strerror}") from None
         self.tls = tls_root_certificates is not None
-        options = [("grpc.max_receive_message_length", 64 << 20)]
+        options = serving_options()
         if self.tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
             self.channel = grpc.secure_channel(address, creds, options=options)

@@ -16,6 +16,7 @@ Deployment rules enforced here (each a one-line error naming the fix):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,3 +195,22 @@ def _is_host_port(address: str) -> bool:
     """``host:port`` with a non-empty host and a decimal port."""
     host, _, port = address.rpartition(":")
     return bool(host) and port.isdigit()
+
+
+def serving_config(cfg, scfg: ServeConfig) -> dict:
+    """The public serving configuration bound into report_data (what a client may pin). ``cfg``: the
+    :class:`~bifrost.config.RunConfig` the replicas run."""
+    return {
+        "model": cfg.model, "seed": cfg.seed, "backend": cfg.backend,
+        "ckks": dataclasses.asdict(cfg.ckks) if cfg.ckks is not None else None,
+        "delegation": json.loads(json.dumps(dataclasses.asdict(cfg.delegation))),
+        "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "prompt"},
+        "max_prompt_tokens": scfg.max_prompt_tokens, "max_new_tokens": scfg.max_new_tokens,
+        "max_sessions": scfg.max_sessions, "token_lifetime_s": scfg.token_lifetime_s,
+    }
+
+
+def serving_config_digest(cfg, scfg: ServeConfig) -> bytes:
+    from ..attest.binding import compute_serving_config_digest
+
+    return compute_serving_config_digest(serving_config(cfg, scfg))

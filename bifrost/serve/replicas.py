@@ -1,5 +1,7 @@
-"""Handles through which the front end reaches its replicas (:class:`~.actors.ReplicaActor`):
-in-process (:class:`LocalReplica`) or as Ray actors (:class:`RayReplica`), behind one Protocol.
+"""Handles through which the front end reaches its replicas (``bifrost.tee.replica.TrustedReplica``, built
+by the deployment, :mod:`bifrost.tee.deploy`): in-process (:class:`LocalReplica`) or Ray actors
+(:class:`RayReplica`), behind the :class:`ReplicaHandle` Protocol. This module never imports the replica
+class: a handle calls its methods by name and gets the typed messages of :mod:`bifrost.proto.replica`.
 
 Every wait is bounded: calls take ``timeout_s`` (Ray) and streams a per-item timeout (both runtimes).
 Failures become three exceptions: :class:`ReplicaDeadError` (the actor is gone for good),
@@ -14,7 +16,7 @@ import threading
 from typing import Protocol
 
 from ..errors import BifrostError
-from .actors import ReplicaActor
+from ..proto.replica import ReplicaInfo
 from .config import ServeConfig
 
 
@@ -40,8 +42,8 @@ class ReplicaStream(Protocol):
         """The next item; raises StopIteration at the end, :class:`ReplicaUnavailableError` on timeout/death."""
 
 
-class Replica(Protocol):
-    """How the front end reaches one :class:`ReplicaActor` (in-process or a Ray actor)."""
+class ReplicaHandle(Protocol):
+    """How the front end reaches one replica (in-process or a Ray actor)."""
 
     def call(self, method: str, *args, timeout_s: float | None = None): ...
 
@@ -81,11 +83,11 @@ class _ThreadStream:
 
 
 class LocalReplica:
-    """The replica class run in this process (``runtime: local``, tests). Calls run in the caller's
-    thread (no timeout: they cannot be interrupted); streams run in their own thread."""
+    """A replica object in this process (``runtime: local``, tests). Calls run in the caller's thread (no
+    timeout: they cannot be interrupted); streams run in their own thread."""
 
-    def __init__(self, *args) -> None:
-        self.obj = ReplicaActor(*args)
+    def __init__(self, obj) -> None:
+        self.obj = obj
         self.dead = False
 
     def _method(self, method: str):
@@ -184,7 +186,7 @@ class RayReplica:
             pass
 
 
-def wait_for_ray_replicas(replicas: list[RayReplica], scfg: ServeConfig, log_hint: str) -> list[dict]:
+def wait_for_ray_replicas(replicas: list[RayReplica], scfg: ServeConfig, log_hint: str) -> list[ReplicaInfo]:
     """Every replica's ``info`` once it has loaded its model, or a :class:`BifrostError` naming why not
     (unschedulable: not enough Ray CPUs; the constructor failed; startup slower than startup_timeout_s)."""
     import ray
@@ -208,11 +210,11 @@ def wait_for_ray_replicas(replicas: list[RayReplica], scfg: ServeConfig, log_hin
     return infos
 
 
-def check_replicas_agree(infos: list[dict]) -> dict:
+def check_replicas_agree(infos: list[ReplicaInfo]) -> ReplicaInfo:
     """All replicas must serve the same model and configuration (same install on every node)."""
     for i, info in enumerate(infos[1:], 1):
         for key in ("model_digest", "serving_config_digest"):
-            if info[key] != infos[0][key]:
+            if getattr(info, key) != getattr(infos[0], key):
                 raise BifrostError(f"replica {i} reports a different {key} than replica 0: is the same bifrost "
                                    "and model installed on every node?")
     return infos[0]

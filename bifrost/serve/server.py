@@ -17,7 +17,7 @@ with a generic message (logged by exception type and code location only).
 Refusals after the replica opened the sealed record (prompt over ``max_prompt_tokens``,
 ``max_new_tokens`` over the limit, empty prompt, conversation over the context, wrong model task, bad
 Embed texts, worker failure mid-turn) carry their reason and code sealed; the cleartext status has the
-same code and only :data:`~.actors.SEALED_REFUSAL` (no counts or sizes). Generate streams the sealed
+same code and only :data:`~bifrost.proto.wire.SEALED_REFUSAL` (no counts or sizes). Generate streams the sealed
 TokenChunk before the status; Embed puts the sealed EmbedResult in the trailing metadata
 ``bifrost-sealed-bin``. CloseSession closes a session only once the replica opened its sealed CloseBody.
 
@@ -26,12 +26,16 @@ attested channel stays the confidentiality layer either way.
 
 Replica failure: a replica whose actor died is marked dead, its sessions are dropped, new sessions
 go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
-turn on the replica at the next token (``ReplicaActor.cancel``).
+turn on the replica at the next token (the replica's ``cancel``).
+
+Replicas are reached through :class:`~.replicas.ReplicaHandle`; they answer with the typed messages of
+:mod:`bifrost.proto.replica` (a refusal's status maps to a gRPC code in ``GRPC_CODES``, one table). This
+module never imports the trusted runtime: the deployment (:mod:`bifrost.tee.deploy`) builds the replicas
+and hands them over.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
@@ -39,10 +43,8 @@ import threading
 import time
 import traceback
 from concurrent import futures
-from pathlib import Path
 
 import grpc
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
@@ -53,17 +55,16 @@ from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..config import RunConfig
 from ..errors import BifrostError
 from ..proto import serving_pb2
-from .actors import SEALED_TRAILER, ReplicaActor
+from ..proto.replica import GRPC_CODES, Attested, Refusal, ReplicaInfo, SealedReply
+from ..proto.wire import SEALED_TRAILER, serving_options
 from .config import ServeConfig
-from .replicas import (LocalReplica, RayReplica, Replica, ReplicaDeadError, ReplicaTimeoutError,
-                       ReplicaUnavailableError, check_replicas_agree, wait_for_ray_replicas)
+from .replicas import ReplicaDeadError, ReplicaHandle, ReplicaTimeoutError, ReplicaUnavailableError
 from .sessions import NoReplicaError, SessionLimitError, SessionTable
 
 log = logging.getLogger("bifrost.serve")
 
 SERVICE_NAME = "bifrost.serving.v1.BifrostServing"
 SESSION_ID_SIZE = 16
-MAX_MESSAGE_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- the servicer
@@ -100,13 +101,13 @@ def _where(exc: BaseException) -> str:
 
 
 class ServingService:
-    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list[Replica], info: dict,
+    def __init__(self, cfg: RunConfig, scfg: ServeConfig, replicas: list[ReplicaHandle], info: ReplicaInfo,
                  issuer_key: Ed25519PrivateKey | None = None) -> None:
         self.cfg, self.scfg, self.replicas, self.info = cfg, scfg, replicas, info
         self.issuer = TokenIssuer(issuer_key or Ed25519PrivateKey.generate(), issuer="bifrost-serve",
                                   lifetime_s=scfg.token_lifetime_s)
-        self.gate = TokenGate([self.issuer.public_key], model_digest=self.info["model_digest"],
-                              allow_simulated=self.info["evidence_type"] == "simulated")
+        self.gate = TokenGate([self.issuer.public_key], model_digest=self.info.model_digest,
+                              allow_simulated=self.info.evidence_type == "simulated")
         self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions)
         self.node_id = f"bifrost-serve-{secrets.token_hex(4)}"
         self.issuer_policy = issuer_policy(scfg)
@@ -151,12 +152,12 @@ class ServingService:
 
         return handle
 
-    def _verify_replica_evidence(self, out: dict) -> Verdict:
+    def _verify_replica_evidence(self, out: Attested) -> Verdict:
         """The issuer's own verification of a replica's fresh evidence (bound to this session's channel key):
         a token names only what passed ``issuer_policy``. A failure refuses the session (UNAVAILABLE)."""
-        evidence = Evidence(out["evidence_type"], out["evidence"], out["endorsements"])
+        evidence = Evidence(out.evidence_type, out.evidence, out.endorsements)
         try:
-            return verify_evidence(evidence, self.issuer_policy, expected_report_data=out["report_data"])
+            return verify_evidence(evidence, self.issuer_policy, expected_report_data=out.report_data)
         except AttestationError as exc:
             log.error("replica evidence refused by the issuer policy: %s", exc.check)
             raise _Abort(grpc.StatusCode.UNAVAILABLE,
@@ -192,12 +193,12 @@ class ServingService:
             raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         return entry
 
-    def _replica_error(self, entry, item) -> _Abort:
-        """A replica's ``("error", code, message[, sealed refusal])``; NOT_FOUND / ABORTED: the session is gone."""
-        code, message = item[1], item[2]
-        if code in ("NOT_FOUND", "ABORTED"):
+    def _replica_refused(self, entry, refusal: Refusal, trailer: bool = False) -> _Abort:
+        """A replica's refusal as a gRPC status (``trailer``: its sealed record goes in the trailing metadata);
+        NOT_FOUND / ABORTED: the session is gone there, so it goes here too."""
+        if refusal.status.ends_session:
             self.sessions.remove(entry.session_id)
-        return _Abort(getattr(grpc.StatusCode, code), message, item[3] if len(item) > 3 else None)
+        return _Abort(GRPC_CODES[refusal.status], refusal.message, refusal.sealed if trailer else None)
 
     def _replica_failed(self, entry, exc: BaseException) -> BaseException:
         """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with."""
@@ -271,24 +272,24 @@ class ServingService:
                 self.sessions.cancel(r)
                 raise
             break
-        if isinstance(out, tuple):
+        if isinstance(out, Refusal):
             self.sessions.cancel(r)
-            raise _Abort(getattr(grpc.StatusCode, out[1]), out[2])
+            raise _Abort(GRPC_CODES[out.status], out.message)
         try:
             verdict = self._verify_replica_evidence(out)
             now = time.time()
-            token = self.issuer.issue(verdict, node_id=self.node_id, model_digest=out["model_digest"], now=now)
+            token = self.issuer.issue(verdict, node_id=self.node_id, model_digest=out.model_digest, now=now)
         except BaseException:
             self.sessions.cancel(r)
-            self._cast(r, "close_session", out["session_id"])
+            self._cast(r, "close_session", out.session_id)
             raise
-        self.sessions.commit(r, out["session_id"], out["report_data"])
-        log.info("session %s… attested on replica %d (%d sessions)", out["session_id"].hex()[:8], r, len(self.sessions))
+        self.sessions.commit(r, out.session_id, out.report_data)
+        log.info("session %s… attested on replica %d (%d sessions)", out.session_id.hex()[:8], r, len(self.sessions))
         return serving_pb2.AttestReply(
-            evidence_type=out["evidence_type"], evidence=out["evidence"], endorsements=out["endorsements"],
-            server_public_key=out["server_public_key"], model_digest=out["model_digest"],
-            serving_config_digest=out["serving_config_digest"], session_id=out["session_id"], token=token,
-            token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out["suite"])
+            evidence_type=out.evidence_type, evidence=out.evidence, endorsements=out.endorsements,
+            server_public_key=out.server_public_key, model_digest=out.model_digest,
+            serving_config_digest=out.serving_config_digest, session_id=out.session_id, token=token,
+            token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out.suite)
 
     def Generate(self, req, context):
         entry = self._check_sealed_request(req, context)
@@ -324,14 +325,14 @@ class ServingService:
                 except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
                     finished.set()
                     raise self._replica_failed(entry, exc) from None
-                if item[0] == "error":
+                if isinstance(item, Refusal):
                     finished.set()
-                    raise self._replica_error(entry, item)
+                    raise self._replica_refused(entry, item)
                 opened = True
                 if not context.is_active():
                     stop_turn()
                     return
-                yield serving_pb2.SealedReply(sealed=item[1])
+                yield serving_pb2.SealedReply(sealed=item.record)
         except GeneratorExit:  # gRPC dropped the call (client gone)
             stop_turn()
             raise
@@ -345,18 +346,19 @@ class ServingService:
         entry = self._check_sealed_request(req, context)
         if self.sessions.begin(entry.session_id) is None:
             raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
-        item = ()
+        item = None
         try:
             try:
                 item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed),
                                                          timeout_s=self.scfg.replica_timeout_s)
             except Exception as exc:  # noqa: BLE001
                 raise self._replica_failed(entry, exc) from None
-            if item[0] == "error":
-                raise self._replica_error(entry, item)
-            return serving_pb2.SealedReply(sealed=item[1])
-        finally:  # opened: the answer (or the refusal, 4th item) is a sealed record
-            self.sessions.end(entry.session_id, opened=bool(item) and (item[0] == "ok" or len(item) > 3))
+            if isinstance(item, Refusal):
+                raise self._replica_refused(entry, item, trailer=True)
+            return serving_pb2.SealedReply(sealed=item.record)
+        finally:  # opened: the answer (or the refusal's sealed record) is a sealed record
+            self.sessions.end(entry.session_id, opened=isinstance(item, SealedReply) or
+                              (isinstance(item, Refusal) and item.opened))
 
     def CloseSession(self, req, context):
         """Closes the session only after its replica opened the sealed CloseBody; otherwise nothing changes."""
@@ -366,8 +368,8 @@ class ServingService:
                                                     timeout_s=self.scfg.replica_timeout_s)
         except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
             raise self._replica_failed(entry, exc) from None
-        if isinstance(out, tuple):
-            raise self._replica_error(entry, out)
+        if isinstance(out, Refusal):
+            raise self._replica_refused(entry, out)
         self.sessions.remove(entry.session_id)
         return serving_pb2.CloseSessionReply()
 
@@ -377,11 +379,11 @@ class ServingService:
         i = self.info
         return serving_pb2.ListModelsReply(
             models=[serving_pb2.ModelInfo(
-                name=i["name"], task=i["task"], model_digest=i["model_digest"],
-                serving_config_digest=i["serving_config_digest"], max_prompt_tokens=self.scfg.max_prompt_tokens,
-                max_new_tokens=self.scfg.max_new_tokens, context_tokens=i["context_tokens"],
-                replicas=len(self.sessions.live_replicas()), mode=i["mode"])],
-            evidence_type=i["evidence_type"], max_sessions=self.scfg.max_sessions)
+                name=i.name, task=i.task, model_digest=i.model_digest,
+                serving_config_digest=i.serving_config_digest, max_prompt_tokens=self.scfg.max_prompt_tokens,
+                max_new_tokens=self.scfg.max_new_tokens, context_tokens=i.context_tokens,
+                replicas=len(self.sessions.live_replicas()), mode=i.mode)],
+            evidence_type=i.evidence_type, max_sessions=self.scfg.max_sessions)
 
     # -- housekeeping ------------------------------------------------------------------------
     def _sweep(self) -> None:
@@ -454,8 +456,7 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int, tls:
     from grpc_reflection.v1alpha import reflection
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="serve"),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                         options=serving_options())
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -473,155 +474,3 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int, tls:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     service.health = health_servicer
     return server, bound, health_servicer
-
-
-# --------------------------------------------------------------------------- the app
-
-def new_run_dir(root: str | os.PathLike) -> Path:
-    # short on purpose: Ray puts AF_UNIX sockets (<= 107 bytes) under <run>/ray/session_<time>_<pid>/
-    d = Path(root).resolve() / f"serve-{time.strftime('%m%d%H%M')}-{secrets.token_hex(2)}"
-    d.mkdir(parents=True, exist_ok=False)
-    return d
-
-
-def run_config_yaml(cfg: RunConfig, **worker_overrides) -> str:
-    """``cfg`` as a config YAML (for a local worker process), with ``worker:`` fields overridden."""
-    data = dataclasses.asdict(cfg)
-    data["worker"].update(worker_overrides)
-
-    def plain(x):
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        return x
-
-    return yaml.safe_dump(plain(data), sort_keys=False)
-
-
-class ServeApp:
-    """Everything ``bifrost serve`` runs: local workers (unless addresses given), Ray (or not),
-    the replicas and the gRPC front end. ``start()`` returns once it serves; ``stop()`` undoes it."""
-
-    def __init__(self, cfg: RunConfig, scfg: ServeConfig, run_dir: Path | None = None) -> None:
-        self.cfg, self.scfg = cfg, scfg
-        self.run_dir = Path(run_dir) if run_dir else new_run_dir(scfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.local_workers: list = []
-        self.replicas: list[Replica] = []
-        self.ray_started = False
-        self._saved_env: dict[str, str | None] = {}
-        self.server = self.service = self.health = None
-        self.port = None
-
-    def start(self) -> "ServeApp":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _start(self) -> None:
-        from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint
-
-        if not self.cfg.tee.identity:  # the replicas' TLS identity (one for the deployment), kept in the run folder
-            TLSIdentity.generate(TRUSTED_TLS_NAME).save(self.run_dir / "identity")
-            self.cfg = self.cfg.replace(tee=dataclasses.replace(self.cfg.tee, identity=str(self.run_dir / "identity")))
-        identity = TLSIdentity.load_or_create(self.cfg.tee.identity, TRUSTED_TLS_NAME)
-        endpoints = [WorkerEndpoint.from_files(a, c) for a, c in zip(self.scfg.workers, self.scfg.worker_certs)]
-        if not endpoints:
-            from ..worker.launcher import LocalWorker
-
-            wcfg = self.run_dir / "worker.yaml"  # room for every session on every worker
-            wcfg.write_text(run_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
-            for i in range(self.scfg.local_workers):
-                w = LocalWorker(self.cfg.model, self.cfg.seed, [identity.cert_pem], config=str(wcfg),
-                                log_path=str(self.run_dir / f"worker-{i}.log"))
-                self.local_workers.append(w)
-                w.start()
-                endpoints.append(w.endpoint)
-        self.worker_addresses = [e.address for e in endpoints]
-        args = (self.cfg, self.scfg, endpoints)
-        if self.scfg.runtime == "ray":
-            self._start_ray()
-            import ray
-
-            cls = ray.remote(num_cpus=self.scfg.replica_cpus, max_concurrency=self.scfg.max_sessions + 8,
-                             max_restarts=0)(ReplicaActor)
-            actors = [cls.remote(*args, i) for i in range(self.scfg.replicas)]
-            self.replicas = [RayReplica(a) for a in actors]
-            hint = ("Ray logs: " + str(self.run_dir / "ray")) if not self.scfg.ray_address else "see the cluster's Ray logs"
-            infos = wait_for_ray_replicas(self.replicas, self.scfg, hint)
-        else:
-            self.replicas = [LocalReplica(*args, i) for i in range(self.scfg.replicas)]
-            infos = [r.call("info") for r in self.replicas]
-        self.service = ServingService(self.cfg, self.scfg, self.replicas, check_replicas_agree(infos))
-        self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
-                                                         threads=self.scfg.max_sessions + 8,
-                                                         tls=self.scfg.tls_credentials())
-        log.info("serving %s on %s:%d (%s; %d replicas, runtime %s, workers %s)", self.cfg.model, self.scfg.host,
-                 self.port, self.scfg.transport, len(self.replicas),
-                 self.scfg.runtime, ", ".join(self.worker_addresses))
-
-    def _start_ray(self) -> None:
-        if self.scfg.ray_address:  # a real cluster: it has its own temp dir and auth settings
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(address=self.scfg.ray_address, include_dashboard=False, log_to_driver=False)
-                self.ray_started = True
-            return
-        ray_dir = self.run_dir.resolve() / "ray"
-        if len(str(ray_dir)) > 107 - 62:  # + "/session_YYYY-MM-DD_HH-MM-SS_micros_pid/sockets/plasma_store"
-            raise BifrostError(f"run folder path too long for Ray's unix sockets ({ray_dir}); use a shorter --run-dir")
-        ray_dir.mkdir(exist_ok=True)
-        # Keep Ray's session files and its auth token inside the run folder (not ~/.ray, /tmp/ray):
-        # the token is ours (from secrets), handed to Ray by path; Ray otherwise writes ~/.ray/auth_token.
-        token_path = self.run_dir / "ray-auth-token"
-        token_path.touch(mode=0o600)
-        token_path.write_text(secrets.token_hex(32))
-        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_TMPDIR": str(ray_dir),
-               "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
-        self._saved_env = {k: os.environ.get(k) for k in env}  # restored by stop()
-        os.environ.update(env)
-        import ray
-        from ray._raylet import Config
-
-        Config.initialize("")  # Ray caches its config at import: make it see the auth settings above
-        if not ray.is_initialized():
-            ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.local_ray_cpus,
-                     log_to_driver=False)
-            self.ray_started = True
-
-    def stop(self) -> None:
-        if self.health is not None:
-            from grpc_health.v1 import health_pb2
-
-            for name in ("", SERVICE_NAME):
-                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.service is not None:
-            self.service.stop()
-        if self.server is not None:
-            self.server.stop(grace=2).wait()
-            self.server = None
-        for r in self.replicas:
-            try:
-                r.kill()
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        self.replicas = []
-        if self.ray_started:
-            import ray
-
-            ray.shutdown()
-            self.ray_started = False
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        self._saved_env = {}
-        for w in self.local_workers:
-            w.stop()
-        self.local_workers = []

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from ..proto import worker_pb2
 from .link import WorkerReply
-from .pool import WorkerDirectory, WorkerPool
+from .pool import LayerCall, WorkerPool, WorkerSessions
 
 DEFAULT_WINDOW_S = 0.25
 DEFAULT_MAX_BATCH_ROWS = 16
@@ -35,7 +35,7 @@ MAX_ITEM_ROWS = 4  # larger inputs (prompt prefill) are already batched over the
 
 @dataclass
 class _Item:
-    pool: WorkerPool
+    sessions: WorkerSessions
     ciphertexts: Sequence[bytes]
     rows: int
     done: bool = False
@@ -70,11 +70,11 @@ class BatcherStats:
 class DecodeBatcher:
     """Merges concurrent sessions' layer calls (same group) into one worker call. Thread-safe."""
 
-    def __init__(self, directory: WorkerDirectory, window_s: float = DEFAULT_WINDOW_S,
+    def __init__(self, pool: WorkerPool, window_s: float = DEFAULT_WINDOW_S,
                  max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> None:
         if window_s < 0 or max_batch_rows < 1:
             raise ValueError("window_s must be >= 0 and max_batch_rows >= 1")
-        self.directory, self.window_s, self.max_batch_rows = directory, window_s, max_batch_rows
+        self.pool, self.window_s, self.max_batch_rows = pool, window_s, max_batch_rows
         self._cv = threading.Condition()
         self._computing = 0  # sessions inside a decode step and not waiting on a worker call
         self._forming: dict[tuple, _Batch] = {}
@@ -98,18 +98,18 @@ class DecodeBatcher:
                 self._computing -= 1
                 self._cv.notify_all()
 
-    def link_for(self, pool: WorkerPool) -> "BatchedLink":
+    def link_for(self, sessions: WorkerSessions) -> "BatchedLink":
         """A :class:`~bifrost.tee.link.WorkerLink` for one session whose layer calls go through this batcher."""
-        return BatchedLink(self, pool)
+        return BatchedLink(self, sessions)
 
     # ------------------------------------------------------------------ the rendezvous
-    def linear(self, pool: WorkerPool, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
+    def linear(self, sessions: WorkerSessions, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
                rows: int) -> WorkerReply:
         if not getattr(self._local, "active", False) or rows > MAX_ITEM_ROWS:
             with self._waiting():
-                return pool.linear(group, ciphertexts)
+                return sessions.linear(group, ciphertexts)
         key = tuple((ref.name, ref.digest) for ref in group.layers)
-        item = _Item(pool, ciphertexts, rows)
+        item = _Item(sessions, ciphertexts, rows)
         leader = False
         with self._cv:
             batch = self._forming.get(key)
@@ -161,10 +161,9 @@ class DecodeBatcher:
         status of the worker, which each session's engine holds against that worker) goes to every member."""
         items = batch.items
         try:
-            outputs, seconds, worker = self.directory.linear([i.pool for i in items], batch.group,
-                                                             [i.ciphertexts for i in items])
-            for item, out in zip(items, outputs):
-                item.reply = WorkerReply(out, seconds, worker)
+            replies, _ = self.pool.call(batch.group, [LayerCall(i.sessions, i.ciphertexts) for i in items])
+            for item, reply in zip(items, replies):
+                item.reply = reply
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting session
             for item in items:
                 item.error = exc
@@ -178,22 +177,23 @@ class DecodeBatcher:
 
 
 class BatchedLink:
-    """One session's link: calls go through the replica's :class:`DecodeBatcher`, everything else to its pool."""
+    """One session's link: layer calls go through the replica's :class:`DecodeBatcher`, the rest to its
+    :class:`~bifrost.tee.pool.WorkerSessions`."""
 
-    def __init__(self, batcher: DecodeBatcher, pool: WorkerPool) -> None:
-        self.batcher, self.pool = batcher, pool
+    def __init__(self, batcher: DecodeBatcher, sessions: WorkerSessions) -> None:
+        self.batcher, self.sessions = batcher, sessions
 
     def describe(self):
-        return self.pool.describe()
+        return self.sessions.describe()
 
     def identities(self):
-        return self.pool.identities()
+        return self.sessions.identities()
 
     def open_session(self, backend, public_context, prepare) -> float:
-        return self.pool.open_session(backend, public_context, prepare)
+        return self.sessions.open_session(backend, public_context, prepare)
 
     def linear(self, group, ciphertexts, rows: int = 1):
-        return self.batcher.linear(self.pool, group, ciphertexts, rows)
+        return self.batcher.linear(self.sessions, group, ciphertexts, rows)
 
     def close(self) -> None:
-        self.pool.close()
+        self.sessions.close()

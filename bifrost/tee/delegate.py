@@ -17,9 +17,10 @@ import torch
 from ..model.delegation import Site, delegated_modules, linear_weight, weight_digest
 from .engine import DelegationEngine
 
-# The engine (CKKS keys + worker link) of the session whose forward pass runs in this thread/context.
-# It overrides the model's attached default, so sessions can run forward passes of one shared model
-# concurrently, each with its own keys.
+# The engine (CKKS keys + worker link) of the session whose forward pass runs in this thread/context: the
+# one way a delegated layer finds its engine. Set only by ``TrustedRuntime.forward``/``embed``, which take
+# the engine as an explicit argument; sessions thus run forward passes of one shared model concurrently,
+# each with its own keys.
 _SESSION_ENGINE: contextvars.ContextVar[DelegationEngine | None] = contextvars.ContextVar("bifrost_engine", default=None)
 
 
@@ -29,11 +30,9 @@ class DelegatedLinear(torch.nn.Module):
     While ``engine.local_linears`` is set (Bifrost+ prefill) the product is computed here, in plaintext.
     """
 
-    def __init__(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None,
-                 engine: DelegationEngine | None = None) -> None:
+    def __init__(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.site = site
-        self.engine = engine
         self.register_buffer("weight", weight.detach().to(torch.float32).contiguous())  # (d_out, d_in)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -46,9 +45,9 @@ class DelegatedLinear(torch.nn.Module):
         return self.site.d_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        engine = _SESSION_ENGINE.get() or self.engine
+        engine = _SESSION_ENGINE.get()
         if engine is None:
-            raise RuntimeError(f"delegated layer {self.site.name} has no engine attached")
+            raise RuntimeError(f"delegated layer {self.site.name} ran outside TrustedRuntime.forward (no engine)")
         if engine.local_linears:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         y = engine.linear(self.site.name, x, x._version)
@@ -74,16 +73,10 @@ def swap_in_delegates(model: torch.nn.Module, policy) -> list[Site]:
     return swapped
 
 
-def attach_engine(model: torch.nn.Module, engine: DelegationEngine) -> None:
-    """Set the model's default engine (used where no :func:`using_engine` block is active)."""
-    for module in model.modules():
-        if isinstance(module, DelegatedLinear):
-            module.engine = engine
-
-
 @contextlib.contextmanager
 def using_engine(engine: DelegationEngine):
-    """Route this thread's delegated layers through ``engine`` (one session's keys) for the block."""
+    """Route this thread's delegated layers through ``engine`` (one session's keys) for the block
+    (for :class:`~bifrost.tee.runtime.TrustedRuntime` only)."""
     token = _SESSION_ENGINE.set(engine)
     try:
         yield engine

@@ -1,9 +1,11 @@
-"""How the trusted runtime reaches workers: a small ``WorkerLink`` Protocol and its gRPC implementation.
+"""How the trusted runtime reaches workers: the ``WorkerLink`` Protocol (what an engine calls) and the
+stateless gRPC :class:`WorkerStub` of one worker.
 
 A link carries only public material (public CKKS context, ciphertexts, layer ids). Every channel is
 mutual TLS under the worker's pinned certificate (:mod:`bifrost.attest.mtls`), and every reply names
-the worker identity that produced it, so the engine can hold that identity to account. A pool of
-workers with dispatch and fail-over is another ``WorkerLink``; the delegation engine does not care which.
+the worker identity that produced it, so the engine can hold that identity to account. A session's link
+is :class:`~bifrost.tee.pool.WorkerSessions` (dispatch and fail-over over a pool), or the
+:class:`~bifrost.tee.batching.BatchedLink` that merges concurrent sessions' decode calls.
 
 Reply sizes: a channel refuses (unread) any message larger than ``max_reply_bytes``, the largest reply
 an honest worker can send for this model and backend (:func:`reply_limit`); the engine then checks
@@ -21,8 +23,8 @@ from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_
 from ..ckks import CKKSParams, GroupShape, get_backend, row_bucket
 from ..errors import BifrostError
 from ..proto import worker_pb2, worker_pb2_grpc
+from ..proto.wire import WORKER_MAX_REPLY_BYTES, worker_client_options
 
-MAX_REQUEST_BYTES = 1 << 30  # what the trusted side may send (its own requests: bounded by the blockings)
 REPLY_OVERHEAD_BYTES = 1 << 16  # protobuf framing of a reply beyond its ciphertexts, with room to spare
 
 
@@ -73,15 +75,10 @@ def reply_limit(backend: str, params: CKKSParams, shapes: Iterable[GroupShape], 
     return biggest + REPLY_OVERHEAD_BYTES + 64 * batch_rows
 
 
-def channel_options(max_reply_bytes: int) -> list[tuple]:
-    return [("grpc.max_receive_message_length", int(max_reply_bytes)),
-            ("grpc.max_send_message_length", MAX_REQUEST_BYTES)]
-
-
-def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_reply_bytes: int = 1 << 30,
+def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_reply_bytes: int = WORKER_MAX_REPLY_BYTES,
             timeout_s: float = 30.0) -> grpc.Channel:
     """A ready mutual-TLS channel to ``endpoint`` (presenting ``identity``, default: this process's)."""
-    channel = worker_channel(endpoint, identity or process_identity(), channel_options(max_reply_bytes))
+    channel = worker_channel(endpoint, identity or process_identity(), worker_client_options(max_reply_bytes))
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
     except grpc.FutureTimeoutError:
@@ -92,18 +89,13 @@ def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_r
     return channel
 
 
-class GrpcWorkerLink:
-    """One worker over one gRPC channel, one session."""
+class WorkerStub:
+    """The worker RPCs over one gRPC channel, stateless (session ids are arguments): made once per worker
+    and shared by every session that calls it. Errors become :class:`WorkerCallError` naming the worker."""
 
     def __init__(self, channel: grpc.Channel, identity: str, timeout_s: float = 600.0, address: str = "") -> None:
-        self.channel, self.identity, self.address, self.timeout = channel, identity, address, timeout_s
-        self.stub = worker_pb2_grpc.CKKSWorkerStub(channel)
-        self.session_id: str | None = None
-
-    @classmethod
-    def connect(cls, endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, timeout_s: float = 600.0,
-                max_reply_bytes: int = 1 << 30) -> "GrpcWorkerLink":
-        return cls(connect(endpoint, identity, max_reply_bytes), endpoint.identity, timeout_s, endpoint.address)
+        self.identity, self.address, self.timeout = identity, address, timeout_s
+        self._stub = worker_pb2_grpc.CKKSWorkerStub(channel)
 
     def _call(self, rpc, request):
         try:
@@ -111,40 +103,33 @@ class GrpcWorkerLink:
         except grpc.RpcError as exc:
             raise WorkerCallError(exc.code(), exc.details() or "", self.identity) from None
 
-    def describe(self):
-        return self._call(self.stub.Describe, worker_pb2.DescribeRequest()).layers
+    def describe(self) -> Sequence[worker_pb2.LayerInfo]:
+        return self._call(self._stub.Describe, worker_pb2.DescribeRequest()).layers
 
-    def identities(self) -> list[str]:
-        return [self.identity]
-
-    def open_session(self, backend, public_context, prepare) -> float:
-        reply = self._call(self.stub.OpenSession, worker_pb2.OpenSessionRequest(
+    def open_session(self, backend: str, public_context: bytes,
+                     prepare: Sequence[worker_pb2.LayerGroup]) -> tuple[str, float]:
+        """(worker session id, the worker's weight-encoding seconds)."""
+        reply = self._call(self._stub.OpenSession, worker_pb2.OpenSessionRequest(
             backend=backend, public_context=public_context, prepare=list(prepare)))
-        self.session_id = reply.session_id
-        return reply.prepare_seconds
+        return reply.session_id, reply.prepare_seconds
 
-    def linear(self, group, ciphertexts, rows: int = 1) -> WorkerReply:
-        reply = self._call(self.stub.Linear, worker_pb2.LinearRequest(
-            session_id=self.session_id, group=group, ciphertexts=ciphertexts))
+    def linear(self, session_id: str, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes]) -> WorkerReply:
+        reply = self._call(self._stub.Linear, worker_pb2.LinearRequest(
+            session_id=session_id, group=group, ciphertexts=ciphertexts))
         return WorkerReply([list(o.ciphertexts) for o in reply.outputs], reply.compute_seconds, self.identity)
 
     def linear_batch(self, group, items: Sequence[tuple[str, Sequence[bytes]]]) -> tuple[list[list[list[bytes]]], float]:
         """One group for several (worker session id, ciphertexts) items -> ([outputs per item], seconds)."""
-        reply = self._call(self.stub.LinearBatch, worker_pb2.LinearBatchRequest(
+        reply = self._call(self._stub.LinearBatch, worker_pb2.LinearBatchRequest(
             group=group, items=[worker_pb2.LinearBatchItem(session_id=sid, ciphertexts=cts) for sid, cts in items]))
         if len(reply.results) != len(items):
             raise WorkerCallError(grpc.StatusCode.DATA_LOSS, f"batched reply has {len(reply.results)} results for "
                                   f"{len(items)} items", self.identity)
         return [[list(o.ciphertexts) for o in r.outputs] for r in reply.results], reply.compute_seconds
 
-    def close_session(self) -> None:
-        if self.session_id:
-            try:
-                self.stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=self.session_id), timeout=10)
-            except grpc.RpcError:
-                pass
-            self.session_id = None
-
-    def close(self) -> None:
-        self.close_session()
-        self.channel.close()
+    def close_session(self, session_id: str) -> None:
+        """Best effort (the worker also expires idle sessions)."""
+        try:
+            self._stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=session_id), timeout=10)
+        except grpc.RpcError:
+            pass

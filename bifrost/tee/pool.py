@@ -1,10 +1,11 @@
-"""A pool of CKKS workers behind the ``WorkerLink`` Protocol: least-loaded dispatch and fail-over.
+"""The CKKS workers of a process: least-loaded dispatch and fail-over, behind the ``WorkerLink`` Protocol.
 
-:class:`WorkerDirectory` is shared by every session of a process: one mutual-TLS channel per worker
+:class:`WorkerPool` is shared by every session of a process: one mutual-TLS channel and stub per worker
 (pinned certificate, see :mod:`bifrost.attest.mtls`), the in-flight load and health of each worker.
-:class:`WorkerPool` is one session's link (one CKKS key set): it opens the session on every worker with
-the same public context, and :meth:`WorkerDirectory.linear` sends each layer call (one item, or the
-items of several sessions) to the least-loaded healthy worker. When a call fails with UNAVAILABLE /
+Its one call, :meth:`WorkerPool.call`, evaluates a layer group for a batch of items (one item: a
+``Linear`` RPC; several sessions' items: one ``LinearBatch`` RPC) on the least-loaded healthy worker.
+:class:`WorkerSessions` is one session's link (one CKKS key set): its worker-side sessions (one per
+worker, opened with the same public context), and ``linear`` = a one-item :meth:`WorkerPool.call`. When a call fails with UNAVAILABLE /
 DEADLINE_EXCEEDED / CANCELLED / ABORTED (a dead, hung or restarting worker: the worker's own doing,
 nothing that depends on the plaintext) it marks that worker down and retries the same call on another
 one. CKKS layer calls are pure functions of (public context,
@@ -32,7 +33,8 @@ import grpc
 from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_channel
 from ..errors import BifrostError
 from ..proto import worker_pb2
-from .link import GrpcWorkerLink, WorkerCallError, WorkerReply, channel_options
+from ..proto.wire import worker_client_options
+from .link import WorkerCallError, WorkerReply, WorkerStub
 from .quarantine import WorkerQuarantine
 
 log = logging.getLogger("bifrost.pool")
@@ -48,6 +50,7 @@ class WorkerState:
     endpoint: WorkerEndpoint
     identity: str
     channel: grpc.Channel
+    stub: WorkerStub
     inflight: int = 0
     calls: int = 0
     failures: int = 0
@@ -68,8 +71,16 @@ class PoolStats:
     calls_by_worker: dict[str, int] = field(default_factory=dict)  # by address
 
 
-class WorkerDirectory:
-    """The workers known to this process (shared by all sessions' pools). Thread-safe."""
+@dataclass(frozen=True)
+class LayerCall:
+    """One item of a batched layer call: ``ciphertexts`` encrypted under ``sessions``' CKKS keys."""
+
+    sessions: "WorkerSessions"
+    ciphertexts: Sequence[bytes]
+
+
+class WorkerPool:
+    """The workers known to this process (shared by all sessions). Thread-safe."""
 
     def __init__(self, endpoints: Sequence[WorkerEndpoint], identity: TLSIdentity | None = None,
                  timeout_s: float = 60.0, retry_after_s: float = 30.0, max_reply_bytes: int = 1 << 30,
@@ -90,8 +101,11 @@ class WorkerDirectory:
                                "configure other workers")
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.identity = identity or process_identity()
-        opts = channel_options(max_reply_bytes)
-        self.workers = [WorkerState(e, e.identity, worker_channel(e, self.identity, opts)) for e in endpoints]
+        opts = worker_client_options(max_reply_bytes)
+        self.workers = []
+        for e in endpoints:
+            channel = worker_channel(e, self.identity, opts)
+            self.workers.append(WorkerState(e, e.identity, channel, WorkerStub(channel, e.identity, timeout_s, e.address)))
         self.refused = [e.address for e in refused]
         self._lock = threading.Lock()
         self._describe: list | None = None
@@ -127,9 +141,6 @@ class WorkerDirectory:
             with self._lock:
                 w.down_until = 0.0
 
-    def link(self, w: WorkerState) -> GrpcWorkerLink:
-        return GrpcWorkerLink(w.channel, w.identity, self.timeout_s, w.address)
-
     def describe(self) -> list[worker_pb2.LayerInfo]:
         """Layers served (checked identical on every worker that answers)."""
         if self._describe is not None:
@@ -137,7 +148,7 @@ class WorkerDirectory:
         seen, errors = None, []
         for w in self.workers:
             try:
-                layers = list(self.link(w).describe())
+                layers = list(w.stub.describe())
             except WorkerCallError as exc:
                 errors.append(f"{w.address}: {exc.code.name}")
                 if exc.code in RETRYABLE:
@@ -162,16 +173,15 @@ class WorkerDirectory:
                      "calls": w.calls, "failures": w.failures, "quarantined": w.identity in self.quarantine}
                     for w in self.workers]
 
-    def linear(self, pools: Sequence["WorkerPool"], group: worker_pb2.LayerGroup,
-               inputs: Sequence[Sequence[bytes]]) -> tuple[list[list[list[bytes]]], float, str]:
-        """Evaluate ``group`` for ``inputs[i]`` under ``pools[i]``'s session (its own CKKS keys) on one worker:
-        one item is a ``Linear`` call, several are one ``LinearBatch`` call (cross-session batching).
+    def call(self, group: worker_pb2.LayerGroup, items: Sequence[LayerCall]) -> tuple[list[WorkerReply], float]:
+        """Evaluate ``group`` for every item under its own session (its own CKKS keys) on one worker: one
+        item is a ``Linear`` RPC, several are one ``LinearBatch`` RPC (cross-session batching).
 
         The call goes to the least-loaded healthy worker; on a retryable failure it moves to another one,
-        and a worker that lost the sessions (restart) gets them reopened once. Returns (outputs per item,
-        worker compute seconds, identity of the worker that answered). Raises :class:`WorkerCallError`:
-        with ``worker`` set for an error status of a worker (the engine's business), without it when no
-        worker could be reached."""
+        and a worker that lost the sessions (restart, idle expiry) gets them reopened once. Returns one
+        reply per item and the worker's compute seconds. Raises :class:`WorkerCallError`: with ``worker``
+        set for an error status of a worker (the engine's business), without it when no worker could be
+        reached."""
         tried: set[str] = set()
         reopened: set[str] = set()
         last: WorkerCallError | None = None
@@ -180,23 +190,22 @@ class WorkerDirectory:
             if w is None:
                 raise WorkerCallError(last.code, last.details) if last else BifrostError("no CKKS worker available")
             try:
-                sids = [p._session_on(w) for p in pools]
-                link = self.link(w)
-                if len(pools) == 1:
-                    link.session_id = sids[0]
-                    reply = link.linear(group, inputs[0])
-                    outputs, seconds = [reply.outputs], reply.compute_s
+                sids = [item.sessions.id_on(w) for item in items]
+                if len(items) == 1:
+                    reply = w.stub.linear(sids[0], group, items[0].ciphertexts)
+                    replies, seconds = [reply], reply.compute_s
                 else:
-                    outputs, seconds = link.linear_batch(group, list(zip(sids, inputs)))
+                    outputs, seconds = w.stub.linear_batch(group, [(sid, item.ciphertexts) for sid, item in zip(sids, items)])
+                    replies = [WorkerReply(out, seconds, w.identity) for out in outputs]
                 self.mark_up(w)
                 with self._lock:
                     self.stats.calls_by_worker[w.address] = self.stats.calls_by_worker.get(w.address, 0) + 1
-                return outputs, seconds, w.identity
+                return replies, seconds
             except WorkerCallError as exc:
                 if exc.code == grpc.StatusCode.NOT_FOUND and "session" in exc.details and w.address not in reopened:
                     reopened.add(w.address)  # the worker lost our sessions (restart, idle expiry): reopen once
-                    for p in pools:
-                        p._forget(w)
+                    for item in items:
+                        item.sessions.forget(w)
                     continue
                 if exc.code not in RETRYABLE:
                     raise WorkerCallError(exc.code, exc.details, w.identity) from None
@@ -205,8 +214,8 @@ class WorkerDirectory:
                 self.mark_down(w, f"{exc.code.name}: {exc.details}")
                 with self._lock:
                     self.stats.failovers += 1
-                for p in pools:
-                    p._forget(w)
+                for item in items:
+                    item.sessions.forget(w)
             finally:
                 self.release(w)
 
@@ -215,26 +224,26 @@ class WorkerDirectory:
             w.channel.close()
 
 
-class WorkerPool:
-    """One session's ``WorkerLink`` over all workers of a :class:`WorkerDirectory`."""
+class WorkerSessions:
+    """One session's ``WorkerLink`` over all workers of a :class:`WorkerPool`: its session on each worker."""
 
-    def __init__(self, directory: WorkerDirectory, owns_directory: bool = False) -> None:
-        self.dir = directory
-        self._owns = owns_directory
+    def __init__(self, pool: WorkerPool, owns_pool: bool = False) -> None:
+        self.pool = pool
+        self._owns = owns_pool
         self._sessions: dict[str, str] = {}  # worker address -> worker session id
         self._open_args: tuple | None = None
         self._lock = threading.Lock()
 
     @classmethod
-    def from_endpoints(cls, endpoints: Sequence[WorkerEndpoint], **kwargs) -> "WorkerPool":
-        return cls(WorkerDirectory(endpoints, **kwargs), owns_directory=True)
+    def from_endpoints(cls, endpoints: Sequence[WorkerEndpoint], **kwargs) -> "WorkerSessions":
+        return cls(WorkerPool(endpoints, **kwargs), owns_pool=True)
 
     # -- WorkerLink ------------------------------------------------------------------------
     def describe(self):
-        return self.dir.describe()
+        return self.pool.describe()
 
     def identities(self) -> list[str]:
-        return [w.identity for w in self.dir.workers]
+        return [w.identity for w in self.pool.workers]
 
     def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
         """Open the session on every reachable worker; succeed if at least one accepts it.
@@ -243,14 +252,14 @@ class WorkerPool:
         (all full: retry later), :class:`BifrostError` when none accepted for other reasons."""
         self._open_args = (backend, public_context, list(prepare))
         worst, errors, codes = 0.0, [], set()
-        for w in self.dir.workers:
+        for w in self.pool.workers:
             try:
                 worst = max(worst, self._open_on(w))
             except WorkerCallError as exc:
                 errors.append(f"{w.address}: {exc.code.name}: {exc.details}")
                 codes.add(exc.code)
                 if exc.code in RETRYABLE:
-                    self.dir.mark_down(w, exc.details)
+                    self.pool.mark_down(w, exc.details)
                 elif exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.close()  # sessions opened on the workers before this one
                     raise
@@ -263,33 +272,31 @@ class WorkerPool:
 
     def _open_on(self, w: WorkerState) -> float:
         backend, public_context, prepare = self._open_args
-        link = self.dir.link(w)
-        seconds = link.open_session(backend, public_context, prepare)
+        sid, seconds = w.stub.open_session(backend, public_context, prepare)
         with self._lock:
-            self._sessions[w.address] = link.session_id
+            self._sessions[w.address] = sid
         return seconds
 
     def linear(self, group, ciphertexts, rows: int = 1) -> WorkerReply:
-        outputs, seconds, worker = self.dir.linear([self], group, [ciphertexts])
-        return WorkerReply(outputs[0], seconds, worker)
+        replies, _ = self.pool.call(group, [LayerCall(self, ciphertexts)])
+        return replies[0]
 
-    def _session_on(self, w: WorkerState) -> str:
-        """This pool's session id on worker ``w``, opening it there first if needed."""
+    def id_on(self, w: WorkerState) -> str:
+        """This session's id on worker ``w``, opening it there first if needed."""
         if w.address not in self._sessions:  # worker was down at open time, restarted, or expired us
             self._open_on(w)
         return self._sessions[w.address]
 
-    def _forget(self, w: WorkerState) -> None:
+    def forget(self, w: WorkerState) -> None:
+        """Drop the session id on ``w`` (the worker lost it, or is down): reopened on the next call there."""
         with self._lock:
             self._sessions.pop(w.address, None)
 
     def close(self) -> None:
         with self._lock:
             sessions, self._sessions = dict(self._sessions), {}
-        by_addr = {w.address: w for w in self.dir.workers}
+        by_addr = {w.address: w for w in self.pool.workers}
         for address, sid in sessions.items():
-            link = self.dir.link(by_addr[address])
-            link.session_id = sid
-            link.close_session()
+            by_addr[address].stub.close_session(sid)
         if self._owns:
-            self.dir.close()
+            self.pool.close()

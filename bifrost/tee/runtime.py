@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,10 +25,10 @@ from ..errors import BifrostError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
 from ..model.tokenizer import load_tokenizer
-from .delegate import DelegatedLinear, attach_engine, swap_in_delegates, using_engine
+from .delegate import DelegatedLinear, swap_in_delegates, using_engine
 from .engine import CallStats, DelegationEngine, check_operands
 from .link import WorkerLink, reply_limit
-from .pool import WorkerDirectory, WorkerPool
+from .pool import WorkerPool, WorkerSessions
 from .quarantine import WorkerQuarantine
 
 
@@ -105,6 +105,20 @@ def sample_token(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def sampling_generator(gcfg, sample_seed: int | None) -> torch.Generator | None:
+    """The sampling noise source: None for greedy decoding; else seeded with ``sample_seed`` when pinned,
+    from the OS CSPRNG otherwise."""
+    if not gcfg.do_sample:
+        return None
+    return torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
+
+
+def token_timing(index: int, token: int, total_s: float, d: CallStats) -> TokenTiming:
+    """A token's cost: ``total_s`` its forward pass and sampling, ``d`` the delegated calls in it."""
+    return TokenTiming(index, token, total_s, d.encrypt_s, d.transfer_s, d.worker_s, d.decrypt_s,
+                       d.bytes_sent, d.bytes_received, d.calls, d.verify_s, d.local_s, d.deviations)
+
+
 def trusted_identity(cfg: RunConfig) -> TLSIdentity:
     """The TLS identity this trusted runtime presents to workers: ``tee.identity`` (created if missing),
     else this process's ephemeral one."""
@@ -142,26 +156,24 @@ class TrustedRuntime:
         self._operands = None
         self._operands_lock = threading.Lock()
         if isinstance(worker, WorkerEndpoint):
-            worker = WorkerPool(self.directory([worker]), owns_directory=True)
+            worker = WorkerSessions(self.worker_pool([worker]), owns_pool=True)
         elif isinstance(worker, str):
             raise BifrostError(f"worker {worker!r}: a worker is reached by its address and its pinned certificate "
                                "(worker.cert / --worker-cert)")
         self.engine = self.new_engine(worker) if worker is not None else None
         self.setup_s = time.perf_counter() - t0
-        if self.engine is not None:
-            attach_engine(self.model, self.engine)
         self.tokenizer = load_tokenizer(self.spec.path)
         self.reference = load_model(self.spec, cfg.seed) if reference else None
 
     def group_shapes(self) -> list[GroupShape]:
         return [GroupShape(self.weights[g[0]].shape[1], tuple(self.weights[n].shape[0] for n in g)) for g in self.groups]
 
-    def directory(self, endpoints: list[WorkerEndpoint], timeout_s: float | None = None,
-                  retry_after_s: float = 30.0) -> WorkerDirectory:
-        """A worker directory for this model: mutual TLS with this runtime's identity, replies capped at the
+    def worker_pool(self, endpoints: list[WorkerEndpoint], timeout_s: float | None = None,
+                    retry_after_s: float = 30.0) -> WorkerPool:
+        """A worker pool for this model: mutual TLS with this runtime's identity, replies capped at the
         largest an honest worker sends for this model (:func:`~bifrost.tee.link.reply_limit`)."""
         limit = reply_limit(self.cfg.backend, self.params, self.group_shapes(), context_tokens(self.model) or 512)
-        return WorkerDirectory(endpoints, trusted_identity(self.cfg), timeout_s or self.cfg.worker.timeout_s,
+        return WorkerPool(endpoints, trusted_identity(self.cfg), timeout_s or self.cfg.worker.timeout_s,
                                retry_after_s, limit, self.quarantine)
 
     def operands(self) -> dict:
@@ -200,7 +212,9 @@ class TrustedRuntime:
             raise BifrostError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
         timings, tokens = [], []
         fid = _FidelityTracker(self.reference) if self.reference is not None else None
-        for step in self.decode_steps(ids, n_new, mode=mode, sample_seed=sample_seed):
+        if self.engine is None:
+            raise BifrostError("this runtime has no worker link: a server gives each session its own engine")
+        for step in self.decode_steps(self.engine, ids, n_new, mode=mode, sample_seed=sample_seed):
             timings.append(step.timing)
             tokens.append(step.timing.token)
             if fid is not None:
@@ -208,48 +222,41 @@ class TrustedRuntime:
         fidelity = fid.finish(ids, n_new) if fid is not None else None
         return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
 
-    def decode_steps(self, ids: list[int], n_new: int, *, mode: str = "bifrost", sample_seed: int | None = None,
-                     engine: DelegationEngine | None = None,
-                     step_context: Callable[[int], ContextManager] | None = None) -> Iterator["DecodeStep"]:
-        """The decode loop, one token per iteration; the KV cache is this generator's local state.
+    def forward(self, engine: DelegationEngine, step_input: torch.Tensor, past=None, *, in_tee: bool = False):
+        """One forward pass with ``engine``'s keys: ``step_input`` (1, rows) token ids after the KV state
+        ``past`` (None: a new sequence). ``in_tee``: the delegated products run here in plaintext (the
+        Bifrost+ prefill). Returns (last position's logits (vocab,), new KV state, this pass's CallStats).
+        Thread-safe: sessions run passes of this one model concurrently, each with its own engine."""
+        before = engine.stats.snapshot()
+        local = engine.in_tee() if in_tee else contextlib.nullcontext()
+        with using_engine(engine), local, torch.no_grad():
+            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+        return out.logits[0, -1], out.past_key_values, engine.stats.minus(before)
 
-        ``engine`` lets several sessions (each with its own CKKS keys) share this model replica; each
-        forward pass runs inside ``step_context(rows)`` (``rows``: tokens fed this step, the prompt's
-        length at the first step, then 1): a lock, to interleave sessions' steps; or a
-        :class:`~bifrost.tee.batching.DecodeBatcher` participant, to run them concurrently and batch
-        their layer calls. The generator never yields inside that context.
-        """
-        gcfg = self.cfg.generation
-        gen = None
-        if gcfg.do_sample:  # sampling noise from a CSPRNG-seeded generator unless a seed is pinned
-            gen = torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
+    def decode_steps(self, engine: DelegationEngine, ids: list[int], n_new: int, *, mode: str = "bifrost",
+                     sample_seed: int | None = None) -> Iterator["DecodeStep"]:
+        """The decode loop of one sequence, one token per iteration; the KV cache is this generator's local
+        state. (A serving replica runs many sequences through its own step loop: :mod:`bifrost.tee.scheduler`.)"""
+        gen = sampling_generator(self.cfg.generation, sample_seed)
+        past, step_input = None, torch.tensor([ids])
+        for i in range(n_new):
+            t0 = time.perf_counter()
+            logits, past, d = self.forward(engine, step_input, past, in_tee=(i == 0 and mode == "bifrost+"))
+            token = sample_token(logits, self.cfg.generation, gen)
+            yield DecodeStep(token_timing(i, token, time.perf_counter() - t0, d), logits, step_input)
+            step_input = torch.tensor([[token]])
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], engine: DelegationEngine | None = None) -> np.ndarray:
+        """Sentence embeddings (mean pooling over tokens, L2-normalised, as sentence-transformers), with
+        ``engine``'s keys (default: this runtime's own engine)."""
+        if self.spec.task != "encoder":
+            raise BifrostError(f"{self.cfg.model} is not an encoder model")
         engine = engine or self.engine
         if engine is None:
             raise BifrostError("this runtime has no worker link: pass a session's engine")
-        past, step_input = None, torch.tensor([ids])
-        for i in range(n_new):
-            context = step_context(step_input.shape[1]) if step_context else contextlib.nullcontext()
-            with context, using_engine(engine), torch.no_grad():
-                before = engine.stats.snapshot()
-                t0 = time.perf_counter()
-                local = engine.in_tee() if (i == 0 and mode == "bifrost+") else contextlib.nullcontext()
-                with local:
-                    out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-                logits = out.logits[0, -1]
-                token = sample_token(logits, gcfg, gen)
-                total = time.perf_counter() - t0
-                d: CallStats = engine.stats.minus(before)
-            timing = TokenTiming(i, token, total, d.encrypt_s, d.transfer_s, d.worker_s, d.decrypt_s,
-                                 d.bytes_sent, d.bytes_received, d.calls, d.verify_s, d.local_s, d.deviations)
-            yield DecodeStep(timing, logits, step_input)
-            past, step_input = out.past_key_values, torch.tensor([[token]])
-
-    @torch.no_grad()
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Sentence embeddings (mean pooling over tokens, L2-normalised, as sentence-transformers)."""
-        if self.spec.task != "encoder":
-            raise BifrostError(f"{self.cfg.model} is not an encoder model")
-        return np.stack([_mean_pooled(self.model, self.tokenizer, t) for t in texts])
+        with using_engine(engine):
+            return np.stack([_mean_pooled(self.model, self.tokenizer, t) for t in texts])
 
     def close(self) -> None:
         if self.engine is not None:

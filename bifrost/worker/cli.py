@@ -1,4 +1,7 @@
-"""``bifrost worker``: run a CKKS worker (untrusted side)."""
+"""``bifrost worker`` / ``bifrost-worker`` / ``python -m bifrost.worker``: run a CKKS worker (untrusted side).
+
+The worker's own entry point (:func:`main`) imports nothing of the trusted runtime (``bifrost/tee``):
+tests/test_packaging.py starts a worker process and checks its imported modules."""
 
 from __future__ import annotations
 
@@ -11,7 +14,30 @@ import threading
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="run an untrusted CKKS worker (gRPC)")
+    _arguments(sub.add_parser("worker", help="run an untrusted CKKS worker (gRPC)"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker's entry point: the ``bifrost worker`` arguments, with the CLI's one-line errors."""
+    from ..errors import BifrostError
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shares the CPU with a local trusted runtime
+    parser = argparse.ArgumentParser(prog="bifrost-worker", description="run an untrusted CKKS worker (gRPC)")
+    _arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BifrostError as exc:
+        print(f"bifrost-worker: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"bifrost-worker: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
     p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
     p.add_argument("--seed", type=int, help="seed of random-init named models (overrides the config)")

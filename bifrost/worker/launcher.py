@@ -48,7 +48,7 @@ class LocalWorker:
 
     def start(self) -> "LocalWorker":
         port_file = os.path.join(self._dir, "port")
-        cmd = [sys.executable, "-m", "bifrost.cli", "worker", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "bifrost.worker", "--host", "127.0.0.1", "--port", "0",
                "--port-file", port_file, "--model", self.model, "--seed", str(self.seed), "--exit-with-parent",
                "--identity", self._identity_dir]
         for path in self._trusted:

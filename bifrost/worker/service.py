@@ -45,11 +45,10 @@ from google.protobuf.message import DecodeError
 from ..ckks import CiphertextError, GroupShape, InsecureParametersError, get_backend
 from ..model.delegation import Site
 from ..proto import worker_pb2, worker_pb2_grpc
+from ..proto.wire import worker_server_options
 
 log = logging.getLogger("bifrost.worker")
 
-MAX_REQUEST_BYTES = 512 << 20   # one request (public context or ciphertexts) at most; larger ones are refused unread
-MAX_REPLY_BYTES = 1 << 30
 MAX_CIPHERTEXTS_PER_CALL = 8192
 MAX_BATCH_ITEMS = 64
 MAX_PREPARE_GROUPS = 4096
@@ -395,8 +394,7 @@ def serve(service: WorkerService, credentials, host: str = "127.0.0.1", port: in
         raise ValueError("a worker serves only with mutual TLS credentials")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads),
-        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                 ("grpc.max_send_message_length", MAX_REPLY_BYTES)],
+        options=worker_server_options(),
     )
     _add_servicer(service, server)
     health_servicer = health.HealthServicer()

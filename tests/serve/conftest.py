@@ -40,7 +40,7 @@ def worker_config(endpoint, folder) -> dict:
 
 @pytest.fixture(scope="session")
 def local_app(worker_factory, serve_run_config, serve_config, tmp_path_factory):
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
 
     _, _, endpoint = worker_factory(MODEL, 64)
     app = ServeApp(serve_run_config, serve_config.replace(**worker_config(endpoint, tmp_path_factory.mktemp("certs"))))
@@ -57,7 +57,7 @@ def make_policy(model_digest: bytes, allow_simulated: bool = True):
 
 @pytest.fixture(scope="session")
 def policy(local_app):
-    return make_policy(local_app.service.info["model_digest"])
+    return make_policy(local_app.service.info.model_digest)
 
 
 @pytest.fixture()
@@ -133,7 +133,7 @@ def controlled_worker(run_config):
 def app_factory(serve_run_config, serve_config, tmp_path):
     """Start in-process apps (runtime local) with config overrides (``worker=endpoint``: that one worker,
     its certificate pinned); stopped after the test."""
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
 
     apps = []
 
@@ -163,7 +163,7 @@ def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> N
 def connect(app, pol=None, attest: bool = True):
     from bifrost.serve.client import BifrostClient
 
-    c = BifrostClient(f"127.0.0.1:{app.port}", pol or make_policy(app.service.info["model_digest"]), timeout_s=120)
+    c = BifrostClient(f"127.0.0.1:{app.port}", pol or make_policy(app.service.info.model_digest), timeout_s=120)
     if attest:
         c.attest()
     return c

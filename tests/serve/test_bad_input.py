@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from bifrost.proto import serving_pb2
-from bifrost.serve.actors import AAD_CHUNK, AAD_CLOSE, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL, SEALED_TRAILER
+from bifrost.proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL, SEALED_TRAILER
 from bifrost.serve.client import ServingError
 
 from .conftest import MODEL as MODEL_NAME, connect
@@ -74,7 +74,7 @@ def test_missing_bad_and_expired_tokens_are_unauthenticated(local_app, client_fa
     from datetime import datetime, timezone
 
     v = Verdict("simulated", bytes(48), bytes(64), False, "x", {}, {}, datetime.now(timezone.utc), (), simulated=True)
-    expired = svc.issuer.issue(v, node_id="n", model_digest=svc.info["model_digest"], now=time.time() - 10_000)
+    expired = svc.issuer.issue(v, node_id="n", model_digest=svc.info.model_digest, now=time.time() - 10_000)
     code, msg = _raw(local_app, "Generate", req, (("authorization", f"Bearer {expired}"),))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "expired" in msg
     # the session itself is untouched: the same sealed record (never opened) still works with its token
@@ -195,7 +195,7 @@ def _meta(client):
 
 
 def _embed_req(client, body: bytes, aad=None, request_id=None):
-    from bifrost.serve.actors import AAD_EMBED
+    from bifrost.proto.wire import AAD_EMBED
 
     return serving_pb2.SealedRequest(session_id=client.session_id, request_id=request_id or secrets.token_hex(8),
                                      sealed=client.session.seal(body, aad or AAD_EMBED)).SerializeToString()
@@ -212,7 +212,7 @@ def test_oversized_sealed_payload_is_invalid_argument_naming_the_limit(local_app
 
 
 def test_bad_embed_requests(local_app, client_factory):
-    from bifrost.serve.actors import AAD_GENERATE as GEN
+    from bifrost.proto.wire import AAD_GENERATE as GEN
 
     c = client_factory()
     meta = _meta(c)

@@ -66,7 +66,7 @@ def test_chat_cli_exits_non_zero_on_a_truncated_stream(relay, local_app, tmp_pat
 
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(yaml.safe_dump({"allow_simulated": True,
-                                           "model_digests": [local_app.service.info["model_digest"].hex()]}))
+                                           "model_digests": [local_app.service.info.model_digest.hex()]}))
     code = main(["chat", "--address", f"127.0.0.1:{relay.port}", "--policy", str(policy_file),
                  "--prompt", "cut short", "--max-new-tokens", "3"])
     err = capsys.readouterr().err

@@ -60,7 +60,7 @@ def served(tmp_path_factory):
 
 
 def test_serve_subprocess_chat_equals_plaintext(served, run_config):
-    from bifrost.serve.actors import model_digest
+    from bifrost.model.digests import model_digest
     from bifrost.model.catalog import resolve
     from bifrost.serve.client import BifrostClient
 
@@ -83,7 +83,7 @@ def test_serve_subprocess_chat_equals_plaintext(served, run_config):
 
 
 def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(served, run_config):
-    from bifrost.serve.actors import model_digest
+    from bifrost.model.digests import model_digest
     from bifrost.model.catalog import resolve
 
     proc, address, run_dir, tmp, _ = served
@@ -105,7 +105,7 @@ def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(
 def test_serve_with_external_workers_flag(tmp_path, run_config):
     """`bifrost serve --workers a,b` (workers started by the test, local runtime): the server starts none
     of its own, opens every session on both, and spreads layer calls over both."""
-    from bifrost.serve.actors import model_digest
+    from bifrost.model.digests import model_digest
     from bifrost.model.catalog import resolve
     from bifrost.serve.client import BifrostClient
 

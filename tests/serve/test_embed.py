@@ -8,7 +8,7 @@ import pytest
 
 def test_embed_matches_plaintext(worker_factory, serve_run_config, serve_config, tmp_path):
     from bifrost.serve.client import BifrostClient
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
     from bifrost.tee.runtime import plaintext_embeddings
 
     from .conftest import make_policy, worker_config
@@ -18,7 +18,7 @@ def test_embed_matches_plaintext(worker_factory, serve_run_config, serve_config,
     app = ServeApp(cfg, serve_config.replace(**worker_config(endpoint, tmp_path))).start()
     try:
         texts = ["a private sentence", "another one"]
-        with BifrostClient(f"127.0.0.1:{app.port}", make_policy(app.service.info["model_digest"]), timeout_s=120) as c:
+        with BifrostClient(f"127.0.0.1:{app.port}", make_policy(app.service.info.model_digest), timeout_s=120) as c:
             c.attest()
             got = c.embed(texts)
             from bifrost.serve.client import ServingError

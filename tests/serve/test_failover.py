@@ -10,13 +10,13 @@ from .conftest import MODEL, make_policy, plaintext_greedy
 
 def test_kill_worker_process_mid_stream(serve_run_config, serve_config):
     from bifrost.serve.client import BifrostClient
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
 
     app = ServeApp(serve_run_config, serve_config.replace(workers=(), local_workers=2, worker_retry_after_s=600)).start()
     try:
         assert len(app.local_workers) == 2
         victim = app.local_workers[0].proc
-        policy = make_policy(app.service.info["model_digest"])
+        policy = make_policy(app.service.info.model_digest)
         tokens = []
         with BifrostClient(f"127.0.0.1:{app.port}", policy, timeout_s=120) as c:
             c.attest()

@@ -21,7 +21,7 @@ N_SESSIONS = 4
 @pytest.fixture(scope="module")
 def recorded_app(serve_run_config, serve_config, tmp_path_factory):
     """A server (2 replicas, in-process) whose CKKS worker records every byte it receives and sends."""
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
 
     from tests.workers import make_service, start_worker
 
@@ -59,7 +59,7 @@ def test_canaries_stay_in_their_own_session(recorded_app, serve_run_config, capl
 
     app, traffic, contexts = recorded_app
     caplog.set_level(logging.DEBUG)
-    policy = make_policy(app.service.info["model_digest"])
+    policy = make_policy(app.service.info.model_digest)
     canaries = [f"CANARY-{secrets.token_hex(6)}" for _ in range(N_SESSIONS)]
     results, errors = {}, []
 

@@ -12,7 +12,8 @@ import pytest
 from bifrost.errors import BifrostError
 from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.proto import serving_pb2
-from bifrost.serve.actors import AAD_EMBED
+from bifrost.proto.replica import Attested
+from bifrost.proto.wire import AAD_EMBED
 from bifrost.serve.client import ServingError
 
 from .conftest import MODEL, connect, plaintext_greedy, wait_until
@@ -36,7 +37,7 @@ def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessi
     assert len(c.chat(" more", 1).tokens) == 1  # the session survived its long turn
     pending = connect(app)  # attested, never used
     orphan = replica.attest(secrets.token_bytes(32), secrets.token_bytes(32), "")  # unknown to the front end
-    assert isinstance(orphan, dict) and replica.session_count() == 3
+    assert isinstance(orphan, Attested) and replica.session_count() == 3
     wait_until(lambda: len(app.service.sessions) == 0 and replica.session_count() == 0
                and controlled_worker.sessions() == baseline, what="idle sessions to be closed everywhere")
     with pytest.raises(ServingError) as err:
@@ -115,7 +116,7 @@ def test_dead_replica_gets_no_new_sessions_and_health_follows(app_factory, worke
 
 
 def test_a_request_on_a_busy_session_waits_a_bounded_time(app_factory, controlled_worker, monkeypatch):
-    monkeypatch.setattr("bifrost.serve.actors.TURN_WAIT_S", 0.3)  # (10 s in production)
+    monkeypatch.setattr("bifrost.tee.replica.TURN_WAIT_S", 0.3)  # (10 s in production)
     controlled_worker.delay_s = 0.1
     app = app_factory(worker=controlled_worker.endpoint)
     c = connect(app)

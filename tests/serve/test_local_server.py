@@ -40,30 +40,3 @@ def test_list_models_health_and_reflection(local_app, client_factory):
                                                    timeout=10))
         names = {s.name for s in responses[0].list_services_response.service}
         assert "bifrost.serving.v1.BifrostServing" in names and "grpc.health.v1.Health" in names
-
-
-def test_decode_steps_run_concurrently_but_prefills_one_at_a_time(local_app):
-    """With batch_decode on, a replica lets decode steps (1 row) overlap so that their layer calls can be
-    batched, and holds the prefill lock around a prompt's forward pass so that prefills queue."""
-    import threading
-
-    replica = local_app.replicas[0].obj
-    assert replica.batcher is not None
-    with replica._step_context(1), replica._step_context(1):  # (same thread: re-entrant participant)
-        assert not replica._prefill_lock.locked()
-    entered, leave = threading.Event(), threading.Event()
-
-    def second_prefill():
-        with replica._step_context(40):
-            entered.set()
-            leave.wait(5)
-
-    t = threading.Thread(target=second_prefill, daemon=True)
-    with replica._step_context(40):
-        assert replica._prefill_lock.locked()
-        t.start()
-        assert not entered.wait(0.3)  # a second prefill waits for the first
-    assert entered.wait(5)  # and runs once the first is done
-    leave.set()
-    t.join(5)
-    assert not replica._prefill_lock.locked() and replica.batcher._computing == 0

@@ -20,7 +20,7 @@ import ray  # noqa: E402 - a hard dependency
 
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory, run_config, serve_run_config, serve_config):
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
 
     from .conftest import worker_config
 
@@ -49,14 +49,14 @@ def test_two_ray_replicas_serve_plaintext_equal_tokens(ray_app, serve_run_config
         assert c.chat(prompt, 4).tokens == plaintext_greedy(MODEL, serve_run_config.seed,
                                                             ByteTokenizer().encode(prompt), 4)
         c.close()
-    pids = {r.call("info")["pid"] for r in app.replicas}
+    pids = {r.call("info").pid for r in app.replicas}
     assert len(pids) == 2 and os.getpid() not in pids  # two actor processes
     assert any((run_dir / "ray").glob("session_*"))  # Ray's temp dir is inside the run folder
     assert ray_default_dirs_listing() == before  # nothing new in ~/.ray (auth_token) or /tmp/ray
 
 
 def test_unschedulable_replica_is_a_startup_error_not_a_hang(ray_app, serve_run_config, serve_config, tmp_path):
-    from bifrost.serve.server import ServeApp
+    from bifrost.tee.deploy import ServeApp
 
     from .conftest import worker_config
 

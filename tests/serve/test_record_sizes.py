@@ -10,7 +10,7 @@ import grpc
 from bifrost.attest.binding import compute_report_data
 from bifrost.attest.channel import ClientHandshake, ServerHandshake, record_size
 from bifrost.proto import serving_pb2
-from bifrost.serve.actors import AAD_CHUNK, AAD_GENERATE
+from bifrost.proto.wire import AAD_CHUNK, AAD_GENERATE
 
 
 def _pair():

@@ -88,7 +88,7 @@ def test_attest_and_chat_over_tls(tls_app, certs, serve_run_config):
     from bifrost.serve.client import BifrostClient
 
     assert ssl.get_server_certificate(("127.0.0.1", tls_app.port)).strip() == certs[0].read_text().strip()
-    policy = make_policy(tls_app.service.info["model_digest"])
+    policy = make_policy(tls_app.service.info.model_digest)
     with BifrostClient(f"127.0.0.1:{tls_app.port}", policy, timeout_s=120, tls_ca_file=str(certs[0])) as c:
         assert c.attest().simulated
         result = c.chat("Over TLS", 3)
@@ -102,7 +102,7 @@ def test_attest_and_chat_over_tls(tls_app, certs, serve_run_config):
 def test_plaintext_client_on_a_tls_port_and_an_untrusting_tls_client_fail_clearly(tls_app, tmp_path):
     from bifrost.serve.client import BifrostClient, ServingError
 
-    policy = make_policy(tls_app.service.info["model_digest"])
+    policy = make_policy(tls_app.service.info.model_digest)
     with BifrostClient(f"127.0.0.1:{tls_app.port}", policy, timeout_s=30) as plain:
         with pytest.raises(ServingError) as err:
             plain.attest()
@@ -122,7 +122,7 @@ def test_chat_cli_with_tls_ca(tls_app, certs, tmp_path, capsys):
 
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(yaml.safe_dump({"allow_simulated": True,
-                                           "model_digests": [tls_app.service.info["model_digest"].hex()]}))
+                                           "model_digests": [tls_app.service.info.model_digest.hex()]}))
     args = ["chat", "--address", f"127.0.0.1:{tls_app.port}", "--policy", str(policy_file), "--prompt", "hello",
             "--max-new-tokens", "2"]
     assert main(args + ["--tls-ca", str(certs[0])]) == 0

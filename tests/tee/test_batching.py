@@ -9,7 +9,7 @@ import pytest
 
 from bifrost.tee.batching import MAX_ITEM_ROWS, DecodeBatcher
 from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint
-from bifrost.tee.pool import WorkerPool
+from bifrost.tee.pool import WorkerSessions
 from bifrost.tee.runtime import TrustedRuntime
 
 MODEL = "gpt2-mini"
@@ -26,7 +26,7 @@ def model_parts(worker_factory, run_config):
 
 
 def _engines(batcher, directory, cfg, rt, n):
-    return [rt.new_engine(batcher.link_for(WorkerPool(directory))) for _ in range(n)]
+    return [rt.new_engine(batcher.link_for(WorkerSessions(directory))) for _ in range(n)]
 
 
 def _run_sessions(batcher, engines, groups, xs, start_together=True):
@@ -62,7 +62,7 @@ def _check(results, groups, xs, weights):
 
 def test_concurrent_sessions_share_one_worker_call_per_group(model_parts):
     cfg, rt, address, weights = model_parts
-    directory = rt.directory([address])
+    directory = rt.worker_pool([address])
     batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=16)  # the barrier rule must send, not the clock
     engines = _engines(batcher, directory, cfg, rt, 4)
     d_in = rt.engine.sites[rt.groups[0][0]].d_in
@@ -98,7 +98,7 @@ def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_p
     service = adv.AdversarialService(make_service(run_config, MODEL), attack)
     _, server, endpoint = start_worker(run_config, MODEL, service=service)
     try:
-        directory = rt.directory([endpoint])
+        directory = rt.worker_pool([endpoint])
         batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=16)
         engines = _engines(batcher, directory, cfg, rt, 3)
         group = rt.groups[0]
@@ -117,7 +117,7 @@ def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_p
 
 def test_batches_respect_max_rows_and_prefill_goes_alone(model_parts):
     cfg, rt, address, weights = model_parts
-    directory = rt.directory([address])
+    directory = rt.worker_pool([address])
     batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=2)
     engines = _engines(batcher, directory, cfg, rt, 4)
     group = rt.groups[0]
@@ -134,7 +134,7 @@ def test_batches_respect_max_rows_and_prefill_goes_alone(model_parts):
 
 def test_calls_outside_a_decode_step_are_not_held_back(model_parts):
     cfg, rt, address, weights = model_parts
-    directory = rt.directory([address])
+    directory = rt.worker_pool([address])
     batcher = DecodeBatcher(directory, window_s=60.0)
     (engine,) = _engines(batcher, directory, cfg, rt, 1)
     group = rt.groups[0]
@@ -150,7 +150,7 @@ def test_calls_outside_a_decode_step_are_not_held_back(model_parts):
 def test_a_batch_fails_over_from_a_dead_worker(model_parts):
     cfg, rt, address, weights = model_parts
     dead = WorkerEndpoint("127.0.0.1:1", TLSIdentity.generate(WORKER_TLS_NAME).cert_pem)  # port 1: nothing listens
-    directory = rt.directory([dead, address], timeout_s=10)
+    directory = rt.worker_pool([dead, address], timeout_s=10)
     batcher = DecodeBatcher(directory, window_s=10.0)
     engines = _engines(batcher, directory, cfg, rt, 3)
     group = rt.groups[0]

@@ -125,7 +125,7 @@ def test_a_worker_quarantined_by_one_replica_is_refused_at_the_next_start(run_co
 def test_an_honest_worker_beside_a_quarantined_one_serves_as_before(run_config):
     """Two workers, one malicious: tokens equal plaintext, only the malicious identity is quarantined, and
     the honest one's results keep being used (no recomputation for its calls)."""
-    from bifrost.tee.pool import WorkerPool
+    from bifrost.tee.pool import WorkerSessions
 
     bad = adv.AdversarialService(make_service(run_config, MODEL), adv.scaled_output(lambda call: call.index >= 2, 2 ** 20))
     good = adv.AdversarialService(make_service(run_config, MODEL), None)
@@ -135,7 +135,7 @@ def test_an_honest_worker_beside_a_quarantined_one_serves_as_before(run_config):
         servers.append(server)
         endpoints.append(endpoint)
     try:
-        pool = WorkerPool.from_endpoints(endpoints, timeout_s=60)
+        pool = WorkerSessions.from_endpoints(endpoints, timeout_s=60)
         rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
         result = rt.generate(SHORT, 4)
         stats, quarantined = rt.engine.stats, rt.quarantine.entries()

@@ -1,0 +1,109 @@
+"""``bifrost serve``: the attested serving deployment (trusted replicas, CKKS workers, the gRPC front end)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+SIMULATED_BANNER = (
+    "!!! WARNING: evidence provider is SIMULATED: this server is NOT running in an attested TEE and its\n"
+    "!!! evidence is signed by a local software key. Prompts get no hardware confidentiality. Clients refuse\n"
+    "!!! it unless their policy sets allow_simulated: true. Development and tests only."
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the attested gRPC API (Ray replicas + CKKS workers)")
+    p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
+    p.add_argument("--serve-config", help="serve config YAML (default: configs/serve.yaml)")
+    p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
+    p.add_argument("--seed", type=int, help="seed of random-init named models")
+    p.add_argument("--host", help="listen address (default from serve config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port; 0 picks a free one")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--workers", help="comma-separated CKKS worker addresses (default: start local ones)")
+    p.add_argument("--worker-certs", help="comma-separated certificates (PEM) of those workers, same order: pinned")
+    p.add_argument("--local-workers", type=int, help="how many local workers to start when none are given")
+    p.add_argument("--replicas", type=int, help="trusted-runtime replicas")
+    p.add_argument("--runtime", choices=("ray", "local"), help="ray: replicas as Ray actors; local: in-process")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto | GCS host:port; run on a cluster node, "
+                                         "with --workers) instead of starting Ray locally; ray:// is not supported")
+    p.add_argument("--ray-num-cpus", type=int,
+                   help="CPUs of a locally started Ray (default: replicas x replica_cpus)")
+    p.add_argument("--max-sessions", type=int)
+    p.add_argument("--evidence", help="evidence provider: auto (tdx/sev-snp from configfs-tsm) | tdx | sev-snp | "
+                                      "simulated (development only: not a TEE)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the serving port (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key (unencrypted) of --tls-cert")
+    p.add_argument("--run-dir", help="folder for this run (Ray temp dir, logs); default: a new one under serve.run_dir")
+    p.add_argument("--print-digests", action="store_true",
+                   help="print the model and serving-config digests a client policy pins, then exit")
+    p.set_defaults(func=run_serve)
+
+
+def _configs(args):
+    from ..config import load_config
+    from ..serve.config import load_serve_config
+
+    cfg = load_config(args.config)
+    scfg = load_serve_config(args.serve_config)
+    if args.model:
+        cfg = cfg.replace(model=args.model)
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed)
+    changes = {k: v for k, v in {
+        "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
+        "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,
+        "max_sessions": args.max_sessions, "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
+        "evidence_provider": args.evidence}.items() if v is not None}
+    if args.workers:
+        changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())
+    if args.worker_certs:
+        changes["worker_certs"] = tuple(a.strip() for a in args.worker_certs.split(",") if a.strip())
+    return cfg, scfg.replace(**changes) if changes else scfg
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..model.digests import model_digest
+    from ..serve.config import serving_config_digest
+    from .deploy import ServeApp
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg, scfg = _configs(args)
+    if args.print_digests:
+        from ..model.catalog import resolve
+
+        print(f"model_digest: {model_digest(resolve(cfg.model), cfg.seed).hex()}")
+        print(f"serving_config_digest: {serving_config_digest(cfg, scfg).hex()}")
+        return 0
+    from ..attest.evidence import get_provider
+
+    get_provider(scfg.evidence_provider)  # fail fast, in one line, before starting workers and Ray
+    app = ServeApp(cfg, scfg, args.run_dir)
+    handler = logging.FileHandler(app.run_dir / "serve.log")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=[handler, logging.StreamHandler(sys.stderr)])
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    app.start()
+    try:
+        evidence = app.service.info.evidence_type
+        print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({scfg.transport}, {len(app.replicas)} replica(s), "
+              f"runtime {scfg.runtime}, workers {', '.join(app.worker_addresses)}, evidence {evidence}, "
+              f"run folder {app.run_dir})", file=sys.stderr, flush=True)
+        if evidence == "simulated":
+            print(SIMULATED_BANNER, file=sys.stderr, flush=True)
+        if args.port_file:
+            with open(args.port_file + ".tmp", "w") as f:
+                f.write(str(app.port))
+            os.replace(args.port_file + ".tmp", args.port_file)
+        stop.wait()
+    finally:
+        app.stop()
+    return 0

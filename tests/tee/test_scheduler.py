@@ -1,0 +1,104 @@
+"""The replica's step loop: schedule → execute → update, one token per running turn per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from bifrost.model.tokenizer import ByteTokenizer
+from bifrost.tee.batching import DecodeBatcher
+from bifrost.tee.pool import WorkerSessions
+from bifrost.tee.runtime import TrustedRuntime, plaintext_greedy_tokens
+from bifrost.tee.scheduler import StepLoop, TokenEvent, Turn, TurnEnd
+
+MODEL = "gpt2-mini"
+
+
+@pytest.fixture(scope="module")
+def parts(worker_factory, run_config):
+    _, _, endpoint = worker_factory(MODEL, 16)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), None, reference=True)
+    pool = rt.worker_pool([endpoint])
+    yield rt, pool
+    pool.close()
+    rt.close()
+
+
+def _events(turn):
+    out = []
+    while not turn.events.empty():
+        out.append(turn.events.get())
+    return out
+
+
+def test_prefills_go_one_at_a_time_while_prefilled_turns_decode_in_every_step(parts):
+    """Driven by hand (``start=False``): a step starts at most one prompt prefill; a second turn's prefill
+    starts only once the first finished, and from then on the first turn decodes one token per step."""
+    rt, pool = parts
+    batcher = DecodeBatcher(pool, window_s=10.0)  # the barrier rule must send, not the clock
+    loop = StepLoop(rt, "bifrost", batcher, start=False)
+    prompts = [ByteTokenizer().encode(t) for t in ("first prompt, a long one", "second prompt")]
+    engines = [rt.new_engine(batcher.link_for(WorkerSessions(pool))) for _ in prompts]
+    turns = [loop.submit(Turn(e, p, 3, lambda: False)) for e, p in zip(engines, prompts)]
+    try:
+        assert loop._schedule() == []  # nothing prefilled yet: no decodes; the first prefill starts
+        assert loop._prefill[0] is turns[0] and list(loop._waiting) == [turns[1]]
+        assert loop._update(loop._execute([])) == 1  # nothing to decode: the step waits for the prefill
+        first = _events(turns[0])
+        assert [type(e) for e in first] == [TokenEvent] and loop._prefill is None
+        decodes = loop._schedule()  # turn 0 decodes; turn 1's prefill starts now, not before
+        assert decodes == [turns[0]] and loop._prefill[0] is turns[1] and not loop._waiting
+        loop._prefill[1].result(timeout=120)  # (deterministic from here: the prefill joins this step)
+        assert loop._update(loop._execute(decodes)) == 2
+        assert loop._schedule() == [turns[0], turns[1]]  # both decode in every step from now on
+        while loop.busy():
+            loop.step()
+        tokens = []
+        for turn, earlier in zip(turns, (first, [])):
+            events = earlier + _events(turn)
+            assert isinstance(events[-1], TurnEnd) and events[-1].error is None and not events[-1].stopped
+            tokens.append([e.token for e in events if isinstance(e, TokenEvent)])
+            assert [e.index for e in events if isinstance(e, TokenEvent)] == list(range(len(tokens[-1])))
+        assert tokens[1] == plaintext_greedy_tokens(rt.reference, prompts[1], 3)
+        assert tokens[0] == plaintext_greedy_tokens(rt.reference, prompts[0], 3)
+        assert batcher.stats.max_items == 2  # the two turns' decode calls were merged at least once
+    finally:
+        loop.close()
+        for e in engines:
+            e.close()
+
+
+def test_a_stopped_turn_ends_at_the_next_step_and_says_so(parts):
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost+", None, start=False)
+    engine = rt.new_engine(WorkerSessions(pool))
+    stop = []
+    turn = loop.submit(Turn(engine, ByteTokenizer().encode("stop me"), 10, lambda: bool(stop)))
+    try:
+        loop.step()  # the prefill (Bifrost+: inside the TEE) gives the first token
+        loop.step()
+        stop.append(True)
+        loop.step()
+        events = _events(turn)
+        assert [type(e) for e in events] == [TokenEvent, TokenEvent, TurnEnd] and events[-1].stopped
+        assert not loop.busy()
+    finally:
+        loop.close()
+        engine.close()
+
+
+def test_a_failing_forward_ends_only_its_own_turn(parts):
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost", None, start=False)
+    good, bad = rt.new_engine(WorkerSessions(pool)), rt.new_engine(WorkerSessions(pool))
+    bad.close()  # its worker sessions are gone and its link refuses: the forward raises
+    bad.link = None
+    turns = [loop.submit(Turn(e, ByteTokenizer().encode("hi"), 2, lambda: False)) for e in (good, bad)]
+    try:
+        while loop.busy():
+            loop.step()
+        ok, failed = _events(turns[0]), _events(turns[1])
+        assert [type(e) for e in ok] == [TokenEvent, TokenEvent, TurnEnd] and ok[-1].error is None
+        assert [type(e) for e in failed] == [TurnEnd] and failed[-1].error is not None
+    finally:
+        loop.close()
+        good.close()

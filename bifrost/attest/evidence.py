@@ -30,9 +30,11 @@ from typing import Callable, Iterator, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .checks import CheckLog, check_allow_list, check_debug, check_report_data
 from .errors import EvidenceFormatError, PolicyViolationError, ProviderError, SignatureError
+from .options import DEFAULT_OPTIONS, VerifyOptions
 from .policy import AttestationPolicy
-from .snp import _allow_list, check_report_data, parse_cert_table
+from .snp.parse import parse_cert_table
 from .verdict import Evidence, Verdict, register_verifier
 
 CONFIGFS_TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -208,9 +210,13 @@ class SimulatedVerifier:
 
     evidence_type = "simulated"
 
+    def __init__(self, options: VerifyOptions | None = None) -> None:
+        self.options = options or DEFAULT_OPTIONS
+
     def verify(
-        self, evidence: Evidence, policy: AttestationPolicy, *, at: datetime, expected_report_data: bytes | None = None
+        self, evidence: Evidence, policy: AttestationPolicy, *, at: datetime | None = None, expected_report_data: bytes | None = None
     ) -> Verdict:
+        at = self.options.time(at)
         if not policy.allow_simulated:
             raise PolicyViolationError("simulated", "simulated evidence is refused by this policy (allow_simulated: false)")
         raw = evidence.raw
@@ -226,9 +232,9 @@ class SimulatedVerifier:
             Ed25519PublicKey.from_public_bytes(pub).verify(signature, signed)
         except (InvalidSignature, ValueError):
             raise SignatureError("simulated_signature", "simulated evidence signature does not verify") from None
-        passed = ["simulated_format", "simulated_signature"]
-        skipped: list[str] = []
-        _allow_list("simulated_signer", pub, policy.simulated_public_keys, passed, skipped)
+        log = CheckLog()
+        log.ok("simulated_format", "simulated_signature")
+        check_allow_list("simulated_signer", pub, policy.simulated_public_keys, log)
         try:
             body = json.loads(raw[head : head + body_len])
             measurement = bytes.fromhex(body["measurement"])
@@ -238,10 +244,8 @@ class SimulatedVerifier:
             raise EvidenceFormatError("simulated_format", "simulated evidence body is malformed") from None
         if len(measurement) != 48 or len(report_data) != 64 or not isinstance(debug, bool):
             raise EvidenceFormatError("simulated_format", "simulated evidence body has wrong field sizes")
-        if debug and not policy.allow_debug:
-            raise PolicyViolationError("debug", "simulated evidence claims debug; the policy refuses debug")
-        passed.append("debug")
-        check_report_data(report_data, expected_report_data, passed, skipped)
+        check_debug(debug, policy.allow_debug, "simulated evidence claims debug; the policy refuses debug", log)
+        check_report_data(report_data, expected_report_data, log)
         return Verdict(
             evidence_type="simulated",
             measurement=measurement,
@@ -251,8 +255,8 @@ class SimulatedVerifier:
             tcb={"hardware": "none (simulated)"},
             fields={"signer_public_key": pub.hex(), "WARNING": "SIMULATED: not a TEE, no confidentiality"},
             verified_at=at,
-            checks_passed=tuple(passed),
-            checks_skipped=tuple(skipped),
+            checks_passed=tuple(log.passed),
+            checks_skipped=tuple(log.skipped),
             simulated=True,
         )
 

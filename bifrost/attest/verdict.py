@@ -8,10 +8,11 @@ ARK); TDX ``"collateral"`` (dcap-qvl QuoteCollateralV3 JSON). Nothing is fetched
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable, Mapping, Protocol
 
 from .errors import UnsupportedEvidenceError
+from .options import DEFAULT_OPTIONS, VerifyOptions
 from .policy import AttestationPolicy
 
 EVIDENCE_TYPES = ("sev-snp", "tdx", "simulated")
@@ -55,7 +56,8 @@ class Verdict:
 
 
 class Verifier(Protocol):
-    """Verifies one evidence type. ``at`` is the (timezone-aware) verification time."""
+    """Verifies one evidence type. A verifier is made from a :class:`~.options.VerifyOptions` (its
+    clock and trust roots); ``at`` is the verification time, by default the options' clock."""
 
     evidence_type: str
 
@@ -64,24 +66,24 @@ class Verifier(Protocol):
         evidence: Evidence,
         policy: AttestationPolicy,
         *,
-        at: datetime,
+        at: datetime | None = None,
         expected_report_data: bytes | None = None,
     ) -> Verdict: ...
 
 
-_VERIFIERS: dict[str, Callable[[], Verifier]] = {}
+_VERIFIERS: dict[str, Callable[[VerifyOptions], Verifier]] = {}
 
 
-def register_verifier(evidence_type: str, factory: Callable[[], Verifier]) -> None:
+def register_verifier(evidence_type: str, factory: Callable[[VerifyOptions], Verifier]) -> None:
     _VERIFIERS[evidence_type] = factory
 
 
-def get_verifier(evidence_type: str) -> Verifier:
+def get_verifier(evidence_type: str, options: VerifyOptions | None = None) -> Verifier:
     _load_builtin_verifiers()
-    try:
-        return _VERIFIERS[evidence_type]()
-    except KeyError:
-        raise UnsupportedEvidenceError("evidence_type", f"no verifier for {evidence_type!r}") from None
+    factory = _VERIFIERS.get(evidence_type)
+    if factory is None:
+        raise UnsupportedEvidenceError("evidence_type", f"no verifier for {evidence_type!r}")
+    return factory(options or DEFAULT_OPTIONS)
 
 
 def verify_evidence(
@@ -90,13 +92,14 @@ def verify_evidence(
     *,
     at: datetime | None = None,
     expected_report_data: bytes | None = None,
+    options: VerifyOptions | None = None,
 ) -> Verdict:
-    """Dispatch to the verifier for ``evidence.evidence_type``. ``at`` defaults to now (UTC)."""
-    when = at or datetime.now(timezone.utc)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return get_verifier(evidence.evidence_type).verify(
-        evidence, policy, at=when, expected_report_data=expected_report_data
+    """Dispatch to the verifier for ``evidence.evidence_type``, made with ``options`` (default: the
+    system clock and the bundled trust roots). ``at`` defaults to ``options.now()``; a naive ``at``
+    is taken as UTC."""
+    options = options or DEFAULT_OPTIONS
+    return get_verifier(evidence.evidence_type, options).verify(
+        evidence, policy, at=options.time(at), expected_report_data=expected_report_data
     )
 
 

@@ -28,18 +28,18 @@ each record is sent, so time to first token and time per token).
 Sequence numbers strictly increase, so a replayed or reordered record (one at or below the last
 accepted) fails. Server→client records (the streamed answer) must also arrive without gaps: dropping a
 chunk is detected. Client→server records (requests) may leave gaps: a request the serving front end
-refuses before it reaches the session (busy, over a limit, unauthenticated) is never opened, and the
-session must survive that.
+refuses before it reaches the replica (busy, over a limit, unauthenticated) is never opened, and the
+channel must survive that.
 
 Failures: on the client side (``fatal_errors``, default for the client role) any failure closes the
-session for good: a bad server→client record means the answer can no longer be trusted. On the server
+channel for good: a bad server→client record means the answer can no longer be trusted. On the server
 side a record that fails authentication, is a replay, is reordered or truncated is refused *without
-changing the session*: it is not closed and its receive sequence number does not move, so the genuine
+changing the channel*: it is not closed and its receive sequence number does not move, so the genuine
 record with that sequence number still opens. Anyone who can reach the server (e.g. with a sniffed
 bearer token) can send garbage; that must not end a victim's session. An authentic record whose
-framing is bad uses up its sequence number but does not close a server session either.
+framing is bad uses up its sequence number but does not close a server channel either.
 
-Thread safety: a :class:`SecureSession` serializes ``seal``/``open``/``close`` with a lock, so
+Thread safety: a :class:`SecureChannel` serializes ``seal``/``open``/``close`` with a lock, so
 concurrent callers never reuse a sequence number (hence never a GCM nonce).
 """
 
@@ -140,7 +140,7 @@ class _Aead:
 
 
 @dataclass(frozen=True)
-class SessionKeys:
+class ChannelKeys:
     """Derived keys. ``client_to_server``/``server_to_client`` are AEAD keys (bytes)."""
 
     suite: str
@@ -149,7 +149,7 @@ class SessionKeys:
     session_id: bytes
 
 
-def derive_session_keys(
+def derive_channel_keys(
     private_key: X25519PrivateKey,
     peer_public_key: bytes,
     *,
@@ -158,7 +158,7 @@ def derive_session_keys(
     client_nonce: bytes,
     report_data: bytes,
     suite: str = "AES-256-GCM",
-) -> SessionKeys:
+) -> ChannelKeys:
     """Both sides call this with the same transcript; raises :class:`ChannelError` on bad input."""
     if suite not in SUITES:
         raise ChannelError("suite", f"unknown cipher suite {suite!r}; choose {', '.join(SUITES)}")
@@ -169,18 +169,18 @@ def derive_session_keys(
     key_size = SUITES[suite]
     info = HANDSHAKE_LABEL + suite.encode() + b"\x00" + server_public_key + client_public_key + report_data
     okm = HKDF(hashes.SHA256(), 2 * key_size + SESSION_ID_SIZE, salt=client_nonce, info=info).derive(shared)
-    return SessionKeys(suite, okm[:key_size], okm[key_size : 2 * key_size], okm[2 * key_size :])
+    return ChannelKeys(suite, okm[:key_size], okm[key_size : 2 * key_size], okm[2 * key_size :])
 
 
-class SecureSession:
-    """One side of an established session; thread-safe (one lock around seal/open/close)."""
+class SecureChannel:
+    """One side of an established attested channel; thread-safe (one lock around seal/open/close)."""
 
-    def __init__(self, keys: SessionKeys, role: Role, allow_gaps: bool | None = None,
+    def __init__(self, keys: ChannelKeys, role: Role, allow_gaps: bool | None = None,
                  fatal_errors: bool | None = None) -> None:
         """``allow_gaps`` (default: True for the server, False for the client) lets the receiver skip
         sequence numbers; replays and reordering are refused either way. ``fatal_errors`` (default: True
-        for the client, False for the server): a record that fails to open closes the session; when
-        False it is refused and the session is left exactly as it was (see the module docstring)."""
+        for the client, False for the server): a record that fails to open closes the channel; when
+        False it is refused and the channel is left exactly as it was (see the module docstring)."""
         send_key, recv_key = (
             (keys.client_to_server, keys.server_to_client) if role == "client" else (keys.server_to_client, keys.client_to_server)
         )
@@ -216,10 +216,10 @@ class SecureSession:
 
     def _ensure_open(self) -> None:
         if self.closed:
-            raise ChannelClosedError("session_closed", f"session is closed ({self.close_reason})")
+            raise ChannelClosedError("channel_closed", f"channel is closed ({self.close_reason})")
 
     def _refuse(self, reason: str, cls: type[ChannelError], check: str, detail: str) -> ChannelError:
-        """The error for a record that failed to open; closes the session only if errors are fatal."""
+        """The error for a record that failed to open; closes the channel only if errors are fatal."""
         if self.fatal_errors:
             self._close(reason)
         return cls(check, detail + ("; session closed" if self.fatal_errors else "; record refused, session unchanged"))
@@ -269,8 +269,8 @@ class ServerHandshake:
         self._key = X25519PrivateKey.generate()
         self.public_key = raw_public(self._key)
 
-    def accept(self, client_public_key: bytes, client_nonce: bytes, report_data: bytes, suite: str = "AES-256-GCM") -> SecureSession:
-        keys = derive_session_keys(
+    def accept(self, client_public_key: bytes, client_nonce: bytes, report_data: bytes, suite: str = "AES-256-GCM") -> SecureChannel:
+        keys = derive_channel_keys(
             self._key,
             client_public_key,
             server_public_key=self.public_key,
@@ -279,7 +279,7 @@ class ServerHandshake:
             report_data=report_data,
             suite=suite,
         )
-        return SecureSession(keys, "server")
+        return SecureChannel(keys, "server")
 
 
 class ClientHandshake:
@@ -291,8 +291,8 @@ class ClientHandshake:
         self.public_key = raw_public(self._key)
         self.client_nonce = client_nonce
 
-    def connect(self, server_public_key: bytes, verified_report_data: bytes, suite: str = "AES-256-GCM") -> SecureSession:
-        keys = derive_session_keys(
+    def connect(self, server_public_key: bytes, verified_report_data: bytes, suite: str = "AES-256-GCM") -> SecureChannel:
+        keys = derive_channel_keys(
             self._key,
             server_public_key,
             server_public_key=server_public_key,
@@ -301,4 +301,4 @@ class ClientHandshake:
             report_data=verified_report_data,
             suite=suite,
         )
-        return SecureSession(keys, "client")
+        return SecureChannel(keys, "client")

@@ -75,7 +75,7 @@ class ModelDigestError(AttestationError):
 
 class ChannelError(AttestationError):
     """Attested channel failure: bad handshake, bad record, tampered ciphertext. A bad record closes a
-    client session; a server session refuses it and stays as it was (see :mod:`.channel`)."""
+    client channel; a server channel refuses it and stays as it was (see :mod:`.channel`)."""
 
 
 class ReplayError(ChannelError):
@@ -83,7 +83,7 @@ class ReplayError(ChannelError):
 
 
 class ChannelClosedError(ChannelError):
-    """The session was closed (after a failure or explicitly); no further records are processed."""
+    """The channel was closed (after a failure or explicitly); no further records are processed."""
 
 
 class TokenError(AttestationError):

@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 
 from ..attest.binding import check_pinned_digests, compute_report_data
-from ..attest.channel import ClientHandshake, SecureSession
+from ..attest.channel import ClientHandshake, SecureChannel
 from ..attest.policy import AttestationPolicy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..errors import BifrostError
@@ -103,11 +103,11 @@ class BifrostClient:
         options = serving_options()
         if self.tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
-            self.channel = grpc.secure_channel(address, creds, options=options)
+            self.grpc_channel = grpc.secure_channel(address, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(address, options=options)
-        self.stub = serving_pb2_grpc.BifrostServingStub(self.channel)
-        self.session: SecureSession | None = None
+            self.grpc_channel = grpc.insecure_channel(address, options=options)
+        self.stub = serving_pb2_grpc.BifrostServingStub(self.grpc_channel)
+        self.channel: SecureChannel | None = None  # the attested channel (set by attest())
         self.session_id: bytes | None = None
         self.token: str | None = None
         self.verdict: Verdict | None = None
@@ -141,7 +141,7 @@ class BifrostClient:
         return (("authorization", f"Bearer {self.token}"),)
 
     def _request(self, sealed: bytes = b"") -> serving_pb2.SealedRequest:
-        if self.session is None:
+        if self.channel is None:
             raise BifrostError("not attested: call attest() first")
         return serving_pb2.SealedRequest(session_id=self.session_id, request_id=secrets.token_hex(16), sealed=sealed)
 
@@ -166,10 +166,10 @@ class BifrostClient:
         if verdict.report_data != expected:
             raise BifrostError("evidence report_data does not bind this channel")
         check_pinned_digests(reply.model_digest, reply.serving_config_digest, self.policy)
-        session = hs.connect(reply.server_public_key, verdict.report_data, self.suite)
-        if session.session_id != reply.session_id:
+        channel = hs.connect(reply.server_public_key, verdict.report_data, self.suite)
+        if channel.session_id != reply.session_id:
             raise BifrostError("server's session id does not match the derived channel keys")
-        self.session, self.session_id, self.token = session, reply.session_id, reply.token
+        self.channel, self.session_id, self.token = channel, reply.session_id, reply.token
         self.verdict, self.model_digest = verdict, reply.model_digest
         return verdict
 
@@ -180,14 +180,14 @@ class BifrostClient:
         body = serving_pb2.GenerateBody(prompt=prompt, max_new_tokens=max_new_tokens, reset_history=reset_history,
                                         has_sample_seed=sample_seed is not None, sample_seed=sample_seed or 0)
         with self._exclusive():
-            req = self._request(self.session.seal(body.SerializeToString(), AAD_GENERATE) if self.session else b"")
+            req = self._request(self.channel.seal(body.SerializeToString(), AAD_GENERATE) if self.channel else b"")
             call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
             done = False
             try:
                 for reply in call:
                     if done:
                         raise BifrostError("server sent data after the final chunk")
-                    chunk = serving_pb2.TokenChunk.FromString(self.session.open(reply.sealed, AAD_CHUNK))
+                    chunk = serving_pb2.TokenChunk.FromString(self.channel.open(reply.sealed, AAD_CHUNK))
                     if chunk.error:
                         raise _sealed_error(chunk.error_code, chunk.error)
                     done = chunk.done
@@ -218,16 +218,16 @@ class BifrostClient:
     def embed(self, texts: list[str]) -> np.ndarray:
         body = serving_pb2.EmbedBody(texts=texts)
         with self._exclusive():
-            req = self._request(self.session.seal(body.SerializeToString(), AAD_EMBED) if self.session else b"")
+            req = self._request(self.channel.seal(body.SerializeToString(), AAD_EMBED) if self.channel else b"")
             try:
                 reply = self.stub.Embed(req, metadata=self._meta(), timeout=self.timeout)
             except grpc.RpcError as exc:
                 sealed = dict(exc.trailing_metadata() or ()).get(SEALED_TRAILER)
                 if not sealed:
                     raise _rpc_error(exc, self.tls) from None
-                refusal = serving_pb2.EmbedResult.FromString(self.session.open(sealed, AAD_EMBED_RESULT))
+                refusal = serving_pb2.EmbedResult.FromString(self.channel.open(sealed, AAD_EMBED_RESULT))
                 raise _sealed_error(refusal.error_code, refusal.error or "refused without a reason") from None
-            result = serving_pb2.EmbedResult.FromString(self.session.open(reply.sealed, AAD_EMBED_RESULT))
+            result = serving_pb2.EmbedResult.FromString(self.channel.open(reply.sealed, AAD_EMBED_RESULT))
         if result.error:
             raise _sealed_error(result.error_code, result.error)
         return np.array([list(v.values) for v in result.vectors])
@@ -239,17 +239,17 @@ class BifrostClient:
         if not own and not self._lock.acquire(timeout=self.timeout):
             raise BifrostError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
         try:
-            session, self.session = self.session, None
-            if session is not None:
+            channel, self.channel = self.channel, None
+            if channel is not None:
                 try:
-                    sealed = session.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
+                    sealed = channel.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
                     self._rpc(self.stub.CloseSession, serving_pb2.SealedRequest(
                         session_id=self.session_id, request_id=secrets.token_hex(16), sealed=sealed),
                         metadata=self._meta())
                 except BifrostError:  # best effort: the server drops idle sessions anyway
                     pass
-                session.close("client closed")
-            self.channel.close()
+                channel.close("client closed")
+            self.grpc_channel.close()
         finally:
             if not own:
                 self._lock.release()

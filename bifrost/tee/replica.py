@@ -1,7 +1,7 @@
 """The trusted side of serving: one :class:`TrustedReplica` per model replica.
 
 A replica wraps one :class:`~bifrost.tee.runtime.TrustedRuntime` (the model loaded once) and holds,
-per user session: the server half of the attested channel (:class:`~bifrost.attest.channel.SecureSession`),
+per user session: the server half of the attested channel (:class:`~bifrost.attest.channel.SecureChannel`),
 its own CKKS keys (a :class:`~bifrost.tee.engine.DelegationEngine` over its own worker sessions), and the
 conversation history. The gRPC front end (:mod:`bifrost.serve.server`) only ever hands this class
 *sealed* records and gets sealed records back, so prompts, tokens, activations, KV state and CKKS secret
@@ -42,7 +42,7 @@ from typing import Iterator
 from google.protobuf.message import DecodeError
 
 from ..attest.binding import compute_report_data
-from ..attest.channel import SUITES, SecureSession, ServerHandshake
+from ..attest.channel import SUITES, SecureChannel, ServerHandshake
 from ..attest.errors import AttestationError, ChannelClosedError, ChannelError
 from ..attest.evidence import get_provider
 from ..config import RunConfig
@@ -72,7 +72,7 @@ CANCELLED_REMEMBERED = 32  # request ids of cancelled turns kept per session
 
 @dataclass
 class _Session:
-    channel: SecureSession
+    channel: SecureChannel
     engine: DelegationEngine
     report_data: bytes
     history: list[int] = field(default_factory=list)

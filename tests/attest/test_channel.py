@@ -1,5 +1,5 @@
 """Attested channel: key agreement, AEAD suites (AES-256-GCM, SM4-GCM), replay/reorder/tamper, record
-padding to size buckets, thread safety; a bad record closes a client session but leaves a server session
+padding to size buckets, thread safety; a bad record closes a client channel but leaves a server channel
 exactly as it was."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_directions_use_different_keys() -> None:
 
 @pytest.mark.parametrize("suite", SUITES)
 @pytest.mark.parametrize("offset", [8, 12, -1, -16])
-def test_tampered_request_is_refused_and_the_server_session_is_unchanged(suite: str, offset: int) -> None:
+def test_tampered_request_is_refused_and_the_server_channel_is_unchanged(suite: str, offset: int) -> None:
     c, s = pair(suite)
     genuine = c.seal(b"secret prompt")
     record = bytearray(genuine)
@@ -84,7 +84,7 @@ def test_tampered_request_is_refused_and_the_server_session_is_unchanged(suite: 
 
 
 @pytest.mark.parametrize("suite", SUITES)
-def test_tampered_answer_closes_the_client_session(suite: str) -> None:
+def test_tampered_answer_closes_the_client_channel(suite: str) -> None:
     c, s = pair(suite)
     record = bytearray(s.seal(b"token"))
     record[-1] ^= 1
@@ -110,7 +110,7 @@ def test_forged_record_with_a_high_sequence_number_does_not_advance_the_server()
 
 
 @pytest.mark.parametrize("direction", ["request", "answer"])
-def test_replay_is_refused_and_closes_only_a_client_session(direction: str) -> None:
+def test_replay_is_refused_and_closes_only_a_client_channel(direction: str) -> None:
     c, s = pair()
     sender, receiver = (c, s) if direction == "request" else (s, c)
     record = sender.seal(b"once")
@@ -143,7 +143,7 @@ def test_a_dropped_answer_chunk_is_detected_by_the_client() -> None:
 def test_server_survives_a_request_it_never_opened() -> None:
     c, s = pair()
     assert s.open(c.seal(b"turn 1")) == b"turn 1"
-    c.seal(b"turn 2, refused by the front end before reaching the session")
+    c.seal(b"turn 2, refused by the front end before reaching the replica")
     assert s.open(c.seal(b"turn 3")) == b"turn 3"
     assert c.open(s.seal(b"answer")) == b"answer" and not s.closed
 
@@ -180,7 +180,7 @@ def test_report_data_mismatch_yields_different_keys() -> None:
         s.open(c.seal(b"hi"))
 
 
-def test_sessions_are_isolated() -> None:
+def test_channels_are_isolated() -> None:
     c1, s1 = pair()
     c2, s2 = pair()
     assert c1.session_id != c2.session_id

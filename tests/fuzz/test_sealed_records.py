@@ -1,8 +1,8 @@
-"""Sealed records of the attested channel: ``SecureSession.open`` on arbitrary and mutated records, both
+"""Sealed records of the attested channel: ``SecureChannel.open`` on arbitrary and mutated records, both
 roles and both suites. Only ChannelError (and its subclasses) may come out, or the genuine message.
 
-Also the session rules around a refused record (module docstring of :mod:`bifrost.attest.channel`): a
-client session closes for good; a server session refuses a record that fails authentication or sequencing
+Also the channel rules around a refused record (module docstring of :mod:`bifrost.attest.channel`): a
+client channel closes for good; a server channel refuses a record that fails authentication or sequencing
 without changing state (the genuine record with that sequence number still opens)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from bifrost.attest.binding import compute_report_data
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from bifrost.attest.channel import (MAX_SEQ, RECORD_BUCKETS, SEQ_SIZE, TAG_SIZE, SecureSession, SessionKeys, _Aead,
-                                    derive_session_keys, frame, raw_public)
+from bifrost.attest.channel import (MAX_SEQ, RECORD_BUCKETS, SEQ_SIZE, TAG_SIZE, ChannelKeys, SecureChannel, _Aead,
+                                    derive_channel_keys, frame, raw_public)
 from bifrost.attest.errors import ChannelClosedError, ChannelError
 
 from .fuzzlib import budget, call, junk, mutated, weighted
@@ -28,19 +28,19 @@ ALLOWED = (ChannelError,)
 
 @pytest.fixture(scope="module")
 def keys():
-    """Session keys of one handshake per suite; fresh SecureSession objects are built from them per example."""
+    """Channel keys of one handshake per suite; fresh SecureChannel objects are built from them per example."""
     out = {}
     for suite in SUITES:
         server, client = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         nonce = secrets.token_bytes(32)
         rd = compute_report_data(raw_public(server), nonce, b"\x03" * 32, b"\x04" * 32)
-        out[suite] = derive_session_keys(client, raw_public(server), server_public_key=raw_public(server),
+        out[suite] = derive_channel_keys(client, raw_public(server), server_public_key=raw_public(server),
                                          client_public_key=raw_public(client), client_nonce=nonce, report_data=rd,
                                          suite=suite)
     return out
 
 
-def forged(keys: SessionKeys, role: str, seq: int, plaintext: bytes) -> bytes:
+def forged(keys: ChannelKeys, role: str, seq: int, plaintext: bytes) -> bytes:
     """An *authentic* record for the ``role`` side (made with the peer's key, AAD and nonce as documented)
     whose plaintext need not be a framed message: exercises unframe."""
     key, label = (keys.server_to_client, b"s2c") if role == "client" else (keys.client_to_server, b"c2s")
@@ -52,9 +52,9 @@ def forged(keys: SessionKeys, role: str, seq: int, plaintext: bytes) -> bytes:
 @example("AES-256-GCM", "server", None)
 @budget("cheap")
 def test_open(keys, suite, role, data):
-    session_keys = keys[suite]
-    sender = SecureSession(session_keys, "client" if role == "server" else "server")
-    receiver = SecureSession(session_keys, role)
+    channel_keys = keys[suite]
+    sender = SecureChannel(channel_keys, "client" if role == "server" else "server")
+    receiver = SecureChannel(channel_keys, role)
     sent = [sender.seal(m) for m in (b"first", b"second")]
     genuine = {sent[0]: b"first", sent[1]: b"second"}
     kind, ad = "genuine", b""
@@ -76,7 +76,7 @@ def test_open(keys, suite, role, data):
             head = data.draw(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, size - 4, size - 3, size])))
             body = (head % 2**32).to_bytes(4, "big") + data.draw(st.binary(max_size=64))
             plaintext = (body + bytes(size))[:size]
-            record = forged(session_keys, role, 0, plaintext)
+            record = forged(channel_keys, role, 0, plaintext)
         elif kind == "ad":  # a genuine record under other associated data
             record, ad = sent[0], data.draw(st.binary(min_size=1, max_size=64))
         else:  # a replay of the genuine record that already opened
@@ -98,5 +98,5 @@ def test_open(keys, suite, role, data):
         assert receiver.closed
         with pytest.raises(ChannelClosedError):
             receiver.open(sent[0])
-    elif kind not in ("forged", "replay"):  # refused before authentication: the session is as it was
+    elif kind not in ("forged", "replay"):  # refused before authentication: the channel is as it was
         assert not receiver.closed and receiver.open(sent[0]) == b"first"

@@ -39,21 +39,21 @@ def _raw(app, method: str, payload: bytes, metadata=()):
 
 
 def _sealed_refusal(client, method: str, replies, trailers):
-    """The refusal a raw call got sealed, opened with the client's session (keeps it in step)."""
+    """The refusal a raw call got sealed, opened with the client's channel (keeps it in step)."""
     if method == "Generate":
         assert len(replies) == 1
         msg = serving_pb2.TokenChunk.FromString(
-            client.session.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK))
+            client.channel.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK))
         assert msg.done and not msg.token_ids
     else:
-        msg = serving_pb2.EmbedResult.FromString(client.session.open(trailers[SEALED_TRAILER], AAD_EMBED_RESULT))
+        msg = serving_pb2.EmbedResult.FromString(client.channel.open(trailers[SEALED_TRAILER], AAD_EMBED_RESULT))
         assert not msg.vectors
     return msg.error_code, msg.error
 
 
 def _sealed_req(client, body: serving_pb2.GenerateBody, request_id="r1"):
     return serving_pb2.SealedRequest(session_id=client.session_id, request_id=request_id,
-                                     sealed=client.session.seal(body.SerializeToString(), AAD_GENERATE))
+                                     sealed=client.channel.seal(body.SerializeToString(), AAD_GENERATE))
 
 
 def _assert_healthy(client_factory):
@@ -112,7 +112,7 @@ def test_tampered_payload_is_refused_and_changes_nothing(local_app, client_facto
     req.sealed, req.request_id = genuine, "r2"
     code, replies = _raw(local_app, "Generate", req.SerializeToString(), meta)
     assert code == grpc.StatusCode.OK and len(replies) == 1 and entry.used
-    victim.session.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK)  # keep the client in step
+    victim.channel.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK)  # keep the client in step
     assert len(victim.chat("hi", 1).tokens) == 1
     assert len(bystander.chat("still here", 2).tokens) == 2
 
@@ -144,7 +144,7 @@ def test_limits_and_malformed_fields_are_invalid_argument(local_app, client_fact
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     # a sealed record that authenticates but is not a GenerateBody: the reason comes back sealed
     bad = serving_pb2.SealedRequest(session_id=c.session_id, request_id="z",
-                                    sealed=c.session.seal(b"\xff\xff\xff", AAD_GENERATE))
+                                    sealed=c.channel.seal(b"\xff\xff\xff", AAD_GENERATE))
     code, msg, replies, _ = _raw_full(local_app, "Generate", bad.SerializeToString(), meta)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and msg == SEALED_REFUSAL
     assert _sealed_refusal(c, "Generate", replies, {}) == ("INVALID_ARGUMENT", "sealed payload is not a valid GenerateBody")
@@ -198,7 +198,7 @@ def _embed_req(client, body: bytes, aad=None, request_id=None):
     from bifrost.proto.wire import AAD_EMBED
 
     return serving_pb2.SealedRequest(session_id=client.session_id, request_id=request_id or secrets.token_hex(8),
-                                     sealed=client.session.seal(body, aad or AAD_EMBED)).SerializeToString()
+                                     sealed=client.channel.seal(body, aad or AAD_EMBED)).SerializeToString()
 
 
 def test_oversized_sealed_payload_is_invalid_argument_naming_the_limit(local_app, client_factory):
@@ -241,7 +241,7 @@ def test_bad_embed_requests(local_app, client_factory):
 
 def _close_req(client, sealed: bytes | None = None, request_id=None) -> bytes:
     if sealed is None:
-        sealed = client.session.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
+        sealed = client.channel.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
     return serving_pb2.SealedRequest(session_id=client.session_id, request_id=request_id or secrets.token_hex(8),
                                      sealed=sealed).SerializeToString()
 
@@ -259,11 +259,11 @@ def test_bad_close_session_requests(local_app, client_factory):
     empty = serving_pb2.SealedRequest(session_id=a.session_id, request_id="c1").SerializeToString()
     code, msg = _raw(local_app, "CloseSession", empty, _meta(a))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in msg
-    stale = a.session.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)  # held back, used later
+    stale = a.channel.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)  # held back, used later
     assert len(a.chat("a talks", 1).tokens) == 1
     bad = [
         (secrets.token_bytes(8 + 256 + 16), "record_authentication"),  # forged
-        (a.session.seal(serving_pb2.GenerateBody(prompt="hi").SerializeToString(), AAD_GENERATE),
+        (a.channel.seal(serving_pb2.GenerateBody(prompt="hi").SerializeToString(), AAD_GENERATE),
          "record_authentication"),  # a Generate record
         (stale, "sequence"),  # an older record of this session (replayed / reordered)
         (b"short", "record_format"),

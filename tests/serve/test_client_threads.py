@@ -22,7 +22,7 @@ def test_two_threads_share_one_client(client_factory, serve_run_config):
     results: dict[int, list[list[int]]] = {0: [], 1: []}
     errors: list[str] = []
     start = threading.Barrier(2)
-    seal = c.session.seal
+    seal = c.channel.seal
 
     def slow_seal(*args, **kwargs):  # a pause between sealing an even-numbered record and sending it: without
         record = seal(*args, **kwargs)  # the client's lock the other thread's later record would overtake it
@@ -30,7 +30,7 @@ def test_two_threads_share_one_client(client_factory, serve_run_config):
             time.sleep(0.3)
         return record
 
-    c.session.seal = slow_seal
+    c.channel.seal = slow_seal
 
     def run(i: int) -> None:
         try:

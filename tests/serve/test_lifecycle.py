@@ -125,7 +125,7 @@ def test_a_request_on_a_busy_session_waits_a_bounded_time(app_factory, controlle
     with pytest.raises(BifrostError, match="already has a request in progress"):
         c.embed(["while the turn runs"])  # the SDK serializes one client's requests, and never waits on itself
     # a request that does reach the busy session (sent around the SDK) used to wait on its lock without a limit
-    req = serving_pb2.SealedRequest(session_id=c.session_id, request_id=secrets.token_hex(8), sealed=c.session.seal(
+    req = serving_pb2.SealedRequest(session_id=c.session_id, request_id=secrets.token_hex(8), sealed=c.channel.seal(
         serving_pb2.EmbedBody(texts=["while the turn runs"]).SerializeToString(), AAD_EMBED))
     with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch, pytest.raises(grpc.RpcError) as err:
         ch.unary_unary("/bifrost.serving.v1.BifrostServing/Embed")(

@@ -54,14 +54,14 @@ def test_a_served_stream_has_one_record_size(local_app, client_factory):
     sizes = []
     for prompt in ("Hi", "A much longer prompt than the first one, still one bucket"):
         req = serving_pb2.SealedRequest(session_id=c.session_id, request_id=secrets.token_hex(8),
-                                        sealed=c.session.seal(serving_pb2.GenerateBody(
+                                        sealed=c.channel.seal(serving_pb2.GenerateBody(
                                             prompt=prompt, max_new_tokens=5).SerializeToString(), AAD_GENERATE))
         sizes.append(len(req.sealed))
         with grpc.insecure_channel(f"127.0.0.1:{local_app.port}") as ch:
             replies = list(ch.unary_stream("/bifrost.serving.v1.BifrostServing/Generate")(
                 req.SerializeToString(), metadata=(("authorization", f"Bearer {c.token}"),), timeout=120))
         chunks = [serving_pb2.TokenChunk.FromString(
-            c.session.open(serving_pb2.SealedReply.FromString(r).sealed, AAD_CHUNK)) for r in replies]
+            c.channel.open(serving_pb2.SealedReply.FromString(r).sealed, AAD_CHUNK)) for r in replies]
         assert len(chunks) == 5 and chunks[-1].done and chunks[0].prompt_tokens > 0
         sizes += [len(serving_pb2.SealedReply.FromString(r).sealed) for r in replies]
     assert set(sizes) == {record_size(0)}

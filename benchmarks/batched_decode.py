@@ -179,28 +179,28 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
             infos = {l.name: l for l in stub.Describe(worker_pb2.DescribeRequest()).layers}
             first_block = [n for n in infos if ".0." in n]  # the first block's layers
             groups = fuse_groups(first_block, cfg.delegation)
-            sessions = []
+            worker_sessions = []  # (keys, worker session id), one per simulated user session
             for _ in range(max(counts)):
                 keys = impl.keygen(cfg.ckks_params(), [])
                 refs = [worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=n, digest=infos[n].digest) for n in g])
                         for g in groups]
                 sid = stub.OpenSession(worker_pb2.OpenSessionRequest(backend=backend, public_context=keys.public_context(),
                                                                      prepare=refs)).session_id
-                sessions.append((keys, sid))
+                worker_sessions.append((keys, sid))
             for g, ref in zip(groups, refs):
                 shape = GroupShape(infos[g[0]].d_in, tuple(infos[n].d_out for n in g))
                 for k in counts:
                     cts = [keys.encrypt(shape, np.random.default_rng(i).normal(size=(1, shape.d_in))).ciphertexts
-                           for i, (keys, _) in enumerate(sessions[:k])]
+                           for i, (keys, _) in enumerate(worker_sessions[:k])]
                     single, batched = [], []
                     for _ in range(repeats):
                         t0 = time.perf_counter()
-                        for (_, sid), c in zip(sessions, cts):
+                        for (_, sid), c in zip(worker_sessions, cts):
                             stub.Linear(worker_pb2.LinearRequest(session_id=sid, group=ref, ciphertexts=c), timeout=600)
                         single.append(time.perf_counter() - t0)
                         t0 = time.perf_counter()
                         stub.LinearBatch(worker_pb2.LinearBatchRequest(group=ref, items=[
-                            worker_pb2.LinearBatchItem(session_id=sid, ciphertexts=c) for (_, sid), c in zip(sessions, cts)]),
+                            worker_pb2.LinearBatchItem(session_id=sid, ciphertexts=c) for (_, sid), c in zip(worker_sessions, cts)]),
                             timeout=600)
                         batched.append(time.perf_counter() - t0)
                     row = {"group": "+".join(n.rsplit(".", 1)[-1] for n in g), "d_in": shape.d_in,

@@ -2,7 +2,7 @@
 runtime (gpt2-mini; native backend unless named TenSEAL), reported as a table and JSON.
 
 Per attack: the check that caught it (the quarantine reason), whether the tokens equal plaintext, whether
-the worker's view (every request's method, session, layer group and byte sizes; for TenSEAL the counts,
+the worker's view (every request's method, worker session, layer group and byte sizes; for TenSEAL the counts,
 its zstd-compressed sizes vary at random) equals an honest run's, and the one thing it might measure:
 the gap between its reply to the detected call and the next request, against the same gap in an honest
 run and the honest gaps' spread. Then the half-space yes/no pair: the two answers' views compared.
@@ -46,7 +46,7 @@ def main() -> int:
         return honest[key]
 
     def view(out, sizes):
-        return out.observed if sizes else [(o.method, o.session, o.group, len(o.sizes)) for o in out.observed]
+        return out.observed if sizes else [(o.method, o.worker_session, o.group, len(o.sizes)) for o in out.observed]
 
     for sc in adv.CATALOG:
         base = baseline(sc)

@@ -3,7 +3,7 @@
 Starts ``bifrost worker`` (a separate process, GPT-2 124M by default) with ``cache_bytes`` set below the size
 of the model's prepared weights, then sends OpenSession requests from several threads at once, each asking
 to prepare every layer group (what one 4.8 KB request did to the worker before issue 13: +1.5 GB, never
-freed). Half the sessions are closed, half are left open (idle); requests over ``max_sessions`` are refused;
+freed). Half the worker sessions are closed, half are left open (idle); requests over ``max_sessions`` are refused;
 an unconfigured 128-bit parameter set is refused. The worker's resident memory is sampled every 0.2 s.
 
 Reported: RSS after start (model weights loaded), peak RSS during the flood, the budget, how many requests
@@ -103,7 +103,7 @@ def main() -> int:
                 outcomes[outcome] += 1
 
         other = get_backend("native").keygen(CKKSParams(2048, (30, 24), 34), [])
-        try:  # before the flood fills the session slots
+        try:  # before the flood fills the worker session slots
             stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=other.public_context()),
                              timeout=60)
             unconfigured = "accepted"
@@ -132,7 +132,7 @@ def main() -> int:
               "largest_prepared_group_bytes": group_bytes, "worker_threads": args.worker_threads}
     print(f"worker {args.model}: RSS after start {start_rss / 2**20:.0f} MiB, peak during {args.requests} "
           f"OpenSession requests ({args.threads} threads, each preparing {len(groups)} groups) "
-          f"{peak / 2**20:.0f} MiB; budget (start + cache {args.cache_mib} MiB + {args.max_sessions} sessions + "
+          f"{peak / 2**20:.0f} MiB; budget (start + cache {args.cache_mib} MiB + {args.max_sessions} worker sessions + "
           f"{args.worker_threads} threads x {group_bytes / 2**20:.0f} MiB + 64 MiB) "
           f"{budget / 2**20:.0f} MiB -> {'within' if peak <= budget else 'OVER'} budget; outcomes {dict(outcomes)}; "
           f"unconfigured parameters: {unconfigured}")

@@ -58,8 +58,8 @@ class WorkerConfig:
     timeout_s: float = 600.0
     identity: str | None = None  # worker: folder of its TLS key + certificate (created on first start)
     trusted_clients: tuple[str, ...] = ()  # worker: certificates of the trusted runtimes that may call it
-    max_sessions: int = 8
-    session_idle_s: float = 900.0  # worker: sessions unused this long are dropped (the trusted side reopens)
+    max_sessions: int = 8  # worker: worker sessions (registered public contexts) held at once
+    session_idle_s: float = 900.0  # worker: worker sessions unused this long are dropped (the trusted side reopens)
     cache_bytes: int = 12 * 2**30  # worker: encoded-weight cache, bytes (LRU; entries carry their real size)
     max_public_context_bytes: int = 128 << 20  # worker: larger public contexts are refused
 

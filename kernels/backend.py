@@ -337,7 +337,7 @@ class NativeEvaluator:
 
     def apply_many(self, prepared: "PreparedGroup",
                    items: Sequence[tuple["NativeEvaluator", Sequence[bytes]]]) -> list[list[list[bytes]]]:
-        """One layer group for several inputs, possibly of different sessions (different keys), in one
+        """One layer group for several inputs, possibly of different worker sessions (different keys), in one
         kernel pass: ``[item_evaluator.apply(prepared, cts) for item_evaluator, cts in items]``.
 
         A plaintext-weight × ciphertext product needs no key material, so the inputs of several key sets

@@ -2,10 +2,10 @@
 on the calls an attack picks, and record everything they observe.
 
 An :class:`AdversarialService` answers every call honestly first and then lets its attack rewrite (or
-replace, or refuse) the reply, with full access to what a compromised worker has: the session's
+replace, or refuse) the reply, with full access to what a compromised worker has: the worker session's
 evaluator (public context), the input ciphertexts, its own weights and every earlier reply. Its
 ``observed`` list is the worker's whole view of the trusted side, minus timing: each request's method,
-session (by order of first appearance), layer group and byte sizes. Two runs whose views are equal are
+worker session (by order of first appearance), layer group and byte sizes. Two runs whose views are equal are
 indistinguishable to the worker.
 """
 
@@ -27,7 +27,7 @@ from bifrost.worker.service import WorkerService
 @dataclass(frozen=True)
 class Observation:
     method: str
-    session: int              # order of first appearance of the session id (ids themselves are random)
+    worker_session: int       # order of first appearance of the worker session id (ids themselves are random)
     group: tuple[str, ...]
     sizes: tuple[int, ...]    # bytes of every ciphertext (or public context) received
 
@@ -38,7 +38,7 @@ class Call:
 
     index: int                       # calls answered so far by this worker (0-based)
     group: tuple[str, ...]
-    evaluator: object                # the session's evaluator (public context only)
+    evaluator: object                # the worker session's evaluator (public context only)
     inputs: list[bytes]
     outputs: list[list[bytes]]       # the honest reply
     service: "AdversarialService"
@@ -90,7 +90,7 @@ class AdversarialService(WorkerService):
 
     def _attacked(self, session_id, group, inputs, outputs, context):
         names = tuple(ref.name for ref in group.layers)
-        call = Call(len(self.history), names, self._sessions[session_id].evaluator, list(inputs), outputs, self)
+        call = Call(len(self.history), names, self._worker_sessions[session_id].evaluator, list(inputs), outputs, self)
         self.history.append(call)
         try:
             new = self.attack(call) if self.attack is not None else None

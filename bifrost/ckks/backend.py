@@ -130,7 +130,7 @@ class Evaluator(Protocol):
         memory in bytes (the worker's cache budgets it).
 
         The result depends only on public parameters and the weights, so the worker caches it and shares
-        it between sessions whose ``params`` are equal.
+        it between worker sessions whose ``params`` are equal.
         """
 
     def apply(self, prepared: Any, ciphertexts: Sequence[bytes]) -> list[list[bytes]]:
@@ -140,7 +140,7 @@ class Evaluator(Protocol):
         """
 
     def apply_many(self, prepared: Any, items: Sequence[tuple["Evaluator", Sequence[bytes]]]) -> list[list[list[bytes]]]:
-        """``[ev.apply(prepared, cts) for ev, cts in items]`` for the inputs of several sessions (different
+        """``[ev.apply(prepared, cts) for ev, cts in items]`` for the inputs of several worker sessions (different
         keys) whose evaluators share this one's parameters, in one pass where the backend can."""
 
 

@@ -35,7 +35,7 @@ MAX_ITEM_ROWS = 4  # larger inputs (prompt prefill) are already batched over the
 
 @dataclass
 class _Item:
-    sessions: WorkerSessions
+    worker_sessions: WorkerSessions
     ciphertexts: Sequence[bytes]
     rows: int
     done: bool = False
@@ -98,18 +98,18 @@ class DecodeBatcher:
                 self._computing -= 1
                 self._cv.notify_all()
 
-    def link_for(self, sessions: WorkerSessions) -> "BatchedLink":
+    def link_for(self, worker_sessions: WorkerSessions) -> "BatchedLink":
         """A :class:`~bifrost.tee.link.WorkerLink` for one session whose layer calls go through this batcher."""
-        return BatchedLink(self, sessions)
+        return BatchedLink(self, worker_sessions)
 
     # ------------------------------------------------------------------ the rendezvous
-    def linear(self, sessions: WorkerSessions, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
+    def linear(self, worker_sessions: WorkerSessions, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes],
                rows: int) -> WorkerReply:
         if not getattr(self._local, "active", False) or rows > MAX_ITEM_ROWS:
             with self._waiting():
-                return sessions.linear(group, ciphertexts)
+                return worker_sessions.linear(group, ciphertexts)
         key = tuple((ref.name, ref.digest) for ref in group.layers)
-        item = _Item(sessions, ciphertexts, rows)
+        item = _Item(worker_sessions, ciphertexts, rows)
         leader = False
         with self._cv:
             batch = self._forming.get(key)
@@ -161,7 +161,7 @@ class DecodeBatcher:
         status of the worker, which each session's engine holds against that worker) goes to every member."""
         items = batch.items
         try:
-            replies, _ = self.pool.call(batch.group, [LayerCall(i.sessions, i.ciphertexts) for i in items])
+            replies, _ = self.pool.call(batch.group, [LayerCall(i.worker_sessions, i.ciphertexts) for i in items])
             for item, reply in zip(items, replies):
                 item.reply = reply
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting session
@@ -180,20 +180,20 @@ class BatchedLink:
     """One session's link: layer calls go through the replica's :class:`DecodeBatcher`, the rest to its
     :class:`~bifrost.tee.pool.WorkerSessions`."""
 
-    def __init__(self, batcher: DecodeBatcher, sessions: WorkerSessions) -> None:
-        self.batcher, self.sessions = batcher, sessions
+    def __init__(self, batcher: DecodeBatcher, worker_sessions: WorkerSessions) -> None:
+        self.batcher, self.worker_sessions = batcher, worker_sessions
 
     def describe(self):
-        return self.sessions.describe()
+        return self.worker_sessions.describe()
 
     def identities(self):
-        return self.sessions.identities()
+        return self.worker_sessions.identities()
 
-    def open_session(self, backend, public_context, prepare) -> float:
-        return self.sessions.open_session(backend, public_context, prepare)
+    def open_worker_sessions(self, backend, public_context, prepare) -> float:
+        return self.worker_sessions.open_worker_sessions(backend, public_context, prepare)
 
     def linear(self, group, ciphertexts, rows: int = 1):
-        return self.batcher.linear(self.sessions, group, ciphertexts, rows)
+        return self.batcher.linear(self.worker_sessions, group, ciphertexts, rows)
 
     def close(self) -> None:
-        self.sessions.close()
+        self.worker_sessions.close()

@@ -82,7 +82,7 @@ class ServeApp:
         identity = TLSIdentity.load_or_create(self.cfg.tee.identity, TRUSTED_TLS_NAME)
         endpoints = [WorkerEndpoint.from_files(a, c) for a, c in zip(self.scfg.workers, self.scfg.worker_certs)]
         if not endpoints:
-            wcfg = self.run_dir / "worker.yaml"  # room for every session on every worker
+            wcfg = self.run_dir / "worker.yaml"  # room for a worker session of every session on every worker
             wcfg.write_text(run_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
             for i in range(self.scfg.local_workers):
                 w = LocalWorker(self.cfg.model, self.cfg.seed, [identity.cert_pem], config=str(wcfg),

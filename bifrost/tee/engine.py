@@ -137,7 +137,7 @@ class DelegationEngine:
         self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
         public = self._keys.public_context()
         self.public_context_bytes = len(public)
-        self.prepare_seconds = link.open_session(backend, public, list(self._refs.values()) if prepare else [])
+        self.prepare_seconds = link.open_worker_sessions(backend, public, list(self._refs.values()) if prepare else [])
         self._pending: tuple | None = None  # (group, input tensor, version, outputs) for fused siblings
         self.local_linears = False  # True inside in_tee(): delegated layers compute in plaintext here
 
@@ -190,7 +190,7 @@ class DelegationEngine:
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()
-        # With a quarantined worker in this session's pool, start the TEE's own product now so that it overlaps
+        # With a quarantined worker among this link's workers, start the TEE's own product now so that it overlaps
         # the round trip: a quarantined worker's calls then keep the timing of an honest one.
         quarantined = len(self.quarantine) and any(w in self.quarantine for w in self.link.identities())
         ahead: Future | None = _LOCAL.submit(self._local, group, x) if quarantined else None

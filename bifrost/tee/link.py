@@ -50,8 +50,10 @@ class WorkerLink(Protocol):
     def identities(self) -> Sequence[str]:
         """Identities (pinned certificate fingerprints) of the workers this link may send calls to."""
 
-    def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
-        """Register the public context; returns the worker's weight-encoding time (seconds)."""
+    def open_worker_sessions(self, backend: str, public_context: bytes,
+                             prepare: Sequence[worker_pb2.LayerGroup]) -> float:
+        """Register the public context (a worker session on each worker); returns the worker's weight-encoding
+        time (seconds)."""
 
     def linear(self, group: worker_pb2.LayerGroup, ciphertexts: Sequence[bytes], rows: int = 1) -> WorkerReply:
         """Evaluate one layer group. ``rows`` (how many activation rows the ciphertexts hold) is a
@@ -90,7 +92,7 @@ def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_r
 
 
 class WorkerStub:
-    """The worker RPCs over one gRPC channel, stateless (session ids are arguments): made once per worker
+    """The worker RPCs over one gRPC channel, stateless (worker session ids are arguments): made once per worker
     and shared by every session that calls it. Errors become :class:`WorkerCallError` naming the worker."""
 
     def __init__(self, channel: grpc.Channel, identity: str, timeout_s: float = 600.0, address: str = "") -> None:
@@ -106,8 +108,8 @@ class WorkerStub:
     def describe(self) -> Sequence[worker_pb2.LayerInfo]:
         return self._call(self._stub.Describe, worker_pb2.DescribeRequest()).layers
 
-    def open_session(self, backend: str, public_context: bytes,
-                     prepare: Sequence[worker_pb2.LayerGroup]) -> tuple[str, float]:
+    def open_worker_session(self, backend: str, public_context: bytes,
+                            prepare: Sequence[worker_pb2.LayerGroup]) -> tuple[str, float]:
         """(worker session id, the worker's weight-encoding seconds)."""
         reply = self._call(self._stub.OpenSession, worker_pb2.OpenSessionRequest(
             backend=backend, public_context=public_context, prepare=list(prepare)))
@@ -127,8 +129,8 @@ class WorkerStub:
                                   f"{len(items)} items", self.identity)
         return [[list(o.ciphertexts) for o in r.outputs] for r in reply.results], reply.compute_seconds
 
-    def close_session(self, session_id: str) -> None:
-        """Best effort (the worker also expires idle sessions)."""
+    def close_worker_session(self, session_id: str) -> None:
+        """Best effort (the worker also expires idle worker sessions)."""
         try:
             self._stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=session_id), timeout=10)
         except grpc.RpcError:

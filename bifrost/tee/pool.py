@@ -4,7 +4,7 @@
 (pinned certificate, see :mod:`bifrost.attest.mtls`), the in-flight load and health of each worker.
 Its one call, :meth:`WorkerPool.call`, evaluates a layer group for a batch of items (one item: a
 ``Linear`` RPC; several sessions' items: one ``LinearBatch`` RPC) on the least-loaded healthy worker.
-:class:`WorkerSessions` is one session's link (one CKKS key set): its worker-side sessions (one per
+:class:`WorkerSessions` is one session's link (one CKKS key set): its worker sessions (one per
 worker, opened with the same public context), and ``linear`` = a one-item :meth:`WorkerPool.call`. When a call fails with UNAVAILABLE /
 DEADLINE_EXCEEDED / CANCELLED / ABORTED (a dead, hung or restarting worker: the worker's own doing,
 nothing that depends on the plaintext) it marks that worker down and retries the same call on another
@@ -13,7 +13,7 @@ ciphertexts), so a retry cannot change the result. A worker marked down is tried
 ``retry_after_s``. Any other error status is raised with the identity of the worker that sent it: the
 engine treats it as a deviation (see :mod:`bifrost.tee.engine`).
 
-Workers in the quarantine file when the directory is built (caught deviating in an earlier run or by
+Workers in the quarantine file when the pool is built (caught deviating in an earlier run or by
 another replica before this one started) are refused outright. Workers quarantined while it runs stay in
 the rotation (their results are discarded by the engine): see :mod:`bifrost.tee.quarantine` for why.
 
@@ -41,8 +41,9 @@ log = logging.getLogger("bifrost.pool")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
-# (RESOURCE_EXHAUSTED from OpenSession means "full, try later"; on a layer call our workers never send it, and
-# this side raises it for a reply over the size cap: a deviation of that worker, see bifrost.tee.engine)
+# (RESOURCE_EXHAUSTED from OpenSession means "no room for another worker session, try later"; on a layer call our
+# workers never send it, and this side raises it for a reply over the size cap: a deviation of that worker, see
+# bifrost.tee.engine)
 
 
 @dataclass
@@ -73,9 +74,9 @@ class PoolStats:
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One item of a batched layer call: ``ciphertexts`` encrypted under ``sessions``' CKKS keys."""
+    """One item of a batched layer call: ``ciphertexts`` encrypted under the CKKS keys of ``worker_sessions``."""
 
-    sessions: "WorkerSessions"
+    worker_sessions: "WorkerSessions"
     ciphertexts: Sequence[bytes]
 
 
@@ -174,11 +175,11 @@ class WorkerPool:
                     for w in self.workers]
 
     def call(self, group: worker_pb2.LayerGroup, items: Sequence[LayerCall]) -> tuple[list[WorkerReply], float]:
-        """Evaluate ``group`` for every item under its own session (its own CKKS keys) on one worker: one
-        item is a ``Linear`` RPC, several are one ``LinearBatch`` RPC (cross-session batching).
+        """Evaluate ``group`` for every item under its own worker session (its own CKKS keys) on one worker:
+        one item is a ``Linear`` RPC, several are one ``LinearBatch`` RPC (cross-session batching).
 
         The call goes to the least-loaded healthy worker; on a retryable failure it moves to another one,
-        and a worker that lost the sessions (restart, idle expiry) gets them reopened once. Returns one
+        and a worker that lost the worker sessions (restart, idle expiry) gets them reopened once. Returns one
         reply per item and the worker's compute seconds. Raises :class:`WorkerCallError`: with ``worker``
         set for an error status of a worker (the engine's business), without it when no worker could be
         reached."""
@@ -190,7 +191,7 @@ class WorkerPool:
             if w is None:
                 raise WorkerCallError(last.code, last.details) if last else BifrostError("no CKKS worker available")
             try:
-                sids = [item.sessions.id_on(w) for item in items]
+                sids = [item.worker_sessions.id_on(w) for item in items]
                 if len(items) == 1:
                     reply = w.stub.linear(sids[0], group, items[0].ciphertexts)
                     replies, seconds = [reply], reply.compute_s
@@ -202,10 +203,11 @@ class WorkerPool:
                     self.stats.calls_by_worker[w.address] = self.stats.calls_by_worker.get(w.address, 0) + 1
                 return replies, seconds
             except WorkerCallError as exc:
+                # NOT_FOUND for a worker session ("unknown, expired or closed worker session"), not for a layer
                 if exc.code == grpc.StatusCode.NOT_FOUND and "session" in exc.details and w.address not in reopened:
-                    reopened.add(w.address)  # the worker lost our sessions (restart, idle expiry): reopen once
+                    reopened.add(w.address)  # the worker lost our worker sessions (restart, idle expiry): reopen once
                     for item in items:
-                        item.sessions.forget(w)
+                        item.worker_sessions.forget(w)
                     continue
                 if exc.code not in RETRYABLE:
                     raise WorkerCallError(exc.code, exc.details, w.identity) from None
@@ -215,7 +217,7 @@ class WorkerPool:
                 with self._lock:
                     self.stats.failovers += 1
                 for item in items:
-                    item.sessions.forget(w)
+                    item.worker_sessions.forget(w)
             finally:
                 self.release(w)
 
@@ -225,12 +227,12 @@ class WorkerPool:
 
 
 class WorkerSessions:
-    """One session's ``WorkerLink`` over all workers of a :class:`WorkerPool`: its session on each worker."""
+    """One session's ``WorkerLink`` over all workers of a :class:`WorkerPool`: its worker session on each worker."""
 
     def __init__(self, pool: WorkerPool, owns_pool: bool = False) -> None:
         self.pool = pool
         self._owns = owns_pool
-        self._sessions: dict[str, str] = {}  # worker address -> worker session id
+        self._worker_sessions: dict[str, str] = {}  # worker address -> worker session id
         self._open_args: tuple | None = None
         self._lock = threading.Lock()
 
@@ -245,8 +247,9 @@ class WorkerSessions:
     def identities(self) -> list[str]:
         return [w.identity for w in self.pool.workers]
 
-    def open_session(self, backend: str, public_context: bytes, prepare: Sequence[worker_pb2.LayerGroup]) -> float:
-        """Open the session on every reachable worker; succeed if at least one accepts it.
+    def open_worker_sessions(self, backend: str, public_context: bytes,
+                             prepare: Sequence[worker_pb2.LayerGroup]) -> float:
+        """Open a worker session on every reachable worker; succeed if at least one accepts it.
 
         Raises :class:`WorkerCallError` RESOURCE_EXHAUSTED when every worker refused for that reason
         (all full: retry later), :class:`BifrostError` when none accepted for other reasons."""
@@ -261,20 +264,20 @@ class WorkerSessions:
                 if exc.code in RETRYABLE:
                     self.pool.mark_down(w, exc.details)
                 elif exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.close()  # sessions opened on the workers before this one
+                    self.close()  # worker sessions opened on the workers before this one
                     raise
-        if not self._sessions:
+        if not self._worker_sessions:
             if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
                 raise WorkerCallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                       f"every CKKS worker is full ({'; '.join(errors)})")
-            raise BifrostError(f"no CKKS worker accepted the session ({'; '.join(errors)})")
+            raise BifrostError(f"no CKKS worker accepted the worker session ({'; '.join(errors)})")
         return worst
 
     def _open_on(self, w: WorkerState) -> float:
         backend, public_context, prepare = self._open_args
-        sid, seconds = w.stub.open_session(backend, public_context, prepare)
+        sid, seconds = w.stub.open_worker_session(backend, public_context, prepare)
         with self._lock:
-            self._sessions[w.address] = sid
+            self._worker_sessions[w.address] = sid
         return seconds
 
     def linear(self, group, ciphertexts, rows: int = 1) -> WorkerReply:
@@ -282,21 +285,21 @@ class WorkerSessions:
         return replies[0]
 
     def id_on(self, w: WorkerState) -> str:
-        """This session's id on worker ``w``, opening it there first if needed."""
-        if w.address not in self._sessions:  # worker was down at open time, restarted, or expired us
+        """The id of this link's worker session on worker ``w``, opening it there first if needed."""
+        if w.address not in self._worker_sessions:  # worker was down at open time, restarted, or expired us
             self._open_on(w)
-        return self._sessions[w.address]
+        return self._worker_sessions[w.address]
 
     def forget(self, w: WorkerState) -> None:
-        """Drop the session id on ``w`` (the worker lost it, or is down): reopened on the next call there."""
+        """Drop the worker session id on ``w`` (the worker lost it, or is down): reopened on the next call there."""
         with self._lock:
-            self._sessions.pop(w.address, None)
+            self._worker_sessions.pop(w.address, None)
 
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions = dict(self._sessions), {}
+            worker_sessions, self._worker_sessions = dict(self._worker_sessions), {}
         by_addr = {w.address: w for w in self.pool.workers}
-        for address, sid in sessions.items():
-            by_addr[address].stub.close_session(sid)
+        for address, sid in worker_sessions.items():
+            by_addr[address].stub.close_worker_session(sid)
         if self._owns:
             self.pool.close()

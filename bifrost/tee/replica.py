@@ -182,7 +182,8 @@ class TrustedReplica:
         except BaseException as exc:
             worker_sessions.close()  # worker sessions opened before the failure
             if isinstance(exc, WorkerCallError) and exc.code.name == "RESOURCE_EXHAUSTED":
-                return Refusal(Status.RESOURCE_EXHAUSTED, "the CKKS workers hold their maximum number of sessions; try later")
+                return Refusal(Status.RESOURCE_EXHAUSTED,
+                               "the CKKS workers hold their maximum number of worker sessions; try later")
             if isinstance(exc, BifrostError):
                 return Refusal(Status.UNAVAILABLE, f"cannot open a CKKS worker session: {exc}")
             raise

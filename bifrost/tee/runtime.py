@@ -133,12 +133,15 @@ def context_tokens(model: torch.nn.Module) -> int:
 
 
 class TrustedRuntime:
-    """One model replica with its own CKKS keys and worker session."""
+    """The model, loaded once in the TEE, and (given a worker) a default engine: its own CKKS keys and worker
+    sessions. A serving replica (:class:`~bifrost.tee.replica.TrustedReplica`) wraps one and gives each session
+    its own engine."""
 
     def __init__(self, cfg: RunConfig, worker: WorkerEndpoint | WorkerLink | None, reference: bool = False,
                  quarantine: WorkerQuarantine | None = None) -> None:
         """``worker``: a worker's endpoint (address + pinned certificate) or a ready :class:`WorkerLink`
-        (e.g. a pool); None: no default engine (a server gives every session its own, :meth:`new_engine`).
+        (e.g. :class:`~bifrost.tee.pool.WorkerSessions` over a pool); None: no default engine (a server gives every
+        session its own, :meth:`new_engine`).
         ``quarantine``: shared registry of deviating workers (default: ``tee.quarantine_file``)."""
         self.cfg = cfg
         self.spec = resolve(cfg.model)
@@ -184,7 +187,7 @@ class TrustedRuntime:
             return self._operands
 
     def new_engine(self, link: WorkerLink) -> DelegationEngine:
-        """A session's engine: fresh CKKS keys and check vectors over ``link``, this replica's model."""
+        """A session's engine: fresh CKKS keys and check vectors over ``link``, this runtime's model."""
         return DelegationEngine(link, self.cfg.backend, self.params, self.sites, self.groups, self.weights,
                                 verify=self.cfg.verification, quarantine=self.quarantine, operands=self.operands())
 

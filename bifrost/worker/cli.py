@@ -48,7 +48,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity", help="folder of this worker's TLS key + certificate, created on first start "
                                       "(default: worker.identity); trusted runtimes pin <folder>/cert.pem")
     p.add_argument("--trusted-client", action="append", default=[], metavar="CERT",
-                   help="certificate (PEM) of a trusted runtime allowed to open sessions; repeat for several "
+                   help="certificate (PEM) of a trusted runtime allowed to open worker sessions; repeat for several "
                         "(default: worker.trusted_clients)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the process that started this worker exits (used for local workers)")

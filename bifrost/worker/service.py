@@ -4,6 +4,11 @@ What it can see: public model weights, public CKKS contexts (parameters + evalua
 ciphertexts. It never receives a secret key (the API has no field for one and the backends refuse
 public contexts that carry one) and never sees a plaintext activation.
 
+A *worker session* is the registration of one CKKS public context (``OpenSession`` → id, used by
+``Linear``/``LinearBatch``, ended by ``CloseSession`` or idle expiry); the RPC and field names keep the
+short word ``session``. It is not a user's attested session (:mod:`bifrost.tee.replica`): each of those
+holds one worker session per worker.
+
 Who may call it: it listens only with mutual TLS and requires the certificate of a configured trusted
 runtime (:mod:`bifrost.attest.mtls`); there is no plaintext port.
 
@@ -13,16 +18,16 @@ Hostile callers cannot exhaust it:
   the run config's ``ckks`` for its backend), so prepared weights have a bounded number of cache keys;
 - memory: prepared weights carry their real size (``nbytes``) and the cache evicts least-recently-used
   entries to stay within ``cache_bytes``; public contexts are capped at ``max_public_context_bytes``;
-  sessions at ``max_sessions``. Budget: cache_bytes + max_sessions × (a session's evaluator: about its
+  worker sessions at ``max_sessions``. Budget: cache_bytes + max_sessions × (a worker session's evaluator: about its
   public context, 97 B for the native backend, 12–64 MB for TenSEAL's rotation keys) + the model's weights;
-- sessions: a slot is reserved atomically before any work, released on failure, and sessions unused for
-  ``session_idle_s`` are dropped (the trusted side reopens them: NOT_FOUND "session").
+- worker sessions: a slot is reserved atomically before any work, released on failure, and worker sessions
+  unused for ``session_idle_s`` are dropped (the trusted side reopens them: NOT_FOUND "... worker session").
 
 Every bad request gets a typed status and a message, and the worker keeps serving:
-unknown session/layer → NOT_FOUND; request bytes that do not parse as the method's message (e.g. invalid
+unknown worker session/layer → NOT_FOUND; request bytes that do not parse as the method's message (e.g. invalid
 UTF-8 in a string field), malformed, truncated or foreign ciphertexts or public contexts, wrong counts,
 insecure or unconfigured parameters, secret keys → INVALID_ARGUMENT; weight digest mismatch →
-FAILED_PRECONDITION; too many sessions → RESOURCE_EXHAUSTED; anything unexpected → INTERNAL with a generic
+FAILED_PRECONDITION; too many worker sessions → RESOURCE_EXHAUSTED; anything unexpected → INTERNAL with a generic
 message (logged by exception type and code location only).
 """
 
@@ -61,7 +66,9 @@ class _Abort(Exception):
 
 
 @dataclass
-class _Session:
+class _WorkerSession:
+    """One registered public context: its backend's evaluator and parameter fingerprint."""
+
     backend: str
     evaluator: object
     params_key: str
@@ -70,7 +77,8 @@ class _Session:
 
 @dataclass
 class WorkerLimits:
-    """What one worker process allows (see the module docstring). Seconds and bytes."""
+    """What one worker process allows (see the module docstring). Seconds and bytes. ``max_sessions`` and
+    ``session_idle_s`` (the config keys ``worker.max_sessions`` / ``worker.session_idle_s``) count worker sessions."""
 
     max_sessions: int = 8
     session_idle_s: float = 900.0
@@ -95,7 +103,7 @@ def allowed_params(cfg) -> dict[str, frozenset[str]]:
 
 
 class PreparedWeightCache:
-    """Encoded weights keyed by (backend, parameters, layer names), shared by sessions; LRU within
+    """Encoded weights keyed by (backend, parameters, layer names), shared by worker sessions; LRU within
     ``budget`` bytes, each entry counted at its real size (``nbytes``). Thread-safe."""
 
     def __init__(self, budget_bytes: int) -> None:
@@ -142,7 +150,7 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
         self.limits = limits or WorkerLimits(allowed_params=allowed_params(None))
         self.clock = clock
         self.cache = PreparedWeightCache(self.limits.cache_bytes)
-        self._sessions: dict[str, _Session] = {}
+        self._worker_sessions: dict[str, _WorkerSession] = {}
         self._reserved = 0
         self._lock = threading.Lock()
         self.stop_sweeper: threading.Event | None = None  # set by serve()
@@ -177,31 +185,31 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
         return GroupShape(d_in, tuple(self.layers[n][0].d_out for n in names)), names, weights
 
     def expire_idle(self) -> int:
-        """Drop sessions unused for ``session_idle_s``; returns how many."""
+        """Drop worker sessions unused for ``session_idle_s``; returns how many."""
         now = self.clock()
         with self._lock:
-            idle = [sid for sid, s in self._sessions.items() if now - s.last_used > self.limits.session_idle_s]
+            idle = [sid for sid, ws in self._worker_sessions.items() if now - ws.last_used > self.limits.session_idle_s]
             for sid in idle:
-                del self._sessions[sid]
+                del self._worker_sessions[sid]
         if idle:
-            log.info("%d idle session(s) expired", len(idle))
+            log.info("%d idle worker session(s) expired", len(idle))
         return len(idle)
 
-    def _session(self, session_id: str) -> _Session:
+    def _worker_session(self, session_id: str) -> _WorkerSession:
         with self._lock:
-            s = self._sessions.get(session_id)
-            if s is not None and self.clock() - s.last_used > self.limits.session_idle_s:
-                del self._sessions[session_id]
-                s = None
-            if s is not None:
-                s.last_used = self.clock()
-        if s is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown, expired or closed session")
-        return s
+            ws = self._worker_sessions.get(session_id)
+            if ws is not None and self.clock() - ws.last_used > self.limits.session_idle_s:
+                del self._worker_sessions[session_id]
+                ws = None
+            if ws is not None:
+                ws.last_used = self.clock()
+        if ws is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown, expired or closed worker session")
+        return ws
 
-    def _prepared(self, session: _Session, shape: GroupShape, names: list[str], weights: list[np.ndarray]):
-        key = (session.backend, session.params_key, tuple(names))
-        return self.cache.get_or_prepare(key, lambda: session.evaluator.prepare(shape, weights))
+    def _prepared(self, ws: _WorkerSession, shape: GroupShape, names: list[str], weights: list[np.ndarray]):
+        key = (ws.backend, ws.params_key, tuple(names))
+        return self.cache.get_or_prepare(key, lambda: ws.evaluator.prepare(shape, weights))
 
     @staticmethod
     def _guard(context, fn):
@@ -251,26 +259,26 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PREPARE_GROUPS} groups to prepare")
             self.expire_idle()
             with self._lock:  # reserve the slot before any work: the check and the insert are one step
-                if len(self._sessions) + self._reserved >= self.limits.max_sessions:
+                if len(self._worker_sessions) + self._reserved >= self.limits.max_sessions:
                     raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"worker already holds {self.limits.max_sessions} sessions (max_sessions)")
+                                 f"worker already holds {self.limits.max_sessions} worker sessions (max_sessions)")
                 self._reserved += 1
             try:
                 backend, evaluator, params_key = self._evaluator(request)
-                session = _Session(backend, evaluator, params_key, self.clock())
+                ws = _WorkerSession(backend, evaluator, params_key, self.clock())
                 groups = [self._resolve_group(g) for g in request.prepare]
                 t0 = time.perf_counter()
                 for shape, names, weights in _progress(groups, "encoding weights"):
-                    self._prepared(session, shape, names, weights)
+                    self._prepared(ws, shape, names, weights)
                 session_id = secrets.token_hex(16)
                 with self._lock:
-                    self._sessions[session_id] = session
+                    self._worker_sessions[session_id] = ws
                     self._reserved -= 1
             except BaseException:
                 with self._lock:
                     self._reserved -= 1
                 raise
-            log.info("session %s… opened (%s, %d groups prepared)", session_id[:8], backend, len(groups))
+            log.info("worker session %s… opened (%s, %d groups prepared)", session_id[:8], backend, len(groups))
             return worker_pb2.OpenSessionReply(session_id=session_id, prepare_seconds=time.perf_counter() - t0)
 
         return self._guard(context, run)
@@ -278,14 +286,14 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
     def Linear(self, request, context):
         def run():
             t0 = time.perf_counter()
-            session = self._session(request.session_id)
+            ws = self._worker_session(request.session_id)
             shape, names, weights = self._resolve_group(request.group)
             n = len(request.ciphertexts)
             if n == 0 or n > MAX_CIPHERTEXTS_PER_CALL:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"expected 1..{MAX_CIPHERTEXTS_PER_CALL} ciphertexts, got {n}")
-            prepared = self._prepared(session, shape, names, weights)
-            outputs = session.evaluator.apply(prepared, list(request.ciphertexts))
+            prepared = self._prepared(ws, shape, names, weights)
+            outputs = ws.evaluator.apply(prepared, list(request.ciphertexts))
             return worker_pb2.LinearReply(
                 outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in outputs],
                 compute_seconds=time.perf_counter() - t0,
@@ -307,15 +315,15 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"every item needs ciphertexts and all items together at most "
                              f"{MAX_CIPHERTEXTS_PER_CALL}, got {total}")
-            sessions = [self._session(item.session_id) for item in request.items]
+            worker_sessions = [self._worker_session(item.session_id) for item in request.items]
             by_params: dict[tuple[str, str], list[int]] = {}
-            for i, s in enumerate(sessions):
-                by_params.setdefault((s.backend, s.params_key), []).append(i)
+            for i, ws in enumerate(worker_sessions):
+                by_params.setdefault((ws.backend, ws.params_key), []).append(i)
             results: list = [None] * n_items
             for indices in by_params.values():
-                first = sessions[indices[0]].evaluator
-                prepared = self._prepared(sessions[indices[0]], shape, names, weights)
-                outs = first.apply_many(prepared, [(sessions[i].evaluator, list(request.items[i].ciphertexts))
+                first = worker_sessions[indices[0]].evaluator
+                prepared = self._prepared(worker_sessions[indices[0]], shape, names, weights)
+                outs = first.apply_many(prepared, [(worker_sessions[i].evaluator, list(request.items[i].ciphertexts))
                                                    for i in indices])
                 for i, out in zip(indices, outs):
                     results[i] = worker_pb2.LinearBatchResult(
@@ -326,7 +334,7 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
 
     def CloseSession(self, request, context):
         with self._lock:
-            self._sessions.pop(request.session_id, None)
+            self._worker_sessions.pop(request.session_id, None)
         return worker_pb2.CloseSessionReply()
 
 
@@ -385,7 +393,7 @@ def _progress(items, desc):
 def serve(service: WorkerService, credentials, host: str = "127.0.0.1", port: int = 0,
           threads: int = 4) -> tuple[grpc.Server, int]:
     """Start the gRPC server with mutual-TLS ``credentials`` (:func:`bifrost.attest.mtls.server_credentials`);
-    returns (server, bound port). Idle sessions are swept every minute."""
+    returns (server, bound port). Idle worker sessions are swept every minute."""
     from concurrent import futures
 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -412,7 +420,7 @@ def serve(service: WorkerService, credentials, host: str = "127.0.0.1", port: in
         while not stop.wait(period):
             service.expire_idle()
 
-    threading.Thread(target=sweep, daemon=True, name="session-sweeper").start()
+    threading.Thread(target=sweep, daemon=True, name="worker-session-sweeper").start()
     service.stop_sweeper = stop
     return server, bound
 

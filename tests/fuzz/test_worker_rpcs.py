@@ -1,7 +1,7 @@
 """The worker's RPCs through a real in-process worker over its real mutual-TLS gRPC channel.
 
 Targets: OpenSession (genuine, mutated and rewritten public contexts of both backends, any backend name,
-prepare groups; then a genuine Linear on every session it opened), Linear and LinearBatch (genuine and
+prepare groups; then a genuine Linear on every worker session it opened), Linear and LinearBatch (genuine and
 mutated ciphertexts, counts, layer names and digests, session ids), CloseSession, and every method
 (Describe included) with raw request bytes that need not parse.
 
@@ -34,12 +34,12 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.
               grpc.StatusCode.RESOURCE_EXHAUSTED}
 TIMEOUT_S = 120  # hang guard only
 LAYER = "transformer.h.0.attn.c_proj"  # 64 -> 64 in gpt2-mini
-MAX_SESSIONS = 5  # the two reference sessions + three: a few fuzzed OpenSessions in one example exhaust it
+MAX_SESSIONS = 5  # the two reference worker sessions + three: a few fuzzed OpenSessions in one example exhaust it
 
 
 @pytest.fixture(scope="module")
 def w(run_config):
-    """A dedicated worker (its sessions are fuzzed), with one genuine native and one TenSEAL session on
+    """A dedicated worker (its worker sessions are fuzzed), with one genuine native and one TenSEAL worker session on
     LAYER and genuine ciphertexts for both."""
     service, server, endpoint = start_worker(run_config, "gpt2-mini", max_sessions=MAX_SESSIONS)
     channel = connect(endpoint)
@@ -52,7 +52,7 @@ def w(run_config):
     native, other_native = get_backend("native").keygen(None, []), get_backend("native").keygen(None, [])
     tenseal = get_backend("tenseal").keygen(CKKSParams(), [shape])
 
-    def open_session(backend, keys):
+    def open_worker_session(backend, keys):
         return stub.OpenSession(worker_pb2.OpenSessionRequest(backend=backend, public_context=keys.public_context(),
                                                               prepare=[group]), timeout=TIMEOUT_S).session_id
 
@@ -60,7 +60,7 @@ def w(run_config):
     x1, x3 = rng.normal(0, 1, (1, shape.d_in)), rng.normal(0, 1, (3, shape.d_in))
     ref = Ref(stub=stub, channel=channel, service=service, describe=describe, infos=infos, shape=shape, group=group,
               native=native, tenseal=tenseal, x1=x1, batch1=native.encrypt(shape, x1),
-              native_sid=open_session("native", native), tenseal_sid=open_session("tenseal", tenseal),
+              native_sid=open_worker_session("native", native), tenseal_sid=open_worker_session("tenseal", tenseal),
               native_ctx=native.public_context(), tenseal_ctx=tenseal.public_context(),
               other_native_ctx=other_native.public_context(),
               tenseal_other_keys=_galois_keys(get_backend("tenseal").keygen(CKKSParams(), [GroupShape(4, (4,))])))
@@ -71,7 +71,7 @@ def w(run_config):
         "foreign": other_native.encrypt(shape, x1).ciphertexts,  # another context
         "wide": native.encrypt(GroupShape(4 * shape.d_in, shape.d_outs), np.ones((1, 4 * shape.d_in))).ciphertexts,
     }
-    ref.sessions = {"native": ref.native_sid, "tenseal": ref.tenseal_sid}
+    ref.worker_sessions = {"native": ref.native_sid, "tenseal": ref.tenseal_sid}
     yield ref
     channel.close()
     server.stop(grace=None)
@@ -101,10 +101,10 @@ def rpc(target: str, fn):
 
 
 def assert_serving(w, backend: str = "native") -> None:
-    """A genuine Linear call on the reference session of ``backend`` decrypts to x·Wᵀ within the bound."""
+    """A genuine Linear call on the reference worker session of ``backend`` decrypts to x·Wᵀ within the bound."""
     keys = w.native if backend == "native" else w.tenseal
     batch = w.batch1 if backend == "native" else keys.encrypt(w.shape, w.x1)
-    reply = w.stub.Linear(worker_pb2.LinearRequest(session_id=w.sessions[backend], group=w.group,
+    reply = w.stub.Linear(worker_pb2.LinearRequest(session_id=w.worker_sessions[backend], group=w.group,
                                                    ciphertexts=batch.ciphertexts), timeout=TIMEOUT_S)
     weight = w.service.layers[LAYER][1]
     stats = [WeightStats.of(weight)]
@@ -133,8 +133,8 @@ def layer_group(w):
 
 
 def session_id(w, backend: str):
-    """Mostly the reference session of ``backend``, else the other one, a near miss, or any text."""
-    mine, other = w.sessions[backend], w.sessions["tenseal" if backend == "native" else "native"]
+    """Mostly the reference worker session of ``backend``, else the other one, a near miss, or any text."""
+    mine, other = w.worker_sessions[backend], w.worker_sessions["tenseal" if backend == "native" else "native"]
     near = st.sampled_from([mine.upper(), mine[:-1], mine + "0", ""])
     return weighted((10, st.just(mine)), (1, st.just(other)), (1, near), (1, text))
 
@@ -203,7 +203,7 @@ def test_open_session(w, data):
             if reply is not None:
                 assert len(reply.session_id) == 32
                 opened.append(reply.session_id)
-                # whatever context was accepted, a genuine call on the new session gets a documented answer
+                # whatever context was accepted, a genuine call on the new worker session gets a documented answer
                 cts = w.cts["native1" if request.backend == "native" else "tenseal1"]
                 rpc("worker.Linear[fuzzed session]", lambda: w.stub.Linear(worker_pb2.LinearRequest(
                     session_id=reply.session_id, group=w.group, ciphertexts=cts), timeout=TIMEOUT_S))
@@ -257,9 +257,9 @@ def test_linear_batch(w, data):
 @example(None)
 @budget("grpc")
 def test_close_session(w, data):
-    """CloseSession of anything succeeds (idempotent); a closed session answers NOT_FOUND afterwards; the
-    reference sessions are never among the fuzzed ids."""
-    # every draw before the session is opened: hypothesis may abandon an example at a draw
+    """CloseSession of anything succeeds (idempotent); a closed worker session answers NOT_FOUND afterwards; the
+    reference worker sessions are never among the fuzzed ids."""
+    # every draw before the worker session is opened: hypothesis may abandon an example at a draw
     kinds = ["fresh", "fresh"] if data is None else data.draw(st.lists(st.one_of(
         st.sampled_from(["fresh", "upper", "cut", ""]), text), min_size=1, max_size=4))
     fresh = w.stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=w.native_ctx),
@@ -297,7 +297,7 @@ def test_raw_request_bytes(w, data):
             worker_pb2.LinearBatchItem(session_id=w.native_sid, ciphertexts=w.cts["native1"])]),
         "CloseSession": worker_pb2.CloseSessionRequest(session_id="0" * 32),
     }
-    if data is None:  # a session id that is not UTF-8
+    if data is None:  # a worker session id that is not UTF-8
         method, body = "Linear", b"\x0a\x02\xff\xfe"
     else:
         method = data.draw(st.sampled_from(sorted(METHODS)))
@@ -314,7 +314,7 @@ def test_raw_request_bytes(w, data):
 
 # ------------------------------------------------------------------------------ afterwards
 def test_worker_still_serves_both_backends(w):
-    """After all of the above (or alone): both reference sessions still compute correctly."""
+    """After all of the above (or alone): both reference worker sessions still compute correctly."""
     assert_serving(w, "native")
     assert_serving(w, "tenseal")
     assert w.stub.Describe(worker_pb2.DescribeRequest(), timeout=TIMEOUT_S) == w.describe

@@ -87,7 +87,7 @@ def plaintext_greedy(model_name: str, seed: int, ids: list[int], n: int) -> list
 
 class ControlledWorker:
     """A real in-process CKKS worker whose layer calls a test can slow down (a busy or hung worker);
-    counts its layer calls and exposes its open session count."""
+    counts its layer calls and exposes its open worker session count."""
 
     def __init__(self, run_config, max_sessions: int = 64) -> None:
         import threading
@@ -115,8 +115,8 @@ class ControlledWorker:
         _, self.server, self.endpoint = start_worker(run_config, MODEL, service=self.service)
         self.address = self.endpoint.address
 
-    def sessions(self) -> int:
-        return len(self.service._sessions)
+    def worker_sessions(self) -> int:
+        return len(self.service._worker_sessions)
 
     def stop(self) -> None:
         self.server.stop(grace=None)

@@ -104,7 +104,7 @@ def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(
 
 def test_serve_with_external_workers_flag(tmp_path, run_config):
     """`bifrost serve --workers a,b` (workers started by the test, local runtime): the server starts none
-    of its own, opens every session on both, and spreads layer calls over both."""
+    of its own, opens every session's worker sessions on both, and spreads layer calls over both."""
     from bifrost.model.digests import model_digest
     from bifrost.model.catalog import resolve
     from bifrost.serve.client import BifrostClient
@@ -125,7 +125,7 @@ def test_serve_with_external_workers_flag(tmp_path, run_config):
                                      "--worker-certs", ",".join(map(str, certs)))
         with BifrostClient(address, make_policy(model_digest(resolve(MODEL), run_config.seed)), timeout_s=120) as c:
             c.attest()
-            assert [w.sessions() for w in workers] == [1, 1]  # this session's, on both
+            assert [w.worker_sessions() for w in workers] == [1, 1]  # this session's, on both
             result = c.chat(PROMPT, 4)
         assert result.tokens == plaintext_greedy(MODEL, run_config.seed, ByteTokenizer().encode(PROMPT), 4)
         assert all(w.calls > 0 for w in workers)

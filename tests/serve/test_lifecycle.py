@@ -30,7 +30,7 @@ def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessi
     controlled_worker.delay_s = 0.1  # >= 0.8 s per token: every token takes longer than the idle limit
     app = app_factory(worker=controlled_worker.endpoint, session_idle_s=0.5, pending_idle_s=0.5)
     replica = app.replicas[0].obj
-    baseline = controlled_worker.sessions()  # the replica runtime's own worker session
+    baseline = controlled_worker.worker_sessions()  # the replica runtime's own worker session
     c = connect(app)
     result = c.chat("slow turn", 3)  # ~2.4 s of generation, the sweeper runs every 0.125 s
     assert result.tokens == _expected("slow turn", 3, serve_run_config.seed)
@@ -39,7 +39,7 @@ def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessi
     orphan = replica.attest(secrets.token_bytes(32), secrets.token_bytes(32), "")  # unknown to the front end
     assert isinstance(orphan, Attested) and replica.session_count() == 3
     wait_until(lambda: len(app.service.sessions) == 0 and replica.session_count() == 0
-               and controlled_worker.sessions() == baseline, what="idle sessions to be closed everywhere")
+               and controlled_worker.worker_sessions() == baseline, what="idle sessions to be closed everywhere")
     with pytest.raises(ServingError) as err:
         c.chat("gone?", 1)
     assert err.value.code == grpc.StatusCode.NOT_FOUND
@@ -67,14 +67,14 @@ def test_client_hang_up_stops_the_turn_and_the_next_turn_runs(app_factory, contr
 def test_replica_timeout_closes_the_session_on_the_replica_and_its_workers(app_factory, controlled_worker):
     app = app_factory(worker=controlled_worker.endpoint, replica_timeout_s=1.0)  # (in-process calls: untimed)
     c = connect(app)
-    before = controlled_worker.sessions()
+    before = controlled_worker.worker_sessions()
     controlled_worker.next_delay_s = 3.0  # the prefill's first layer call hangs past replica_timeout_s
     with pytest.raises(ServingError) as err:
         c.chat("stuck", 4)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "replica_timeout_s" in err.value.details
     assert len(app.service.sessions) == 0
     # the replica closes it too: the turn stops at its next token and releases the CKKS worker session
-    wait_until(lambda: app.replicas[0].call("session_count") == 0 and controlled_worker.sessions() == before - 1,
+    wait_until(lambda: app.replicas[0].call("session_count") == 0 and controlled_worker.worker_sessions() == before - 1,
                what="the replica and worker sessions to be released")
     with pytest.raises(ServingError) as err:
         c.chat("again", 1)

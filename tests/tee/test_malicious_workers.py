@@ -1,5 +1,5 @@
 """Malicious workers (tests/adversary.py): each deviation is caught in the TEE, no wrong token is produced,
-and the worker's whole view of the trusted side — every request it receives, its session, layer group and
+and the worker's whole view of the trusted side — every request it receives, its worker session, layer group and
 byte sizes — is the same as with an honest worker. So a deviation whose detection depends on the
 plaintext (the half-space probe of issue 13) answers nothing: its "yes" and "no" runs look alike.
 
@@ -43,7 +43,7 @@ def honest(run_config):
 def view(out: adv.Outcome, sizes: bool = True) -> list:
     """The worker's view. TenSEAL serializes ciphertexts zstd-compressed: their sizes vary from run to run
     (with the uniformly random c_0/c_1, independently of the plaintext), so there only counts are compared."""
-    return out.observed if sizes else [(o.method, o.session, o.group, len(o.sizes)) for o in out.observed]
+    return out.observed if sizes else [(o.method, o.worker_session, o.group, len(o.sizes)) for o in out.observed]
 
 
 def assert_caught_and_invisible(out: adv.Outcome, baseline: adv.Outcome, reason: str | None = None,

@@ -142,7 +142,7 @@ def test_every_worker_full_is_resource_exhausted_not_unavailable(make_worker, ru
     with pytest.raises(WorkerCallError) as err:
         rt.new_engine(pool)
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details
-    assert pool._sessions == {}
+    assert pool._worker_sessions == {}
     rt.close()
     second = rt.new_engine(WorkerSessions(directory))
     second.close()  # slots freed by rt.close() are usable again

@@ -1,4 +1,4 @@
-"""LinearBatch: several sessions' inputs (different keys) for one layer group in one call."""
+"""LinearBatch: several worker sessions' inputs (different keys) for one layer group in one call."""
 
 import grpc
 import numpy as np
@@ -19,14 +19,14 @@ def setup(worker_factory):
     info = infos[GROUP[0]]
     shape = GroupShape(info.d_in, (info.d_out,))
     group = worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=info.name, digest=info.digest)])
-    sessions = []
-    for _ in range(3):  # three sessions, three independent native key sets
+    worker_sessions = []
+    for _ in range(3):  # three worker sessions, three independent native key sets
         keys = get_backend("native").keygen(None, [shape])
         sid = stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=keys.public_context(),
                                                              prepare=[group])).session_id
-        sessions.append((keys, sid))
+        worker_sessions.append((keys, sid))
     weight = service.layers[info.name][1].astype(np.float64)
-    return dict(stub=stub, shape=shape, group=group, sessions=sessions, weight=weight)
+    return dict(stub=stub, shape=shape, group=group, worker_sessions=worker_sessions, weight=weight)
 
 
 def _batch(setup, items):
@@ -35,13 +35,13 @@ def _batch(setup, items):
         timeout=60)
 
 
-def test_each_session_decrypts_its_own_result_and_matches_a_single_call(setup):
+def test_each_worker_session_decrypts_its_own_result_and_matches_a_single_call(setup):
     rng = np.random.default_rng(0)
     xs = [rng.normal(size=(rows, setup["shape"].d_in)) for rows in (1, 2, 1)]
-    batches = [keys.encrypt(setup["shape"], x) for (keys, _), x in zip(setup["sessions"], xs)]
-    reply = _batch(setup, [(sid, b.ciphertexts) for (_, sid), b in zip(setup["sessions"], batches)])
+    batches = [keys.encrypt(setup["shape"], x) for (keys, _), x in zip(setup["worker_sessions"], xs)]
+    reply = _batch(setup, [(sid, b.ciphertexts) for (_, sid), b in zip(setup["worker_sessions"], batches)])
     assert len(reply.results) == 3 and reply.compute_seconds > 0
-    for (keys, sid), x, b, result in zip(setup["sessions"], xs, batches, reply.results):
+    for (keys, sid), x, b, result in zip(setup["worker_sessions"], xs, batches, reply.results):
         stats = [WeightStats.of(setup["weight"])]
         (y,) = keys.decrypt(setup["shape"], [list(result.outputs[0].ciphertexts)], b, stats)
         ref = x @ setup["weight"].T
@@ -53,25 +53,25 @@ def test_each_session_decrypts_its_own_result_and_matches_a_single_call(setup):
         assert np.array_equal(y, y1)  # batching changes nothing but the number of calls
 
 
-def test_a_result_cannot_be_decrypted_by_another_session(setup):
-    (k0, s0), (k1, s1) = setup["sessions"][:2]
+def test_a_result_cannot_be_decrypted_by_another_worker_session(setup):
+    (k0, s0), (k1, s1) = setup["worker_sessions"][:2]
     x = np.ones((1, setup["shape"].d_in))
     b0 = k0.encrypt(setup["shape"], x)
     reply = _batch(setup, [(s0, b0.ciphertexts), (s1, k1.encrypt(setup["shape"], x).ciphertexts)])
     from bifrost.ckks import CiphertextError
 
-    with pytest.raises(CiphertextError):  # session 1's output carries session 1's context id
+    with pytest.raises(CiphertextError):  # worker session 1's output carries its own context id
         k0.decrypt(setup["shape"], [list(reply.results[1].outputs[0].ciphertexts)], b0, [WeightStats.of(setup["weight"])])
 
 
 def test_bad_batches_are_rejected_with_a_status(setup):
-    (k0, s0), (k1, s1) = setup["sessions"][:2]
+    (k0, s0), (k1, s1) = setup["worker_sessions"][:2]
     x = np.ones((1, setup["shape"].d_in))
     cts0 = k0.encrypt(setup["shape"], x).ciphertexts
     cases = {
         "no items": ([], grpc.StatusCode.INVALID_ARGUMENT),
-        "unknown session": ([("f" * 32, cts0)], grpc.StatusCode.NOT_FOUND),
-        "ciphertexts under the wrong session": ([(s0, cts0), (s1, cts0)], grpc.StatusCode.INVALID_ARGUMENT),
+        "unknown worker session": ([("f" * 32, cts0)], grpc.StatusCode.NOT_FOUND),
+        "ciphertexts under the wrong worker session": ([(s0, cts0), (s1, cts0)], grpc.StatusCode.INVALID_ARGUMENT),
         "empty item": ([(s0, cts0), (s1, [])], grpc.StatusCode.INVALID_ARGUMENT),
         "truncated": ([(s0, [c[:-5] for c in cts0])], grpc.StatusCode.INVALID_ARGUMENT),
     }
@@ -79,4 +79,4 @@ def test_bad_batches_are_rejected_with_a_status(setup):
         with pytest.raises(grpc.RpcError) as exc:
             _batch(setup, items)
         assert exc.value.code() == code and exc.value.details(), name
-    test_each_session_decrypts_its_own_result_and_matches_a_single_call(setup)  # still serving
+    test_each_worker_session_decrypts_its_own_result_and_matches_a_single_call(setup)  # still serving

@@ -25,13 +25,13 @@ def worker(worker_factory):
     keys = get_backend("tenseal").keygen(CKKSParams(), [shape])
     reply = stub.OpenSession(worker_pb2.OpenSessionRequest(backend="tenseal", public_context=keys.public_context()))
     group = worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=name, digest=info.digest)])
-    return dict(stub=stub, channel=channel, keys=keys, shape=shape, session=reply.session_id, group=group, info=info,
-                service=service)
+    return dict(stub=stub, channel=channel, keys=keys, shape=shape, worker_session=reply.session_id, group=group,
+                info=info, service=service)
 
 
-def _linear(w, cts, session=None, group=None):
-    return w["stub"].Linear(worker_pb2.LinearRequest(session_id=session or w["session"], group=group or w["group"],
-                                                     ciphertexts=cts), timeout=60)
+def _linear(w, cts, worker_session=None, group=None):
+    return w["stub"].Linear(worker_pb2.LinearRequest(session_id=worker_session or w["worker_session"],
+                                                     group=group or w["group"], ciphertexts=cts), timeout=60)
 
 
 def _assert_still_serving(w):
@@ -69,12 +69,12 @@ def test_ciphertext_from_another_context_is_invalid_argument(worker):
     _assert_still_serving(worker)
 
 
-def test_unknown_layer_and_session_are_not_found(worker):
+def test_unknown_layer_and_worker_session_are_not_found(worker):
     bad_group = worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name="transformer.h.9.nope", digest="00")])
     cts = worker["keys"].encrypt(worker["shape"], np.ones((1, worker["shape"].d_in))).ciphertexts
     code, details = _code(lambda: _linear(worker, cts, group=bad_group))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown layer" in details
-    code, _ = _code(lambda: _linear(worker, cts, session="f" * 32))
+    code, _ = _code(lambda: _linear(worker, cts, worker_session="f" * 32))
     assert code == grpc.StatusCode.NOT_FOUND
     _assert_still_serving(worker)
 
@@ -120,7 +120,7 @@ def test_unknown_backend_and_insecure_parameters_are_invalid_argument(worker):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "128-bit" in details
 
 
-def test_too_many_sessions_is_resource_exhausted(worker):
+def test_too_many_worker_sessions_is_resource_exhausted(worker):
     stub, keys = worker["stub"], worker["keys"]
     opened = []
     with pytest.raises(grpc.RpcError) as exc:
@@ -227,7 +227,7 @@ def test_callers_without_a_trusted_certificate_cannot_reach_the_worker(worker_fa
 
 @pytest.fixture()
 def clocked_worker(run_config):
-    """A worker with a settable clock (seconds), max 2 sessions, 60 s idle expiry."""
+    """A worker with a settable clock (seconds), max 2 worker sessions, 60 s idle expiry."""
     from tests.workers import start_worker
 
     now = [1000.0]
@@ -244,16 +244,16 @@ def _open_native(stub):
                             timeout=60).session_id
 
 
-def test_idle_sessions_expire_and_free_their_slots(clocked_worker):
+def test_idle_worker_sessions_expire_and_free_their_slots(clocked_worker):
     service, stub, now = clocked_worker
     first = _open_native(stub)
     _open_native(stub)
     assert _code(lambda: _open_native(stub))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     now[0] += 59.0
-    service._session(first)  # a call keeps a session alive
+    service._worker_session(first)  # a call keeps a worker session alive
     now[0] += 2.0            # the other one is now idle for 61 s
     _open_native(stub)       # its slot is reused
-    assert len(service._sessions) == 2 and first in service._sessions
+    assert len(service._worker_sessions) == 2 and first in service._worker_sessions
     now[0] += 61.0
     assert service.expire_idle() == 2
     code, details = _code(lambda: stub.Linear(worker_pb2.LinearRequest(session_id=first), timeout=60))
@@ -277,7 +277,7 @@ def test_concurrent_open_session_flood_never_exceeds_max_sessions(clocked_worker
         outcomes = list(pool.map(attempt, range(12)))
     assert outcomes.count("ok") == 2
     assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 10
-    assert len(service._sessions) == 2 and service._reserved == 0
+    assert len(service._worker_sessions) == 2 and service._reserved == 0
 
 
 def test_prepared_weights_carry_their_size_and_stay_within_the_cache_budget(run_config):
@@ -297,7 +297,7 @@ def test_prepared_weights_carry_their_size_and_stay_within_the_cache_budget(run_
         one = service.cache.bytes
         assert one > 0  # real sizes (the old native entries counted as 0 bytes and were never evicted)
         service.cache = PreparedWeightCache(3 * one)
-        for _ in range(3):  # a flood of sessions preparing every group
+        for _ in range(3):  # a flood of worker sessions preparing every group
             sid = stub.OpenSession(worker_pb2.OpenSessionRequest(backend="native", public_context=keys.public_context(),
                                                                  prepare=groups), timeout=120).session_id
             stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=sid))

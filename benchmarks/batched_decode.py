@@ -120,14 +120,14 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
         wcfg.write_text(run_config_yaml(cfg, max_sessions=2 * max(counts) + 4))
         with LocalWorker(model_name, cfg.seed, [trusted_identity(cfg).cert_pem], config=str(wcfg)) as worker:
             rt = TrustedRuntime(cfg, None)  # the model; every session gets its own engine (keys, check vectors)
-            directory = rt.worker_pool([worker.endpoint], timeout_s=600)
+            pool = rt.worker_pool([worker.endpoint], timeout_s=600)
             for k in counts:
                 prompts = [np.random.default_rng(100 + i).integers(256, vocab, size=prompt_len).tolist() for i in range(k)]
                 expected = [_plaintext_reference(plain, p, n_new) for p in prompts]
                 row = {"sessions": k}
                 for variant in ("interleaved", "batched"):
-                    batcher = DecodeBatcher(directory) if variant == "batched" else None
-                    engines = [rt.new_engine(batcher.link_for(WorkerSessions(directory)) if batcher else WorkerSessions(directory))
+                    batcher = DecodeBatcher(pool) if variant == "batched" else None
+                    engines = [rt.new_engine(batcher.link_for(WorkerSessions(pool)) if batcher else WorkerSessions(pool))
                                for _ in range(k)]
                     wall, tokens, gaps = _decode_concurrently(rt, engines, prompts, n_new, batcher)
                     calls = sum(e.stats.calls for e in engines)
@@ -150,7 +150,7 @@ def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict
                 log(f"{model_name} k={k}: interleaved {row['interleaved']['tokens_per_s']:.2f} tok/s, "
                     f"batched {row['batched']['tokens_per_s']:.2f} tok/s ({row['throughput_ratio']:.2f}×)")
             rt.close()
-            directory.close()
+            pool.close()
     return rows
 
 

@@ -6,7 +6,7 @@ worker latency (``Evaluator.apply``), trusted-side encrypt/decrypt time, the TEE
 engine runs it on every call), bytes sent (inputs) and received (outputs), max error vs float64 relative
 to the closed-form bound 2^-B·‖x‖₁·max|W| (``err/bound``) and to the backend's worst-case bound
 ``TrustedContext.error_bound`` (``err/ε``), and the same shapes through the repo's TenSEAL backend;
-plus plain TenSEAL ``CKKSVector.mm`` on 768×768, the NTT reference engine, prefill of a 768×2304 layer at
+plus plain TenSEAL ``CKKSVector.mm`` on 768×768, the NTT reference product, prefill of a 768×2304 layer at
 32/128/512 rows (one row per ciphertext vs the scalar token-packed blocking, as the plan picks), and
 per-token projections for GPT-2 124M and Qwen3-0.6B. Right after the native shapes it runs
 ``openfhe_bsgs.py`` (OpenFHE hoisted baby-step/giant-step, 768×768) under the separate OpenFHE venv that
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     report["gpt2_124m_per_token"] = project(gpt2, GPT2_LAYERS)
     report["qwen3_0.6b_per_token"] = project(qwen, QWEN3_LAYERS)
 
-    ntt_ev = native.evaluator(ctx.public_context(), engine="ntt")
+    ntt_ev = native.evaluator(ctx.public_context(), polymul="ntt")
     ntt_row = measure(ctx, ntt_ev, GroupShape(768, (768,)), 1, max(2, args.repeats // 3))
     report["ntt_engine_768x768_apply_s"] = ntt_row["worker_apply_s"]
     # Prefill: one row per ciphertext for short prompts, the scalar (token-packed) blocking for long ones.
@@ -274,7 +274,7 @@ def _table(report: dict) -> None:
         console.print(f"{name}: worker {p['worker_s']:.2f} s, trusted enc+dec {p['trusted_encrypt_decrypt_s']:.2f} s, "
                       f"verify {p['trusted_verify_s']:.3f} s, "
                       f"wire {p['bytes'] / 1e6:.1f} MB (≈{p['wire_s_at_300MBps']:.2f} s at 300 MB/s)")
-    extra = [f"NTT engine 768x768 worker {ms(report['ntt_engine_768x768_apply_s'])} ms"]
+    extra = [f"NTT product 768x768 worker {ms(report['ntt_engine_768x768_apply_s'])} ms"]
     if "speedup_768x768_vs_openfhe_bsgs" in report:
         extra.append(f"OpenFHE hoisted BSGS 768x768 {ms(report['openfhe_bsgs_768x768_s'])} ms "
                      f"(×{report['speedup_768x768_vs_openfhe_bsgs']:.1f}; best vs best "

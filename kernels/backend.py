@@ -54,7 +54,7 @@ GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
 MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
-ENGINE_ENV = "BIFROST_KERNELS_ENGINE"
+POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)
 
 
 def weight_bits(params: CKKSParams, primes: tuple[int, ...]) -> int:
@@ -298,7 +298,7 @@ class NativeTrustedContext:
 class NativeEvaluator:
     """Untrusted worker: built from public-context bytes only. Runs on CUDA when available."""
 
-    def __init__(self, public_context: bytes, device: str | None = None, engine: str | None = None):
+    def __init__(self, public_context: bytes, device: str | None = None, polymul: str | None = None):
         n, primes, scale_bits, context_id = wire.decode_public_context(public_context)
         bits = tuple(q.bit_length() for q in primes)
         try:
@@ -312,9 +312,9 @@ class NativeEvaluator:
         self.weight_bits = weight_bits(self.params, primes)
         self.device = torch.device(device or os.environ.get(DEVICE_ENV) or
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.engine = engine or os.environ.get(ENGINE_ENV, "fft")
-        if self.engine not in ("fft", "ntt"):
-            raise ValueError(f"unknown engine {self.engine!r} (fft|ntt)")
+        self.polymul = polymul or os.environ.get(POLYMUL_ENV, "fft")  # how weight × ciphertext polynomials multiply
+        if self.polymul not in ("fft", "ntt"):
+            raise ValueError(f"unknown polynomial-product method {self.polymul!r} (fft|ntt)")
 
     def prepare(self, shape: GroupShape, weights: Sequence[np.ndarray]) -> "PreparedGroup":
         _check_shape(shape)
@@ -413,8 +413,8 @@ class NativeEvaluator:
             kernel, extra, step = apply_scalar, (c.primes, c.log_q, self.weight_bits), 1
         else:
             pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
-            kernel = apply_fft if self.engine == "fft" else apply_ntt
-            extra = (c.primes, c.log_q, pos, self.weight_bits) if self.engine == "fft" else (c.primes, pos)
+            kernel = apply_fft if self.polymul == "fft" else apply_ntt
+            extra = (c.primes, c.log_q, pos, self.weight_bits) if self.polymul == "fft" else (c.primes, pos)
             # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
             # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
             step = ROW_BLOCKS_PER_KERNEL_CALL
@@ -468,7 +468,7 @@ class PreparedGroup:
             out_blocks = tuple(self.shape.d_outs)
             return EncodedWeights(blk, out_blocks, scalar_weights=self.weights)
         if blk not in self.cache:
-            self.cache[blk] = encode_weights(blk, self.weight_ints, self.shape.d_in, ev._codec.primes, ev.engine)
+            self.cache[blk] = encode_weights(blk, self.weight_ints, self.shape.d_in, ev._codec.primes, ev.polymul)
         return self.cache[blk]
 
 
@@ -497,8 +497,8 @@ class NativeBackend:
     def keygen(self, params: CKKSParams | None, shapes: Sequence[GroupShape] = ()) -> NativeTrustedContext:
         return NativeTrustedContext(params or DEFAULT_PARAMS)
 
-    def evaluator(self, public_context: bytes, device: str | None = None, engine: str | None = None) -> NativeEvaluator:
-        return NativeEvaluator(public_context, device=device, engine=engine)
+    def evaluator(self, public_context: bytes, device: str | None = None, polymul: str | None = None) -> NativeEvaluator:
+        return NativeEvaluator(public_context, device=device, polymul=polymul)
 
     def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
         primes = _chain(params)

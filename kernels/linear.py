@@ -109,8 +109,8 @@ def weight_polynomials(blocking: Blocking, weight_ints: torch.Tensor, d_in: int)
 
 @dataclass
 class EncodedWeights:
-    """A group's weights encoded for one blocking: the FFT engine's [F, B, ΣO] spectra (complex128) or the
-    NTT engine's [L, B, ΣO, N] transforms; ``out_blocks`` per member in concatenation order."""
+    """A group's weights encoded for one blocking: the FFT product's [F, B, ΣO] spectra (complex128) or the
+    NTT product's [L, B, ΣO, N] transforms; ``out_blocks`` per member in concatenation order."""
 
     blocking: Blocking
     out_blocks: tuple[int, ...]
@@ -121,10 +121,10 @@ class EncodedWeights:
 
 
 def encode_weights(blocking: Blocking, weight_ints: list[torch.Tensor], d_in: int, primes: tuple[int, ...],
-                   engine: str) -> EncodedWeights:
+                   polymul: str) -> EncodedWeights:
     out_blocks = tuple(blocking.out_blocks(w.shape[0]) for w in weight_ints)
     polys = torch.cat([weight_polynomials(blocking, w, d_in) for w in weight_ints], dim=1)  # [B, ΣO, N]
-    if engine == "fft":
+    if polymul == "fft":
         spec = nfft.forward(polys.to(torch.float64))  # [B, O, F]
         return EncodedWeights(blocking, out_blocks, fft_spectra=spec.permute(2, 0, 1).contiguous())
     int_polys = polys.to(torch.int64)
@@ -205,7 +205,7 @@ def apply_scalar(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...]
 
 
 def apply_ntt(enc: EncodedWeights, cts: torch.Tensor, primes: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:
-    """Same contract as :func:`apply_fft`, via per-prime NTTs (reference engine)."""
+    """Same contract as :func:`apply_fft`, via per-prime NTTs (the reference product)."""
     rb, b, _, L, n = cts.shape
     limbs = []
     for i, q in enumerate(primes):

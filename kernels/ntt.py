@@ -4,8 +4,8 @@
 mod q; ``inverse(forward(a)) == a``. Pointwise products of transforms are negacyclic products
 (mod X^N + 1, mod q). Requires q < 2^31 so every product of two residues fits in int64.
 
-The native backend's default worker engine multiplies with exact float64 FFTs instead (faster on CPU
-and GPU, see ``linear.py``); this module is the RNS/NTT reference and the ``engine="ntt"`` path.
+The native backend's worker multiplies with exact float64 FFTs by default (faster on CPU and GPU, see
+``linear.py``); this module is the RNS/NTT reference and the ``polymul="ntt"`` path.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ SubjectPublicKeyInfo (hex), shown as ``sha256:<hex>``.
 - A worker listens only with TLS and requires a client certificate from a configured list
   (``worker.trusted_clients``): only those trusted runtimes can open worker sessions or call anything.
 - A trusted runtime connects to a worker only under that worker's *pinned* certificate (the sole trust
-  root of the channel; the TLS server name is the fixed :data:`WORKER_TLS_NAME`), so a worker cannot be
+  root of the gRPC channel; the TLS server name is the fixed :data:`WORKER_TLS_NAME`), so a worker cannot be
   impersonated, and a worker identity that was quarantined stays recognisable under any address.
 
 A new identity is an operator's act (copy its certificate to the other side), so a worker banned for

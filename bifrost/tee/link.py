@@ -1,13 +1,13 @@
 """How the trusted runtime reaches workers: the ``WorkerLink`` Protocol (what an engine calls) and the
 stateless gRPC :class:`WorkerStub` of one worker.
 
-A link carries only public material (public CKKS context, ciphertexts, layer ids). Every channel is
-mutual TLS under the worker's pinned certificate (:mod:`bifrost.attest.mtls`), and every reply names
-the worker identity that produced it, so the engine can hold that identity to account. A session's link
+A link carries only public material (public CKKS context, ciphertexts, layer ids). Every gRPC channel to
+a worker is mutual TLS under the worker's pinned certificate (:mod:`bifrost.attest.mtls`), and every reply
+names the worker identity that produced it, so the engine can hold that identity to account. A session's link
 is :class:`~bifrost.tee.pool.WorkerSessions` (dispatch and fail-over over a pool), or the
 :class:`~bifrost.tee.batching.BatchedLink` that merges concurrent sessions' decode calls.
 
-Reply sizes: a channel refuses (unread) any message larger than ``max_reply_bytes``, the largest reply
+Reply sizes: a gRPC channel refuses (unread) any message larger than ``max_reply_bytes``, the largest reply
 an honest worker can send for this model and backend (:func:`reply_limit`); the engine then checks
 each reply against the exact size of its call.
 """
@@ -79,7 +79,7 @@ def reply_limit(backend: str, params: CKKSParams, shapes: Iterable[GroupShape], 
 
 def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_reply_bytes: int = WORKER_MAX_REPLY_BYTES,
             timeout_s: float = 30.0) -> grpc.Channel:
-    """A ready mutual-TLS channel to ``endpoint`` (presenting ``identity``, default: this process's)."""
+    """A ready mutual-TLS gRPC channel to ``endpoint`` (presenting ``identity``, default: this process's)."""
     channel = worker_channel(endpoint, identity or process_identity(), worker_client_options(max_reply_bytes))
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)

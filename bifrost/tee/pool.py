@@ -1,6 +1,6 @@
 """The CKKS workers of a process: least-loaded dispatch and fail-over, behind the ``WorkerLink`` Protocol.
 
-:class:`WorkerPool` is shared by every session of a process: one mutual-TLS channel and stub per worker
+:class:`WorkerPool` is shared by every session of a process: one mutual-TLS gRPC channel and stub per worker
 (pinned certificate, see :mod:`bifrost.attest.mtls`), the in-flight load and health of each worker.
 Its one call, :meth:`WorkerPool.call`, evaluates a layer group for a batch of items (one item: a
 ``Linear`` RPC; several sessions' items: one ``LinearBatch`` RPC) on the least-loaded healthy worker.

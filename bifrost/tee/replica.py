@@ -114,7 +114,7 @@ class TrustedReplica:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.cfg, self.scfg, self.index = cfg, scfg, replica_index
         self.runtime = TrustedRuntime(cfg, None, quarantine=WorkerQuarantine(scfg.quarantine_file))
-        self.workers = self.runtime.worker_pool(list(workers), scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
+        self.pool = self.runtime.worker_pool(list(workers), scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
         self.spec = self.runtime.spec
         self.model_digest = model_digest(self.spec, cfg.seed, self.runtime.reference or load_model(self.spec, cfg.seed))
         self.config_digest = serving_config_digest(cfg, scfg)
@@ -127,7 +127,7 @@ class TrustedReplica:
         self.turns_cancelled = 0
         # batch_decode: the decode passes of a step run concurrently (each its own keys and KV cache) and
         # the batcher merges their layer calls; otherwise they run one after another.
-        self.batcher = (DecodeBatcher(self.workers, scfg.batch_window_s, scfg.batch_max_rows)
+        self.batcher = (DecodeBatcher(self.pool, scfg.batch_window_s, scfg.batch_max_rows)
                         if scfg.batch_decode else None)
         self.loop = (StepLoop(self.runtime, cfg.generation.mode, self.batcher, max_concurrent=scfg.max_sessions)
                      if self.spec.task == "causal-lm" else None)
@@ -144,9 +144,9 @@ class TrustedReplica:
         with self._lock:
             n = len(self._sessions)
         batching = self.batcher.stats if self.batcher is not None else None
-        return {"sessions": n, "workers": self.workers.snapshot(), "failovers": self.workers.stats.failovers,
+        return {"sessions": n, "workers": self.pool.snapshot(), "failovers": self.pool.stats.failovers,
                 "quarantined_workers": sorted(self.runtime.quarantine.entries()),
-                "workers_refused_at_start": list(self.workers.refused),
+                "workers_refused_at_start": list(self.pool.refused),
                 "batched_worker_calls": batching.worker_calls if batching else 0,
                 "mean_items_per_batched_call": batching.mean_items if batching else 0.0,
                 "max_items_per_batched_call": batching.max_items if batching else 0,
@@ -175,7 +175,7 @@ class TrustedReplica:
         except AttestationError as exc:
             status = Status.INVALID_ARGUMENT if isinstance(exc, ChannelError) else Status.UNAVAILABLE
             return Refusal(status, f"handshake failed: {exc}")
-        worker_sessions = WorkerSessions(self.workers)
+        worker_sessions = WorkerSessions(self.pool)
         try:  # this session's own CKKS key pair and worker sessions
             link = self.batcher.link_for(worker_sessions) if self.batcher is not None else worker_sessions
             engine = self.runtime.new_engine(link)
@@ -435,7 +435,7 @@ class TrustedReplica:
         for sid in sids:
             self.close_session(sid)
         self.runtime.close()
-        self.workers.close()
+        self.pool.close()
 
 
 def _events(turn: Turn) -> Iterator[TokenEvent | TurnEnd]:

@@ -25,8 +25,8 @@ def model_parts(worker_factory, run_config):
     rt.close()
 
 
-def _engines(batcher, directory, cfg, rt, n):
-    return [rt.new_engine(batcher.link_for(WorkerSessions(directory))) for _ in range(n)]
+def _engines(batcher, pool, cfg, rt, n):
+    return [rt.new_engine(batcher.link_for(WorkerSessions(pool))) for _ in range(n)]
 
 
 def _run_sessions(batcher, engines, groups, xs, start_together=True):
@@ -62,9 +62,9 @@ def _check(results, groups, xs, weights):
 
 def test_concurrent_sessions_share_one_worker_call_per_group(model_parts):
     cfg, rt, address, weights = model_parts
-    directory = rt.worker_pool([address])
-    batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=16)  # the barrier rule must send, not the clock
-    engines = _engines(batcher, directory, cfg, rt, 4)
+    pool = rt.worker_pool([address])
+    batcher = DecodeBatcher(pool, window_s=10.0, max_batch_rows=16)  # the barrier rule must send, not the clock
+    engines = _engines(batcher, pool, cfg, rt, 4)
     d_in = rt.engine.sites[rt.groups[0][0]].d_in
     same_din = [g for g in rt.groups if rt.engine.sites[g[0]].d_in == d_in][:3]  # e.g. qkv, fc, next qkv
     rng = np.random.default_rng(1)
@@ -98,9 +98,9 @@ def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_p
     service = adv.AdversarialService(make_service(run_config, MODEL), attack)
     _, server, endpoint = start_worker(run_config, MODEL, service=service)
     try:
-        directory = rt.worker_pool([endpoint])
-        batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=16)
-        engines = _engines(batcher, directory, cfg, rt, 3)
+        pool = rt.worker_pool([endpoint])
+        batcher = DecodeBatcher(pool, window_s=10.0, max_batch_rows=16)
+        engines = _engines(batcher, pool, cfg, rt, 3)
         group = rt.groups[0]
         rng = np.random.default_rng(5)
         xs = [rng.normal(size=(1, rt.engine.sites[group[0]].d_in)) for _ in engines]
@@ -117,9 +117,9 @@ def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_p
 
 def test_batches_respect_max_rows_and_prefill_goes_alone(model_parts):
     cfg, rt, address, weights = model_parts
-    directory = rt.worker_pool([address])
-    batcher = DecodeBatcher(directory, window_s=10.0, max_batch_rows=2)
-    engines = _engines(batcher, directory, cfg, rt, 4)
+    pool = rt.worker_pool([address])
+    batcher = DecodeBatcher(pool, window_s=10.0, max_batch_rows=2)
+    engines = _engines(batcher, pool, cfg, rt, 4)
     group = rt.groups[0]
     d_in = rt.engine.sites[group[0]].d_in
     rng = np.random.default_rng(2)
@@ -134,9 +134,9 @@ def test_batches_respect_max_rows_and_prefill_goes_alone(model_parts):
 
 def test_calls_outside_a_decode_step_are_not_held_back(model_parts):
     cfg, rt, address, weights = model_parts
-    directory = rt.worker_pool([address])
-    batcher = DecodeBatcher(directory, window_s=60.0)
-    (engine,) = _engines(batcher, directory, cfg, rt, 1)
+    pool = rt.worker_pool([address])
+    batcher = DecodeBatcher(pool, window_s=60.0)
+    (engine,) = _engines(batcher, pool, cfg, rt, 1)
     group = rt.groups[0]
     x = np.ones((1, rt.engine.sites[group[0]].d_in))
     _check({0: [engine.run_group(group, x)]}, [group], [x], weights)  # not a participant: straight through
@@ -150,19 +150,19 @@ def test_calls_outside_a_decode_step_are_not_held_back(model_parts):
 def test_a_batch_fails_over_from_a_dead_worker(model_parts):
     cfg, rt, address, weights = model_parts
     dead = WorkerEndpoint("127.0.0.1:1", TLSIdentity.generate(WORKER_TLS_NAME).cert_pem)  # port 1: nothing listens
-    directory = rt.worker_pool([dead, address], timeout_s=10)
-    batcher = DecodeBatcher(directory, window_s=10.0)
-    engines = _engines(batcher, directory, cfg, rt, 3)
+    pool = rt.worker_pool([dead, address], timeout_s=10)
+    batcher = DecodeBatcher(pool, window_s=10.0)
+    engines = _engines(batcher, pool, cfg, rt, 3)
     group = rt.groups[0]
     rng = np.random.default_rng(3)
     xs = [rng.normal(size=(1, rt.engine.sites[group[0]].d_in)) for _ in engines]
-    for w in directory.workers:  # make the dead worker look least loaded so that the batch goes there first
+    for w in pool.workers:  # make the dead worker look least loaded so that the batch goes there first
         w.calls = 0 if w.address == "127.0.0.1:1" else 10
         w.down_until = 0.0
-    failovers = directory.stats.failovers
+    failovers = pool.stats.failovers
     results = _run_sessions(batcher, engines, [group], xs)
     _check(results, [group], xs, weights)
     assert batcher.stats.max_items == 3
-    assert directory.stats.failovers == failovers + 1  # tried the dead worker, then moved the whole batch
+    assert pool.stats.failovers == failovers + 1  # tried the dead worker, then moved the whole batch
     for e in engines:
         e.close()

@@ -135,8 +135,8 @@ def test_an_honest_worker_beside_a_quarantined_one_serves_as_before(run_config):
         servers.append(server)
         endpoints.append(endpoint)
     try:
-        pool = WorkerSessions.from_endpoints(endpoints, timeout_s=60)
-        rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
+        worker_sessions = WorkerSessions.from_endpoints(endpoints, timeout_s=60)
+        rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions, reference=True)
         result = rt.generate(SHORT, 4)
         stats, quarantined = rt.engine.stats, rt.quarantine.entries()
         rt.close()

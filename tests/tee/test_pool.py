@@ -59,10 +59,10 @@ class KillAfter:
 
 def test_least_loaded_dispatch_uses_every_worker_and_matches_plaintext(make_worker, run_config):
     (_, a), (_, b) = make_worker(), make_worker()
-    pool = WorkerSessions.from_endpoints([a, b], timeout_s=30)
-    rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
+    worker_sessions = WorkerSessions.from_endpoints([a, b], timeout_s=30)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions, reference=True)
     result = rt.generate("pool", 4)
-    stats = pool.pool.stats
+    stats = worker_sessions.pool.stats
     rt.close()
     assert result.tokens == result.fidelity.plaintext_tokens
     assert set(stats.calls_by_worker) == {a.address, b.address}
@@ -86,46 +86,46 @@ def test_pick_prefers_the_worker_with_fewest_calls_in_flight():
 
 def test_worker_killed_mid_generation_fails_over(make_worker, run_config):
     (server_a, a), (_, b) = make_worker(), make_worker()
-    pool = WorkerSessions.from_endpoints([a, b], timeout_s=30)
-    link = KillAfter(pool, 12, lambda: server_a.stop(grace=None).wait())  # during the 2nd token
+    worker_sessions = WorkerSessions.from_endpoints([a, b], timeout_s=30)
+    link = KillAfter(worker_sessions, 12, lambda: server_a.stop(grace=None).wait())  # during the 2nd token
     rt = TrustedRuntime(run_config.replace(model=MODEL), link, reference=True)
     result = rt.generate("fail over", 5)
     rt.close()
     assert result.tokens == result.fidelity.plaintext_tokens
-    assert pool.pool.stats.failovers >= 1
-    snap = {w["address"]: w for w in pool.pool.snapshot()}
+    assert worker_sessions.pool.stats.failovers >= 1
+    snap = {w["address"]: w for w in worker_sessions.pool.snapshot()}
     assert not snap[a.address]["up"] and snap[b.address]["up"]
 
 
 def test_hung_worker_times_out_and_the_call_moves(make_worker, run_config):
     (_, slow), (_, fast) = make_worker(delay_linear_s=3.0), make_worker()
-    pool = WorkerSessions.from_endpoints([slow, fast], timeout_s=1.0, retry_after_s=600)
-    rt = TrustedRuntime(run_config.replace(model=MODEL), pool, reference=True)
+    worker_sessions = WorkerSessions.from_endpoints([slow, fast], timeout_s=1.0, retry_after_s=600)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions, reference=True)
     result = rt.generate("slow", 3)
     rt.close()
     assert result.tokens == result.fidelity.plaintext_tokens
-    assert pool.pool.stats.failovers == 1  # one timeout, then the slow worker stays marked down
-    assert pool.pool.stats.calls_by_worker == {fast.address: 3 * len(rt.groups)}  # every answer came from fast
+    assert worker_sessions.pool.stats.failovers == 1  # one timeout, then the slow worker stays marked down
+    assert worker_sessions.pool.stats.calls_by_worker == {fast.address: 3 * len(rt.groups)}  # every answer came from fast
     assert len(rt.quarantine) == 0  # a timeout is an availability failure, not a deviation
 
 
 def test_non_retryable_errors_are_not_retried_and_name_the_worker(make_worker, run_config):
     (_, a), (_, b) = make_worker(), make_worker()
-    pool = WorkerSessions.from_endpoints([a, b], timeout_s=10)
-    rt = TrustedRuntime(run_config.replace(model=MODEL), pool)
+    worker_sessions = WorkerSessions.from_endpoints([a, b], timeout_s=10)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions)
     group = next(iter(rt.engine._refs.values()))
     with pytest.raises(WorkerCallError) as err:
-        pool.linear(group, [b"not a ciphertext"])
+        worker_sessions.linear(group, [b"not a ciphertext"])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.worker in (a.identity, b.identity)  # the engine holds this against that worker
-    assert pool.pool.stats.failovers == 0
+    assert worker_sessions.pool.stats.failovers == 0
     rt.close()
 
 
 def test_all_workers_down_is_an_error_not_a_hang(make_worker, run_config):
     (server_a, a), = [make_worker()]
-    pool = WorkerSessions.from_endpoints([a], timeout_s=5)
-    rt = TrustedRuntime(run_config.replace(model=MODEL), pool)
+    worker_sessions = WorkerSessions.from_endpoints([a], timeout_s=5)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions)
     server_a.stop(grace=None).wait()
     with pytest.raises(WorkerCallError) as err:
         rt.generate("x", 1)
@@ -134,16 +134,16 @@ def test_all_workers_down_is_an_error_not_a_hang(make_worker, run_config):
 
 
 def test_every_worker_full_is_resource_exhausted_not_unavailable(make_worker, run_config):
-    """Sessions beyond every worker's max_sessions: RESOURCE_EXHAUSTED (retry later), and nothing half-open."""
+    """Worker sessions beyond every worker's max_sessions: RESOURCE_EXHAUSTED (retry later), and nothing half-open."""
     (_, a), (_, b) = make_worker(max_sessions=1), make_worker(max_sessions=1)
-    directory = WorkerPool([a, b], timeout_s=10)
-    rt = TrustedRuntime(run_config.replace(model=MODEL), WorkerSessions(directory))  # holds the one slot on each
-    pool = WorkerSessions(directory)
+    pool = WorkerPool([a, b], timeout_s=10)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), WorkerSessions(pool))  # holds the one slot on each
+    worker_sessions = WorkerSessions(pool)
     with pytest.raises(WorkerCallError) as err:
-        rt.new_engine(pool)
+        rt.new_engine(worker_sessions)
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details
-    assert pool._worker_sessions == {}
+    assert worker_sessions._worker_sessions == {}
     rt.close()
-    second = rt.new_engine(WorkerSessions(directory))
+    second = rt.new_engine(WorkerSessions(pool))
     second.close()  # slots freed by rt.close() are usable again
-    directory.close()
+    pool.close()

@@ -65,12 +65,12 @@ def test_batched_calls_of_several_sessions_carry_no_secret_key(worker_factory, r
     _, _, endpoint = worker_factory("gpt2-mini")
     cfg = run_config.replace(model="gpt2-mini", backend="native")
     runtime = TrustedRuntime(cfg, endpoint)
-    directory = runtime.worker_pool([endpoint])
+    pool = runtime.worker_pool([endpoint])
     recorder = _Recorder()
-    w = directory.workers[0]
+    w = pool.workers[0]
     w.stub = WorkerStub(grpc.intercept_channel(w.channel, recorder), w.identity, 60.0, w.address)
-    batcher = DecodeBatcher(directory, window_s=10.0)
-    engines = [runtime.new_engine(batcher.link_for(WorkerSessions(directory))) for _ in range(3)]
+    batcher = DecodeBatcher(pool, window_s=10.0)
+    engines = [runtime.new_engine(batcher.link_for(WorkerSessions(pool))) for _ in range(3)]
     group = runtime.groups[0]
     barrier = threading.Barrier(3)
 

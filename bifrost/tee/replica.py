@@ -159,7 +159,7 @@ class TrustedReplica:
 
     # -- handshake ---------------------------------------------------------------------------
     def attest(self, nonce: bytes, client_public_key: bytes, suite: str) -> Attested | Refusal:
-        """Fresh channel key, evidence binding it, session keys, and this session's CKKS keys."""
+        """Fresh channel key, evidence binding it, the channel keys, and this session's CKKS keys."""
         suite = suite or "AES-256-GCM"
         if suite not in SUITES:
             return Refusal(Status.INVALID_ARGUMENT, f"unknown suite {suite!r}; choose {', '.join(SUITES)}")

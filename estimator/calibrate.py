@@ -57,7 +57,7 @@ def _log(verbose: bool, msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# CKKS (TenSEAL / SEAL)
+# CKKS operations of TenSEAL / SEAL
 # ------------------------------------------------------------------------------------------------
 def _seal_ops(n: int, bits: tuple[int, ...], reps: int, with_ct_mult: bool = False, enforce_128: bool = True) -> dict:
     import tenseal.sealapi as seal
@@ -202,7 +202,7 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
 
 
 # ------------------------------------------------------------------------------------------------
-# TEE: PyTorch
+# The TEE's operators in PyTorch
 # ------------------------------------------------------------------------------------------------
 def _torch_ops(verbose: bool, quick: bool) -> dict:
     import torch

@@ -551,7 +551,7 @@ def forward_bifrost(p: Profile, m: ModelShape, rows: int, ctx: int, local_linear
                     packing: str = "backend", prefill: bool | None = None) -> Cost:
     """``prefill`` (default: ``ctx == rows // batch``): the first forward of the sequences, no KV cache yet."""
     cost = Cost()
-    a, t, link = p.accelerator, p.tee, p.link
+    t, link = p.tee, p.link
     L = m.n_layers
     for g in m.groups():
         if local_linears:  # Bifrost+ prefill: each member layer is one float32 F.linear in the TEE

@@ -332,9 +332,10 @@ def pki():
 
 
 REVOCATION_AT = utc(2030, 6, 1)
+CRL_LAST_UPDATE = utc(2030, 5, 20)  # a current CRL at REVOCATION_AT
 
 
-def _crls(pki, pck_revoked=(), root_revoked=(), last=utc(2030, 5, 20)):
+def _crls(pki, pck_revoked=(), root_revoked=(), last=CRL_LAST_UPDATE):
     from .x509_helpers import make_crl
 
     (root, root_key), (ca, ca_key) = pki["root"], pki["ca"]
@@ -376,7 +377,7 @@ def test_revocation_crl_signed_by_the_wrong_issuer_stale_or_malformed(pki) -> No
 
     chain = [pki["leaf"], pki["ca"][0], pki["root"][0]]
     pck_crl, root_crl = _crls(pki)
-    forged = make_crl(pki["ca"][0], ec.generate_private_key(ec.SECP256R1()), last=utc(2030, 5, 20))  # right name, wrong key
+    forged = make_crl(pki["ca"][0], ec.generate_private_key(ec.SECP256R1()), last=CRL_LAST_UPDATE)  # right name, wrong key
     stale_pck, stale_root = _crls(pki, last=utc(2029, 1, 1))
     for pck, root, words in (
         (forged, root_crl, "not signed by"),

@@ -9,7 +9,6 @@ on plain numpy vectors (rotations as ``np.roll``) either way. No timings are ass
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -6,7 +6,10 @@ from bifrost.model.catalog import load_model, resolve
 from bifrost.model.delegation import fuse_groups, linear_weight, sites, weight_digest
 
 
-def _names(model_name, policy=DelegationConfig()):
+DEFAULT_DELEGATION = DelegationConfig()
+
+
+def _names(model_name, policy=DEFAULT_DELEGATION):
     return [s.name for s, _ in sites(load_model(resolve(model_name)), policy)]
 
 

@@ -20,8 +20,6 @@ from pathlib import Path
 
 from bifrost.errors import BifrostError
 
-SUBCOMMANDS = ("calibrate", "validate")
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="project latency of fhe / bifrost / bifrost+ from a hardware profile",

@@ -42,7 +42,6 @@ from .shapes import LinearGroup, ModelShape, ceil_div, log2c
 
 SCHEMES = ("fhe", "bifrost", "bifrost+")
 DEVICES = ("accelerator", "tee", "link")
-SCOPES = ("layer", "io", "head")
 LINEAR_PACKINGS = ("backend", "column")
 
 

@@ -26,7 +26,6 @@ GPU_BOOTSTRAP_N16_MS = 22.1
 HYPHEN_LIMBS = 24  # RNS limbs of the ciphertexts HyPHEN timed (bootstrappable N=2^16 parameters)
 KEYSWITCH_FLOOR_S = 10e-6  # one rotation / relinearisation at N=2^13: several dependent kernel launches
 ELEMENTWISE_FLOOR_S = 2e-6  # one element-wise kernel (add, plaintext product, rescale)
-USABLE_LEVELS_AFTER_BOOTSTRAP = 9
 KEYSWITCH_OPS = ("rotate_s", "mul_ct_s")
 
 

@@ -75,9 +75,6 @@ class ModelShape:
     def lm_head_macs_per_token(self) -> int:
         return self.vocab * self.d_model
 
-    def params_delegated(self) -> int:
-        return self.linear_macs_per_token()
-
 
 def _int(c: dict, key: str, default=None, name: str = "") -> int:
     """A positive integer config value (``default`` when absent or null)."""

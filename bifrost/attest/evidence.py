@@ -273,10 +273,6 @@ _PROVIDERS: dict[str, Callable[[], EvidenceProvider]] = {
 }
 
 
-def register_provider(name: str, factory: Callable[[], EvidenceProvider]) -> None:
-    _PROVIDERS[name] = factory
-
-
 def get_provider(name: str) -> EvidenceProvider:
     try:
         return _PROVIDERS[name]()

@@ -61,14 +61,6 @@ class CKKSParams:
         ).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CKKSParams":
-        known = {"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits"}
-        unknown = set(d) - known
-        if unknown:
-            raise InsecureParametersError(f"unknown CKKS parameter(s): {sorted(unknown)}")
-        return cls(**d)
-
 
 def check_128_bit_security(p: CKKSParams) -> None:
     """Raise InsecureParametersError unless ``p`` meets 128-bit security (HE standard)."""

@@ -56,7 +56,6 @@ class WorkerState:
     calls: int = 0
     failures: int = 0
     down_until: float = 0.0
-    last_error: str = ""
 
     @property
     def address(self) -> str:
@@ -134,7 +133,6 @@ class WorkerPool:
         with self._lock:
             w.failures += 1
             w.down_until = time.monotonic() + self.retry_after_s
-            w.last_error = reason
         log.warning("worker %s marked down for %.0f s: %s", w.address, self.retry_after_s, reason)
 
     def mark_up(self, w: WorkerState) -> None:

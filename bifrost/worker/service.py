@@ -155,10 +155,6 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
         self._lock = threading.Lock()
         self.stop_sweeper: threading.Event | None = None  # set by serve()
 
-    @property
-    def max_sessions(self) -> int:
-        return self.limits.max_sessions
-
     # -- helpers ---------------------------------------------------------------------------
     def _resolve_group(self, group: worker_pb2.LayerGroup) -> tuple[GroupShape, list[str], list[np.ndarray]]:
         if not group.layers:

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
-
 DATA = Path(__file__).parent / "data"
 
 
@@ -55,8 +53,3 @@ TDX_VECTORS = {
 
 def read(name: str) -> bytes:
     return (DATA / name).read_bytes()
-
-
-@pytest.fixture
-def data_dir() -> Path:
-    return DATA

@@ -87,8 +87,33 @@ def _config_class(family: str):
     return {"gpt2": GPT2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "bert": BertConfig}[family]
 
 
-def load_model(spec: ModelSpec, seed: int = 0) -> torch.nn.Module:
-    """Build the model in float32, eval mode. Random-init models are identical for identical seeds."""
+def load_model(spec: ModelSpec, seed: int = 0, adapter: str | None = None, merged: bool = False) -> torch.nn.Module:
+    """Build the model in float32, eval mode. Random-init models are identical for identical seeds.
+
+    ``adapter``: a LoRA adapter directory (peft: ``adapter_config.json`` + weights) applied on top; the layers
+    it adapts become peft wrappers whose ``base_layer`` is the original layer. ``merged``: fold the adapter
+    into the base weights instead (the plaintext reference a delegated run is held to)."""
+    model = _load_base(spec, seed)
+    if adapter is None:
+        return model
+    return load_adapter(model, adapter, merged)
+
+
+def load_adapter(model: torch.nn.Module, adapter: str, merged: bool = False) -> torch.nn.Module:
+    """``model`` with the LoRA adapter in directory ``adapter`` (see :func:`load_model`); one-line errors."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise BifrostError(f"LoRA adapter {adapter}: no adapter_config.json (a peft adapter directory)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BifrostError(f"cannot load LoRA adapter {adapter}: {str(exc).splitlines()[0][:200]}") from None
+    return (peft_model.merge_and_unload() if merged else peft_model).eval()
+
+
+def _load_base(spec: ModelSpec, seed: int) -> torch.nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if spec.task == "causal-lm" else AutoModel

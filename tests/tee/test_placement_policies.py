@@ -128,3 +128,15 @@ def test_a_layer_the_model_code_bypasses_is_refused_at_load():
 def test_lora_private_without_an_adapter_is_a_one_line_error(run_config):
     with pytest.raises(BifrostError, match="requires a LoRA adapter"):
         TrustedRuntime(run_config.replace(model="gpt2-mini", policy="lora-private"), None)
+
+
+def test_the_adapter_digest_is_bound_into_the_serving_config_digest(run_config, adapters):
+    from bifrost.attest.binding import compute_model_digest
+    from bifrost.serve.config import load_serve_config, serving_config, serving_config_digest
+
+    scfg = load_serve_config()
+    with_adapter = run_config.replace(model="llama-mini", policy="lora-private", adapter=adapters["llama-mini"])
+    assert serving_config(with_adapter, scfg)["adapter_digest"] == compute_model_digest(adapters["llama-mini"]).hex()
+    other = with_adapter.replace(adapter=adapters["gpt2-mini"])
+    assert serving_config_digest(with_adapter, scfg) != serving_config_digest(other, scfg)
+    assert serving_config(run_config, scfg)["adapter_digest"] is None

@@ -446,6 +446,7 @@ def limits_from_config(cfg) -> WorkerLimits:
 
 def build_service(model: str, seed: int, delegation, limits: WorkerLimits | None = None) -> WorkerService:
     """Load the model's public weights and keep only the delegated layers."""
+    from ..errors import BifrostError
     from ..model.catalog import load_model, resolve
     from ..model.delegation import sites
 
@@ -453,6 +454,8 @@ def build_service(model: str, seed: int, delegation, limits: WorkerLimits | None
     torch_model = load_model(spec, seed)
     layers = sites(torch_model, delegation)
     del torch_model
+    if not layers:
+        raise BifrostError(f"the delegation policy matches no linear layer of {model}")
     return WorkerService(spec.name, layers, limits)
 
 

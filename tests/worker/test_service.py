@@ -305,3 +305,12 @@ def test_prepared_weights_carry_their_size_and_stay_within_the_cache_budget(run_
         assert service.cache.evictions >= len(groups) - 3
     finally:
         server.stop(grace=None)
+
+
+def test_a_policy_matching_no_linear_layer_is_refused():
+    from bifrost.config import DelegationConfig
+    from bifrost.errors import BifrostError
+    from bifrost.worker.service import build_service
+
+    with pytest.raises(BifrostError, match="matches no linear layer of gpt2-mini"):
+        build_service("gpt2-mini", 0, DelegationConfig(include=("*.no_such_layer",)))

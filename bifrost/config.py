@@ -45,7 +45,8 @@ class DelegationConfig:
 
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ("lm_head", "*.lm_head", "score", "*pooler*")
-    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                                         ("q_lin", "k_lin", "v_lin"))
 
 
 @dataclass(frozen=True)

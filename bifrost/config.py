@@ -44,7 +44,8 @@ class DelegationConfig:
     """How delegated layers group: siblings named in one ``fuse`` entry read the same input and share one
     encrypted input and one worker call. (Which layers are delegated: the placement policy, ``policy:``.)"""
 
-    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                                         ("q_lin", "k_lin", "v_lin"))
 
 
 @dataclass(frozen=True)

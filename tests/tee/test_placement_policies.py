@@ -140,3 +140,19 @@ def test_the_adapter_digest_is_bound_into_the_serving_config_digest(run_config, 
     other = with_adapter.replace(adapter=adapters["gpt2-mini"])
     assert serving_config_digest(with_adapter, scfg) != serving_config_digest(other, scfg)
     assert serving_config(run_config, scfg)["adapter_digest"] is None
+
+
+def test_a_checkpoint_whose_code_bypasses_delegated_layers_is_refused_by_the_runtime(run_config, tmp_path):
+    from tests.checkpoints import build_checkpoint
+
+    path = build_checkpoint("bloom_tp2", tmp_path)
+    with pytest.raises(BifrostError, match=r"never calls 4 layer\(s\) the policy delegates") as err:
+        TrustedRuntime(run_config.replace(model=str(path)), None)
+    assert "\n" not in str(err.value)
+    # placing the bypassed layers in the TEE, as the message says, loads it with true counts
+    keep = tmp_path / "keep.yaml"
+    keep.write_text("rules:\n  - {match: ['*.self_attention.dense', '*.mlp.dense_4h_to_h'], placement: tee}\n"
+                    "  - {role: all, placement: ckks}\n")
+    rt = TrustedRuntime(run_config.replace(model=str(path), policy=str(keep)), None)
+    assert len(rt.sites) == 4 and not any(s.name.endswith(("self_attention.dense", "dense_4h_to_h")) for s in rt.sites)
+    rt.close()

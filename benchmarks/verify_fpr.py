@@ -73,7 +73,7 @@ def model_groups(name: str, seed: int):
         from bifrost.model.catalog import load_model
         from bifrost.model.delegation import sites
 
-        layers = sites(load_model(spec, seed), cfg.delegation)
+        layers = sites(load_model(spec, seed), cfg.placement())
         weights = {s.name: w for s, w in layers}
         shapes = {s.name: (s.d_out, s.d_in) for s, _ in layers}
     else:
@@ -86,7 +86,7 @@ def model_groups(name: str, seed: int):
         from bifrost.model.delegation import delegated_modules
 
         shapes = {}
-        for mod_name, module in delegated_modules(meta, cfg.delegation):
+        for mod_name, _, module in delegated_modules(meta, cfg.placement()):
             w = module.weight
             shapes[mod_name] = tuple(w.shape) if isinstance(module, torch.nn.Linear) else (w.shape[1], w.shape[0])
         weights = None

@@ -29,6 +29,7 @@ COMMANDS = {
     "serve": "bifrost.tee.serve_cli",
     "worker": "bifrost.worker.cli",
     "attest": "bifrost.attest.cli",
+    "policy": "bifrost.model.policy_cli",
     "chat": "bifrost.serve.cli",
     "estimate": "bifrost_estimator.cli",
 }

@@ -41,11 +41,11 @@ class CKKSConfig:
 
 @dataclass(frozen=True)
 class DelegationConfig:
-    """Which linear modules go to the worker (fnmatch globs on module names) and which share an input."""
+    """How delegated layers group: siblings named in one ``fuse`` entry read the same input and share one
+    encrypted input and one worker call. (Which layers are delegated: the placement policy, ``policy:``.)"""
 
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ("lm_head", "*.lm_head", "score", "*pooler*")
-    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+    fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                                         ("q_lin", "k_lin", "v_lin"))
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,8 @@ class RunConfig:
     seed: int = 0
     backend: str = "native"
     ckks: CKKSConfig | None = None  # None: the backend's recommended parameters
+    policy: str = "bifrost"  # placement policy: configs/policies/<name>.yaml or a YAML path
+    adapter: str | None = None  # a LoRA adapter directory (peft) on top of the model: runs in the TEE
     delegation: DelegationConfig = field(default_factory=DelegationConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     tee: TEEConfig = field(default_factory=TEEConfig)
@@ -140,6 +142,12 @@ class RunConfig:
         except ValueError as exc:
             raise BifrostError(f"ckks ({self.backend} backend): {exc}") from None
         return params
+
+    def placement(self):
+        """The placement policy of this run (validated; :mod:`bifrost.model.placement`)."""
+        from .model.placement import load_placement_policy
+
+        return load_placement_policy(self.policy)
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -199,4 +207,5 @@ def load_config(path: Path | str | None = None) -> RunConfig:
     p = Path(path) if path else DEFAULT_CONFIG
     cfg = build_section(RunConfig, load_yaml(p), p.name)
     cfg.ckks_params()  # refuse insecure parameters at load
+    cfg.placement()  # and an unknown or malformed placement policy
     return cfg

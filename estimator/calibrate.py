@@ -412,7 +412,7 @@ def _engine_round_trip(backend: str, partial: Profile, verbose: bool, quick: boo
 
     cfg = load_config().replace(model=ROUND_TRIP_MODEL, backend=backend)
     limits = _dc.replace(limits_from_config(cfg), max_sessions=2, cache_bytes=1 << 30)
-    service = build_service(ROUND_TRIP_MODEL, cfg.seed, cfg.delegation, limits)
+    service = build_service(ROUND_TRIP_MODEL, cfg.seed, cfg.placement(), limits)
     worker_id = TLSIdentity.generate(WORKER_TLS_NAME)  # an in-process worker that trusts only this runtime
     server, port = serve(service, server_credentials(worker_id, [trusted_identity(cfg).cert_pem]), "127.0.0.1", 0)
     samples = []

@@ -51,3 +51,25 @@ def test_demo_json_report_on_a_small_model():
     assert len(rep["per_token"]) == 4 and rep["delegated_layers"] == 8
     assert rep["decode_breakdown_mean_s"]["worker_s"] > 0
     assert rep["decode_bytes_per_token"]["sent"] > 0
+
+
+def test_generate_on_a_checkpoint_directory_of_an_architecture_without_bifrost_code(tmp_path):
+    from tests.checkpoints import build_checkpoint
+
+    path = build_checkpoint("gemma2", tmp_path)
+    r = _bifrost("generate", "--model", str(path), "--prompt", "Private LLM", "--max-new-tokens", "4",
+                 "--compare", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["model"] == str(path) and rep["delegated_layers"] == 14
+    assert rep["tokenizer"].startswith("byte-level fallback")
+    assert rep["fidelity"]["identical_to_plaintext_greedy"] is True
+    assert rep["fidelity"]["max_abs_logit_error"] < 1e-3
+
+
+def test_checkpoint_of_an_unknown_model_type_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "frobnicator-9000"}')
+    r = _bifrost("generate", "--model", str(tmp_path), timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.strip().splitlines() if line.startswith("bifrost: error")]
+    assert len(errors) == 1 and "model_type 'frobnicator-9000'" in errors[0] and "not known to transformers" in errors[0]

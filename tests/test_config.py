@@ -13,7 +13,9 @@ def test_default_config_loads_and_is_secure():
 @pytest.mark.parametrize("text,needle", [
     ("seed: zero\n", "expected int"),
     ("generation:\n  mode: turbo\n", "generation.mode"),
-    ("delegation:\n  include: '*'\n", "expected a list"),
+    ("delegation:\n  fuse: '*'\n", "expected a list of lists"),
+    ("delegation:\n  include: ['*']\n", r"unknown key\(s\) \['include'\]"),  # placement is the policy's now
+    ("policy: nope\n", "unknown placement policy 'nope'"),
     ("worker:\n  colour: blue\n", "unknown key"),
     ("- 1\n- 2\n", "mapping"),
     ("model: [unclosed\n", "invalid YAML"),

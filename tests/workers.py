@@ -12,7 +12,7 @@ def make_service(run_config, model: str, max_sessions: int = 8, cache_bytes: int
                  **limit_changes) -> WorkerService:
     limits = dataclasses.replace(limits_from_config(run_config), max_sessions=max_sessions,
                                  cache_bytes=cache_bytes, **limit_changes)
-    return build_service(model, run_config.seed, run_config.delegation, limits)
+    return build_service(model, run_config.seed, run_config.placement(), limits)
 
 
 def start_worker(run_config, model: str, max_sessions: int = 8, cache_bytes: int = 2 * 2**30,

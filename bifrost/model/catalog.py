@@ -1,5 +1,13 @@
 """Load models by name (architecture from ``configs/models.yaml`` + fixed seed) or from a local checkpoint.
 
+A checkpoint directory may hold any architecture the installed transformers can load (no allow-list):
+a causal LM when ``AutoModelForCausalLM`` maps its config (and ``architectures`` names a causal LM),
+else an encoder through ``AutoModel``. What cannot work is refused with one line: no ``config.json``, a
+``model_type`` transformers does not know (custom code is never run), no causal-LM or base-model class,
+an encoder-decoder, a base model that takes no token ids, weights that fail to load or are missing.
+Whether the delegation policy matches a linear layer is checked where the policy is known (the worker's
+``build_service`` and ``TrustedRuntime``).
+
 Model weights are public in Bifrost's threat model (the worker holds them too); only activations,
 prompts and the KV cache are secret. This module is therefore shared by both trust domains.
 """
@@ -7,6 +15,7 @@ prompts and the KV cache are secret. This module is therefore shared by both tru
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +25,8 @@ import torch
 from ..config import CONFIG_DIR, load_yaml
 from ..errors import BifrostError
 
-FAMILIES = {"gpt2", "qwen3", "llama", "bert"}
 TASKS = {"causal-lm", "encoder"}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class ModelSpec:
     """What to load: a catalog name or a checkpoint directory, plus the seed for random init."""
 
     name: str
-    family: str
+    family: str  # a transformers model_type (gpt2, llama, mistral, bert, ...)
     task: str = "causal-lm"
     config: dict = field(default_factory=dict, hash=False, compare=False)
     path: str | None = None  # checkpoint directory (config.json + weights)
@@ -39,8 +48,9 @@ def catalog() -> dict[str, ModelSpec]:
         if unknown:
             raise BifrostError(f"configs/models.yaml: model {name!r} has unknown keys {sorted(unknown)}")
         family, task = entry.get("family"), entry.get("task", "causal-lm")
-        if family not in FAMILIES or task not in TASKS:
-            raise BifrostError(f"configs/models.yaml: model {name!r} has bad family/task {family!r}/{task!r}")
+        if not _known_model_type(family) or task not in TASKS:
+            raise BifrostError(f"configs/models.yaml: model {name!r} has bad family/task {family!r}/{task!r} "
+                               f"(family: a transformers model_type; task: {' | '.join(sorted(TASKS))})")
         path = _package_path(entry["package"]) if "package" in entry else None
         specs[name] = ModelSpec(name, family, task, dict(entry.get("config", {})), path)
     return specs
@@ -70,33 +80,126 @@ def resolve(model: str) -> ModelSpec:
         raise BifrostError(f"checkpoint path does not exist or is not a directory: {model}")
     if not (p / "config.json").is_file():
         raise BifrostError(f"checkpoint directory has no config.json: {model}")
-    import json
-
-    cfg = json.loads((p / "config.json").read_text())
-    mtype = cfg.get("model_type", "")
-    family = {"gpt2": "gpt2", "qwen3": "qwen3", "llama": "llama", "bert": "bert"}.get(mtype)
-    if family is None:
-        raise BifrostError(f"unsupported model_type {mtype!r} in {model}/config.json (supported: {sorted(FAMILIES)})")
-    task = "encoder" if family == "bert" else "causal-lm"
+    family, task = _checkpoint_kind(p)
     return ModelSpec(str(p), family, task, {}, str(p))
 
 
+def _known_model_type(model_type) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _checkpoint_kind(p: Path) -> tuple[str, str]:
+    """(model_type, task) of a checkpoint directory, or a one-line refusal of what cannot work."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    where = f"{p}/config.json"
+    try:
+        raw = json.loads((p / "config.json").read_text())
+    except (ValueError, OSError) as exc:
+        raise BifrostError(f"{where}: not a readable JSON file ({_first_line(exc)})") from None
+    mtype = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(mtype, str) or not mtype:
+        raise BifrostError(f"{where} has no model_type")
+    if not _known_model_type(mtype):
+        raise BifrostError(f"model_type {mtype!r} in {where} is not known to transformers {transformers.__version__} "
+                           "(custom code is never run)")
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as exc:  # any config error: one line for the user
+        raise BifrostError(f"{where}: transformers cannot read it: {_first_line(exc)}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise BifrostError(f"{p}: {mtype} is an encoder-decoder model; Bifrost runs decoder LMs and encoders")
+    causal_name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mtype)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if causal_name is not None:
+        if architectures:
+            if any(a.endswith(_CAUSAL_SUFFIXES) or a == causal_name for a in architectures):
+                return mtype, "causal-lm"
+        elif mtype not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            return mtype, "causal-lm"
+    if mtype in modeling_auto.MODEL_MAPPING_NAMES:
+        import inspect
+
+        base = modeling_auto.MODEL_MAPPING[type(config)]
+        if "input_ids" not in inspect.signature(base.forward).parameters:
+            raise BifrostError(f"{p}: {base.__name__} takes no token ids (not a text model)")
+        return mtype, "encoder"
+    raise BifrostError(f"{p}: transformers {transformers.__version__} has neither a causal-LM nor a base-model "
+                       f"class for model_type {mtype!r} (architectures: {', '.join(architectures) or 'none'})")
+
+
 def _config_class(family: str):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen3Config
+    """The transformers config class of a model_type."""
+    from transformers import CONFIG_MAPPING
 
-    return {"gpt2": GPT2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "bert": BertConfig}[family]
+    return CONFIG_MAPPING[family]
 
 
-def load_model(spec: ModelSpec, seed: int = 0) -> torch.nn.Module:
-    """Build the model in float32, eval mode. Random-init models are identical for identical seeds."""
+def _load_checkpoint(auto, path: str) -> torch.nn.Module:
+    """``auto.from_pretrained`` with every weight required: a weight missing from the checkpoint or of the
+    wrong shape would be initialised at random, differently in the worker and in the TEE. The one exception
+    is an encoder's pooler (``embed`` mean-pools the last hidden state and never runs it)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede our one-line refusal
+    try:
+        model, info = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True, attn_implementation="eager",
+                                           ignore_mismatched_sizes=True, output_loading_info=True)
+    except Exception as exc:  # OSError, safetensors or config errors, ...: one line
+        raise BifrostError(f"cannot load checkpoint {path}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bad = sorted(k for k in info.get("missing_keys") or [] if "pooler" not in k)
+    bad += sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise BifrostError(f"cannot load checkpoint {path}: weights missing or of the wrong shape: {', '.join(bad[:3])}{more}")
+    return model
+
+
+def load_model(spec: ModelSpec, seed: int = 0, adapter: str | None = None, merged: bool = False) -> torch.nn.Module:
+    """Build the model in float32, eval mode, eager attention (the one implementation every architecture
+    has). Random-init models are identical for identical seeds; a checkpoint must hold every weight.
+
+    ``adapter``: a LoRA adapter directory (peft: ``adapter_config.json`` + weights) applied on top; the layers
+    it adapts become peft wrappers whose ``base_layer`` is the original layer. ``merged``: fold the adapter
+    into the base weights instead (the plaintext reference a delegated run is held to)."""
+    model = _load_base(spec, seed)
+    if adapter is None:
+        return model
+    return load_adapter(model, adapter, merged)
+
+
+def load_adapter(model: torch.nn.Module, adapter: str, merged: bool = False) -> torch.nn.Module:
+    """``model`` with the LoRA adapter in directory ``adapter`` (see :func:`load_model`); one-line errors."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise BifrostError(f"LoRA adapter {adapter}: no adapter_config.json (a peft adapter directory)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BifrostError(f"cannot load LoRA adapter {adapter}: {str(exc).splitlines()[0][:200]}") from None
+    return (peft_model.merge_and_unload() if merged else peft_model).eval()
+
+
+def _load_base(spec: ModelSpec, seed: int) -> torch.nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if spec.task == "causal-lm" else AutoModel
     if spec.path is not None:
-        try:
-            model = auto.from_pretrained(spec.path, dtype=torch.float32, local_files_only=True)
-        except OSError as exc:
-            raise BifrostError(f"cannot load checkpoint {spec.path}: {str(exc).splitlines()[0]}") from None
+        model = _load_checkpoint(auto, spec.path)
     else:
         cfg = _config_class(spec.family)(**spec.config)
         cfg._attn_implementation = "eager"

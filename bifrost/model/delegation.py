@@ -1,13 +1,14 @@
 """Which linear layers are delegated, their public weights and digests, and how they group.
 
 Shared by both sides: the worker uses it to find the weights it serves, the trusted runtime to know
-which modules to swap. A *site* is one delegated linear layer, named by its module path; its weight is
-always presented as ``(d_out, d_in)`` float64 (GPT-2's ``Conv1D`` stores the transpose).
+which modules to swap. Which layers are delegated is the placement policy's call
+(:mod:`bifrost.model.placement`: the layers it places ``ckks``). A *site* is one delegated linear layer,
+named by its canonical module path (peft wrappers removed); its weight is always presented as
+``(d_out, d_in)`` float64 (GPT-2's ``Conv1D`` stores the transpose).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import DelegationConfig
+from .placement import PlacementPolicy, plan
 
 
 def _conv1d_class():
@@ -51,22 +53,19 @@ class Site:
     digest: str
 
 
-def delegated_modules(model: torch.nn.Module, policy: DelegationConfig) -> list[tuple[str, torch.nn.Module]]:
-    """Linear modules whose names match ``include`` and not ``exclude``, in module order."""
-    out = []
-    for name, module in model.named_modules():
-        if not name or not is_linear(module):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in policy.exclude):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in policy.include):
-            out.append((name, module))
-    return out
+def delegated_modules(model: torch.nn.Module, policy: PlacementPolicy, model_name: str = "the model",
+                      check_requires: bool = True) -> list[tuple[str, str, torch.nn.Module]]:
+    """(canonical name, module path, module) of every linear module ``policy`` places ``ckks``, in module order."""
+    return [(layer.name, layer.module_path, model.get_submodule(layer.module_path))
+            for layer in plan(model, policy, model_name, check_requires) if layer.placement == "ckks"]
 
 
-def sites(model: torch.nn.Module, policy: DelegationConfig) -> list[tuple[Site, np.ndarray]]:
+def sites(model: torch.nn.Module, policy: PlacementPolicy, model_name: str = "the model",
+          check_requires: bool = True) -> list[tuple[Site, np.ndarray]]:
+    """The delegated layers (canonical names) and their public weights (``check_requires=False``: a worker's
+    view of the base model, which never holds an adapter)."""
     result = []
-    for name, module in delegated_modules(model, policy):
+    for name, _, module in delegated_modules(model, policy, model_name, check_requires):
         w = linear_weight(module)
         result.append((Site(name, w.shape[1], w.shape[0], weight_digest(w)), w))
     return result

@@ -42,6 +42,16 @@ class ByteTokenizer:
             out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def batch(self, texts: list[str]):
+        """Encoder input for ``texts``: ``input_ids`` right-padded with id 0 and the ``attention_mask``."""
+        import torch
+
+        rows = [self.encode(t) for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
 
 class HFTokenizer:
     def __init__(self, path: str) -> None:

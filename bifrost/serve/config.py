@@ -204,10 +204,21 @@ def serving_config(cfg, scfg: ServeConfig) -> dict:
         "model": cfg.model, "seed": cfg.seed, "backend": cfg.backend,
         "ckks": dataclasses.asdict(cfg.ckks) if cfg.ckks is not None else None,
         "delegation": json.loads(json.dumps(dataclasses.asdict(cfg.delegation))),
+        "policy": cfg.placement().canonical(), "policy_digest": cfg.placement().digest(),
+        "adapter_digest": _adapter_digest(cfg.adapter),
         "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "prompt"},
         "max_prompt_tokens": scfg.max_prompt_tokens, "max_new_tokens": scfg.max_new_tokens,
         "max_sessions": scfg.max_sessions, "token_lifetime_s": scfg.token_lifetime_s,
     }
+
+
+def _adapter_digest(adapter: str | None) -> str | None:
+    """SHA-256 (hex) over a LoRA adapter directory's files, or None without one."""
+    if adapter is None:
+        return None
+    from ..attest.binding import compute_model_digest
+
+    return compute_model_digest(adapter).hex()
 
 
 def serving_config_digest(cfg, scfg: ServeConfig) -> bytes:

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "(default: tee.identity; none: a fresh one per run, for local workers); "
                                           "a remote worker must trust <folder>/cert.pem")
         p.add_argument("--seed", type=int, help="seed of random-init named models")
+        p.add_argument("--policy", help="placement policy: " + ", ".join(_policy_names()) + ", or a YAML path "
+                                        "(default: the config's policy)")
+        p.add_argument("--adapter", help="a LoRA adapter directory (peft) on top of the model, run in the TEE")
         p.add_argument("--json", action="store_true", help="print a JSON report instead of tables")
 
     for name, helptext in (("demo", "encrypted generation on the embedded default, compared with plaintext"),
@@ -59,6 +62,10 @@ def _config(args):
         changes["backend"] = args.backend
     if args.seed is not None:
         changes["seed"] = args.seed
+    if getattr(args, "policy", None):
+        changes["policy"] = args.policy
+    if getattr(args, "adapter", None):
+        changes["adapter"] = args.adapter
     if args.identity:
         import dataclasses
 
@@ -84,14 +91,25 @@ def _config(args):
     from ..model.catalog import resolve
 
     resolve(cfg.model)  # fail fast (one line) on a bad model name or checkpoint path
+    cfg.placement()  # and on an unknown or malformed placement policy
     return cfg
+
+
+def _policy_names() -> list[str]:
+    from ..model.placement import policy_names
+
+    return policy_names()
 
 
 @contextlib.contextmanager
 def _worker(cfg, args):
     """The worker endpoint: a running worker (address + pinned certificate), else a local one on loopback
-    that trusts this process's TLS identity."""
+    that trusts this process's TLS identity; None when the placement policy delegates nothing."""
     from ..attest.mtls import WorkerEndpoint
+
+    if cfg.placement().delegates_nothing:
+        yield None
+        return
     from ..errors import BifrostError
 
     address = args.worker or cfg.worker.address
@@ -108,7 +126,8 @@ def _worker(cfg, args):
     from ..worker.launcher import LocalWorker
 
     with _status(f"starting a local CKKS worker for {cfg.model}"):
-        worker = LocalWorker(cfg.model, cfg.seed, [trusted_identity(cfg).cert_pem], config=args.config).start()
+        worker = LocalWorker(cfg.model, cfg.seed, [trusted_identity(cfg).cert_pem], config=args.config,
+                             policy=cfg.policy).start()
     try:
         yield worker.endpoint
     finally:

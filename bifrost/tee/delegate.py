@@ -60,17 +60,48 @@ class DelegatedLinear(torch.nn.Module):
         return f"{self.site.name}: {self.site.d_in} -> {self.site.d_out}, digest {self.site.digest[:12]}…"
 
 
-def swap_in_delegates(model: torch.nn.Module, policy) -> list[Site]:
-    """Replace every delegated linear module of ``model`` in place; returns the sites in model order."""
+def swap_in_delegates(model: torch.nn.Module, policy, model_name: str = "the model") -> list[Site]:
+    """Replace every linear module ``policy`` places ``ckks`` by a :class:`DelegatedLinear`, in place (a
+    peft-wrapped layer: its ``base_layer``; the adapter stays a plain module in the TEE). Returns the sites
+    (canonical names) in model order."""
     swapped = []
-    for name, module in delegated_modules(model, policy):
+    for name, path, module in delegated_modules(model, policy, model_name):
         w = linear_weight(module)
         site = Site(name, w.shape[1], w.shape[0], weight_digest(w))
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, leaf, DelegatedLinear(site, torch.from_numpy(w), module.bias))
         swapped.append(site)
     return swapped
+
+
+class _ProbeEngine:
+    """Computes every delegated product here, in plaintext (a probe forward on a public input)."""
+
+    local_linears = True
+
+
+@torch.no_grad()
+def bypassed_sites(model: torch.nn.Module, sites: list[Site], task: str) -> list[str]:
+    """Delegated layers a forward pass never calls (the model code reads their weight directly, e.g. BLOOM
+    with ``pretraining_tp > 1`` and ``slow_but_exact``): found by one probe forward on a public 3-token
+    input, every product computed here. Such a layer would silently run in plaintext in the TEE."""
+    if not sites:
+        return []
+    called: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: called.add(mod.site.name))
+             for m in model.modules() if isinstance(m, DelegatedLinear)]
+    try:
+        with using_engine(_ProbeEngine()):
+            ids = torch.tensor([[1, 2, 3]])
+            if task == "causal-lm":
+                model(input_ids=ids, use_cache=False)
+            else:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s.name for s in sites if s.name not in called]
 
 
 @contextlib.contextmanager

@@ -81,7 +81,7 @@ class ServeApp:
             self.cfg = self.cfg.replace(tee=dataclasses.replace(self.cfg.tee, identity=str(self.run_dir / "identity")))
         identity = TLSIdentity.load_or_create(self.cfg.tee.identity, TRUSTED_TLS_NAME)
         endpoints = [WorkerEndpoint.from_files(a, c) for a, c in zip(self.scfg.workers, self.scfg.worker_certs)]
-        if not endpoints:
+        if not endpoints and not self.cfg.placement().delegates_nothing:  # tee-only: no worker at all
             wcfg = self.run_dir / "worker.yaml"  # room for a worker session of every session on every worker
             wcfg.write_text(run_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
             for i in range(self.scfg.local_workers):

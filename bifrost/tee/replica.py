@@ -48,7 +48,6 @@ from ..attest.evidence import get_provider
 from ..config import RunConfig
 from ..errors import BifrostError
 from ..attest.mtls import WorkerEndpoint
-from ..model.catalog import load_model
 from ..model.digests import model_digest
 from ..proto import serving_pb2
 from ..proto.replica import Attested, Closed, Refusal, ReplicaInfo, SealedReply, Status
@@ -73,7 +72,7 @@ CANCELLED_REMEMBERED = 32  # request ids of cancelled turns kept per session
 @dataclass
 class _Session:
     channel: SecureChannel
-    engine: DelegationEngine
+    engine: DelegationEngine | None  # None: nothing is delegated (tee-only)
     report_data: bytes
     history: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)    # one turn at a time
@@ -114,9 +113,12 @@ class TrustedReplica:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.cfg, self.scfg, self.index = cfg, scfg, replica_index
         self.runtime = TrustedRuntime(cfg, None, quarantine=WorkerQuarantine(scfg.quarantine_file))
-        self.pool = self.runtime.worker_pool(list(workers), scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
+        # no CKKS worker when the placement policy delegates nothing (tee-only)
+        self.pool = (self.runtime.worker_pool(list(workers), scfg.worker_call_timeout_s, scfg.worker_retry_after_s)
+                     if self.runtime.sites else None)
         self.spec = self.runtime.spec
-        self.model_digest = model_digest(self.spec, cfg.seed, self.runtime.reference or load_model(self.spec, cfg.seed))
+        # the base model's digest (public weights; an adapter is bound through the serving-config digest)
+        self.model_digest = model_digest(self.spec, cfg.seed, None if cfg.adapter else self.runtime.reference)
         self.config_digest = serving_config_digest(cfg, scfg)
         self.provider = get_provider(scfg.evidence_provider)
         mc = self.runtime.model.config
@@ -128,7 +130,7 @@ class TrustedReplica:
         # batch_decode: the decode passes of a step run concurrently (each its own keys and KV cache) and
         # the batcher merges their layer calls; otherwise they run one after another.
         self.batcher = (DecodeBatcher(self.pool, scfg.batch_window_s, scfg.batch_max_rows)
-                        if scfg.batch_decode else None)
+                        if scfg.batch_decode and self.pool is not None else None)
         self.loop = (StepLoop(self.runtime, cfg.generation.mode, self.batcher, max_concurrent=scfg.max_sessions)
                      if self.spec.task == "causal-lm" else None)
         log.info("replica %d ready: model %s, %d delegated layers", replica_index, cfg.model, len(self.runtime.sites))
@@ -144,9 +146,10 @@ class TrustedReplica:
         with self._lock:
             n = len(self._sessions)
         batching = self.batcher.stats if self.batcher is not None else None
-        return {"sessions": n, "workers": self.pool.snapshot(), "failovers": self.pool.stats.failovers,
+        pool = self.pool
+        return {"sessions": n, "workers": pool.snapshot() if pool else [], "failovers": pool.stats.failovers if pool else 0,
                 "quarantined_workers": sorted(self.runtime.quarantine.entries()),
-                "workers_refused_at_start": list(self.pool.refused),
+                "workers_refused_at_start": list(pool.refused) if pool else [],
                 "batched_worker_calls": batching.worker_calls if batching else 0,
                 "mean_items_per_batched_call": batching.mean_items if batching else 0.0,
                 "max_items_per_batched_call": batching.max_items if batching else 0,
@@ -175,10 +178,12 @@ class TrustedReplica:
         except AttestationError as exc:
             status = Status.INVALID_ARGUMENT if isinstance(exc, ChannelError) else Status.UNAVAILABLE
             return Refusal(status, f"handshake failed: {exc}")
-        worker_sessions = WorkerSessions(self.pool)
+        engine = None  # nothing delegated (tee-only): no CKKS keys, no worker sessions
+        worker_sessions = WorkerSessions(self.pool) if self.pool is not None else None
         try:  # this session's own CKKS key pair and worker sessions
-            link = self.batcher.link_for(worker_sessions) if self.batcher is not None else worker_sessions
-            engine = self.runtime.new_engine(link)
+            if worker_sessions is not None:
+                link = self.batcher.link_for(worker_sessions) if self.batcher is not None else worker_sessions
+                engine = self.runtime.new_engine(link)
         except BaseException as exc:
             worker_sessions.close()  # worker sessions opened before the failure
             if isinstance(exc, WorkerCallError) and exc.code.name == "RESOURCE_EXHAUSTED":
@@ -211,7 +216,8 @@ class TrustedReplica:
     def _release(self, s: _Session, session_id: bytes) -> None:
         s.channel.close("session ended")
         s.history.clear()
-        s.engine.close()
+        if s.engine is not None:
+            s.engine.close()
         log.info("replica %d: session %s… closed", self.index, session_id.hex()[:8])
 
     def cancel(self, session_id: bytes, request_id: str) -> bool:
@@ -435,7 +441,8 @@ class TrustedReplica:
         for sid in sids:
             self.close_session(sid)
         self.runtime.close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _events(turn: Turn) -> Iterator[TokenEvent | TurnEnd]:

@@ -24,8 +24,9 @@ from ..config import RunConfig
 from ..errors import BifrostError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
+from ..model.placement import plan
 from ..model.tokenizer import load_tokenizer
-from .delegate import DelegatedLinear, swap_in_delegates, using_engine
+from .delegate import DelegatedLinear, bypassed_sites, swap_in_delegates, using_engine
 from .engine import CallStats, DelegationEngine, check_operands
 from .link import WorkerLink, reply_limit
 from .pool import WorkerPool, WorkerSessions
@@ -145,10 +146,17 @@ class TrustedRuntime:
         ``quarantine``: shared registry of deviating workers (default: ``tee.quarantine_file``)."""
         self.cfg = cfg
         self.spec = resolve(cfg.model)
-        self.model = load_model(self.spec, cfg.seed)
-        self.sites = swap_in_delegates(self.model, cfg.delegation)
-        if not self.sites:
-            raise BifrostError(f"the delegation policy matches no linear layer of {cfg.model}")
+        self.model = load_model(self.spec, cfg.seed, adapter=cfg.adapter)
+        self.placement = cfg.placement()
+        self.layers = plan(self.model, self.placement, cfg.model)  # every linear layer and where it runs
+        self.sites = swap_in_delegates(self.model, self.placement, cfg.model)
+        bypassed = bypassed_sites(self.model, self.sites, self.spec.task)
+        if bypassed:
+            raise BifrostError(
+                f"{cfg.model}: the model code never calls {len(bypassed)} layer(s) the policy delegates (it reads "
+                f"their weights directly), e.g. {bypassed[0]}: they would run in plaintext in the TEE while counted "
+                f"as delegated; place them in the TEE with a policy rule ({{match: [...], placement: tee}}) or "
+                f"change the model config")
         self.groups = fuse_groups([s.name for s in self.sites], cfg.delegation)
         # the trusted copy of every delegated weight: products are checked against it (and computed from
         # it when a worker deviates, or in Bifrost+ prefill)
@@ -158,7 +166,9 @@ class TrustedRuntime:
         self.params = cfg.ckks_params()
         self._operands = None
         self._operands_lock = threading.Lock()
-        if isinstance(worker, WorkerEndpoint):
+        if not self.sites:
+            worker = None  # nothing is delegated (the tee-only policy): no worker is needed
+        elif isinstance(worker, WorkerEndpoint):
             worker = WorkerSessions(self.worker_pool([worker]), owns_pool=True)
         elif isinstance(worker, str):
             raise BifrostError(f"worker {worker!r}: a worker is reached by its address and its pinned certificate "
@@ -166,7 +176,8 @@ class TrustedRuntime:
         self.engine = self.new_engine(worker) if worker is not None else None
         self.setup_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(self.spec.path)
-        self.reference = load_model(self.spec, cfg.seed) if reference else None
+        # the plaintext reference: the same model with any adapter merged into its weights
+        self.reference = load_model(self.spec, cfg.seed, adapter=cfg.adapter, merged=True) if reference else None
 
     def group_shapes(self) -> list[GroupShape]:
         return [GroupShape(self.weights[g[0]].shape[1], tuple(self.weights[n].shape[0] for n in g)) for g in self.groups]
@@ -215,7 +226,7 @@ class TrustedRuntime:
             raise BifrostError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
         timings, tokens = [], []
         fid = _FidelityTracker(self.reference) if self.reference is not None else None
-        if self.engine is None:
+        if self.engine is None and self.sites:
             raise BifrostError("this runtime has no worker link: a server gives each session its own engine")
         for step in self.decode_steps(self.engine, ids, n_new, mode=mode, sample_seed=sample_seed):
             timings.append(step.timing)
@@ -225,11 +236,17 @@ class TrustedRuntime:
         fidelity = fid.finish(ids, n_new) if fid is not None else None
         return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
 
-    def forward(self, engine: DelegationEngine, step_input: torch.Tensor, past=None, *, in_tee: bool = False):
+    def forward(self, engine: DelegationEngine | None, step_input: torch.Tensor, past=None, *, in_tee: bool = False):
         """One forward pass with ``engine``'s keys: ``step_input`` (1, rows) token ids after the KV state
         ``past`` (None: a new sequence). ``in_tee``: the delegated products run here in plaintext (the
         Bifrost+ prefill). Returns (last position's logits (vocab,), new KV state, this pass's CallStats).
         Thread-safe: sessions run passes of this one model concurrently, each with its own engine."""
+        if engine is None:  # nothing is delegated (``engine`` may be None only then)
+            if self.sites:
+                raise BifrostError("this model delegates layers: a forward pass needs a session's engine")
+            with torch.no_grad():
+                out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            return out.logits[0, -1], out.past_key_values, CallStats()
         before = engine.stats.snapshot()
         local = engine.in_tee() if in_tee else contextlib.nullcontext()
         with using_engine(engine), local, torch.no_grad():
@@ -256,9 +273,9 @@ class TrustedRuntime:
         if self.spec.task != "encoder":
             raise BifrostError(f"{self.cfg.model} is not an encoder model")
         engine = engine or self.engine
-        if engine is None:
+        if engine is None and self.sites:
             raise BifrostError("this runtime has no worker link: pass a session's engine")
-        with using_engine(engine):
+        with using_engine(engine) if engine is not None else contextlib.nullcontext():
             return np.stack([_mean_pooled(self.model, self.tokenizer, t) for t in texts])
 
     def close(self) -> None:

@@ -65,7 +65,7 @@ class Turn:
     The consumer reads ``events`` (``TokenEvent``... then one ``TurnEnd``); ``stopped`` is polled
     between tokens (the client left or the session closed)."""
 
-    engine: DelegationEngine
+    engine: DelegationEngine | None  # None: nothing is delegated (tee-only)
     ids: list[int]                 # the conversation fed at the prefill (history + prompt)
     n_new: int                     # tokens to produce
     stopped: Callable[[], bool]

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-config", help="serve config YAML (default: configs/serve.yaml)")
     p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
     p.add_argument("--seed", type=int, help="seed of random-init named models")
+    p.add_argument("--policy", help="placement policy (configs/policies/ name or YAML path; bound into attestation)")
+    p.add_argument("--adapter", help="a LoRA adapter directory (peft), run in the TEE; its digest is bound into "
+                                     "the serving-config digest")
     p.add_argument("--host", help="listen address (default from serve config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port; 0 picks a free one")
     p.add_argument("--port-file", help="write the bound port here once serving")
@@ -55,6 +58,11 @@ def _configs(args):
         cfg = cfg.replace(model=args.model)
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
+    if args.policy:
+        cfg = cfg.replace(policy=args.policy)
+    if args.adapter:
+        cfg = cfg.replace(adapter=args.adapter)
+    cfg.placement()  # one line for an unknown or malformed policy
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
         "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,

@@ -41,6 +41,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
     p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
     p.add_argument("--seed", type=int, help="seed of random-init named models (overrides the config)")
+    p.add_argument("--policy", help="placement policy whose delegated layers this worker serves (overrides the config)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here once serving")
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     bound_allocator()  # before the model loads and the gRPC threads start: evicted memory is really freed
 
     cfg = load_config(args.config)
+    if args.policy:
+        cfg = cfg.replace(policy=args.policy)
+        cfg.placement()  # one line for an unknown or malformed policy
     model = args.model or cfg.model
     seed = cfg.seed if args.seed is None else args.seed
     identity_dir = args.identity or cfg.worker.identity
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                            "--trusted-client CERT (or worker.trusted_clients)")
     identity = TLSIdentity.load_or_create(identity_dir, WORKER_TLS_NAME)
     credentials = server_credentials(identity, client_certificates(trusted))
-    service = build_service(model, seed, cfg.delegation, limits_from_config(cfg))
+    service = build_service(model, seed, cfg.placement(), limits_from_config(cfg))
     try:
         server, port = serve(service, credentials, args.host, args.port, args.threads)
     except (OSError, RuntimeError) as exc:

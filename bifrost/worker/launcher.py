@@ -22,10 +22,12 @@ class LocalWorker:
     with its pinned certificate."""
 
     def __init__(self, model: str, seed: int, trusted_clients: list[bytes], config: str | None = None,
-                 startup_timeout_s: float = 300.0, log_path: str | None = None) -> None:
+                 startup_timeout_s: float = 300.0, log_path: str | None = None, policy: str | None = None) -> None:
+        """``policy``: the placement policy (its delegated layers are what the worker serves; default: the
+        config's)."""
         if not trusted_clients:
             raise BifrostError("a local worker needs the certificate of the trusted runtime that will call it")
-        self.model, self.seed, self.config = model, seed, config
+        self.model, self.seed, self.config, self.policy = model, seed, config, policy
         self.timeout = startup_timeout_s
         self._dir = tempfile.mkdtemp(prefix="bifrost-worker-")
         self.log_path = log_path or os.path.join(self._dir, "worker.log")
@@ -55,6 +57,8 @@ class LocalWorker:
             cmd += ["--trusted-client", path]
         if self.config:
             cmd += ["--config", str(self.config)]
+        if self.policy:
+            cmd += ["--policy", self.policy]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.timeout

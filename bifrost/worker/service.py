@@ -48,6 +48,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..ckks import CiphertextError, GroupShape, InsecureParametersError, get_backend
+from ..errors import BifrostError
 from ..model.delegation import Site
 from ..proto import worker_pb2, worker_pb2_grpc
 from ..proto.wire import worker_server_options
@@ -444,15 +445,17 @@ def limits_from_config(cfg) -> WorkerLimits:
     return WorkerLimits(w.max_sessions, w.session_idle_s, w.cache_bytes, w.max_public_context_bytes, allowed_params(cfg))
 
 
-def build_service(model: str, seed: int, delegation, limits: WorkerLimits | None = None) -> WorkerService:
-    """Load the model's public weights and keep only the delegated layers."""
+def build_service(model: str, seed: int, placement, limits: WorkerLimits | None = None) -> WorkerService:
+    """Load the model's public weights and keep only the layers ``placement`` (a placement policy) delegates."""
     from ..model.catalog import load_model, resolve
     from ..model.delegation import sites
 
     spec = resolve(model)
     torch_model = load_model(spec, seed)
-    layers = sites(torch_model, delegation)
+    layers = sites(torch_model, placement, model, check_requires=False)  # (an adapter stays in the TEE)
     del torch_model
+    if not layers:
+        raise BifrostError(f"placement policy {placement.name} delegates no layer of {model}: no worker is needed")
     return WorkerService(spec.name, layers, limits)
 
 

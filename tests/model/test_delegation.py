@@ -4,12 +4,12 @@ import torch
 from bifrost.config import DelegationConfig
 from bifrost.model.catalog import load_model, resolve
 from bifrost.model.delegation import fuse_groups, linear_weight, sites, weight_digest
+from bifrost.model.placement import load_placement_policy, policy_from_mapping
+
+DEFAULT_POLICY = load_placement_policy("bifrost")
 
 
-DEFAULT_DELEGATION = DelegationConfig()
-
-
-def _names(model_name, policy=DEFAULT_DELEGATION):
+def _names(model_name, policy=DEFAULT_POLICY):
     return [s.name for s, _ in sites(load_model(resolve(model_name)), policy)]
 
 
@@ -31,7 +31,8 @@ def test_qwen3_and_llama_delegate_all_seven_projections_and_fuse_siblings():
 
 
 def test_policy_globs_select_layers():
-    only_mlp = DelegationConfig(include=("*.mlp.*",))
+    only_mlp = policy_from_mapping({"rules": [{"match": "*.mlp.*", "placement": "ckks"},
+                                              {"role": "all", "placement": "tee"}]}, "only-mlp")
     names = _names("qwen3-mini", only_mlp)
     assert names and all(".mlp." in n for n in names)
 

@@ -305,3 +305,16 @@ def test_prepared_weights_carry_their_size_and_stay_within_the_cache_budget(run_
         assert service.cache.evictions >= len(groups) - 3
     finally:
         server.stop(grace=None)
+
+
+def test_a_policy_matching_no_linear_layer_is_refused():
+    from bifrost.errors import BifrostError
+    from bifrost.model.placement import load_placement_policy, policy_from_mapping
+    from bifrost.worker.service import build_service
+
+    no_such = policy_from_mapping({"rules": [{"match": "*.no_such_layer", "placement": "ckks"},
+                                             {"role": "all", "placement": "tee"}]}, "no-such")
+    with pytest.raises(BifrostError, match="matches no linear layer of gpt2-mini"):
+        build_service("gpt2-mini", 0, no_such)
+    with pytest.raises(BifrostError, match="tee-only delegates no layer of gpt2-mini: no worker is needed"):
+        build_service("gpt2-mini", 0, load_placement_policy("tee-only"))

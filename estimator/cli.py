@@ -24,9 +24,12 @@ from bifrost.errors import BifrostError
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="project latency of fhe / bifrost / bifrost+ from a hardware profile",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="gpt2",
+    p.add_argument("model", nargs="?", default=None,
                    help="catalog name (gpt2, gpt2-xl, qwen3-0.6b, llama3-8b, ...) or a config.json / checkpoint "
-                        "directory; or the sub-command 'calibrate' / 'validate'")
+                        "directory (default gpt2; or give it with --model, as every other command takes it); or the "
+                        "sub-command 'calibrate' / 'validate'")
+    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                   help="the model to estimate, or with 'validate' the model to run (default gpt2-2l)")
     g = p.add_argument_group("estimate")
     g.add_argument("--profile", default=None, help="profile name in configs/hardware/ or a YAML path "
                                                      "(default: local-2core)")
@@ -52,7 +55,6 @@ def add_parser(sub) -> None:
     c.add_argument("--no-fhe", action="store_true", help="skip the deep-context ops of the fhe baseline (slow)")
     c.add_argument("--verbose", action="store_true")
     v = p.add_argument_group("validate")
-    v.add_argument("--model", dest="val_model", default="gpt2-2l", help="model to run (validate)")
     v.add_argument("--prompt-lens", default="4,16", help="comma-separated prompt lengths (validate)")
     v.add_argument("--repeats", type=int, default=3,
                    help="warm runs per point; the best is compared, the median reported (validate)")
@@ -66,7 +68,11 @@ def _dispatch(args) -> int:
     if args.model == "calibrate":
         return _calibrate(args)
     if args.model == "validate":
+        args.val_model = args.model_option or "gpt2-2l"
         return _validate(args)
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        raise BifrostError(f"two models given: {args.model!r} and --model {args.model_option!r}; give one")
+    args.model = args.model or args.model_option or "gpt2"
     return _estimate(args)
 
 

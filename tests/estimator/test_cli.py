@@ -185,3 +185,19 @@ def test_linear_cost_scales_with_prompt_rows_in_bifrost_not_bifrost_plus(capsys)
     eb = {e["scheme"]: e for e in b["estimates"]}
     assert eb["bifrost"]["prefill"]["by_op"]["linear (CKKS)"] > 10 * ea["bifrost"]["prefill"]["by_op"]["linear (CKKS)"]
     assert "linear (CKKS)" not in eb["bifrost+"]["prefill"]["by_op"]
+
+
+def test_model_is_taken_as_a_flag_too_and_conflicts_are_refused(capsys):
+    """``--model`` (as every other command takes it) picks the model; it was read as validate's and ignored."""
+    import json
+
+    assert main(["estimate", "--model", "llama3-8b", "--json", "--scheme", "bifrost"]) == 0
+    flag = json.loads(capsys.readouterr().out)
+    assert {e["model"] for e in flag["estimates"]} == {"llama3-8b"}
+    assert main(["estimate", "llama3-8b", "--json", "--scheme", "bifrost"]) == 0
+    assert json.loads(capsys.readouterr().out) == flag
+    assert main(["estimate", "--model", "no-such-model"]) != 0
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["estimate", "gpt2", "--model", "llama3-8b"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "two models given" in err and "\n" not in err

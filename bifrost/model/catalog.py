@@ -14,6 +14,7 @@ prompts and the KV cache are secret. This module is therefore shared by both tru
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -44,14 +45,16 @@ def catalog() -> dict[str, ModelSpec]:
     raw = load_yaml(CONFIG_DIR / "models.yaml")
     specs = {}
     for name, entry in raw.items():
-        unknown = set(entry) - {"family", "task", "config", "package"}
+        unknown = set(entry) - {"family", "task", "config", "package", "gguf", "sha256"}
         if unknown:
             raise BifrostError(f"configs/models.yaml: model {name!r} has unknown keys {sorted(unknown)}")
         family, task = entry.get("family"), entry.get("task", "causal-lm")
         if not _known_model_type(family) or task not in TASKS:
             raise BifrostError(f"configs/models.yaml: model {name!r} has bad family/task {family!r}/{task!r} "
                                f"(family: a transformers model_type; task: {' | '.join(sorted(TASKS))})")
-        path = _package_path(entry["package"]) if "package" in entry else None
+        if "gguf" in entry and not (isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise BifrostError(f"configs/models.yaml: model {name!r}: a gguf source needs its sha256 (64 hex digits)")
+        path = _package_path(entry["package"]) if "package" in entry else None  # gguf: converted in resolve()
         specs[name] = ModelSpec(name, family, task, dict(entry.get("config", {})), path)
     return specs
 
@@ -69,8 +72,11 @@ def resolve(model: str) -> ModelSpec:
     specs = catalog()
     if model in specs:
         spec = specs[model]
-        if spec.path is None and "package" in load_yaml(CONFIG_DIR / "models.yaml")[model]:
+        entry = load_yaml(CONFIG_DIR / "models.yaml")[model]
+        if spec.path is None and "package" in entry:
             raise BifrostError(f"model {model!r} needs its package installed (see configs/models.yaml)")
+        if "gguf" in entry:
+            return dataclasses.replace(spec, path=str(_gguf_checkpoint(model, entry)))
         return spec
     looks_like_path = os.sep in model or model.startswith(".") or Path(model).exists()
     if not looks_like_path:
@@ -82,6 +88,16 @@ def resolve(model: str) -> ModelSpec:
         raise BifrostError(f"checkpoint directory has no config.json: {model}")
     family, task = _checkpoint_kind(p)
     return ModelSpec(str(p), family, task, {}, str(p))
+
+
+def _gguf_checkpoint(name: str, entry: dict) -> Path:
+    """The cached float32 checkpoint converted from the entry's package-shipped GGUF (bifrost/model/gguf_checkpoint.py)."""
+    from .gguf_checkpoint import cached_checkpoint, package_file
+
+    gguf = package_file(entry["gguf"])
+    if gguf is None:
+        raise BifrostError(f"model {name!r} needs {entry['gguf']} (its package installed; see configs/models.yaml)")
+    return cached_checkpoint(name, gguf, entry["sha256"])
 
 
 def _known_model_type(model_type) -> bool:

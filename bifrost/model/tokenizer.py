@@ -53,6 +53,13 @@ class ByteTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` wrapped in ``tokenizer``'s chat template when it has one, else ``text`` unchanged."""
+    wrap = getattr(tokenizer, "chat_prompt", None)
+    wrapped = wrap(text) if wrap is not None else None
+    return text if wrapped is None else wrapped
+
+
 class HFTokenizer:
     def __init__(self, path: str) -> None:
         from transformers import AutoTokenizer
@@ -68,6 +75,14 @@ class HFTokenizer:
 
     def batch(self, texts: list[str]):
         return self._tok(texts, padding=True, return_tensors="pt")
+
+    def chat_prompt(self, text: str) -> str | None:
+        """``text`` as a user message in the checkpoint's chat template, ready for the assistant's reply
+        (``add_generation_prompt``); None when the tokenizer has no chat template."""
+        if not getattr(self._tok, "chat_template", None):
+            return None
+        return self._tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
 
 
 def load_tokenizer(path: str | None):

@@ -131,11 +131,17 @@ class RunConfig:
         if self.backend not in available_backends():
             raise BifrostError(f"unknown CKKS backend {self.backend!r}; known: {available_backends()}")
         backend = get_backend(self.backend)
-        if self.ckks is None:
-            return backend.default_params
+        raw = dataclasses.asdict(self.ckks) if self.ckks is not None else None
+        if raw is None:
+            from .model.catalog import model_ckks
+
+            raw = model_ckks(self.model, self.backend)  # a catalog model's own setting (configs/models.yaml)
+            if raw is None:
+                return backend.default_params
+            raw = {**raw, "coeff_mod_bit_sizes": tuple(raw.get("coeff_mod_bit_sizes", ()))}
         try:
-            params = CKKSParams(**dataclasses.asdict(self.ckks))
-        except InsecureParametersError as exc:
+            params = CKKSParams(**raw)
+        except (InsecureParametersError, TypeError) as exc:
             raise BifrostError(f"ckks: {exc}") from None
         try:
             backend.check_params(params)

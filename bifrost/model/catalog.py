@@ -45,7 +45,7 @@ def catalog() -> dict[str, ModelSpec]:
     raw = load_yaml(CONFIG_DIR / "models.yaml")
     specs = {}
     for name, entry in raw.items():
-        unknown = set(entry) - {"family", "task", "config", "package", "gguf", "sha256"}
+        unknown = set(entry) - {"family", "task", "config", "package", "gguf", "sha256", "ckks"}
         if unknown:
             raise BifrostError(f"configs/models.yaml: model {name!r} has unknown keys {sorted(unknown)}")
         family, task = entry.get("family"), entry.get("task", "causal-lm")
@@ -57,6 +57,18 @@ def catalog() -> dict[str, ModelSpec]:
         path = _package_path(entry["package"]) if "package" in entry else None  # gguf: converted in resolve()
         specs[name] = ModelSpec(name, family, task, dict(entry.get("config", {})), path)
     return specs
+
+
+def model_ckks(model: str, backend: str) -> dict | None:
+    """The catalog entry's CKKS parameters for ``backend`` (``ckks: {backend: {...}}`` in configs/models.yaml), used
+    when the run config sets none; None for models without one (and for checkpoint paths)."""
+    entry = load_yaml(CONFIG_DIR / "models.yaml").get(model)
+    ckks = entry.get("ckks") if isinstance(entry, dict) else None
+    if ckks is None:
+        return None
+    if not isinstance(ckks, dict) or not all(isinstance(v, dict) for v in ckks.values()):
+        raise BifrostError(f"configs/models.yaml: model {model!r}: ckks maps a backend name to its parameters")
+    return ckks.get(backend)
 
 
 def _package_path(ref: str) -> str | None:

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(policy=args.policy)
         cfg.placement()  # one line for an unknown or malformed policy
     model = args.model or cfg.model
+    cfg = cfg.replace(model=model)  # the model's own CKKS parameters (configs/models.yaml) are accepted
     seed = cfg.seed if args.seed is None else args.seed
     identity_dir = args.identity or cfg.worker.identity
     if not identity_dir:

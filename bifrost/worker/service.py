@@ -89,7 +89,8 @@ class WorkerLimits:
 
 
 def allowed_params(cfg) -> dict[str, frozenset[str]]:
-    """Each registered backend's recommended parameters, plus the run config's ``ckks`` for its backend."""
+    """Each registered backend's recommended parameters, plus the run's parameters for its backend (``ckks``, else
+    its model's catalog setting)."""
     from ..ckks import available_backends
 
     out: dict[str, set[str]] = {}
@@ -98,7 +99,7 @@ def allowed_params(cfg) -> dict[str, frozenset[str]]:
             out.setdefault(name, set()).add(get_backend(name).default_params.fingerprint())
         except ImportError:  # a backend whose library is missing here: not served
             continue
-    if cfg is not None and cfg.ckks is not None:
+    if cfg is not None:  # the run's own parameters: its ckks, else its model's (configs/models.yaml), else default
         out.setdefault(cfg.backend, set()).add(cfg.ckks_params().fingerprint())
     return {k: frozenset(v) for k, v in out.items()}
 

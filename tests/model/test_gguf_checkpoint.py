@@ -88,3 +88,21 @@ def test_the_chat_template_wraps_the_demo_prompt():
     ids = tok.encode(text)
     assert ids.count(1) == 3  # <|im_start|> is one special token, not split into characters
     assert chat_prompt(load_tokenizer(None), "hi") == "hi"  # no chat template: the raw text
+
+
+def test_the_model_brings_its_own_ckks_parameters_unless_the_config_sets_them():
+    import dataclasses
+
+    from bifrost.config import CKKSConfig, load_config
+    from bifrost.worker.service import allowed_params
+
+    base = load_config()
+    cfg = base.replace(model=NAME)
+    params = cfg.ckks_params()
+    assert (params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale_bits) == (2048, (30, 24), 30)
+    assert base.ckks_params().scale_bits == 35  # other models: the backend's default
+    assert cfg.replace(backend="tenseal").ckks_params().poly_modulus_degree == 8192  # the override is per backend
+    explicit = cfg.replace(ckks=CKKSConfig(2048, (30, 24), 33))
+    assert explicit.ckks_params().scale_bits == 33  # the run config wins
+    assert params.fingerprint() in allowed_params(cfg)["native"]  # a worker for this model accepts them
+    assert dataclasses.replace(params, scale_bits=31).fingerprint() not in allowed_params(cfg)["native"]

@@ -4,7 +4,9 @@ The model is the catalog entry ``smollm2-135m-instruct`` (a Q4_1 GGUF from the `
 converted once to a float32 checkpoint; bifrost/model/gguf_checkpoint.py), 30 LLaMA blocks, 210 delegated
 linear layers, a real local worker. Each chat prompt is wrapped in the model's chat template and greedily
 decoded for ``--steps`` tokens through the full hybrid path (prompt included), teacher-forced against
-plaintext PyTorch on the same prefixes, then compared with an independent plaintext greedy decode.
+plaintext PyTorch on the same prefixes, then compared with an independent plaintext greedy decode. CKKS
+parameters: the run config's ``ckks``, else the model's own (``ckks:`` of its entry in configs/models.yaml:
+native, 30 scale bits / 19 weight bits); ``--config`` with a ``ckks:`` section compares another setting.
 
 Per prompt: greedy tokens equal x/N, max |logit error|, smallest plaintext top-1 margin, and their ratio
 (error / margin: below 1/2 no token can flip). Every delegated product is verified in the TEE; deviations

@@ -119,7 +119,9 @@ class TrustedReplica:
         self.spec = self.runtime.spec
         # the base model's digest (public weights; an adapter is bound through the serving-config digest)
         self.model_digest = model_digest(self.spec, cfg.seed, None if cfg.adapter else self.runtime.reference)
-        self.config_digest = serving_config_digest(cfg, scfg)
+        # what this replica loaded (not a second read of the files): its policy and adapter
+        self.config_digest = serving_config_digest(cfg, scfg, placement=self.runtime.placement,
+                                                   adapter_digest=self.runtime.adapter_digest)
         self.provider = get_provider(scfg.evidence_provider)
         mc = self.runtime.model.config
         self.context = int(getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None) or 0)
@@ -342,7 +344,7 @@ class TrustedReplica:
             for event in _events(turn):
                 if isinstance(event, TurnEnd):
                     ended = True
-                    if event.stopped:
+                    if event.stopped or turn.cancelled:  # (cancelled here: a stop noticed at the last token)
                         yield from self._stopped(s, session_id, len(tokens))
                     elif isinstance(event.error, BifrostError):  # workers exhausted etc.: the reason goes back sealed
                         log.warning("replica %d: session %s… generation failed: %s", self.index,
@@ -434,12 +436,18 @@ class TrustedReplica:
         return SealedReply(s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
 
     def shutdown(self) -> None:
+        """Close every session (a running turn ends ABORTED at its next token and then releases its
+        session), stop the decode loop once its passes are done, then the runtime and the worker pool."""
         with self._lock:
+            sessions = list(self._sessions.values())
             sids = list(self._sessions)
-        if self.loop is not None:
-            self.loop.close()  # running turns end (stopped) and release their sessions
         for sid in sids:
             self.close_session(sid)
+        if self.loop is not None:
+            self.loop.close()
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and not all(s.released for s in sessions):
+            time.sleep(0.01)  # the turns' consumers release their sessions (engines) before the pool closes
         self.runtime.close()
         if self.pool is not None:
             self.pool.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..attest.binding import compute_model_digest
 from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity
 from ..ckks import GroupShape
 from ..config import RunConfig
@@ -146,7 +149,17 @@ class TrustedRuntime:
         ``quarantine``: shared registry of deviating workers (default: ``tee.quarantine_file``)."""
         self.cfg = cfg
         self.spec = resolve(cfg.model)
-        self.model = load_model(self.spec, cfg.seed, adapter=cfg.adapter)
+        # an adapter is read once, into a private copy: what is loaded is exactly what its digest covers
+        self.adapter_digest, adapter, self._adapter_copy = None, None, None
+        if cfg.adapter:
+            self._adapter_copy = tempfile.mkdtemp(prefix="bifrost-adapter-")
+            try:
+                shutil.copytree(cfg.adapter, self._adapter_copy, dirs_exist_ok=True)
+            except OSError as exc:
+                raise BifrostError(f"cannot read LoRA adapter {cfg.adapter}: {exc.strerror or exc}") from None
+            self.adapter_digest = compute_model_digest(self._adapter_copy).hex()
+            adapter = self._adapter_copy
+        self.model = load_model(self.spec, cfg.seed, adapter=adapter)
         self.placement = cfg.placement()
         self.layers = plan(self.model, self.placement, cfg.model)  # every linear layer and where it runs
         self.sites = swap_in_delegates(self.model, self.placement, cfg.model)
@@ -177,7 +190,7 @@ class TrustedRuntime:
         self.setup_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(self.spec.path)
         # the plaintext reference: the same model with any adapter merged into its weights
-        self.reference = load_model(self.spec, cfg.seed, adapter=cfg.adapter, merged=True) if reference else None
+        self.reference = load_model(self.spec, cfg.seed, adapter=adapter, merged=True) if reference else None
 
     def group_shapes(self) -> list[GroupShape]:
         return [GroupShape(self.weights[g[0]].shape[1], tuple(self.weights[n].shape[0] for n in g)) for g in self.groups]
@@ -281,6 +294,8 @@ class TrustedRuntime:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self._adapter_copy is not None:
+            shutil.rmtree(self._adapter_copy, ignore_errors=True)
         self.quarantine.flush()
 
 

@@ -132,7 +132,14 @@ class StepLoop:
     def step(self) -> int:
         """One round: schedule → execute → update. Returns the number of tokens produced."""
         decodes = self._schedule()
-        passes = self._execute(decodes)
+        try:
+            passes = self._execute(decodes)
+        except BaseException as exc:  # a bug: this step's turns end (their KV state may be half-updated)
+            with self._cv:
+                prefill, self._prefill = self._prefill, None
+            for t in decodes + ([prefill[0]] if prefill else []):
+                self._end(t, TurnEnd(error=exc))
+            raise
         return self._update(passes)
 
     def close(self) -> None:
@@ -141,9 +148,17 @@ class StepLoop:
             self._closed = True
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=600)  # the step in progress finishes (worker calls are bounded by their timeout)
+        with self._cv:
+            prefill = self._prefill
+        if prefill is not None:  # a forward pass still running: its engine must outlive it
+            try:
+                prefill[1].result(timeout=600)
+            except BaseException:  # noqa: BLE001 - the turn ends below either way
+                pass
         with self._cv:
             turns = list(self._waiting) + self._decoding + ([self._prefill[0]] if self._prefill else [])
+            self._prefill = None
             self._waiting.clear()
             self._decoding.clear()
         for t in turns:
@@ -208,7 +223,11 @@ class StepLoop:
             if p.error is not None:
                 self._end(t, TurnEnd(error=p.error))
                 continue
-            token = sample_token(p.logits, self.runtime.cfg.generation, t.gen)
+            try:  # each turn on its own: a failure here ends this turn only
+                token = sample_token(p.logits, self.runtime.cfg.generation, t.gen)
+            except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits while sampling
+                self._end(t, TurnEnd(error=exc))
+                continue
             t.events.put(TokenEvent(t.produced, token, time.perf_counter() - p.t0))
             t.produced += 1
             produced += 1

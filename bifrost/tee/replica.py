@@ -21,6 +21,13 @@ generic :data:`~bifrost.proto.wire.SEALED_REFUSAL`; Generate yields the sealed c
 ``SealedReply`` and then the refusal. Counts and sizes (prompt tokens, limits, conversation length)
 never appear outside the channel.
 
+Generation parameters (sealed, in the GenerateBody): per-turn sampling (temperature, top_p, top_k over the
+``generation:`` config), stop sequences (text that may begin one is held back; when one appears the turn
+is cancelled in the step loop, like a consumer that left, and the last chunk says ``finish_reason:
+stop``), the model's end-of-sequence token (ends the turn, not streamed) and chat ``messages`` rendered by
+the tokenizer's chat template. Messages are the whole conversation: the session's history is neither
+prepended nor changed by such a turn.
+
 Session life cycle: one request (a *turn*) at a time per session, under the session's lock. A turn
 can be stopped between tokens: :meth:`TrustedReplica.cancel` (the client hung up) or
 :meth:`TrustedReplica.close_session`. Closing a session while a turn runs only marks it; the turn

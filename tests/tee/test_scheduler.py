@@ -150,3 +150,33 @@ def test_close_waits_for_a_prefill_in_flight_before_ending_its_turn(parts):
         assert [type(e) for e in _events(turn)] == [TurnEnd] and not loop.busy()
     finally:
         engine.close()
+
+
+def test_each_turn_samples_with_its_own_parameters_and_ends_at_its_eos_token(parts):
+    """Per-turn sampling (not the config's): top_k=1 equals greedy, seeded sampling reproduces; a turn
+    ends right after the model's end-of-sequence token."""
+    from bifrost.tee.runtime import Sampling
+
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost+", None, start=False)
+    engine = rt.new_engine(WorkerSessions(pool))
+    ids = ByteTokenizer().encode("per turn")
+    greedy = plaintext_greedy_tokens(rt.reference, ids, 4)
+
+    def run(**kw) -> list:
+        turn = loop.submit(Turn(engine, ids, 4, lambda: False, **kw))
+        while loop.busy():
+            loop.step()
+        return _events(turn)
+
+    try:
+        assert [e.token for e in run(sampling=Sampling(True, 1.0, 1, 1.0))[:-1]] == greedy
+        hot = Sampling(True, 2.0, 0, 1.0)
+        a, b = ([e.token for e in run(sampling=hot, sample_seed=7)[:-1]] for _ in range(2))
+        assert a == b and len(a) == 4
+        ended = run(eos=greedy[1])
+        assert [e.token for e in ended[:-1]] == greedy[:greedy.index(greedy[1]) + 1]
+        assert isinstance(ended[-1], TurnEnd) and ended[-1].error is None and not ended[-1].stopped
+    finally:
+        loop.close()
+        engine.close()

@@ -147,14 +147,14 @@ def test_an_expired_token_is_re_attested_transparently(app_factory, worker_facto
     app = app_factory(worker=endpoint, token_lifetime_s=1)
     with running_proxy(app, sessions=1) as (client, pool):
         first = client.completions.create(model=MODEL, prompt="again and", max_tokens=3, seed=3).choices[0].text
-        session = pool.clients[0].session_id
+        session, before = pool.clients[0].session_id, pool.reattestations  # a slow first turn may re-attest already
         time.sleep(2.2)
         chunks = list(client.completions.create(model=MODEL, prompt="again and", max_tokens=3, seed=3, stream=True))
         assert "".join(c.choices[0].text for c in chunks) == first
-        assert pool.reattestations == 1 and pool.clients[0].session_id != session
+        assert pool.reattestations == before + 1 and pool.clients[0].session_id != session
         time.sleep(2.2)
         assert client.completions.create(model=MODEL, prompt="again and", max_tokens=3, seed=3).choices[0].text == first
-        assert pool.reattestations == 2
+        assert pool.reattestations == before + 2
 
 
 def test_embeddings_from_an_encoder_server(worker_factory, serve_run_config, serve_config, tmp_path):
@@ -211,3 +211,85 @@ def test_sampling_parameters_and_stop_reach_the_server(local_app, proxy):
     cut = want.strip().split()[0] if want.strip() else "x"
     stopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=5, stop=[cut])
     assert cut not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+# -- error paths against a scripted client (no server): mid-stream errors, failed re-attestation -----------
+class ScriptedClient:
+    """Stands in for BifrostClient: ``script`` says what each generate() call does."""
+
+    def __init__(self, script) -> None:
+        from bifrost.proto import serving_pb2
+
+        self.script, self.attests, self.attest_error = list(script), 0, None
+        self.verdict, self.model_digest, self.session_id = None, b"\x01" * 32, b""
+        self.listing = serving_pb2.ListModelsReply(models=[serving_pb2.ModelInfo(
+            name=MODEL, task="causal-lm", model_digest=self.model_digest, max_new_tokens=8)])
+
+    def attest(self):
+        self.attests += 1
+        if self.attest_error and self.attests > 1:
+            raise self.attest_error
+
+    def list_models(self):
+        return self.listing
+
+    def generate(self, prompt, max_new_tokens=0, reset_history=False, sample_seed=None):
+        from bifrost.serve.client import StreamEvent
+
+        for step in self.script.pop(0):
+            if isinstance(step, Exception):
+                raise step
+            yield StreamEvent([1], step, time.perf_counter(), 0.0)
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def scripted_proxy(client):
+    from bifrost.serve.proxy import SessionPool, create_app, start_in_thread
+
+    pool = SessionPool(lambda: client, 1, timeout_s=30)
+    server, port, thread = start_in_thread(create_app(pool))
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_an_error_mid_stream_is_the_last_event_and_before_it_an_http_status():
+    import grpc
+
+    from bifrost.serve.client import ServingError
+
+    down = ServingError(grpc.StatusCode.UNAVAILABLE, "worker lost mid-turn", sealed=True)
+    busy = ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many sessions")
+    with scripted_proxy(ScriptedClient([["a", "b", down], [busy], [down]])) as client:
+        stream = client.completions.create(model=MODEL, prompt="x", stream=True)
+        texts = []
+        with pytest.raises(openai.APIError, match="worker lost mid-turn"):
+            for c in stream:
+                texts.append(c.choices[0].text)
+        assert texts == ["a", "b"]
+        with pytest.raises(openai.RateLimitError, match="too many sessions"):
+            client.completions.create(model=MODEL, prompt="x")
+        with pytest.raises(openai.InternalServerError) as info:  # 503
+            client.completions.create(model=MODEL, prompt="x", stream=True)
+        assert info.value.status_code == 503 and info.value.body["code"] == "unavailable"
+
+
+def test_an_expired_token_whose_re_attestation_fails_is_401():
+    import grpc
+
+    from bifrost.errors import BifrostError
+    from bifrost.serve.client import ServingError
+
+    expired = ServingError(grpc.StatusCode.UNAUTHENTICATED, "token expired")
+    scripted = ScriptedClient([[expired], ["ok"], [expired], [expired]])
+    with scripted_proxy(scripted) as client:
+        assert client.completions.create(model=MODEL, prompt="x").choices[0].text == "ok"  # re-attested, retried
+        assert scripted.attests == 2
+        scripted.attest_error = BifrostError("evidence refused by the policy")
+        with pytest.raises(openai.AuthenticationError, match="re-attestation failed: evidence refused"):
+            client.completions.create(model=MODEL, prompt="x")

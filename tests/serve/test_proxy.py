@@ -186,18 +186,36 @@ def test_embeddings_from_an_encoder_server(worker_factory, serve_run_config, ser
 
 # -- these need the extended SDK (BifrostClient.generate(messages=..., temperature=..., stop=...)) ----------
 @needs_sdk_generate_params
-def test_chat_completions_streaming_and_not(proxy):
-    client, _ = proxy
-    messages = [{"role": "user", "content": "Say something private."}]
-    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, seed=2)
-    text = got.choices[0].message.content
-    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant" and text
-    assert got.usage.prompt_tokens > 0 and got.usage.completion_tokens == 5
-    assert got.choices[0].finish_reason == "length"
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, seed=2,
-                                                 stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
-    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == got.usage.prompt_tokens
+def test_chat_completions_streaming_and_not(serve_run_config, serve_config, tmp_path):
+    """Chat completions through the model's chat template (a tiny checkpoint with one: gpt2-mini has none),
+    equal to the gRPC SDK's messages turn; streaming equals non-streaming."""
+    from bifrost.serve.client import BifrostClient
+    from bifrost.tee.deploy import ServeApp
+
+    from .test_generation_params import _tiny_chat_checkpoint
+
+    path = _tiny_chat_checkpoint(tmp_path / "chat-gpt2")
+    app = ServeApp(serve_run_config.replace(model=path, policy="tee-only"),
+                   serve_config.replace(workers=(), worker_certs=())).start()
+    try:
+        messages = [{"role": "user", "content": "Say something private."}]
+        with BifrostClient(f"127.0.0.1:{app.port}", make_policy(app.service.info.model_digest), timeout_s=120) as c:
+            c.attest()
+            want = c.chat(messages=messages, max_new_tokens=5, sample_seed=2)
+        with running_proxy(app) as (client, _):
+            model = client.models.list().data[0].id
+            got = client.chat.completions.create(model=model, messages=messages, max_tokens=5, seed=2)
+            text = got.choices[0].message.content
+            assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+            assert text == want.text and got.usage.prompt_tokens == want.prompt_tokens > 0
+            assert got.usage.completion_tokens == len(want.tokens)
+            assert got.choices[0].finish_reason == want.finish_reason
+            chunks = list(client.chat.completions.create(model=model, messages=messages, max_completion_tokens=5,
+                                                         seed=2, stream=True, stream_options={"include_usage": True}))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+            assert chunks[-1].usage.prompt_tokens == got.usage.prompt_tokens
+    finally:
+        app.stop()
 
 
 @needs_sdk_generate_params

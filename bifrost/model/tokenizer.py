@@ -12,6 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def plain_chat_text(messages: list[dict]) -> str:
+    """The documented fallback for a model without a chat template: one ``role: content`` line per message,
+    then ``assistant:`` (the reply follows). E.g. ``system: Be brief.\nuser: Hi\nassistant:``."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """``messages`` as prompt ids: the tokenizer's own chat template when it has one, else
+    :func:`plain_chat_text` (documented in the README)."""
+    if tokenizer.has_chat_template:
+        return tokenizer.apply_chat_template(messages)
+    return tokenizer.encode(plain_chat_text(messages))
+
+
 def _gpt2_byte_order() -> list[int]:
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     return printable + [b for b in range(256) if b not in printable]

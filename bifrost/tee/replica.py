@@ -56,6 +56,7 @@ from ..config import RunConfig
 from ..errors import BifrostError
 from ..attest.mtls import WorkerEndpoint
 from ..model.digests import model_digest
+from ..model.tokenizer import chat_ids
 from ..proto import serving_pb2
 from ..proto.replica import Attested, Closed, Refusal, ReplicaInfo, SealedReply, Status
 from ..proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL
@@ -447,12 +448,8 @@ class TrustedReplica:
         for m in body.messages:
             if m.role not in CHAT_ROLES:
                 raise _Rejected(Status.INVALID_ARGUMENT, f"message role {m.role[:32]!r}: use one of {', '.join(CHAT_ROLES)}")
-        tok = self.runtime.tokenizer
-        if not tok.has_chat_template:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"{self.cfg.model} has no chat template (its tokenizer: "
-                                                     f"{tok.name}); send a prompt instead of messages")
-        try:
-            ids = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in body.messages])
+        try:  # the model's own chat template, else the documented plain fallback (``role: content`` lines)
+            ids = chat_ids(self.runtime.tokenizer, [{"role": m.role, "content": m.content} for m in body.messages])
         except Exception as exc:  # noqa: BLE001 - a template that rejects this conversation (e.g. role order)
             raise _Rejected(Status.INVALID_ARGUMENT, f"the chat template refused these messages: "
                                                      f"{type(exc).__name__}: {str(exc)[:200]}") from None

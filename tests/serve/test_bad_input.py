@@ -174,8 +174,6 @@ def test_refusals_after_opening_say_nothing_in_cleartext(local_app, client_facto
          "up to 4 stop sequences"),
         (serving_pb2.GenerateBody(prompt="hi", stop=[""]), "INVALID_ARGUMENT", "characters each"),
         (serving_pb2.GenerateBody(prompt="hi", stop=["s" * 65]), "INVALID_ARGUMENT", "characters each"),
-        (serving_pb2.GenerateBody(messages=[serving_pb2.ChatMessage(role="user", content="hi")]), "INVALID_ARGUMENT",
-         "has no chat template"),
         (serving_pb2.GenerateBody(prompt="hi", messages=[serving_pb2.ChatMessage(role="user", content="hi")]),
          "INVALID_ARGUMENT", "a prompt or messages, not both"),
         (serving_pb2.GenerateBody(messages=[serving_pb2.ChatMessage(role="tool", content="hi")]), "INVALID_ARGUMENT",

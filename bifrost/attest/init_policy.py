@@ -90,15 +90,28 @@ def write_policy(path: str | Path, text: str, force: bool = False) -> None:
 
 
 def fetch_served_models(address: str, tls_ca: str | None = None, timeout_s: float = 10.0) -> tuple[list[ServedModel], str]:
-    """(models, evidence type) from the server's ListModels: unauthenticated, so not yet trustworthy."""
-    from ..serve.client import BifrostClient
-    from .policy import DEFAULT_POLICY
+    """(models, evidence type) from the server's ListModels: unauthenticated, so not yet trustworthy. (A plain
+    gRPC call: this module sits below the client SDK, ``bifrost/serve``, and does not import it.)"""
+    import grpc
+
+    from ..proto import serving_pb2, serving_pb2_grpc
+    from ..proto.wire import serving_options
 
     try:
-        with BifrostClient(address, DEFAULT_POLICY, timeout_s=timeout_s, tls_ca_file=tls_ca) as client:
-            reply = client.list_models()
-    except BifrostError as exc:
-        raise BifrostError(f"cannot list the models of {address}: {' '.join(str(exc).split())}") from None
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            channel = grpc.secure_channel(address, creds, options=serving_options())
+        else:
+            channel = grpc.insecure_channel(address, options=serving_options())
+    except (OSError, ValueError) as exc:
+        raise BifrostError(f"cannot list the models of {address}: {exc}") from None
+    try:
+        with channel:
+            reply = serving_pb2_grpc.BifrostServingStub(channel).ListModels(serving_pb2.ListModelsRequest(),
+                                                                            timeout=timeout_s)
+    except grpc.RpcError as exc:
+        detail = " ".join((exc.details() or "").split())[:200]
+        raise BifrostError(f"cannot list the models of {address}: {exc.code().name}: {detail}") from None
     models = [ServedModel(m.name, bytes(m.model_digest), bytes(m.serving_config_digest)) for m in reply.models]
     if not models:
         raise BifrostError(f"{address} serves no models")

@@ -66,7 +66,7 @@ from .engine import DelegationEngine
 from .link import WorkerCallError
 from .pool import WorkerSessions
 from .quarantine import WorkerQuarantine
-from .runtime import Sampling, TrustedRuntime
+from .runtime import Sampling, TrustedRuntime, context_tokens
 from .scheduler import StepLoop, TokenEvent, Turn, TurnEnd
 
 log = logging.getLogger("bifrost.tee.replica")
@@ -147,8 +147,7 @@ class TrustedReplica:
         self.config_digest = serving_config_digest(cfg, scfg, placement=self.runtime.placement,
                                                    adapter_digest=self.runtime.adapter_digest)
         self.provider = get_provider(scfg.evidence_provider)
-        mc = self.runtime.model.config
-        self.context = int(getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None) or 0)
+        self.context = context_tokens(self.runtime.model)
         self._sessions: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()

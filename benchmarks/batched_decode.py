@@ -43,11 +43,11 @@ def _plaintext_reference(model, ids, n_new):
     past, step, tokens, gaps = None, torch.tensor([ids]), [], []
     with torch.no_grad():
         for _ in range(n_new):
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
+            out = model(input_ids=step, cache=past, use_cache=True)
             top = torch.topk(out.logits[0, -1], 2)
             tokens.append(int(top.indices[0]))
             gaps.append(float(top.values[0] - top.values[1]))
-            past, step = out.past_key_values, torch.tensor([[tokens[-1]]])
+            past, step = out.cache, torch.tensor([[tokens[-1]]])
     return tokens, gaps
 
 

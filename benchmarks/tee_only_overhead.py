@@ -40,11 +40,11 @@ def plain_generation(model, ids: list[int], n_new: int) -> tuple[list[int], floa
         out = model(input_ids=torch.tensor([ids]), use_cache=True)
         tokens.append(int(torch.argmax(out.logits[0, -1])))
         ttft = time.perf_counter() - t0
-        past = out.past_key_values
+        past = out.cache
         for _ in range(n_new - 1):
             t = time.perf_counter()
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=past, use_cache=True)
+            past = out.cache
             tokens.append(int(torch.argmax(out.logits[0, -1])))
             gaps.append(time.perf_counter() - t)
     return tokens, ttft, statistics.fmean(gaps) if gaps else 0.0

@@ -34,11 +34,11 @@ def _plaintext(model, ids, n_new):
     with torch.no_grad():
         for _ in range(n_new):
             t0 = time.perf_counter()
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
+            out = model(input_ids=step, cache=past, use_cache=True)
             tok = int(torch.argmax(out.logits[0, -1]))
             times.append(time.perf_counter() - t0)
             tokens.append(tok)
-            past, step = out.past_key_values, torch.tensor([[tok]])
+            past, step = out.cache, torch.tensor([[tok]])
     return tokens, times
 
 

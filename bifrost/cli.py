@@ -31,6 +31,7 @@ COMMANDS = {
     "attest": "bifrost.attest.cli",
     "policy": "bifrost.model.policy_cli",
     "chat": "bifrost.serve.cli",
+    "proxy": "bifrost.serve.proxy_cli",
     "estimate": "bifrost_estimator.cli",
 }
 

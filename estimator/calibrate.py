@@ -277,11 +277,11 @@ def _framework_overhead(verbose: bool, quick: bool) -> tuple[dict, float, float,
             with torch.no_grad():
                 model = AutoModelForCausalLM.from_config(cfg(family, n), dtype=torch.float32).eval()
                 out = model(input_ids=torch.arange(8)[None], use_cache=True)
-                past = out.past_key_values
+                past = out.cache
                 tok = torch.tensor([[3]])
 
                 def step():
-                    return model(input_ids=tok, past_key_values=past, use_cache=True)
+                    return model(input_ids=tok, cache=past, use_cache=True)
 
                 # a fresh DynamicCache grows on every call; re-run from the same 8-token prefix each time
                 def step_fresh():
@@ -289,8 +289,8 @@ def _framework_overhead(verbose: bool, quick: bool) -> tuple[dict, float, float,
                     t0 = time.perf_counter()
                     o = model(input_ids=torch.arange(8)[None], use_cache=True)
                     t1 = time.perf_counter()
-                    past = o.past_key_values
-                    model(input_ids=tok, past_key_values=past, use_cache=True)
+                    past = o.cache
+                    model(input_ids=tok, cache=past, use_cache=True)
                     return t1 - t0, time.perf_counter() - t1
 
                 step_fresh()

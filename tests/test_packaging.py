@@ -166,7 +166,8 @@ def test_a_running_worker_process_has_no_trusted_module_loaded(run_config, tmp_p
     assert [m for m in _trusted_or_torch(modules) if m.startswith(TRUSTED)] == []
 
 
-@pytest.mark.parametrize("code", ["import bifrost.serve.client", "import bifrost.serve.cli"])
+@pytest.mark.parametrize("code", ["import bifrost.serve.client", "import bifrost.serve.cli",
+                                  "import bifrost.serve.proxy", "import bifrost.serve.proxy_cli"])
 def test_the_client_sdk_loads_neither_trusted_code_nor_torch(code):
     out = subprocess.run([sys.executable, "-c", f"import sys; {code}; print(sorted(sys.modules))"],
                          capture_output=True, text=True, timeout=120)
@@ -182,6 +183,15 @@ def test_bifrost_chat_through_the_cli_loads_no_trusted_code(tmp_path):
     assert out.returncode == 0 and "--policy" in out.stdout
     modules = dump.read_text().split()
     assert "bifrost.serve.cli" in modules and _trusted_or_torch(modules) == []
+
+
+def test_bifrost_proxy_through_the_cli_loads_no_trusted_code(tmp_path):
+    dump = tmp_path / "modules.txt"
+    out = subprocess.run([sys.executable, "-c", _RUN_AND_DUMP, str(dump), "bifrost.cli", "proxy", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--policy" in out.stdout and "--sessions" in out.stdout
+    modules = dump.read_text().split()
+    assert "bifrost.serve.proxy_cli" in modules and _trusted_or_torch(modules) == []
 
 
 def test_committed_grpc_stubs_match_the_proto_files(tmp_path):

@@ -1,6 +1,7 @@
 """``bifrost attest verify EVIDENCE``: offline verification with a human-readable verdict.
+``bifrost attest init-policy --address HOST:PORT``: write a commented client policy pinning a server's digests.
 
-Exit codes: 0 verified, 1 verification failed (verdict printed), 2 usage/input error (one line).
+Exit codes (verify): 0 verified, 1 verification failed (verdict printed), 2 usage/input error (one line).
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--at", metavar="TIME", help="verification time, ISO 8601 UTC (default: now)")
     verify.add_argument("--report-data", metavar="HEX", help="expected 64-byte report_data (hex)")
     verify.set_defaults(func=run_verify)
+    init = attest_sub.add_parser(
+        "init-policy",
+        help="write a commented client policy pinning a server's model and serving-config digests",
+        description="Ask a server for its models (ListModels, unauthenticated) and write a client attestation "
+        "policy YAML that pins their model and serving-config digests, with comments on every key. Compare the "
+        "digests with the operator's `bifrost serve --print-digests` before trusting the file.",
+    )
+    init.add_argument("--address", required=True, metavar="HOST:PORT", help="address of `bifrost serve`")
+    init.add_argument("--tls-ca", metavar="CA", help="connect with TLS, verifying the server against this PEM CA file")
+    init.add_argument("--out", default="policy.yaml", metavar="FILE", help="where to write (default: policy.yaml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
+    init.set_defaults(func=run_init_policy)
     attest.set_defaults(func=lambda args: (attest.print_help(), 2)[1])
 
 
@@ -140,6 +154,21 @@ def run_verify(args: argparse.Namespace) -> int:
         console.print(f"[bold red]FAILED[/]: {evidence.evidence_type} evidence refused (internal error {type(exc).__name__}: {detail})")
         return 1
     _print_verdict(console, verdict)
+    return 0
+
+
+def run_init_policy(args: argparse.Namespace) -> int:
+    from .init_policy import fetch_served_models, remote_source, render_policy, write_policy
+
+    if Path(args.out).exists() and not args.force:
+        raise BifrostError(f"{args.out} exists; pass --force to overwrite it")
+    models, evidence_type = fetch_served_models(args.address, args.tls_ca, args.timeout)
+    write_policy(args.out, render_policy(models, evidence_type, remote_source(args.address)), force=args.force)
+    names = ", ".join(m.name for m in models)
+    print(f"wrote {args.out}: pins {names} (evidence {evidence_type or 'unknown'}); the digests came from the server "
+          "unauthenticated: compare them with the operator's `bifrost serve --print-digests`")
+    if evidence_type == "simulated":
+        print("WARNING: the server's evidence is SIMULATED; the policy sets allow_simulated: true (development only)")
     return 0
 
 

@@ -15,11 +15,12 @@ Roles of a linear module (nn.Linear or GPT-2 Conv1D):
 
 - ``head``: outside every numbered transformer block (LM head, classifier, pooler): **always** ``tee``
   (it maps the hidden state to the output distribution);
-- ``lora``: a LoRA adapter matrix (peft ``lora_A``/``lora_B``);
+- ``lora``: adapter material (peft ``lora_A``/``lora_B``, and full fine-tuned copies ``modules_to_save`` with
+  the originals they replace): **always** ``tee``;
 - ``attention_qkv``: the query/key/value projections of a block's attention;
 - ``attention_out``: the rest of a block's attention (its output projection);
 - ``ffn``: every other linear of a block (MLP / feed-forward);
-- ``all``: any of them.
+- ``all``: any of them (``head`` and ``lora`` stay in the TEE whatever the rules say).
 
 Validation at load (one-line errors): unknown keys, placements or roles; a ``match`` glob that matches no
 linear module of the model; a linear module no rule places; a ``head`` placed ``ckks``; a ``requires`` role
@@ -50,8 +51,13 @@ ROLES = ("head", "lora", "attention_qkv", "attention_out", "ffn", "all")
 
 # leaf names of query/key/value projections (separate or fused) across Hugging Face architectures
 _QKV = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "query", "key", "value",
-        "Wqkv", "W_pack", "q", "k", "v", "qkv"}
+        "Wqkv", "W_pack", "q", "k", "v", "qkv", "q_lin", "k_lin", "v_lin", "query_proj", "key_proj", "value_proj",
+        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
+# peft paths that hold adapter material: LoRA matrices, and full fine-tuned copies (``modules_to_save``) with
+# the originals they replace: the ``lora`` role, always in the TEE
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding", "modules_to_save", "original_module")
 _PEFT_PREFIX = "base_model.model."
+_ALWAYS_TEE = ("head", "lora")  # never delegated, whatever the rules say
 _BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 
 
@@ -134,8 +140,9 @@ def policy_from_mapping(data: dict, name: str, where: str = "policy") -> Placeme
         if "role" in r:
             if r["role"] not in ROLES:
                 raise BifrostError(f"{at}: unknown role {r['role']!r}; roles: {', '.join(ROLES)}")
-            if r["role"] == "head" and placement == "ckks":
-                raise BifrostError(f"{at}: the head (LM head, classifier, pooler) stays in the TEE")
+            if r["role"] in ("head", "lora") and placement == "ckks":
+                raise BifrostError(f"{at}: the {r['role']} stays in the TEE (the LM head, classifier and pooler; "
+                                   "adapter matrices and fine-tuned copies)")
             rules.append(Rule(placement, role=r["role"]))
         else:
             globs = r["match"] if isinstance(r["match"], list) else [r["match"]]
@@ -164,7 +171,7 @@ def canonical_name(module_path: str) -> str:
 def role_of(name: str) -> str:
     """The role of the linear module at canonical path ``name`` (see the module docstring)."""
     parts = name.split(".")
-    if any(p.startswith(("lora_A", "lora_B", "lora_embedding")) for p in parts):
+    if any(p.startswith(_ADAPTER_PARTS) for p in parts):
         return "lora"
     if not _BLOCK.search(name):
         return "head"
@@ -193,17 +200,17 @@ def plan(model: torch.nn.Module, policy: PlacementPolicy, model_name: str = "the
         name = canonical_name(path)
         role = role_of(name)
         for i, rule in enumerate(policy.rules):
-            hit = (rule.role in (role, "all") and not (rule.role == "all" and role == "head")) if rule.role \
+            hit = (rule.role in (role, "all") and not (rule.role == "all" and role in _ALWAYS_TEE)) if rule.role \
                 else any(fnmatch.fnmatchcase(name, g) for g in rule.match)
             if hit:
                 used[i] = True
-                if role == "head" and rule.placement == "ckks":
+                if role in _ALWAYS_TEE and rule.placement == "ckks":
                     raise BifrostError(f"policy {policy.name}: rule {i + 1} ({rule.describe()}) would delegate "
-                                       f"{name}, but the head stays in the TEE")
+                                       f"{name}, but the {role} stays in the TEE")
                 placement = rule.placement
                 break
         else:
-            if role != "head":
+            if role not in _ALWAYS_TEE:
                 raise BifrostError(f"policy {policy.name}: no rule places {name} (role {role}) of {model_name}")
             placement = "tee"
         w = module.weight

@@ -12,6 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def plain_chat_text(messages: list[dict]) -> str:
+    """The documented fallback for a model without a chat template: one ``role: content`` line per message,
+    then ``assistant:`` (the reply follows). E.g. ``system: Be brief.\nuser: Hi\nassistant:``."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """``messages`` as prompt ids: the tokenizer's own chat template when it has one, else
+    :func:`plain_chat_text` (documented in the README)."""
+    if tokenizer.has_chat_template:
+        return tokenizer.apply_chat_template(messages)
+    return tokenizer.encode(plain_chat_text(messages))
+
+
 def _gpt2_byte_order() -> list[int]:
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     return printable + [b for b in range(256) if b not in printable]
@@ -19,6 +33,11 @@ def _gpt2_byte_order() -> list[int]:
 
 class ByteTokenizer:
     name = "byte-level fallback (GPT-2 byte ids, no merges)"
+    eos_token_id: int | None = None  # no end-of-sequence token: generation runs to its length or a stop sequence
+    has_chat_template = False
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        raise ValueError("this model's tokenizer (the byte-level fallback) has no chat template")
 
     def __init__(self) -> None:
         order = _gpt2_byte_order()
@@ -72,6 +91,23 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self._tok.eos_token_id
+        return eos if isinstance(eos, int) else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The ids of ``messages`` ({"role", "content"} each) rendered by the checkpoint's chat template, ending
+        with the prompt of the assistant's reply; ValueError when the tokenizer has no chat template."""
+        if not self.has_chat_template:
+            raise ValueError(f"this model's tokenizer ({type(self._tok).__name__}) has no chat template")
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def batch(self, texts: list[str]):
         return self._tok(texts, padding=True, return_tensors="pt")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62ifrost/proto/serving.proto\x12\x12\x62ifrost.serving.v1\"H\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x19\n\x11\x63lient_public_key\x18\x02 \x01(\x0c\x12\r\n\x05suite\x18\x03 \x01(\t\"\xd0\x02\n\x0b\x41ttestReply\x12\x15\n\revidence_type\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12G\n\x0c\x65ndorsements\x18\x03 \x03(\x0b\x32\x31.bifrost.serving.v1.AttestReply.EndorsementsEntry\x12\x19\n\x11server_public_key\x18\x04 \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x05 \x01(\x0c\x12\x1d\n\x15serving_config_digest\x18\x06 \x01(\x0c\x12\x12\n\nsession_id\x18\x07 \x01(\x0c\x12\r\n\x05token\x18\x08 \x01(\t\x12\x18\n\x10token_expires_at\x18\t \x01(\x03\x12\r\n\x05suite\x18\n \x01(\t\x1a\x33\n\x11\x45ndorsementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"G\n\rSealedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06sealed\x18\x03 \x01(\x0c\"\x1d\n\x0bSealedReply\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\"\x13\n\x11\x43loseSessionReply\"\x13\n\x11ListModelsRequest\"\xc7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12\x1d\n\x15serving_config_digest\x18\x04 \x01(\x0c\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x07 \x01(\r\x12\x10\n\x08replicas\x18\x08 \x01(\r\x12\x0c\n\x04mode\x18\t \x01(\t\"m\n\x0fListModelsReply\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.bifrost.serving.v1.ModelInfo\x12\x15\n\revidence_type\x18\x02 \x01(\t\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\"{\n\x0cGenerateBody\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x15\n\rreset_history\x18\x03 \x01(\x08\x12\x17\n\x0fhas_sample_seed\x18\x04 \x01(\x08\x12\x13\n\x0bsample_seed\x18\x05 \x01(\x04\"\x8c\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x15\n\rtoken_seconds\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\t\"\x1a\n\tEmbedBody\x12\r\n\x05texts\x18\x01 \x03(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x01\"]\n\x0b\x45mbedResult\x12+\n\x07vectors\x18\x01 \x03(\x0b\x32\x1a.bifrost.serving.v1.Vector\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t\"\x0b\n\tCloseBody2\xb1\x03\n\x0e\x42ifrostServing\x12L\n\x06\x41ttest\x12!.bifrost.serving.v1.AttestRequest\x1a\x1f.bifrost.serving.v1.AttestReply\x12P\n\x08Generate\x12!.bifrost.serving.v1.SealedRequest\x1a\x1f.bifrost.serving.v1.SealedReply0\x01\x12K\n\x05\x45mbed\x12!.bifrost.serving.v1.SealedRequest\x1a\x1f.bifrost.serving.v1.SealedReply\x12X\n\x0c\x43loseSession\x12!.bifrost.serving.v1.SealedRequest\x1a%.bifrost.serving.v1.CloseSessionReply\x12X\n\nListModels\x12%.bifrost.serving.v1.ListModelsRequest\x1a#.bifrost.serving.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62ifrost/proto/serving.proto\x12\x12\x62ifrost.serving.v1\"H\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x19\n\x11\x63lient_public_key\x18\x02 \x01(\x0c\x12\r\n\x05suite\x18\x03 \x01(\t\"\xd0\x02\n\x0b\x41ttestReply\x12\x15\n\revidence_type\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\x12G\n\x0c\x65ndorsements\x18\x03 \x03(\x0b\x32\x31.bifrost.serving.v1.AttestReply.EndorsementsEntry\x12\x19\n\x11server_public_key\x18\x04 \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x05 \x01(\x0c\x12\x1d\n\x15serving_config_digest\x18\x06 \x01(\x0c\x12\x12\n\nsession_id\x18\x07 \x01(\x0c\x12\r\n\x05token\x18\x08 \x01(\t\x12\x18\n\x10token_expires_at\x18\t \x01(\x03\x12\r\n\x05suite\x18\n \x01(\t\x1a\x33\n\x11\x45ndorsementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"G\n\rSealedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06sealed\x18\x03 \x01(\x0c\"\x1d\n\x0bSealedReply\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\"\x13\n\x11\x43loseSessionReply\"\x13\n\x11ListModelsRequest\"\xc7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12\x1d\n\x15serving_config_digest\x18\x04 \x01(\x0c\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x07 \x01(\r\x12\x10\n\x08replicas\x18\x08 \x01(\r\x12\x0c\n\x04mode\x18\t \x01(\t\"m\n\x0fListModelsReply\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.bifrost.serving.v1.ModelInfo\x12\x15\n\revidence_type\x18\x02 \x01(\t\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\"\xa2\x02\n\x0cGenerateBody\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x15\n\rreset_history\x18\x03 \x01(\x08\x12\x17\n\x0fhas_sample_seed\x18\x04 \x01(\x08\x12\x13\n\x0bsample_seed\x18\x05 \x01(\x04\x12\x31\n\x08messages\x18\x06 \x03(\x0b\x32\x1f.bifrost.serving.v1.ChatMessage\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_k\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa3\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x15\n\rtoken_seconds\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\"\x1a\n\tEmbedBody\x12\r\n\x05texts\x18\x01 \x03(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x01\"]\n\x0b\x45mbedResult\x12+\n\x07vectors\x18\x01 \x03(\x0b\x32\x1a.bifrost.serving.v1.Vector\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t\"\x0b\n\tCloseBody2\xb1\x03\n\x0e\x42ifrostServing\x12L\n\x06\x41ttest\x12!.bifrost.serving.v1.AttestRequest\x1a\x1f.bifrost.serving.v1.AttestReply\x12P\n\x08Generate\x12!.bifrost.serving.v1.SealedRequest\x1a\x1f.bifrost.serving.v1.SealedReply0\x01\x12K\n\x05\x45mbed\x12!.bifrost.serving.v1.SealedRequest\x1a\x1f.bifrost.serving.v1.SealedReply\x12X\n\x0c\x43loseSession\x12!.bifrost.serving.v1.SealedRequest\x1a%.bifrost.serving.v1.CloseSessionReply\x12X\n\nListModels\x12%.bifrost.serving.v1.ListModelsRequest\x1a#.bifrost.serving.v1.ListModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,18 +51,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_end=810
   _globals['_LISTMODELSREPLY']._serialized_start=812
   _globals['_LISTMODELSREPLY']._serialized_end=921
-  _globals['_GENERATEBODY']._serialized_start=923
-  _globals['_GENERATEBODY']._serialized_end=1046
-  _globals['_TOKENCHUNK']._serialized_start=1049
-  _globals['_TOKENCHUNK']._serialized_end=1189
-  _globals['_EMBEDBODY']._serialized_start=1191
-  _globals['_EMBEDBODY']._serialized_end=1217
-  _globals['_VECTOR']._serialized_start=1219
-  _globals['_VECTOR']._serialized_end=1243
-  _globals['_EMBEDRESULT']._serialized_start=1245
-  _globals['_EMBEDRESULT']._serialized_end=1338
-  _globals['_CLOSEBODY']._serialized_start=1340
-  _globals['_CLOSEBODY']._serialized_end=1351
-  _globals['_BIFROSTSERVING']._serialized_start=1354
-  _globals['_BIFROSTSERVING']._serialized_end=1787
+  _globals['_GENERATEBODY']._serialized_start=924
+  _globals['_GENERATEBODY']._serialized_end=1214
+  _globals['_CHATMESSAGE']._serialized_start=1216
+  _globals['_CHATMESSAGE']._serialized_end=1260
+  _globals['_TOKENCHUNK']._serialized_start=1263
+  _globals['_TOKENCHUNK']._serialized_end=1426
+  _globals['_EMBEDBODY']._serialized_start=1428
+  _globals['_EMBEDBODY']._serialized_end=1454
+  _globals['_VECTOR']._serialized_start=1456
+  _globals['_VECTOR']._serialized_end=1480
+  _globals['_EMBEDRESULT']._serialized_start=1482
+  _globals['_EMBEDRESULT']._serialized_end=1575
+  _globals['_CLOSEBODY']._serialized_start=1577
+  _globals['_CLOSEBODY']._serialized_end=1588
+  _globals['_BIFROSTSERVING']._serialized_start=1591
+  _globals['_BIFROSTSERVING']._serialized_end=2024
 # @@protoc_insertion_point(module_scope)

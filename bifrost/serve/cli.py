@@ -15,7 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
     c.add_argument("--suite", default="AES-256-GCM", choices=("AES-256-GCM", "SM4-GCM"))
     c.add_argument("--tls-ca", help="connect with TLS, verifying the server certificate against this PEM CA file")
-    c.add_argument("--seed", type=int, help="pin the sampling seed (sampling servers only)")
+    c.add_argument("--seed", type=int, help="pin the sampling seed (when sampling)")
+    c.add_argument("--temperature", type=float, help="0: greedy; up to 2 (default: the server's configuration)")
+    c.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (default: the server's)")
+    c.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0: off (default: the server's)")
+    c.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the reply contains TEXT (not printed); repeatable, up to 4")
+    c.add_argument("--system", help="a system message: the prompt is then sent as chat messages, rendered by "
+                                    "the model's chat template (each prompt on its own, without earlier turns)")
     c.set_defaults(func=run_chat)
 
 
@@ -40,9 +47,13 @@ def run_chat(args: argparse.Namespace) -> int:
                     break
                 if not prompt:
                     break
-            result = client.chat(prompt, args.max_new_tokens, sample_seed=args.seed,
-                                 on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            chat = {"messages": [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]} \
+                if args.system is not None else {}
+            result = client.chat("" if chat else prompt, args.max_new_tokens, sample_seed=args.seed,
+                                 on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
+                                 **chat)
             print()
-            print(f"[{len(result.tokens)} tokens] time to first token {result.ttft_s * 1000:.0f} ms, "
+            print(f"[{len(result.tokens)} tokens, finished: {result.finish_reason or '?'}] time to first token {result.ttft_s * 1000:.0f} ms, "
                   f"time per output token {result.tpot_s * 1000:.0f} ms", file=sys.stderr, flush=True)
     return 0

@@ -72,6 +72,8 @@ class StreamEvent:
     text: str
     received_at: float  # time.perf_counter() on arrival
     server_seconds: float
+    finish_reason: str = ""  # on the last event: "stop" (stop sequence or end-of-sequence token) | "length"
+    prompt_tokens: int = 0   # context length of this turn (history + prompt, or the templated messages); first event
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ChatResult:
     ttft_s: float             # request sent -> first token received
     tpot_s: float             # mean time per output token after the first (0 for one token)
     token_times_s: list[float] = field(default_factory=list)  # arrival gap per token (first: TTFT)
+    finish_reason: str = ""   # "stop" | "length"
+    prompt_tokens: int = 0
 
 
 class BifrostClient:
@@ -173,12 +177,33 @@ class BifrostClient:
         self.verdict, self.model_digest = verdict, reply.model_digest
         return verdict
 
-    def generate(self, prompt: str, max_new_tokens: int = 0, reset_history: bool = False,
-                 sample_seed: int | None = None) -> Iterator[StreamEvent]:
+    def generate(self, prompt: str = "", max_new_tokens: int = 0, reset_history: bool = False,
+                 sample_seed: int | None = None, *, messages: list[dict] | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 stop: list[str] | None = None) -> Iterator[StreamEvent]:
         """Stream one turn. Holds this client's request lock from the first ``next()`` until the stream
-        ends or the generator is closed."""
+        ends or the generator is closed.
+
+        ``messages`` ([{"role": "system"|"user"|"assistant", "content": str}, ...], instead of ``prompt``): a
+        chat request rendered by the model's chat template; they are the whole conversation (the session's
+        history is neither prepended nor changed). ``temperature`` (0: greedy, up to 2), ``top_p`` (0, 1],
+        ``top_k`` (0: off): None keeps the server's configuration. ``stop``: up to 4 stop sequences of 1..64
+        characters; the text never includes them. The last event carries ``finish_reason``: "stop" (a stop
+        sequence or the model's end-of-sequence token) or "length". Bad parameters: :class:`ServingError`
+        (INVALID_ARGUMENT, the reason sealed)."""
         body = serving_pb2.GenerateBody(prompt=prompt, max_new_tokens=max_new_tokens, reset_history=reset_history,
-                                        has_sample_seed=sample_seed is not None, sample_seed=sample_seed or 0)
+                                        has_sample_seed=sample_seed is not None, sample_seed=sample_seed or 0,
+                                        stop=list(stop or ()))
+        for m in messages or ():
+            body.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
+        if temperature is not None:
+            body.temperature = temperature
+        if top_p is not None:
+            body.top_p = top_p
+        if top_k is not None:
+            if top_k < 0:
+                raise BifrostError("top_k must be >= 0")
+            body.top_k = top_k
         with self._exclusive():
             req = self._request(self.channel.seal(body.SerializeToString(), AAD_GENERATE) if self.channel else b"")
             call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
@@ -191,8 +216,9 @@ class BifrostClient:
                     if chunk.error:
                         raise _sealed_error(chunk.error_code, chunk.error)
                     done = chunk.done
-                    if chunk.token_ids:
-                        yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds)
+                    if chunk.token_ids or chunk.done:
+                        yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds,
+                                          chunk.finish_reason, chunk.prompt_tokens)
             except grpc.RpcError as exc:
                 raise _rpc_error(exc, self.tls) from None
             finally:
@@ -200,20 +226,29 @@ class BifrostClient:
             if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
                 raise BifrostError("token stream ended before its final chunk (truncated); the reply is incomplete")
 
-    def chat(self, prompt: str, max_new_tokens: int = 0, reset_history: bool = False, sample_seed: int | None = None,
-             on_text=None) -> ChatResult:
+    def chat(self, prompt: str = "", max_new_tokens: int = 0, reset_history: bool = False,
+             sample_seed: int | None = None, on_text=None, *, messages: list[dict] | None = None,
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             stop: list[str] | None = None) -> ChatResult:
+        """One turn, collected (parameters as :meth:`generate`); ``on_text`` gets each text delta."""
         t0 = time.perf_counter()
         tokens, text, gaps, last = [], [], [], t0
-        for ev in self.generate(prompt, max_new_tokens, reset_history, sample_seed):
-            tokens += ev.token_ids
+        finish, prompt_tokens = "", 0
+        for ev in self.generate(prompt, max_new_tokens, reset_history, sample_seed, messages=messages,
+                                temperature=temperature, top_p=top_p, top_k=top_k, stop=stop):
+            finish = ev.finish_reason or finish
+            prompt_tokens = prompt_tokens or ev.prompt_tokens
+            if on_text is not None and ev.text:
+                on_text(ev.text)
             text.append(ev.text)
+            if not ev.token_ids:  # the end-of-sequence chunk: no token
+                continue
+            tokens += ev.token_ids
             gaps.append(ev.received_at - last)
             last = ev.received_at
-            if on_text is not None:
-                on_text(ev.text)
         ttft = gaps[0] if gaps else 0.0
         tpot = sum(gaps[1:]) / (len(gaps) - 1) if len(gaps) > 1 else 0.0
-        return ChatResult(tokens, "".join(text), ttft, tpot, gaps)
+        return ChatResult(tokens, "".join(text), ttft, tpot, gaps, finish, prompt_tokens)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         body = serving_pb2.EmbedBody(texts=texts)

@@ -197,15 +197,17 @@ def _is_host_port(address: str) -> bool:
     return bool(host) and port.isdigit()
 
 
-def serving_config(cfg, scfg: ServeConfig) -> dict:
+def serving_config(cfg, scfg: ServeConfig, *, placement=None, adapter_digest: str | None = None) -> dict:
     """The public serving configuration bound into report_data (what a client may pin). ``cfg``: the
-    :class:`~bifrost.config.RunConfig` the replicas run."""
+    :class:`~bifrost.config.RunConfig` the replicas run; ``placement``/``adapter_digest``: the policy object
+    and the adapter digest a replica actually loaded (default: read from ``cfg`` now)."""
+    placement = placement or cfg.placement()
     return {
         "model": cfg.model, "seed": cfg.seed, "backend": cfg.backend,
         "ckks": dataclasses.asdict(cfg.ckks) if cfg.ckks is not None else None,
         "delegation": json.loads(json.dumps(dataclasses.asdict(cfg.delegation))),
-        "policy": cfg.placement().canonical(), "policy_digest": cfg.placement().digest(),
-        "adapter_digest": _adapter_digest(cfg.adapter),
+        "policy": placement.canonical(), "policy_digest": placement.digest(),
+        "adapter_digest": adapter_digest or _adapter_digest(cfg.adapter),
         "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "prompt"},
         "max_prompt_tokens": scfg.max_prompt_tokens, "max_new_tokens": scfg.max_new_tokens,
         "max_sessions": scfg.max_sessions, "token_lifetime_s": scfg.token_lifetime_s,
@@ -221,7 +223,8 @@ def _adapter_digest(adapter: str | None) -> str | None:
     return compute_model_digest(adapter).hex()
 
 
-def serving_config_digest(cfg, scfg: ServeConfig) -> bytes:
+def serving_config_digest(cfg, scfg: ServeConfig, **loaded) -> bytes:
+    """Digest of :func:`serving_config` (``loaded``: its ``placement``/``adapter_digest`` keywords)."""
     from ..attest.binding import compute_serving_config_digest
 
-    return compute_serving_config_digest(serving_config(cfg, scfg))
+    return compute_serving_config_digest(serving_config(cfg, scfg, **loaded))

@@ -133,5 +133,5 @@ class WorkerStub:
         """Best effort (the worker also expires idle worker sessions)."""
         try:
             self._stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=session_id), timeout=10)
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):  # ValueError: the gRPC channel is closed already (shutdown)
             pass

@@ -189,7 +189,15 @@ class WorkerPool:
             if w is None:
                 raise WorkerCallError(last.code, last.details) if last else BifrostError("no CKKS worker available")
             try:
-                sids = [item.worker_sessions.id_on(w) for item in items]
+                try:
+                    sids = [item.worker_sessions.id_on(w) for item in items]
+                except WorkerCallError as exc:
+                    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    # a full worker cannot take a (re)opened worker session: availability, not a deviation
+                    last = WorkerCallError(exc.code, exc.details)
+                    tried.add(w.address)
+                    continue
                 if len(items) == 1:
                     reply = w.stub.linear(sids[0], group, items[0].ciphertexts)
                     replies, seconds = [reply], reply.compute_s
@@ -233,6 +241,7 @@ class WorkerSessions:
         self._worker_sessions: dict[str, str] = {}  # worker address -> worker session id
         self._open_args: tuple | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def from_endpoints(cls, endpoints: Sequence[WorkerEndpoint], **kwargs) -> "WorkerSessions":
@@ -284,6 +293,8 @@ class WorkerSessions:
 
     def id_on(self, w: WorkerState) -> str:
         """The id of this link's worker session on worker ``w``, opening it there first if needed."""
+        if self._closed:  # never reopen a worker session for a link that was closed (it would leak)
+            raise BifrostError("this session's worker sessions are closed")
         if w.address not in self._worker_sessions:  # worker was down at open time, restarted, or expired us
             self._open_on(w)
         return self._worker_sessions[w.address]
@@ -295,6 +306,7 @@ class WorkerSessions:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             worker_sessions, self._worker_sessions = dict(self._worker_sessions), {}
         by_addr = {w.address: w for w in self.pool.workers}
         for address, sid in worker_sessions.items():

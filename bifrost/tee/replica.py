@@ -21,6 +21,13 @@ generic :data:`~bifrost.proto.wire.SEALED_REFUSAL`; Generate yields the sealed c
 ``SealedReply`` and then the refusal. Counts and sizes (prompt tokens, limits, conversation length)
 never appear outside the channel.
 
+Generation parameters (sealed, in the GenerateBody): per-turn sampling (temperature, top_p, top_k over the
+``generation:`` config), stop sequences (text that may begin one is held back; when one appears the turn
+is cancelled in the step loop, like a consumer that left, and the last chunk says ``finish_reason:
+stop``), the model's end-of-sequence token (ends the turn, not streamed) and chat ``messages`` rendered by
+the tokenizer's chat template. Messages are the whole conversation: the session's history is neither
+prepended nor changed by such a turn.
+
 Session life cycle: one request (a *turn*) at a time per session, under the session's lock. A turn
 can be stopped between tokens: :meth:`TrustedReplica.cancel` (the client hung up) or
 :meth:`TrustedReplica.close_session`. Closing a session while a turn runs only marks it; the turn
@@ -49,6 +56,7 @@ from ..config import RunConfig
 from ..errors import BifrostError
 from ..attest.mtls import WorkerEndpoint
 from ..model.digests import model_digest
+from ..model.tokenizer import chat_ids
 from ..proto import serving_pb2
 from ..proto.replica import Attested, Closed, Refusal, ReplicaInfo, SealedReply, Status
 from ..proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL
@@ -58,11 +66,15 @@ from .engine import DelegationEngine
 from .link import WorkerCallError
 from .pool import WorkerSessions
 from .quarantine import WorkerQuarantine
-from .runtime import TrustedRuntime
+from .runtime import Sampling, TrustedRuntime, context_tokens
 from .scheduler import StepLoop, TokenEvent, Turn, TurnEnd
 
 log = logging.getLogger("bifrost.tee.replica")
 
+MAX_STOP_SEQUENCES = 4  # per request
+MAX_STOP_CHARS = 64     # per stop sequence
+MAX_TEMPERATURE = 2.0
+CHAT_ROLES = ("system", "user", "assistant")
 TURN_WAIT_S = 10.0      # a request waits this long for the session's previous turn to finish
 CANCELLED_REMEMBERED = 32  # request ids of cancelled turns kept per session
 
@@ -85,6 +97,18 @@ class _Session:
 
     def stopped(self, request_id: str) -> bool:
         return self.closing or (bool(request_id) and request_id in self.cancelled)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A checked Generate request: the ids to prefill, tokens to make, sampling, stop sequences; ``chat``:
+    it came as messages (the session's history was not prepended and is not changed)."""
+
+    ids: list[int]
+    n_new: int
+    sampling: Sampling
+    stop: list[str]
+    chat: bool
 
 
 class _Refused(Exception):
@@ -119,10 +143,11 @@ class TrustedReplica:
         self.spec = self.runtime.spec
         # the base model's digest (public weights; an adapter is bound through the serving-config digest)
         self.model_digest = model_digest(self.spec, cfg.seed, None if cfg.adapter else self.runtime.reference)
-        self.config_digest = serving_config_digest(cfg, scfg)
+        # what this replica loaded (not a second read of the files): its policy and adapter
+        self.config_digest = serving_config_digest(cfg, scfg, placement=self.runtime.placement,
+                                                   adapter_digest=self.runtime.adapter_digest)
         self.provider = get_provider(scfg.evidence_provider)
-        mc = self.runtime.model.config
-        self.context = int(getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None) or 0)
+        self.context = context_tokens(self.runtime.model)
         self._sessions: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()
@@ -329,20 +354,22 @@ class TrustedReplica:
 
     def _generate_locked(self, s: _Session, session_id: bytes, sealed: bytes, request_id: str):
         body = self._open(s, session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
-        ids, n_new = self._check_generate(s, body)
+        req = self._check_generate(s, body)
+        ids, n_new = req.ids, req.n_new
         if s.stopped(request_id):  # cancelled while it waited for the previous turn
             yield from self._stopped(s, session_id, 0)
             return
         turn = self.loop.submit(Turn(s.engine, ids, n_new, lambda: s.stopped(request_id),
-                                     body.sample_seed if body.has_sample_seed else None))
+                                     body.sample_seed if body.has_sample_seed else None, req.sampling,
+                                     self.runtime.tokenizer.eos_token_id))
         tokens: list[int] = []
-        text_so_far = ""
+        text_so_far = ""  # the text streamed so far
         ended = False
         try:
             for event in _events(turn):
                 if isinstance(event, TurnEnd):
                     ended = True
-                    if event.stopped:
+                    if event.stopped or turn.cancelled:  # (cancelled here: a stop noticed at the last token)
                         yield from self._stopped(s, session_id, len(tokens))
                     elif isinstance(event.error, BifrostError):  # workers exhausted etc.: the reason goes back sealed
                         log.warning("replica %d: session %s… generation failed: %s", self.index,
@@ -355,42 +382,96 @@ class TrustedReplica:
                     turn.cancel()
                     continue  # the loop retires the turn at its next step and says so (TurnEnd)
                 s.last_used = time.monotonic()
-                tokens.append(event.token)
+                eos = event.token == turn.eos  # ends the turn; never streamed as text
+                if not eos:
+                    tokens.append(event.token)
                 text = self.runtime.tokenizer.decode(tokens)
-                last = event.index == n_new - 1
-                stable = text if last else text.rstrip("\ufffd")  # hold back split UTF-8
+                hit = _find_stop(text, req.stop)
+                if hit is not None:
+                    finish, stable = "stop", text[:max(hit, len(text_so_far))]
+                elif eos:
+                    finish, stable = "stop", text
+                elif event.index == n_new - 1:
+                    finish, stable = "length", text
+                else:  # hold back split UTF-8 and text that may be the start of a stop sequence
+                    finish, stable = "", text.rstrip("\ufffd")
+                    stable = stable[:len(stable) - _stop_prefix(stable, req.stop)]
                 delta, text_so_far = stable[len(text_so_far):], stable if stable.startswith(text_so_far) else text_so_far
-                chunk = serving_pb2.TokenChunk(token_ids=[event.token], text=delta, done=last,
-                                               token_seconds=event.seconds,
+                chunk = serving_pb2.TokenChunk(token_ids=[] if eos else [event.token], text=delta, done=bool(finish),
+                                               token_seconds=event.seconds, finish_reason=finish,
                                                prompt_tokens=len(ids) if event.index == 0 else 0)
-                if last:  # commit the turn before the last chunk leaves (the client may hang up)
-                    s.history = ids + tokens
+                if finish and not req.chat:  # commit the turn before the last chunk leaves (the client may hang up)
+                    s.history = ids + tokens + ([event.token] if eos else [])
                 yield SealedReply(s.channel.seal(chunk.SerializeToString(), AAD_CHUNK))
+                if finish:
+                    return  # a stop sequence: the turn is cancelled and drained below (its engine is released)
         finally:
-            if not ended:  # the consumer left early (GeneratorExit): the session's engine is released only
-                turn.cancel()  # once the loop is done with it
+            if not ended:  # stopped early (a stop sequence) or the consumer left (GeneratorExit): the session's
+                turn.cancel()  # engine is released only once the loop is done with it
                 _drain(turn)
 
-    def _check_generate(self, s: _Session, body) -> tuple[list[int], int]:
-        """The conversation to prefill and the tokens to make; :class:`_Rejected` (sealed) if over a limit."""
+    def _check_generate(self, s: _Session, body) -> "_Request":
+        """The conversation to prefill, the tokens to make, the sampling and stop sequences; :class:`_Rejected`
+        (sealed) for a bad parameter or over a limit."""
         if self.spec.task != "causal-lm":
             raise _Rejected(Status.FAILED_PRECONDITION, f"{self.cfg.model} is an encoder model; use Embed")
         n_new = body.max_new_tokens or min(self.cfg.generation.max_new_tokens, self.scfg.max_new_tokens)
         if n_new > self.scfg.max_new_tokens:
             raise _Rejected(Status.INVALID_ARGUMENT, f"max_new_tokens {n_new} is over the limit of {self.scfg.max_new_tokens}")
-        prompt_ids = self.runtime.tokenizer.encode(body.prompt)
-        if not prompt_ids:
-            raise _Rejected(Status.INVALID_ARGUMENT, "the prompt is empty")
+        sampling = self._sampling(body)
+        stop = list(body.stop)
+        if len(stop) > MAX_STOP_SEQUENCES or any(not 1 <= len(x) <= MAX_STOP_CHARS for x in stop):
+            raise _Rejected(Status.INVALID_ARGUMENT, f"stop: up to {MAX_STOP_SEQUENCES} stop sequences of "
+                                                     f"1..{MAX_STOP_CHARS} characters each")
+        chat = len(body.messages) > 0
+        if chat:
+            prompt_ids = self._chat_ids(body)
+        else:
+            prompt_ids = self.runtime.tokenizer.encode(body.prompt)
+            if not prompt_ids:
+                raise _Rejected(Status.INVALID_ARGUMENT, "the prompt is empty")
         if len(prompt_ids) > self.scfg.max_prompt_tokens:
             raise _Rejected(Status.INVALID_ARGUMENT, f"prompt has {len(prompt_ids)} tokens; the limit is "
                                                      f"max_prompt_tokens={self.scfg.max_prompt_tokens}")
         if body.reset_history:
             s.history = []
-        ids = s.history + prompt_ids
+        ids = prompt_ids if chat else s.history + prompt_ids  # messages are the whole conversation
         if self.context and len(ids) + n_new > self.context:
             raise _Rejected(Status.INVALID_ARGUMENT, f"conversation ({len(ids)} tokens) + {n_new} new tokens exceeds "
                                                      f"the model context of {self.context} tokens; reset the history")
-        return ids, n_new
+        return _Request(ids, n_new, sampling, stop, chat)
+
+    def _chat_ids(self, body) -> list[int]:
+        if body.prompt:
+            raise _Rejected(Status.INVALID_ARGUMENT, "give a prompt or messages, not both")
+        for m in body.messages:
+            if m.role not in CHAT_ROLES:
+                raise _Rejected(Status.INVALID_ARGUMENT, f"message role {m.role[:32]!r}: use one of {', '.join(CHAT_ROLES)}")
+        try:  # the model's own chat template, else the documented plain fallback (``role: content`` lines)
+            ids = chat_ids(self.runtime.tokenizer, [{"role": m.role, "content": m.content} for m in body.messages])
+        except Exception as exc:  # noqa: BLE001 - a template that rejects this conversation (e.g. role order)
+            raise _Rejected(Status.INVALID_ARGUMENT, f"the chat template refused these messages: "
+                                                     f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        if not ids:
+            raise _Rejected(Status.INVALID_ARGUMENT, "the chat template rendered the messages as no tokens")
+        return ids
+
+    def _sampling(self, body) -> Sampling:
+        """The turn's sampling: the body's parameters over the ``generation:`` config; temperature 0: greedy."""
+        base = Sampling.from_config(self.cfg.generation)
+        vocab = int(getattr(self.runtime.model.config, "vocab_size", 0) or 0)
+        if body.HasField("temperature") and not 0.0 <= body.temperature <= MAX_TEMPERATURE:
+            raise _Rejected(Status.INVALID_ARGUMENT, f"temperature must be 0..{MAX_TEMPERATURE:g} (0: greedy)")
+        if body.HasField("top_p") and not 0.0 < body.top_p <= 1.0:
+            raise _Rejected(Status.INVALID_ARGUMENT, "top_p must be in (0, 1]")
+        if body.HasField("top_k") and vocab and body.top_k > vocab:
+            raise _Rejected(Status.INVALID_ARGUMENT, f"top_k must be 0 (off) .. the vocabulary size {vocab}")
+        temperature = body.temperature if body.HasField("temperature") else base.temperature
+        do_sample = temperature > 0 if body.HasField("temperature") else base.do_sample
+        if not do_sample:
+            return Sampling(False, base.temperature, base.top_k, base.top_p)
+        return Sampling(True, float(temperature), int(body.top_k) if body.HasField("top_k") else base.top_k,
+                        float(body.top_p) if body.HasField("top_p") else base.top_p)
 
     def _stopped(self, s: _Session, session_id: bytes, produced: int):
         log.info("replica %d: session %s… turn stopped after %d tokens (%s)", self.index, session_id.hex()[:8],
@@ -434,12 +515,18 @@ class TrustedReplica:
         return SealedReply(s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
 
     def shutdown(self) -> None:
+        """Close every session (a running turn ends ABORTED at its next token and then releases its
+        session), stop the decode loop once its passes are done, then the runtime and the worker pool."""
         with self._lock:
+            sessions = list(self._sessions.values())
             sids = list(self._sessions)
-        if self.loop is not None:
-            self.loop.close()  # running turns end (stopped) and release their sessions
         for sid in sids:
             self.close_session(sid)
+        if self.loop is not None:
+            self.loop.close()
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and not all(s.released for s in sessions):
+            time.sleep(0.01)  # the turns' consumers release their sessions (engines) before the pool closes
         self.runtime.close()
         if self.pool is not None:
             self.pool.close()
@@ -452,6 +539,23 @@ def _events(turn: Turn) -> Iterator[TokenEvent | TurnEnd]:
         yield event
         if isinstance(event, TurnEnd):
             return
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop sequence starts in ``text``, or None."""
+    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins a stop sequence (held back until it resolves)."""
+    best = 0
+    for x in stops:
+        for k in range(min(len(x) - 1, len(text)), best, -1):
+            if text.endswith(x[:k]):
+                best = k
+                break
+    return best
 
 
 def _drain(turn: Turn) -> None:

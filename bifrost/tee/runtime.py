@@ -1,7 +1,7 @@
 """The trusted runtime: model, CKKS keys, KV cache and the decode loop, all inside the TEE.
 
 The Hugging Face model runs here with its delegated linear layers swapped for
-:class:`~bifrost.tee.delegate.DelegatedLinear`; the KV cache (``past_key_values``) is ordinary trusted
+:class:`~bifrost.tee.delegate.DelegatedLinear`; the KV cache (the model's ``cache``) is ordinary trusted
 memory. Per generated token the runtime records where the time went: non-linear/trusted compute,
 encryption, transfer, worker compute and decryption (seconds), and bytes each way.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..attest.binding import compute_model_digest
 from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity
 from ..ckks import GroupShape
 from ..config import RunConfig
@@ -88,17 +91,33 @@ class GenerationResult:
     fidelity: Fidelity | None
 
 
-def sample_token(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
-    if not cfg.do_sample:
+@dataclass(frozen=True)
+class Sampling:
+    """How one turn picks its tokens: greedy (``do_sample`` False) or sampled with ``temperature``,
+    ``top_k`` (0: off) and ``top_p`` (1: off)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def from_config(cls, gcfg) -> "Sampling":
+        """The ``generation:`` config's sampling."""
+        return cls(bool(gcfg.do_sample), float(gcfg.temperature), int(gcfg.top_k), float(gcfg.top_p))
+
+
+def sample_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+    if not sampling.do_sample:
         return int(torch.argmax(logits))
-    logits = logits.double() / max(cfg.temperature, 1e-6)
-    if cfg.top_k:
-        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+    logits = logits.double() / max(sampling.temperature, 1e-6)
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
         logits = torch.where(logits < kth, torch.tensor(float("-inf"), dtype=logits.dtype), logits)
     probs = torch.softmax(logits, -1)
-    if cfg.top_p < 1.0:
+    if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p
         mask = torch.zeros_like(probs, dtype=torch.bool)
         mask[order[keep]] = True
         probs = torch.where(mask, probs, torch.zeros_like(probs))
@@ -106,10 +125,10 @@ def sample_token(logits: torch.Tensor, cfg, gen: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def sampling_generator(gcfg, sample_seed: int | None) -> torch.Generator | None:
+def sampling_generator(sampling: Sampling, sample_seed: int | None) -> torch.Generator | None:
     """The sampling noise source: None for greedy decoding; else seeded with ``sample_seed`` when pinned,
     from the OS CSPRNG otherwise."""
-    if not gcfg.do_sample:
+    if not sampling.do_sample:
         return None
     return torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
 
@@ -146,7 +165,17 @@ class TrustedRuntime:
         ``quarantine``: shared registry of deviating workers (default: ``tee.quarantine_file``)."""
         self.cfg = cfg
         self.spec = resolve(cfg.model)
-        self.model = load_model(self.spec, cfg.seed, adapter=cfg.adapter)
+        # an adapter is read once, into a private copy: what is loaded is exactly what its digest covers
+        self.adapter_digest, adapter, self._adapter_copy = None, None, None
+        if cfg.adapter:
+            self._adapter_copy = tempfile.mkdtemp(prefix="bifrost-adapter-")
+            try:
+                shutil.copytree(cfg.adapter, self._adapter_copy, dirs_exist_ok=True)
+            except OSError as exc:
+                raise BifrostError(f"cannot read LoRA adapter {cfg.adapter}: {exc.strerror or exc}") from None
+            self.adapter_digest = compute_model_digest(self._adapter_copy).hex()
+            adapter = self._adapter_copy
+        self.model = load_model(self.spec, cfg.seed, adapter=adapter)
         self.placement = cfg.placement()
         self.layers = plan(self.model, self.placement, cfg.model)  # every linear layer and where it runs
         self.sites = swap_in_delegates(self.model, self.placement, cfg.model)
@@ -177,7 +206,7 @@ class TrustedRuntime:
         self.setup_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(self.spec.path)
         # the plaintext reference: the same model with any adapter merged into its weights
-        self.reference = load_model(self.spec, cfg.seed, adapter=cfg.adapter, merged=True) if reference else None
+        self.reference = load_model(self.spec, cfg.seed, adapter=adapter, merged=True) if reference else None
 
     def group_shapes(self) -> list[GroupShape]:
         return [GroupShape(self.weights[g[0]].shape[1], tuple(self.weights[n].shape[0] for n in g)) for g in self.groups]
@@ -245,24 +274,25 @@ class TrustedRuntime:
             if self.sites:
                 raise BifrostError("this model delegates layers: a forward pass needs a session's engine")
             with torch.no_grad():
-                out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-            return out.logits[0, -1], out.past_key_values, CallStats()
+                out = self.model(input_ids=step_input, cache=past, use_cache=True)
+            return out.logits[0, -1], out.cache, CallStats()
         before = engine.stats.snapshot()
         local = engine.in_tee() if in_tee else contextlib.nullcontext()
         with using_engine(engine), local, torch.no_grad():
-            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-        return out.logits[0, -1], out.past_key_values, engine.stats.minus(before)
+            out = self.model(input_ids=step_input, cache=past, use_cache=True)
+        return out.logits[0, -1], out.cache, engine.stats.minus(before)
 
     def decode_steps(self, engine: DelegationEngine, ids: list[int], n_new: int, *, mode: str = "bifrost",
                      sample_seed: int | None = None) -> Iterator["DecodeStep"]:
         """The decode loop of one sequence, one token per iteration; the KV cache is this generator's local
         state. (A serving replica runs many sequences through its own step loop: :mod:`bifrost.tee.scheduler`.)"""
-        gen = sampling_generator(self.cfg.generation, sample_seed)
+        sampling = Sampling.from_config(self.cfg.generation)
+        gen = sampling_generator(sampling, sample_seed)
         past, step_input = None, torch.tensor([ids])
         for i in range(n_new):
             t0 = time.perf_counter()
             logits, past, d = self.forward(engine, step_input, past, in_tee=(i == 0 and mode == "bifrost+"))
-            token = sample_token(logits, self.cfg.generation, gen)
+            token = sample_token(logits, sampling, gen)
             yield DecodeStep(token_timing(i, token, time.perf_counter() - t0, d), logits, step_input)
             step_input = torch.tensor([[token]])
 
@@ -281,6 +311,8 @@ class TrustedRuntime:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self._adapter_copy is not None:
+            shutil.rmtree(self._adapter_copy, ignore_errors=True)
         self.quarantine.flush()
 
 
@@ -307,8 +339,8 @@ class _FidelityTracker:
         self.agree, self.max_err, self.min_margin = 0, 0.0, float("inf")
 
     def step(self, step_input: torch.Tensor, logits: torch.Tensor, chosen: int) -> None:
-        out = self.model(input_ids=step_input, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model(input_ids=step_input, cache=self.past, use_cache=True)
+        self.past = out.cache
         ref = out.logits[0, -1]
         self.max_err = max(self.max_err, float((ref - logits).abs().max()))
         top2 = torch.topk(ref, 2).values
@@ -325,7 +357,7 @@ def plaintext_greedy_tokens(model: torch.nn.Module, prompt_ids: list[int], n_new
     """Greedy decoding with a plain (undelegated) model: the reference every encrypted path is held to."""
     past, step_input, tokens = None, torch.tensor([prompt_ids]), []
     for _ in range(n_new):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+        out = model(input_ids=step_input, cache=past, use_cache=True)
         tokens.append(int(torch.argmax(out.logits[0, -1])))
-        past, step_input = out.past_key_values, torch.tensor([[tokens[-1]]])
+        past, step_input = out.cache, torch.tensor([[tokens[-1]]])
     return tokens

@@ -11,8 +11,11 @@ One step reads top to bottom, as vLLM's ``EngineCore.step()`` does (schedule →
    they run concurrently and their layer calls merge into one worker call per layer group; without one
    they run one after another. A prefill runs beside the steps in its own thread (a long prompt does not
    stall the others' tokens) and joins the step in which it finishes.
-3. **update** (:meth:`StepLoop._update`): sample each turn's token, hand a :class:`TokenEvent` to the
-   turn's consumer, keep the KV state, and end turns that have all their tokens (:class:`TurnEnd`).
+3. **update** (:meth:`StepLoop._update`): sample each turn's token (with the turn's own
+   :class:`~bifrost.tee.runtime.Sampling`), hand a :class:`TokenEvent` to the
+   turn's consumer, keep the KV state, and end turns that have all their tokens or
+   produced the end-of-sequence token (:class:`TurnEnd`). A consumer that saw a stop sequence cancels its
+   turn (:meth:`Turn.cancel`); the loop retires it at the next step.
 
 Everything here is trusted state: token ids, KV caches, logits. Only ciphertexts leave, through each
 session's engine.
@@ -34,7 +37,7 @@ import torch
 from ..errors import BifrostError
 from .batching import DecodeBatcher
 from .engine import CallStats, DelegationEngine
-from .runtime import TrustedRuntime, sample_token, sampling_generator
+from .runtime import Sampling, TrustedRuntime, sample_token, sampling_generator
 
 log = logging.getLogger("bifrost.scheduler")
 
@@ -52,7 +55,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class TurnEnd:
-    """The loop is done with the turn (its engine is free): all tokens, stopped, or ``error``."""
+    """The loop is done with the turn (its engine is free): all tokens (or the end-of-sequence token),
+    stopped, or ``error``."""
 
     error: BaseException | None = None
     stopped: bool = False
@@ -70,6 +74,8 @@ class Turn:
     n_new: int                     # tokens to produce
     stopped: Callable[[], bool]
     sample_seed: int | None = None
+    sampling: Sampling | None = None  # None: the ``generation:`` config's
+    eos: int | None = None         # the model's end-of-sequence token: the turn ends after it
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     produced: int = 0
     past: Any = None               # KV state after the last forward pass
@@ -116,7 +122,9 @@ class StepLoop:
 
     # ------------------------------------------------------------------ the API
     def submit(self, turn: Turn) -> Turn:
-        turn.gen = sampling_generator(self.runtime.cfg.generation, turn.sample_seed)
+        if turn.sampling is None:
+            turn.sampling = Sampling.from_config(self.runtime.cfg.generation)
+        turn.gen = sampling_generator(turn.sampling, turn.sample_seed)
         turn.step_input = torch.tensor([turn.ids])
         with self._cv:
             if self._closed:
@@ -132,7 +140,14 @@ class StepLoop:
     def step(self) -> int:
         """One round: schedule → execute → update. Returns the number of tokens produced."""
         decodes = self._schedule()
-        passes = self._execute(decodes)
+        try:
+            passes = self._execute(decodes)
+        except BaseException as exc:  # a bug: this step's turns end (their KV state may be half-updated)
+            with self._cv:
+                prefill, self._prefill = self._prefill, None
+            for t in decodes + ([prefill[0]] if prefill else []):
+                self._end(t, TurnEnd(error=exc))
+            raise
         return self._update(passes)
 
     def close(self) -> None:
@@ -141,9 +156,17 @@ class StepLoop:
             self._closed = True
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=600)  # the step in progress finishes (worker calls are bounded by their timeout)
+        with self._cv:
+            prefill = self._prefill
+        if prefill is not None:  # a forward pass still running: its engine must outlive it
+            try:
+                prefill[1].result(timeout=600)
+            except BaseException:  # noqa: BLE001 - the turn ends below either way
+                pass
         with self._cv:
             turns = list(self._waiting) + self._decoding + ([self._prefill[0]] if self._prefill else [])
+            self._prefill = None
             self._waiting.clear()
             self._decoding.clear()
         for t in turns:
@@ -208,12 +231,16 @@ class StepLoop:
             if p.error is not None:
                 self._end(t, TurnEnd(error=p.error))
                 continue
-            token = sample_token(p.logits, self.runtime.cfg.generation, t.gen)
+            try:  # each turn on its own: a failure here ends this turn only
+                token = sample_token(p.logits, t.sampling, t.gen)
+            except Exception as exc:  # noqa: BLE001 - e.g. non-finite logits while sampling
+                self._end(t, TurnEnd(error=exc))
+                continue
             t.events.put(TokenEvent(t.produced, token, time.perf_counter() - p.t0))
             t.produced += 1
             produced += 1
             t.past, t.step_input = p.past, torch.tensor([[token]])
-            if t.produced >= t.n_new:
+            if t.produced >= t.n_new or token == t.eos:
                 self._end(t, TurnEnd())
             else:
                 with self._cv:

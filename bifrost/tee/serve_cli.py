@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from ..errors import BifrostError
+
 SIMULATED_BANNER = (
     "!!! WARNING: evidence provider is SIMULATED: this server is NOT running in an attested TEE and its\n"
     "!!! evidence is signed by a local software key. Prompts get no hardware confidentiality. Clients refuse\n"
@@ -45,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", help="folder for this run (Ray temp dir, logs); default: a new one under serve.run_dir")
     p.add_argument("--print-digests", action="store_true",
                    help="print the model and serving-config digests a client policy pins, then exit")
+    p.add_argument("--policy-out", metavar="FILE",
+                   help="with --print-digests: also write a commented client policy YAML pinning them")
+    p.add_argument("--force", action="store_true", help="with --policy-out: overwrite an existing file")
     p.set_defaults(func=run_serve)
 
 
@@ -83,11 +88,23 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cfg, scfg = _configs(args)
+    if args.policy_out and not args.print_digests:
+        raise BifrostError("--policy-out needs --print-digests")
     if args.print_digests:
         from ..model.catalog import resolve
 
-        print(f"model_digest: {model_digest(resolve(cfg.model), cfg.seed).hex()}")
-        print(f"serving_config_digest: {serving_config_digest(cfg, scfg).hex()}")
+        if args.policy_out and os.path.exists(args.policy_out) and not args.force:
+            raise BifrostError(f"{args.policy_out} exists; pass --force to overwrite it")
+        digest, config_digest = model_digest(resolve(cfg.model), cfg.seed), serving_config_digest(cfg, scfg)
+        print(f"model_digest: {digest.hex()}")
+        print(f"serving_config_digest: {config_digest.hex()}")
+        if args.policy_out:
+            from ..attest.init_policy import ServedModel, local_source, render_policy, write_policy
+
+            evidence = scfg.evidence_provider if scfg.evidence_provider in ("simulated", "tdx", "sev-snp") else ""
+            model = ServedModel(str(cfg.model), digest, config_digest)
+            write_policy(args.policy_out, render_policy([model], evidence, local_source()), force=args.force)
+            print(f"wrote {args.policy_out}", file=sys.stderr)
         return 0
     from ..attest.evidence import get_provider
 

@@ -97,3 +97,19 @@ def test_the_policy_is_bound_into_the_serving_config_digest(run_config):
     digests = {p: serving_config_digest(run_config.replace(policy=p), scfg) for p in ("bifrost", "secureinfer", "tee-only")}
     assert len(set(digests.values())) == 3
     assert serving_config(run_config, scfg)["policy_digest"] == load_placement_policy("bifrost").digest()
+
+
+@pytest.mark.parametrize("name", ["distilbert.transformer.layer.0.attention.q_lin",
+                                  "deberta.encoder.layer.0.attention.self.query_proj",
+                                  "model.layers.0.self_attn.kv_a_proj_with_mqa"])
+def test_more_query_key_value_names(name):
+    assert role_of(name) == "attention_qkv"
+
+
+def test_adapter_material_never_goes_to_the_worker(gpt2):
+    assert role_of("transformer.h.0.mlp.c_fc.modules_to_save.default") == "lora"
+    assert role_of("transformer.h.0.mlp.c_fc.original_module") == "lora"
+    with pytest.raises(BifrostError, match="lora stays in the TEE"):
+        policy_from_mapping({"rules": [{"role": "lora", "placement": "ckks"}]}, "p")
+    everything = policy_from_mapping({"rules": [{"role": "all", "placement": "ckks"}]}, "p")
+    assert {layer.placement for layer in plan(gpt2, everything) if layer.role in ("head", "lora")} == {"tee"}

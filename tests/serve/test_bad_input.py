@@ -163,6 +163,21 @@ def test_refusals_after_opening_say_nothing_in_cleartext(local_app, client_facto
         (serving_pb2.GenerateBody(prompt="", max_new_tokens=1), "INVALID_ARGUMENT", "the prompt is empty"),
         (serving_pb2.GenerateBody(prompt="x" * 10, max_new_tokens=3), "INVALID_ARGUMENT",
          "conversation (10 tokens) + 3 new tokens exceeds the model context of 12"),
+        # generation parameters (issue 16): every bad one is refused sealed
+        (serving_pb2.GenerateBody(prompt="hi", temperature=2.5), "INVALID_ARGUMENT", "temperature must be 0..2"),
+        (serving_pb2.GenerateBody(prompt="hi", temperature=-0.1), "INVALID_ARGUMENT", "temperature must be 0..2"),
+        (serving_pb2.GenerateBody(prompt="hi", temperature=float("nan")), "INVALID_ARGUMENT", "temperature"),
+        (serving_pb2.GenerateBody(prompt="hi", top_p=0.0), "INVALID_ARGUMENT", "top_p must be in (0, 1]"),
+        (serving_pb2.GenerateBody(prompt="hi", top_p=1.5), "INVALID_ARGUMENT", "top_p must be in (0, 1]"),
+        (serving_pb2.GenerateBody(prompt="hi", top_k=10**6), "INVALID_ARGUMENT", "the vocabulary size"),
+        (serving_pb2.GenerateBody(prompt="hi", stop=["a", "b", "c", "d", "e"]), "INVALID_ARGUMENT",
+         "up to 4 stop sequences"),
+        (serving_pb2.GenerateBody(prompt="hi", stop=[""]), "INVALID_ARGUMENT", "characters each"),
+        (serving_pb2.GenerateBody(prompt="hi", stop=["s" * 65]), "INVALID_ARGUMENT", "characters each"),
+        (serving_pb2.GenerateBody(prompt="hi", messages=[serving_pb2.ChatMessage(role="user", content="hi")]),
+         "INVALID_ARGUMENT", "a prompt or messages, not both"),
+        (serving_pb2.GenerateBody(messages=[serving_pb2.ChatMessage(role="tool", content="hi")]), "INVALID_ARGUMENT",
+         "message role 'tool'"),
     ]
     for i, (body, code_name, words) in enumerate(cases):
         req = _sealed_req(c, body, f"case-{i}").SerializeToString()

@@ -73,3 +73,30 @@ def test_chat_cli_exits_non_zero_on_a_truncated_stream(relay, local_app, tmp_pat
     assert code != 0
     last = err.strip().splitlines()[-1]
     assert last.startswith("bifrost: error:") and "truncated" in last and "Traceback" not in err
+
+
+def test_chat_cli_sends_sampling_and_stop_parameters(local_app, tmp_path, capsys, serve_run_config):
+    from bifrost.cli import main
+    from bifrost.model.tokenizer import ByteTokenizer
+
+    from .conftest import MODEL, plaintext_greedy
+
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump({"allow_simulated": True,
+                                           "model_digests": [local_app.service.info.model_digest.hex()]}))
+    args = ["chat", "--address", f"127.0.0.1:{local_app.port}", "--policy", str(policy_file),
+            "--prompt", "The enclave", "--max-new-tokens", "6", "--temperature", "0", "--top-k", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    want = ByteTokenizer().decode(plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode("The enclave"), 6))
+    assert out.out.rstrip("\n") == want and "finished: length" in out.err
+    assert main(args + ["--stop", want[2:4]]) == 0  # the stop sequence ends the reply and is not printed
+    out = capsys.readouterr()
+    assert out.out.rstrip("\n") == want[:want.find(want[2:4])] and "finished: stop" in out.err
+    # gpt2-mini (byte tokenizer) has no chat template: the messages go in the documented plain rendering
+    assert main(args + ["--system", "Be brief."]) == 0
+    from bifrost.model.tokenizer import plain_chat_text
+
+    rendered = plain_chat_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The enclave"}])
+    want = ByteTokenizer().decode(plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode(rendered), 6))
+    assert capsys.readouterr().out.rstrip("\n") == want

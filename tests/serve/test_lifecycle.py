@@ -33,8 +33,10 @@ def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessi
     baseline = controlled_worker.worker_sessions()  # the replica runtime's own worker session
     c = connect(app)
     result = c.chat("slow turn", 3)  # ~2.4 s of generation, the sweeper runs every 0.125 s
+    # at once (checking the tokens first would itself leave the session idle for longer than 0.5 s on a
+    # loaded machine): the session survived its long turn
+    assert len(c.chat(" more", 1).tokens) == 1
     assert result.tokens == _expected("slow turn", 3, serve_run_config.seed)
-    assert len(c.chat(" more", 1).tokens) == 1  # the session survived its long turn
     pending = connect(app)  # attested, never used
     orphan = replica.attest(secrets.token_bytes(32), secrets.token_bytes(32), "")  # unknown to the front end
     assert isinstance(orphan, Attested) and replica.session_count() == 3

@@ -126,7 +126,8 @@ def test_chat_cli_with_tls_ca(tls_app, certs, tmp_path, capsys):
     args = ["chat", "--address", f"127.0.0.1:{tls_app.port}", "--policy", str(policy_file), "--prompt", "hello",
             "--max-new-tokens", "2"]
     assert main(args + ["--tls-ca", str(certs[0])]) == 0
-    assert "[2 tokens]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[2 tokens, finished: length]" in err
     assert main(args) != 0  # no --tls-ca: one clear line, no traceback
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]

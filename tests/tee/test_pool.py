@@ -147,3 +147,30 @@ def test_every_worker_full_is_resource_exhausted_not_unavailable(make_worker, ru
     second = rt.new_engine(WorkerSessions(pool))
     second.close()  # slots freed by rt.close() are usable again
     pool.close()
+
+
+def test_a_full_worker_on_a_lazy_reopen_is_unavailable_not_a_deviation(make_worker, run_config):
+    """A worker session lost on a worker that is full cannot be reopened: that is availability, so the engine
+    gets no worker identity to hold to account and nothing is quarantined (an honest full worker stays usable)."""
+    import numpy as np
+
+    from bifrost.errors import BifrostError
+
+    _, endpoint = make_worker(max_sessions=2)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), None)
+    pool = rt.worker_pool([endpoint], timeout_s=30)
+    a, b = WorkerSessions(pool), WorkerSessions(pool)
+    engine_a, engine_b = rt.new_engine(a), rt.new_engine(b)  # the worker now holds 2 of 2 worker sessions
+    try:
+        b.forget(pool.workers[0])  # as if the worker had lost b's worker session (restart): b must reopen
+        x = np.full((1, rt.sites[0].d_in), 0.25)
+        with pytest.raises(BifrostError) as err:
+            engine_b.run_group(rt.groups[0], x)
+        assert not isinstance(err.value, WorkerCallError) or err.value.worker == ""
+        assert len(rt.quarantine) == 0 and engine_b.stats.deviations == 0
+        assert engine_a.run_group(rt.groups[0], x)[0].shape == (1, rt.sites[0].d_out)  # the worker still serves
+    finally:
+        engine_a.close()
+        engine_b.close()
+        pool.close()
+        rt.close()

@@ -117,3 +117,26 @@ def test_long_prompt_goes_through_the_scalar_blocking_in_one_call_per_group(work
     assert result.timings[0].calls == len(runtime.groups)
     decode_bytes = result.timings[1].bytes_sent
     assert result.timings[0].bytes_sent < 200 * decode_bytes / 2
+
+
+def test_sampling_parameters_shape_the_choice():
+    """sample_token with a turn's Sampling: greedy, top_k=1 == argmax, top_p keeps only the nucleus."""
+    import torch
+
+    from bifrost.tee.runtime import Sampling, sample_token, sampling_generator
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    assert sample_token(logits, Sampling(), None) == 1
+    assert sampling_generator(Sampling(), 5) is None  # greedy: no noise source
+    gen = sampling_generator(Sampling(True, 1.0, 1, 1.0), 5)
+    assert {sample_token(logits, Sampling(True, 1.0, 1, 1.0), gen) for _ in range(20)} == {1}
+    nucleus = Sampling(True, 1.0, 0, 0.5)  # the top token alone holds about half the mass: only 1 and 2 remain
+    gen = sampling_generator(nucleus, 5)
+    assert {sample_token(logits, nucleus, gen) for _ in range(50)} <= {1, 2}
+    hot = Sampling(True, 2.0, 0, 1.0)
+    draws = [[sample_token(logits, hot, g) for _ in range(30)] for g in (sampling_generator(hot, 1), sampling_generator(hot, 1))]
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+    from bifrost.config import GenerationConfig
+
+    assert Sampling.from_config(GenerationConfig(do_sample=True, temperature=0.7, top_k=5, top_p=0.9)) == \
+        Sampling(True, 0.7, 5, 0.9)

@@ -102,3 +102,81 @@ def test_a_failing_forward_ends_only_its_own_turn(parts):
     finally:
         loop.close()
         good.close()
+
+
+def test_a_turn_whose_sampling_fails_ends_alone_and_the_others_continue(parts, monkeypatch):
+    import torch
+
+    import bifrost.tee.scheduler as scheduler
+
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost+", None, start=False)
+    engines = [rt.new_engine(WorkerSessions(pool)) for _ in range(2)]
+    turns = [loop.submit(Turn(e, ByteTokenizer().encode(p), 3, lambda: False)) for e, p in zip(engines, ("ok", "bad"))]
+    poisoned = turns[1].gen = torch.Generator()  # only the second turn's sampling fails
+    real = scheduler.sample_token
+
+    def sample(logits, cfg, gen):
+        if gen is poisoned:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, cfg, gen)
+
+    monkeypatch.setattr(scheduler, "sample_token", sample)
+    try:
+        while loop.busy():
+            loop.step()
+        ok, failed = _events(turns[0]), _events(turns[1])
+        assert [type(e) for e in ok] == [TokenEvent] * 3 + [TurnEnd] and ok[-1].error is None
+        assert [e.token for e in ok[:3]] == plaintext_greedy_tokens(rt.reference, ByteTokenizer().encode("ok"), 3)
+        assert [type(e) for e in failed] == [TurnEnd] and isinstance(failed[0].error, RuntimeError)
+    finally:
+        loop.close()
+        for e in engines:
+            e.close()
+
+
+def test_close_waits_for_a_prefill_in_flight_before_ending_its_turn(parts):
+    """The turn's engine (keys, worker sessions) must outlive its running forward pass."""
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost", None, start=False)
+    engine = rt.new_engine(WorkerSessions(pool))
+    turn = loop.submit(Turn(engine, ByteTokenizer().encode("a prompt of some length for the prefill"), 4,
+                            lambda: False))
+    try:
+        loop._schedule()  # the prefill starts in the background
+        running = loop._prefill[1]
+        loop.close()
+        assert running.done() and running.result().error is None  # it ran to its end
+        assert [type(e) for e in _events(turn)] == [TurnEnd] and not loop.busy()
+    finally:
+        engine.close()
+
+
+def test_each_turn_samples_with_its_own_parameters_and_ends_at_its_eos_token(parts):
+    """Per-turn sampling (not the config's): top_k=1 equals greedy, seeded sampling reproduces; a turn
+    ends right after the model's end-of-sequence token."""
+    from bifrost.tee.runtime import Sampling
+
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost+", None, start=False)
+    engine = rt.new_engine(WorkerSessions(pool))
+    ids = ByteTokenizer().encode("per turn")
+    greedy = plaintext_greedy_tokens(rt.reference, ids, 4)
+
+    def run(**kw) -> list:
+        turn = loop.submit(Turn(engine, ids, 4, lambda: False, **kw))
+        while loop.busy():
+            loop.step()
+        return _events(turn)
+
+    try:
+        assert [e.token for e in run(sampling=Sampling(True, 1.0, 1, 1.0))[:-1]] == greedy
+        hot = Sampling(True, 2.0, 0, 1.0)
+        a, b = ([e.token for e in run(sampling=hot, sample_seed=7)[:-1]] for _ in range(2))
+        assert a == b and len(a) == 4
+        ended = run(eos=greedy[1])
+        assert [e.token for e in ended[:-1]] == greedy[:greedy.index(greedy[1]) + 1]
+        assert isinstance(ended[-1], TurnEnd) and ended[-1].error is None and not ended[-1].stopped
+    finally:
+        loop.close()
+        engine.close()

@@ -1,0 +1,492 @@
+"""An OpenAI-compatible HTTP API on the client's machine, in front of an attested Bifrost server.
+
+The proxy is client-side code (it never imports the trusted runtime): it attests the server under the
+caller's policy *before* it serves anything, keeps a small pool of attested :class:`BifrostClient`
+sessions (concurrent HTTP requests do not serialize on one session), and turns each OpenAI request into
+one sealed turn with ``reset_history=True`` (OpenAI requests are stateless). Nothing leaves the machine
+before attestation succeeded, and prompts leave it only sealed for the attested replica.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream``: SSE ``data: {...}``
+chunks ending with ``data: [DONE]``), ``POST /v1/embeddings`` (encoder models), ``GET /v1/models``.
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): bad parameters 400,
+unknown model 404, server refusals by gRPC status (:data:`STATUS_HTTP`; a sealed refusal's reason is
+the message), an error after streaming began is a last SSE event holding the error object.
+
+Session tokens expire: a request answered UNAUTHENTICATED (or NOT_FOUND: the server dropped the idle
+session) before anything was streamed re-attests that session once and is retried; a failed
+re-attestation is 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import grpc
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import BifrostError
+from .client import BifrostClient, ServingError
+
+# gRPC status of a server refusal -> (HTTP status, OpenAI error type)
+STATUS_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+REATTEST_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
+
+# optional keyword arguments of BifrostClient.generate, by OpenAI parameter (passed only when set)
+SDK_PARAMS = ("messages", "temperature", "top_p", "top_k", "stop")
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error answer."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error(exc: BaseException) -> ApiError:
+    """Any failure as an :class:`ApiError` (a refusal by its gRPC status; other client failures 502)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ServingError):
+        status, type_ = STATUS_HTTP.get(exc.code, (502, "api_error"))
+        return ApiError(status, exc.details or str(exc), type_, None, exc.code.name.lower())
+    if isinstance(exc, BifrostError):
+        return ApiError(502, str(exc), "api_error", None, "bad_gateway")
+    return ApiError(500, f"internal proxy error ({type(exc).__name__})", "api_error", None, "internal_error")
+
+
+# -- the session pool -------------------------------------------------------------------------------
+class SessionPool:
+    """``size`` attested clients of one server. ``acquire`` blocks until one is free (``timeout_s``)."""
+
+    def __init__(self, make_client: Callable[[], BifrostClient], size: int, timeout_s: float = 600.0) -> None:
+        if size < 1:
+            raise BifrostError("--sessions must be at least 1")
+        self.make_client, self.timeout_s = make_client, timeout_s
+        self.clients: list[BifrostClient] = []
+        self._free: queue.Queue[BifrostClient] = queue.Queue()
+        self.reattestations = 0
+        try:
+            for _ in range(size):
+                client = make_client()
+                self.clients.append(client)
+                client.attest()  # raises (policy refusal, unreachable server): nothing is served
+                self._free.put(client)
+        except BaseException:
+            self.close()
+            raise
+        first = self.clients[0]
+        digests = {c.model_digest for c in self.clients}
+        if len(digests) != 1:
+            raise BifrostError("the server's sessions attested different model digests")
+        self.verdict, self.model_digest = first.verdict, first.model_digest
+        listing = first.list_models()
+        # ListModels is not attested: take the entry whose digest the attestation bound
+        models = [m for m in listing.models if m.model_digest == self.model_digest]
+        if not models:
+            self.close()
+            raise BifrostError("the server lists no model with the attested model digest")
+        self.model = models[0]
+
+    def acquire(self) -> BifrostClient:
+        try:
+            return self._free.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise ApiError(503, f"all {len(self.clients)} attested sessions stayed busy for {self.timeout_s:g} s",
+                           "service_unavailable", None, "sessions_busy") from None
+
+    def release(self, client: BifrostClient) -> None:
+        self._free.put(client)
+
+    def reattest(self, client: BifrostClient) -> None:
+        """A fresh attested session for ``client`` (its token expired or the server dropped it)."""
+        try:
+            client.attest()
+        except BifrostError as exc:
+            raise ApiError(401, f"re-attestation failed: {exc}", "authentication_error", None,
+                           "attestation_failed") from None
+        self.reattestations += 1
+
+    def close(self) -> None:
+        for c in self.clients:
+            try:
+                c.close()
+            except BifrostError:
+                pass
+        self.clients = []
+
+
+# -- request parsing --------------------------------------------------------------------------------
+@dataclass
+class Turn:
+    """One OpenAI generation request as SDK arguments."""
+    prompt: str
+    max_new_tokens: int
+    sample_seed: int | None
+    stream: bool
+    include_usage: bool
+    extra: dict[str, Any]  # optional SDK keywords, only those the request set
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def _number(body: dict, name: str, kind: type, lo: float | None = None, hi: float | None = None):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise _bad(f"'{name}' must be {'a number' if kind is float else 'an integer'}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(f"'{name}' must be in [{lo}, {hi}]" if hi is not None else f"'{name}' must be >= {lo}", name)
+    return kind(value)
+
+
+def parse_turn(body: Any, chat: bool, sdk_params: frozenset[str]) -> Turn:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _bad("only n=1 is supported", "n")
+    extra: dict[str, Any] = {}
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty list", "messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"messages[{i}] must be an object with a 'role'", "messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                    raise _bad(f"messages[{i}]: only text content is supported", "messages")
+                content = "".join(str(p.get("text", "")) for p in content)
+            if not isinstance(content, str):
+                raise _bad(f"messages[{i}].content must be a string", "messages")
+            out.append({"role": m["role"], "content": content})
+        extra["messages"] = out
+        prompt = ""
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _bad("'prompt' must be a string (one prompt per request)", "prompt")
+    max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+        else body.get("max_tokens")
+    param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise _bad(f"'{param}' must be a positive integer", param)
+    for name, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        v = _number(body, name, float, lo, hi)
+        if v is not None:
+            extra[name] = v
+    top_k = _number(body, "top_k", int, 0)
+    if top_k is not None:
+        extra["top_k"] = top_k
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise _bad("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+        if stop:
+            extra["stop"] = stop
+    seed = _number(body, "seed", int)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    missing = sorted(set(extra) - sdk_params)
+    if missing:
+        raise _bad(f"'{missing[0]}' is not supported by this proxy's Bifrost client SDK", missing[0], "unsupported_parameter")
+    return Turn(prompt, max_tokens or 0, seed, bool(stream), include_usage, extra)
+
+
+# -- generation --------------------------------------------------------------------------------------
+class TurnStream:
+    """One turn on a pooled session: ``first()`` waits for the first event (re-attesting once on an expired
+    token), then iteration yields every event; ``close()`` ends the turn and returns the session."""
+
+    def __init__(self, pool: SessionPool, turn: Turn) -> None:
+        self.pool, self.turn = pool, turn
+        self.client: BifrostClient | None = pool.acquire()
+        self.gen: Iterator | None = None
+        self.pending: list = []
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.finish_reason = ""
+
+    def _start(self):
+        t = self.turn
+        self.gen = self.client.generate(t.prompt, t.max_new_tokens, reset_history=True, sample_seed=t.sample_seed,
+                                        **t.extra)
+        return next(self.gen, None)
+
+    def open(self) -> "TurnStream":
+        try:
+            try:
+                ev = self._start()
+            except ServingError as exc:
+                if exc.code not in REATTEST_CODES:
+                    raise
+                self.gen.close()
+                self.pool.reattest(self.client)
+                ev = self._start()
+        except BaseException:
+            self.close()
+            raise
+        if ev is not None:
+            self.pending.append(ev)
+        return self
+
+    def __iter__(self):
+        try:
+            while True:
+                ev = self.pending.pop() if self.pending else next(self.gen, None)
+                if ev is None:
+                    break
+                self.completion_tokens += len(ev.token_ids)
+                self.prompt_tokens = getattr(ev, "prompt_tokens", 0) or self.prompt_tokens
+                self.finish_reason = getattr(ev, "finish_reason", "") or self.finish_reason
+                yield ev
+        finally:
+            self.close()
+        if not self.finish_reason:  # an SDK without finish_reason: infer it from the token budget
+            limit = self.turn.max_new_tokens or self.pool.model.max_new_tokens
+            self.finish_reason = "length" if limit and self.completion_tokens >= limit else "stop"
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+        if self.client is not None:
+            client, self.client = self.client, None
+            self.pool.release(client)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def create_app(pool: SessionPool):
+    """The FastAPI app serving ``pool``'s attested server."""
+    app = FastAPI(title="Bifrost attested OpenAI proxy", docs_url=None, redoc_url=None, openapi_url=None)
+    info = pool.model
+    name = info.name
+    created = int(time.time())
+    sdk_params = frozenset(p for p in SDK_PARAMS if p in inspect.signature(BifrostClient.generate).parameters)
+
+    def error_response(exc: BaseException) -> JSONResponse:
+        err = api_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), "invalid_request_error").body(),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return error_response(_bad(f"invalid request: {exc.errors()[:1]}"))
+
+    async def read_json(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError:
+            raise _bad("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise _bad("'model' is required", "model")
+        if model != name:
+            raise ApiError(404, f"The model '{model}' does not exist (this server serves '{name}')",
+                           "invalid_request_error", "model", "model_not_found")
+        return body
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "bifrost"}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model}")
+    def get_model(model: str):
+        if model != name:
+            raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model",
+                           "model_not_found")
+        return model_card()
+
+    def generation(turn: Turn, chat: bool):
+        if info.task == "encoder":
+            raise _bad(f"'{name}' is an encoder model: use /v1/embeddings", "model", "unsupported_model_task")
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        obj = "chat.completion" if chat else "text_completion"
+        try:  # errors before the first token: an HTTP error status
+            stream = TurnStream(pool, turn).open()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
+            return error_response(exc)
+        if not turn.stream:
+            try:
+                text = "".join(ev.text for ev in stream)
+            except BaseException as exc:
+                return error_response(exc)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                       "finish_reason": stream.finish_reason} if chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason})
+            return {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice],
+                    "usage": stream.usage()}
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict | str | None, finish: str | None) -> dict:
+            c = {"index": 0, "logprobs": None, "finish_reason": finish}
+            if chat:
+                c["delta"] = delta or {}
+            else:
+                c["text"] = delta or ""
+            out = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": name, "choices": [c]}
+            if turn.include_usage:
+                out["usage"] = None
+            return out
+
+        def events():
+            try:
+                if chat:
+                    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                for ev in stream:
+                    if ev.text:
+                        yield _sse(chunk({"content": ev.text} if chat else ev.text, None))
+                yield _sse(chunk({} if chat else "", stream.finish_reason))
+                if turn.include_usage:
+                    yield _sse({"id": rid, "object": chunk_obj, "created": int(time.time()), "model": name,
+                                "choices": [], "usage": stream.usage()})
+            except Exception as exc:  # noqa: BLE001 - mid-stream: the error is the last event
+                yield _sse(api_error(exc).body())
+            finally:
+                stream.close()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        turn = parse_turn(await read_json(request), False, sdk_params)
+        return await _in_thread(generation, turn, False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        turn = parse_turn(await read_json(request), True, sdk_params)
+        return await _in_thread(generation, turn, True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await read_json(request)
+        if info.task != "encoder":
+            raise _bad(f"'{name}' is not an encoder model (task {info.task!r}); embeddings need one", "model",
+                       "unsupported_model_task")
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise _bad("'input' must be a string or a non-empty list of strings (token arrays are not supported)",
+                       "input")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise _bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        vectors = await _in_thread(_embed, pool, texts)
+        data = []
+        for i, v in enumerate(vectors):
+            emb = (base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if fmt == "base64"
+                   else [float(x) for x in v])
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+    return app
+
+
+def _embed(pool: SessionPool, texts: list[str]) -> np.ndarray:
+    client = pool.acquire()
+    try:
+        try:
+            return client.embed(texts)
+        except ServingError as exc:
+            if exc.code not in REATTEST_CODES:
+                raise
+            pool.reattest(client)
+            return client.embed(texts)
+    except BifrostError as exc:
+        raise api_error(exc) from None
+    finally:
+        pool.release(client)
+
+
+async def _in_thread(fn, *args):
+    return await run_in_threadpool(fn, *args)
+
+
+def serve_pool(pool: SessionPool, host: str, port: int, log_level: str = "warning") -> None:
+    """Serve the OpenAI API with uvicorn until interrupted (the pool is closed afterwards)."""
+    import uvicorn
+
+    try:
+        uvicorn.run(create_app(pool), host=host, port=port, log_level=log_level)
+    finally:
+        pool.close()
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Run ``app`` under uvicorn in a daemon thread; returns ``(server, port, thread)``; stop with
+    ``server.should_exit = True``."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True, name="bifrost-proxy")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise BifrostError(f"the proxy did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
+    return server, bound, thread

@@ -15,7 +15,7 @@ def make_adapter(model_name: str, seed: int, out: Path, rank: int = 4, scale: fl
     random (seeded; B not zero, so the adapter changes the outputs), ``lora_alpha = rank``."""
     from peft import LoraConfig, get_peft_model
 
-    from bifrost.model.catalog import load_model, resolve
+    from bifrost.model.catalog import load_model, peft_wrapping, resolve
 
     spec = resolve(model_name)
     base = load_model(spec, 0)
@@ -23,7 +23,8 @@ def make_adapter(model_name: str, seed: int, out: Path, rank: int = 4, scale: fl
                         init_lora_weights=False, fan_in_fan_out=spec.family == "gpt2")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(base, config)
+        with peft_wrapping():
+            peft_model = get_peft_model(base, config)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_" in name:

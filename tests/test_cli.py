@@ -53,6 +53,21 @@ def test_demo_json_report_on_a_small_model():
     assert rep["decode_bytes_per_token"]["sent"] > 0
 
 
+def test_the_default_demo_answers_with_smollm2_identical_to_plaintext():
+    """`make demo`'s job: the real SmolLM2-135M-Instruct answers in its chat template through the hybrid path,
+    stops at its end-of-turn token, equals plaintext PyTorch, and nothing prints a FutureWarning."""
+    r = _bifrost("demo", "--json", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FutureWarning" not in r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["model"] == "smollm2-135m-instruct" and rep["chat_template"] is True
+    assert rep["delegated_layers"] == 210
+    assert rep["finish_reason"] == "stop" and "Paris" in rep["text"]
+    assert rep["fidelity"]["identical_to_plaintext_greedy"] is True
+    assert rep["fidelity"]["agreeing_steps"] == rep["fidelity"]["steps"] == len(rep["tokens"])
+    assert rep["verification"]["deviations"] == 0
+
+
 def test_generate_on_a_checkpoint_directory_of_an_architecture_without_bifrost_code(tmp_path):
     from tests.checkpoints import build_checkpoint
 

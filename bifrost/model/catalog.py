@@ -14,10 +14,12 @@ prompts and the KV cache are secret. This module is therefore shared by both tru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +210,15 @@ def load_model(spec: ModelSpec, seed: int = 0, adapter: str | None = None, merge
     return load_adapter(model, adapter, merged)
 
 
+@contextlib.contextmanager
+def peft_wrapping():
+    """peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model, a
+    FutureWarning on every adapter load that no caller can act on; this silences exactly that message."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_adapter(model: torch.nn.Module, adapter: str, merged: bool = False) -> torch.nn.Module:
     """``model`` with the LoRA adapter in directory ``adapter`` (see :func:`load_model`); one-line errors."""
     from peft import PeftModel
@@ -216,7 +227,8 @@ def load_adapter(model: torch.nn.Module, adapter: str, merged: bool = False) -> 
     if not (path / "adapter_config.json").is_file():
         raise BifrostError(f"LoRA adapter {adapter}: no adapter_config.json (a peft adapter directory)")
     try:
-        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise BifrostError(f"cannot load LoRA adapter {adapter}: {str(exc).splitlines()[0][:200]}") from None
     return (peft_model.merge_and_unload() if merged else peft_model).eval()

@@ -178,7 +178,7 @@ def run_generate(args) -> int:
 
             prompt = chat_prompt(runtime.tokenizer, prompt)
         try:
-            result = runtime.generate(prompt)
+            result = runtime.generate(prompt, stop_at_eos=getattr(args, "chat", False))
         finally:
             runtime.close()
     report = _generation_report(cfg, runtime, result)
@@ -203,6 +203,7 @@ def _generation_report(cfg, runtime, result) -> dict:
         "prompt_tokens": len(result.prompt_ids),
         "tokens": result.tokens,
         "text": result.text,
+        "finish_reason": result.finish_reason,
         "setup_s": runtime.setup_s,
         "public_context_bytes": runtime.engine.public_context_bytes,
         "time_to_first_token_s": result.timings[0].total_s,
@@ -247,7 +248,8 @@ def _print_generation(rep: dict, result) -> None:
     if rep.get("chat_template"):
         console.print(f"user: {rep['prompt']}  (in the model's chat template)")
         console.print(f"assistant: {rep['text']}")
-    console.print(f"generated: {rep['text']!r}")
+    end = "the model's end-of-sequence token" if rep["finish_reason"] == "stop" else "the token limit"
+    console.print(f"generated: {rep['text']!r}  ({len(rep['tokens'])} tokens, ended by {end})")
     v = rep["verification"]
     status = (f"[green]all {v['comparisons']} comparisons passed[/green]" if not v["deviations"] else
               f"[red]{v['deviations']} deviating replies, recomputed in the TEE; quarantined: "

@@ -89,6 +89,7 @@ class GenerationResult:
     text: str
     timings: list[TokenTiming]
     fidelity: Fidelity | None
+    finish_reason: str = "length"  # "stop": the model's end-of-sequence token ended it (not in ``text``)
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,11 @@ class TrustedRuntime:
 
     @torch.no_grad()
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None,
-                 mode: str | None = None) -> GenerationResult:
+                 mode: str | None = None, stop_at_eos: bool = False) -> GenerationResult:
         """Generate with the KV cache in trusted memory.
+
+        ``stop_at_eos``: end at the tokenizer's end-of-sequence token (kept in ``tokens``, left out of
+        ``text``; ``finish_reason`` "stop"); otherwise exactly ``max_new_tokens`` are generated.
 
         ``mode``: ``bifrost`` runs the prompt through the hybrid CKKS path (all prompt tokens of a layer
         batched into as few ciphertexts as the packing allows); ``bifrost+`` builds the prompt's KV state
@@ -257,13 +261,19 @@ class TrustedRuntime:
         fid = _FidelityTracker(self.reference) if self.reference is not None else None
         if self.engine is None and self.sites:
             raise BifrostError("this runtime has no worker link: a server gives each session its own engine")
+        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        finish = "length"
         for step in self.decode_steps(self.engine, ids, n_new, mode=mode, sample_seed=sample_seed):
             timings.append(step.timing)
             tokens.append(step.timing.token)
             if fid is not None:
                 fid.step(step.step_input, step.logits, step.timing.token)
-        fidelity = fid.finish(ids, n_new) if fid is not None else None
-        return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), timings, fidelity)
+            if eos is not None and step.timing.token == eos:
+                finish = "stop"
+                break
+        fidelity = fid.finish(ids, len(tokens)) if fid is not None else None
+        text = self.tokenizer.decode(tokens[:-1] if finish == "stop" else tokens)
+        return GenerationResult(ids, tokens, text, timings, fidelity, finish)
 
     def forward(self, engine: DelegationEngine | None, step_input: torch.Tensor, past=None, *, in_tee: bool = False):
         """One forward pass with ``engine``'s keys: ``step_input`` (1, rows) token ids after the KV state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -24,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-config", help="serve config YAML (default: configs/serve.yaml)")
     p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
     p.add_argument("--seed", type=int, help="seed of random-init named models")
+    p.add_argument("--mode", choices=("bifrost", "bifrost+"),
+                   help="bifrost: prompts through CKKS too; bifrost+: prompts prefilled inside the TEE, only decode "
+                        "steps delegated (default from the run config: bifrost; bound into the serving-config digest)")
     p.add_argument("--policy", help="placement policy (configs/policies/ name or YAML path; bound into attestation)")
     p.add_argument("--adapter", help="a LoRA adapter directory (peft), run in the TEE; its digest is bound into "
                                      "the serving-config digest")
@@ -65,6 +69,8 @@ def _configs(args):
         cfg = cfg.replace(seed=args.seed)
     if args.policy:
         cfg = cfg.replace(policy=args.policy)
+    if args.mode:
+        cfg = cfg.replace(generation=dataclasses.replace(cfg.generation, mode=args.mode))
     if args.adapter:
         cfg = cfg.replace(adapter=args.adapter)
     cfg.placement()  # one line for an unknown or malformed policy
@@ -114,9 +120,14 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=[handler, logging.StreamHandler(sys.stderr)])
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     app.start()
+    stop_on_signals()  # again: ray.init replaces the SIGTERM handler with one that dumps a stack and aborts
     try:
         evidence = app.service.info.evidence_type
         print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({scfg.transport}, {len(app.replicas)} replica(s), "

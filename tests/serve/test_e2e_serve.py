@@ -56,6 +56,8 @@ def served(tmp_path_factory):
     proc, address = _start_serve(tmp, "--runtime", "ray", "--max-sessions", "4")
     yield proc, address, tmp / "run", tmp, ray_dirs_before
     _stop_serve(proc)
+    # SIGTERM is a clean stop (Ray's own handler would dump a stack and abort)
+    assert proc.returncode == 0 and "SIGTERM received" not in (tmp / "serve.stderr").read_text()
     assert ray_default_dirs_listing() == ray_dirs_before  # also after Ray shut down
 
 

@@ -83,3 +83,17 @@ def test_serve_print_digests_policy_out(tmp_path, capsys):
     assert policy.serving_config_digests == (bytes.fromhex(printed["serving_config_digest"]),)
     assert main(argv) != 0 and "exists" in capsys.readouterr().err
     assert main(argv + ["--force"]) == 0
+
+
+def test_serve_mode_is_bound_into_the_serving_config_digest(capsys):
+    """`bifrost serve --mode bifrost+` (prompts prefilled in the TEE) is a different serving configuration:
+    a client pinning the default's digest refuses it."""
+    digests = {}
+    for mode in ("bifrost", "bifrost+"):
+        assert main(["serve", "--model", MODEL, "--evidence", "simulated", "--print-digests", "--mode", mode]) == 0
+        printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
+        digests[mode] = (printed["model_digest"], printed["serving_config_digest"])
+    assert main(["serve", "--model", MODEL, "--evidence", "simulated", "--print-digests"]) == 0
+    default = dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
+    assert digests["bifrost"] == (default["model_digest"], default["serving_config_digest"])
+    assert digests["bifrost"][0] == digests["bifrost+"][0] and digests["bifrost"][1] != digests["bifrost+"][1]

@@ -1,9 +1,4 @@
-"""`bifrost proxy`: the official `openai` client talks to an attested server through the local proxy.
-
-Tests marked ``needs_sdk_generate_params`` use the extended ``BifrostClient.generate`` (``messages``,
-``temperature``/``top_p``/``top_k``/``stop``, ``finish_reason``/``prompt_tokens`` on events); they fail
-against an SDK without it (the proxy refuses those parameters with 400), by design.
-"""
+"""`bifrost proxy`: the official `openai` client talks to an attested server through the local proxy."""
 
 from __future__ import annotations
 
@@ -16,9 +11,6 @@ import pytest
 import yaml
 
 from .conftest import MODEL, make_policy
-
-needs_sdk_generate_params = pytest.mark.needs_sdk_generate_params
-
 
 def _pool(app, sessions: int = 2, policy=None):
     from bifrost.serve.client import BifrostClient
@@ -184,8 +176,6 @@ def test_embeddings_from_an_encoder_server(worker_factory, serve_run_config, ser
         app.stop()
 
 
-# -- these need the extended SDK (BifrostClient.generate(messages=..., temperature=..., stop=...)) ----------
-@needs_sdk_generate_params
 def test_chat_completions_streaming_and_not(serve_run_config, serve_config, tmp_path):
     """Chat completions through the model's chat template (a tiny checkpoint with one: gpt2-mini has none),
     equal to the gRPC SDK's messages turn; streaming equals non-streaming."""
@@ -218,7 +208,6 @@ def test_chat_completions_streaming_and_not(serve_run_config, serve_config, tmp_
         app.stop()
 
 
-@needs_sdk_generate_params
 def test_sampling_parameters_and_stop_reach_the_server(local_app, proxy):
     client, _ = proxy
     prompt = "The attested proxy says"

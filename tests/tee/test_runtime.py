@@ -140,3 +140,22 @@ def test_sampling_parameters_shape_the_choice():
 
     assert Sampling.from_config(GenerationConfig(do_sample=True, temperature=0.7, top_k=5, top_p=0.9)) == \
         Sampling(True, 0.7, 5, 0.9)
+
+
+def test_stop_at_eos_ends_at_the_first_end_of_sequence_token(worker_factory, run_config, monkeypatch):
+    """``stop_at_eos`` (the chat demo): the turn ends at the first EOS, which stays in ``tokens`` and is left
+    out of ``text``; the plaintext comparison covers exactly the tokens generated."""
+    _, _, address = worker_factory("gpt2-mini")
+    runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address, reference=True)
+    full = runtime.generate("Private LLM", 6)
+    eos = full.tokens[2]
+    cut = full.tokens.index(eos) + 1
+    monkeypatch.setattr(type(runtime.tokenizer), "eos_token_id", property(lambda self: eos))
+    stopped = runtime.generate("Private LLM", 6, stop_at_eos=True)
+    plain = runtime.generate("Private LLM", 6)  # without stop_at_eos the same EOS does not end it
+    runtime.close()
+    assert full.finish_reason == plain.finish_reason == "length" and len(plain.tokens) == 6
+    assert stopped.finish_reason == "stop"
+    assert stopped.tokens == full.tokens[:cut]
+    assert stopped.text == runtime.tokenizer.decode(full.tokens[:cut - 1])
+    assert stopped.fidelity.steps == cut and stopped.fidelity.plaintext_tokens == stopped.tokens

@@ -48,11 +48,13 @@ for 2–3 minutes on an H200, timeout_s 420; not yet timed there). Here: ``pytho
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.metadata
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,8 +91,10 @@ def listed(path: Path) -> set[str]:
 
 
 def link_sources() -> Path:
-    """A temporary folder linking this checkout's packages under their installed names, first on ``sys.path``."""
+    """A temporary folder linking this checkout's packages under their installed names, first on ``sys.path``
+    (removed at exit: only the links go)."""
     folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    atexit.register(shutil.rmtree, folder, True)
     for name, target in LINKS.items():
         (folder / name).symlink_to(ROOT / target, target_is_directory=True)
     sys.path.insert(0, str(folder))

@@ -86,14 +86,14 @@ def test_adversarial_worst_case_does_not_wrap(context, evaluator):
     assert np.allclose(y, x @ w.T, rtol=2.0 ** -12)
 
 
-def test_ntt_product_matches_fft_product_bit_for_bit(backend, context):
+def test_ntt_product_matches_fft_product_bit_for_bit(backend, context, device):
     shape = GroupShape(256, (96, 40))
     rng = np.random.default_rng(12)
     ws = [rng.normal(0, 0.05, (d, 256)) for d in shape.d_outs]
     batch = context.encrypt(shape, gpt2_like(rng, 2, 256))
     outs = []
     for polymul in ("fft", "ntt"):
-        ev = backend.evaluator(context.public_context(), device="cpu", polymul=polymul)
+        ev = backend.evaluator(context.public_context(), device=device, polymul=polymul)
         outs.append(ev.apply(ev.prepare(shape, ws), batch.ciphertexts))
     assert outs[0] == outs[1]
 

@@ -55,6 +55,7 @@ DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 2
 GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
 MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
+DIRECT_DECRYPT_POSITIONS = 256  # decrypt by one GEMM with s's rows up to this many wanted coefficients per output
 PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ~0.8 MB at the defaults)
 # One thread for every context of the process: preparing masks while workers compute (kernels release the GIL).
 _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch")
@@ -155,6 +156,7 @@ class NativeTrustedContext:
         self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
         self._masks: dict[int, Future] = {}  # ciphertext count -> the next call's (seed, masks), being prepared
         self._masks_lock = threading.Lock()
+        self._secret_rows: dict[Blocking, np.ndarray] = {}  # decrypt: rows of s's negacyclic matrix per blocking
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
@@ -171,6 +173,24 @@ class NativeTrustedContext:
         """Exact negacyclic product of centred integer polynomials [..., N] (|c| < 2^31) with s."""
         t = torch.from_numpy(polys.astype(np.float64))
         return nfft.round_exact(nfft.inverse(nfft.forward(t) * self._secret_spectrum)).numpy()
+
+    def _secret_product_at(self, c1: np.ndarray, blk: Blocking) -> np.ndarray:
+        """(c_1 ⊛ s) at the blocking's output positions, for centred c_1 [C, N] (|c_1| < 2^31) -> [C, r·n_o].
+
+        Few positions (decode: n_o ≤ ``DIRECT_DECRYPT_POSITIONS``): one float64 GEMM with the rows of the
+        negacyclic matrix of s at those positions (exact: |Σ| < 2^31·N ≤ 2^53), cached per blocking;
+        otherwise the whole product by FFT."""
+        pos = blk.output_positions().reshape(-1)
+        if len(pos) > DIRECT_DECRYPT_POSITIONS:
+            return self._mul_secret(c1)[:, pos]
+        rows = self._secret_rows.get(blk)
+        if rows is None:
+            n = self._codec.n
+            i = np.arange(n)[None, :]
+            lag = pos[:, None] - i                                   # (c ⊛ s)[p] = Σ_i c[i]·s[p − i], negacyclic
+            rows = np.where(lag >= 0, 1.0, -1.0) * self._secret[np.mod(lag, n)]   # [r·n_o, N]
+            self._secret_rows[blk] = rows = np.ascontiguousarray(rows.T)         # [N, r·n_o]
+        return np.rint(c1.astype(np.float64) @ rows).astype(np.int64)
 
     def _fresh_masks(self, count: int) -> tuple[bytes, np.ndarray]:
         """A fresh call seed and the masks e_k − a(seed, k)·s mod q_i of its ``count`` ciphertexts [C, L, N]:
@@ -276,8 +296,7 @@ class NativeTrustedContext:
             raise CiphertextError("output ciphertext coefficient out of range")
         c1 = vals[:, r * n_o:]
         c1 = np.where(c1 > q0 // 2, c1 - q0, c1)
-        pos = blk.output_positions().reshape(-1)
-        c1s = self._mul_secret(c1)[:, pos]
+        c1s = self._secret_product_at(c1, blk)
         decoded = np.mod(vals[:, : r * n_o] + c1s, q0)
         decoded = np.where(decoded > q0 // 2, decoded - q0, decoded).astype(np.float64)  # [C, r·n_o]
 

@@ -104,7 +104,6 @@ def test_encryption_known_answer(context, monkeypatch):
     n, primes = 2048, context._codec.primes
     seed = bytes(range(32))
     a = sampling.expand_uniform(seed, primes, n)
-    msg = np.arange(n, dtype=np.int64)[None] * 1000 - 7
     err = np.zeros((1, n), dtype=np.int64)
     err[0, 5] = 3
     saved = context._secret, context._secret_spectrum
@@ -148,6 +147,22 @@ def test_prefetched_masks_are_used_once_and_decrypt(context):
     for batch in (first, second):
         y, = context.decrypt(shape, ev.apply(prepared, batch.ciphertexts), batch, [WeightStats.of(w)])
         assert np.abs(y - x @ w.T).max() <= context.error_bound(shape, batch, [WeightStats.of(w)]).max()
+
+
+@pytest.mark.parametrize("rows_per_ct,n_i,n_o", [(1, 32, 64), (1, 128, 16), (4, 8, 8), (1, 1, 1)])
+def test_decrypt_by_gemm_equals_the_fft_product(context, rows_per_ct, n_i, n_o):
+    """The direct decryption (GEMM with the rows of s's negacyclic matrix) equals the FFT product at the
+    output positions, wrap-around signs included, for extreme c_1."""
+    from bifrost_kernels.layout import Blocking
+
+    blk = Blocking(2048, rows_per_ct, n_i, n_o)
+    q0 = context._codec.primes[0]
+    rng = np.random.default_rng(5)  # test data
+    c1 = rng.integers(-(q0 // 2), q0 // 2 + 1, size=(6, 2048))
+    c1[0] = q0 // 2
+    c1[1] = -(q0 // 2)
+    want = context._mul_secret(c1)[:, blk.output_positions().reshape(-1)]
+    assert (context._secret_product_at(c1, blk) == want).all()
 
 
 def test_prefetch_skips_calls_over_its_memory_cap(context, monkeypatch):

@@ -113,6 +113,16 @@ def measure(ctx, ev, shape: GroupShape, rows: int, repeats: int, seed: int = 0, 
     return row
 
 
+def shape_rows(ctx, ev, repeats: int, shapes=SHAPES) -> list[dict]:
+    """:func:`measure` of one decode row (rows = 1) through each single-layer shape (d_in, d_out) of ``shapes``."""
+    return [measure(ctx, ev, GroupShape(i, (o,)), 1, repeats, k, ev.weight_bits) for k, (i, o) in enumerate(shapes)]
+
+
+def group_rows(ctx, ev, repeats: int, groups=QWEN3_LAYER) -> list[dict]:
+    """:func:`measure` of one decode row through each layer group of ``groups`` (default: a Qwen3-0.6B block)."""
+    return [measure(ctx, ev, g, 1, repeats, 100 + k, ev.weight_bits) for k, g in enumerate(groups)]
+
+
 def plain_tenseal_mm(repeats: int = 1) -> float:
     import tenseal as ts
 
@@ -188,8 +198,7 @@ def main(argv=None) -> int:
         "native_params": {"N": native.default_params.poly_modulus_degree,
                           "coeff_mod_bit_sizes": list(native.default_params.coeff_mod_bit_sizes),
                           "scale_bits": native.default_params.scale_bits, "weight_bits": ev.weight_bits},
-        "native": [measure(ctx, ev, GroupShape(i, (o,)), 1, args.repeats, k, ev.weight_bits)
-                   for k, (i, o) in enumerate(SHAPES)],
+        "native": shape_rows(ctx, ev, args.repeats),
     }
     by_shape = {r["shape"]: r for r in report["native"]}
     report["openfhe_bsgs"] = openfhe_baseline(args.openfhe_python, args.repeats, args.threads)
@@ -202,7 +211,7 @@ def main(argv=None) -> int:
     if ("768x768", "plain") in ofhe:
         report["openfhe_bsgs_plain_768x768_s"] = ofhe["768x768", "plain"]["product_s"]
     gpt2 = [by_shape[f"{g.d_in}x{g.d_outs[0]}"] for g in GPT2_LAYER]
-    qwen = [measure(ctx, ev, g, 1, args.repeats, 100 + k, ev.weight_bits) for k, g in enumerate(QWEN3_LAYER)]
+    qwen = group_rows(ctx, ev, args.repeats)
     report["qwen3_groups"] = qwen
     report["gpt2_124m_per_token"] = project(gpt2, GPT2_LAYERS)
     report["qwen3_0.6b_per_token"] = project(qwen, QWEN3_LAYERS)

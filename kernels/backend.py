@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,6 +55,10 @@ DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 2
 GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
 MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
+DIRECT_DECRYPT_POSITIONS = 256  # decrypt by one GEMM with s's rows up to this many wanted coefficients per output
+PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ~0.8 MB at the defaults)
+# One thread for every context of the process: preparing masks while workers compute (kernels release the GIL).
+_PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch")
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
 POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)
 
@@ -148,6 +154,9 @@ class NativeTrustedContext:
         self._secret = sampling.ternary_secret(params.poly_modulus_degree)
         self._secret_weight = int(np.count_nonzero(self._secret))  # hw(s): bounds the rescale rounding
         self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
+        self._masks: dict[int, Future] = {}  # ciphertext count -> the next call's (seed, masks), being prepared
+        self._masks_lock = threading.Lock()
+        self._secret_rows: dict[Blocking, np.ndarray] = {}  # decrypt: rows of s's negacyclic matrix per blocking
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
@@ -165,14 +174,51 @@ class NativeTrustedContext:
         t = torch.from_numpy(polys.astype(np.float64))
         return nfft.round_exact(nfft.inverse(nfft.forward(t) * self._secret_spectrum)).numpy()
 
-    def _encrypt_polynomials(self, msg: np.ndarray, seed: bytes, errors: np.ndarray) -> np.ndarray:
-        """c_0 = m + e − a(seed, k)·s mod q_i for integer polynomials msg, errors [C, N] (ciphertext k = row k)
-        -> residues [C, L, N]."""
+    def _secret_product_at(self, c1: np.ndarray, blk: Blocking) -> np.ndarray:
+        """(c_1 ⊛ s) at the blocking's output positions, for centred c_1 [C, N] (|c_1| < 2^31) -> [C, r·n_o].
+
+        Few positions (decode: n_o ≤ ``DIRECT_DECRYPT_POSITIONS``): one float64 GEMM with the rows of the
+        negacyclic matrix of s at those positions (exact: |Σ| < 2^31·N ≤ 2^53), cached per blocking;
+        otherwise the whole product by FFT."""
+        pos = blk.output_positions().reshape(-1)
+        if len(pos) > DIRECT_DECRYPT_POSITIONS:
+            return self._mul_secret(c1)[:, pos]
+        rows = self._secret_rows.get(blk)
+        if rows is None:
+            n = self._codec.n
+            i = np.arange(n)[None, :]
+            lag = pos[:, None] - i                                   # (c ⊛ s)[p] = Σ_i c[i]·s[p − i], negacyclic
+            rows = np.where(lag >= 0, 1.0, -1.0) * self._secret[np.mod(lag, n)]   # [r·n_o, N]
+            self._secret_rows[blk] = rows = np.ascontiguousarray(rows.T)         # [N, r·n_o]
+        return np.rint(c1.astype(np.float64) @ rows).astype(np.int64)
+
+    def _fresh_masks(self, count: int) -> tuple[bytes, np.ndarray]:
+        """A fresh call seed and the masks e_k − a(seed, k)·s mod q_i of its ``count`` ciphertexts [C, L, N]:
+        everything of an encryption but the message (fresh errors from the CSPRNG; used once)."""
         c = self._codec
-        a = sampling.expand_uniform_many(seed, np.arange(len(msg)), c.primes, c.n)     # [C, L, N]
+        seed = sampling.fresh_seed()
+        a = sampling.expand_uniform_many(seed, np.arange(count), c.primes, c.n)         # [C, L, N]
         q_col = c.basis.q_col[None, :, None]
         a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
-        return np.mod((msg + errors)[:, None, :] - a_s, q_col)
+        return seed, np.mod(sampling.centered_binomial((count, c.n))[:, None, :] - a_s, q_col)
+
+    def prefetch(self, shape: GroupShape, rows: int) -> None:
+        """Prepare the masks of the next encryption of ``rows`` rows of ``shape`` on a background thread (at
+        most one set per ciphertext count, and only for calls of at most ``PREFETCH_MAX_BYTES`` of masks);
+        :meth:`encrypt` takes them and waits for them if they are not ready yet."""
+        _check_shape(shape)
+        blk = self._codec.blocking(shape, rows)
+        count = blk.row_blocks(rows) * blk.in_blocks(shape.d_in)
+        if count * len(self._codec.primes) * self._codec.n * 8 > PREFETCH_MAX_BYTES:
+            return
+        with self._masks_lock:
+            if count not in self._masks:
+                self._masks[count] = _PREFETCH.submit(self._fresh_masks, count)
+
+    def _take_masks(self, count: int) -> tuple[bytes, np.ndarray]:
+        with self._masks_lock:
+            ready = self._masks.pop(count, None)
+        return ready.result() if ready is not None else self._fresh_masks(count)
 
     # -------------------------------------------------------------- encrypt
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
@@ -203,8 +249,8 @@ class NativeTrustedContext:
         msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
 
         count = rb_count * b_count
-        seed = sampling.fresh_seed()
-        c0 = self._encrypt_polynomials(msg.reshape(count, n), seed, sampling.centered_binomial((count, n)))
+        seed, masks = self._take_masks(count)
+        c0 = np.mod(msg.reshape(count, 1, n) + masks, c.basis.q_col[None, :, None])  # m + e − a·s mod q_i [C, L, N]
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
         cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed),
                                  payload[i].tobytes())
@@ -250,8 +296,7 @@ class NativeTrustedContext:
             raise CiphertextError("output ciphertext coefficient out of range")
         c1 = vals[:, r * n_o:]
         c1 = np.where(c1 > q0 // 2, c1 - q0, c1)
-        pos = blk.output_positions().reshape(-1)
-        c1s = self._mul_secret(c1)[:, pos]
+        c1s = self._secret_product_at(c1, blk)
         decoded = np.mod(vals[:, : r * n_o] + c1s, q0)
         decoded = np.where(decoded > q0 // 2, decoded - q0, decoded).astype(np.float64)  # [C, r·n_o]
 

@@ -95,6 +95,12 @@ class TrustedContext(Protocol):
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
         """Encrypt ``x`` (rows × d_in, float64) in the packing the backend uses for ``shape``."""
 
+    def prefetch(self, shape: GroupShape, rows: int) -> None:
+        """Start preparing, in the background, the input-independent part of the next :meth:`encrypt` of
+        ``rows`` rows of ``shape`` (the caller calls this while a worker computes); that encrypt waits for it
+        and uses it once. Where a backend has no such part, a no-op. The preparation's cost is a function of
+        public values (shape, rows) only."""
+
     def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
                 weights: Sequence[WeightStats]) -> list[np.ndarray]:
         """Decrypt the worker's outputs for ``batch`` (one ciphertext list per group member) into

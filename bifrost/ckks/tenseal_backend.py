@@ -233,6 +233,9 @@ class TenSEALTrustedContext:
         ).encode()
         return PUB_MAGIC + struct.pack("<I", len(meta)) + meta + self._galois_blob
 
+    def prefetch(self, shape: GroupShape, rows: int) -> None:
+        """No-op: SEAL's encryption has no input-independent part exposed to prepare ahead."""
+
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
         """Encrypt ``x``; ``state`` records the plan, the row count and ‖x_r‖₁ (trusted memory)."""
         x = np.asarray(x, dtype=np.float64)

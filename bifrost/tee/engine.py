@@ -190,6 +190,8 @@ class DelegationEngine:
         t0 = time.perf_counter()
         batch = self._keys.encrypt(shape, x)
         t1 = time.perf_counter()
+        # The next call of this size (the next layer's) gets its encryption masks ready while this one is out.
+        self._keys.prefetch(shape, len(x))
         # With a quarantined worker among this link's workers, start the TEE's own product now so that it overlaps
         # the round trip: a quarantined worker's calls then keep the timing of an honest one.
         quarantined = len(self.quarantine) and any(w in self.quarantine for w in self.link.identities())

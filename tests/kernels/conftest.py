@@ -1,6 +1,20 @@
+import os
+
 import pytest
+import torch
 
 from bifrost.ckks import get_backend
+from bifrost_kernels.backend import DEVICE_ENV
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the tests run the worker's kernels: ``$BIFROST_KERNELS_DEVICE`` (benchmarks/gpu_check.py sets
+    ``cuda``), else ``cpu``. The trusted side always runs on the CPU."""
+    name = os.environ.get(DEVICE_ENV) or "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"{DEVICE_ENV}={name} but torch {torch.__version__} sees no CUDA device")
+    return name
 
 
 @pytest.fixture(scope="session")
@@ -14,5 +28,5 @@ def context(backend):
 
 
 @pytest.fixture(scope="session")
-def evaluator(backend, context):
-    return backend.evaluator(context.public_context(), device="cpu")
+def evaluator(backend, context, device):
+    return backend.evaluator(context.public_context(), device=device)

@@ -86,24 +86,24 @@ def test_adversarial_worst_case_does_not_wrap(context, evaluator):
     assert np.allclose(y, x @ w.T, rtol=2.0 ** -12)
 
 
-def test_ntt_product_matches_fft_product_bit_for_bit(backend, context):
+def test_ntt_product_matches_fft_product_bit_for_bit(backend, context, device):
     shape = GroupShape(256, (96, 40))
     rng = np.random.default_rng(12)
     ws = [rng.normal(0, 0.05, (d, 256)) for d in shape.d_outs]
     batch = context.encrypt(shape, gpt2_like(rng, 2, 256))
     outs = []
     for polymul in ("fft", "ntt"):
-        ev = backend.evaluator(context.public_context(), device="cpu", polymul=polymul)
+        ev = backend.evaluator(context.public_context(), device=device, polymul=polymul)
         outs.append(ev.apply(ev.prepare(shape, ws), batch.ciphertexts))
     assert outs[0] == outs[1]
 
 
-def test_encryption_known_answer(context):
-    """With s = 1 and s = X, c_0 = m + e − a·s has a closed form; checks the trusted-side arithmetic."""
+def test_encryption_known_answer(context, monkeypatch):
+    """With s = 1 and s = X, the mask e − a·s (c_0 = m + mask) has a closed form; checks the trusted-side
+    arithmetic."""
     n, primes = 2048, context._codec.primes
     seed = bytes(range(32))
     a = sampling.expand_uniform(seed, primes, n)
-    msg = np.arange(n, dtype=np.int64)[None] * 1000 - 7
     err = np.zeros((1, n), dtype=np.int64)
     err[0, 5] = 3
     saved = context._secret, context._secret_spectrum
@@ -113,11 +113,64 @@ def test_encryption_known_answer(context):
             from bifrost_kernels import negacyclic_fft
             context._secret = secret
             context._secret_spectrum = negacyclic_fft.forward(torch.from_numpy(secret).double())
-            c0 = context._encrypt_polynomials(msg, seed, err)[0]
-            want = np.mod(msg + err - a_s, np.array(primes)[:, None])
-            assert (c0 == want).all()
+            monkeypatch.setattr(sampling, "fresh_seed", lambda: seed)
+            monkeypatch.setattr(sampling, "centered_binomial", lambda shape: err)
+            got_seed, masks = context._fresh_masks(1)
+            want = np.mod(err - a_s, np.array(primes)[:, None])
+            assert got_seed == seed and (masks[0] == want).all()
     finally:
         context._secret, context._secret_spectrum = saved
+
+
+def test_prefetched_masks_are_used_once_and_decrypt(context):
+    """prefetch() prepares the next encryption's seed and masks; encrypt takes them (once: the next call
+    draws fresh ones) and the result decrypts as an inline encryption does."""
+    from bifrost.ckks.backend import WeightStats
+    from bifrost_kernels import wire
+    from bifrost_kernels.backend import NativeEvaluator
+
+    shape = GroupShape(64, (48,))
+    rng = np.random.default_rng(3)  # test data, not key material
+    w, x = rng.standard_normal((48, 64)), rng.standard_normal((1, 64))
+    ev = NativeEvaluator(context.public_context(), device="cpu")
+    prepared = ev.prepare(shape, [w])
+    context.prefetch(shape, 1)
+    (count, pending), = context._masks.items()
+    seed, _ = pending.result()
+    first = context.encrypt(shape, x)
+    second = context.encrypt(shape, x)  # nothing prefetched: fresh, inline
+    assert not context._masks
+    plen = context._codec.input_payload_len()
+    seeds = [wire.decode_input(ct, context._codec.context_id, plen)[0].seed for ct in first.ciphertexts]
+    assert len(first.ciphertexts) == count and set(seeds) == {seed}
+    assert wire.decode_input(second.ciphertexts[0], context._codec.context_id, plen)[0].seed != seed
+    for batch in (first, second):
+        y, = context.decrypt(shape, ev.apply(prepared, batch.ciphertexts), batch, [WeightStats.of(w)])
+        assert np.abs(y - x @ w.T).max() <= context.error_bound(shape, batch, [WeightStats.of(w)]).max()
+
+
+@pytest.mark.parametrize("rows_per_ct,n_i,n_o", [(1, 32, 64), (1, 128, 16), (4, 8, 8), (1, 1, 1)])
+def test_decrypt_by_gemm_equals_the_fft_product(context, rows_per_ct, n_i, n_o):
+    """The direct decryption (GEMM with the rows of s's negacyclic matrix) equals the FFT product at the
+    output positions, wrap-around signs included, for extreme c_1."""
+    from bifrost_kernels.layout import Blocking
+
+    blk = Blocking(2048, rows_per_ct, n_i, n_o)
+    q0 = context._codec.primes[0]
+    rng = np.random.default_rng(5)  # test data
+    c1 = rng.integers(-(q0 // 2), q0 // 2 + 1, size=(6, 2048))
+    c1[0] = q0 // 2
+    c1[1] = -(q0 // 2)
+    want = context._mul_secret(c1)[:, blk.output_positions().reshape(-1)]
+    assert (context._secret_product_at(c1, blk) == want).all()
+
+
+def test_prefetch_skips_calls_over_its_memory_cap(context, monkeypatch):
+    from bifrost_kernels import backend as native
+
+    monkeypatch.setattr(native, "PREFETCH_MAX_BYTES", 1)
+    context.prefetch(GroupShape(64, (48,)), 1)
+    assert not context._masks
 
 
 def test_no_weak_rng_is_used(monkeypatch):

@@ -32,13 +32,13 @@ def test_unsupported_parameters_are_refused_clearly():
         NativeTrustedContext(CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24), scale_bits=45))
 
 
-def test_larger_ring_works(backend):
+def test_larger_ring_works(backend, device):
     import numpy as np
 
     from bifrost.ckks import GroupShape
     params = CKKSParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(31, 31), scale_bits=40)
     ctx = backend.keygen(params, [])
-    ev = backend.evaluator(ctx.public_context(), device="cpu")
+    ev = backend.evaluator(ctx.public_context(), device=device)
     shape = GroupShape(100, (50,))
     rng = np.random.default_rng(0)
     w, x = rng.normal(0, 0.05, (50, 100)), rng.normal(0, 1, (2, 100))

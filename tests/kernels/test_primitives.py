@@ -31,44 +31,45 @@ def test_prime_chain_is_ntt_friendly_and_sized():
 
 
 @pytest.mark.parametrize("n", [8, 64])
-def test_ntt_roundtrip_and_negacyclic_product(n):
+def test_ntt_roundtrip_and_negacyclic_product(n, device):
     q = rns.ntt_primes(n, (20,))[0]
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, q, n), rng.integers(0, q, n)
-    fa, fb = ntt.forward(torch.tensor(a), q), ntt.forward(torch.tensor(b), q)
-    assert (ntt.inverse(fa, q).numpy() == a).all()
-    assert (ntt.inverse(fa * fb % q, q).numpy() == naive_negacyclic(a, b, q)).all()
+    fa, fb = ntt.forward(torch.tensor(a, device=device), q), ntt.forward(torch.tensor(b, device=device), q)
+    assert (ntt.inverse(fa, q).cpu().numpy() == a).all()
+    assert (ntt.inverse(fa * fb % q, q).cpu().numpy() == naive_negacyclic(a, b, q)).all()
 
 
 @pytest.mark.parametrize("n", [8, 128])
-def test_fft_negacyclic_product_is_exact(n):
+def test_fft_negacyclic_product_is_exact(n, device):
     rng = np.random.default_rng(2)
     a, b = rng.integers(-2**20, 2**20, n), rng.integers(-2**10, 2**10, n)
-    got = negacyclic_fft.negacyclic_multiply(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
-    assert (got.numpy() == naive_negacyclic(a, b)).all()
+    got = negacyclic_fft.negacyclic_multiply(torch.tensor(a, dtype=torch.float64, device=device),
+                                             torch.tensor(b, dtype=torch.float64, device=device))
+    assert (got.cpu().numpy() == naive_negacyclic(a, b)).all()
 
 
-def test_fft_rounding_guard_fires():
+def test_fft_rounding_guard_fires(device):
     with pytest.raises(negacyclic_fft.FFTPrecisionError):
-        negacyclic_fft.round_exact(torch.tensor([0.5, 1.0], dtype=torch.float64))
+        negacyclic_fft.round_exact(torch.tensor([0.5, 1.0], dtype=torch.float64, device=device))
 
 
-def test_crt_compose_and_rescale():
+def test_crt_compose_and_rescale(device):
     primes = rns.ntt_primes(2048, (30, 24))
     basis = rns.RNSBasis(primes)
     rng = np.random.default_rng(3)
     x = rng.integers(-(basis.Q // 2), basis.Q // 2, (5, 64), dtype=np.int64)
-    res = torch.from_numpy(np.moveaxis(basis.decompose(x), -1, -2).copy())  # [5, L, 64]
-    assert (linear.compose_centered(res, primes).numpy() == x).all()
+    res = torch.from_numpy(np.moveaxis(basis.decompose(x), -1, -2).copy()).to(device)  # [5, L, 64]
+    assert (linear.compose_centered(res, primes).cpu().numpy() == x).all()
     assert (basis.compose_centered(basis.decompose(x)) == x).all()
-    resc = linear.rescale_to_first(res, primes).numpy()
+    resc = linear.rescale_to_first(res, primes).cpu().numpy()
     want = np.rint(x / primes[1]).astype(np.int64) % primes[0]
     diff = (resc - want) % primes[0]
     assert np.all((diff == 0) | (diff == 1) | (diff == primes[0] - 1))  # rounding may differ at .5
 
 
-def test_signed_digits_reconstruct():
-    x = torch.tensor([2**53 - 1, -(2**53), 0, 12345, -1], dtype=torch.int64)
+def test_signed_digits_reconstruct(device):
+    x = torch.tensor([2**53 - 1, -(2**53), 0, 12345, -1], dtype=torch.int64, device=device)
     d, beta = linear.digit_plan(54)
     digits = linear.signed_digits(x, d, beta).to(torch.int64)  # [D, 5]
     back = sum(digits[k] * (1 << (beta * k)) for k in range(d))

@@ -57,8 +57,21 @@ MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
 DIRECT_DECRYPT_POSITIONS = 256  # decrypt by one GEMM with s's rows up to this many wanted coefficients per output
 PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ~0.8 MB at the defaults)
-# One thread for every context of the process: preparing masks while workers compute (kernels release the GIL).
-_PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch")
+PREFETCH_NICE = 19  # the preparing thread's nice value (Linux): it takes idle cores, never a worker's or the TEE's
+
+
+def _lower_priority() -> None:
+    """Runs once in the prefetch thread: on Linux, nice applies per thread (an unprivileged thread may lower
+    its own priority). Where it cannot (other systems), the thread keeps the process's priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFETCH_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
+# One thread for every context of the process, preparing masks on idle cores while workers compute (a local worker
+# on the same cores keeps its share: measured on 2 cores, an equal-priority thread slowed it by a third).
+_PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch", initializer=_lower_priority)
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
 POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)
 
@@ -156,7 +169,7 @@ class NativeTrustedContext:
         self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
         self._masks: dict[int, Future] = {}  # ciphertext count -> the next call's (seed, masks), being prepared
         self._masks_lock = threading.Lock()
-        self._secret_rows: dict[Blocking, np.ndarray] = {}  # decrypt: rows of s's negacyclic matrix per blocking
+        self._secret_rows: dict[Blocking, torch.Tensor] = {}  # decrypt: rows of s's negacyclic matrix per blocking
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
@@ -189,8 +202,9 @@ class NativeTrustedContext:
             i = np.arange(n)[None, :]
             lag = pos[:, None] - i                                   # (c ⊛ s)[p] = Σ_i c[i]·s[p − i], negacyclic
             rows = np.where(lag >= 0, 1.0, -1.0) * self._secret[np.mod(lag, n)]   # [r·n_o, N]
-            self._secret_rows[blk] = rows = np.ascontiguousarray(rows.T)         # [N, r·n_o]
-        return np.rint(c1.astype(np.float64) @ rows).astype(np.int64)
+            self._secret_rows[blk] = rows = torch.from_numpy(np.ascontiguousarray(rows.T))  # [N, r·n_o]
+        # torch's GEMM, not numpy's: numpy's BLAS threads spin after each call and took a local worker's cores
+        return torch.round(torch.from_numpy(c1.astype(np.float64)) @ rows).to(torch.int64).numpy()
 
     def _fresh_masks(self, count: int) -> tuple[bytes, np.ndarray]:
         """A fresh call seed and the masks e_k − a(seed, k)·s mod q_i of its ``count`` ciphertexts [C, L, N]:

@@ -165,6 +165,18 @@ def test_decrypt_by_gemm_equals_the_fft_product(context, rows_per_ct, n_i, n_o):
     assert (context._secret_product_at(c1, blk) == want).all()
 
 
+def test_masks_are_prepared_at_the_lowest_priority():
+    """The preparing thread only takes idle cores (Linux: per-thread nice 19), so a worker on the same
+    machine keeps its share."""
+    import os
+    import threading
+
+    from bifrost_kernels import backend as native
+
+    nice = native._PREFETCH.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == native.PREFETCH_NICE == 19 and os.getpriority(os.PRIO_PROCESS, 0) < nice
+
+
 def test_prefetch_skips_calls_over_its_memory_cap(context, monkeypatch):
     from bifrost_kernels import backend as native
 

@@ -137,8 +137,8 @@ def third_party_imports() -> dict[str, dict[str, list[str]]]:
         if not file or file in ("built-in", "frozen"):
             return None
         path = Path(file).resolve()
-        if path.is_relative_to(ROOT):
-            return "repo"
+        if path.is_relative_to(ROOT) and not any(part.endswith("-packages") for part in path.parts):
+            return "repo"  # (a virtual environment inside the checkout, as `make` makes, is not the repository)
         if _in_stdlib(str(path)):
             return None
         base = next((r for r in roots if path.is_relative_to(r)), None)

@@ -53,6 +53,17 @@ def test_demo_json_report_on_a_small_model():
     assert rep["decode_bytes_per_token"]["sent"] > 0
 
 
+def test_mode_bifrost_plus_prefills_in_the_tee():
+    r = _bifrost("generate", "--model", "gpt2-mini", "--prompt", "Private LLM", "--max-new-tokens", "3", "--mode",
+                 "bifrost+", "--compare", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["mode"] == "bifrost+" and rep["fidelity"]["identical_to_plaintext_greedy"] is True
+    prefill, decode = rep["per_token"][0], rep["per_token"][1:]
+    assert prefill["calls"] == 0 and prefill["bytes_sent"] == 0  # the prompt never reached the worker
+    assert all(t["calls"] > 0 and t["bytes_sent"] > 0 for t in decode)
+
+
 def test_the_default_demo_answers_with_smollm2_identical_to_plaintext():
     """`make demo`'s job: the real SmolLM2-135M-Instruct answers in its chat template through the hybrid path,
     stops at its end-of-turn token, equals plaintext PyTorch, and nothing prints a FutureWarning."""

@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--prompt", help="prompt text")
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--mode", choices=("bifrost", "bifrost+"),
+                       help="bifrost: the prompt through CKKS too; bifrost+: the prompt prefilled in the TEE, only "
+                            "decode steps delegated (default: the config's, bifrost)")
         p.add_argument("--no-compare", dest="compare", action="store_false", default=(name == "demo"),
                        help="skip the plaintext comparison")
         if name == "generate":
@@ -98,6 +101,8 @@ def _config(args):
         gen["max_new_tokens"] = args.max_new_tokens
     if getattr(args, "sample", False):
         gen["do_sample"] = True
+    if getattr(args, "mode", None):
+        gen["mode"] = args.mode
     if gen:
         import dataclasses
 
@@ -196,6 +201,7 @@ def _generation_report(cfg, runtime, result) -> dict:
     rep = {
         "model": cfg.model,
         "backend": cfg.backend,
+        "mode": cfg.generation.mode,
         "ckks": {"N": runtime.params.poly_modulus_degree, "coeff_mod_bit_sizes": list(runtime.params.coeff_mod_bit_sizes),
                  "scale_bits": runtime.params.scale_bits},
         "delegated_layers": len(runtime.sites),
@@ -233,7 +239,7 @@ def _print_generation(rep: dict, result) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 140)
-    table = Table(title=f"{rep['model']} · backend {rep['backend']} · N={rep['ckks']['N']} · "
+    table = Table(title=f"{rep['model']} · {rep['mode']} · backend {rep['backend']} · N={rep['ckks']['N']} · "
                         f"{rep['delegated_layers']} delegated layers", title_justify="left")
     for col in ("#", "token", "total ms", "non-linear", "encrypt", "transfer", "worker", "decrypt", "verify",
                 "KB up", "KB down"):

@@ -174,7 +174,7 @@ def test_masks_are_prepared_at_the_lowest_priority():
     from bifrost_kernels import backend as native
 
     nice = native._PREFETCH.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-    assert nice == native.PREFETCH_NICE == 19 and os.getpriority(os.PRIO_PROCESS, 0) < nice
+    assert nice == native.PREFETCH_NICE == 19  # (whatever the process's own nice value: it is never raised)
 
 
 def test_prefetch_skips_calls_over_its_memory_cap(context, monkeypatch):

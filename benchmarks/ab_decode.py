@@ -22,18 +22,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_report  # noqa: E402
+from _report import link_packages, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = ("nonlinear_s", "encrypt_s", "transfer_s", "worker_s", "decrypt_s", "verify_s")
 
 
 def _path_for(checkout: Path, links: Path) -> str:
-    """PYTHONPATH that makes ``checkout`` the imported build: the checkout, then links named as installed."""
-    links.mkdir(parents=True, exist_ok=True)
-    for name, folder in (("bifrost_kernels", "kernels"), ("bifrost_estimator", "estimator")):
-        (links / name).symlink_to(checkout / folder)
-    return os.pathsep.join([str(checkout), str(links)])
+    """PYTHONPATH that makes ``checkout`` the imported build: its packages linked under their installed names."""
+    return os.pathsep.join([str(checkout), str(link_packages(checkout, links))])
 
 
 def _demo(checkout: Path, pythonpath: str, args) -> dict:

@@ -69,7 +69,6 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEVICE_PACKAGES = BENCH / "gpu_packages.txt"
 WHEELS = BENCH / "gpu_wheels.txt"
-LINKS = {"bifrost": "bifrost", "bifrost_kernels": "kernels", "bifrost_estimator": "estimator"}
 KERNEL_TESTS = ("tests/kernels",)
 # pytest node id -> why it cannot run on the GPU machine (a package absent there): passed to pytest as --deselect
 # and listed in the report. Empty: every kernel test needs only torch, numpy, pytest and cryptography (a wheel).
@@ -93,10 +92,10 @@ def listed(path: Path) -> set[str]:
 def link_sources() -> Path:
     """A temporary folder linking this checkout's packages under their installed names, first on ``sys.path``
     (removed at exit: only the links go)."""
-    folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    from _report import link_packages
+
+    folder = link_packages(ROOT, Path(tempfile.mkdtemp(prefix="gpu-check-")))
     atexit.register(shutil.rmtree, folder, True)
-    for name, target in LINKS.items():
-        (folder / name).symlink_to(ROOT / target, target_is_directory=True)
     sys.path.insert(0, str(folder))
     return folder
 

@@ -16,6 +16,7 @@ import yaml
 from .errors import BifrostError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MODES = ("bifrost", "bifrost+")  # generation.mode: the prompt through CKKS too, or prefilled inside the TEE
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
@@ -103,7 +104,7 @@ class GenerationConfig:
     mode: str = "bifrost"  # "bifrost": prompt through CKKS too; "bifrost+": prompt prefilled inside the TEE
 
     def __post_init__(self) -> None:
-        if self.mode not in ("bifrost", "bifrost+"):
+        if self.mode not in MODES:
             raise BifrostError(f"generation.mode must be 'bifrost' or 'bifrost+', got {self.mode!r}")
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise BifrostError("generation: need max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1, top_k >= 0")

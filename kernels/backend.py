@@ -57,7 +57,7 @@ MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
 DIRECT_DECRYPT_POSITIONS = 256  # decrypt by one GEMM with s's rows up to this many wanted coefficients per output
 PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ~0.8 MB at the defaults)
-PREFETCH_NICE = 19  # the preparing thread's nice value (Linux): it takes idle cores, never a worker's or the TEE's
+PREFETCH_NICE = 19  # the preparing thread's nice value (Linux): under contention it yields to a worker and the TEE
 
 
 def _lower_priority() -> None:
@@ -69,8 +69,9 @@ def _lower_priority() -> None:
         pass
 
 
-# One thread for every context of the process, preparing masks on idle cores while workers compute (a local worker
-# on the same cores keeps its share: measured on 2 cores, an equal-priority thread slowed it by a third).
+# One thread for every context of the process, preparing masks while workers compute. Nice 19 is a precaution for a
+# worker sharing the cores: on 2 cores with a local worker, equal priority and nice 19 measured the same worker time
+# (0.98x the previous build's, benchmarks/ab_decode.py); the third slower worker once seen came from numpy's BLAS.
 _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch", initializer=_lower_priority)
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
 POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)

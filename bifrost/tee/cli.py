@@ -12,6 +12,8 @@ import json
 import statistics
 import sys
 
+from ..config import MODES
+
 
 DEMO_MODEL = "smollm2-135m-instruct"  # real SmolLM2-135M-Instruct (configs/models.yaml); --model or --config overrides
 DEMO_PROMPT = "What is the capital of France?"
@@ -41,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--prompt", help="prompt text")
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-        p.add_argument("--mode", choices=("bifrost", "bifrost+"),
+        p.add_argument("--mode", choices=MODES,
                        help="bifrost: the prompt through CKKS too; bifrost+: the prompt prefilled in the TEE, only "
                             "decode steps delegated (default: the config's, bifrost)")
         p.add_argument("--no-compare", dest="compare", action="store_false", default=(name == "demo"),

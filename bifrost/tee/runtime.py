@@ -23,7 +23,7 @@ import torch
 from ..attest.binding import compute_model_digest
 from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity
 from ..ckks import GroupShape
-from ..config import RunConfig
+from ..config import MODES, RunConfig
 from ..errors import BifrostError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
@@ -35,8 +35,6 @@ from .link import WorkerLink, reply_limit
 from .pool import WorkerPool, WorkerSessions
 from .quarantine import WorkerQuarantine
 
-
-MODES = ("bifrost", "bifrost+")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from ..config import MODES
 from ..errors import BifrostError
 
 SIMULATED_BANNER = (
@@ -25,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-config", help="serve config YAML (default: configs/serve.yaml)")
     p.add_argument("--model", help="model name or checkpoint directory (overrides the config)")
     p.add_argument("--seed", type=int, help="seed of random-init named models")
-    p.add_argument("--mode", choices=("bifrost", "bifrost+"),
+    p.add_argument("--mode", choices=MODES,
                    help="bifrost: prompts through CKKS too; bifrost+: prompts prefilled inside the TEE, only decode "
                         "steps delegated (default from the run config: bifrost; bound into the serving-config digest)")
     p.add_argument("--policy", help="placement policy (configs/policies/ name or YAML path; bound into attestation)")

@@ -53,6 +53,13 @@ def test_demo_json_report_on_a_small_model():
     assert rep["decode_bytes_per_token"]["sent"] > 0
 
 
+@pytest.mark.parametrize("command", ["demo", "generate", "serve"])
+def test_an_unknown_mode_is_refused_naming_the_flag(command):
+    r = _bifrost(command, "--mode", "bifrost++", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "argument --mode: invalid choice: 'bifrost++' (choose from 'bifrost', 'bifrost+')" in r.stderr
+
+
 def test_mode_bifrost_plus_prefills_in_the_tee():
     r = _bifrost("generate", "--model", "gpt2-mini", "--prompt", "Private LLM", "--max-new-tokens", "3", "--mode",
                  "bifrost+", "--compare", "--json")

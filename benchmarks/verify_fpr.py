@@ -111,7 +111,7 @@ def model_groups(name: str, seed: int):
     return out
 
 
-def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int, packed_rows: int) -> dict:
+def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int) -> dict:
     from bifrost.ckks import GroupShape, get_backend
     from bifrost.config import VerificationConfig
     from bifrost.tee.verify import CheckOperand, ProductVerifier
@@ -137,18 +137,10 @@ def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int, pa
                                                 for w in ws]}, vcfg)
             stats = verifier.weight_stats(group)
             row_counts = [1, prompt_rows]
-            if backend == "native" and shape.d_in * sum(shape.d_outs) <= 4096 * 6144:
-                from bifrost_kernels.layout import plan
-
-                bits = tuple(q.bit_length() for q in keys._codec.primes)
-                if plan(params.poly_modulus_degree, bits, shape.d_in, tuple(shape.d_outs), packed_rows).is_scalar:
-                    row_counts.append(packed_rows)
             shape_stats = {"model": model, "group": list(group), "d_in": shape.d_in, "d_outs": list(shape.d_outs),
                            "checks": 0, "false_positives": 0, "max_residual_over_tau": 0.0, "max_error_over_bound": 0.0}
             for kind in KINDS:
                 for rows in row_counts:
-                    if kind != "gaussian" and rows == packed_rows:
-                        continue  # token-packed calls: one kind (they cost a GEMM over N columns)
                     x = activations(kind, rows, shape.d_in, rng)
                     batch = keys.encrypt(shape, x)
                     ys = keys.decrypt(shape, ev.apply(prepared, batch.ciphertexts), batch, stats)
@@ -198,7 +190,6 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-rows", type=int, default=12)
-    ap.add_argument("--packed-rows", type=int, default=96)
     ap.add_argument("--out", default="benchmarks/results/verify_fpr.json")
     ap.add_argument("--append", action="store_true",
                     help="add this run to the runs already in --out (fresh keys and vectors); totals cover all runs")
@@ -208,8 +199,7 @@ def main() -> int:
         runs = json.loads(Path(args.out).read_text())["runs"]
     run = {"command": " ".join(["python", *sys.argv]), "backends": {}}
     for backend in args.backends.split(","):
-        run["backends"][backend] = run_backend(backend, args.models.split(","), args.seed, args.prompt_rows,
-                                               args.packed_rows)
+        run["backends"][backend] = run_backend(backend, args.models.split(","), args.seed, args.prompt_rows)
     runs.append(run)
     totals: dict[str, dict] = {}
     for r in runs:

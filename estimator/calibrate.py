@@ -4,9 +4,8 @@ Measured, through the same functions the trusted engine and the worker call:
 
 - the backend's ``encrypt`` / ``apply`` / ``decrypt`` at several (shape, rows); fitted per call, per
   ciphertext and per row block (encrypt, decrypt) and per ciphertext in/out, per block product and per
-  weight-block kernel pass (apply, native), and for the native scalar blocking of long prompts (128+
-  rows) per input ciphertext, per output coefficient and per MAC of its Z_Q GEMM — the counts coming from the backend's own
-  planner, so the profile describes the costs the model needs, not constants of one kernel version;
+  weight-block kernel pass (apply, native) — the counts coming from the backend's own planner, so the
+  profile describes the costs the model needs, not constants of one kernel version;
 - for tenseal, SEAL's primitives (rotation, plaintext multiply, add, rescale) plus a fitted efficiency;
 - PyTorch: norms, softmax, activations, attention products, the float32 matmul (weight streaming from
   DRAM and from cache, arithmetic per row), tensor <-> numpy glue, and the per-layer / per-forward
@@ -142,9 +141,6 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
     if backend_name == "native":  # milliseconds per case: cover several row counts (kernel passes vs products)
         cases = [(s, r) for s in small for r in ((1, 8) if quick else (1, 4, 16))]
         cases += [(s, r) for s in gpt2 for r in ((1, 4) if quick else (1, 4, 16))]
-        # long prompts: the planner's scalar (token-packed) blocking, a Z_Q GEMM on the worker
-        cases += [(s, r) for s in small[:4] for r in ((128,) if quick else (128, 256))] + [(small[1], 1024)]
-        cases += [(s, 128) for s in (gpt2[1:2] if quick else gpt2[:2] + gpt2[3:])]
     else:
         cases = [(s, 1) for s in small[:2]] + [(small[-1], 4)]
         if not quick:
@@ -190,9 +186,8 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
                            [r["decrypt_s"] for r in out])
     be = {"encrypt_call_s": e0, "encrypt_ct_s": e_ct, "encrypt_row_block_s": e_rb,
           "decrypt_call_s": d0, "decrypt_ct_s": d_ct, "decrypt_row_block_s": d_rb,
-          # per-ciphertext wire sizes of the polynomial blockings (the model adds a scalar output's r rows)
-          "ct_in_bytes": int(np.median([r["in_bytes"] for r in out if not r["counts"].scalar])),
-          "ct_out_bytes": int(np.median([r["out_bytes"] for r in out if not r["counts"].scalar]))}
+          "ct_in_bytes": int(np.median([r["in_bytes"] for r in out])),
+          "ct_out_bytes": int(np.median([r["out_bytes"] for r in out]))}
     if e_ct <= 0 or d_ct <= 0:  # degenerate fit (noise): fall back to plain per-ciphertext averages
         be["encrypt_ct_s"] = float(np.median([r["encrypt_s"] / r["counts"].cts_in for r in out]))
         be["decrypt_ct_s"] = float(np.median([r["decrypt_s"] / r["counts"].cts_out for r in out]))
@@ -494,20 +489,13 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
         eff = eff or 1.0
         acc = Accelerator("", backend, ops, w_in / eff, w_out / eff, 0.0, eff)
     else:
-        # polynomial blockings: apply = per call + per input ct + per output ct + per block product + per
-        # weight block per kernel pass + per weight block per call
-        poly = [r for r in cases if not r["counts"].scalar]
+        # apply = per call + per input ct + per output ct + per block product + per weight block per kernel
+        # pass + per weight block per call
         w0, w_in, w_out, w_prod, w_pass, w_blk = _nnls(
             [[1, r["counts"].cts_in, r["counts"].cts_out, r["counts"].mul_plain, r["counts"].weight_passes,
-              r["counts"].weight_blocks] for r in poly], [r["apply_s"] for r in poly])
-        # scalar blockings: apply - per call = per input ct + per output coefficient + per MAC of the Z_Q GEMM
-        scalar = [r for r in cases if r["counts"].scalar]
-        s_in, s_out, s_mac = _nnls([[r["counts"].cts_in, r["counts"].scalar_out_coeffs, r["counts"].scalar_macs]
-                                    for r in scalar],
-                                   [max(r["apply_s"] - w0, 1e-9) for r in scalar]) if scalar else (0.0, 0.0, 0.0)
+              r["counts"].weight_blocks] for r in cases], [r["apply_s"] for r in cases])
         ops = CKKSOps(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes), 0.0, max(w_prod, 1e-9), 0.0, 0.0)
-        acc = Accelerator("", backend, ops, w_in, w_out, w0, 1.0, weight_pass_s=w_pass, weight_block_s=w_blk,
-                          scalar_ct_load_s=s_in, scalar_out_coeff_s=s_out, scalar_mac_s=max(s_mac, 1e-15))
+        acc = Accelerator("", backend, ops, w_in, w_out, w0, 1.0, weight_pass_s=w_pass, weight_block_s=w_blk)
     fit = []
     probe = Profile("fit", "", Source("measured", ""), acc, None, None)  # type: ignore[arg-type]
     for r in cases:

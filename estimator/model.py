@@ -6,7 +6,7 @@ Three schemes (see ``estimator/README.md`` for the term-by-term derivation):
   linear group through CKKS on the accelerator with the profile backend's own packing (``native``: the
   coefficient blocking of ``bifrost_kernels.layout.plan``; ``tenseal``: the BSGS diagonal plan of
   ``PackingPlan.for_shape``), in the calls the trusted engine sends (rows padded to ``row_bucket``, then
-  split by the backend's ``rows_per_call``: native = a whole scalar row block, else ``ROWS_PER_FFT_CALL``);
+  split by the backend's ``rows_per_call``: native = ``ROWS_PER_FFT_CALL``, tenseal = ``ROWS_PER_CALL``);
   encrypts/decrypts in the TEE (one refresh per group and call), moves the ciphertexts over the link
   (native: the backend's exact ``call_bytes``; tenseal: ciphertext counts x the profile's median sizes),
   and runs everything else (norms, attention with the KV cache, softmax, activations, RoPE, LM head,
@@ -286,9 +286,6 @@ class LinearCounts:
     row_blocks: int = 1  # row groups the input is split into (one sealed scale block each)
     weight_passes: int = 0  # native: encoded weight blocks streamed through the kernel (per kernel pass)
     weight_blocks: int = 0  # native: encoded weight blocks of the group (touched once per call)
-    scalar_macs: int = 0  # native scalar blocking: d_in x d_out x (rows_per_ct + N) per row block (the Z_Q GEMM)
-    scalar_out_coeffs: int = 0  # native scalar blocking: d_out x (rows_per_ct + N) per row block (recombine, rescale)
-    scalar: bool = False  # native scalar (token-packed) blocking: worker costs are the scalar_* ones
 
 
 def bsgs_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -327,25 +324,15 @@ def native_blocking(ops: CKKSOps, group: LinearGroup, rows: int):
 
 def coeff_counts(ops: CKKSOps, group: LinearGroup, rows: int) -> LinearCounts:
     """Counts of the native backend's blocking, taken from ``bifrost_kernels.layout.plan`` itself (so the
-    model follows when the planner changes). Polynomial blockings: no rotations; per row block
-    ``in_blocks`` input and ``out_blocks`` output ciphertexts and ``in_blocks x out_blocks`` block
-    products; the kernel streams the encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks
-    and touches them once per call. Scalar blockings (long prompts): per row block ``d_in`` input and
-    ``d_out`` output ciphertexts of ``rows_per_ct + N`` sent coefficients each, and one Z_Q GEMM of
-    ``d_in x d_out x (rows_per_ct + N)`` MACs (per digit)."""
+    model follows when the planner changes): no rotations, no rescales; per row block ``in_blocks`` input and
+    ``out_blocks`` output ciphertexts and ``in_blocks x out_blocks`` block products; the kernel streams the
+    encoded weights once per ``ROW_BLOCKS_PER_KERNEL_CALL`` row blocks and touches them once per call."""
     blk = native_blocking(ops, group, rows)
     rb = blk.row_blocks(rows)
-    if blk.is_scalar:
-        d_out = sum(group.d_outs)
-        macs = rb * group.d_in * d_out * (blk.rows_per_ct + ops.poly_modulus_degree)
-        r, n = blk.rows_per_ct, ops.poly_modulus_degree
-        return LinearCounts(0, 0, 0, rb * d_out, rb * group.d_in, rb * d_out, rb, scalar_macs=macs,
-                            scalar_out_coeffs=rb * d_out * (r + n), scalar=True)
     kin = blk.in_blocks(group.d_in)
     kout = sum(blk.out_blocks(d) for d in group.d_outs)
     passes = ceil_div(rb, _row_blocks_per_kernel_call())
-    return LinearCounts(0, rb * kin * kout, rb * kin * kout, rb * kout, rb * kin, rb * kout, rb, passes * kin * kout,
-                        kin * kout)
+    return LinearCounts(0, rb * kin * kout, rb * kin * kout, 0, rb * kin, rb * kout, rb, passes * kin * kout, kin * kout)
 
 
 def column_counts(slots: int, group: LinearGroup, rows: int) -> LinearCounts:
@@ -383,8 +370,7 @@ def backend_params(backend: str, ops: CKKSOps) -> CKKSParams:
 @lru_cache(maxsize=4096)
 def rows_per_call(backend: str, ops: CKKSOps, group: LinearGroup, rows: int) -> int:
     """How many of ``rows`` rows one worker call carries: the backend's own ``rows_per_call``, which the
-    trusted engine splits by (native: a whole scalar row block when the planner picks the scalar blocking
-    for ``min(rows, N)`` rows, else ``ROWS_PER_FFT_CALL``; tenseal: its ``ROWS_PER_CALL``)."""
+    trusted engine splits by (native: ``ROWS_PER_FFT_CALL``; tenseal: its ``ROWS_PER_CALL``)."""
     return int(get_backend(backend).rows_per_call(backend_params(backend, ops), _group_shape(group), rows))
 
 
@@ -472,12 +458,6 @@ def ckks_seconds(ops: CKKSOps, c: LinearCounts) -> float:
 def accelerator_seconds(p: Profile, c: LinearCounts) -> float:
     """Worker time of one delegated call (what the worker reports as compute seconds)."""
     a = p.accelerator
-    if c.scalar:
-        if not a.scalar_mac_s > 0:
-            raise BifrostError(f"profile {p.name!r} has no costs for the native scalar blocking (long prompts): "
-                               "re-run `bifrost estimate calibrate` with this version")
-        return a.efficiency * (c.cts_in * a.scalar_ct_load_s + c.scalar_out_coeffs * a.scalar_out_coeff_s
-                               + c.scalar_macs * a.scalar_mac_s) + a.call_overhead_s
     return a.efficiency * (ckks_seconds(a.linear, c) + c.cts_in * a.ct_load_s + c.cts_out * a.ct_dump_s
                            + c.weight_passes * a.weight_pass_s + c.weight_blocks * a.weight_block_s) + a.call_overhead_s
 

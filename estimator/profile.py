@@ -77,9 +77,6 @@ class Accelerator:
     efficiency: float = 1.0  # measured whole-layer time / time composed from the per-op costs (fitted)
     weight_pass_s: float = 0.0  # native: streaming one encoded weight block through one kernel pass
     weight_block_s: float = 0.0  # native: per encoded weight block and call (independent of the rows)
-    scalar_ct_load_s: float = 0.0  # native scalar blocking: per input ciphertext (unpack, expand, digits)
-    scalar_out_coeff_s: float = 0.0  # native scalar blocking: per sent output coefficient (recombine, rescale, pack)
-    scalar_mac_s: float = 0.0  # native scalar blocking: per d_in x d_out x (rows_per_ct + N) MAC of the Z_Q GEMM
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,26 @@
-"""The ``native`` CKKS backend: symmetric-key RLWE with coefficient encoding, one level, no rotations.
+"""The ``native`` CKKS backend: RLWE with coefficient encoding, one level, no rotations, no rescale.
 
-Trusted side (CPU, numpy + torch FFT): secret ``s`` uniform ternary; a fresh input ciphertext of the
-message polynomial m is ``(c_0, c_1) = (−a·s + m + e, a) mod Q`` with ``a`` expanded from a 32-byte
-seed (only c_0 and the seed travel). Decryption of a worker output is ``c_0 + c_1·s mod q_0``.
-All products with ``s`` are exact float64-FFT negacyclic convolutions (no NTT on the trusted side).
+Masks and secrets. For input block b the mask polynomial ``a_b`` is fixed and public in the RLWE sense:
+uniform mod each q_i, expanded from a seed the process draws once from the OS CSPRNG (:class:`PublicMasks`).
+Every encryption call draws a *fresh* uniform ternary secret ``s`` per row block (and fresh errors); a
+row block's input ciphertexts are ``(c_0, c_1) = (m_b + e_b − a_b·s, a_b) mod Q``, and only c_0 travels.
+Each call is thus a set of RLWE samples under a secret used once, with public uniform a_b: the setting of
+LPR public-key encryption (one public polynomial, a fresh small secret per encryption), secure under the
+same ring-LWE assumption as a fresh a per ciphertext. There is no long-lived secret key for a worker's
+replies to probe.
+
+Worker: out_o = Σ_b c_0,b · W_{b,o} mod Q, exact, returned at the r·n_o wanted coefficients only.
+Trusted side: out_o + (Σ_b a_b · W_{b,o})·s = Σ_b (m_b + e_b)·W_{b,o} mod Q. The product of the public masks
+with the weights, c_1,o = Σ_b a_b·W_{b,o}, depends on the weights only: the trusted side computes it once per
+group from its own copy of the weights (:meth:`NativeTrustedContext.prepare`, cached per process) and per
+call multiplies it by the call's secret. Hence the worker never computes nor returns c_1 (half its work
+and nearly all its reply bytes), and the trusted side's per-call work is data-independent except one
+addition each way (the masks e_b − a_b·s of the next call are prepared while a worker computes).
 
 Scaling (per call, no calibration): row r of x is scaled by Δx_r = (2^A − d_in)/‖x_r‖₁ and rounded, so
 Σ_j |x̃_rj| ≤ 2^A (A = ``scale_bits``); weights by Δw = (2^B − 1)/max|W| with
 B = ⌊log2 Q⌋ − 4 − A. Hence every encoded result |ỹ| ≤ 2^(A+B) ≤ Q/16 cannot wrap, whatever the
-activation magnitude (GPT-2 outliers included), and after the rescale to q_0 it still sits ≤ q_0/16.
+activation magnitude (GPT-2 outliers included), and decodes exactly from its residues mod Q.
 
 Error bound (worst case, :meth:`NativeTrustedContext.error_bound`; every term is a bound, not an estimate):
 for output k of row r of member W,
@@ -16,16 +28,13 @@ for output k of row r of member W,
     |ŷ_rk − y_rk| ≤ [ 2^(A−1)                      weight rounding, ½·Σ_j |x̃_rj|
                      + ½·Δw·‖W‖_row              activation rounding, ½·Σ_j |W_kj|·Δw
                      + 32·n_o·(Δw·‖W‖_row + d_in/2)   encryption noise (|e| ≤ 32) through the n_o·n_i weights
-                                                   of the output block (n_o = 1 for scalar blockings)
-                     + R·(1 + hw(s))/2·(1 + 2^−16) ] / (Δx_r·Δw)   rescale rounding by R = q_1···q_{L−1}
+                                                   of the output block ] / (Δx_r·Δw)
 
-with ‖W‖_row = max_k Σ_j |W_kj| and hw(s) ≈ 2N/3 the number of non-zero secret coefficients. For the
-defaults this is 0.9–1.1 × 2^(−B)·‖x_r‖₁·max|W|; measured errors reach 0.15–0.5 of it
-(``benchmarks/verify_fpr.py``). The first two terms are deterministic: against the activations and weights
+with ‖W‖_row = max_k Σ_j |W_kj|. The first two terms are deterministic: against the activations and weights
 *as encoded* (:meth:`NativeTrustedContext.effective_input`, :meth:`~NativeTrustedContext.effective_weights`)
-they vanish, and the product check uses that tighter bound (``effective=True``). The products the worker returns are decoded with Δx
-and Δw from the trusted side's own state (its record of the call and its copy of the weights); nothing in
-an output's header is used but to refuse a reply that is not for this call.
+they vanish, and the product check uses that tighter bound (``effective=True``). The products the worker
+returns are decoded with Δx and Δw from the trusted side's own state (its record of the call and its copy of
+the weights); nothing in an output's header is used but to refuse a reply that is not for this call.
 Default parameters ``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit
 security at N = 2048) give B = 14.
 """
@@ -35,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -48,15 +58,14 @@ from bifrost.ckks.params import CKKSParams
 from . import negacyclic_fft as nfft
 from . import sampling, wire
 from .layout import Blocking, plan
-from .linear import EncodedWeights, apply_fft, apply_ntt, apply_scalar, encode_weights
+from .linear import EncodedWeights, apply_fft, apply_ntt, compose_centered, encode_weights
 from .rns import RNSBasis, ntt_primes
 
 DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24), scale_bits=35)
 GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
 MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
-DIRECT_DECRYPT_POSITIONS = 256  # decrypt by one GEMM with s's rows up to this many wanted coefficients per output
-PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ~0.8 MB at the defaults)
+PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ≤ 0.2 MB at the defaults)
 PREFETCH_NICE = 19  # the preparing thread's nice value (Linux): under contention it yields to a worker and the TEE
 
 
@@ -124,7 +133,6 @@ class _Codec:
         self.basis = RNSBasis(primes)
         self.bits = tuple(q.bit_length() for q in primes)
         self.log_q = self.basis.Q.bit_length()
-        self.rescale_factor = float(math.prod(primes[1:]))
 
     def blocking(self, shape: GroupShape, rows: int) -> Blocking:
         return plan(self.n, self.bits, shape.d_in, tuple(shape.d_outs), rows)
@@ -133,7 +141,7 @@ class _Codec:
         return sum(wire.packed_len(self.n, b) for b in self.bits)
 
     def output_payload_len(self, blocking: Blocking) -> int:
-        return wire.packed_len(blocking.rows_per_ct * blocking.out_per_ct + self.n, self.bits[0])
+        return sum(wire.packed_len(blocking.rows_per_ct * blocking.out_per_ct, b) for b in self.bits)
 
     def call_bytes(self, shape: GroupShape, rows: int) -> tuple[int, int]:
         """(input, output) bytes of an honest call of ``rows`` rows: every ciphertext, headers included."""
@@ -147,6 +155,68 @@ class _Codec:
         return wire.encode_public_context(self.n, self.primes, self.params.scale_bits, self.context_id)
 
 
+def _centred(res: torch.Tensor, primes: tuple[int, ...]) -> torch.Tensor:
+    """Residues [..., L, N] -> centred float64 per limb (|c| ≤ q_i/2), ready for an exact product with s."""
+    q = torch.tensor(primes, dtype=torch.int64, device=res.device).reshape(-1, 1)
+    return torch.where(res > q // 2, res - q, res).to(torch.float64)
+
+
+class PublicMasks:
+    """The fixed mask polynomials a_b of one prime chain (b = input block index, uniform mod each q_i), and
+    their spectra per limb. Expanded from :data:`MASK_SEED` (drawn once per process from the OS CSPRNG):
+    public in the RLWE sense, as security rests on each call's fresh secret; they are never sent (a worker
+    needs no mask half)."""
+
+    def __init__(self, primes: tuple[int, ...], n: int):
+        self.primes, self.n = primes, n
+        self._polys = np.zeros((0, len(primes), n), dtype=np.int64)
+        self._spectra = torch.zeros((0, len(primes), n // 2), dtype=torch.complex128)
+        self._lock = threading.Lock()
+
+    def polys(self, count: int) -> np.ndarray:
+        """a_0 … a_{count−1} as residues [count, L, N]."""
+        self._grow(count)
+        return self._polys[:count]
+
+    def spectra(self, count: int) -> torch.Tensor:
+        """Negacyclic spectra of the centred residues of a_0 … a_{count−1}, [count, L, N/2]."""
+        self._grow(count)
+        return self._spectra[:count]
+
+    def _grow(self, count: int) -> None:
+        with self._lock:
+            have = len(self._polys)
+            if count <= have:
+                return
+            new = sampling.expand_uniform_many(MASK_SEED, np.arange(have, count), self.primes, self.n)
+            spec = nfft.forward(_centred(torch.from_numpy(new), self.primes))
+            self._polys = np.concatenate([self._polys, new])
+            self._spectra = torch.cat([self._spectra, spec])
+
+
+MASK_SEED = sampling.fresh_seed()
+_MASKS: dict[tuple[tuple[int, ...], int], PublicMasks] = {}
+# (primes, N, weight bits, blocking, ids of the member matrices) -> spectra [ΣO, L, N/2] of Σ_b a_b·W_{b,o}:
+# the trusted side's per-group constant, shared by every context of the process; an entry is dropped when
+# one of its matrices is garbage-collected (so an id is never reused while its entry exists).
+_MASK_PRODUCTS: dict[tuple, torch.Tensor] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def public_masks(primes: tuple[int, ...], n: int) -> PublicMasks:
+    with _TABLES_LOCK:
+        masks = _MASKS.get((primes, n))
+        if masks is None:
+            masks = _MASKS[(primes, n)] = PublicMasks(primes, n)
+        return masks
+
+
+def integer_weights(bits: int, w: np.ndarray) -> np.ndarray:
+    """rint(W·Δw) as float64: the integers an honest worker multiplies by (both sides use this function)."""
+    w = np.asarray(w, dtype=np.float64)
+    return np.rint(w * weight_scale(bits, float(np.abs(w).max()) if w.size else 0.0))
+
+
 @dataclass(frozen=True)
 class CallState:
     """The trusted side's private record of one encryption call (``EncryptedBatch.state``): never sent."""
@@ -156,84 +226,72 @@ class CallState:
     call_id: bytes
     x_scales: np.ndarray  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row: decodes to 0
     x_encoded: np.ndarray  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
+    secret_spectra: torch.Tensor  # the call's secret per row block, negacyclic spectra [RB, N/2]
 
 
 class NativeTrustedContext:
-    """Key holder (trusted runtime only). Holds s and its FFT spectrum."""
+    """Key holder (trusted runtime only): draws a fresh secret per call and row block, keeps it in the call's
+    state, and decrypts with the per-group products of the public masks and the weights."""
 
     def __init__(self, params: CKKSParams):
         self.params = params
         self._codec = _Codec(params, _chain(params), os.urandom(wire.CONTEXT_ID_BYTES))
         self.weight_bits = weight_bits(params, self._codec.primes)
-        self._secret = sampling.ternary_secret(params.poly_modulus_degree)
-        self._secret_weight = int(np.count_nonzero(self._secret))  # hw(s): bounds the rescale rounding
-        self._secret_spectrum = nfft.forward(torch.from_numpy(self._secret).to(torch.float64))
-        self._masks: dict[int, Future] = {}  # ciphertext count -> the next call's (seed, masks), being prepared
+        self._public = public_masks(self._codec.primes, self._codec.n)
+        self._masks: dict[tuple[int, int], Future] = {}  # (row blocks, input blocks) -> the next call's masks
         self._masks_lock = threading.Lock()
-        self._secret_rows: dict[Blocking, torch.Tensor] = {}  # decrypt: rows of s's negacyclic matrix per blocking
+        self._last_secrets: np.ndarray | None = None  # test hook only: the most recent call's secrets
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
 
     # -------------------------------------------------------------- helpers
-    # Test hook: the secret key in the encodings a leak could take (int8, int64, residues mod each prime),
-    # used only to prove that none of them ever leaves the trusted side.
+    # Test hook: the most recent call's secrets in the encodings a leak could take (int8, int64, residues mod each
+    # prime), used only to prove that none of them ever leaves the trusted side.
     def _secret_key_words(self) -> bytes:
-        s = self._secret.astype(np.int64)
+        if self._last_secrets is None:
+            return b""
+        s = self._last_secrets.astype(np.int64)
         residues = [np.mod(s, q).astype("<u8").tobytes() for q in self._codec.primes]
         return s.astype("i1").tobytes() + s.astype("<i8").tobytes() + b"".join(residues)
 
-    def _mul_secret(self, polys: np.ndarray) -> np.ndarray:
-        """Exact negacyclic product of centred integer polynomials [..., N] (|c| < 2^31) with s."""
-        t = torch.from_numpy(polys.astype(np.float64))
-        return nfft.round_exact(nfft.inverse(nfft.forward(t) * self._secret_spectrum)).numpy()
-
-    def _secret_product_at(self, c1: np.ndarray, blk: Blocking) -> np.ndarray:
-        """(c_1 ⊛ s) at the blocking's output positions, for centred c_1 [C, N] (|c_1| < 2^31) -> [C, r·n_o].
-
-        Few positions (decode: n_o ≤ ``DIRECT_DECRYPT_POSITIONS``): one float64 GEMM with the rows of the
-        negacyclic matrix of s at those positions (exact: |Σ| < 2^31·N ≤ 2^53), cached per blocking;
-        otherwise the whole product by FFT."""
-        pos = blk.output_positions().reshape(-1)
-        if len(pos) > DIRECT_DECRYPT_POSITIONS:
-            return self._mul_secret(c1)[:, pos]
-        rows = self._secret_rows.get(blk)
-        if rows is None:
-            n = self._codec.n
-            i = np.arange(n)[None, :]
-            lag = pos[:, None] - i                                   # (c ⊛ s)[p] = Σ_i c[i]·s[p − i], negacyclic
-            rows = np.where(lag >= 0, 1.0, -1.0) * self._secret[np.mod(lag, n)]   # [r·n_o, N]
-            self._secret_rows[blk] = rows = torch.from_numpy(np.ascontiguousarray(rows.T))  # [N, r·n_o]
-        # torch's GEMM, not numpy's: numpy's BLAS threads spin after each call and took a local worker's cores
-        return torch.round(torch.from_numpy(c1.astype(np.float64)) @ rows).to(torch.int64).numpy()
-
-    def _fresh_masks(self, count: int) -> tuple[bytes, np.ndarray]:
-        """A fresh call seed and the masks e_k − a(seed, k)·s mod q_i of its ``count`` ciphertexts [C, L, N]:
-        everything of an encryption but the message (fresh errors from the CSPRNG; used once)."""
+    def _fresh_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """Fresh secrets of a call's ``rb_count`` row blocks ([RB, N] and their spectra [RB, N/2]) and the masks
+        e − a_b·s mod q_i of its ciphertexts [RB·B, L, N]: everything of an encryption but the message (fresh
+        secrets and errors from the CSPRNG; used once)."""
         c = self._codec
-        seed = sampling.fresh_seed()
-        a = sampling.expand_uniform_many(seed, np.arange(count), c.primes, c.n)         # [C, L, N]
-        q_col = c.basis.q_col[None, :, None]
-        a_s = self._mul_secret(np.where(a > q_col // 2, a - q_col, a))                   # [C, L, N]
-        return seed, np.mod(sampling.centered_binomial((count, c.n))[:, None, :] - a_s, q_col)
+        secrets = np.stack([sampling.ternary_secret(c.n) for _ in range(rb_count)])      # [RB, N]
+        s_spec = nfft.forward(torch.from_numpy(secrets).to(torch.float64))               # [RB, F]
+        a_spec = self._public.spectra(b_count)                                           # [B, L, F]
+        # exact: |a_b| ≤ q_i/2 < 2^30 and ‖s‖₁ ≤ N, so |a_b·s| < 2^41
+        a_s = nfft.round_exact(nfft.inverse(a_spec[None] * s_spec[:, None, None])).numpy()  # [RB, B, L, N]
+        e = sampling.centered_binomial((rb_count, b_count, 1, c.n))
+        masks = np.mod(e - a_s, c.basis.q_col[None, None, :, None]).reshape(rb_count * b_count, len(c.primes), c.n)
+        return secrets, s_spec, masks
 
     def prefetch(self, shape: GroupShape, rows: int) -> None:
         """Prepare the masks of the next encryption of ``rows`` rows of ``shape`` on a background thread (at
-        most one set per ciphertext count, and only for calls of at most ``PREFETCH_MAX_BYTES`` of masks);
-        :meth:`encrypt` takes them and waits for them if they are not ready yet."""
+        most one set per (row blocks, input blocks), and only for calls of at most ``PREFETCH_MAX_BYTES`` of
+        masks); :meth:`encrypt` takes them and waits for them if they are not ready yet."""
         _check_shape(shape)
         blk = self._codec.blocking(shape, rows)
-        count = blk.row_blocks(rows) * blk.in_blocks(shape.d_in)
-        if count * len(self._codec.primes) * self._codec.n * 8 > PREFETCH_MAX_BYTES:
+        key = (blk.row_blocks(rows), blk.in_blocks(shape.d_in))
+        if key[0] * key[1] * len(self._codec.primes) * self._codec.n * 8 > PREFETCH_MAX_BYTES:
             return
         with self._masks_lock:
-            if count not in self._masks:
-                self._masks[count] = _PREFETCH.submit(self._fresh_masks, count)
+            if key not in self._masks:
+                self._masks[key] = _PREFETCH.submit(self._fresh_masks, *key)
 
-    def _take_masks(self, count: int) -> tuple[bytes, np.ndarray]:
+    def _take_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         with self._masks_lock:
-            ready = self._masks.pop(count, None)
-        return ready.result() if ready is not None else self._fresh_masks(count)
+            ready = self._masks.pop((rb_count, b_count), None)
+        return ready.result() if ready is not None else self._fresh_masks(rb_count, b_count)
+
+    def prepare(self, shape: GroupShape, weights: Sequence[WeightStats]) -> None:
+        """Compute the group's products of the public masks with its weights (the trusted copies carried by
+        ``weights``) now rather than at its first decryption: Σ_b a_b·W_{b,o} per output block, cached for
+        the process while the weight matrices live."""
+        self._mask_products(shape, self._codec.blocking(shape, 1), self._matrices(shape, weights))
 
     # -------------------------------------------------------------- encrypt
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
@@ -264,13 +322,15 @@ class NativeTrustedContext:
         msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
 
         count = rb_count * b_count
-        seed, masks = self._take_masks(count)
+        secrets, s_spec, masks = self._take_masks(rb_count, b_count)
+        self._last_secrets = secrets
         c0 = np.mod(msg.reshape(count, 1, n) + masks, c.basis.q_col[None, :, None])  # m + e − a·s mod q_i [C, L, N]
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
-        cts = [wire.encode_input(wire.InputHeader(c.context_id, rows, r, n_i, blk.out_per_ct, i, count, seed),
+        call_id = os.urandom(wire.CALL_ID_BYTES)
+        cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
                                  payload[i].tobytes())
                for i in range(count)]
-        state = CallState(blk, rows, seed[:wire.CALL_ID_BYTES], x_scales, x_encoded)
+        state = CallState(blk, rows, call_id, x_scales, x_encoded, s_spec)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
     def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> CallState:
@@ -282,19 +342,52 @@ class NativeTrustedContext:
             raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
         return state
 
+    @staticmethod
+    def _matrices(shape: GroupShape, weights: Sequence[WeightStats]) -> list[np.ndarray]:
+        if len(weights) != len(shape.d_outs) or not all(isinstance(w, WeightStats) for w in weights):
+            raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
+        out = []
+        for w, d_out in zip(weights, shape.d_outs):
+            if w.matrix is None or w.matrix.shape != (d_out, shape.d_in):
+                raise TypeError(f"the native backend decrypts with the trusted weight matrix: pass WeightStats.of(W) "
+                                f"with W of shape ({d_out}, {shape.d_in})")
+            out.append(w.matrix)
+        return out
+
+    def _mask_products(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray]) -> torch.Tensor:
+        """Spectra [ΣO, L, N/2] of c_1,o = Σ_b a_b·W_{b,o} mod q_i (centred) for the group's members."""
+        c = self._codec
+        key = (c.primes, c.n, self.weight_bits, blk, tuple(id(m) for m in matrices))
+        with _TABLES_LOCK:
+            hit = _MASK_PRODUCTS.get(key)
+        if hit is not None:
+            return hit
+        ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
+        enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")
+        a = torch.from_numpy(self._public.polys(blk.in_blocks(shape.d_in)))[None]       # [1, B, L, N]
+        c1 = apply_fft(enc, a, c.primes, c.log_q, None, self.weight_bits)[0]             # [ΣO, L, N]
+        spectra = nfft.forward(_centred(c1, c.primes))
+        with _TABLES_LOCK:
+            _MASK_PRODUCTS[key] = spectra
+        for m in matrices:
+            weakref.finalize(m, _MASK_PRODUCTS.pop, key, None)
+        return spectra
+
     # -------------------------------------------------------------- decrypt
     def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
                 weights: Sequence[WeightStats]) -> list[np.ndarray]:
         state = self._state(shape, batch, weights)
         c, blk, rows = self._codec, state.blocking, state.rows
         r, n_o = blk.rows_per_ct, blk.out_per_ct
+        p_count = r * n_o
         rb_count = blk.row_blocks(rows)
         if not isinstance(outputs, (list, tuple)) or len(outputs) != len(shape.d_outs):
             raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member)")
+        o_counts = [blk.out_blocks(d) for d in shape.d_outs]
+        starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
         plen = c.output_payload_len(blk)
-        payloads, meta = [], []
-        for m, (d_out, cts) in enumerate(zip(shape.d_outs, outputs)):
-            o_count = blk.out_blocks(d_out)
+        payloads, columns = [], []
+        for m, (o_count, cts) in enumerate(zip(o_counts, outputs)):
             if not isinstance(cts, (list, tuple)) or len(cts) != rb_count * o_count:
                 raise CiphertextError(f"member {m}: expected {rb_count * o_count} ciphertexts")
             for i, ct in enumerate(cts):
@@ -304,32 +397,47 @@ class NativeTrustedContext:
                     raise CiphertextError(f"member {m} ciphertext {i}: header does not match this call "
                                           f"(rows={rows}, blocking={blk})")
                 payloads.append(np.frombuffer(body, dtype=np.uint8))
-                meta.append((m, i // o_count, i % o_count))
-        vals = wire.unpack_bits(np.stack(payloads), r * n_o + c.n, c.bits[0])          # [C, r·n_o + N]
-        q0 = c.primes[0]
-        if (vals >= q0).any():
-            raise CiphertextError("output ciphertext coefficient out of range")
-        c1 = vals[:, r * n_o:]
-        c1 = np.where(c1 > q0 // 2, c1 - q0, c1)
-        c1s = self._secret_product_at(c1, blk)
-        decoded = np.mod(vals[:, : r * n_o] + c1s, q0)
-        decoded = np.where(decoded > q0 // 2, decoded - q0, decoded).astype(np.float64)  # [C, r·n_o]
+                columns.append((i // o_count, starts[m] + i % o_count))
+        packed = np.stack(payloads)
+        limbs, offset = [], 0
+        for q, b in zip(c.primes, c.bits):
+            length = wire.packed_len(p_count, b)
+            limb = wire.unpack_bits(packed[:, offset:offset + length], p_count, b)
+            if (limb >= q).any():
+                raise CiphertextError("output ciphertext coefficient out of range")
+            limbs.append(limb)
+            offset += length
+        vals = torch.from_numpy(np.stack(limbs, axis=1))                                  # [C, L, P]
+
+        # (Σ_b a_b·W_{b,o})·s at the wanted coefficients, per row block's secret: exact (|c_1| < 2^30, ‖s‖₁ ≤ N)
+        spectra = self._mask_products(shape, blk, self._matrices(shape, weights))        # [ΣO, L, F]
+        rb_idx = torch.tensor([rb for rb, _ in columns])
+        col_idx = torch.tensor([o for _, o in columns])
+        pos = torch.from_numpy(blk.output_positions().reshape(-1))
+        f = spectra.shape[-1]
+        v = nfft.inverse_unfolded(spectra[col_idx] * state.secret_spectra[rb_idx][:, None, :], dim=-1)  # [C, L, F, 2]
+        term = nfft.round_exact(v[:, :, torch.remainder(pos, f), torch.div(pos, f, rounding_mode="floor")])
+        q_col = torch.tensor(c.primes, dtype=torch.int64).reshape(1, -1, 1)
+        decoded = compose_centered(torch.remainder(vals + term, q_col), c.primes).to(torch.float64).numpy()  # [C, P]
 
         w_scales = [weight_scale(self.weight_bits, w.peak) for w in weights]
-        results = [np.zeros((rb_count * r, blk.out_blocks(d) * n_o)) for d in shape.d_outs]
-        for k, (m, rb, ob) in enumerate(meta):
+        member_of = np.repeat(np.arange(len(o_counts)), o_counts)
+        results = [np.zeros((rb_count * r, o * n_o)) for o in o_counts]
+        for k, (rb, col) in enumerate(columns):
+            m = member_of[col]
+            ob = col - starts[m]
             x_scales = state.x_scales[rb * r:(rb + 1) * r]
-            block = decoded[k].reshape(r, n_o) * (c.rescale_factor / w_scales[m]) / x_scales[:, None]
-            results[m][rb * r:(rb + 1) * r, ob * n_o:(ob + 1) * n_o] = block
+            results[m][rb * r:(rb + 1) * r, ob * n_o:(ob + 1) * n_o] = \
+                decoded[k].reshape(r, n_o) / w_scales[m] / x_scales[:, None]
         return [res[:rows, :d] for res, d in zip(results, shape.d_outs)]
 
     def error_bound(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats],
                     effective: bool = False) -> np.ndarray:
         """(rows × members) worst-case error of an honest worker (module docstring), units of x·W. With
         ``effective``, against :meth:`effective_input` × :meth:`effective_weights`ᵀ: the two rounding terms
-        are then exact and drop out, leaving encryption noise and the rescale."""
+        are then exact and drop out, leaving the encryption noise."""
         state = self._state(shape, batch, weights)
-        c, blk = self._codec, state.blocking
+        blk = state.blocking
         n_o = blk.out_per_ct
         x_scales = state.x_scales[:state.rows]
         out = np.zeros((state.rows, len(weights)))
@@ -337,8 +445,7 @@ class NativeTrustedContext:
             dw = weight_scale(self.weight_bits, w.peak)
             w_row = w.row_l1 * dw  # ≥ Σ_j |W_kj|·Δw for every output k
             rounding = 0.0 if effective else 2.0 ** (self.params.scale_bits - 1) + 0.5 * w_row
-            total = (rounding + ERROR_MAX * n_o * (w_row + shape.d_in / 2)
-                     + c.rescale_factor * (1 + self._secret_weight) / 2 * (1 + 2.0 ** -16))
+            total = rounding + ERROR_MAX * n_o * (w_row + shape.d_in / 2)
             total += 2.0 ** -45 * 2.0 ** self.params.scale_bits * (w_row + shape.d_in)  # float64 decode rounding
             out[:, m] = total / (dw * x_scales)  # 0 for ∞ scales (all-zero rows decode to exactly 0)
         return out
@@ -387,7 +494,7 @@ class NativeEvaluator:
                 raise ValueError(f"weight shape {w.shape} != ({d_out}, {shape.d_in})")
             if not np.isfinite(w).all():
                 raise ValueError("weights contain NaN or infinity")
-            ints.append(np.rint(w * weight_scale(self.weight_bits, float(np.abs(w).max()))))
+            ints.append(integer_weights(self.weight_bits, w))
         prepared = PreparedGroup(shape, torch.from_numpy(np.concatenate(ints)).to(self.device))
         prepared.encoded(self, self._codec.blocking(shape, 1))  # decode blocking encoded eagerly
         return prepared
@@ -417,7 +524,7 @@ class NativeEvaluator:
         blk = decoded[0][1]
         if any(d[1] != blk for d in decoded):
             raise CiphertextError("batched inputs use different blockings")
-        sent = self._kernel(prepared, blk, torch.cat([d[0] for d in decoded]))       # [ΣRB, ΣO, r·n_o + N]
+        sent = self._kernel(prepared, blk, torch.cat([d[0] for d in decoded]))       # [ΣRB, ΣO, L, r·n_o]
         results, start = [], 0
         for (ev, _), (cts, _, first) in zip(items, decoded):
             rb_count = cts.shape[0]
@@ -426,7 +533,7 @@ class NativeEvaluator:
         return results
 
     def _decode_inputs(self, prepared: "PreparedGroup", ciphertexts: Sequence[bytes]):
-        """Check and unpack one input's ciphertexts -> (residues [RB, B, 2, L, N] on the device, blocking,
+        """Check and unpack one input's ciphertexts -> (c_0 residues [RB, B, L, N] on the device, blocking,
         the first ciphertext's header)."""
         c, shape = self._codec, prepared.shape
         if not isinstance(ciphertexts, (list, tuple)) or not ciphertexts:
@@ -448,8 +555,8 @@ class NativeEvaluator:
                     (first.rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct, i, expected):
                 raise CiphertextError(f"input ciphertext {i}: layout/index header does not match this layer "
                                       f"(d_in={shape.d_in}, blocking={blk})")
-            if h.seed != first.seed:
-                raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one seed")
+            if h.call_id != first.call_id:
+                raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one call id")
             bodies.append(np.frombuffer(body, dtype=np.uint8))
         packed = np.stack(bodies)
         c0, offset = [], 0
@@ -460,33 +567,31 @@ class NativeEvaluator:
                 raise CiphertextError("input ciphertext coefficient out of range")
             c0.append(limb)
             offset += length
-        c0 = np.stack(c0, axis=1)                                                    # [C, L, N]
-        a = sampling.expand_uniform_many(first.seed, np.arange(expected), c.primes, c.n)  # [C, L, N]
-        cts = torch.from_numpy(np.stack([c0, a], axis=1)).to(self.device)            # [C, 2, L, N]
-        return cts.reshape(rb_count, b_count, 2, len(c.primes), c.n), blk, first
+        cts = torch.from_numpy(np.stack(c0, axis=1)).to(self.device)                 # [C, L, N]
+        return cts.reshape(rb_count, b_count, len(c.primes), c.n), blk, first
 
     def _kernel(self, prepared: "PreparedGroup", blk: Blocking, cts: torch.Tensor) -> np.ndarray:
-        """Residues [RB, B, 2, L, N] -> rescaled outputs [RB, ΣO, r·n_o + N] mod q_0 (wire order)."""
+        """c_0 residues [RB, B, L, N] -> Σ_b c_0,b·W_{b,o} mod q_i at the wanted coefficients [RB, ΣO, L, r·n_o]."""
         c = self._codec
         enc = prepared.encoded(self, blk)
-        if blk.is_scalar:  # long prompts: GEMMs over Z_Q, one row block (up to N rows) at a time
-            kernel, extra, step = apply_scalar, (c.primes, c.log_q, self.weight_bits), 1
+        pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
+        # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
+        # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
+        step = ROW_BLOCKS_PER_KERNEL_CALL
+        if self.polymul == "fft":
+            parts = [apply_fft(enc, cts[i:i + step], c.primes, c.log_q, pos, self.weight_bits)
+                     for i in range(0, cts.shape[0], step)]
         else:
-            pos = torch.from_numpy(blk.output_positions().reshape(-1)).to(self.device)
-            kernel = apply_fft if self.polymul == "fft" else apply_ntt
-            extra = (c.primes, c.log_q, pos, self.weight_bits) if self.polymul == "fft" else (c.primes, pos)
-            # Row blocks go through the kernel a few at a time: its intermediates grow with the row count
-            # (measured: 256 rows of 768x2304 at once peaked near 8 GB and ran 4x slower per row).
-            step = ROW_BLOCKS_PER_KERNEL_CALL
-        return np.concatenate([kernel(enc, cts[i:i + step], *extra).cpu().numpy()
-                               for i in range(0, cts.shape[0], step)])
+            parts = [apply_ntt(enc, cts[i:i + step], c.primes, pos) for i in range(0, cts.shape[0], step)]
+        return torch.cat(parts).cpu().numpy()
 
     def _encode_outputs(self, prepared: "PreparedGroup", blk: Blocking, first: wire.InputHeader,
                         sent: np.ndarray) -> list[list[bytes]]:
         c = self._codec
-        rb_count = sent.shape[0]
-        packed_out = wire.pack_bits(sent.reshape(-1, sent.shape[-1]), c.bits[0]).reshape(rb_count, -1,
-                                                                                       c.output_payload_len(blk))
+        rb_count, o_total = sent.shape[:2]
+        flat = sent.reshape(rb_count * o_total, len(c.primes), -1)
+        packed_out = np.concatenate([wire.pack_bits(flat[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
+        packed_out = packed_out.reshape(rb_count, o_total, c.output_payload_len(blk))
         results, start = [], 0
         for m, o_count in enumerate(prepared.encoded(self, blk).out_blocks):
             member = []
@@ -524,9 +629,6 @@ class PreparedGroup:
         return list(torch.split(self.weights, list(self.shape.d_outs)))
 
     def encoded(self, ev: NativeEvaluator, blk: Blocking) -> EncodedWeights:
-        if blk.is_scalar:  # nothing to encode, nothing to cache per row count
-            out_blocks = tuple(self.shape.d_outs)
-            return EncodedWeights(blk, out_blocks, scalar_weights=self.weights)
         if blk not in self.cache:
             self.cache[blk] = encode_weights(blk, self.weight_ints, self.shape.d_in, ev._codec.primes, ev.polymul)
         return self.cache[blk]
@@ -537,11 +639,9 @@ ROWS_PER_FFT_CALL = 64  # a 512-token prompt on a 3072-wide layer would be ~19k 
 
 
 def rows_per_call(n: int, prime_bits: tuple[int, ...], d_in: int, d_outs: tuple[int, ...], rows: int) -> int:
-    """Rows one worker call carries out of ``rows``: a whole scalar row block (up to N rows) when the planner
-    picks the scalar blocking, else ``ROWS_PER_FFT_CALL`` (bounds one request's size and the worker's
-    working memory). The trusted engine splits prompts by this; the estimator predicts with it."""
-    blk = plan(n, prime_bits, d_in, d_outs, min(rows, n))
-    return blk.rows_per_ct if blk.is_scalar else ROWS_PER_FFT_CALL
+    """Rows one worker call carries out of ``rows``: ``ROWS_PER_FFT_CALL`` (bounds one request's size and the
+    worker's working memory). The trusted engine splits prompts by this; the estimator predicts with it."""
+    return ROWS_PER_FFT_CALL
 
 
 class NativeBackend:

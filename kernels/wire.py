@@ -4,24 +4,25 @@ Public context (fixed length, structurally unable to hold a key)::
 
     b"BFKPUB01" | N:u32 | L:u8 | q_0..q_{L-1}:u64 | scale_bits:u8 | context_id:16B
 
-Input ciphertext (fresh, symmetric RLWE; the uniform half ``a`` travels as the call's 32-byte seed, expanded
-with the ciphertext's index, see ``sampling.expand_uniform_many``)::
+Input ciphertext (the c_0 half of a fresh symmetric RLWE ciphertext; its mask half is the trusted side's
+fixed public polynomial for that input block, never sent, see ``backend.py``)::
 
-    b"BFKI" | ver:u8 | context_id:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32 | seed:32B
+    b"BFKI" | ver:u8 | context_id:16B | call:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | index:u32 count:u32
     | c_0 mod q_i, N coefficients of bitlen(q_i) bits per limb
 
-Output ciphertext (rescaled to q_0; only the r·n_o wanted coefficients of c_0 travel)::
+Output (Σ_b c_0,b · W_{b,o} mod Q, exact, not rescaled; only the r·n_o wanted coefficients travel)::
 
     b"BFKO" | ver:u8 | context_id:16B | call:16B | rows:u32 | r:u16 n_i:u16 n_o:u16 | member:u16 index:u32 count:u32
-    | c_0 at r·n_o positions, then c_1 (N coefficients), bitlen(q_0) bits each
+    | per limb q_i: the r·n_o coefficients mod q_i, bitlen(q_i) bits each
 
-``call`` is the first 16 bytes of the input's seed, echoed so that a reply names the call it answers. No
-field of an output steers decoding: activation and weight scales, the blocking and the row count are the
-trusted side's own (``EncryptedBatch.state`` and its copy of the weights); headers are only compared with
-them. (Version 2 carried the weight scale and AES-GCM-sealed activation scales in the headers.)
+``call`` is a fresh random 16-byte identifier per encryption call, echoed so that a reply names the call it
+answers. No field of an output steers decoding: activation and weight scales, the blocking and the row
+count are the trusted side's own (``EncryptedBatch.state`` and its copy of the weights); headers are only
+compared with them. (Version 3 sent a 32-byte seed of each call's fresh mask polynomials and returned c_1
+in full, rescaled to q_0; version 2 carried scales in the headers.)
 
-Default parameters (N = 2048, q = 30 + 24 bits): input ciphertext 13,824 B of coefficients + 71 B of
-header; output (2048 + r·n_o) × 30 bits ≈ 7.8 KB + 57 B of header.
+Default parameters (N = 2048, q = 30 + 24 bits): input ciphertext 13,824 B of coefficients + 55 B of
+header; output r·n_o × 54 bits + 57 B of header.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ import numpy as np
 
 from bifrost.ckks.backend import CiphertextError, SecretKeyInPublicContextError
 
-VERSION = 3  # 3: no scales on the wire (2: weight scale + sealed activation scales; 1: SHAKE-256 per ciphertext)
+VERSION = 4  # 4: fixed masks, exact outputs at the wanted coefficients (3: seeded fresh masks, c_1 returned;
+             # 2: weight scale + sealed activation scales; 1: SHAKE-256 per ciphertext)
 PUBLIC_MAGIC = b"BFKPUB01"
 SECRET_MAGIC = b"BFKSEC01"  # reserved: a serialized secret key starts with this; never accepted as public
 INPUT_MAGIC = b"BFKI"
 OUTPUT_MAGIC = b"BFKO"
 CONTEXT_ID_BYTES = 16
 
-_IN_HEAD = struct.Struct("<4sB16sIHHHII32s")
+_IN_HEAD = struct.Struct("<4sB16s16sIHHHII")
 _OUT_HEAD = struct.Struct("<4sB16s16sIHHHHII")
 CALL_ID_BYTES = 16
 
@@ -126,17 +128,13 @@ def decode_public_context(blob: bytes) -> tuple[int, tuple[int, ...], int, bytes
 @dataclass(frozen=True)
 class InputHeader:
     context_id: bytes
+    call_id: bytes
     rows: int
     rows_per_ct: int
     in_per_ct: int
     out_per_ct: int
     index: int
     count: int
-    seed: bytes
-
-    @property
-    def call_id(self) -> bytes:
-        return self.seed[:CALL_ID_BYTES]
 
 
 @dataclass(frozen=True)
@@ -157,8 +155,8 @@ OUTPUT_HEADER_BYTES = _OUT_HEAD.size
 
 
 def encode_input(h: InputHeader, payload: bytes) -> bytes:
-    return _IN_HEAD.pack(INPUT_MAGIC, VERSION, h.context_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct,
-                         h.index, h.count, h.seed) + payload
+    return _IN_HEAD.pack(INPUT_MAGIC, VERSION, h.context_id, h.call_id, h.rows, h.rows_per_ct, h.in_per_ct,
+                         h.out_per_ct, h.index, h.count) + payload
 
 
 def encode_output(h: OutputHeader, payload: bytes) -> bytes:
@@ -176,12 +174,12 @@ def decode_input(ct: object, context_id: bytes, payload_len: int) -> tuple[Input
     ct = _check_bytes(ct, "input ciphertext")
     if len(ct) != _IN_HEAD.size + payload_len:
         raise CiphertextError(f"input ciphertext has {len(ct)} bytes, expected {_IN_HEAD.size + payload_len}")
-    magic, ver, cid, rows, r, n_i, n_o, index, count, seed = _IN_HEAD.unpack_from(ct)
+    magic, ver, cid, call, rows, r, n_i, n_o, index, count = _IN_HEAD.unpack_from(ct)
     if magic != INPUT_MAGIC or ver != VERSION:
         raise CiphertextError("not a native-backend input ciphertext (bad magic/version)")
     if cid != context_id:
         raise CiphertextError("input ciphertext belongs to another context (context id mismatch)")
-    return InputHeader(cid, rows, r, n_i, n_o, index, count, seed), ct[_IN_HEAD.size:]
+    return InputHeader(cid, call, rows, r, n_i, n_o, index, count), ct[_IN_HEAD.size:]
 
 
 def decode_output(ct: object, context_id: bytes, payload_len: int) -> tuple[OutputHeader, bytes]:

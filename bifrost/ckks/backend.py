@@ -15,7 +15,7 @@ deterministic function of public values (parameters and shapes) so both sides ag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -46,18 +46,21 @@ class GroupShape:
 @dataclass(frozen=True)
 class WeightStats:
     """What the trusted side knows of one plaintext weight matrix W (d_out × d_in) from its own copy:
-    ``peak`` = max|W| and ``row_l1`` = max_k Σ_j |W[k, j]|. Decoding scales and error bounds come from
-    these, never from anything a worker sends."""
+    ``peak`` = max|W| and ``row_l1`` = max_k Σ_j |W[k, j]|, and ``matrix``, that copy itself (float64; None
+    where only the statistics are known). Decoding scales, error bounds and decryption come from these,
+    never from anything a worker sends."""
 
     peak: float
     row_l1: float
+    matrix: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, w) -> "WeightStats":
-        a = np.abs(np.asarray(w, dtype=np.float64))
+        w = np.asarray(w, dtype=np.float64)
+        a = np.abs(w)
         if a.ndim != 2 or not a.size:
             raise ValueError("weights must be a non-empty (d_out, d_in) matrix")
-        return cls(float(a.max()), float(a.sum(axis=1).max()))
+        return cls(float(a.max()), float(a.sum(axis=1).max()), w)
 
 
 @dataclass
@@ -92,6 +95,11 @@ class TrustedContext(Protocol):
     def public_context(self) -> bytes:
         """Serialized parameters + evaluation keys. Never contains the secret key."""
 
+    def prepare(self, shape: GroupShape, weights: Sequence[WeightStats]) -> None:
+        """Precompute, from the trusted weights (``WeightStats.of(W)`` per member), what decrypting this group
+        needs, so that its first call does not pay for it (native: the products of its public masks with the
+        weights). Optional: :meth:`decrypt` does it on first use; a no-op where a backend needs nothing."""
+
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
         """Encrypt ``x`` (rows × d_in, float64) in the packing the backend uses for ``shape``."""
 
@@ -105,7 +113,8 @@ class TrustedContext(Protocol):
                 weights: Sequence[WeightStats]) -> list[np.ndarray]:
         """Decrypt the worker's outputs for ``batch`` (one ciphertext list per group member) into
         (rows × d_out) float64 arrays. Scales, levels and layout come from ``batch.state`` and ``weights``
-        (the trusted side's statistics of each member's weights), never from the ciphertexts.
+        (the trusted side's statistics and copy of each member's weights; the native backend needs the
+        copy), never from the ciphertexts.
 
         Raises :class:`CiphertextError` when the outputs are not well formed for this call (counts,
         lengths, headers, levels, scales, coefficient ranges). Each such check is a function of the bytes

@@ -236,6 +236,9 @@ class TenSEALTrustedContext:
     def prefetch(self, shape: GroupShape, rows: int) -> None:
         """No-op: SEAL's encryption has no input-independent part exposed to prepare ahead."""
 
+    def prepare(self, shape: GroupShape, weights: Sequence[WeightStats]) -> None:
+        """No-op: decryption needs only the secret key and the statistics passed to :meth:`decrypt`."""
+
     def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
         """Encrypt ``x``; ``state`` records the plan, the row count and ‖x_r‖₁ (trusted memory)."""
         x = np.asarray(x, dtype=np.float64)

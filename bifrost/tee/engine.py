@@ -135,6 +135,8 @@ class DelegationEngine:
         operands = operands or check_operands(backend, params, weights)
         self.verifier = ProductVerifier({g: [operands[n] for n in g] for g in groups}, verify)
         self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
+        for g in groups:  # what decryption needs from the trusted weights (native: mask products; cached per process)
+            self._keys.prepare(self.shapes[g], self._stats_of[g])
         public = self._keys.public_context()
         self.public_context_bytes = len(public)
         self.prepare_seconds = link.open_worker_sessions(backend, public, list(self._refs.values()) if prepare else [])

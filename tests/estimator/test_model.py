@@ -7,9 +7,9 @@ import pytest
 import numpy as np
 
 from bifrost.ckks import GroupShape, get_backend
-from bifrost.errors import BifrostError
 from bifrost_estimator.model import (FHEAlgorithms, accelerator_seconds, call_rows, coeff_counts, column_counts,
-                                     estimate, exact_call_bytes, forward_bifrost, forward_fhe, rows_per_call)
+                                     delegated_calls, estimate, exact_call_bytes, forward_bifrost, forward_fhe,
+                                     rows_per_call)
 from bifrost_estimator.profile import CKKSOps, load_profile
 from bifrost_estimator.shapes import LinearGroup, load_shape
 
@@ -68,8 +68,9 @@ def test_native_counts_follow_the_kernel_planner(monkeypatch):
 
 
 def test_native_counts_calls_and_bytes_match_the_real_backend():
-    """Rows per call, scalar vs polynomial blocking, ciphertext counts and exact wire bytes agree with what
-    the native backend does for short and long prompts (its own rows_per_call, encrypt and apply)."""
+    """Rows per call, the one-row-per-ciphertext blocking, ciphertext counts and exact wire bytes agree with
+    what the native backend does for short and long prompts (its own rows_per_call, encrypt and apply)."""
+    from bifrost_kernels.backend import ROWS_PER_FFT_CALL
     from bifrost_kernels.layout import plan
 
     backend = get_backend("native")
@@ -82,18 +83,20 @@ def test_native_counts_calls_and_bytes_match_the_real_backend():
                                (768, (768,), 32), (768, (768,), 48), (768, (768,), 70), (768, (768,), 300), (3072, (768,), 5000)]:
         shape, g = GroupShape(d_in, d_outs), LinearGroup("x", d_in, d_outs)
         per_call = rows_per_call("native", ops, g, rows)
-        assert per_call == backend.rows_per_call(prm, shape, rows)
+        assert per_call == backend.rows_per_call(prm, shape, rows) == ROWS_PER_FFT_CALL == 64
         r = min(rows, per_call)
         c = coeff_counts(ops, g, r)
-        assert c.scalar == plan(2048, (30, 24), d_in, d_outs, min(rows, 2048)).is_scalar
-        if rows <= 300:  # the ciphertexts the context and an evaluator really produce for one call
-            batch = ctx.encrypt(shape, rng.normal(0, 1, (r, d_in)))
-            sent, received = exact_call_bytes("native", ops, g, r)
-            assert c.cts_in == len(batch.ciphertexts) and sent == sum(len(b) for b in batch.ciphertexts)
-            if d_in * sum(d_outs) <= 64 * 192:
-                outs = ev.apply(ev.prepare(shape, [rng.normal(0, 0.05, (d, d_in)) for d in d_outs]), batch.ciphertexts)
-                assert c.cts_out == sum(len(o) for o in outs)
-                assert received == sum(len(b) for o in outs for b in o)
+        blk = plan(2048, (30, 24), d_in, d_outs, r)
+        assert blk.rows_per_ct == 1 and c.row_blocks == r  # one row per ciphertext, whatever the prompt length
+        assert (c.cts_in, c.cts_out) == (r * blk.in_blocks(d_in), r * sum(blk.out_blocks(d) for d in d_outs))
+        # the ciphertexts the context and an evaluator really produce for one call
+        batch = ctx.encrypt(shape, rng.normal(0, 1, (r, d_in)))
+        sent, received = exact_call_bytes("native", ops, g, r)
+        assert c.cts_in == len(batch.ciphertexts) and sent == sum(len(b) for b in batch.ciphertexts)
+        if d_in * sum(d_outs) <= 64 * 192:
+            outs = ev.apply(ev.prepare(shape, [rng.normal(0, 0.05, (d, d_in)) for d in d_outs]), batch.ciphertexts)
+            assert c.cts_out == sum(len(o) for o in outs)
+            assert received == sum(len(b) for o in outs for b in o)
 
 
 def test_call_rows_pad_to_the_row_bucket_then_split_by_the_backend():
@@ -105,26 +108,30 @@ def test_call_rows_pad_to_the_row_bucket_then_split_by_the_backend():
     ops = CKKSOps(prm.poly_modulus_degree, tuple(prm.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
     g, g_down = LinearGroup("x", 768, (768,)), LinearGroup("x", 3072, (768,))
     assert [row_bucket(r) for r in (1, 4, 5, 7, 33, 65, 80, 300, 5000)] == [1, 4, 6, 8, 48, 96, 96, 384, 6144]
-    assert call_rows("native", ops, g, 32) == [32] and not coeff_counts(ops, g, 32).scalar  # polynomial blocking
+    assert call_rows("native", ops, g, 32) == [32] and coeff_counts(ops, g, 32).row_blocks == 32  # one row per ct
     assert call_rows("native", ops, g, 5) == [6]
-    assert call_rows("native", ops, g_down, 80) == [96] and coeff_counts(ops, g_down, 96).scalar  # padded past 88
-    assert call_rows("native", ops, g, 300) == [384]  # one scalar row block
-    assert call_rows("native", ops, g, 5000) == [2048, 2048, 2048]
-    assert call_rows("native", ops, g, 2049) == [2048, 1024]
+    assert call_rows("native", ops, g, 64) == [64]
+    assert call_rows("native", ops, g_down, 80) == [64, 32]  # padded to 96, then calls of ROWS_PER_FFT_CALL
+    assert call_rows("native", ops, g, 300) == [64] * 6  # 384 rows
+    assert call_rows("native", ops, g, 5000) == [64] * 96  # 6144 rows
+    assert call_rows("native", ops, g, 2049) == [64] * 48  # 3072 rows
     ts = CKKSOps(8192, (60, 40, 60), 1.0, 1.0, 0.0, 0.0)
     assert call_rows("tenseal", ts, g, 64) == [64]
     assert call_rows("tenseal", ts, g, 65) == [64, 32]  # 96 rows in calls of ROWS_PER_CALL = 64
     assert exact_call_bytes("tenseal", ts, g, 1) is None  # no exact sizes: the profile's medians
 
 
-def test_scalar_blocking_needs_its_calibrated_costs():
+def test_long_prompt_calls_cost_as_many_one_row_blocks():
+    """A long prompt's native calls are the one-row blocking at 64 rows: 64x a row's ciphertexts and block
+    products, the same encoded weight blocks, and worker time growing with the rows."""
     prof = load_profile("local-2core")
     ops, g = prof.accelerator.linear, LinearGroup("x", 768, (768,))
-    c = coeff_counts(ops, g, 300)
-    old = dataclasses.replace(prof, accelerator=dataclasses.replace(prof.accelerator, scalar_mac_s=0.0))
-    with pytest.raises(BifrostError, match="scalar blocking"):
-        accelerator_seconds(old, c)
-    assert 0 < accelerator_seconds(prof, c) < accelerator_seconds(prof, coeff_counts(ops, g, 1024))  # grows with r
+    one, c = coeff_counts(ops, g, 1), coeff_counts(ops, g, 64)
+    assert (c.row_blocks, c.cts_in, c.cts_out, c.mul_plain) == (64, 64 * one.cts_in, 64 * one.cts_out, 64 * one.mul_plain)
+    assert c.weight_blocks == one.weight_blocks and c.rotations == c.rescales == 0
+    assert 0 < accelerator_seconds(prof, one) < accelerator_seconds(prof, c)
+    calls = delegated_calls(prof, g, 300)
+    assert [k.rows for k in calls] == [64] * 6 and all(k.counts == c and k.exact_bytes for k in calls)
 
 
 def test_long_prompts_go_in_several_calls(gpu):

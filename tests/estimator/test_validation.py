@@ -7,7 +7,7 @@ they carry (padded to ``row_bucket``), the input and output ciphertexts and, for
 each way (its exact ``call_bytes``). The engine records the same quantities in ``stats.groups``.
 
 Configurations (native backend): gpt2-mini (d=64) in both modes at prompt lengths 3 (no padding), 5 (padded
-to 6) and 65 (padded to 96: every group in the native scalar blocking), 3 tokens each; gpt2-2l (GPT-2 124M
+to 6) and 65 (padded to 96: native calls of 64 and 32 rows), 3 tokens each; gpt2-2l (GPT-2 124M
 widths: several input and output blocks per call) at prompt length 5 in bifrost mode. TenSEAL (gpt2-mini,
 bifrost, 5 -> 6 rows): calls, rows and ciphertext counts only — SEAL's compressed ciphertexts have no
 exact size, so the model's bytes there are the profile's median sizes.
@@ -86,16 +86,16 @@ def test_predicted_worker_traffic_equals_the_engines(runtimes, profiles, model, 
     assert sum(s.bytes_sent for s in measured[1].values()) > 0
 
 
-def test_padding_and_scalar_blocking_are_what_was_measured(profiles):
-    """The configurations above cover a padded prompt and the native scalar blocking (or the test would
-    compare less than it claims)."""
+def test_padding_and_call_splitting_are_what_was_measured(profiles):
+    """The configurations above cover a padded prompt and a native prompt split into several calls (or the
+    test would compare less than it claims)."""
     shape = load_shape("gpt2-mini")
     native, tenseal = profiles("native"), profiles("tenseal")
     for g in shape.groups():
         assert [c.rows for c in delegated_calls(native, g, 5)] == [c.rows for c in delegated_calls(tenseal, g, 5)] == [6]
         assert [c.rows for c in delegated_calls(native, g, 3)] == [3]
         long = delegated_calls(native, g, 65)
-        assert [c.rows for c in long] == [96] and all(c.counts.scalar and c.exact_bytes for c in long)
+        assert [c.rows for c in long] == [64, 32] and all(c.counts.row_blocks == c.rows and c.exact_bytes for c in long)
         assert not any(c.exact_bytes for c in delegated_calls(tenseal, g, 5))
 
 

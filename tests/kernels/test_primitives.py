@@ -54,7 +54,7 @@ def test_fft_rounding_guard_fires(device):
         negacyclic_fft.round_exact(torch.tensor([0.5, 1.0], dtype=torch.float64, device=device))
 
 
-def test_crt_compose_and_rescale(device):
+def test_crt_compose_and_recombine(device):
     primes = rns.ntt_primes(2048, (30, 24))
     basis = rns.RNSBasis(primes)
     rng = np.random.default_rng(3)
@@ -62,10 +62,10 @@ def test_crt_compose_and_rescale(device):
     res = torch.from_numpy(np.moveaxis(basis.decompose(x), -1, -2).copy()).to(device)  # [5, L, 64]
     assert (linear.compose_centered(res, primes).cpu().numpy() == x).all()
     assert (basis.compose_centered(basis.decompose(x)) == x).all()
-    resc = linear.rescale_to_first(res, primes).cpu().numpy()
-    want = np.rint(x / primes[1]).astype(np.int64) % primes[0]
-    diff = (resc - want) % primes[0]
-    assert np.all((diff == 0) | (diff == 1) | (diff == primes[0] - 1))  # rounding may differ at .5
+    d, beta = linear.digit_plan(54)
+    digits = linear.signed_digits(torch.from_numpy(x).to(device), d, beta).to(torch.int64)  # [5, D, 64]
+    back = linear.recombine(digits, primes, beta, beta + 1).cpu().numpy()                 # [5, L, 64]
+    assert (back == np.moveaxis(basis.decompose(x), -1, -2)).all()
 
 
 def test_signed_digits_reconstruct(device):

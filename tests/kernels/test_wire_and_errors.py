@@ -37,7 +37,8 @@ def test_device_selection(backend, context, monkeypatch):
 def test_public_context_cannot_carry_the_secret(context, backend):
     blob = context.public_context()
     assert len(blob) == 8 + 5 + 8 * 2 + 1 + 16  # fixed-length format: no room for key material
-    secret_bytes = context._secret.astype("<i8").tobytes()
+    context.encrypt(SHAPE, np.ones((1, 128)))
+    secret_bytes = context._last_secrets[0].astype("<i8").tobytes()  # a call's secret
     assert secret_bytes[:64] not in blob
     for bad in (blob + secret_bytes, blob + b"\x00", wire.SECRET_MAGIC + secret_bytes, blob + wire.SECRET_MAGIC):
         with pytest.raises(SecretKeyInPublicContextError):
@@ -61,8 +62,10 @@ def test_public_context_with_refused_parameters_is_a_ciphertext_error(context, b
 
 def test_wire_sizes(layer, context, backend):
     _, batch, out = layer
-    assert all(len(ct) < 14000 for ct in batch.ciphertexts)   # 2048 × 54 bits + header, seed not polynomial
-    assert all(len(ct) < 8000 for ct in out[0])               # rescaled to the 30-bit prime
+    assert all(len(ct) < 14000 for ct in batch.ciphertexts)   # 2048 × 54 bits + header: c_0 only
+    blk = context._codec.blocking(SHAPE, 1)
+    assert all(len(ct) == wire.OUTPUT_HEADER_BYTES + 30 * blk.out_per_ct // 8 + 24 * blk.out_per_ct // 8
+               for ct in out[0])                              # the wanted coefficients only, no c_1
     sent, received = sum(map(len, batch.ciphertexts)), sum(len(c) for o in out for c in o)
     assert backend.call_bytes(context.params, SHAPE, 1) == (sent, received)  # exact, from public values
     assert backend.max_output_bytes(context.params, SHAPE, 1) == received
@@ -82,20 +85,20 @@ def test_bad_inputs_raise_ciphertext_error(layer, evaluator, backend):
         cts[:-1] if len(cts) > 1 else [],
         ["not bytes"] + cts[1:],
     ]
-    flipped = bytearray(cts[0]); flipped[30] ^= 0xFF  # rows field
+    flipped = bytearray(cts[0]); flipped[37] ^= 0xFF  # rows field
     bad_lists.append([bytes(flipped)] + cts[1:])
     for bad in bad_lists:
         with pytest.raises(CiphertextError):
             evaluator.apply(prepared, bad)
 
 
-def test_ciphertexts_of_one_call_must_share_its_seed(layer, context, evaluator):
+def test_ciphertexts_of_one_call_must_share_its_call_id(layer, context, evaluator):
     prepared, _, _ = layer
     cts = context.encrypt(SHAPE, np.ones((2, 128))).ciphertexts  # two rows: two ciphertexts
-    seed_at = wire._IN_HEAD.size - 32  # the seed ends the header
-    reseeded = bytearray(cts[1]); reseeded[seed_at] ^= 0x01  # claims another call's seed
-    with pytest.raises(CiphertextError, match="share one seed"):
-        evaluator.apply(prepared, [cts[0], bytes(reseeded)])
+    call_at = 4 + 1 + wire.CONTEXT_ID_BYTES  # the call id follows magic, version and context id
+    other = bytearray(cts[1]); other[call_at] ^= 0x01  # claims another call
+    with pytest.raises(CiphertextError, match="share one call id"):
+        evaluator.apply(prepared, [cts[0], bytes(other)])
     batch = context.encrypt(SHAPE, np.ones((2, 128)))
     assert len(context.decrypt(SHAPE, evaluator.apply(prepared, batch.ciphertexts), batch, stats([W]))[0]) == 2
 

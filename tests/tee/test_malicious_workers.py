@@ -62,7 +62,7 @@ def assert_caught_and_invisible(out: adv.Outcome, baseline: adv.Outcome, reason:
 def test_deviation_is_caught_and_unseen(run_config, honest, scenario):
     """Caught in the TEE (by the named check), no wrong token, and the worker's view equals an honest run's.
     Includes issue 13's half-space probe (one output of layer 0's c_fc replaced by 2^24·Enc(⟨w, x⟩); it used
-    to overflow the next encryption when ⟨w, x⟩ > 0 and close the session) in both prefill blockings and in
+    to overflow the next encryption when ⟨w, x⟩ > 0 and close the session) in short and long prefills and in
     decode, and TenSEAL's worker-chosen scale."""
     out = run(run_config, scenario.make(), scenario.prompt, scenario.backend, scenario.new_tokens)
     assert_caught_and_invisible(out, honest(scenario.prompt, scenario.backend, scenario.new_tokens), scenario.reason,
@@ -71,9 +71,11 @@ def test_deviation_is_caught_and_unseen(run_config, honest, scenario):
 
 def test_half_space_yes_and_no_answers_look_the_same(run_config, honest):
     """A genuine half-space query: the attacker adds 16·Enc(⟨w, x⟩) to one output of layer 0's c_fc in the
-    prefill. "Yes" (w along the true hidden state, computed offline from the public weights for the right
-    guess) is a deviation the TEE catches; "no" (w orthogonal to every prompt row) changes nothing measurable
-    and passes. The two runs, and an honest one, are identical to the worker."""
+    prefill, "yes" with w along the true hidden state (computed offline from the public weights for the right
+    guess), "no" with w orthogonal to every prompt row. A product the worker computes with weights of its own
+    choosing decrypts to a uniformly random value (the trusted side adds the true weights' mask term, which
+    that product does not cancel), so both are caught by the range check whatever ⟨w, x⟩: the verdicts, the
+    two runs and an honest one are identical to the worker."""
     yes, no = adv.yes_no_directions(run_config)
     x = adv.layer_input(run_config, MODEL, SHORT, C_FC0)
     assert np.abs(x @ no).max() < 1e-9 and abs(x[0] @ yes) > 1.0
@@ -82,20 +84,21 @@ def test_half_space_yes_and_no_answers_look_the_same(run_config, honest):
     out_no = run(run_config, adv.half_space_probe(when, no, 16))
     base = honest(SHORT)
     assert out_yes.deviated and out_no.deviated  # both really sent a modified reply
-    assert len(out_yes.quarantined) == 1 and not out_no.quarantined  # the TEE's verdicts differ ...
-    assert out_yes.observed == out_no.observed == base.observed   # ... but nothing the worker sees does
+    verdicts = [next(iter(o.quarantined.values()))["reason"] for o in (out_yes, out_no)]
+    assert verdicts == ["range check", "range check"] or verdicts[0] == verdicts[1], verdicts  # the same verdict
+    assert out_yes.observed == out_no.observed == base.observed   # nothing the worker sees differs
     assert out_yes.tokens == out_no.tokens == base.tokens == base.plaintext
 
 
 def test_correct_49_calls_in_50_deviates_rarely_and_is_caught_each_time(run_config):
-    out = run(run_config, adv.one_call_in(50, lambda when: adv.constant_on_one_output(when, 2 ** 22)), new_tokens=8)
+    out = run(run_config, adv.one_call_in(50, lambda when: adv.constant_on_one_output(when, 2 ** 46)), new_tokens=8)
     assert 1 <= len(out.deviated) < 3 and out.deviations_seen == len(out.deviated)
 
 
 def test_a_quarantined_worker_keeps_its_traffic_and_is_never_trusted_again(run_config, honest):
     """After one detected deviation the worker turns honest: its later (correct) results are still discarded
     and recomputed in the TEE, and it still receives every call, as before."""
-    out = run(run_config, adv.constant_on_one_output(adv.on_layer(C_FC0, 1), 2 ** 22))
+    out = run(run_config, adv.constant_on_one_output(adv.on_layer(C_FC0, 1), 2 ** 46))
     linear_calls = sum(o.method == "Linear" for o in out.observed)
     assert out.deviated == [10]  # decode step 1's c_fc of layer 0: the 11th call
     assert out.deviations_seen == 1 and out.local_calls == linear_calls - 10  # that call and every later one

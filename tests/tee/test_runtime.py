@@ -103,9 +103,9 @@ def test_long_prompts_are_split_into_bounded_worker_calls(worker_factory, run_co
     assert result.timings[0].calls == len(runtime.groups) * 3  # 12 prompt rows in calls of 5, 5, 2
 
 
-def test_long_prompt_goes_through_the_scalar_blocking_in_one_call_per_group(worker_factory, run_config):
-    """A 200-token prompt is token-packed (one column per ciphertext): one worker call per layer group,
-    far fewer bytes than one row per ciphertext, and still the plaintext tokens."""
+def test_long_prompt_goes_one_row_per_ciphertext_in_calls_of_64_rows(worker_factory, run_config):
+    """A 200-token prompt (padded to 256 rows) goes in calls of 64 rows with the decode blocking: its bytes
+    are exactly 256 decode steps' worth, and the tokens are the plaintext ones."""
     _, _, address = worker_factory("gpt2-mini")
     runtime = TrustedRuntime(run_config.replace(model="gpt2-mini"), address, reference=True)
     ids = [(37 * i + 11) % 50000 for i in range(200)]
@@ -113,10 +113,11 @@ def test_long_prompt_goes_through_the_scalar_blocking_in_one_call_per_group(work
     shapes = set(runtime.engine.shapes.values())
     runtime.close()
     assert result.tokens == result.fidelity.plaintext_tokens
-    assert all(runtime.engine._keys._codec.blocking(s, 200).is_scalar for s in shapes)
-    assert result.timings[0].calls == len(runtime.groups)
-    decode_bytes = result.timings[1].bytes_sent
-    assert result.timings[0].bytes_sent < 200 * decode_bytes / 2
+    keys = runtime.engine._keys
+    assert all(keys._codec.blocking(s, 200) == keys._codec.blocking(s, 1) for s in shapes)
+    assert result.timings[0].calls == len(runtime.groups) * 4
+    assert result.timings[0].bytes_sent == 256 * result.timings[1].bytes_sent
+    assert result.timings[0].bytes_received == 256 * result.timings[1].bytes_received
 
 
 def test_sampling_parameters_shape_the_choice():

@@ -254,7 +254,7 @@ STAGES = (("_decode_inputs", "unpack_s"), ("_kernel", "kernel_s"), ("_encode_out
 
 
 def time_stages(ev, seconds: dict[str, float]) -> None:
-    """Wrap the evaluator's stages (:data:`STAGES`: check + unpack + seed expansion + upload; the kernel + download;
+    """Wrap the evaluator's stages (:data:`STAGES`: check + unpack + upload; the kernel + download;
     pack) so each call adds its seconds to ``seconds``; ``apply`` is their sum plus a little bookkeeping."""
     for attr, key in STAGES:
         stage = getattr(ev, attr, None)

@@ -227,6 +227,8 @@ class CallState:
     x_scales: np.ndarray  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row: decodes to 0
     x_encoded: np.ndarray  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
     secret_spectra: torch.Tensor  # the call's secret per row block, negacyclic spectra [RB, N/2]
+    mask_term: Future | None = None  # (Σ_b a_b·W_{b,o})·s at the wanted coefficients, being computed (encrypt's weights)
+    term_matrices: tuple[int, ...] = ()  # ids of the matrices ``mask_term`` is for
 
 
 class NativeTrustedContext:
@@ -294,7 +296,7 @@ class NativeTrustedContext:
         self._mask_products(shape, self._codec.blocking(shape, 1), self._matrices(shape, weights))
 
     # -------------------------------------------------------------- encrypt
-    def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
+    def encrypt(self, shape: GroupShape, x: np.ndarray, weights: Sequence[WeightStats] | None = None) -> EncryptedBatch:
         _check_shape(shape)
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 1:
@@ -330,8 +332,23 @@ class NativeTrustedContext:
         cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
                                  payload[i].tobytes())
                for i in range(count)]
-        state = CallState(blk, rows, call_id, x_scales, x_encoded, s_spec)
+        term, ids = None, ()
+        if weights is not None:  # the call's decryption term, prepared on the mask thread while the worker computes
+            matrices = self._matrices(shape, weights)
+            term, ids = _PREFETCH.submit(self._mask_term, shape, blk, matrices, s_spec), tuple(map(id, matrices))
+        state = CallState(blk, rows, call_id, x_scales, x_encoded, s_spec, term, ids)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
+
+    def _mask_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
+                   secret_spectra: torch.Tensor) -> torch.Tensor:
+        """(Σ_b a_b·W_{b,o})·s_rb mod q_i at the wanted coefficients, [RB, ΣO, L, r·n_o]: exact (|c_1| < 2^30,
+        ‖s‖₁ ≤ N)."""
+        spectra = self._mask_products(shape, blk, matrices)                                  # [ΣO, L, F]
+        f = spectra.shape[-1]
+        pos = torch.from_numpy(blk.output_positions().reshape(-1))
+        v = nfft.inverse_unfolded(spectra[None] * secret_spectra[:, None, None, :], dim=-1)  # [RB, ΣO, L, F, 2]
+        term = nfft.round_exact(v[..., torch.remainder(pos, f), torch.div(pos, f, rounding_mode="floor")])
+        return torch.remainder(term, torch.tensor(self._codec.primes, dtype=torch.int64).reshape(-1, 1))
 
     def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> CallState:
         _check_shape(shape)
@@ -409,16 +426,16 @@ class NativeTrustedContext:
             offset += length
         vals = torch.from_numpy(np.stack(limbs, axis=1))                                  # [C, L, P]
 
-        # (Σ_b a_b·W_{b,o})·s at the wanted coefficients, per row block's secret: exact (|c_1| < 2^30, ‖s‖₁ ≤ N)
-        spectra = self._mask_products(shape, blk, self._matrices(shape, weights))        # [ΣO, L, F]
+        matrices = self._matrices(shape, weights)
+        if state.mask_term is not None and state.term_matrices == tuple(map(id, matrices)):
+            term = state.mask_term.result()
+        else:
+            term = self._mask_term(shape, blk, matrices, state.secret_spectra)                # [RB, ΣO, L, P]
         rb_idx = torch.tensor([rb for rb, _ in columns])
         col_idx = torch.tensor([o for _, o in columns])
-        pos = torch.from_numpy(blk.output_positions().reshape(-1))
-        f = spectra.shape[-1]
-        v = nfft.inverse_unfolded(spectra[col_idx] * state.secret_spectra[rb_idx][:, None, :], dim=-1)  # [C, L, F, 2]
-        term = nfft.round_exact(v[:, :, torch.remainder(pos, f), torch.div(pos, f, rounding_mode="floor")])
         q_col = torch.tensor(c.primes, dtype=torch.int64).reshape(1, -1, 1)
-        decoded = compose_centered(torch.remainder(vals + term, q_col), c.primes).to(torch.float64).numpy()  # [C, P]
+        decoded = compose_centered(torch.remainder(vals + term[rb_idx, col_idx], q_col), c.primes)
+        decoded = decoded.to(torch.float64).numpy()                                           # [C, P]
 
         w_scales = [weight_scale(self.weight_bits, w.peak) for w in weights]
         member_of = np.repeat(np.arange(len(o_counts)), o_counts)

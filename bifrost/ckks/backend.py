@@ -100,8 +100,11 @@ class TrustedContext(Protocol):
         needs, so that its first call does not pay for it (native: the products of its public masks with the
         weights). Optional: :meth:`decrypt` does it on first use; a no-op where a backend needs nothing."""
 
-    def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
-        """Encrypt ``x`` (rows × d_in, float64) in the packing the backend uses for ``shape``."""
+    def encrypt(self, shape: GroupShape, x: np.ndarray, weights: Sequence[WeightStats] | None = None) -> EncryptedBatch:
+        """Encrypt ``x`` (rows × d_in, float64) in the packing the backend uses for ``shape``. ``weights``: the
+        group's, as :meth:`decrypt` will be given them, when the caller knows them: a backend may start
+        preparing the call's decryption (native: its mask term, on a background thread while a worker
+        computes); decrypt with other weights still works."""
 
     def prefetch(self, shape: GroupShape, rows: int) -> None:
         """Start preparing, in the background, the input-independent part of the next :meth:`encrypt` of

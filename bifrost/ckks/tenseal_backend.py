@@ -239,8 +239,9 @@ class TenSEALTrustedContext:
     def prepare(self, shape: GroupShape, weights: Sequence[WeightStats]) -> None:
         """No-op: decryption needs only the secret key and the statistics passed to :meth:`decrypt`."""
 
-    def encrypt(self, shape: GroupShape, x: np.ndarray) -> EncryptedBatch:
-        """Encrypt ``x``; ``state`` records the plan, the row count and ‖x_r‖₁ (trusted memory)."""
+    def encrypt(self, shape: GroupShape, x: np.ndarray, weights: Sequence[WeightStats] | None = None) -> EncryptedBatch:
+        """Encrypt ``x``; ``state`` records the plan, the row count and ‖x_r‖₁ (trusted memory). ``weights``
+        are not needed here (decryption needs only the secret key)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != shape.d_in:
             raise ValueError(f"expected (rows, {shape.d_in}) input, got {x.shape}")

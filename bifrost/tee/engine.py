@@ -190,7 +190,7 @@ class DelegationEngine:
     def _call(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
         shape, st = self.shapes[group], self.stats
         t0 = time.perf_counter()
-        batch = self._keys.encrypt(shape, x)
+        batch = self._keys.encrypt(shape, x, self._stats_of[group])
         t1 = time.perf_counter()
         # The next call of this size (the next layer's) gets its encryption masks ready while this one is out.
         self._keys.prefetch(shape, len(x))

@@ -303,3 +303,23 @@ def weight_scale_of(context, w):
     from bifrost_kernels.backend import weight_scale
 
     return weight_scale(context.weight_bits, float(np.abs(w).max()))
+
+
+def test_the_mask_term_prepared_at_encrypt_is_the_one_decrypt_computes(context, evaluator):
+    """encrypt(..., weights) starts the call's decryption term on the mask thread; decrypt uses it for those
+    weights (same values as computing it inline) and computes it for any other weights it is given."""
+    rng = np.random.default_rng(41)
+    shape = GroupShape(200, (64, 32))
+    ws = [rng.normal(0, 0.1, (d, 200)) for d in shape.d_outs]
+    x = gpt2_like(rng, 3, 200)
+    prepared = evaluator.prepare(shape, ws)
+    batch = context.encrypt(shape, x, stats(ws))
+    assert batch.state.mask_term is not None
+    out = evaluator.apply(prepared, batch.ciphertexts)
+    ahead = context.decrypt(shape, out, batch, stats(ws))
+    inline = context._mask_term(shape, batch.state.blocking, [s.matrix for s in stats(ws)], batch.state.secret_spectra)
+    assert torch.equal(batch.state.mask_term.result(), inline)
+    assert error_ratio(context, shape, batch, ws, x, ahead) < 1
+    other = [w * 1.5 for w in ws]  # decrypting with other weights: their own term, not the prepared one
+    ys = context.decrypt(shape, evaluator.apply(evaluator.prepare(shape, other), batch.ciphertexts), batch, stats(other))
+    assert error_ratio(context, shape, batch, other, x, ys) < 1

@@ -47,6 +47,7 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -196,10 +197,11 @@ class PublicMasks:
 
 MASK_SEED = sampling.fresh_seed()
 _MASKS: dict[tuple[tuple[int, ...], int], PublicMasks] = {}
-# (primes, N, weight bits, blocking, ids of the member matrices) -> spectra [ΣO, L, N/2] of Σ_b a_b·W_{b,o}:
+# (primes, N, weight bits, blocking, ids of the member matrices) -> Σ_b a_b·W_{b,o}, centred, [ΣO·L, N] float64:
 # the trusted side's per-group constant, shared by every context of the process; an entry is dropped when
 # one of its matrices is garbage-collected (so an id is never reused while its entry exists).
 _MASK_PRODUCTS: dict[tuple, torch.Tensor] = {}
+DIRECT_TERM_MAX_POSITIONS = 256  # mask term by one GEMM with rows of s up to this many wanted coefficients, else FFT
 _TABLES_LOCK = threading.Lock()
 
 
@@ -209,6 +211,14 @@ def public_masks(primes: tuple[int, ...], n: int) -> PublicMasks:
         if masks is None:
             masks = _MASKS[(primes, n)] = PublicMasks(primes, n)
         return masks
+
+
+@lru_cache(maxsize=256)
+def _secret_rows_index(n: int, positions: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, sign) [N, P] such that s[index]·sign is column p of the negacyclic matrix of s at each position:
+    (c ⊛ s)[p] = Σ_i c[i]·s[p − i], with s[p − i] = −s[N + p − i] where p − i < 0."""
+    lag = np.asarray(positions)[None, :] - np.arange(n)[:, None]
+    return torch.from_numpy(np.mod(lag, n)), torch.from_numpy(np.where(lag >= 0, 1.0, -1.0))
 
 
 def integer_weights(bits: int, w: np.ndarray) -> np.ndarray:
@@ -226,7 +236,7 @@ class CallState:
     call_id: bytes
     x_scales: np.ndarray  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row: decodes to 0
     x_encoded: np.ndarray  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
-    secret_spectra: torch.Tensor  # the call's secret per row block, negacyclic spectra [RB, N/2]
+    secrets: np.ndarray  # the call's secret per row block, [RB, N] (ternary): trusted memory only
     mask_term: Future | None = None  # (Σ_b a_b·W_{b,o})·s at the wanted coefficients, being computed (encrypt's weights)
     term_matrices: tuple[int, ...] = ()  # ids of the matrices ``mask_term`` is for
 
@@ -266,9 +276,10 @@ class NativeTrustedContext:
         s_spec = nfft.forward(torch.from_numpy(secrets).to(torch.float64))               # [RB, F]
         a_spec = self._public.spectra(b_count)                                           # [B, L, F]
         # exact: |a_b| ≤ q_i/2 < 2^30 and ‖s‖₁ ≤ N, so |a_b·s| < 2^41
-        a_s = nfft.round_exact(nfft.inverse(a_spec[None] * s_spec[:, None, None])).numpy()  # [RB, B, L, N]
-        e = sampling.centered_binomial((rb_count, b_count, 1, c.n))
-        masks = np.mod(e - a_s, c.basis.q_col[None, None, :, None]).reshape(rb_count * b_count, len(c.primes), c.n)
+        a_s = nfft.round_exact(nfft.inverse(a_spec[None] * s_spec[:, None, None]))      # [RB, B, L, N]
+        e = torch.from_numpy(sampling.centered_binomial((rb_count, b_count, 1, c.n)))
+        q = torch.from_numpy(c.basis.q_col).reshape(1, 1, -1, 1)
+        masks = torch.remainder(e - a_s, q).numpy().reshape(rb_count * b_count, len(c.primes), c.n)
         return secrets, s_spec, masks
 
     def prefetch(self, shape: GroupShape, rows: int) -> None:
@@ -326,7 +337,8 @@ class NativeTrustedContext:
         count = rb_count * b_count
         secrets, s_spec, masks = self._take_masks(rb_count, b_count)
         self._last_secrets = secrets
-        c0 = np.mod(msg.reshape(count, 1, n) + masks, c.basis.q_col[None, :, None])  # m + e − a·s mod q_i [C, L, N]
+        q = torch.from_numpy(c.basis.q_col).reshape(1, -1, 1)
+        c0 = torch.remainder(torch.from_numpy(msg).reshape(count, 1, n) + torch.from_numpy(masks), q).numpy()  # [C, L, N]
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
         call_id = os.urandom(wire.CALL_ID_BYTES)
         cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
@@ -335,20 +347,30 @@ class NativeTrustedContext:
         term, ids = None, ()
         if weights is not None:  # the call's decryption term, prepared on the mask thread while the worker computes
             matrices = self._matrices(shape, weights)
-            term, ids = _PREFETCH.submit(self._mask_term, shape, blk, matrices, s_spec), tuple(map(id, matrices))
-        state = CallState(blk, rows, call_id, x_scales, x_encoded, s_spec, term, ids)
+            term, ids = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets), tuple(map(id, matrices))
+        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, term, ids)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
     def _mask_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
-                   secret_spectra: torch.Tensor) -> torch.Tensor:
-        """(Σ_b a_b·W_{b,o})·s_rb mod q_i at the wanted coefficients, [RB, ΣO, L, r·n_o]: exact (|c_1| < 2^30,
-        ‖s‖₁ ≤ N)."""
-        spectra = self._mask_products(shape, blk, matrices)                                  # [ΣO, L, F]
-        f = spectra.shape[-1]
-        pos = torch.from_numpy(blk.output_positions().reshape(-1))
-        v = nfft.inverse_unfolded(spectra[None] * secret_spectra[:, None, None, :], dim=-1)  # [RB, ΣO, L, F, 2]
-        term = nfft.round_exact(v[..., torch.remainder(pos, f), torch.div(pos, f, rounding_mode="floor")])
-        return torch.remainder(term, torch.tensor(self._codec.primes, dtype=torch.int64).reshape(-1, 1))
+                   secrets: np.ndarray) -> torch.Tensor:
+        """(Σ_b a_b·W_{b,o})·s_rb mod q_i at the wanted coefficients, [RB, ΣO, L, r·n_o]. Exact: |c_1| < 2^30 and
+        ‖s‖₁ ≤ N, so every partial sum is an integer below 2^41. Up to ``DIRECT_TERM_MAX_POSITIONS`` positions:
+        one float64 GEMM of c_1 with the rows of each secret's negacyclic matrix at those positions (2× faster
+        than the FFT route at 12 rows, measured); otherwise by FFT."""
+        c = self._codec
+        c1 = self._mask_products(shape, blk, matrices)                                    # [ΣO·L, N]
+        o_l, rb = c1.shape[0], len(secrets)
+        pos = blk.output_positions().reshape(-1)
+        s = torch.from_numpy(secrets).to(torch.float64)
+        if len(pos) <= DIRECT_TERM_MAX_POSITIONS:
+            idx, sign = _secret_rows_index(c.n, tuple(pos.tolist()))                     # [N, P]
+            rows = (s[:, idx] * sign).permute(1, 0, 2).reshape(c.n, rb * len(pos))       # [N, RB·P]
+            term = torch.round(c1 @ rows).to(torch.int64).reshape(o_l, rb, len(pos)).permute(1, 0, 2)
+        else:
+            spec = nfft.forward(c1)[None] * nfft.forward(s)[:, None, :]                   # [RB, ΣO·L, F]
+            term = nfft.round_exact(nfft.inverse(spec))[..., torch.from_numpy(pos)]
+        term = term.reshape(rb, -1, len(c.primes), len(pos))                               # [RB, ΣO, L, P]
+        return torch.remainder(term, torch.tensor(c.primes, dtype=torch.int64).reshape(-1, 1))
 
     def _state(self, shape: GroupShape, batch: EncryptedBatch, weights: Sequence[WeightStats]) -> CallState:
         _check_shape(shape)
@@ -372,7 +394,7 @@ class NativeTrustedContext:
         return out
 
     def _mask_products(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray]) -> torch.Tensor:
-        """Spectra [ΣO, L, N/2] of c_1,o = Σ_b a_b·W_{b,o} mod q_i (centred) for the group's members."""
+        """c_1,o = Σ_b a_b·W_{b,o} mod q_i, centred, for the group's members: [ΣO·L, N] float64 (o major)."""
         c = self._codec
         key = (c.primes, c.n, self.weight_bits, blk, tuple(id(m) for m in matrices))
         with _TABLES_LOCK:
@@ -383,12 +405,12 @@ class NativeTrustedContext:
         enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")
         a = torch.from_numpy(self._public.polys(blk.in_blocks(shape.d_in)))[None]       # [1, B, L, N]
         c1 = apply_fft(enc, a, c.primes, c.log_q, None, self.weight_bits)[0]             # [ΣO, L, N]
-        spectra = nfft.forward(_centred(c1, c.primes))
+        c1 = _centred(c1, c.primes).reshape(-1, c.n).contiguous()
         with _TABLES_LOCK:
-            _MASK_PRODUCTS[key] = spectra
+            _MASK_PRODUCTS[key] = c1
         for m in matrices:
             weakref.finalize(m, _MASK_PRODUCTS.pop, key, None)
-        return spectra
+        return c1
 
     # -------------------------------------------------------------- decrypt
     def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
@@ -430,7 +452,7 @@ class NativeTrustedContext:
         if state.mask_term is not None and state.term_matrices == tuple(map(id, matrices)):
             term = state.mask_term.result()
         else:
-            term = self._mask_term(shape, blk, matrices, state.secret_spectra)                # [RB, ΣO, L, P]
+            term = self._mask_term(shape, blk, matrices, state.secrets)                       # [RB, ΣO, L, P]
         rb_idx = torch.tensor([rb for rb, _ in columns])
         col_idx = torch.tensor([o for _, o in columns])
         q_col = torch.tensor(c.primes, dtype=torch.int64).reshape(1, -1, 1)

@@ -19,7 +19,9 @@ Engine "ntt": the RNS/NTT reference (per-prime NTT, pointwise multiply-accumulat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -104,11 +106,32 @@ def encode_weights(blocking: Blocking, weight_ints: list[torch.Tensor], d_in: in
     return EncodedWeights(blocking, out_blocks, ntt_transforms=transforms)
 
 
+DIRECT_INVERSE_MAX_POSITIONS = 64  # up to this many wanted coefficients, one GEMM instead of inverse FFTs (measured)
+
+
+@lru_cache(maxsize=256)
+def _inverse_rows(f: int, positions: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the negacyclic inverse at ``positions``: coefficient p is Re (p < F) or Im (p ≥ F) of
+    Σ_f y[f]·ψ^(−j)·e^{2πi·f·j/F}/F with j = p mod F; returns ([P, F] complex128, [P] bool "take Im")."""
+    j = torch.tensor(positions, dtype=torch.int64) % f
+    k = torch.arange(f, dtype=torch.int64)
+    turns = (j[:, None] * k[None, :]) % f                                  # exact phase index, no float drift
+    ang = 2 * math.pi * turns.to(torch.float64) / f - math.pi * j[:, None].to(torch.float64) / (2 * f)
+    rows = torch.polar(torch.full_like(ang, 1.0 / f), ang)
+    return rows.to(device), (torch.tensor(positions) >= f).to(device)
+
+
 def _inverse_at(y: torch.Tensor, rb: int, d: int, positions: torch.Tensor | None) -> torch.Tensor:
     """Spectra [F, RB·D, O] (as the GEMM leaves them) -> coefficients [RB, O, D, P] (float64, not yet rounded)
-    at ``positions`` (P of them; None: all N). The inverse FFT runs along the GEMM's own axis."""
+    at ``positions`` (P of them; None: all N). Few positions: one complex GEMM with the inverse's rows at
+    them (3.5× faster than the inverse FFTs at 12 rows, measured); otherwise inverse FFTs along the GEMM's axis."""
     f, _, o = y.shape
-    v = nfft.inverse_unfolded(y, dim=0)                           # [F, RB·D, O, 2]: (re, im) halves
+    if positions is not None and len(positions) <= DIRECT_INVERSE_MAX_POSITIONS:
+        rows, imag = _inverse_rows(f, tuple(positions.tolist()), str(y.device))
+        v = rows @ y.reshape(f, -1)                                        # [P, RB·D·O]
+        v = torch.where(imag[:, None], v.imag, v.real)
+        return v.reshape(-1, rb, d, o).permute(1, 3, 2, 0)                 # [RB, O, D, P]
+    v = nfft.inverse_unfolded(y, dim=0)                                    # [F, RB·D, O, 2]: (re, im) halves
     if positions is None:
         return v.reshape(f, rb, d, o, 2).permute(1, 3, 2, 4, 0).reshape(rb, o, d, 2 * f)
     half, idx = torch.div(positions, f, rounding_mode="floor"), torch.remainder(positions, f)

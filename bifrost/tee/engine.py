@@ -1,7 +1,7 @@
 """Trusted-side delegation engine: encrypt → worker → decrypt → verify, one refresh per delegated layer.
 
 Every call is a complete *decrypt-then-encrypt refresh* boundary: the input is freshly encrypted at
-the top CKKS level, the worker spends exactly one level (one plaintext multiplication + rescale), and
+the top CKKS level, the worker spends exactly one level (one plaintext multiplication; TenSEAL rescales it), and
 the result is decrypted here. No ciphertext outlives one delegated layer, so no bootstrapping is ever
 needed and the noise budget never accumulates across layers.
 

@@ -10,7 +10,7 @@ decoded worker output ŷ (rows × d_out) for the input x (rows × d_in) passes w
 where ε_r is the backend's documented worst-case error per output (``TrustedContext.error_bound``). The
 product check is made against the operands *as encoded* (x̂ = ``effective_input``, u_j = s_jᵀŴ with
 Ŵ = ``quantized_weights(W)`` of the backend: the native backend's rounded activations and quantised weights, known exactly
-here), so its tolerance ε̂ (``error_bound(effective=True)``) holds only the encryption and rescale noise.
+here), so its tolerance ε̂ (``error_bound(effective=True)``) holds only the encryption noise (and TenSEAL's rescale).
 
 Why these numbers. Honest error e = ŷ_r − x̂_rŴᵀ has ‖e‖₂ ≤ √d_out·ε̂_r, and s_j·e ~ N(0, ‖e‖₂²) for a
 secret Gaussian s_j drawn independently of e, so an honest product fails a vector with probability

@@ -2,8 +2,8 @@
 
 For each model and prompt length, in one run on one machine:
 - ``plaintext``: the same PyTorch model with no delegation (prefill + decode on this CPU);
-- ``bifrost``: the prompt goes through the hybrid CKKS path (all prompt rows of a layer group in one
-  worker call), then decode steps do too;
+- ``bifrost``: the prompt goes through the hybrid CKKS path (a layer group's prompt rows in calls of 64
+  rows), then decode steps do too;
 - ``bifrost+``: the prompt's KV state is built inside the trusted runtime in plaintext; decode steps use
   the hybrid path.
 A local worker (loopback gRPC, pinned-key mutual TLS) serves the delegated layers; every delegated

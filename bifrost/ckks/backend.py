@@ -46,8 +46,8 @@ class GroupShape:
 @dataclass(frozen=True)
 class WeightStats:
     """What the trusted side knows of one plaintext weight matrix W (d_out × d_in) from its own copy:
-    ``peak`` = max|W| and ``row_l1`` = max_k Σ_j |W[k, j]|, and ``matrix``, that copy itself (float64; None
-    where only the statistics are known). Decoding scales, error bounds and decryption come from these,
+    ``peak`` = max|W| and ``row_l1`` = max_k Σ_j |W[k, j]|, and ``matrix``, that copy itself (any float dtype;
+    None where only the statistics are known). Decoding scales, error bounds and decryption come from these,
     never from anything a worker sends."""
 
     peak: float
@@ -56,11 +56,11 @@ class WeightStats:
 
     @classmethod
     def of(cls, w) -> "WeightStats":
-        w = np.asarray(w, dtype=np.float64)
-        a = np.abs(w)
+        """The statistics of ``w``, which ``matrix`` then references (not a copy: the caller keeps it alive)."""
+        a = np.abs(np.asarray(w, dtype=np.float64))
         if a.ndim != 2 or not a.size:
             raise ValueError("weights must be a non-empty (d_out, d_in) matrix")
-        return cls(float(a.max()), float(a.sum(axis=1).max()), w)
+        return cls(float(a.max()), float(a.sum(axis=1).max()), np.asarray(w))
 
 
 @dataclass

@@ -72,8 +72,8 @@ class CheckOperand:
     @classmethod
     def of(cls, w: np.ndarray, quantize=None) -> "CheckOperand":
         """``quantize``: the backend's ``w -> (m, c)`` (None: W itself)."""
-        w = np.asarray(w, dtype=np.float64)
-        m, c = quantize(w) if quantize is not None else (w, 1.0)
+        w64 = np.asarray(w, dtype=np.float64)  # transient where w is not float64: the stats reference w itself
+        m, c = quantize(w64) if quantize is not None else (w64, 1.0)
         return cls(WeightStats.of(w), m, float(c), np.abs(m).sum(axis=0, dtype=np.float64) / c)
 
 

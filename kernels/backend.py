@@ -46,7 +46,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
@@ -66,7 +66,7 @@ DEFAULT_PARAMS = CKKSParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 2
 GUARD_BITS = 4  # |encoded result| ≤ Q / 2^GUARD_BITS
 MIN_WEIGHT_BITS = 8
 ERROR_MAX = 32  # |e| of a fresh encryption's error (centered binomial, η = 32)
-PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: ≤ 0.2 MB at the defaults)
+PREFETCH_MAX_BYTES = 16 << 20  # masks prepared ahead per call at most (decode calls: 0.4–0.8 MB at the defaults)
 PREFETCH_NICE = 19  # the preparing thread's nice value (Linux): under contention it yields to a worker and the TEE
 
 
@@ -196,10 +196,24 @@ class PublicMasks:
 
 
 MASK_SEED = sampling.fresh_seed()
+_CONTEXTS: "weakref.WeakSet[NativeTrustedContext]" = weakref.WeakSet()
+
+
+def _forget_prepared_masks() -> None:
+    """In a forked child: drop every context's masks prepared before the fork (the parent may use them too, and
+    a mask set is for one encryption only); the child draws fresh ones."""
+    for ctx in list(_CONTEXTS):
+        ctx._masks = {}
+        ctx._masks_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_prepared_masks)
 _MASKS: dict[tuple[tuple[int, ...], int], PublicMasks] = {}
 # (primes, N, weight bits, blocking, ids of the member matrices) -> Σ_b a_b·W_{b,o}, centred, [ΣO·L, N] float64:
 # the trusted side's per-group constant, shared by every context of the process; an entry is dropped when
-# one of its matrices is garbage-collected (so an id is never reused while its entry exists).
+# one of its matrices is garbage-collected (so an id is never reused while its entry exists). The trusted
+# weights must not change in place while referenced (the product check's operands assume the same).
 _MASK_PRODUCTS: dict[tuple, torch.Tensor] = {}
 DIRECT_TERM_MAX_POSITIONS = 256  # mask term by one GEMM with rows of s up to this many wanted coefficients, else FFT
 _TABLES_LOCK = threading.Lock()
@@ -229,16 +243,17 @@ def integer_weights(bits: int, w: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CallState:
-    """The trusted side's private record of one encryption call (``EncryptedBatch.state``): never sent."""
+    """The trusted side's private record of one encryption call (``EncryptedBatch.state``): never sent, and kept
+    out of its repr (a logged batch shows no activation and no secret)."""
 
     blocking: Blocking
     rows: int
     call_id: bytes
-    x_scales: np.ndarray  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row: decodes to 0
-    x_encoded: np.ndarray  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
-    secrets: np.ndarray  # the call's secret per row block, [RB, N] (ternary): trusted memory only
-    mask_term: Future | None = None  # (Σ_b a_b·W_{b,o})·s at the wanted coefficients, being computed (encrypt's weights)
-    term_matrices: tuple[int, ...] = ()  # ids of the matrices ``mask_term`` is for
+    x_scales: np.ndarray = field(repr=False)  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row
+    x_encoded: np.ndarray = field(repr=False)  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
+    secrets: np.ndarray = field(repr=False)  # the call's secret per row block, [RB, N] (ternary)
+    mask_term: Future | None = field(default=None, repr=False)  # (Σ_b a_b·W_{b,o})·s at the wanted coefficients
+    term_matrices: tuple[np.ndarray, ...] = field(default=(), repr=False)  # the matrices ``mask_term`` is for
 
 
 class NativeTrustedContext:
@@ -253,6 +268,8 @@ class NativeTrustedContext:
         self._masks: dict[tuple[int, int], Future] = {}  # (row blocks, input blocks) -> the next call's masks
         self._masks_lock = threading.Lock()
         self._last_secrets: np.ndarray | None = None  # test hook only: the most recent call's secrets
+        self._secret_log: list[np.ndarray] | None = None  # test hook only: a list here records every call's secrets
+        _CONTEXTS.add(self)
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
@@ -261,14 +278,15 @@ class NativeTrustedContext:
     # Test hook: the most recent call's secrets in the encodings a leak could take (int8, int64, residues mod each
     # prime), used only to prove that none of them ever leaves the trusted side.
     def _secret_key_words(self) -> bytes:
-        if self._last_secrets is None:
+        secrets = self._secret_log if self._secret_log else [] if self._last_secrets is None else [self._last_secrets]
+        if not secrets:
             return b""
-        s = self._last_secrets.astype(np.int64)
+        s = np.concatenate(secrets).astype(np.int64)
         residues = [np.mod(s, q).astype("<u8").tobytes() for q in self._codec.primes]
         return s.astype("i1").tobytes() + s.astype("<i8").tobytes() + b"".join(residues)
 
-    def _fresh_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-        """Fresh secrets of a call's ``rb_count`` row blocks ([RB, N] and their spectra [RB, N/2]) and the masks
+    def _fresh_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh secrets of a call's ``rb_count`` row blocks ([RB, N]) and the masks
         e − a_b·s mod q_i of its ciphertexts [RB·B, L, N]: everything of an encryption but the message (fresh
         secrets and errors from the CSPRNG; used once)."""
         c = self._codec
@@ -280,7 +298,7 @@ class NativeTrustedContext:
         e = torch.from_numpy(sampling.centered_binomial((rb_count, b_count, 1, c.n)))
         q = torch.from_numpy(c.basis.q_col).reshape(1, 1, -1, 1)
         masks = torch.remainder(e - a_s, q).numpy().reshape(rb_count * b_count, len(c.primes), c.n)
-        return secrets, s_spec, masks
+        return secrets, masks
 
     def prefetch(self, shape: GroupShape, rows: int) -> None:
         """Prepare the masks of the next encryption of ``rows`` rows of ``shape`` on a background thread (at
@@ -295,7 +313,7 @@ class NativeTrustedContext:
             if key not in self._masks:
                 self._masks[key] = _PREFETCH.submit(self._fresh_masks, *key)
 
-    def _take_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    def _take_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, np.ndarray]:
         with self._masks_lock:
             ready = self._masks.pop((rb_count, b_count), None)
         return ready.result() if ready is not None else self._fresh_masks(rb_count, b_count)
@@ -335,8 +353,10 @@ class NativeTrustedContext:
         msg[:, :, blk.input_positions().reshape(-1)] = blocks.reshape(rb_count, b_count, r * n_i)
 
         count = rb_count * b_count
-        secrets, s_spec, masks = self._take_masks(rb_count, b_count)
+        secrets, masks = self._take_masks(rb_count, b_count)
         self._last_secrets = secrets
+        if self._secret_log is not None:
+            self._secret_log.append(secrets)
         q = torch.from_numpy(c.basis.q_col).reshape(1, -1, 1)
         c0 = torch.remainder(torch.from_numpy(msg).reshape(count, 1, n) + torch.from_numpy(masks), q).numpy()  # [C, L, N]
         payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
@@ -344,11 +364,11 @@ class NativeTrustedContext:
         cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
                                  payload[i].tobytes())
                for i in range(count)]
-        term, ids = None, ()
+        term = None
         if weights is not None:  # the call's decryption term, prepared on the mask thread while the worker computes
             matrices = self._matrices(shape, weights)
-            term, ids = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets), tuple(map(id, matrices))
-        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, term, ids)
+            term = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets)
+        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, term, tuple(matrices) if term else ())
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
     def _mask_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
@@ -449,7 +469,8 @@ class NativeTrustedContext:
         vals = torch.from_numpy(np.stack(limbs, axis=1))                                  # [C, L, P]
 
         matrices = self._matrices(shape, weights)
-        if state.mask_term is not None and state.term_matrices == tuple(map(id, matrices)):
+        if state.mask_term is not None and len(state.term_matrices) == len(matrices) and \
+                all(a is b for a, b in zip(state.term_matrices, matrices)):
             term = state.mask_term.result()
         else:
             term = self._mask_term(shape, blk, matrices, state.secrets)                       # [RB, ΣO, L, P]
@@ -646,7 +667,7 @@ class NativeEvaluator:
 
 class PreparedGroup:
     """Quantised weights of one group, [ΣO, d_in] integer-valued float64 (members stacked in order), plus
-    their encodings per blocking (see layout.plan; cached). Scalar blockings use the weights as they are."""
+    their encodings per blocking (see layout.plan; cached)."""
 
     def __init__(self, shape: GroupShape, weights: torch.Tensor):
         self.shape, self.weights = shape, weights

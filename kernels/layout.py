@@ -7,7 +7,7 @@ Their negacyclic product carries the ``r × n_o`` inner products Σ_j X[r, j]·W
 ``r·n_o·n_i ≤ N``. The worker sums these products over the input blocks.
 
 Per row block a matrix d_in → d_out costs ⌈d_in/n_i⌉ input and ⌈d_out/n_o⌉ output ciphertexts and
-⌈d_in/n_i⌉·⌈d_out/n_o⌉ polynomial products. :func:`plan` picks (r, n_i, n_o) minimising a time model
+⌈d_in/n_i⌉·⌈d_out/n_o⌉ polynomial products. :func:`plan` picks (n_i, n_o), with r = 1, minimising a time model
 of wire bytes + per-ciphertext trusted/worker work + worker products; it is a deterministic function of
 public values (N, prime sizes, shape, rows) so both sides agree without negotiation.
 """
@@ -25,7 +25,7 @@ import numpy as np
 # for the choices below, and both sides compute them identically.
 WIRE_BYTES_PER_S = 300e6
 SECONDS_PER_INPUT_CT = 210e-6   # worker unpack/compose/digits/FFT of c_0 + trusted add/pack
-SECONDS_PER_OUTPUT_CT = 45e-6   # worker inverse FFTs/recombine + trusted mask term (inverse FFT per prime)/decode
+SECONDS_PER_OUTPUT_CT = 45e-6   # worker inverse at the wanted coefficients/recombine + trusted mask term/decode
 SECONDS_PER_PRODUCT = 2.4e-6    # one ciphertext-block × weight-block product in the FFT domain
 HEADER_BYTES = 64
 

@@ -151,8 +151,10 @@ def apply_fft(enc: EncodedWeights, polys: torch.Tensor, primes: tuple[int, ...],
     x = spec.permute(3, 0, 2, 1).reshape(f, rb * d, b).contiguous()  # [F, RB·D, B]
     y = torch.bmm(x, enc.fft_spectra)                             # [F, RB·D, O]
     ints = nfft.round_exact(_inverse_at(y, rb, d, positions))     # [RB, O, D, P], exact
-    # |ints| ≤ d_in·2^weight_bits·(2^(β−1) + 1): each is a sum of digit × weight products
-    magnitude_bits = (b * enc.blocking.in_per_ct).bit_length() + weight_bits + beta
+    # each is a sum of B·n_i·n_o digit × weight products (a weight polynomial has n_o·n_i coefficients), every
+    # one below 2^(β−1+1)·2^weight_bits in magnitude, whatever the input
+    blk = enc.blocking
+    magnitude_bits = (b * blk.in_per_ct * blk.out_per_ct).bit_length() + weight_bits + beta
     return recombine(ints, primes, beta, magnitude_bits)          # [RB, O, L, P]
 
 

@@ -1,8 +1,8 @@
 """RNS moduli and arithmetic for the native backend.
 
 A modulus chain is ``Q = q_0 · q_1 · … · q_{L-1}`` of distinct NTT-friendly primes
-(``q_i ≡ 1 (mod 2N)``, so a negacyclic NTT of length N exists mod each). ``q_0`` is the output
-modulus the worker rescales to; ``q_1 … q_{L-1}`` are dropped by the rescale.
+(``q_i ≡ 1 (mod 2N)``, so a negacyclic NTT of length N exists mod each). Products are exact mod Q and
+travel as residues mod every prime (nothing is rescaled).
 
 Invariants: every prime < 2^31 (so a product of two residues fits in int64 with room for a sum), and
 ``Q < 2^62`` (so the CRT-composed integer fits in int64).

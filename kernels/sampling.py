@@ -4,11 +4,11 @@
 - errors: centered binomial with η = 32 (σ = 4 ≥ the standard's 3.19), 64 random bits each, drawn from
   :func:`random_bytes` (AES-256-CTR keyed by 32 fresh ``os.urandom`` bytes per call: a CSPRNG that is ~5x
   faster than reading the kernel's pool for the megabytes a layer needs);
-- the uniform polynomial ``a`` of a fresh ciphertext: expanded from the call's 32-byte seed and the
-  ciphertext's index ``i`` with AES-256 in counter mode (key = seed, counter block = i ‖ j as two big-endian
-  64-bit halves), 32-bit words masked to bitlen(q_l) and rejection-sampled mod each prime (exactly uniform,
-  identical on both sides). The seed is fresh ``os.urandom`` output for every encryption call, so no
-  (seed, index) pair is ever used twice; all ciphertexts of a call expand in one AES pass.
+- uniform polynomials (the native backend's public masks a_b): expanded from a 32-byte seed and an index ``i``
+  with AES-256 in counter mode (key = seed, counter block = i ‖ j as two big-endian 64-bit halves), 32-bit
+  words masked to bitlen(q_l) and rejection-sampled mod each prime (exactly uniform); all indices of a request
+  expand in one AES pass. The native backend draws its mask seed once per process (``backend.MASK_SEED``):
+  the masks are public and fixed, and every encryption's secret and errors are fresh.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def centered_binomial(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def fresh_seed() -> bytes:
-    """The seed of one encryption call (its ciphertexts' uniform halves are indexed from it)."""
+    """A fresh 32-byte seed from the OS CSPRNG (the native backend's public masks are expanded from one)."""
     return os.urandom(SEED_BYTES)
 
 

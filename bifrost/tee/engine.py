@@ -228,7 +228,9 @@ class DelegationEngine:
         t4 = time.perf_counter()
         if failure:
             st.deviations += 1
-            self.quarantine.add(worker, failure.split(":")[0])
+            # Only the check's name is kept (the quarantine file and log are outside the TEE): not its ratio to
+            # the tolerance nor a malformed reply's details, which depend on decrypted values.
+            self.quarantine.add(worker, failure.split(":")[0].split(" (")[0])
             log.debug("call to %s deviated: %s", worker[:23], failure)
         if failure or worker in self.quarantine:
             ys = ahead.result() if ahead is not None else self._local(group, x)

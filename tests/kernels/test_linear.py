@@ -112,7 +112,7 @@ def test_encryption_known_answer(context, monkeypatch):
     for secret, a_s in [(np.eye(1, n, 0, dtype=np.int64)[0], a),
                         (np.eye(1, n, 1, dtype=np.int64)[0], np.concatenate([-a[..., -1:], a[..., :-1]], axis=-1))]:
         monkeypatch.setattr(sampling, "ternary_secret", lambda size, s=secret: s)
-        secrets, _, masks = context._fresh_masks(1, 2)
+        secrets, masks = context._fresh_masks(1, 2)
         want = np.mod(err[0, :, :, :] - a_s, np.array(primes)[None, :, None])
         assert (secrets[0] == secret).all() and (masks == want).all()
 
@@ -131,7 +131,7 @@ def test_prefetched_masks_are_used_once_and_decrypt(context):
     prepared = ev.prepare(shape, [w])
     context.prefetch(shape, 1)
     ((rb_count, b_count), pending), = context._masks.items()
-    secrets, _, _ = pending.result()
+    secrets, _ = pending.result()
     first = context.encrypt(shape, x)
     second = context.encrypt(shape, x)  # nothing prefetched: fresh, inline
     assert not context._masks
@@ -317,10 +317,15 @@ def test_the_mask_term_prepared_at_encrypt_is_the_one_decrypt_computes(context, 
     batch = context.encrypt(shape, x, stats(ws))
     assert batch.state.mask_term is not None
     out = evaluator.apply(prepared, batch.ciphertexts)
-    ahead = context.decrypt(shape, out, batch, stats(ws))
     inline = context._mask_term(shape, batch.state.blocking, [s.matrix for s in stats(ws)], batch.state.secrets)
     assert torch.equal(batch.state.mask_term.result(), inline)
+    context._mask_term = lambda *a: pytest.fail("decrypt recomputed the prepared term")  # it must take it
+    try:
+        ahead = context.decrypt(shape, out, batch, stats(ws))
+    finally:
+        del context._mask_term  # the method again
     assert error_ratio(context, shape, batch, ws, x, ahead) < 1
+    assert "secrets" not in repr(batch.state) and "x_encoded" not in repr(batch.state)
     other = [w * 1.5 for w in ws]  # decrypting with other weights: their own term, not the prepared one
     ys = context.decrypt(shape, evaluator.apply(evaluator.prepare(shape, other), batch.ciphertexts), batch, stats(other))
     assert error_ratio(context, shape, batch, other, x, ys) < 1
@@ -344,3 +349,19 @@ def test_direct_and_fft_routes_agree_bit_for_bit(context, evaluator, monkeypatch
     monkeypatch.setattr(native, "DIRECT_TERM_MAX_POSITIONS", 0)
     via_fft = evaluator.apply(prepared, batch.ciphertexts), context._mask_term(shape, blk, matrices, batch.state.secrets)
     assert direct[0] == via_fft[0] and torch.equal(direct[1], via_fft[1])
+
+
+def test_a_forked_child_never_reuses_the_parents_prepared_masks(context):
+    """A mask set is for one encryption: after fork() the child drops the sets its parent prepared (the parent
+    may still use them), so parent and child never encrypt under the same secret and errors."""
+    import os
+
+    context.prefetch(GroupShape(64, (48,)), 1)
+    assert context._masks
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        os._exit(0 if not context._masks else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert context._masks  # the parent keeps its own
+    context._masks.clear()

@@ -24,6 +24,8 @@ def test_requests_to_the_worker_carry_no_secret_key(worker_factory, run_config, 
     real_channel = pool_mod.worker_channel
     monkeypatch.setattr(pool_mod, "worker_channel", lambda *a, **kw: grpc.intercept_channel(real_channel(*a, **kw), recorder))
     runtime = TrustedRuntime(run_config.replace(model="gpt2-mini", backend=backend), endpoint)
+    if backend == "native":  # a fresh secret per call: record every call's, not only the last
+        runtime.engine._keys._secret_log = []
     runtime.generate("secret prompt", 3)
     runtime.close()
 
@@ -71,6 +73,8 @@ def test_batched_calls_of_several_sessions_carry_no_secret_key(worker_factory, r
     w.stub = WorkerStub(grpc.intercept_channel(w.channel, recorder), w.identity, 60.0, w.address)
     batcher = DecodeBatcher(pool, window_s=10.0)
     engines = [runtime.new_engine(batcher.link_for(WorkerSessions(pool))) for _ in range(3)]
+    for e in engines:
+        e._keys._secret_log = []  # every call's secret, not only the last
     group = runtime.groups[0]
     barrier = threading.Barrier(3)
 

@@ -125,6 +125,11 @@ def _check_shape(shape: GroupShape) -> None:
         raise TypeError(f"expected GroupShape, got {type(shape).__name__}")
 
 
+def _check_weights(shape: GroupShape, weights: Sequence[WeightStats]) -> None:
+    if len(weights) != len(shape.d_outs) or not all(isinstance(w, WeightStats) for w in weights):
+        raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
+
+
 class _Codec:
     """What both sides derive from public values: primes, bit sizes, blocking, payload lengths."""
 
@@ -209,7 +214,6 @@ def _forget_prepared_masks() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_prepared_masks)
-_MASKS: dict[tuple[tuple[int, ...], int], PublicMasks] = {}
 # (primes, N, weight bits, blocking, ids of the member matrices) -> Σ_b a_b·W_{b,o}, centred, [ΣO·L, N] float64:
 # the trusted side's per-group constant, shared by every context of the process; an entry is dropped when
 # one of its matrices is garbage-collected (so an id is never reused while its entry exists). The trusted
@@ -219,12 +223,10 @@ DIRECT_TERM_MAX_POSITIONS = 256  # mask term by one GEMM with rows of s up to th
 _TABLES_LOCK = threading.Lock()
 
 
+@lru_cache(maxsize=None)
 def public_masks(primes: tuple[int, ...], n: int) -> PublicMasks:
-    with _TABLES_LOCK:
-        masks = _MASKS.get((primes, n))
-        if masks is None:
-            masks = _MASKS[(primes, n)] = PublicMasks(primes, n)
-        return masks
+    """The process's masks for one prime chain (one object per chain; they all expand from :data:`MASK_SEED`)."""
+    return PublicMasks(primes, n)
 
 
 @lru_cache(maxsize=256)
@@ -278,7 +280,7 @@ class NativeTrustedContext:
     # Test hook: the most recent call's secrets in the encodings a leak could take (int8, int64, residues mod each
     # prime), used only to prove that none of them ever leaves the trusted side.
     def _secret_key_words(self) -> bytes:
-        secrets = self._secret_log if self._secret_log else [] if self._last_secrets is None else [self._last_secrets]
+        secrets = self._secret_log or ([self._last_secrets] if self._last_secrets is not None else [])
         if not secrets:
             return b""
         s = np.concatenate(secrets).astype(np.int64)
@@ -359,16 +361,16 @@ class NativeTrustedContext:
             self._secret_log.append(secrets)
         q = torch.from_numpy(c.basis.q_col).reshape(1, -1, 1)
         c0 = torch.remainder(torch.from_numpy(msg).reshape(count, 1, n) + torch.from_numpy(masks), q).numpy()  # [C, L, N]
-        payload = np.concatenate([wire.pack_bits(c0[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
+        payload = wire.pack_residues(c0, c.bits)
         call_id = os.urandom(wire.CALL_ID_BYTES)
         cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
                                  payload[i].tobytes())
                for i in range(count)]
-        term = None
+        term, matrices = None, ()
         if weights is not None:  # the call's decryption term, prepared on the mask thread while the worker computes
-            matrices = self._matrices(shape, weights)
+            matrices = tuple(self._matrices(shape, weights))
             term = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets)
-        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, term, tuple(matrices) if term else ())
+        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, term, matrices)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
     def _mask_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
@@ -397,14 +399,12 @@ class NativeTrustedContext:
         state = getattr(batch, "state", None)
         if not isinstance(state, CallState):
             raise TypeError("batch must come from this backend's encrypt()")
-        if len(weights) != len(shape.d_outs) or not all(isinstance(w, WeightStats) for w in weights):
-            raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
+        _check_weights(shape, weights)
         return state
 
     @staticmethod
     def _matrices(shape: GroupShape, weights: Sequence[WeightStats]) -> list[np.ndarray]:
-        if len(weights) != len(shape.d_outs) or not all(isinstance(w, WeightStats) for w in weights):
-            raise TypeError(f"expected one WeightStats per member ({len(shape.d_outs)})")
+        _check_weights(shape, weights)
         out = []
         for w, d_out in zip(weights, shape.d_outs):
             if w.matrix is None or w.matrix.shape != (d_out, shape.d_in):
@@ -457,16 +457,8 @@ class NativeTrustedContext:
                                           f"(rows={rows}, blocking={blk})")
                 payloads.append(np.frombuffer(body, dtype=np.uint8))
                 columns.append((i // o_count, starts[m] + i % o_count))
-        packed = np.stack(payloads)
-        limbs, offset = [], 0
-        for q, b in zip(c.primes, c.bits):
-            length = wire.packed_len(p_count, b)
-            limb = wire.unpack_bits(packed[:, offset:offset + length], p_count, b)
-            if (limb >= q).any():
-                raise CiphertextError("output ciphertext coefficient out of range")
-            limbs.append(limb)
-            offset += length
-        vals = torch.from_numpy(np.stack(limbs, axis=1))                                  # [C, L, P]
+        vals = torch.from_numpy(wire.unpack_residues(np.stack(payloads), p_count, c.primes,
+                                                        "output ciphertext"))  # [C, L, P]
 
         matrices = self._matrices(shape, weights)
         if state.mask_term is not None and len(state.term_matrices) == len(matrices) and \
@@ -618,16 +610,8 @@ class NativeEvaluator:
             if h.call_id != first.call_id:
                 raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one call id")
             bodies.append(np.frombuffer(body, dtype=np.uint8))
-        packed = np.stack(bodies)
-        c0, offset = [], 0
-        for q, b in zip(c.primes, c.bits):
-            length = wire.packed_len(c.n, b)
-            limb = wire.unpack_bits(packed[:, offset:offset + length], c.n, b)
-            if (limb >= q).any():
-                raise CiphertextError("input ciphertext coefficient out of range")
-            c0.append(limb)
-            offset += length
-        cts = torch.from_numpy(np.stack(c0, axis=1)).to(self.device)                 # [C, L, N]
+        cts = wire.unpack_residues(np.stack(bodies), c.n, c.primes, "input ciphertext")    # [C, L, N]
+        cts = torch.from_numpy(cts).to(self.device)
         return cts.reshape(rb_count, b_count, len(c.primes), c.n), blk, first
 
     def _kernel(self, prepared: "PreparedGroup", blk: Blocking, cts: torch.Tensor) -> np.ndarray:
@@ -649,8 +633,7 @@ class NativeEvaluator:
                         sent: np.ndarray) -> list[list[bytes]]:
         c = self._codec
         rb_count, o_total = sent.shape[:2]
-        flat = sent.reshape(rb_count * o_total, len(c.primes), -1)
-        packed_out = np.concatenate([wire.pack_bits(flat[:, i, :], b) for i, b in enumerate(c.bits)], axis=1)
+        packed_out = wire.pack_residues(sent.reshape(rb_count * o_total, len(c.primes), -1), c.bits)
         packed_out = packed_out.reshape(rb_count, o_total, c.output_payload_len(blk))
         results, start = [], 0
         for m, o_count in enumerate(prepared.encoded(self, blk).out_blocks):
@@ -698,12 +681,6 @@ ROW_BLOCKS_PER_KERNEL_CALL = 4
 ROWS_PER_FFT_CALL = 64  # a 512-token prompt on a 3072-wide layer would be ~19k one-row ciphertexts in one call
 
 
-def rows_per_call(n: int, prime_bits: tuple[int, ...], d_in: int, d_outs: tuple[int, ...], rows: int) -> int:
-    """Rows one worker call carries out of ``rows``: ``ROWS_PER_FFT_CALL`` (bounds one request's size and the
-    worker's working memory). The trusted engine splits prompts by this; the estimator predicts with it."""
-    return ROWS_PER_FFT_CALL
-
-
 class NativeBackend:
     """Registry entry ``"native"``: tensor-kernel CKKS (PyTorch; CPU or CUDA)."""
 
@@ -721,9 +698,10 @@ class NativeBackend:
         return NativeEvaluator(public_context, device=device, polymul=polymul)
 
     def rows_per_call(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
-        primes = _chain(params)
-        return rows_per_call(params.poly_modulus_degree, tuple(q.bit_length() for q in primes), shape.d_in,
-                             tuple(shape.d_outs), rows)
+        """``ROWS_PER_FFT_CALL`` whatever the shape and rows (bounds one request's size and the worker's working
+        memory); the trusted engine splits prompts by it, the estimator predicts with it."""
+        _chain(params)
+        return ROWS_PER_FFT_CALL
 
     def max_output_bytes(self, params: CKKSParams, shape: GroupShape, rows: int) -> int:
         return _Codec(params, _chain(params), bytes(wire.CONTEXT_ID_BYTES)).call_bytes(shape, rows)[1]

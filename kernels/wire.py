@@ -97,6 +97,25 @@ def packed_len(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+def pack_residues(values: np.ndarray, bits: tuple[int, ...]) -> np.ndarray:
+    """[M, L, n] residues (limb i < 2^bits[i]) -> [M, Σ_i packed_len(n, bits[i])] uint8: limb after limb."""
+    return np.concatenate([pack_bits(values[:, i, :], b) for i, b in enumerate(bits)], axis=1)
+
+
+def unpack_residues(packed: np.ndarray, n: int, primes: tuple[int, ...], what: str = "ciphertext") -> np.ndarray:
+    """Inverse of :func:`pack_residues` for limbs mod ``primes`` (bitlen(q_i) bits each) -> [M, L, n] int64;
+    :class:`CiphertextError` if any value is not below its prime (a function of the bytes only)."""
+    limbs, offset = [], 0
+    for q in primes:
+        length = packed_len(n, q.bit_length())
+        limb = unpack_bits(packed[:, offset:offset + length], n, q.bit_length())
+        if (limb >= q).any():
+            raise CiphertextError(f"{what} coefficient out of range")
+        limbs.append(limb)
+        offset += length
+    return np.stack(limbs, axis=1)
+
+
 # ---------------------------------------------------------------- public context
 def encode_public_context(n: int, primes: tuple[int, ...], scale_bits: int, context_id: bytes) -> bytes:
     return (PUBLIC_MAGIC + struct.pack("<IB", n, len(primes)) + struct.pack(f"<{len(primes)}Q", *primes)

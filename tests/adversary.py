@@ -144,20 +144,15 @@ def native_unpack(evaluator, ct: bytes) -> tuple[bytes, np.ndarray]:
     p = fields[5] * fields[7]  # r·n_o
     head = ct[:wire._OUT_HEAD.size]
     body = np.frombuffer(ct[wire._OUT_HEAD.size:], dtype=np.uint8)[None]
-    limbs, offset = [], 0
-    for b in c.bits:
-        length = wire.packed_len(p, b)
-        limbs.append(wire.unpack_bits(body[:, offset:offset + length], p, b)[0])
-        offset += length
-    return head, np.stack(limbs)
+    return head, wire.unpack_residues(body, p, c.primes)[0]
 
 
 def native_pack(evaluator, head: bytes, values: np.ndarray) -> bytes:
     from bifrost_kernels import wire
 
     c = _codec(evaluator)
-    return head + b"".join(wire.pack_bits(np.mod(values[i], q)[None], b)[0].tobytes()
-                           for i, (q, b) in enumerate(zip(c.primes, c.bits)))
+    q = np.array(c.primes)[:, None]
+    return head + wire.pack_residues(np.mod(values, q)[None], c.bits)[0].tobytes()
 
 
 def native_combine(evaluator, ct: bytes, other: bytes | None, k_self: int = 1, k_other: int = 1,

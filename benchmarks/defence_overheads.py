@@ -1,9 +1,7 @@
 """What each of issue 13's defences costs, measured in one run on this machine (GPT-2 124M shapes, native backend).
 
-- product check (range + Freivalds, k = 8): its time per decode call against the call's decrypt time, for
-  every GPT-2 124M layer group; per session, the secret vectors and u = sᵀŴ for the whole model; once per
-  replica, the quantised weights Ŵ the products are checked against;
-- replay fingerprints: hashing the tail of every output ciphertext of a call;
+- the exact check of every reply (Freivalds mod each prime, k = 3): its time per decode call against the call's
+  decrypt time, for every GPT-2 124M layer group; once per replica, the check vectors and v = rᵀM;
 - mutual TLS to the worker: one decode call's bytes (GPT-2 c_fc) through a gRPC echo over mTLS and over
   plaintext gRPC on loopback, best of ``--repeats``;
 - row padding: extra rows the worker computes for prompt lengths 1..1024 (mean and worst);
@@ -36,50 +34,43 @@ def best(fn, repeats: int) -> float:
 
 
 def checks(repeats: int) -> dict:
-    from bifrost.ckks import GroupShape, get_backend
-    from bifrost.tee.verify import CheckOperand, ProductVerifier
+    """The native exact check as the engine runs it: per decode call, the critical-path part (parse + r·Y +
+    compare; the reply is parsed once and decrypt reuses it) against the call's decrypt; per replica, the check
+    vectors and v = rᵀM for the whole model (its first session pays it, later ones nothing)."""
+    from bifrost.ckks import GroupShape, WeightStats, get_backend
 
     backend = get_backend("native")
     keys = backend.keygen(None, [])
     ev = backend.evaluator(keys.public_context(), device="cpu")
     rng = np.random.default_rng(0)
-    rows, forming, operands = [], 0.0, 0.0
+    rows, tables = [], 0.0
     for d_in, d_outs in GPT2_GROUPS:
         shape = GroupShape(d_in, d_outs)
         ws = [rng.normal(0, 0.02, (d, d_in)) for d in d_outs]
-        t0 = time.perf_counter()
-        ops = [CheckOperand.of(w, lambda m: backend.quantized_weights(keys.params, m)) for w in ws]
+        stats = [WeightStats.of(w) for w in ws]
+        keys.prepare(shape, stats)  # mask products and check vectors
         t1 = time.perf_counter()
-        verifier = ProductVerifier({("g",): ops})
-        operands += (t1 - t0) * 12  # 12 layers
-        forming += (time.perf_counter() - t1) * 12
-        stats = verifier.weight_stats(("g",))
+        keys._check_vectors(shape, keys._codec.blocking(shape, 1), [w.copy() for w in ws])  # fresh: timed alone
+        tables += (time.perf_counter() - t1) * 12  # 12 layers
         prepared = ev.prepare(shape, ws)
         x = rng.normal(0, 1, (1, d_in))
-        batch = keys.encrypt(shape, x)
+        batch = keys.encrypt(shape, x, stats)
         out = ev.apply(prepared, batch.ciphertexts)
-        decrypt = best(lambda: keys.decrypt(shape, out, batch, stats), repeats)
-        ys = keys.decrypt(shape, out, batch, stats)
+        batch.state.check_term.result()
 
-        def check():  # as the engine checks: range on x, product on the encoded operands
-            verifier.check(("g",), x, ys, keys.error_bound(shape, batch, stats), keys.effective_input(batch),
-                           keys.error_bound(shape, batch, stats, effective=True))
+        def check():  # a fresh parse each time, as the engine's first look at a reply
+            batch.state.parsed.clear()
+            assert keys.verify(shape, out, batch, stats)
 
-        import hashlib
+        def decrypt():
+            keys.decrypt(shape, out, batch, stats)
 
-        def fingerprints():
-            for member in out:
-                for ct in member:
-                    hashlib.blake2b(len(ct).to_bytes(4, "little") + ct[-64:], digest_size=12).digest()
-
-        rows.append({"shape": f"{d_in}x{'+'.join(map(str, d_outs))}", "decrypt_ms": decrypt * 1e3,
-                     "check_ms": best(check, repeats) * 1e3, "fingerprints_ms": best(fingerprints, repeats) * 1e3,
-                     "output_cts": sum(len(o) for o in out)})
-    per_token_check = 12 * sum(r["check_ms"] + r["fingerprints_ms"] for r in rows)
+        rows.append({"shape": f"{d_in}x{'+'.join(map(str, d_outs))}", "decrypt_ms": best(decrypt, repeats) * 1e3,
+                     "check_ms": best(check, repeats) * 1e3, "output_cts": sum(len(o) for o in out)})
+    per_token_check = 12 * sum(r["check_ms"] for r in rows)
     per_token_decrypt = 12 * sum(r["decrypt_ms"] for r in rows)
     return {"per_group": rows, "per_token_check_ms": per_token_check, "per_token_decrypt_ms": per_token_decrypt,
-            "check_over_decrypt": per_token_check / per_token_decrypt, "forming_u_per_session_s": forming,
-            "operands_per_replica_s": operands}
+            "check_over_decrypt": per_token_check / per_token_decrypt, "check_vectors_per_replica_s": tables}
 
 
 def tls_vs_plain(repeats: int) -> dict:
@@ -151,13 +142,12 @@ def main() -> int:
     report = {"checks": checks(args.repeats),
               "tls": tls_vs_plain(args.repeats), "row_padding": row_padding(), "record_padding": record_padding()}
     c, t, r, p = report["checks"], report["tls"], report["row_padding"], report["record_padding"]
-    print(f"product check + fingerprints per GPT-2 decode token: {c['per_token_check_ms']:.1f} ms "
-          f"({c['check_over_decrypt']:.1%} of the {c['per_token_decrypt_ms']:.0f} ms of decryption); secret vectors and "
-          f"u = sᵀŴ for the model: {c['forming_u_per_session_s']:.2f} s per session (the quantised Ŵ: "
-          f"{c['operands_per_replica_s']:.2f} s once per replica)")
+    print(f"exact check per GPT-2 decode token: {c['per_token_check_ms']:.1f} ms (with its parse, which decrypt then "
+          f"reuses; {c['check_over_decrypt']:.1%} of the {c['per_token_decrypt_ms']:.0f} ms of decryption); check "
+          f"vectors and v = rᵀM for the model: {c['check_vectors_per_replica_s']:.2f} s once per replica")
     for g in c["per_group"]:
-        print(f"  {g['shape']:>10}: check {g['check_ms']:.2f} ms, fingerprints {g['fingerprints_ms']:.3f} ms, "
-              f"decrypt {g['decrypt_ms']:.2f} ms ({g['output_cts']} output ciphertexts)")
+        print(f"  {g['shape']:>10}: check {g['check_ms']:.2f} ms, decrypt {g['decrypt_ms']:.2f} ms "
+              f"({g['output_cts']} output ciphertexts)")
     print(f"mutual TLS vs plaintext gRPC, one c_fc decode call's bytes: {t['mtls_ms']:.2f} vs {t['plaintext_ms']:.2f} ms "
           f"(x{t['mtls_over_plaintext']:.2f})")
     print(f"row padding: {r['mean_extra_rows']:.1%} extra rows on average over prompts of 1..1024, worst "

@@ -35,6 +35,27 @@ with ‖W‖_row = max_k Σ_j |W_kj|. The first two terms are deterministic: aga
 they vanish, and the product check uses that tighter bound (``effective=True``). The products the worker
 returns are decoded with Δx and Δw from the trusted side's own state (its record of the call and its copy of
 the weights); nothing in an output's header is used but to refuse a reply that is not for this call.
+Exact check (:meth:`NativeTrustedContext.verify`). A worker's reply is an exact, deterministic function of public
+data: Y ≡ M·c_0 (mod q_i), where c_0 is what the TEE sent and M the linear map from a row block's B·N input
+coefficients to its ΣO·r·n_o wanted output coefficients, fixed by the encoded integer weights and the blocking
+(the same integer matrix for every prime). The TEE checks it exactly with Freivalds' test: k secret vectors
+r_j with entries uniform in [0, 2^S), 2^S below every prime (k = ⌈64/S⌉: S = 23 and k = 3 for the default
+chain), and v_j = r_jᵀ·M mod q_i computed from the TEE's own weights; a reply passes when r_j·Y ≡ v_j·c_0
+(mod q_i) for every row block, vector and prime. A reply Y' ≠ Y differs mod some q_i in some coefficient d;
+for fixed other entries, r_j·(Y' − Y) ≡ 0 holds for at most one value of r_j,d mod q_i, so each vector passes
+it with probability ≤ 2^-S and all k with ≤ 2^-(k·S) ≤ 2^-64, whatever the deviation's size and whatever the
+plaintext. Per call: one small GEMM over the reply (r·Y) on the critical path; v_j·c_0 is computed on the mask
+thread while the worker computes. No tolerance is involved, so an honest reply always passes.
+
+When the vectors are drawn: once per trusted process (a replica, or one ``bifrost generate``) and group, at the
+group's first use (:meth:`NativeTrustedContext.prepare`), from the OS CSPRNG; shared by the process's sessions
+and never sent. Reuse is safe because a verdict is the only thing a worker can learn about r, and the first
+failed verdict quarantines its identity in the whole process (bifrost.tee.quarantine): every later reply of it
+is discarded unchecked. Before that first failure, every deviating reply it sent passed, which happens with
+probability ≤ 2^-64 each; a failure tells it only that r_j·D ≢ 0 for its one D, which rules out at most a
+2^-S fraction of the vectors. Attacks that recover a reused secret from many observed verdicts need many
+verdicts per identity; here an identity gets one. A forked child draws its own vectors.
+
 Default parameters ``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit
 security at N = 2048) give B = 14.
 """
@@ -54,6 +75,7 @@ import numpy as np
 import torch
 
 from bifrost.ckks.backend import CiphertextError, EncryptedBatch, GroupShape, WeightStats
+from bifrost.ckks.csprng import random_bytes
 from bifrost.ckks.params import CKKSParams
 
 from . import negacyclic_fft as nfft
@@ -206,10 +228,12 @@ _CONTEXTS: "weakref.WeakSet[NativeTrustedContext]" = weakref.WeakSet()
 
 def _forget_prepared_masks() -> None:
     """In a forked child: drop every context's masks prepared before the fork (the parent may use them too, and
-    a mask set is for one encryption only); the child draws fresh ones."""
+    a mask set is for one encryption only), and the exact check's vectors (a verdict the parent's quarantine
+    saw then tells nothing about the child's); the child draws fresh ones."""
     for ctx in list(_CONTEXTS):
         ctx._masks = {}
         ctx._masks_lock = threading.Lock()
+    _CHECKS.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -219,8 +243,64 @@ if hasattr(os, "register_at_fork"):
 # one of its matrices is garbage-collected (so an id is never reused while its entry exists). The trusted
 # weights must not change in place while referenced (the product check's operands assume the same).
 _MASK_PRODUCTS: dict[tuple, torch.Tensor] = {}
+# The same, keyed alike: the exact check's secret vectors and their images under the group's map (_CheckVectors).
+_CHECKS: dict[tuple, "_CheckVectors"] = {}
+CHECK_MISS_BITS = 64  # a reply that differs from the honest one passes the exact check with probability ≤ 2^-64
 DIRECT_TERM_MAX_POSITIONS = 256  # mask term by one GEMM with rows of s up to this many wanted coefficients, else FFT
 _TABLES_LOCK = threading.Lock()
+
+
+def check_vector_plan(primes: tuple[int, ...]) -> tuple[int, int]:
+    """(k, S) of the exact check: k secret vectors with entries uniform in [0, 2^S), 2^S below every prime, so
+    that a reply wrong in any residue mod any q_i passes all k with probability ≤ 2^-(k·S) ≤ 2^-CHECK_MISS_BITS."""
+    bits = min(primes).bit_length() - 1
+    return -(-CHECK_MISS_BITS // bits), bits
+
+
+@dataclass(frozen=True)
+class _CheckVectors:
+    """One group's exact-check tables (trusted side; secret): ``r`` [ΣO·P, k] float64, the k vectors over the
+    wanted coefficients of every output block (o major; integers in [0, 2^S)); ``v`` [L, B·N, 2k] float64,
+    v_j = r_jᵀ·M mod q_i over the c_0 coefficients of every input block, as two 15-bit digits (low digits of all
+    j, then high)."""
+
+    r: torch.Tensor
+    v: torch.Tensor
+    out_blocks: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.r, self.v))
+
+
+def check_table_bytes(params: CKKSParams, shape: GroupShape) -> int:
+    """Trusted memory of one group's exact-check tables (bytes): a function of public values."""
+    primes = _chain(params)
+    blk = plan(params.poly_modulus_degree, tuple(q.bit_length() for q in primes), shape.d_in, tuple(shape.d_outs), 1)
+    k, _ = check_vector_plan(primes)
+    o_total = sum(blk.out_blocks(d) for d in shape.d_outs)
+    return 8 * k * (o_total * blk.rows_per_ct * blk.out_per_ct
+                    + 2 * len(primes) * blk.in_blocks(shape.d_in) * params.poly_modulus_degree)
+
+
+def _combine_mod(parts: torch.Tensor, shifts: Sequence[int], primes: tuple[int, ...]) -> torch.Tensor:
+    """Σ_d parts_d·2^shift_d mod q_i for non-negative int64 parts [D, RB, L, k] below 2^62 (q_i < 2^31)."""
+    q = torch.tensor(primes, dtype=torch.int64).reshape(1, 1, -1, 1)
+    mult = torch.tensor([[pow(2, s, p) for p in primes] for s in shifts], dtype=torch.int64).reshape(len(shifts), 1, -1, 1)
+    return torch.remainder(torch.remainder(torch.remainder(parts, q) * mult, q).sum(dim=0), q[0])
+
+
+@lru_cache(maxsize=1024)
+def _reply_order(columns: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The permutation that puts a reply's ciphertexts (member, row block, output block order) in (row block,
+    group output block) order."""
+    return np.asarray(sorted(range(len(columns)), key=lambda i: columns[i]))
+
+
+def _uniform_bits(count: int, bits: int) -> np.ndarray:
+    """``count`` integers uniform in [0, 2^bits) (bits ≤ 32) from the OS CSPRNG."""
+    words = np.frombuffer(random_bytes(4 * count), dtype="<u4")
+    return (words >> np.uint32(32 - bits)).astype(np.int64)
 
 
 @lru_cache(maxsize=None)
@@ -254,8 +334,11 @@ class CallState:
     x_scales: np.ndarray = field(repr=False)  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row
     x_encoded: np.ndarray = field(repr=False)  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
     secrets: np.ndarray = field(repr=False)  # the call's secret per row block, [RB, N] (ternary)
+    c0: np.ndarray = field(default=None, repr=False)  # what was sent: c_0 residues [RB·B, L, N] (the exact check's input)
     mask_term: Future | None = field(default=None, repr=False)  # (Σ_b a_b·W_{b,o})·s at the wanted coefficients
-    term_matrices: tuple[np.ndarray, ...] = field(default=(), repr=False)  # the matrices ``mask_term`` is for
+    term_matrices: tuple[np.ndarray, ...] = field(default=(), repr=False)  # the matrices the two terms are for
+    check_term: Future | None = field(default=None, repr=False)  # v_j·c_0 mod q_i, [RB, L, k]: the exact check's side
+    parsed: dict = field(default_factory=dict, repr=False)  # the last reply read for this call: (its id, residues)
 
 
 class NativeTrustedContext:
@@ -321,10 +404,12 @@ class NativeTrustedContext:
         return ready.result() if ready is not None else self._fresh_masks(rb_count, b_count)
 
     def prepare(self, shape: GroupShape, weights: Sequence[WeightStats]) -> None:
-        """Compute the group's products of the public masks with its weights (the trusted copies carried by
-        ``weights``) now rather than at its first decryption: Σ_b a_b·W_{b,o} per output block, cached for
-        the process while the weight matrices live."""
-        self._mask_products(shape, self._codec.blocking(shape, 1), self._matrices(shape, weights))
+        """Compute the group's tables from its weights (the trusted copies carried by ``weights``) now rather
+        than at its first call: the products of the public masks Σ_b a_b·W_{b,o} per output block, and the
+        exact check's vectors; both cached for the process while the weight matrices live."""
+        blk, matrices = self._codec.blocking(shape, 1), self._matrices(shape, weights)
+        self._mask_products(shape, blk, matrices)
+        self._check_vectors(shape, blk, matrices)
 
     # -------------------------------------------------------------- encrypt
     def encrypt(self, shape: GroupShape, x: np.ndarray, weights: Sequence[WeightStats] | None = None) -> EncryptedBatch:
@@ -366,11 +451,12 @@ class NativeTrustedContext:
         cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
                                  payload[i].tobytes())
                for i in range(count)]
-        term, matrices = None, ()
-        if weights is not None:  # the call's decryption term, prepared on the mask thread while the worker computes
-            matrices = tuple(self._matrices(shape, weights))
+        term, check, matrices = None, None, ()
+        if weights is not None:  # the call's decryption term and the check's side of what was sent, prepared on the
+            matrices = tuple(self._matrices(shape, weights))  # mask thread while the worker computes
             term = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets)
-        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, term, matrices)
+            check = _PREFETCH.submit(self._check_term, shape, blk, matrices, c0)
+        state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, c0, term, matrices, check)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
     def _mask_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
@@ -432,15 +518,56 @@ class NativeTrustedContext:
             weakref.finalize(m, _MASK_PRODUCTS.pop, key, None)
         return c1
 
+    def _check_vectors(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray]) -> _CheckVectors:
+        """The group's exact-check tables (drawn once per process; module docstring, "Exact check").
+
+        v_j = r_jᵀ·M is one transposed layer product: ⟨R_o, c ⊛ W⟩ = ⟨c, R_o ⊛ W*⟩ with W*(X) = W(X⁻¹) the
+        adjoint of multiplication by W, whose negacyclic spectrum is the conjugate of W's; so v_j,b =
+        Σ_o R_j,o ⊛ W*_{b,o} for R_j,o the polynomial holding r_j at output block o's wanted coefficients,
+        computed exactly by the worker's own FFT product with the roles of inputs and outputs swapped."""
+        c = self._codec
+        key = (c.primes, c.n, self.weight_bits, blk, tuple(id(m) for m in matrices))
+        with _TABLES_LOCK:
+            hit = _CHECKS.get(key)
+        if hit is not None:
+            return hit
+        k, bits = check_vector_plan(c.primes)
+        ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
+        enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")                     # spectra [F, B, ΣO]
+        _, b_count, o_total = enc.fft_spectra.shape
+        adjoint = EncodedWeights(blk, (b_count,), fft_spectra=enc.fft_spectra.conj().transpose(1, 2).contiguous())
+        pos = blk.output_positions().reshape(-1)                                          # P
+        r = torch.from_numpy(_uniform_bits(k * o_total * len(pos), bits)).reshape(k, o_total, len(pos))
+        polys = torch.zeros(k, o_total, len(c.primes), c.n, dtype=torch.int64)
+        polys[..., torch.from_numpy(pos)] = r[:, :, None, :]                               # r < 2^S < every q_i
+        v = apply_fft(adjoint, polys, c.primes, bits + 2, None, self.weight_bits)        # [k, B, L, N] mod q_i
+        v = v.permute(2, 1, 3, 0).reshape(len(c.primes), b_count * c.n, k)               # [L, B·N, k]
+        tables = _CheckVectors(r.permute(1, 2, 0).reshape(-1, k).to(torch.float64).contiguous(),
+                               torch.cat([v & 0x7FFF, v >> 15], dim=2).to(torch.float64).contiguous(), o_total)
+        with _TABLES_LOCK:  # the first tables stored win: every call of the process checks with the same vectors
+            stored = _CHECKS.setdefault(key, tables)
+        if stored is tables:
+            for m in matrices:
+                weakref.finalize(m, _CHECKS.pop, key, None)
+        return stored
+
     # -------------------------------------------------------------- decrypt
-    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
-                weights: Sequence[WeightStats]) -> list[np.ndarray]:
-        state = self._state(shape, batch, weights)
+    def _read_outputs(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]],
+                      state: CallState) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Parse a reply for the call ``state``: (residues [C, L, r·n_o] int64, (row block, output block) of
+        each). Raises :class:`CiphertextError` unless every count, length, header and residue range is that of
+        an honest reply to this call (functions of the bytes and public values only)."""
+        if not isinstance(outputs, (list, tuple)) or not all(isinstance(o, (list, tuple)) for o in outputs):
+            raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member)")
+        frozen = tuple(tuple(o) for o in outputs)  # bytes are immutable: equal tuples are the same reply
+        hit = state.parsed.get("reply")
+        if hit is not None and hit[0] == frozen:  # verify read it already: decrypt does not parse it twice
+            return hit[1], hit[2]
         c, blk, rows = self._codec, state.blocking, state.rows
         r, n_o = blk.rows_per_ct, blk.out_per_ct
         p_count = r * n_o
         rb_count = blk.row_blocks(rows)
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(shape.d_outs):
+        if len(outputs) != len(shape.d_outs):
             raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member)")
         o_counts = [blk.out_blocks(d) for d in shape.d_outs]
         starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
@@ -456,9 +583,61 @@ class NativeTrustedContext:
                     raise CiphertextError(f"member {m} ciphertext {i}: header does not match this call "
                                           f"(rows={rows}, blocking={blk})")
                 payloads.append(np.frombuffer(body, dtype=np.uint8))
-                columns.append((i // o_count, starts[m] + i % o_count))
+                columns.append((i // o_count, int(starts[m]) + i % o_count))
         vals = torch.from_numpy(wire.unpack_residues(np.stack(payloads), p_count, c.primes,
                                                         "output ciphertext"))  # [C, L, P]
+        state.parsed["reply"] = (frozen, vals, columns)
+        return vals, columns
+
+    def verify(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
+               weights: Sequence[WeightStats]) -> bool:
+        """Whether ``outputs`` are exactly the honest reply to ``batch``: Y ≡ M·c_0 (mod q_i) for every row block
+        and prime, M being the public linear map of the group's encoded weights (module docstring, "Exact
+        check"). A reply that differs from the honest one in any residue passes with probability
+        ≤ 2^-:data:`CHECK_MISS_BITS`, whatever its values and whatever the plaintext. Raises
+        :class:`CiphertextError` for a reply that is not even well formed."""
+        state = self._state(shape, batch, weights)
+        c, blk = self._codec, state.blocking
+        vals, columns = self._read_outputs(shape, outputs, state)                            # [C, L, P]
+        matrices = self._matrices(shape, weights)
+        checks = self._check_vectors(shape, blk, matrices)
+        if state.check_term is not None and len(state.term_matrices) == len(matrices) and \
+                all(a is b for a, b in zip(state.term_matrices, matrices)):
+            expected = state.check_term.result()
+        else:
+            expected = self._check_term(shape, blk, matrices, state.c0)                       # [RB, L, k]
+        rb_count = blk.row_blocks(state.rows)
+        y = vals[torch.from_numpy(_reply_order(tuple(columns)))]                             # [RB·ΣO, L, P]
+        # r_j·Y mod q_i: Y in three 10-bit digits, so every float64 partial sum is an integer below 2^53 (exact)
+        y = y.reshape(rb_count, checks.out_blocks, len(c.primes), -1).permute(0, 2, 1, 3).reshape(
+            rb_count, len(c.primes), -1)                                                     # [RB, L, ΣO·P]
+        digits = torch.stack([y & 1023, (y >> 10) & 1023, y >> 20]).to(torch.float64)      # [3, RB, L, ΣO·P]
+        parts = torch.round(digits @ checks.r).to(torch.int64)                              # [3, RB, L, k]
+        return bool(torch.equal(_combine_mod(parts, (0, 10, 20), c.primes), expected))
+
+    def _check_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
+                    c0: np.ndarray) -> torch.Tensor:
+        """v_j·c_0 mod q_i per row block [RB, L, k]: the exact check's side of what was sent. c_0 and v in two
+        15-bit digits each, so every float64 partial sum is an integer below 2^30·B·N ≤ 2^53 (exact)."""
+        c = self._codec
+        checks = self._check_vectors(shape, blk, matrices)
+        L = len(c.primes)
+        rb_count = len(c0) // blk.in_blocks(shape.d_in)
+        x = torch.from_numpy(c0).reshape(rb_count, -1, L, c.n).permute(2, 0, 1, 3).reshape(L, rb_count, -1)
+        x = torch.cat([x & 0x7FFF, x >> 15], dim=1).to(torch.float64)                        # [L, 2·RB, B·N]
+        parts = torch.round(torch.bmm(x, checks.v)).to(torch.int64)                         # [L, 2·RB, 2k]
+        parts = parts.reshape(L, 2, rb_count, 2, -1).permute(1, 3, 2, 0, 4).reshape(4, rb_count, L, -1)
+        return _combine_mod(parts, (0, 15, 15, 30), c.primes)
+
+    def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
+                weights: Sequence[WeightStats]) -> list[np.ndarray]:
+        state = self._state(shape, batch, weights)
+        c, blk, rows = self._codec, state.blocking, state.rows
+        r, n_o = blk.rows_per_ct, blk.out_per_ct
+        rb_count = blk.row_blocks(rows)
+        vals, columns = self._read_outputs(shape, outputs, state)
+        o_counts = [blk.out_blocks(d) for d in shape.d_outs]
+        starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
 
         matrices = self._matrices(shape, weights)
         if state.mask_term is not None and len(state.term_matrices) == len(matrices) and \
@@ -682,10 +861,12 @@ ROWS_PER_FFT_CALL = 64  # a 512-token prompt on a 3072-wide layer would be ~19k 
 
 
 class NativeBackend:
-    """Registry entry ``"native"``: tensor-kernel CKKS (PyTorch; CPU or CUDA)."""
+    """Registry entry ``"native"``: tensor-kernel CKKS (PyTorch; CPU or CUDA). Its replies are exact functions of
+    public data, verified exactly in the TEE (:meth:`NativeTrustedContext.verify`)."""
 
     name = "native"
     default_params = DEFAULT_PARAMS
+    verification = "exact"
 
     def check_params(self, params: CKKSParams) -> None:
         """Raise ValueError unless this backend can run ``params`` (NTT-friendly primes of <= 31 bits)."""

@@ -42,6 +42,14 @@ class Call:
     inputs: list[bytes]
     outputs: list[list[bytes]]       # the honest reply
     service: "AdversarialService"
+    worker_session: int = 0          # order of first appearance of the call's worker session
+
+    @property
+    def rows(self) -> int:
+        """Activation rows of the call (padding included): 1 for a decode step, more for a prefill call."""
+        from bifrost_kernels import wire
+
+        return wire._IN_HEAD.unpack_from(self.inputs[0])[4]
 
     def layer_calls(self, name: str) -> int:
         """How many earlier calls included layer ``name``."""
@@ -90,7 +98,10 @@ class AdversarialService(WorkerService):
 
     def _attacked(self, session_id, group, inputs, outputs, context):
         names = tuple(ref.name for ref in group.layers)
-        call = Call(len(self.history), names, self._worker_sessions[session_id].evaluator, list(inputs), outputs, self)
+        with self._view_lock:
+            order = self._ids.setdefault(session_id, len(self._ids))
+        call = Call(len(self.history), names, self._worker_sessions[session_id].evaluator, list(inputs), outputs, self,
+                    order)
         self.history.append(call)
         try:
             new = self.attack(call) if self.attack is not None else None
@@ -309,6 +320,74 @@ def oversized(when, extra_bytes: int) -> Attack:
     return rewrite_first(when, lambda call, ct: ct + bytes(extra_bytes))
 
 
+def legacy_tolerance(call: Call, member: int = 0, z: float = 8.0) -> float:
+    """τ of the tolerance check the native backend had before exact verification, in units of the encoded product
+    (Δx·Δw), for ``call``'s member: z·√d_out·ε with ε = 32·n_o·(‖W̃‖_row + d_in/2) + the float64 decode term. A
+    function of public data only (N, Q, scale bits, n_o, the public weights): a worker computes it exactly."""
+    from bifrost_kernels import wire
+    from bifrost_kernels.backend import ERROR_MAX, integer_weights
+
+    ev = call.evaluator
+    site, w = call.service.layers[call.group[member]]
+    n_o = wire._OUT_HEAD.unpack_from(call.outputs[member][0])[7]
+    w_row = float(np.abs(integer_weights(ev.weight_bits, np.asarray(w, dtype=np.float64))).sum(axis=1).max())
+    eps = ERROR_MAX * n_o * (w_row + site.d_in / 2) + 2.0 ** -45 * 2.0 ** ev.params.scale_bits * (w_row + site.d_in)
+    return z * float(np.sqrt(site.d_out)) * eps
+
+
+def add_to_outputs(call: Call, member: int, delta: np.ndarray) -> list[list[bytes]]:
+    """The honest reply with the integer vector ``delta`` (d_out, units of the encoded product) added to the
+    outputs of member ``member`` in every row block (output k sits at wanted coefficient k mod n_o of output
+    block k // n_o)."""
+    from bifrost_kernels import wire
+
+    outs = [list(o) for o in call.outputs]
+    for i, ct in enumerate(outs[member]):
+        fields = wire._OUT_HEAD.unpack_from(ct)
+        rows, r, n_o, index, count = fields[4], fields[5], fields[7], fields[9], fields[10]
+        per_block = count // -(-rows // r)  # output blocks per row block
+        ob = index % per_block
+        head, v = native_unpack(call.evaluator, ct)                               # [L, r·n_o]
+        part = np.zeros(v.shape[1], dtype=np.int64)
+        chunk = delta[ob * n_o:(ob + 1) * n_o]
+        part[:len(chunk)] = chunk
+        outs[member][i] = native_pack(call.evaluator, head, v + part[None, :])
+    return outs
+
+
+def steering(layers: set[str], fraction: float, direction: Callable[[str, int], np.ndarray], decode_only: bool = True
+             ) -> Attack:
+    """Issue 23's steering attack: after computing honestly, add a fixed, data-independent deviation δ to every
+    (decode) output of ``layers``, along ``direction(layer, d_out)`` (chosen offline from public weights) with
+    ‖δ‖₂ = ``fraction``·τ, τ being the pre-exact-verification tolerance (:func:`legacy_tolerance`)."""
+    def attack(call: Call):
+        if call.group[0] not in layers or (decode_only and call.rows != 1):
+            return None
+        site = call.service.layers[call.group[0]][0]
+        d = np.asarray(direction(call.group[0], site.d_out), dtype=np.float64)
+        delta = np.rint(d / np.linalg.norm(d) * fraction * legacy_tolerance(call)).astype(np.int64)
+        return add_to_outputs(call, 0, delta)
+    return attack
+
+
+def one_residue(when, prime: int = 1, delta: int = 1, member: int = 0) -> Attack:
+    """±1 (``delta``) in a single residue (mod q_prime) of one wanted coefficient of one output ciphertext."""
+    def attack(call: Call):
+        if not when(call):
+            return None
+        outs = [list(o) for o in call.outputs]
+        head, v = native_unpack(call.evaluator, outs[member][0])
+        v[prime, 0] += delta
+        outs[member][0] = native_pack(call.evaluator, head, v)
+        return outs
+    return attack
+
+
+def prefill_only(call: Call) -> bool:
+    """Every prompt-prefill call (more than one row), none of the decode steps."""
+    return call.rows > 1
+
+
 def one_call_in(n: int, inner_factory, seed: int = 1) -> Attack:
     """Honest except on one random call in every ``n`` (``inner_factory(when)`` builds the deviation)."""
     rng = random.Random(seed)
@@ -329,6 +408,47 @@ def tenseal_rewrite(when, fn) -> Attack:
         fn(ev, ct)
         return blob[:_HEADER_BYTES] + _scratch().dump(ct)
     return rewrite_first(when, rewrite)
+
+
+def tenseal_public_tolerance(call: Call, member: int = 0, z: float = 8.0) -> float:
+    """TenSEAL's tolerance τ = z·√d_out·ε for ``call``'s member as a worker can compute it: ε from the backend's
+    documented bound with the input's (secret) ‖x‖₁ taken as 0, i.e. a slight underestimate of the true τ."""
+    from bifrost.ckks.tenseal_backend import ERROR_FLOOR, ERROR_PER_WEIGHT
+
+    ev = call.evaluator
+    site, w = call.service.layers[call.group[member]]
+    row_l1 = float(np.abs(np.asarray(w, dtype=np.float64)).sum(axis=1).max())
+    eps = 2.0 ** -ev.params.scale_bits * np.sqrt(ev.params.poly_modulus_degree) * (ERROR_FLOOR + ERROR_PER_WEIGHT * row_l1)
+    return z * float(np.sqrt(site.d_out)) * eps
+
+
+def tenseal_steering(layers: set[str], fraction: float, direction: Callable[[str, int], np.ndarray]) -> Attack:
+    """The steering attack against TenSEAL: δ along ``direction`` with ‖δ‖₂ = ``fraction``·τ
+    (:func:`tenseal_public_tolerance`) added, by a plaintext addition, to row 0 of every decode output of ``layers``."""
+    def attack(call: Call):
+        if call.group[0] not in layers or call.layer_calls(call.group[0]) < 1:  # occurrence 0: the prefill
+            return None
+        import tenseal.sealapi as seal
+
+        from bifrost.ckks.tenseal_backend import _HEADER_BYTES, PackingPlan, _load_ciphertext, _scratch
+
+        ev = call.evaluator
+        site = call.service.layers[call.group[0]][0]
+        plan = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,)))
+        d = np.asarray(direction(call.group[0], site.d_out), dtype=np.float64)
+        delta = d / np.linalg.norm(d) * fraction * tenseal_public_tolerance(call)
+        member = []
+        for c, blob in enumerate(call.outputs[0]):
+            ct = _load_ciphertext(ev._ctx, ev.context_id, plan, blob)
+            slots = np.zeros(ev.params.slots)
+            chunk = delta[c * plan.m:(c + 1) * plan.m]
+            slots[:len(chunk)] = chunk  # row 0's outputs c·m … c·m + m − 1
+            pt = seal.Plaintext()
+            ev._encoder.encode(slots.tolist(), ct.parms_id(), ct.scale, pt)
+            ev._evaluator.add_plain_inplace(ct, pt)
+            member.append(blob[:_HEADER_BYTES] + _scratch().dump(ct))
+        return [member] + call.outputs[1:]
+    return attack
 
 
 def tenseal_scale(when, factor: float) -> Attack:
@@ -360,6 +480,8 @@ class Outcome:
     local_calls: int = 0
     timeline: list[tuple[float, float]] = field(default_factory=list)
     local_s: float = 0.0
+    first_detection: int = -1   # the engine's index of the first call it found deviating (-1: none)
+    text: str = ""
 
     def gaps(self) -> list[float]:
         """Seconds between each reply and the next request, as the worker sees them."""
@@ -367,22 +489,30 @@ class Outcome:
 
 
 def run_attack(run_config, model: str, attack: Attack | None, prompt, backend: str = "native",
-               new_tokens: int = 4) -> Outcome:
-    """Generate through a fresh worker running ``attack`` (None: honest); everything the worker saw comes back."""
+               new_tokens: int = 4, mode: str | None = None, chat: bool = False) -> Outcome:
+    """Generate through a fresh worker running ``attack`` (None: honest); everything the worker saw comes back.
+    ``chat``: the prompt as a user message in the model's chat template, generation ending at its end-of-turn
+    token (as ``bifrost demo`` does)."""
     from bifrost.tee.runtime import TrustedRuntime
     from tests.workers import make_service, start_worker
 
-    service = AdversarialService(make_service(run_config, model), attack)
-    _, server, endpoint = start_worker(run_config, model, service=service)
-    rt = TrustedRuntime(run_config.replace(model=model, backend=backend), endpoint, reference=True)
+    cfg = run_config.replace(model=model, backend=backend)
+    service = AdversarialService(make_service(cfg, model), attack)  # (the worker accepts the model's parameters)
+    _, server, endpoint = start_worker(cfg, model, service=service)
+    rt = TrustedRuntime(cfg, endpoint, reference=True)
     try:
-        result = rt.generate(prompt, new_tokens)
+        if chat:
+            from bifrost.model.tokenizer import chat_prompt
+
+            prompt = chat_prompt(rt.tokenizer, prompt)
+        result = rt.generate(prompt, new_tokens, mode=mode, stop_at_eos=chat)
         stats = rt.engine.stats
     finally:
         rt.close()
         server.stop(grace=None)
     return Outcome(result.tokens, result.fidelity.plaintext_tokens, list(service.observed), service.deviated,
-                   rt.quarantine.entries(), stats.deviations, stats.local_calls, list(service.timeline), stats.local_s)
+                   rt.quarantine.entries(), stats.deviations, stats.local_calls, list(service.timeline), stats.local_s,
+                   stats.first_deviation, result.text)
 
 
 # ------------------------------------------------------------------ the catalog the tests and the report share
@@ -407,29 +537,43 @@ def _probe_direction() -> np.ndarray:
     return np.random.default_rng(3).normal(size=64)
 
 
+ATTN_OUT = ("transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj")
+MLP_OUT = ("transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj")
+
+
+def _steer_direction(layer: str, d_out: int) -> np.ndarray:
+    """A fixed direction per layer, chosen offline (the attack does not depend on the data)."""
+    return np.random.default_rng(len(layer)).normal(size=d_out)
+
+
+# reason: the name the quarantine records for the check that caught it ("product check": the native exact check or
+# TenSEAL's tolerance check; "malformed reply" / "oversized reply": refused before any arithmetic)
 CATALOG = [
     Scenario("half-space probe x2^24, prefill (one row per ciphertext)",
-             lambda: half_space_probe(on_layer(C_FC0, 0), _probe_direction(), 2 ** 24, replace=True), "range"),
+             lambda: half_space_probe(on_layer(C_FC0, 0), _probe_direction(), 2 ** 24, replace=True), "product"),
     Scenario("half-space probe x2^24, long prefill (two calls per group)",
-             lambda: half_space_probe(on_layer(C_FC0, 0), _probe_direction(), 2 ** 24, replace=True), "range", LONG),
+             lambda: half_space_probe(on_layer(C_FC0, 0), _probe_direction(), 2 ** 24, replace=True), "product", LONG),
     Scenario("half-space probe x2^24, decode step",
-             lambda: half_space_probe(on_layer(C_FC0, 1), _probe_direction(), 2 ** 24, replace=True), "range"),
-    Scenario("inflated output (x2^20)", lambda: scaled_output(DECODE, 2 ** 20), "range"),
+             lambda: half_space_probe(on_layer(C_FC0, 1), _probe_direction(), 2 ** 24, replace=True), "product"),
+    Scenario("inflated output (x2^20)", lambda: scaled_output(DECODE, 2 ** 20), "product"),
     Scenario("constant on one output",
              lambda: constant_on_one_output(on_layer("transformer.h.1.attn.c_proj", 1), 2 ** 46), "product"),
-    Scenario("scaled row (x2)", lambda: scaled_row(on_layer("transformer.h.0.attn.c_attn", 1), 2), None),
-    Scenario("replayed result", lambda: replay(on_layer(C_FC0, 2)), "replayed"),
-    Scenario("other weights (decrypt to noise: the mask term does not cancel)",
-             lambda: other_weights(DECODE, {C_FC0: C_FC1}), "range"),
+    Scenario("scaled row (x2)", lambda: scaled_row(on_layer("transformer.h.0.attn.c_attn", 1), 2), "product"),
+    Scenario("replayed result", lambda: replay(on_layer(C_FC0, 2)), "malformed"),  # another call's id in its headers
+    Scenario("other weights (another layer's, same shape)", lambda: other_weights(DECODE, {C_FC0: C_FC1}), "product"),
     Scenario("flipped ciphertext bits", lambda: flipped_bits(DECODE), None),
     Scenario("flipped header bits", lambda: flipped_bits(DECODE, header=True), "malformed"),
     Scenario("input returned as output", lambda: input_as_output(DECODE), "oversized"),  # inputs are N coefficients
-    Scenario("error status INVALID_ARGUMENT", lambda: error_status(DECODE), "error status"),
-    Scenario("error status INTERNAL", lambda: error_status(DECODE, grpc.StatusCode.INTERNAL), "error status INTERNAL"),
     Scenario("reply a little too long", lambda: oversized(DECODE, 100), "oversized"),
-    Scenario("reply over the channel cap", lambda: oversized(DECODE, 64 << 20), "error status RESOURCE_EXHAUSTED"),
     Scenario("correct 49 calls in 50", lambda: one_call_in(50, lambda when: constant_on_one_output(when, 2 ** 46)),
              "product", new_tokens=8),
+    Scenario("steering: δ = 0.1·τ (the old tolerance) on every decode output of 4 layers",
+             lambda: steering(set(ATTN_OUT + MLP_OUT), 0.1, _steer_direction), "product"),
+    Scenario("+1 in a single residue (mod the 24-bit prime) of one coefficient",
+             lambda: one_residue(DECODE, prime=1, delta=1), "product"),
+    Scenario("-1 in a single residue (mod the 30-bit prime) of one coefficient",
+             lambda: one_residue(DECODE, prime=0, delta=-1), "product"),
+    Scenario("+1 in one residue of every prefill call only", lambda: one_residue(prefill_only), "product", LONG),
     Scenario("TenSEAL: scale x1e-9 (issue 13)", lambda: tenseal_scale(DECODE, 1e-9), "malformed", backend="tenseal"),
     Scenario("TenSEAL: scale x1e9", lambda: tenseal_scale(DECODE, 1e9), "malformed", backend="tenseal"),
     Scenario("TenSEAL: input returned as output", lambda: input_as_output(DECODE), "malformed", backend="tenseal"),

@@ -5,6 +5,7 @@ from .backend import (
     CKKSBackend,
     EncryptedBatch,
     Evaluator,
+    ExactTrustedContext,
     GroupShape,
     SecretKeyInPublicContextError,
     TrustedContext,
@@ -17,7 +18,7 @@ from .backend import (
 from .params import CKKSParams, InsecureParametersError, check_128_bit_security
 
 __all__ = [
-    "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "GroupShape",
+    "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "ExactTrustedContext", "GroupShape",
     "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "available_backends",
     "WeightStats", "check_128_bit_security", "get_backend", "register_backend", "row_bucket",
 ]

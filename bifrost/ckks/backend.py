@@ -16,7 +16,7 @@ deterministic function of public values (parameters and shapes) so both sides ag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -138,6 +138,19 @@ class TrustedContext(Protocol):
 
 
 @runtime_checkable
+class ExactTrustedContext(TrustedContext, Protocol):
+    """The trusted context of a backend whose replies are exact functions of public data
+    (``CKKSBackend.verification == "exact"``): every reply can be checked exactly, with no tolerance."""
+
+    def verify(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
+               weights: Sequence[WeightStats]) -> bool:
+        """True when ``outputs`` are the honest reply to ``batch`` (a reply differing in any coefficient passes
+        with probability ≤ 2^-64, whatever the plaintext); False otherwise. Raises :class:`CiphertextError`
+        for a reply that is not well formed. Its outcome depends on the reply and on secret check vectors only,
+        never on the plaintext."""
+
+
+@runtime_checkable
 class Evaluator(Protocol):
     """Untrusted side: holds public context only."""
 
@@ -169,6 +182,10 @@ class CKKSBackend(Protocol):
 
     name: str
     default_params: CKKSParams
+    # How the TEE checks this backend's replies, declared here and read by the engine: "exact" (the reply is an
+    # exact function of public data; keygen returns an ExactTrustedContext and no tolerance is used) or
+    # "tolerance" (decoded products are checked against the backend's error bound, bifrost.tee.verify).
+    verification: Literal["exact", "tolerance"]
 
     def check_params(self, params: CKKSParams) -> None:
         """Raise ValueError unless this backend can run ``params`` (beyond the 128-bit rule)."""

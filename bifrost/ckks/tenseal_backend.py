@@ -562,10 +562,12 @@ def _steps_field(v) -> list[int]:
 
 
 class TenSEALBackend:
-    """Registry entry ``tenseal``."""
+    """Registry entry ``tenseal``. Its replies carry the worker's rescale and SEAL's noise, so they are not an
+    exact function of public data: the TEE checks the decoded products against the backend's error bound."""
 
     name = "tenseal"
     default_params = CKKSParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60), scale_bits=40)
+    verification = "tolerance"
 
     def check_params(self, params: CKKSParams) -> None:
         """Raise ValueError unless ``params`` has the [q0, q1 (rescale), special] prime layout this backend uses."""

@@ -16,26 +16,50 @@ the message), an error after streaming began is a last SSE event holding the err
 Session tokens expire: a request answered UNAUTHENTICATED (or NOT_FOUND: the server dropped the idle
 session) before anything was streamed re-attests that session once and is retried; a failed
 re-attestation is 401.
+
+Cross-site use is refused (:class:`ProxyAccess`, checked by :class:`AccessGuard` before any route runs, in
+this order), so a web page the user visits can neither drive the private model (CSRF) nor read its answers
+(DNS rebinding):
+
+1. ``Host`` must name the listen address (``HOST:PORT``; for a loopback or wildcard bind also
+   ``localhost``, ``127.0.0.1``, ``[::1]`` with the port) or an ``--allowed-host`` entry, else 421
+   Misdirected Request (RFC 9110: this server does not answer for that authority; a rebound DNS name
+   is exactly that).
+2. A request carrying ``Origin`` (browsers send it on cross-origin and POST requests) must name an
+   ``--allowed-origin`` (none by default), else 403. A CORS preflight (``OPTIONS`` with
+   ``Access-Control-Request-Method``) from an allowed origin is answered 204 with the
+   ``Access-Control-Allow-*`` headers; answers to an allowed origin carry ``Access-Control-Allow-Origin``.
+3. With an API key (``BIFROST_PROXY_API_KEY``, or ``--api-key``; required to listen on a non-loopback
+   address) ``Authorization: Bearer KEY`` must match (constant-time), else 401 with
+   ``WWW-Authenticate: Bearer``.
+4. A request with a body (any method but GET, HEAD, OPTIONS) must be ``Content-Type: application/json``
+   (parameters such as ``charset`` allowed), else 415: HTML forms and ``text/plain`` cannot send it
+   without a preflight.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import inspect
+import ipaddress
 import json
 import queue
+import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BifrostError
@@ -63,9 +87,10 @@ class ApiError(Exception):
     """An OpenAI-shaped error answer."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -81,6 +106,182 @@ def api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, BifrostError):
         return ApiError(502, str(exc), "api_error", None, "bad_gateway")
     return ApiError(500, f"internal proxy error ({type(exc).__name__})", "api_error", None, "internal_error")
+
+
+# -- who may use the HTTP API ------------------------------------------------------------------------
+API_KEY_ENV = "BIFROST_PROXY_API_KEY"
+MIN_API_KEY_CHARS = 16
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?)(?::([0-9]{1,5}))?")
+_TOKEN_LIST_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+(?:\s*,\s*[!#$%&'*+.^_`|~0-9a-z-]+)*")
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``NAME[:PORT]`` (IPv6 in brackets, lower-cased) as ``(name, port or None)``; None when malformed."""
+    m = _HOST_RE.fullmatch(value.strip().lower())
+    if not m or (m.group(2) is not None and int(m.group(2)) > 65535):
+        return None
+    return m.group(1), None if m.group(2) is None else int(m.group(2))
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _origin(value: str) -> str:
+    """An ``--allowed-origin`` as browsers serialize ``Origin``: ``scheme://host[:port]``, default port left out."""
+    bad = BifrostError(f"--allowed-origin must be http(s)://HOST[:PORT] (no path), got {value!r}")
+    try:
+        u = urlsplit(value.strip())
+        port = u.port
+    except ValueError:
+        raise bad from None
+    if (u.scheme not in ("http", "https") or u.path not in ("", "/") or u.query or u.fragment or u.username
+            or u.password is not None or not u.hostname):
+        raise bad
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    if _split_host(host) is None:
+        raise bad
+    default = 80 if u.scheme == "http" else 443
+    return f"{u.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+@dataclass(frozen=True)
+class ProxyAccess:
+    """Who may use the proxy's HTTP API (see the module docstring); validated here, one-line errors.
+
+    ``port`` 0: the port each connection arrived on (a proxy started on a free port)."""
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    allowed_hosts: tuple[str, ...] = ()    # NAME (any port) or NAME:PORT, e.g. behind a reverse proxy
+    allowed_origins: tuple[str, ...] = ()  # http(s)://HOST[:PORT]; none: every request with Origin refused
+    api_key: str | None = field(default=None, repr=False)
+    _names: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        host = self.listen_host.strip("[]").lower()
+        ip = _ip(host)
+        name = f"[{ip.compressed}]" if ip is not None and ip.version == 6 else (ip.compressed if ip else host)
+        if not host or _split_host(name) is None:
+            raise BifrostError(f"--listen host {self.listen_host!r} is not a host name or IP address")
+        if not 0 <= self.port <= 65535:
+            raise BifrostError(f"--listen port must be 0..65535, got {self.port}")
+        hosts = []
+        for entry in self.allowed_hosts:
+            parsed = _split_host(entry)
+            if parsed is None:
+                raise BifrostError(f"--allowed-host must be NAME or NAME:PORT (IPv6 in brackets), got {entry!r}")
+            hosts.append(parsed[0] if parsed[1] is None else f"{parsed[0]}:{parsed[1]}")
+        object.__setattr__(self, "allowed_hosts", tuple(hosts))
+        object.__setattr__(self, "allowed_origins", tuple(_origin(o) for o in self.allowed_origins))
+        key = self.api_key
+        if key is not None and (len(key) < MIN_API_KEY_CHARS or not key.isascii() or not key.isprintable()
+                                or " " in key):
+            raise BifrostError(f"the API key must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
+                               "without spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if not self.loopback and key is None:
+            raise BifrostError(f"--listen {name}:{self.port} is not a loopback address: set an API key "
+                               f"({API_KEY_ENV}=KEY in the environment, or --api-key) or listen on 127.0.0.1")
+        names = {name}
+        if self.loopback or (ip is not None and ip.is_unspecified):
+            names.update(LOOPBACK_NAMES)  # a wildcard bind listens on loopback too
+        if ip is not None and ip.is_unspecified:
+            names.discard(name)  # 0.0.0.0 / [::] is no name a client uses (browsers reach 0.0.0.0 as localhost)
+        object.__setattr__(self, "_names", frozenset(names))
+
+    @property
+    def loopback(self) -> bool:
+        host = self.listen_host.strip("[]").lower()
+        ip = _ip(host)
+        return host == "localhost" if ip is None else ip.is_loopback
+
+    def host_allowed(self, value: str | None, port: int) -> bool:
+        parsed = _split_host(value) if value else None
+        if parsed is None:
+            return False
+        name, got = parsed
+        if name in self._names and (got == port or (got is None and port == 80)):
+            return True
+        return name in self.allowed_hosts or f"{name}:{got}" in self.allowed_hosts
+
+    def check(self, headers: Headers, port: int) -> str | None:
+        """Host and Origin (raises :class:`ApiError`); returns the allowed Origin, or None without one."""
+        hosts = headers.getlist("host")
+        if len(hosts) != 1 or not self.host_allowed(hosts[0], port):
+            shown = ", ".join(repr(h[:100]) for h in hosts) or "none"
+            raise ApiError(421, f"the Host header ({shown}) does not name this proxy's listen address (DNS "
+                           "rebinding?); an operator can allow a name with --allowed-host", "invalid_request_error",
+                           None, "host_not_allowed")
+        origins = headers.getlist("origin")
+        if not origins:
+            return None
+        if len(origins) != 1 or origins[0].lower() not in self.allowed_origins:
+            raise ApiError(403, f"cross-origin requests from {origins[0][:100]!r} are not allowed (an operator can "
+                           "allow an origin with --allowed-origin)", "permission_error", None, "origin_not_allowed")
+        return origins[0]
+
+    def check_request(self, method: str, headers: Headers) -> None:
+        """The API key, then the body's media type (raises :class:`ApiError`)."""
+        if self.api_key is not None:
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if not hmac.compare_digest(given.strip().encode("latin-1") if scheme.lower() == "bearer" else b"",
+                                       self.api_key.encode()):
+                raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error",
+                               None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                raise ApiError(415, "the request body must be Content-Type: application/json", "invalid_request_error",
+                               None, "unsupported_media_type")
+
+    def preflight_headers(self, origin: str, headers: Headers) -> dict[str, str]:
+        requested = headers.get("access-control-request-headers", "").strip().lower()
+        allow = requested if requested and _TOKEN_LIST_RE.fullmatch(requested) else "authorization, content-type"
+        return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": allow, "Access-Control-Max-Age": "600",
+                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"}
+
+
+class AccessGuard:
+    """ASGI middleware: every HTTP request passes :class:`ProxyAccess` before any route (or 404) runs."""
+
+    def __init__(self, app, access: ProxyAccess) -> None:
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        server = scope.get("server") or (None, None)
+        port = self.access.port or server[1] or 0
+        origin = None
+        try:
+            origin = self.access.check(headers, port)
+            if origin is not None and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                response = Response(status_code=204, headers=self.access.preflight_headers(origin, headers))
+                await response(scope, receive, send)
+                return
+            self.access.check_request(scope["method"], headers)
+        except ApiError as err:
+            response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+            await response(scope, receive, _with_origin(send, origin) if origin else send)
+            return
+        await self.app(scope, receive, _with_origin(send, origin) if origin else send)
+
+
+def _with_origin(send, origin: str):
+    """``send`` adding ``Access-Control-Allow-Origin`` (an allowed origin may read the answer)."""
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers["Access-Control-Allow-Origin"] = origin
+            headers.add_vary_header("Origin")
+        await send(message)
+    return wrapped
 
 
 # -- the session pool -------------------------------------------------------------------------------
@@ -302,9 +503,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(pool: SessionPool):
-    """The FastAPI app serving ``pool``'s attested server."""
+def create_app(pool: SessionPool, access: ProxyAccess | None = None):
+    """The FastAPI app serving ``pool``'s attested server to the requests ``access`` admits (default:
+    loopback names only, no Origin, no API key)."""
     app = FastAPI(title="Bifrost attested OpenAI proxy", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AccessGuard, access=access or ProxyAccess())
     info = pool.model
     name = info.name
     created = int(time.time())
@@ -464,12 +667,14 @@ async def _in_thread(fn, *args):
     return await run_in_threadpool(fn, *args)
 
 
-def serve_pool(pool: SessionPool, host: str, port: int, log_level: str = "warning") -> None:
-    """Serve the OpenAI API with uvicorn until interrupted (the pool is closed afterwards)."""
+def serve_pool(pool: SessionPool, access: ProxyAccess, log_level: str = "warning") -> None:
+    """Serve the OpenAI API on ``access``'s listen address with uvicorn until interrupted (the pool is closed
+    afterwards)."""
     import uvicorn
 
     try:
-        uvicorn.run(create_app(pool), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(pool, access), host=access.listen_host.strip("[]"), port=access.port,
+                    log_level=log_level)
     finally:
         pool.close()
 

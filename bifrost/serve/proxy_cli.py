@@ -1,9 +1,12 @@
 """``bifrost proxy``: an OpenAI-compatible HTTP API on this machine, in front of an attested Bifrost server
-(client side: :mod:`bifrost.serve.proxy`). The server is attested under the policy before anything is served."""
+(client side: :mod:`bifrost.serve.proxy`). The server is attested under the policy before anything is served.
+Cross-site use is refused (Host, Origin, Content-Type, optional API key: see :class:`~bifrost.serve.proxy.ProxyAccess`);
+the access options are validated before anything connects."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import BifrostError
@@ -27,19 +30,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="attested server sessions kept open; concurrent requests beyond this wait (default 4)")
     p.add_argument("--suite", default="AES-256-GCM", choices=("AES-256-GCM", "SM4-GCM"))
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per server call (default 600)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                   help="also accept this Host header (e.g. behind a reverse proxy; NAME alone: any port); "
+                        "repeatable. Default: the listen address, and localhost/127.0.0.1/[::1] on loopback")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="accept browser requests (and CORS preflights) from this origin, e.g. https://app.example; "
+                        "repeatable. Default: any request with an Origin header is refused")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require Authorization: Bearer KEY (required on a non-loopback --listen). Prefer the "
+                        "BIFROST_PROXY_API_KEY environment variable: the command line is visible to other users")
     p.set_defaults(func=run_proxy)
 
 
 def run_proxy(args: argparse.Namespace) -> int:
-    from ..attest.policy import load_policy
-    from .client import BifrostClient
-    from .proxy import SessionPool, serve_pool
-
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ModuleNotFoundError as exc:
         raise BifrostError(f"bifrost proxy needs {exc.name}: pip install fastapi uvicorn") from None
+    from ..attest.policy import load_policy
+    from .client import BifrostClient
+    from .proxy import API_KEY_ENV, ProxyAccess, SessionPool, serve_pool
+
+    host, port = args.listen
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    access = ProxyAccess(host, port, tuple(args.allowed_host), tuple(args.allowed_origin), api_key)
     policy = load_policy(args.policy)
     if args.sessions < 1:
         raise BifrostError("--sessions must be at least 1")
@@ -51,9 +66,11 @@ def run_proxy(args: argparse.Namespace) -> int:
         pool = SessionPool(make, args.sessions, timeout_s=args.timeout)  # attests every session first
     except BifrostError as exc:
         raise BifrostError(f"cannot attest {args.address}, nothing is served: {exc}") from None
-    host, port = args.listen
     print(f"attested: {pool.verdict.summary}; model {pool.model.name} (digest {pool.model_digest.hex()[:16]}…); "
           f"{args.sessions} sessions", file=sys.stderr)
-    print(f"OpenAI API: http://{host}:{port}/v1 (model {pool.model.name!r})", file=sys.stderr, flush=True)
-    serve_pool(pool, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"OpenAI API: http://{shown}:{port}/v1 (model {pool.model.name!r}; API key "
+          f"{'required' if api_key else 'off'}; origins allowed: {', '.join(access.allowed_origins) or 'none'})",
+          file=sys.stderr, flush=True)
+    serve_pool(pool, access)
     return 0

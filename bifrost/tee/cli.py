@@ -219,7 +219,8 @@ def _generation_report(cfg, runtime, result) -> dict:
         "decode_breakdown_mean_s": {k: statistics.fmean(getattr(t, k) for t in decode)
                                     for k in ("nonlinear_s", "encrypt_s", "transfer_s", "worker_s", "decrypt_s",
                                               "verify_s", "local_s")},
-        "verification": {"vectors": cfg.verification.vectors, "z": cfg.verification.z,
+        "verification": {"method": "exact" if runtime.engine.exact else "tolerance",
+                         "vectors": _check_vectors(runtime), "z": None if runtime.engine.exact else cfg.verification.z,
                          "comparisons": runtime.engine.stats.checks, "deviations": runtime.engine.stats.deviations,
                          "calls_recomputed_in_tee": runtime.engine.stats.local_calls,
                          "quarantined_workers": sorted(runtime.quarantine.entries()),
@@ -234,6 +235,17 @@ def _generation_report(cfg, runtime, result) -> dict:
                            "identical_to_plaintext_greedy": result.tokens == f.plaintext_tokens,
                            "max_abs_logit_error": f.max_abs_logit_error, "min_top1_margin": f.min_top1_margin}
     return rep
+
+
+def _check_vectors(runtime) -> int:
+    """Secret vectors per delegated group (exact check) or per weight matrix (tolerance check)."""
+    if runtime.engine.exact:
+        from bifrost_kernels.backend import check_vector_plan
+        from bifrost_kernels.rns import ntt_primes
+
+        p = runtime.params
+        return check_vector_plan(ntt_primes(p.poly_modulus_degree, tuple(p.coeff_mod_bit_sizes)))[0]
+    return runtime.cfg.verification.vectors
 
 
 def _print_generation(rep: dict, result) -> None:
@@ -259,11 +271,12 @@ def _print_generation(rep: dict, result) -> None:
     end = "the model's end-of-sequence token" if rep["finish_reason"] == "stop" else "the token limit"
     console.print(f"generated: {rep['text']!r}  ({len(rep['tokens'])} tokens, ended by {end})")
     v = rep["verification"]
-    status = (f"[green]all {v['comparisons']} comparisons passed[/green]" if not v["deviations"] else
+    status = (f"[green]all {v['comparisons']} checks passed[/green]" if not v["deviations"] else
               f"[red]{v['deviations']} deviating replies, recomputed in the TEE; quarantined: "
               f"{', '.join(w[:23] for w in v['quarantined_workers'])}[/red]")
-    console.print(f"verification ({v['vectors']} secret vectors per matrix): {status}; "
-                  f"{v['verify_share_of_decode']:.2%} of decode time")
+    how = (f"exact, {v['vectors']} secret vectors per group, miss ≤ 2^-64" if v["method"] == "exact" else
+           f"tolerance, {v['vectors']} secret vectors per matrix, z = {v['z']}")
+    console.print(f"verification ({how}): {status}; {v['verify_share_of_decode']:.2%} of decode time")
     console.print(f"time to first token ({rep['prompt_tokens']} prompt tokens): {rep['time_to_first_token_s']:.2f} s · "
                   f"decode: {rep['decode_s_per_token_mean'] * 1e3:.0f} ms/token · setup {rep['setup_s']:.1f} s")
     if "fidelity" in rep:

@@ -6,14 +6,21 @@ the result is decrypted here. No ciphertext outlives one delegated layer, so no 
 needed and the noise budget never accumulates across layers.
 
 Nothing a worker sends steers decoding: scales, levels and blockings come from the call's trusted
-record (``EncryptedBatch.state``) and the trusted copy of the weights. Every decoded product is verified
-(:mod:`.verify`) before it is used. A reply that fails any check — an error status, the wrong size or
-shape, a replayed ciphertext, a value out of range, the product check — quarantines the worker that sent
-it (:mod:`.quarantine`) and the product is computed here from the trusted weights instead. The worker
-sees nothing change: what it receives next is exactly what it would have received (the tokens are the
-honest ones), so a failure answers none of its questions. Calls served by a quarantined worker are
-always recomputed here; when a quarantined worker exists that product is started before the request
-goes out, so it overlaps the worker's round trip.
+record (``EncryptedBatch.state``) and the trusted copy of the weights. Every reply is verified before it is
+used, as its backend declares (``CKKSBackend.verification``): *exactly* where the reply is an exact function of
+public data (native: ``ExactTrustedContext.verify``, Freivalds' test mod each prime, miss ≤ 2^-64 whatever the
+deviation, no tolerance), else against the backend's error bound (TenSEAL: :mod:`.verify`, plus a window of
+replay fingerprints).
+
+Failure classes. A reply that arrived intact over mutual TLS and fails verification — the wrong size, shape
+or headers, a value out of range, or the product check — is a *deviation*: the worker that sent it is
+quarantined (:mod:`.quarantine`) and the product is computed here from the trusted weights instead. A call that
+brings back no reply (a transport failure, a timeout, any error status: :mod:`.pool`) is an *availability*
+event: the pool moves it to another worker, and when none replies it is computed here; nobody is quarantined,
+so an outsider who breaks the stream cannot get an honest worker banned. Calls served by a quarantined worker
+are always recomputed here (their replies are still verified and decrypted, as an honest one's would be); when
+a quarantined worker exists that product is started before the request goes out, so it overlaps the worker's
+round trip. What a caught worker can still observe is stated in :mod:`.quarantine`.
 
 Rows a worker sees are padded to :func:`~bifrost.ckks.row_bucket` (zero rows), so a prompt's length is
 visible to it only to within a factor of 1.5.
@@ -35,7 +42,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..ckks import CiphertextError, CKKSParams, GroupShape, get_backend, row_bucket
+from ..ckks import CiphertextError, CKKSParams, ExactTrustedContext, GroupShape, get_backend, row_bucket
 from ..config import VerificationConfig
 from ..errors import BifrostError
 from ..model.delegation import Site
@@ -75,9 +82,10 @@ class CallStats:
     local_s: float = 0.0   # products recomputed in the TEE (quarantined or deviating worker)
     bytes_sent: int = 0
     bytes_received: int = 0
-    checks: int = 0        # rows × members × vectors compared
+    checks: int = 0        # rows × members verified (× vectors for a tolerance check)
     deviations: int = 0    # calls whose reply failed a check
     local_calls: int = 0   # calls whose product was computed in the TEE
+    first_deviation: int = -1  # index (0-based, in ``calls`` order) of the first call whose reply deviated
     groups: dict = field(default_factory=dict)  # group -> GroupStats
 
     @property
@@ -91,7 +99,7 @@ class CallStats:
 
     def minus(self, other: "CallStats") -> "CallStats":
         out = CallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)
-                           if f.name != "groups"})
+                           if f.name not in ("groups", "first_deviation")}, first_deviation=self.first_deviation)
         for g, s in self.groups.items():
             o = other.groups.get(g, GroupStats())
             out.groups[g] = GroupStats(**{k: v - getattr(o, k) for k, v in vars(s).items()})
@@ -99,8 +107,11 @@ class CallStats:
 
 
 def check_operands(backend: str, params: CKKSParams, weights: Mapping[str, np.ndarray]) -> dict[str, CheckOperand]:
-    """Every site's :class:`~.verify.CheckOperand` (what its product is checked against): made once per replica."""
+    """Every site's :class:`~.verify.CheckOperand` (what its product is checked against): made once per replica.
+    For a backend verified exactly only the weights' statistics are kept (decryption needs them)."""
     impl = get_backend(backend)
+    if impl.verification == "exact":
+        return {name: CheckOperand.stats_only(w) for name, w in weights.items()}
     return {name: CheckOperand.of(w, lambda m: impl.quantized_weights(params, m)) for name, w in weights.items()}
 
 
@@ -133,8 +144,13 @@ class DelegationEngine:
         self._backend = get_backend(backend)
         self._keys = self._backend.keygen(params, sorted(set(self.shapes.values()), key=repr))
         operands = operands or check_operands(backend, params, weights)
-        self.verifier = ProductVerifier({g: [operands[n] for n in g] for g in groups}, verify)
-        self._stats_of = {g: self.verifier.weight_stats(g) for g in groups}
+        # how replies are verified is the backend's declaration: exactly (no tolerance, no replay window) or
+        # against its error bound (bifrost.tee.verify: range and product checks, replay fingerprints)
+        self.exact = self._backend.verification == "exact"
+        if self.exact and not isinstance(self._keys, ExactTrustedContext):
+            raise BifrostError(f"backend {backend!r} declares exact verification but its keys cannot verify")
+        self.verifier = None if self.exact else ProductVerifier({g: [operands[n] for n in g] for g in groups}, verify)
+        self._stats_of = {g: [operands[n].stats for n in g] for g in groups}
         for g in groups:  # what decryption needs from the trusted weights (native: mask products; cached per process)
             self._keys.prepare(self.shapes[g], self._stats_of[g])
         public = self._keys.public_context()
@@ -188,9 +204,9 @@ class DelegationEngine:
         return [x @ w.T for w in self._weights[group]]
 
     def _call(self, group: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
-        shape, st = self.shapes[group], self.stats
+        shape, st, stats = self.shapes[group], self.stats, self._stats_of[group]
         t0 = time.perf_counter()
-        batch = self._keys.encrypt(shape, x, self._stats_of[group])
+        batch = self._keys.encrypt(shape, x, stats)
         t1 = time.perf_counter()
         # The next call of this size (the next layer's) gets its encryption masks ready while this one is out.
         self._keys.prefetch(shape, len(x))
@@ -198,27 +214,33 @@ class DelegationEngine:
         # the round trip: a quarantined worker's calls then keep the timing of an honest one.
         quarantined = len(self.quarantine) and any(w in self.quarantine for w in self.link.identities())
         ahead: Future | None = _LOCAL.submit(self._local, group, x) if quarantined else None
-        reply, failure = None, ""
+        reply, failure, worker = None, "", ""
         try:
             reply = self.link.linear(self._refs[group], batch.ciphertexts, rows=len(x))
         except WorkerCallError as exc:
-            if not exc.worker:  # no worker reachable at all: not a deviation, the turn fails
-                raise
-            failure, worker = f"error status {exc.code.name}", exc.worker
+            # No reply reached us (transport failure, timeout, an error status, no worker left): availability, never
+            # a deviation. The pool has marked the worker down; this product is computed here.
+            log.debug("no worker reply (%s): computing the product in the TEE", exc.code.name)
         t2 = time.perf_counter()
-        ys, received = None, 0
+        ys, received, verify_s = None, 0, 0.0
         if reply is not None:
             worker = reply.worker
             received = sum(len(c) for o in reply.outputs for c in o)
             try:
-                failure = self._check_reply(shape, reply, received, len(x))
+                failure = self._check_size(shape, received, len(x))
+                if not failure and self.exact:
+                    tv = time.perf_counter()
+                    if not self._keys.verify(shape, reply.outputs, batch, stats):
+                        failure = "product check"
+                    verify_s = time.perf_counter() - tv
+                elif not failure:
+                    failure = self._check_replay(reply)
                 if not failure:
-                    ys = self._keys.decrypt(shape, reply.outputs, batch, self._stats_of[group])
+                    ys = self._keys.decrypt(shape, reply.outputs, batch, stats)
             except CiphertextError as exc:
                 failure = f"malformed reply: {exc}"
         t3 = time.perf_counter()
-        if ys is not None:
-            stats = self._stats_of[group]
+        if ys is not None and not self.exact:
             result = self.verifier.check(group, x, ys, self._keys.error_bound(shape, batch, stats),
                                          self._keys.effective_input(batch),
                                          self._keys.error_bound(shape, batch, stats, effective=True))
@@ -227,12 +249,16 @@ class DelegationEngine:
                 # the check's name only: its ratio to the tolerance depends on decrypted values, and the
                 # quarantine file and the log are outside the TEE
                 failure = f"{result.reason} check"
+        elif ys is not None:
+            st.checks += len(x) * len(group)  # every output of every row verified exactly
         t4 = time.perf_counter()
-        if failure:
+        if failure:  # an intact reply (mutual TLS) that is not the product: only this is held against a worker
             st.deviations += 1
+            if st.first_deviation < 0:
+                st.first_deviation = st.calls
             self.quarantine.add(worker, failure.split(":")[0])  # the kind, without a malformed reply's details
             log.debug("call to %s deviated: %s", worker[:23], failure)
-        if failure or worker in self.quarantine:
+        if reply is None or failure or worker in self.quarantine:
             ys = ahead.result() if ahead is not None else self._local(group, x)
             st.local_calls += 1
         elif ahead is not None:
@@ -242,8 +268,8 @@ class DelegationEngine:
         st.encrypt_s += t1 - t0
         st.rpc_s += t2 - t1
         st.worker_s += reply.compute_s if reply is not None else 0.0
-        st.decrypt_s += t3 - t2
-        st.verify_s += t4 - t3
+        st.decrypt_s += t3 - t2 - verify_s
+        st.verify_s += t4 - t3 + verify_s
         st.local_s += t5 - t4
         sent = sum(len(c) for c in batch.ciphertexts)
         st.bytes_sent += sent
@@ -257,11 +283,14 @@ class DelegationEngine:
         g.bytes_received += received
         return ys
 
-    def _check_reply(self, shape: GroupShape, reply: WorkerReply, received: int, rows: int) -> str:
-        """Public checks of a reply (functions of its bytes only): size and exact replays."""
+    def _check_size(self, shape: GroupShape, received: int, rows: int) -> str:
+        """A reply over the exact size of an honest one is refused unread."""
         limit = self._backend.max_output_bytes(self.params, shape, rows)
-        if received > limit:
-            return f"oversized reply: {received} bytes for at most {limit}"
+        return f"oversized reply: {received} bytes for at most {limit}" if received > limit else ""
+
+    def _check_replay(self, reply: WorkerReply) -> str:
+        """Tolerance-checked backends only: exact replays of a recent output ciphertext (a function of its bytes).
+        An exactly verified reply needs no such window: an old reply is not the product of a fresh c_0."""
         prints = []
         for member in reply.outputs:
             for ct in member:

@@ -29,8 +29,9 @@ REPLY_OVERHEAD_BYTES = 1 << 16  # protobuf framing of a reply beyond its ciphert
 
 
 class WorkerCallError(BifrostError):
-    """A worker answered with an error status (or could not be reached). ``worker`` is the identity of
-    the worker that answered with a non-transport error, if any."""
+    """A worker call brought back no reply: an error status, a transport failure, or no worker reachable.
+    ``worker``: the identity of the worker called, if one was (an availability matter, never a deviation:
+    see :mod:`bifrost.tee.pool`)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, worker: str = "") -> None:
         super().__init__(f"worker call failed: {code.name}: {details}")

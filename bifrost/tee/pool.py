@@ -5,13 +5,18 @@
 Its one call, :meth:`WorkerPool.call`, evaluates a layer group for a batch of items (one item: a
 ``Linear`` RPC; several sessions' items: one ``LinearBatch`` RPC) on the least-loaded healthy worker.
 :class:`WorkerSessions` is one session's link (one CKKS key set): its worker sessions (one per
-worker, opened with the same public context), and ``linear`` = a one-item :meth:`WorkerPool.call`. When a call fails with UNAVAILABLE /
-DEADLINE_EXCEEDED / CANCELLED / ABORTED (a dead, hung or restarting worker: the worker's own doing,
-nothing that depends on the plaintext) it marks that worker down and retries the same call on another
-one. CKKS layer calls are pure functions of (public context,
-ciphertexts), so a retry cannot change the result. A worker marked down is tried again after
-``retry_after_s``. Any other error status is raised with the identity of the worker that sent it: the
-engine treats it as a deviation (see :mod:`bifrost.tee.engine`).
+worker, opened with the same public context), and ``linear`` = a one-item :meth:`WorkerPool.call`.
+
+Failure classes. A layer call that brings back no reply — a broken TLS record, a reset or closed connection,
+UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, or any error status the worker sends (INVALID_ARGUMENT,
+INTERNAL, RESOURCE_EXHAUSTED for a reply over the size cap, …) — is an *availability* event: the worker is
+marked down and the same call moves to another one (CKKS layer calls are pure functions of (public context,
+ciphertexts), so a retry cannot change the result); when none is left, the engine computes the product in the
+TEE. A worker marked down is tried again after ``retry_after_s``. Statuses never quarantine: an outsider on the
+path can break a TLS record (the peers see UNAVAILABLE or UNKNOWN) and must not be able to get an honest
+worker banned, and a status carries no result, so reacting to it answers nothing about the plaintext. A worker
+that sends error statuses to valid requests is therefore only marked down, each time. Only a reply that arrived
+intact over mutual TLS and fails verification is a deviation (:mod:`bifrost.tee.engine`).
 
 Workers in the quarantine file when the pool is built (caught deviating in an earlier run or by
 another replica before this one started) are refused outright. Workers quarantined while it runs stay in
@@ -39,11 +44,12 @@ from .quarantine import WorkerQuarantine
 
 log = logging.getLogger("bifrost.pool")
 
+# Statuses of a worker that is down, hung or restarting (or of a broken connection to it): for Describe and
+# OpenSession these mark the worker down, any other status there is a configuration error reported as such. On a
+# layer call every status marks the worker down (module docstring). RESOURCE_EXHAUSTED from OpenSession means
+# "no room for another worker session, try later".
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
-# (RESOURCE_EXHAUSTED from OpenSession means "no room for another worker session, try later"; on a layer call our
-# workers never send it, and this side raises it for a reply over the size cap: a deviation of that worker, see
-# bifrost.tee.engine)
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN})
 
 
 @dataclass
@@ -176,11 +182,10 @@ class WorkerPool:
         """Evaluate ``group`` for every item under its own worker session (its own CKKS keys) on one worker:
         one item is a ``Linear`` RPC, several are one ``LinearBatch`` RPC (cross-session batching).
 
-        The call goes to the least-loaded healthy worker; on a retryable failure it moves to another one,
-        and a worker that lost the worker sessions (restart, idle expiry) gets them reopened once. Returns one
-        reply per item and the worker's compute seconds. Raises :class:`WorkerCallError`: with ``worker``
-        set for an error status of a worker (the engine's business), without it when no worker could be
-        reached."""
+        The call goes to the least-loaded healthy worker; on any failure it moves to another one (module
+        docstring: failure classes), and a worker that lost the worker sessions (restart, idle expiry) gets them
+        reopened once. Returns one reply per item and the worker's compute seconds. Raises
+        :class:`WorkerCallError` (without ``worker``) when every worker was tried and none replied."""
         tried: set[str] = set()
         reopened: set[str] = set()
         last: WorkerCallError | None = None
@@ -215,8 +220,6 @@ class WorkerPool:
                     for item in items:
                         item.worker_sessions.forget(w)
                     continue
-                if exc.code not in RETRYABLE:
-                    raise WorkerCallError(exc.code, exc.details, w.identity) from None
                 last = exc
                 tried.add(w.address)
                 self.mark_down(w, f"{exc.code.name}: {exc.details}")

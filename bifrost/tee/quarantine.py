@@ -1,14 +1,24 @@
-"""Worker identities caught deviating: their results are never used again, and they are never told.
+"""Worker identities caught deviating: their results are never used again.
 
-A worker whose reply fails any check (malformed, wrong size, replayed, out of range, or the product
-check) is *quarantined*: from that call on, every result it returns — to any session of any replica —
-is discarded and the product is computed inside the TEE from the trusted copy of the weights. The
-worker keeps receiving exactly the requests it would have received (same sessions, sizes and
-schedule): whether a check passed depends on the plaintext, so any visible reaction (an abort, a
-closed session, a retry elsewhere, requests stopping) would answer the worker's query. It is refused
-outright only when the trusted side next starts (identities are pinned TLS keys, see
-:mod:`bifrost.attest.mtls`), so over its whole life a worker identity learns one bit: whether it was
-dropped at a restart.
+A worker whose reply arrived intact (mutual TLS) and fails verification — malformed, over the exact size of an
+honest reply, or not the product (the native exact check; TenSEAL's range, product or replay checks) — is
+*quarantined*: from that call on, every result it returns — to any session of any replica — is discarded and
+the product is computed inside the TEE from the trusted copy of the weights. A call that brings back no reply
+(a transport failure, a timeout, any error status) never quarantines anyone (bifrost.tee.pool): someone on the
+path can cause those. The worker keeps receiving exactly the requests it would have received (same sessions,
+sizes and order). It is refused outright when the trusted side next starts (identities are pinned TLS keys,
+see :mod:`bifrost.attest.mtls`).
+
+What a caught worker can observe. Not the requests: they are those of an honest run. But their *timing*: once
+it is quarantined, the TEE computes each of its products itself (started as the request leaves, so it overlaps
+the round trip), and the gap between a reply and the next request can grow (``benchmarks/quarantine_timing.py``;
+the README states the measured gaps). So a worker may learn during the session, not only at the next start,
+that it was caught. What that tells it depends on the backend:
+- native: the verdict is exact, a function of the reply and the secret check vectors only, never of the
+  plaintext. The worker knew its reply was wrong; learning that it was caught tells it nothing about the data.
+- TenSEAL: a tolerance verdict can depend on the plaintext (a worker holding evaluation keys can add
+  g·Enc(⟨w, x⟩), which fails only when |⟨w, x⟩| is large), so the quarantine answers one yes/no question about
+  the data, once per identity: the first failed verdict is the identity's last one.
 
 The registry is shared by every session of a process and, through ``path`` (a JSON file, updated under
 an exclusive ``fcntl`` lock and replaced atomically), by every replica and every later run that names

@@ -1,4 +1,6 @@
-"""Every delegated product is checked inside the TEE before it is used (a Freivalds-style test).
+"""The tolerance check of backends whose replies are not exact (``verification = "tolerance"``: TenSEAL), a
+Freivalds-style test made inside the TEE before a product is used. A backend verified exactly (native: the reply
+is an exact function of public data, checked by ``ExactTrustedContext.verify`` with no tolerance) does not use it.
 
 Per session and per delegated weight matrix W (d_out × d_in), ``k`` secret vectors s_1..s_k ~ N(0, I_d_out)
 are drawn from the OS CSPRNG and u_j = s_jᵀW is computed once (float64) from the trusted copy of W. A
@@ -65,9 +67,14 @@ class CheckOperand:
     ``col_abs`` = Σ_k |W'_ki| per input column."""
 
     stats: WeightStats
-    m: np.ndarray
+    m: np.ndarray | None
     c: float
-    col_abs: np.ndarray
+    col_abs: np.ndarray | None
+
+    @classmethod
+    def stats_only(cls, w: np.ndarray) -> "CheckOperand":
+        """For a backend verified exactly: W's statistics only (decryption needs them; no check matrix)."""
+        return cls(WeightStats.of(w), None, 1.0, None)
 
     @classmethod
     def of(cls, w: np.ndarray, quantize=None) -> "CheckOperand":

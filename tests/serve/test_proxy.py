@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import socket
 import time
 
@@ -12,6 +14,7 @@ import yaml
 
 from .conftest import MODEL, make_policy
 
+
 def _pool(app, sessions: int = 2, policy=None):
     from bifrost.serve.client import BifrostClient
     from bifrost.serve.proxy import SessionPool
@@ -20,15 +23,18 @@ def _pool(app, sessions: int = 2, policy=None):
     return SessionPool(lambda: BifrostClient(f"127.0.0.1:{app.port}", pol, timeout_s=120), sessions, timeout_s=120)
 
 
+API_KEY = "test-key-" + "k" * 24
+
+
 @contextlib.contextmanager
-def running_proxy(app, sessions: int = 2):
+def running_proxy(app, sessions: int = 2, api_key: str | None = None):
     """(OpenAI client, pool) for a proxy in front of ``app`` on a free port, stopped afterwards."""
-    from bifrost.serve.proxy import create_app, start_in_thread
+    from bifrost.serve.proxy import ProxyAccess, create_app, start_in_thread
 
     pool = _pool(app, sessions)
-    server, port, thread = start_in_thread(create_app(pool))
+    server, port, thread = start_in_thread(create_app(pool, ProxyAccess(api_key=api_key)))
     try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key or "unused", max_retries=0,
                             timeout=120), pool
     finally:
         server.should_exit = True
@@ -38,7 +44,8 @@ def running_proxy(app, sessions: int = 2):
 
 @pytest.fixture(scope="module")
 def proxy(local_app):
-    with running_proxy(local_app) as (client, pool):
+    """The real OpenAI client with an API key set: every test using this fixture also checks that the key works."""
+    with running_proxy(local_app, api_key=API_KEY) as (client, pool):
         yield client, pool
 
 
@@ -253,11 +260,11 @@ class ScriptedClient:
 
 
 @contextlib.contextmanager
-def scripted_proxy(client):
+def scripted_proxy(client, access=None):
     from bifrost.serve.proxy import SessionPool, create_app, start_in_thread
 
     pool = SessionPool(lambda: client, 1, timeout_s=30)
-    server, port, thread = start_in_thread(create_app(pool))
+    server, port, thread = start_in_thread(create_app(pool, access))
     try:
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
     finally:
@@ -300,3 +307,142 @@ def test_an_expired_token_whose_re_attestation_fails_is_401():
         scripted.attest_error = BifrostError("evidence refused by the policy")
         with pytest.raises(openai.AuthenticationError, match="re-attestation failed: evidence refused"):
             client.completions.create(model=MODEL, prompt="x")
+
+
+# -- cross-site use refused: Host (DNS rebinding), Origin, Content-Type (CSRF), API key ---------------------
+def _raw(port: int, method: str, path: str = "/v1/completions", headers: dict | None = None, body: bytes | None = None,
+         host: str | None = None):
+    """(status, headers, JSON body or None) of one hand-made request; ``host`` replaces the Host header."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        hdrs = {"Host": host or f"127.0.0.1:{port}", **(headers or {})}
+        conn.request(method, path, body=body, headers=hdrs)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, r.headers, json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+JSON = {"Content-Type": "application/json"}
+BODY = json.dumps({"model": MODEL, "prompt": "x"}).encode()
+
+
+def _refused(answer, status: int, code: str) -> dict:
+    got, _, body = answer
+    assert got == status and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code and body["error"]["param"] is None
+    return body["error"]
+
+
+def test_the_issue_s_cross_site_request_and_dns_rebinding_are_refused_before_the_model_runs():
+    from bifrost.serve.proxy import ProxyAccess
+
+    scripted = ScriptedClient([["never"]])
+    with scripted_proxy(scripted, ProxyAccess(allowed_origins=("https://app.example",))) as client:
+        port = client.base_url.port
+        # the report: text/plain from a page on attacker.example whose name was rebound to 127.0.0.1
+        evil = {"Content-Type": "text/plain", "Origin": "https://attacker.example"}
+        err = _refused(_raw(port, "POST", headers=evil, body=BODY, host="attacker.example"), 421, "host_not_allowed")
+        assert "attacker.example" in err["message"]
+        _refused(_raw(port, "POST", headers=JSON, body=BODY, host=f"attacker.example:{port}"), 421, "host_not_allowed")
+        _refused(_raw(port, "GET", "/v1/models", host=f"attacker.example:{port}"), 421, "host_not_allowed")
+        _refused(_raw(port, "GET", "/nothing-here", host=f"attacker.example:{port}"), 421, "host_not_allowed")
+        _refused(_raw(port, "GET", "/v1/models", host=f"127.0.0.1:{port + 1}"), 421, "host_not_allowed")
+        _refused(_raw(port, "GET", "/v1/models", host=f"0.0.0.0:{port}"), 421, "host_not_allowed")
+        # the right Host but a foreign Origin (plain CSRF): 403, even as CORS preflight
+        err = _refused(_raw(port, "POST", headers={**evil, "Content-Type": "application/json"}, body=BODY), 403,
+                       "origin_not_allowed")
+        assert err["type"] == "permission_error"
+        _refused(_raw(port, "GET", "/v1/models", headers={"Origin": "null"}), 403, "origin_not_allowed")
+        status, headers, _ = _raw(port, "OPTIONS", headers={"Origin": "https://attacker.example",
+                                                            "Access-Control-Request-Method": "POST"})
+        assert status == 403 and "access-control-allow-origin" not in headers
+        # a body that is not JSON (what forms and text/plain fetches send without a preflight): 415
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            _refused(_raw(port, "POST", headers={"Content-Type": ctype} if ctype else {}, body=BODY), 415,
+                     "unsupported_media_type")
+        assert scripted.script == [["never"]]  # nothing above reached the model
+        # loopback names with the port, JSON with a charset, and the allowed origin pass
+        for host in (f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+            assert _raw(port, "GET", "/v1/models", host=host)[0] == 200
+        status, headers, body = _raw(port, "POST", headers={"Content-Type": "application/json; charset=utf-8",
+                                                            "Origin": "https://app.example"}, body=BODY)
+        assert status == 200 and body["choices"][0]["text"] == "never" and scripted.script == []
+        assert headers["access-control-allow-origin"] == "https://app.example" and "Origin" in headers["vary"]
+        status, headers, _ = _raw(port, "OPTIONS", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"})
+        assert status == 204 and headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in headers["access-control-allow-methods"]
+        assert headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-lang"
+
+
+def test_allowed_hosts_admit_a_reverse_proxy_s_name():
+    from bifrost.serve.proxy import ProxyAccess
+
+    access = ProxyAccess(allowed_hosts=("llm.internal", "Exact.Example:8443"))
+    with scripted_proxy(ScriptedClient([]), access) as client:
+        port = client.base_url.port
+        for host in ("llm.internal", "llm.internal:443", "exact.example:8443"):
+            assert _raw(port, "GET", "/v1/models", host=host)[0] == 200, host
+        for host in ("exact.example", "exact.example:443", "evil.llm.internal", "llm.internal.evil"):
+            _refused(_raw(port, "GET", "/v1/models", host=host), 421, "host_not_allowed")
+
+
+def test_the_api_key_is_required_and_compared(proxy):
+    client, _ = proxy
+    port = client.base_url.port
+    for auth in (None, "Bearer wrong-key-" + "w" * 20, f"Basic {API_KEY}", f"Bearer {API_KEY}x", API_KEY):
+        status, headers, body = _raw(port, "POST", headers={**JSON, **({"Authorization": auth} if auth else {})},
+                                     body=BODY)
+        assert status == 401 and headers["www-authenticate"] == "Bearer", auth
+        assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "authentication_error"
+        assert _raw(port, "GET", "/v1/models", headers={"Authorization": auth} if auth else {})[0] == 401
+    assert _raw(port, "GET", "/v1/models", headers={"Authorization": f"bearer {API_KEY}"})[0] == 200
+    # the key is checked before the media type: an unauthenticated caller learns nothing else
+    assert _raw(port, "POST", headers={"Content-Type": "text/plain"}, body=BODY)[0] == 401
+    _refused(_raw(port, "POST", headers={"Content-Type": "text/plain", "Authorization": f"Bearer {API_KEY}"},
+                  body=BODY), 415, "unsupported_media_type")
+    with pytest.raises(openai.AuthenticationError):  # the official client with a wrong key
+        client.with_options(api_key="wrong-key-" + "w" * 20).models.list()
+    assert [m.id for m in client.models.list().data] == [MODEL]  # and with the right one
+
+
+def test_access_options_are_validated_with_one_line_errors():
+    from bifrost.errors import BifrostError
+    from bifrost.serve.proxy import ProxyAccess
+
+    assert ProxyAccess("0.0.0.0", 8080, api_key=API_KEY).loopback is False
+    assert ProxyAccess("::1", 8080).loopback and ProxyAccess("localhost", 8080).loopback
+    assert ProxyAccess(allowed_origins=("HTTPS://App.Example:443/",)).allowed_origins == ("https://app.example",)
+    assert API_KEY not in repr(ProxyAccess(api_key=API_KEY))
+    for kwargs, words in [({"listen_host": "10.0.0.5"}, "API key"), ({"listen_host": "::"}, "API key"),
+                          ({"listen_host": "proxy.lan"}, "API key"), ({"api_key": "short"}, "at least"),
+                          ({"allowed_origins": ("app.example",)}, "--allowed-origin"),
+                          ({"allowed_origins": ("https://app.example/path",)}, "--allowed-origin"),
+                          ({"allowed_origins": ("null",)}, "--allowed-origin"),
+                          ({"allowed_hosts": ("http://x",)}, "--allowed-host"),
+                          ({"allowed_hosts": ("::1",)}, "--allowed-host")]:
+        with pytest.raises(BifrostError, match=words) as info:
+            ProxyAccess(**kwargs)
+        assert "\n" not in str(info.value)
+
+
+def test_a_non_loopback_proxy_without_an_api_key_refuses_to_start(tmp_path, capsys, monkeypatch):
+    from bifrost.cli import main
+
+    monkeypatch.delenv("BIFROST_PROXY_API_KEY", raising=False)
+    base = ["proxy", "--address", f"127.0.0.1:{_free_port()}", "--policy", _policy_file(tmp_path, "00" * 32),
+            "--timeout", "5"]
+    rc = main([*base, "--listen", f"0.0.0.0:{_free_port()}"])
+    err = capsys.readouterr().err.strip()
+    # refused before anything connects: not the unreachable server's error
+    assert rc != 0 and len(err.splitlines()) == 1 and "BIFROST_PROXY_API_KEY" in err and "nothing is served" not in err
+    rc = main([*base, "--listen", f"127.0.0.1:{_free_port()}", "--allowed-origin", "attacker.example"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "--allowed-origin" in err
+    monkeypatch.setenv("BIFROST_PROXY_API_KEY", API_KEY)  # with the key, startup proceeds to attestation
+    rc = main([*base, "--listen", f"0.0.0.0:{_free_port()}"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "nothing is served" in err

@@ -74,15 +74,16 @@ def test_concurrent_sessions_share_one_worker_call_per_group(model_parts):
     assert batcher.stats.worker_calls == len(same_din)  # 4 sessions, one call per group
     assert batcher.stats.max_items == 4
     assert all(e.stats.calls == len(same_din) for e in engines)
-    # each session checked its own rows (its own secret vectors): one row x one member x 8 vectors per group
-    assert all(e.stats.checks == len(same_din) * 8 and e.stats.deviations == 0 for e in engines)
+    # each session checked its own rows exactly: one row x one member per group
+    assert all(e.stats.checks == len(same_din) and e.stats.deviations == 0 for e in engines)
     for e in engines:
         e.close()
 
 
 def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_parts, run_config):
-    """A batched call whose reply for one item is tampered with: that session's check fails (its product is
-    recomputed in the TEE, the worker quarantined); the other sessions' rows pass their own checks."""
+    """A batched call whose reply for one item is changed by +1 in a single residue of one coefficient: that
+    session's exact check fails on that reply (its product is recomputed in the TEE, the worker quarantined); the
+    other sessions' rows pass their own checks."""
     from tests import adversary as adv
     from tests.workers import make_service, start_worker
 
@@ -92,7 +93,7 @@ def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_p
     def attack(call):  # the second item of the first batched call
         if call.index == 1 and not tampered:
             tampered.append(call.index)
-            return adv.scaled_output(lambda c: True, 2 ** 20)(call)
+            return adv.one_residue(lambda c: True)(call)
         return None
 
     service = adv.AdversarialService(make_service(run_config, MODEL), attack)
@@ -108,6 +109,7 @@ def test_one_session_deviating_in_a_batch_is_caught_by_that_session_only(model_p
         _check(results, [group], xs, weights)  # every session got the right product
         assert batcher.stats.max_items == 3 and tampered == [1]
         assert sorted(e.stats.deviations for e in engines) == [0, 0, 1]
+        assert sorted(e.stats.first_deviation for e in engines) == [-1, -1, 0]  # on its first (and only) call
         assert endpoint.identity in rt.quarantine
         for e in engines:
             e.close()

@@ -9,6 +9,7 @@ mlp.c_proj), one session, calls in a fixed order.
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
@@ -53,6 +54,7 @@ def assert_caught_and_invisible(out: adv.Outcome, baseline: adv.Outcome, reason:
     assert len(out.quarantined) == 1 and out.deviations_seen >= 1  # caught, and the worker quarantined
     if reason is not None:
         assert next(iter(out.quarantined.values()))["reason"].startswith(reason), out.quarantined
+    assert out.first_detection == out.deviated[0]  # detected on the first deviated reply
     assert out.local_calls >= out.deviations_seen  # its products were recomputed in the TEE
     assert view(out, sizes) == view(baseline, sizes)  # the worker saw exactly what an honest worker sees
 
@@ -72,10 +74,9 @@ def test_deviation_is_caught_and_unseen(run_config, honest, scenario):
 def test_half_space_yes_and_no_answers_look_the_same(run_config, honest):
     """A genuine half-space query: the attacker adds 16·Enc(⟨w, x⟩) to one output of layer 0's c_fc in the
     prefill, "yes" with w along the true hidden state (computed offline from the public weights for the right
-    guess), "no" with w orthogonal to every prompt row. A product the worker computes with weights of its own
-    choosing decrypts to a uniformly random value (the trusted side adds the true weights' mask term, which
-    that product does not cancel), so both are caught by the range check whatever ⟨w, x⟩: the verdicts, the
-    two runs and an honest one are identical to the worker."""
+    guess), "no" with w orthogonal to every prompt row. The exact check compares the reply with M·c_0 and never
+    looks at the plaintext, so both are caught by it whatever ⟨w, x⟩: the verdicts, the two runs and an honest
+    one are identical to the worker."""
     yes, no = adv.yes_no_directions(run_config)
     x = adv.layer_input(run_config, MODEL, SHORT, C_FC0)
     assert np.abs(x @ no).max() < 1e-9 and abs(x[0] @ yes) > 1.0
@@ -85,7 +86,7 @@ def test_half_space_yes_and_no_answers_look_the_same(run_config, honest):
     base = honest(SHORT)
     assert out_yes.deviated and out_no.deviated  # both really sent a modified reply
     verdicts = [next(iter(o.quarantined.values()))["reason"] for o in (out_yes, out_no)]
-    assert verdicts == ["range check", "range check"] or verdicts[0] == verdicts[1], verdicts  # the same verdict
+    assert verdicts == ["product check", "product check"], verdicts  # the same verdict
     assert out_yes.observed == out_no.observed == base.observed   # nothing the worker sees differs
     assert out_yes.tokens == out_no.tokens == base.tokens == base.plaintext
 
@@ -151,3 +152,81 @@ def test_an_honest_worker_beside_a_quarantined_one_serves_as_before(run_config):
     bad_calls = sum(o.method == "Linear" for o in bad.observed)
     assert bad_calls >= 10 and len(good.history) >= 10  # both kept their share of the traffic
     assert stats.local_calls == bad_calls - 2  # everything the bad worker answered after call 2, nothing else
+
+
+# -------------------------------------------------------------------------- failures that are not deviations
+@pytest.mark.parametrize("make", [
+    lambda: adv.error_status(DECODE, grpc.StatusCode.INVALID_ARGUMENT),
+    lambda: adv.error_status(DECODE, grpc.StatusCode.INTERNAL),
+    lambda: adv.error_status(DECODE, grpc.StatusCode.UNKNOWN),
+    lambda: adv.oversized(DECODE, 64 << 20),  # over the channel's cap: refused unread (RESOURCE_EXHAUSTED here)
+], ids=["INVALID_ARGUMENT", "INTERNAL", "UNKNOWN", "reply over the channel cap"])
+def test_an_error_status_is_availability_not_a_deviation(run_config, honest, make):
+    """A worker that answers a valid request with an error status (or a reply the channel refuses unread) sends no
+    result: the worker is marked down, the call is computed in the TEE, and nobody is quarantined (an outsider who
+    breaks the stream causes the same statuses). Every layer call an honest run makes still reaches the worker,
+    with the same sizes; the only addition is the worker session reopened after the failure (a reaction to the
+    worker's own status, the same whatever the plaintext)."""
+    out = run(run_config, make())
+    assert out.deviated and not out.quarantined and out.deviations_seen == 0
+    assert out.local_calls == len(out.deviated) == 1
+    assert out.tokens == out.plaintext == honest().tokens
+
+    def layer_calls(o):
+        return [(x.group, x.sizes) for x in o.observed if x.method == "Linear"]
+
+    assert layer_calls(out) == layer_calls(honest())
+    assert [x.method for x in out.observed].count("OpenSession") == 2
+
+
+# -------------------------------------------------------------------------- issue 23's steering attack
+SMOLLM2 = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+
+
+def _smollm2_direction(run_config):
+    """The steering direction, chosen offline from public weights: the final norm's gain times the embedding of
+    the token " France" (pushes the residual stream towards "…Paris, France.")."""
+    from bifrost.model.catalog import load_model, resolve
+    from bifrost.model.tokenizer import load_tokenizer
+
+    spec = resolve(SMOLLM2)
+    net = load_model(spec, run_config.seed)
+    target = load_tokenizer(spec.path).encode(" France")[0]
+    d = (net.model.norm.weight * net.get_input_embeddings().weight[target]).detach().double().numpy()
+    return lambda layer, d_out: d
+
+
+def test_steering_smollm2_below_the_old_tolerance_is_caught_on_its_first_reply(run_config):
+    """The attack that changed SmolLM2's answer undetected: a fixed δ with ‖δ‖ = 0.1·τ of the old tolerance added to
+    every o_proj and down_proj decode output (bifrost+, the demo's chat prompt). The exact check catches its first
+    deviated reply, the worker is quarantined, the answer is plaintext's, and the worker's view equals an honest
+    run's."""
+    layers = {f"model.layers.{i}.{m}" for i in range(30) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    attack = adv.steering(layers, 0.1, _smollm2_direction(run_config))
+    cfg = run_config.replace(ckks=None)
+    out = adv.run_attack(cfg, SMOLLM2, attack, QUESTION, new_tokens=12, mode="bifrost+", chat=True)
+    base = adv.run_attack(cfg, SMOLLM2, None, QUESTION, new_tokens=12, mode="bifrost+", chat=True)
+    assert out.text == base.text == "The capital of France is Paris."
+    assert out.tokens == out.plaintext
+    assert out.deviated and out.first_detection == out.deviated[0]
+    assert len(out.quarantined) == 1 and next(iter(out.quarantined.values()))["reason"] == "product check"
+    assert out.observed == base.observed
+
+
+@pytest.mark.parametrize("fraction", [0.1, 1.0])
+def test_steering_tenseal_at_its_tolerance(run_config, honest, fraction):
+    """TenSEAL's replies carry SEAL's noise, so it keeps a tolerance check, and a deviation under the tolerance is
+    not detectable by design. Measured here (gpt2-mini, δ on row 0 of every decode output of 4 layers, ‖δ‖ a
+    fraction of τ as the worker computes it): at 0.1·τ nothing is detected and, τ being ~0.05 % of ‖y‖, no token
+    changes; at 1·τ a reply escapes all 8 vectors with probability ≤ 0.68^8 ≈ 0.045, so the worker is caught
+    within the run (here: 12 deviated replies) and no token changes either."""
+    attack = adv.tenseal_steering(set(adv.ATTN_OUT + adv.MLP_OUT), fraction, adv._steer_direction)
+    out = run(run_config, attack, backend="tenseal")
+    assert len(out.deviated) == 4 * (NEW_TOKENS - 1)
+    assert out.tokens == out.plaintext == honest(backend="tenseal").tokens
+    if fraction < 1:
+        assert not out.quarantined and out.deviations_seen == 0
+    else:
+        assert len(out.quarantined) == 1 and out.deviations_seen >= 1
+        assert view(out, sizes=False) == view(honest(backend="tenseal"), sizes=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -109,28 +110,35 @@ def test_hung_worker_times_out_and_the_call_moves(make_worker, run_config):
     assert len(rt.quarantine) == 0  # a timeout is an availability failure, not a deviation
 
 
-def test_non_retryable_errors_are_not_retried_and_name_the_worker(make_worker, run_config):
+def test_an_error_status_moves_the_call_and_is_held_against_no_one(make_worker, run_config):
+    """An error status (here INVALID_ARGUMENT from both workers) brings back no reply: availability. The call moves
+    to the other worker, and when none replies the error names no worker (the engine quarantines no one for it)."""
     (_, a), (_, b) = make_worker(), make_worker()
     worker_sessions = WorkerSessions.from_endpoints([a, b], timeout_s=10)
     rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions)
     group = next(iter(rt.engine._refs.values()))
     with pytest.raises(WorkerCallError) as err:
         worker_sessions.linear(group, [b"not a ciphertext"])
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.worker in (a.identity, b.identity)  # the engine holds this against that worker
-    assert worker_sessions.pool.stats.failovers == 0
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.worker == ""
+    assert worker_sessions.pool.stats.failovers == 2  # tried on both
+    assert not any(w["up"] for w in worker_sessions.pool.snapshot())  # both marked down, neither quarantined
+    assert len(rt.quarantine) == 0
     rt.close()
 
 
-def test_all_workers_down_is_an_error_not_a_hang(make_worker, run_config):
+def test_all_workers_down_computes_in_the_tee_without_a_hang(make_worker, run_config):
+    """With every worker gone, each product is computed in the TEE: the tokens are plaintext's, nothing is
+    quarantined, and every call was tried on the worker first (no reply: availability)."""
     (server_a, a), = [make_worker()]
     worker_sessions = WorkerSessions.from_endpoints([a], timeout_s=5)
-    rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions)
+    rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions, reference=True)
     server_a.stop(grace=None).wait()
-    with pytest.raises(WorkerCallError) as err:
-        rt.generate("x", 1)
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    result = rt.generate("x", 2)
+    stats = rt.engine.stats
     rt.close()
+    assert result.tokens == result.fidelity.plaintext_tokens
+    assert stats.calls > 0 and stats.local_calls == stats.calls and stats.deviations == 0
+    assert len(rt.quarantine) == 0
 
 
 def test_every_worker_full_is_resource_exhausted_not_unavailable(make_worker, run_config):
@@ -150,11 +158,9 @@ def test_every_worker_full_is_resource_exhausted_not_unavailable(make_worker, ru
 
 
 def test_a_full_worker_on_a_lazy_reopen_is_unavailable_not_a_deviation(make_worker, run_config):
-    """A worker session lost on a worker that is full cannot be reopened: that is availability, so the engine
-    gets no worker identity to hold to account and nothing is quarantined (an honest full worker stays usable)."""
+    """A worker session lost on a worker that is full cannot be reopened: that is availability, so the product is
+    computed in the TEE and nothing is quarantined (an honest full worker stays usable)."""
     import numpy as np
-
-    from bifrost.errors import BifrostError
 
     _, endpoint = make_worker(max_sessions=2)
     rt = TrustedRuntime(run_config.replace(model=MODEL), None)
@@ -164,13 +170,102 @@ def test_a_full_worker_on_a_lazy_reopen_is_unavailable_not_a_deviation(make_work
     try:
         b.forget(pool.workers[0])  # as if the worker had lost b's worker session (restart): b must reopen
         x = np.full((1, rt.sites[0].d_in), 0.25)
-        with pytest.raises(BifrostError) as err:
-            engine_b.run_group(rt.groups[0], x)
-        assert not isinstance(err.value, WorkerCallError) or err.value.worker == ""
-        assert len(rt.quarantine) == 0 and engine_b.stats.deviations == 0
+        y = engine_b.run_group(rt.groups[0], x)[0]  # no reply: computed in the TEE
+        assert np.allclose(y, x @ np.asarray(rt.weights[rt.groups[0][0]], dtype=np.float64).T)
+        assert len(rt.quarantine) == 0 and engine_b.stats.deviations == 0 and engine_b.stats.local_calls == 1
         assert engine_a.run_group(rt.groups[0], x)[0].shape == (1, rt.sites[0].d_out)  # the worker still serves
     finally:
         engine_a.close()
         engine_b.close()
         pool.close()
         rt.close()
+
+
+class BitFlipRelay:
+    """A raw TCP relay on 127.0.0.1 with no keys: it forwards both directions of the worker's mutual-TLS stream and,
+    once, flips one bit of a server→client chunk of at least ``min_chunk`` bytes after ``skip`` such chunks (a
+    layer call's reply, well past the handshake): what anyone on the path can do."""
+
+    def __init__(self, target: str, skip: int = 20, min_chunk: int = 512) -> None:
+        import socket
+
+        self.target, self.skip, self.min_chunk = target, skip, min_chunk
+        self.flipped = 0
+        self.connections = 0
+        self._seen = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            host, port = self.target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, from_server: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_server and len(data) >= self.min_chunk:
+                    with self._lock:
+                        self._seen += 1
+                        flip = self._seen > self.skip and not self.flipped
+                        if flip:
+                            self.flipped += 1
+                    if flip:
+                        data = bytearray(data)
+                        data[len(data) // 2] ^= 0x10
+                        data = bytes(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._listener.close()
+
+
+def test_a_bit_flipped_on_the_path_quarantines_no_one(make_worker, run_config, tmp_path):
+    """Issue 23: an outsider with no keys flips one bit inside the mutual-TLS stream of an honest worker's reply.
+    The broken record reaches the runtime as a failed call with no reply (availability): the product is computed
+    in the TEE, the honest worker is not quarantined (nor refused at the next start), and the tokens equal
+    plaintext; the next calls reach the worker again over a new connection."""
+    from bifrost.tee.quarantine import WorkerQuarantine
+
+    _, endpoint = make_worker()
+    relay = BitFlipRelay(endpoint.address)
+    path = tmp_path / "quarantine.json"
+    via_relay = WorkerEndpoint(relay.address, endpoint.cert_pem)
+    try:
+        rt = TrustedRuntime(run_config.replace(model=MODEL), via_relay, reference=True, quarantine=WorkerQuarantine(path))
+        result = rt.generate("Private LLM", 4)
+        stats = rt.engine.stats
+        rt.quarantine.flush()
+        rt.close()
+        assert relay.flipped == 1 and relay.connections >= 2  # the flip broke a connection; the runtime reconnected
+        assert result.tokens == result.fidelity.plaintext_tokens
+        assert stats.deviations == 0 and len(WorkerQuarantine(path)) == 0
+        assert 1 <= stats.local_calls < stats.calls  # the broken call computed here, the later ones by the worker
+        TrustedRuntime(run_config.replace(model=MODEL), via_relay, quarantine=WorkerQuarantine(path)).close()
+    finally:
+        relay.close()

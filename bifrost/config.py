@@ -82,8 +82,8 @@ class TEEConfig:
 
 @dataclass(frozen=True)
 class VerificationConfig:
-    """Checks of every delegated product (bifrost.tee.verify): k secret vectors per matrix and session,
-    and the width z of the honest tolerance."""
+    """The tolerance check of backends whose replies are not exact (bifrost.tee.verify; TenSEAL): k secret vectors
+    per matrix and session, and the width z of the honest tolerance. Native replies are checked exactly."""
 
     vectors: int = 8
     z: float = 8.0

@@ -44,17 +44,18 @@ chain), and v_j = r_jᵀ·M mod q_i computed from the TEE's own weights; a reply
 (mod q_i) for every row block, vector and prime. A reply Y' ≠ Y differs mod some q_i in some coefficient d;
 for fixed other entries, r_j·(Y' − Y) ≡ 0 holds for at most one value of r_j,d mod q_i, so each vector passes
 it with probability ≤ 2^-S and all k with ≤ 2^-(k·S) ≤ 2^-64, whatever the deviation's size and whatever the
-plaintext. Per call: one small GEMM over the reply (r·Y) on the critical path; v_j·c_0 is computed on the mask
-thread while the worker computes. No tolerance is involved, so an honest reply always passes.
+plaintext. Per call: one small integer product over the reply (r·Y) on the critical path; v_j·c_0 is computed on
+a background thread while the worker computes. Every sum is exact in int64 (operands split into digits so that
+no partial sum reaches 2^62). No tolerance is involved, so an honest reply always passes.
 
 When the vectors are drawn: once per trusted process (a replica, or one ``bifrost generate``) and group, at the
 group's first use (:meth:`NativeTrustedContext.prepare`), from the OS CSPRNG; shared by the process's sessions
-and never sent. Reuse is safe because a verdict is the only thing a worker can learn about r, and the first
-failed verdict quarantines its identity in the whole process (bifrost.tee.quarantine): every later reply of it
-is discarded unchecked. Before that first failure, every deviating reply it sent passed, which happens with
-probability ≤ 2^-64 each; a failure tells it only that r_j·D ≢ 0 for its one D, which rules out at most a
-2^-S fraction of the vectors. Attacks that recover a reused secret from many observed verdicts need many
-verdicts per identity; here an identity gets one. A forked child draws its own vectors.
+and never sent. Reuse is safe because an honest reply always passes, so until some deviating reply passes,
+every verdict any worker can observe (through a quarantine, its timing, or anything else) is "fail": its view
+does not depend on r, so its choice of deviations D_1 … D_T is in effect fixed in advance, and by the union bound
+one of them passes with probability ≤ T·2^-(k·S), across all calls, sessions and identities of the process (a
+quarantined worker's replies are still verified, and discarded whatever the verdict). Attacks that recover a
+reused secret from observed verdicts need verdicts that vary with it; these do not. A forked child draws its own.
 
 Default parameters ``N = 2048, q = (30, 24) bits, scale_bits = 35`` (log2 Q = 54 ≤ 54 allowed for 128-bit
 security at N = 2048) give B = 14.
@@ -105,6 +106,9 @@ def _lower_priority() -> None:
 # worker sharing the cores: on 2 cores with a local worker, equal priority and nice 19 measured the same worker time
 # (0.98x the previous build's, benchmarks/ab_decode.py); the third slower worker once seen came from numpy's BLAS.
 _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch", initializer=_lower_priority)
+# The exact check's side of each call (v·c_0) is computed here, at the process's priority: it is waited for as soon
+# as the reply arrives, so it must not queue behind the next call's masks on the niced thread.
+_CHECK_TERMS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-exact-check")
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
 POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)
 
@@ -263,9 +267,9 @@ class _CheckVectors:
     coefficients of every output block (o major; integers in [0, 2^S)); ``v`` [L, B·N, k] int64, v_j = r_jᵀ·M mod q_i
     over the c_0 coefficients of every input block (b major)."""
 
-    r: np.ndarray
-    v: np.ndarray
-    out_blocks: int
+    r: np.ndarray = field(repr=False)
+    v: np.ndarray = field(repr=False)
+    out_blocks: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -282,12 +286,11 @@ def check_table_bytes(params: CKKSParams, shape: GroupShape) -> int:
                     + len(primes) * blk.in_blocks(shape.d_in) * params.poly_modulus_degree)
 
 
-def _exact_dot_mod(x: np.ndarray, v: np.ndarray, primes: tuple[int, ...], x_bits: int) -> np.ndarray:
-    """(x @ v) mod q_i exactly, in int64: x [..., L, M] non-negative below 2^x_bits, v non-negative, [M, k] (one for
-    every prime) or [L, M, k] (per prime). x is split into digits narrow enough that every partial sum of
-    digit × v stays below 2^62. Returns [..., L, k]."""
+def _exact_dot_mod(x: np.ndarray, v: np.ndarray, primes: tuple[int, ...], x_bits: int, v_bits: int) -> np.ndarray:
+    """(x @ v) mod q_i exactly, in int64: x [..., L, M] non-negative below 2^x_bits, v [M, k] (one for every prime)
+    or [L, M, k] (per prime) non-negative below 2^v_bits. x is split into digits narrow enough that every partial
+    sum of digit × v stays below 2^62. Returns [..., L, k]."""
     m = x.shape[-1]
-    v_bits = int(v.max()).bit_length() if v.size else 0
     digit = max(1, min(x_bits, 62 - v_bits - m.bit_length()))
     q = np.asarray(primes, dtype=np.int64).reshape(-1, 1)
     out = np.zeros(x.shape[:-1] + (v.shape[-1],), dtype=np.int64)
@@ -461,10 +464,10 @@ class NativeTrustedContext:
                                  payload[i].tobytes())
                for i in range(count)]
         term, check, matrices = None, None, ()
-        if weights is not None:  # the call's decryption term and the check's side of what was sent, prepared on the
-            matrices = tuple(self._matrices(shape, weights))  # mask thread while the worker computes
+        if weights is not None:  # the call's decryption term and the check's side of what was sent, prepared on
+            matrices = tuple(self._matrices(shape, weights))  # background threads while the worker computes
             term = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets)
-            check = _PREFETCH.submit(self._check_term, shape, blk, matrices, c0)
+            check = _CHECK_TERMS.submit(self._check_term, shape, blk, matrices, c0)
         state = CallState(blk, rows, call_id, x_scales, x_encoded, secrets, c0, term, matrices, check)
         return EncryptedBatch(ciphertexts=cts, rows=rows, state=state)
 
@@ -643,8 +646,9 @@ class NativeTrustedContext:
         rb_count, L = blk.row_blocks(state.rows), len(c.primes)
         y = vals.numpy()[_reply_order(tuple(columns))]                                      # [RB·ΣO, L, P]
         y = y.reshape(rb_count, checks.out_blocks, L, -1).transpose(0, 2, 1, 3).reshape(rb_count, L, -1)
-        bits = max(q.bit_length() for q in c.primes)
-        return bool(np.array_equal(_exact_dot_mod(y, checks.r, c.primes, bits), expected))    # r_j·Y ≡ v_j·c_0
+        bits = max(q.bit_length() for q in c.primes)                                       # residues < 2^bits
+        got = _exact_dot_mod(y, checks.r, c.primes, bits, check_vector_plan(c.primes)[1])  # r_j < 2^S
+        return bool(np.array_equal(got, expected))                                          # r_j·Y ≡ v_j·c_0
 
     def _check_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
                     c0: np.ndarray) -> np.ndarray:
@@ -654,7 +658,8 @@ class NativeTrustedContext:
         L = len(c.primes)
         rb_count = len(c0) // blk.in_blocks(shape.d_in)
         x = c0.reshape(rb_count, -1, L, c.n).transpose(0, 2, 1, 3).reshape(rb_count, L, -1)   # [RB, L, B·N]
-        return _exact_dot_mod(x, checks.v, c.primes, max(q.bit_length() for q in c.primes))
+        bits = max(q.bit_length() for q in c.primes)  # c_0 and v are residues
+        return _exact_dot_mod(x, checks.v, c.primes, bits, bits)
 
     def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
                 weights: Sequence[WeightStats]) -> list[np.ndarray]:

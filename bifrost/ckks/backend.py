@@ -147,7 +147,8 @@ class ExactTrustedContext(TrustedContext, Protocol):
         """True when ``outputs`` are the honest reply to ``batch`` (a reply differing in any coefficient passes
         with probability ≤ 2^-64, whatever the plaintext); False otherwise. Raises :class:`CiphertextError`
         for a reply that is not well formed. Its outcome depends on the reply and on secret check vectors only,
-        never on the plaintext."""
+        never on the plaintext. Use no value :meth:`decrypt` gives for a reply before it passed: decrypt checks
+        a reply's form, not its values."""
 
 
 @runtime_checkable

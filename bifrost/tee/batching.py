@@ -157,8 +157,8 @@ class DecodeBatcher:
                 or time.monotonic() - batch.created >= self.window_s)
 
     def _run(self, batch: _Batch) -> None:
-        """Send one batch (outside the lock) and wake its members. Never raises: an error (e.g. an error
-        status of the worker, which each session's engine holds against that worker) goes to every member."""
+        """Send one batch (outside the lock) and wake its members. Never raises: an error (no reply: each
+        session's engine computes its product in the TEE) goes to every member."""
         items = batch.items
         try:
             replies, _ = self.pool.call(batch.group, [LayerCall(i.worker_sessions, i.ciphertexts) for i in items])

@@ -18,7 +18,8 @@ quarantined (:mod:`.quarantine`) and the product is computed here from the trust
 brings back no reply (a transport failure, a timeout, any error status: :mod:`.pool`) is an *availability*
 event: the pool moves it to another worker, and when none replies it is computed here; nobody is quarantined,
 so an outsider who breaks the stream cannot get an honest worker banned. Calls served by a quarantined worker
-are always recomputed here (their replies are still verified and decrypted, as an honest one's would be); when
+are always recomputed here (their replies are still verified, and decrypted when they pass, as an honest one's
+would be, then discarded); when
 a quarantined worker exists that product is started before the request goes out, so it overlaps the worker's
 round trip. What a caught worker can still observe is stated in :mod:`.quarantine`.
 
@@ -98,8 +99,10 @@ class CallStats:
         return out
 
     def minus(self, other: "CallStats") -> "CallStats":
+        later = other.first_deviation < 0 <= self.first_deviation  # the first deviation fell in this period
         out = CallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)
-                           if f.name not in ("groups", "first_deviation")}, first_deviation=self.first_deviation)
+                           if f.name not in ("groups", "first_deviation")},
+                        first_deviation=self.first_deviation - other.calls if later else -1)
         for g, s in self.groups.items():
             o = other.groups.get(g, GroupStats())
             out.groups[g] = GroupStats(**{k: v - getattr(o, k) for k, v in vars(s).items()})
@@ -228,17 +231,17 @@ class DelegationEngine:
             received = sum(len(c) for o in reply.outputs for c in o)
             try:
                 failure = self._check_size(shape, received, len(x))
+                if not failure and not self.exact:
+                    failure = self._check_replay(reply)
+                if not failure:  # (values decrypted here are used only once the reply is verified, below)
+                    ys = self._keys.decrypt(shape, reply.outputs, batch, stats)
                 if not failure and self.exact:
                     tv = time.perf_counter()
-                    if not self._keys.verify(shape, reply.outputs, batch, stats):
-                        failure = "product check"
+                    if not self._keys.verify(shape, reply.outputs, batch, stats):  # reuses decrypt's parse
+                        failure, ys = "product check", None
                     verify_s = time.perf_counter() - tv
-                elif not failure:
-                    failure = self._check_replay(reply)
-                if not failure:
-                    ys = self._keys.decrypt(shape, reply.outputs, batch, stats)
             except CiphertextError as exc:
-                failure = f"malformed reply: {exc}"
+                failure, ys = f"malformed reply: {exc}", None
         t3 = time.perf_counter()
         if ys is not None and not self.exact:
             result = self.verifier.check(group, x, ys, self._keys.error_bound(shape, batch, stats),

@@ -259,10 +259,11 @@ class WorkerSessions:
 
     def open_worker_sessions(self, backend: str, public_context: bytes,
                              prepare: Sequence[worker_pb2.LayerGroup]) -> float:
-        """Open a worker session on every reachable worker; succeed if at least one accepts it.
+        """Open a worker session on every reachable worker; succeed if at least one accepts it (a worker that
+        refuses with any other status is marked down: it blocks no session while others accept).
 
         Raises :class:`WorkerCallError` RESOURCE_EXHAUSTED when every worker refused for that reason
-        (all full: retry later), :class:`BifrostError` when none accepted for other reasons."""
+        (all full: retry later), :class:`BifrostError` naming each worker's refusal when none accepted."""
         self._open_args = (backend, public_context, list(prepare))
         worst, errors, codes = 0.0, [], set()
         for w in self.pool.workers:
@@ -271,11 +272,8 @@ class WorkerSessions:
             except WorkerCallError as exc:
                 errors.append(f"{w.address}: {exc.code.name}: {exc.details}")
                 codes.add(exc.code)
-                if exc.code in RETRYABLE:
-                    self.pool.mark_down(w, exc.details)
-                elif exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.close()  # worker sessions opened on the workers before this one
-                    raise
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # one refusing worker blocks no session
+                    self.pool.mark_down(w, f"{exc.code.name}: {exc.details}")
         if not self._worker_sessions:
             if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
                 raise WorkerCallError(grpc.StatusCode.RESOURCE_EXHAUSTED,

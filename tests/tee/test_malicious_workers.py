@@ -54,7 +54,8 @@ def assert_caught_and_invisible(out: adv.Outcome, baseline: adv.Outcome, reason:
     assert len(out.quarantined) == 1 and out.deviations_seen >= 1  # caught, and the worker quarantined
     if reason is not None:
         assert next(iter(out.quarantined.values()))["reason"].startswith(reason), out.quarantined
-    assert out.first_detection == out.deviated[0]  # detected on the first deviated reply
+    # detected on the first deviated reply (one session, one worker: the engine's call index is the worker's)
+    assert out.first_detection == out.deviated[0]
     assert out.local_calls >= out.deviations_seen  # its products were recomputed in the TEE
     assert view(out, sizes) == view(baseline, sizes)  # the worker saw exactly what an honest worker sees
 

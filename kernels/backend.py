@@ -106,9 +106,9 @@ def _lower_priority() -> None:
 # worker sharing the cores: on 2 cores with a local worker, equal priority and nice 19 measured the same worker time
 # (0.98x the previous build's, benchmarks/ab_decode.py); the third slower worker once seen came from numpy's BLAS.
 _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-prefetch", initializer=_lower_priority)
-# The exact check's side of each call (v·c_0) is computed here, at the process's priority: it is waited for as soon
-# as the reply arrives, so it must not queue behind the next call's masks on the niced thread.
-_CHECK_TERMS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-exact-check")
+# The exact check's side of each call (v·c_0), on a thread of its own so that it never queues behind the next call's
+# masks (it is waited for as soon as the reply arrives); niced like them, so a worker sharing the cores comes first.
+_CHECK_TERMS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-exact-check", initializer=_lower_priority)
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
 POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)
 
@@ -514,21 +514,32 @@ class NativeTrustedContext:
     def _mask_products(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray]) -> torch.Tensor:
         """c_1,o = Σ_b a_b·W_{b,o} mod q_i, centred, for the group's members: [ΣO·L, N] float64 (o major)."""
         c = self._codec
+
+        def make() -> torch.Tensor:
+            ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
+            enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")
+            a = torch.from_numpy(self._public.polys(blk.in_blocks(shape.d_in)))[None]   # [1, B, L, N]
+            c1 = apply_fft(enc, a, c.primes, c.log_q, None, self.weight_bits)[0]         # [ΣO, L, N]
+            return _centred(c1, c.primes).reshape(-1, c.n).contiguous()
+        return self._group_table(_MASK_PRODUCTS, blk, matrices, make)
+
+    def _group_table(self, table: dict, blk: Blocking, matrices: Sequence[np.ndarray], make):
+        """``table``'s entry for this group (``make()`` on first use). The first entry stored wins, so every caller
+        of the process gets the same one; it is dropped when one of the matrices is garbage-collected (an id is
+        never reused while its entry exists)."""
+        c = self._codec
         key = (c.primes, c.n, self.weight_bits, blk, tuple(id(m) for m in matrices))
         with _TABLES_LOCK:
-            hit = _MASK_PRODUCTS.get(key)
+            hit = table.get(key)
         if hit is not None:
             return hit
-        ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
-        enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")
-        a = torch.from_numpy(self._public.polys(blk.in_blocks(shape.d_in)))[None]       # [1, B, L, N]
-        c1 = apply_fft(enc, a, c.primes, c.log_q, None, self.weight_bits)[0]             # [ΣO, L, N]
-        c1 = _centred(c1, c.primes).reshape(-1, c.n).contiguous()
+        made = make()
         with _TABLES_LOCK:
-            _MASK_PRODUCTS[key] = c1
-        for m in matrices:
-            weakref.finalize(m, _MASK_PRODUCTS.pop, key, None)
-        return c1
+            stored = table.setdefault(key, made)
+        if stored is made:
+            for m in matrices:
+                weakref.finalize(m, table.pop, key, None)
+        return stored
 
     def _check_vectors(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray]) -> _CheckVectors:
         """The group's exact-check tables (drawn once per process; module docstring, "Exact check").
@@ -538,30 +549,22 @@ class NativeTrustedContext:
         Σ_o R_j,o ⊛ W*_{b,o} for R_j,o the polynomial holding r_j at output block o's wanted coefficients,
         computed exactly by the worker's own FFT product with the roles of inputs and outputs swapped."""
         c = self._codec
-        key = (c.primes, c.n, self.weight_bits, blk, tuple(id(m) for m in matrices))
-        with _TABLES_LOCK:
-            hit = _CHECKS.get(key)
-        if hit is not None:
-            return hit
-        k, bits = check_vector_plan(c.primes)
-        ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
-        enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")                     # spectra [F, B, ΣO]
-        _, b_count, o_total = enc.fft_spectra.shape
-        adjoint = EncodedWeights(blk, (b_count,), fft_spectra=enc.fft_spectra.conj().transpose(1, 2).contiguous())
-        pos = blk.output_positions().reshape(-1)                                          # P
-        r = torch.from_numpy(_uniform_bits(k * o_total * len(pos), bits)).reshape(k, o_total, len(pos))
-        polys = torch.zeros(k, o_total, len(c.primes), c.n, dtype=torch.int64)
-        polys[..., torch.from_numpy(pos)] = r[:, :, None, :]                               # r < 2^S < every q_i
-        v = apply_fft(adjoint, polys, c.primes, bits + 2, None, self.weight_bits)        # [k, B, L, N] mod q_i
-        v = v.permute(2, 1, 3, 0).reshape(len(c.primes), b_count * c.n, k)               # [L, B·N, k]
-        tables = _CheckVectors(np.ascontiguousarray(r.permute(1, 2, 0).reshape(-1, k).numpy()),
-                               np.ascontiguousarray(v.numpy()), o_total)
-        with _TABLES_LOCK:  # the first tables stored win: every call of the process checks with the same vectors
-            stored = _CHECKS.setdefault(key, tables)
-        if stored is tables:
-            for m in matrices:
-                weakref.finalize(m, _CHECKS.pop, key, None)
-        return stored
+
+        def make() -> _CheckVectors:
+            k, bits = check_vector_plan(c.primes)
+            ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
+            enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")                 # spectra [F, B, ΣO]
+            _, b_count, o_total = enc.fft_spectra.shape
+            adjoint = EncodedWeights(blk, (b_count,), fft_spectra=enc.fft_spectra.conj().transpose(1, 2).contiguous())
+            pos = blk.output_positions().reshape(-1)                                      # P
+            r = torch.from_numpy(_uniform_bits(k * o_total * len(pos), bits)).reshape(k, o_total, len(pos))
+            polys = torch.zeros(k, o_total, len(c.primes), c.n, dtype=torch.int64)
+            polys[..., torch.from_numpy(pos)] = r[:, :, None, :]                           # r < 2^S < every q_i
+            v = apply_fft(adjoint, polys, c.primes, bits + 2, None, self.weight_bits)    # [k, B, L, N] mod q_i
+            v = v.permute(2, 1, 3, 0).reshape(len(c.primes), b_count * c.n, k)           # [L, B·N, k]
+            return _CheckVectors(np.ascontiguousarray(r.permute(1, 2, 0).reshape(-1, k).numpy()),
+                                 np.ascontiguousarray(v.numpy()), o_total)
+        return self._group_table(_CHECKS, blk, matrices, make)
 
     # -------------------------------------------------------------- decrypt
     def _read_outputs(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]],

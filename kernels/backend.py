@@ -303,10 +303,22 @@ def _exact_dot_mod(x: np.ndarray, v: np.ndarray, primes: tuple[int, ...], x_bits
 
 
 @lru_cache(maxsize=1024)
-def _reply_order(columns: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """The permutation that puts a reply's ciphertexts (member, row block, output block order) in (row block,
-    group output block) order."""
-    return np.asarray(sorted(range(len(columns)), key=lambda i: columns[i]))
+def _reply_layout(o_counts: tuple[int, ...], rb_count: int) -> tuple[tuple[tuple[int, int], ...], np.ndarray]:
+    """Where each ciphertext of an honest reply (member, row block, output block order) belongs: its (row block,
+    group output block), and the permutation that puts the reply in (row block, group output block) order."""
+    starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
+    columns = tuple((i // o_count, int(starts[m]) + i % o_count)
+                    for m, o_count in enumerate(o_counts) for i in range(rb_count * o_count))
+    return columns, np.asarray(sorted(range(len(columns)), key=columns.__getitem__))
+
+
+def _prepared(term: Future | None, state: "CallState", matrices: Sequence[np.ndarray]):
+    """The result of ``term`` (one of the call's terms started at encrypt), if it was made for these very matrices;
+    else None (the caller computes it now)."""
+    if term is None or len(state.term_matrices) != len(matrices) or \
+            not all(a is b for a, b in zip(state.term_matrices, matrices)):
+        return None
+    return term.result()
 
 
 def _uniform_bits(count: int, bits: int) -> np.ndarray:
@@ -568,7 +580,7 @@ class NativeTrustedContext:
 
     # -------------------------------------------------------------- decrypt
     def _read_outputs(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]],
-                      state: CallState) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+                      state: CallState) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
         """Parse a reply for the call ``state``: (residues [C, L, r·n_o] int64, (row block, output block) of
         each). Raises :class:`CiphertextError` unless every count, length, header and residue range is that of
         an honest reply to this call (functions of the bytes and public values only)."""
@@ -576,40 +588,40 @@ class NativeTrustedContext:
             raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member)")
         frozen = tuple(tuple(o) for o in outputs)  # bytes are immutable: equal tuples are the same reply
         hit = state.parsed.get("reply")
-        if hit is not None and hit[0] == frozen:  # verify read it already: decrypt does not parse it twice
+        if hit is not None and hit[0] == frozen:  # decrypt read it already: verify does not parse it twice
             return hit[1], hit[2]
-        c, blk, rows = self._codec, state.blocking, state.rows
-        r, n_o = blk.rows_per_ct, blk.out_per_ct
-        p_count = r * n_o
-        rb_count = blk.row_blocks(rows)
+        c, blk = self._codec, state.blocking
+        rb_count = blk.row_blocks(state.rows)
         if len(outputs) != len(shape.d_outs):
             raise CiphertextError(f"expected {len(shape.d_outs)} output lists (one per member)")
         o_counts = [blk.out_blocks(d) for d in shape.d_outs]
-        starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
         plen = c.output_payload_len(blk)
-        columns = [(i // o_count, int(starts[m]) + i % o_count)
-                   for m, o_count in enumerate(o_counts) for i in range(rb_count * o_count)]
-        fast = self._read_honest_shaped(outputs, state, o_counts, plen, rb_count)  # one pass when well formed
-        if fast is not None:
-            vals = torch.from_numpy(wire.unpack_residues(fast, p_count, c.primes, "output ciphertext"))
-            state.parsed["reply"] = (frozen, vals, columns)
-            return vals, columns
-        payloads, columns = [], []  # not well formed: find the first fault, for its message
+        columns = _reply_layout(tuple(o_counts), rb_count)[0]
+        payloads = self._read_honest_shaped(outputs, state, o_counts, plen, rb_count)  # one pass when well formed
+        if payloads is None:
+            payloads = self._read_with_diagnosis(outputs, state, o_counts, plen, rb_count)
+        p_count = blk.rows_per_ct * blk.out_per_ct
+        vals = torch.from_numpy(wire.unpack_residues(payloads, p_count, c.primes, "output ciphertext"))  # [C, L, P]
+        state.parsed["reply"] = (frozen, vals, columns)
+        return vals, columns
+
+    def _read_with_diagnosis(self, outputs: Sequence[Sequence[bytes]], state: CallState, o_counts: list[int],
+                             plen: int, rb_count: int) -> np.ndarray:
+        """The payloads [C, plen] of a reply that is not byte-for-byte honest-shaped, ciphertext by ciphertext: the
+        first fault raises :class:`CiphertextError` naming it."""
+        c, blk, rows = self._codec, state.blocking, state.rows
+        payloads = []
         for m, (o_count, cts) in enumerate(zip(o_counts, outputs)):
             if not isinstance(cts, (list, tuple)) or len(cts) != rb_count * o_count:
                 raise CiphertextError(f"member {m}: expected {rb_count * o_count} ciphertexts")
             for i, ct in enumerate(cts):
                 h, body = wire.decode_output(ct, c.context_id, plen)
                 if (h.call_id, h.rows, h.rows_per_ct, h.in_per_ct, h.out_per_ct, h.member, h.index, h.count) != \
-                        (state.call_id, rows, r, blk.in_per_ct, n_o, m, i, len(cts)):
+                        (state.call_id, rows, blk.rows_per_ct, blk.in_per_ct, blk.out_per_ct, m, i, len(cts)):
                     raise CiphertextError(f"member {m} ciphertext {i}: header does not match this call "
                                           f"(rows={rows}, blocking={blk})")
                 payloads.append(np.frombuffer(body, dtype=np.uint8))
-                columns.append((i // o_count, int(starts[m]) + i % o_count))
-        vals = torch.from_numpy(wire.unpack_residues(np.stack(payloads), p_count, c.primes,
-                                                        "output ciphertext"))  # [C, L, P]
-        state.parsed["reply"] = (frozen, vals, columns)
-        return vals, columns
+        return np.stack(payloads)
 
     def _read_honest_shaped(self, outputs: Sequence[Sequence[bytes]], state: CallState, o_counts: list[int],
                             plen: int, rb_count: int) -> np.ndarray | None:
@@ -638,19 +650,17 @@ class NativeTrustedContext:
         :class:`CiphertextError` for a reply that is not even well formed."""
         state = self._state(shape, batch, weights)
         c, blk = self._codec, state.blocking
-        vals, columns = self._read_outputs(shape, outputs, state)                            # [C, L, P]
+        vals, _ = self._read_outputs(shape, outputs, state)                                 # [C, L, P]
         matrices = self._matrices(shape, weights)
         checks = self._check_vectors(shape, blk, matrices)
-        if state.check_term is not None and len(state.term_matrices) == len(matrices) and \
-                all(a is b for a, b in zip(state.term_matrices, matrices)):
-            expected = state.check_term.result()
-        else:
+        expected = _prepared(state.check_term, state, matrices)
+        if expected is None:
             expected = self._check_term(shape, blk, matrices, state.c0)                       # [RB, L, k]
         rb_count, L = blk.row_blocks(state.rows), len(c.primes)
-        y = vals.numpy()[_reply_order(tuple(columns))]                                      # [RB·ΣO, L, P]
+        order = _reply_layout(tuple(blk.out_blocks(d) for d in shape.d_outs), rb_count)[1]
+        y = vals.numpy()[order]                                                              # [RB·ΣO, L, P]
         y = y.reshape(rb_count, checks.out_blocks, L, -1).transpose(0, 2, 1, 3).reshape(rb_count, L, -1)
-        bits = max(q.bit_length() for q in c.primes)                                       # residues < 2^bits
-        got = _exact_dot_mod(y, checks.r, c.primes, bits, check_vector_plan(c.primes)[1])  # r_j < 2^S
+        got = _exact_dot_mod(y, checks.r, c.primes, max(c.bits), check_vector_plan(c.primes)[1])  # r_j < 2^S
         return bool(np.array_equal(got, expected))                                          # r_j·Y ≡ v_j·c_0
 
     def _check_term(self, shape: GroupShape, blk: Blocking, matrices: Sequence[np.ndarray],
@@ -661,8 +671,7 @@ class NativeTrustedContext:
         L = len(c.primes)
         rb_count = len(c0) // blk.in_blocks(shape.d_in)
         x = c0.reshape(rb_count, -1, L, c.n).transpose(0, 2, 1, 3).reshape(rb_count, L, -1)   # [RB, L, B·N]
-        bits = max(q.bit_length() for q in c.primes)  # c_0 and v are residues
-        return _exact_dot_mod(x, checks.v, c.primes, bits, bits)
+        return _exact_dot_mod(x, checks.v, c.primes, max(c.bits), max(c.bits))  # c_0 and v are residues
 
     def decrypt(self, shape: GroupShape, outputs: Sequence[Sequence[bytes]], batch: EncryptedBatch,
                 weights: Sequence[WeightStats]) -> list[np.ndarray]:
@@ -675,10 +684,8 @@ class NativeTrustedContext:
         starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
 
         matrices = self._matrices(shape, weights)
-        if state.mask_term is not None and len(state.term_matrices) == len(matrices) and \
-                all(a is b for a, b in zip(state.term_matrices, matrices)):
-            term = state.mask_term.result()
-        else:
+        term = _prepared(state.mask_term, state, matrices)
+        if term is None:
             term = self._mask_term(shape, blk, matrices, state.secrets)                       # [RB, ΣO, L, P]
         rb_idx = torch.tensor([rb for rb, _ in columns])
         col_idx = torch.tensor([o for _, o in columns])

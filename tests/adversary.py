@@ -42,7 +42,6 @@ class Call:
     inputs: list[bytes]
     outputs: list[list[bytes]]       # the honest reply
     service: "AdversarialService"
-    worker_session: int = 0          # order of first appearance of the call's worker session
 
     @property
     def rows(self) -> int:
@@ -98,10 +97,7 @@ class AdversarialService(WorkerService):
 
     def _attacked(self, session_id, group, inputs, outputs, context):
         names = tuple(ref.name for ref in group.layers)
-        with self._view_lock:
-            order = self._ids.setdefault(session_id, len(self._ids))
-        call = Call(len(self.history), names, self._worker_sessions[session_id].evaluator, list(inputs), outputs, self,
-                    order)
+        call = Call(len(self.history), names, self._worker_sessions[session_id].evaluator, list(inputs), outputs, self)
         self.history.append(call)
         try:
             new = self.attack(call) if self.attack is not None else None
@@ -370,17 +366,13 @@ def steering(layers: set[str], fraction: float, direction: Callable[[str, int], 
     return attack
 
 
-def one_residue(when, prime: int = 1, delta: int = 1, member: int = 0) -> Attack:
+def one_residue(when, prime: int = 1, delta: int = 1) -> Attack:
     """±1 (``delta``) in a single residue (mod q_prime) of one wanted coefficient of one output ciphertext."""
-    def attack(call: Call):
-        if not when(call):
-            return None
-        outs = [list(o) for o in call.outputs]
-        head, v = native_unpack(call.evaluator, outs[member][0])
+    def change(call: Call, ct: bytes) -> bytes:
+        head, v = native_unpack(call.evaluator, ct)
         v[prime, 0] += delta
-        outs[member][0] = native_pack(call.evaluator, head, v)
-        return outs
-    return attack
+        return native_pack(call.evaluator, head, v)
+    return rewrite_first(when, change)
 
 
 def prefill_only(call: Call) -> bool:
@@ -396,18 +388,21 @@ def one_call_in(n: int, inner_factory, seed: int = 1) -> Attack:
 
 
 # ------------------------------------------------------------------ TenSEAL surgery
+def tenseal_edit(call: Call, blob: bytes, fn) -> bytes:
+    """``blob`` (an output ciphertext of member 0) with ``fn(evaluator, seal_ciphertext)`` applied in place."""
+    from bifrost.ckks.tenseal_backend import _HEADER_BYTES, PackingPlan, _load_ciphertext, _scratch
+
+    ev = call.evaluator
+    site = call.service.layers[call.group[0]][0]
+    plan = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,)))
+    ct = _load_ciphertext(ev._ctx, ev.context_id, plan, blob)
+    fn(ev, ct)
+    return blob[:_HEADER_BYTES] + _scratch().dump(ct)
+
+
 def tenseal_rewrite(when, fn) -> Attack:
     """Apply ``fn(evaluator, seal_ciphertext)`` (in place) to the first output ciphertext of member 0."""
-    def rewrite(call: Call, blob: bytes) -> bytes:
-        from bifrost.ckks.tenseal_backend import _HEADER_BYTES, PackingPlan, _load_ciphertext, _scratch
-
-        ev = call.evaluator
-        site = call.service.layers[call.group[0]][0]
-        plan = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,)))
-        ct = _load_ciphertext(ev._ctx, ev.context_id, plan, blob)
-        fn(ev, ct)
-        return blob[:_HEADER_BYTES] + _scratch().dump(ct)
-    return rewrite_first(when, rewrite)
+    return rewrite_first(when, lambda call, blob: tenseal_edit(call, blob, fn))
 
 
 def tenseal_public_tolerance(call: Call, member: int = 0, z: float = 8.0) -> float:
@@ -430,23 +425,24 @@ def tenseal_steering(layers: set[str], fraction: float, direction: Callable[[str
             return None
         import tenseal.sealapi as seal
 
-        from bifrost.ckks.tenseal_backend import _HEADER_BYTES, PackingPlan, _load_ciphertext, _scratch
+        from bifrost.ckks.tenseal_backend import PackingPlan
 
         ev = call.evaluator
         site = call.service.layers[call.group[0]][0]
-        plan = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,)))
+        m = PackingPlan.for_shape(ev.params.slots, GroupShape(site.d_in, (site.d_out,))).m
         d = np.asarray(direction(call.group[0], site.d_out), dtype=np.float64)
         delta = d / np.linalg.norm(d) * fraction * tenseal_public_tolerance(call)
-        member = []
-        for c, blob in enumerate(call.outputs[0]):
-            ct = _load_ciphertext(ev._ctx, ev.context_id, plan, blob)
-            slots = np.zeros(ev.params.slots)
-            chunk = delta[c * plan.m:(c + 1) * plan.m]
-            slots[:len(chunk)] = chunk  # row 0's outputs c·m … c·m + m − 1
-            pt = seal.Plaintext()
-            ev._encoder.encode(slots.tolist(), ct.parms_id(), ct.scale, pt)
-            ev._evaluator.add_plain_inplace(ct, pt)
-            member.append(blob[:_HEADER_BYTES] + _scratch().dump(ct))
+
+        def add_chunk(c: int):
+            def add(ev, ct):
+                slots = np.zeros(ev.params.slots)
+                chunk = delta[c * m:(c + 1) * m]
+                slots[:len(chunk)] = chunk  # row 0's outputs c·m … c·m + m − 1
+                pt = seal.Plaintext()
+                ev._encoder.encode(slots.tolist(), ct.parms_id(), ct.scale, pt)
+                ev._evaluator.add_plain_inplace(ct, pt)
+            return add
+        member = [tenseal_edit(call, blob, add_chunk(c)) for c, blob in enumerate(call.outputs[0])]
         return [member] + call.outputs[1:]
     return attack
 

@@ -18,10 +18,9 @@ quarantined (:mod:`.quarantine`) and the product is computed here from the trust
 brings back no reply (a transport failure, a timeout, any error status: :mod:`.pool`) is an *availability*
 event: the pool moves it to another worker, and when none replies it is computed here; nobody is quarantined,
 so an outsider who breaks the stream cannot get an honest worker banned. Calls served by a quarantined worker
-are always recomputed here (their replies are still verified, and decrypted when they pass, as an honest one's
-would be, then discarded); when
-a quarantined worker exists that product is started before the request goes out, so it overlaps the worker's
-round trip. What a caught worker can still observe is stated in :mod:`.quarantine`.
+are always recomputed here (their replies are still decrypted and verified, as an honest one's would be, then
+discarded); when a quarantined worker exists that product is started before the request goes out, so it
+overlaps the worker's round trip. What a caught worker can still observe is stated in :mod:`.quarantine`.
 
 Rows a worker sees are padded to :func:`~bifrost.ckks.row_bucket` (zero rows), so a prompt's length is
 visible to it only to within a factor of 1.5.

@@ -20,10 +20,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/bifrost demo $(ARGS)
 
-# Lint first (ruff, [tool.ruff] in pyproject.toml: a finding fails the target), then the tests.
+# Lint first (ruff, [tool.ruff] in pyproject.toml), then type-check (mypy, [tool.mypy]: the Protocols' implementations
+# included); a finding of either fails the target. Then the tests.
 # Exit code 5 ("no tests ran") is a failure here, as is any other non-zero code.
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # The fuzz tests (tests/fuzz, hypothesis) with many more examples than the default run's "ci" profile;

@@ -116,7 +116,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
 
     from bifrost.errors import BifrostError
 

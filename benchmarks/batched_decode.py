@@ -70,7 +70,7 @@ def _decode_concurrently(rt, engines, prompts, n_new, batcher):
 
     loop = StepLoop(rt, "bifrost+", batcher, max_concurrent=len(engines))
     t0 = time.perf_counter()
-    turns = [loop.submit(Turn(e, p, n_new, lambda: False)) for e, p in zip(engines, prompts)]
+    turns = [loop.submit(Turn(e, p, n_new)) for e, p in zip(engines, prompts)]
     tokens, step_s, errors = {}, [], []
 
     def consume(i, turn):  # one reader per session, as a serving replica has
@@ -103,7 +103,7 @@ def _decode_concurrently(rt, engines, prompts, n_new, batcher):
 def end_to_end(model_name, counts, n_new, prompt_len, backend, log) -> list[dict]:
     import numpy as np
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.model.catalog import load_model, resolve
     from bifrost.tee.deploy import run_config_yaml
     from bifrost.tee.batching import DecodeBatcher
@@ -159,7 +159,7 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
     import numpy as np
 
     from bifrost.ckks import GroupShape, get_backend
-    from bifrost.config import load_config
+    from bifrost.config_loader import ckks_params_of, load_config
     from bifrost.model.delegation import fuse_groups
     from bifrost.proto import worker_pb2, worker_pb2_grpc
     from bifrost.tee.deploy import run_config_yaml
@@ -181,7 +181,7 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
             groups = fuse_groups(first_block, cfg.delegation)
             worker_sessions = []  # (keys, worker session id), one per simulated user session
             for _ in range(max(counts)):
-                keys = impl.keygen(cfg.ckks_params(), [])
+                keys = impl.keygen(ckks_params_of(cfg), [])
                 refs = [worker_pb2.LayerGroup(layers=[worker_pb2.LayerRef(name=n, digest=infos[n].digest) for n in g])
                         for g in groups]
                 sid = stub.OpenSession(worker_pb2.OpenSessionRequest(backend=backend, public_context=keys.public_context(),

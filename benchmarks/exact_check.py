@@ -31,7 +31,7 @@ def measure(model: str, repeats: int) -> dict:
     import numpy as np
 
     from bifrost.ckks import GroupShape, WeightStats
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.tee.runtime import TrustedRuntime
     from bifrost_kernels import backend as nb
 

@@ -28,7 +28,7 @@ SENTENCES = [
 
 
 def run(models: list[str], steps: int, backend: str, prompt: str) -> dict:
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.tee.runtime import TrustedRuntime, plaintext_embeddings, trusted_identity
     from bifrost.worker.launcher import LocalWorker
 

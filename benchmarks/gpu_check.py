@@ -279,14 +279,14 @@ def decode_token(name: str, device: str, tokens: int, seed: int = 0) -> dict:
     from kernels_bench import activations
 
     from bifrost.ckks import GroupShape, WeightStats, get_backend
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config, placement_of
     from bifrost.model.catalog import load_model, resolve
     from bifrost.model.delegation import fuse_groups, sites
 
     cfg = load_config()
     t0 = time.perf_counter()
     model = load_model(resolve(name), cfg.seed)
-    weights = {s.name: w for s, w in sites(model, cfg.placement(), name, check_requires=False)}  # the worker's view
+    weights = {s.name: w for s, w in sites(model, placement_of(cfg), name, check_requires=False)}  # the worker's view
     del model
     groups = fuse_groups(list(weights), cfg.delegation)
     load_s = time.perf_counter() - t0

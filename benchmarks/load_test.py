@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.model.catalog import resolve
     from bifrost.model.digests import model_digest
     from bifrost.serve.client import BifrostClient

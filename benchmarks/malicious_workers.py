@@ -33,7 +33,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from tests import adversary as adv
 
     cfg = load_config()

@@ -45,7 +45,7 @@ def main() -> int:
     from rich.table import Table
     from scipy.stats import mannwhitneyu
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from tests import adversary as adv
 
     cfg = load_config()

@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/smollm2_fidelity.json")
     args = ap.parse_args()
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
 
     cfg = load_config(args.config).replace(model=MODEL, backend=args.backend)
     res = {"model": MODEL, "backend": args.backend, "config": args.config or "configs/default.yaml",

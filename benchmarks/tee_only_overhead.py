@@ -66,7 +66,7 @@ def main() -> int:
     from rich.table import Table
 
     from bifrost.attest.policy import AttestationPolicy
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.model.catalog import load_model, resolve
     from bifrost.model.tokenizer import load_tokenizer
     from bifrost.serve.client import BifrostClient

@@ -167,7 +167,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
 
     base = load_config()
     report = {"backend": "tenseal", "mode": "bifrost+", "prompt": PROMPT, "tokens": args.tokens, "models": []}

@@ -47,7 +47,7 @@ def run(models, lengths, n_new, backend, log, lengths_for=None, checkpoint=None,
     survive an interrupted sweep), and rows already in ``done`` are kept rather than re-measured."""
     import numpy as np
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.model.catalog import load_model, resolve
     from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.launcher import LocalWorker

@@ -63,7 +63,7 @@ def model_groups(name: str, seed: int):
     1.5B/8B models do not fit in memory as modules here)."""
     import torch
 
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config, placement_of
     from bifrost.model.catalog import resolve
     from bifrost.model.delegation import fuse_groups
 
@@ -73,7 +73,7 @@ def model_groups(name: str, seed: int):
         from bifrost.model.catalog import load_model
         from bifrost.model.delegation import sites
 
-        layers = sites(load_model(spec, seed), cfg.placement())
+        layers = sites(load_model(spec, seed), placement_of(cfg))
         weights = {s.name: w for s, w in layers}
         shapes = {s.name: (s.d_out, s.d_in) for s, _ in layers}
     else:
@@ -86,7 +86,7 @@ def model_groups(name: str, seed: int):
         from bifrost.model.delegation import delegated_modules
 
         shapes = {}
-        for mod_name, _, module in delegated_modules(meta, cfg.placement()):
+        for mod_name, _, module in delegated_modules(meta, placement_of(cfg)):
             w = module.weight
             shapes[mod_name] = tuple(w.shape) if isinstance(module, torch.nn.Linear) else (w.shape[1], w.shape[0])
         weights = None

@@ -51,7 +51,7 @@ def main() -> int:
 
     from bifrost.attest.mtls import process_identity
     from bifrost.ckks import CKKSParams, get_backend
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
     from bifrost.proto import worker_pb2, worker_pb2_grpc
     from bifrost.tee.link import connect
     from bifrost.worker.launcher import LocalWorker

@@ -1,7 +1,9 @@
-"""Typed run configuration, validated when loaded from ``configs/*.yaml``.
+"""Typed run configuration: the dataclasses of ``configs/*.yaml`` and the pure mapping -> dataclass step.
 
-Unknown keys, wrong types and insecure CKKS parameters are refused with a :class:`BifrostError`
-naming the file and the key.
+Unknown keys, wrong types and insecure CKKS parameters are refused with a :class:`~bifrost.errors.UserError`
+naming the file and the key. No file I/O here: :mod:`bifrost.config_loader` reads the files and resolves
+what a config names (CKKS parameters, placement policy). The ``ckks`` section is a
+:class:`~bifrost.ckks.params.CKKSParams` (a pure value type whose construction enforces the 128-bit rule).
 """
 
 from __future__ import annotations
@@ -11,33 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import BifrostError
+from .ckks.params import CKKSParams
+from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MODES = ("bifrost", "bifrost+")  # generation.mode: the prompt through CKKS too, or prefilled inside the TEE
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-
-
-def load_yaml(path: Path | str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise BifrostError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise BifrostError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise BifrostError(f"{p}: top level must be a mapping")
-    return data
-
-
-@dataclass(frozen=True)
-class CKKSConfig:
-    poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
-    scale_bits: int = 40
 
 
 @dataclass(frozen=True)
@@ -67,7 +48,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.cache_bytes < 1 or self.session_idle_s <= 0 or self.timeout_s <= 0 \
                 or self.max_public_context_bytes < 1024:
-            raise BifrostError("worker: need max_sessions >= 1, cache_bytes >= 1, session_idle_s > 0, timeout_s > 0, "
+            raise UserError("worker: need max_sessions >= 1, cache_bytes >= 1, session_idle_s > 0, timeout_s > 0, "
                                "max_public_context_bytes >= 1024")
 
 
@@ -90,7 +71,7 @@ class VerificationConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.vectors <= 64 or not 4.0 <= self.z <= 40.0:
-            raise BifrostError("verification: need 1 <= vectors <= 64 and 4 <= z <= 40")
+            raise UserError("verification: need 1 <= vectors <= 64 and 4 <= z <= 40")
 
 
 @dataclass(frozen=True)
@@ -105,9 +86,9 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise BifrostError(f"generation.mode must be 'bifrost' or 'bifrost+', got {self.mode!r}")
+            raise UserError(f"generation.mode must be 'bifrost' or 'bifrost+', got {self.mode!r}")
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise BifrostError("generation: need max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1, top_k >= 0")
+            raise UserError("generation: need max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1, top_k >= 0")
 
 
 @dataclass(frozen=True)
@@ -115,7 +96,8 @@ class RunConfig:
     model: str = "gpt2"
     seed: int = 0
     backend: str = "native"
-    ckks: CKKSConfig | None = None  # None: the backend's recommended parameters
+    ckks: CKKSParams | None = None  # None: the model's catalogue setting, else the backend's recommended parameters
+    # (resolved by bifrost.config_loader.ckks_params_of)
     policy: str = "bifrost"  # placement policy: configs/policies/<name>.yaml or a YAML path
     adapter: str | None = None  # a LoRA adapter directory (peft) on top of the model: runs in the TEE
     delegation: DelegationConfig = field(default_factory=DelegationConfig)
@@ -123,38 +105,6 @@ class RunConfig:
     tee: TEEConfig = field(default_factory=TEEConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-
-    def ckks_params(self):
-        """The CKKS parameters of this run (validated: 128-bit security, backend accepts them)."""
-        from .ckks import available_backends, get_backend
-        from .ckks.params import CKKSParams, InsecureParametersError
-
-        if self.backend not in available_backends():
-            raise BifrostError(f"unknown CKKS backend {self.backend!r}; known: {available_backends()}")
-        backend = get_backend(self.backend)
-        raw = dataclasses.asdict(self.ckks) if self.ckks is not None else None
-        if raw is None:
-            from .model.catalog import model_ckks
-
-            raw = model_ckks(self.model, self.backend)  # a catalog model's own setting (configs/models.yaml)
-            if raw is None:
-                return backend.default_params
-            raw = {**raw, "coeff_mod_bit_sizes": tuple(raw.get("coeff_mod_bit_sizes", ()))}
-        try:
-            params = CKKSParams(**raw)
-        except (InsecureParametersError, TypeError) as exc:
-            raise BifrostError(f"ckks: {exc}") from None
-        try:
-            backend.check_params(params)
-        except ValueError as exc:
-            raise BifrostError(f"ckks ({self.backend} backend): {exc}") from None
-        return params
-
-    def placement(self):
-        """The placement policy of this run (validated; :mod:`bifrost.model.placement`)."""
-        from .model.placement import load_placement_policy
-
-        return load_placement_policy(self.policy)
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -165,54 +115,48 @@ def build_section(cls, data: Any, where: str):
     if not dataclasses.is_dataclass(cls):
         return data
     if not isinstance(data, dict):
-        raise BifrostError(f"{where}: expected a mapping")
+        raise UserError(f"{where}: expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise BifrostError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
     kwargs = {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for name, value in data.items():
-        sub = {"ckks": CKKSConfig, "delegation": DelegationConfig, "worker": WorkerConfig, "tee": TEEConfig,
+        sub = {"ckks": CKKSParams, "delegation": DelegationConfig, "worker": WorkerConfig, "tee": TEEConfig,
                "verification": VerificationConfig, "generation": GenerationConfig}
         if cls is RunConfig and name in sub:
             kwargs[name] = None if (value is None and name == "ckks") else build_section(sub[name], value, f"{where}.{name}")
             continue
         kwargs[name] = _coerce(value, str(hints[name]), f"{where}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # CKKSParams: below 128-bit security or malformed
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _coerce(value: Any, hint: str, where: str) -> Any:
     if value is None:
         if "None" in hint:
             return None
-        raise BifrostError(f"{where}: must not be null")
+        raise UserError(f"{where}: must not be null")
     if hint.startswith("tuple[tuple"):
         if not isinstance(value, list) or not all(isinstance(v, list) for v in value):
-            raise BifrostError(f"{where}: expected a list of lists")
+            raise UserError(f"{where}: expected a list of lists")
         return tuple(tuple(str(x) for x in v) for v in value)
     if hint.startswith("tuple"):
         if not isinstance(value, list):
-            raise BifrostError(f"{where}: expected a list")
-        kind = int if "int" in hint else str
+            raise UserError(f"{where}: expected a list")
+        item: type = int if "int" in hint else str
         try:
-            return tuple(kind(x) for x in value)
+            return tuple(item(x) for x in value)
         except (TypeError, ValueError):
-            raise BifrostError(f"{where}: expected a list of {kind.__name__}") from None
+            raise UserError(f"{where}: expected a list of {item.__name__}") from None
     for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if hint.startswith(name) or hint.startswith(f"{name} |"):
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 return float(value)
             if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
-                raise BifrostError(f"{where}: expected {name}, got {type(value).__name__}")
+                raise UserError(f"{where}: expected {name}, got {type(value).__name__}")
             return value
     return value
-
-
-def load_config(path: Path | str | None = None) -> RunConfig:
-    """Load and validate a run config (``configs/default.yaml`` when ``path`` is None)."""
-    p = Path(path) if path else DEFAULT_CONFIG
-    cfg = build_section(RunConfig, load_yaml(p), p.name)
-    cfg.ckks_params()  # refuse insecure parameters at load
-    cfg.placement()  # and an unknown or malformed placement policy
-    return cfg

@@ -24,11 +24,11 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from bifrost.errors import BifrostError
+from bifrost.errors import InternalError, UserError
 
 from .profile import FHE, TEE, Accelerator, CKKSOps, Link, Profile, Source
 from .shapes import LinearGroup
@@ -66,7 +66,7 @@ def _seal_ops(n: int, bits: tuple[int, ...], reps: int, with_ct_mult: bool = Fal
     parms.set_coeff_modulus(seal.CoeffModulus.Create(n, list(bits)))
     ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128 if enforce_128 else seal.SEC_LEVEL_TYPE.NONE)
     if not ctx.parameters_set():
-        raise BifrostError(f"SEAL refused N={n}, {bits}: {ctx.parameters_error_message()}")
+        raise UserError(f"SEAL refused N={n}, {bits}: {ctx.parameters_error_message()}")
     enc = seal.CKKSEncoder(ctx)
     kg = seal.KeyGenerator(ctx)
     sk = kg.secret_key()
@@ -154,7 +154,8 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
     _log(verbose, f"{backend_name} keygen for {len(shapes)} shapes: {time.perf_counter() - t0:.1f} s")
     ops0 = CKKSOps(params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes), 0.0, 1.0, 0.0, 0.0)
     rng = np.random.default_rng(1)
-    prepared, stats, out = {}, {}, []
+    prepared, stats = {}, {}
+    out: list[dict[str, Any]] = []
     for shape, rows in cases:
         if shape not in prepared:
             weights = [rng.normal(0, 0.05, (d, shape.d_in)) for d in shape.d_outs]
@@ -172,7 +173,7 @@ def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tup
         nbytes = (sum(len(b) for b in batch.ciphertexts), sum(len(b) for o in outputs for b in o))
         exact = exact_call_bytes(backend_name, ops0, group, rows)
         if (c.cts_in, c.cts_out) != got or exact not in (None, nbytes):
-            raise BifrostError(f"the estimator's counts for {shape} x{rows} ({c.cts_in} in, {c.cts_out} out, bytes "
+            raise InternalError(f"the estimator's counts for {shape} x{rows} ({c.cts_in} in, {c.cts_out} out, bytes "
                                f"{exact}) differ from the {backend_name} backend's ({got[0]} in, {got[1]} out, bytes "
                                f"{nbytes}): the model no longer follows the backend")
         out.append({"d_in": shape.d_in, "d_outs": list(shape.d_outs), "rows": rows, "counts": c,
@@ -204,7 +205,7 @@ def _torch_ops(verbose: bool, quick: bool) -> dict:
     import torch.nn.functional as F
 
     reps = 5 if quick else 9
-    out = {}
+    out: dict[str, Any] = {}
     with torch.no_grad():
         # float32 F.linear as the model runs it: t = weight bytes / bandwidth + 2·rows·MACs / gemm_flops
         w = torch.randn(32768, 768)  # 100 MB: streamed from DRAM (an LM head)
@@ -249,9 +250,10 @@ def _framework_overhead(verbose: bool, quick: bool) -> tuple[dict, float, float,
     """Hugging Face forward time of tiny models (negligible FLOPs) vs. layer count: per-layer slope and
     per-forward intercept of a decode step, and what a prefill (no cache yet) adds per forward."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedConfig, Qwen3Config
 
-    def cfg(family: str, layers: int):
+    def cfg(family: str, layers: int) -> PreTrainedConfig:
+        c: PreTrainedConfig
         if family == "gpt2":
             c = GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=256, n_positions=512)
         elif family == "llama":
@@ -399,7 +401,7 @@ def _engine_round_trip(backend: str, partial: Profile, verbose: bool, quick: boo
     import torch
 
     from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint, server_credentials
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config, placement_of
     from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.service import build_service, limits_from_config, serve
 
@@ -407,7 +409,7 @@ def _engine_round_trip(backend: str, partial: Profile, verbose: bool, quick: boo
 
     cfg = load_config().replace(model=ROUND_TRIP_MODEL, backend=backend)
     limits = _dc.replace(limits_from_config(cfg), max_sessions=2, cache_bytes=1 << 30)
-    service = build_service(ROUND_TRIP_MODEL, cfg.seed, cfg.placement(), limits)
+    service = build_service(ROUND_TRIP_MODEL, cfg.seed, placement_of(cfg), limits)
     worker_id = TLSIdentity.generate(WORKER_TLS_NAME)  # an in-process worker that trusts only this runtime
     server, port = serve(service, server_credentials(worker_id, [trusted_identity(cfg).cert_pem]), "127.0.0.1", 0)
     samples = []
@@ -415,6 +417,8 @@ def _engine_round_trip(backend: str, partial: Profile, verbose: bool, quick: boo
         rt = TrustedRuntime(cfg, WorkerEndpoint(f"127.0.0.1:{port}", worker_id.cert_pem))
         try:
             eng = rt.engine
+            if eng is None:
+                raise InternalError(f"{ROUND_TRIP_MODEL} delegates no layer: no engine to time")
             for group in rt.groups:
                 shape = eng.shapes[group]
                 g = LinearGroup("rt", shape.d_in, tuple(shape.d_outs))
@@ -462,17 +466,17 @@ def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbos
               command: str = "", backend: str | None = None) -> tuple[Profile, dict]:
     """Run the micro-benchmarks; returns the profile and a report of the fits (per-case errors)."""
     from bifrost.ckks import available_backends, get_backend
-    from bifrost.config import load_config
+    from bifrost.config_loader import ckks_params_of, load_config
 
     from .model import accelerator_seconds, ckks_seconds
 
     cfg = load_config()
     backend = backend or cfg.backend
     if backend not in available_backends():
-        raise BifrostError(f"backend {backend!r} is not installed; available: {', '.join(available_backends())}")
+        raise UserError(f"backend {backend!r} is not installed; available: {', '.join(available_backends())}")
     if backend not in ("tenseal", "native"):
-        raise BifrostError(f"the estimator models the tenseal and native backends, not {backend!r}")
-    params = cfg.ckks_params() if backend == cfg.backend else get_backend(backend).default_params
+        raise UserError(f"the estimator models the tenseal and native backends, not {backend!r}")
+    params = ckks_params_of(cfg) if backend == cfg.backend else get_backend(backend).default_params
     reps = 5 if quick else 15
     t0 = time.perf_counter()
     be, cases = _backend_layer(backend, params, verbose, quick)

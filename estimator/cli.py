@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bifrost.errors import BifrostError
+from bifrost.errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -71,7 +71,7 @@ def _dispatch(args) -> int:
         args.val_model = args.model_option or "gpt2-2l"
         return _validate(args)
     if args.model is not None and args.model_option is not None and args.model != args.model_option:
-        raise BifrostError(f"two models given: {args.model!r} and --model {args.model_option!r}; give one")
+        raise UserError(f"two models given: {args.model!r} and --model {args.model_option!r}; give one")
     args.model = args.model or args.model_option or "gpt2"
     return _estimate(args)
 
@@ -86,7 +86,7 @@ def _estimate(args) -> int:
 
     schemes = list(SCHEMES) if args.scheme == "all" else [args.scheme]
     if any(s not in SCHEMES for s in schemes):
-        raise BifrostError(f"unknown scheme {args.scheme!r}; choose fhe, bifrost, bifrost+ or all")
+        raise UserError(f"unknown scheme {args.scheme!r}; choose fhe, bifrost, bifrost+ or all")
     if args.plot:
         check_plot_path(args.plot)
     alg = with_overrides(FHEAlgorithms(), args.fhe_recipe)
@@ -119,12 +119,12 @@ def _estimate(args) -> int:
 
 def _calibrate(args) -> int:
     if not args.out:
-        raise BifrostError("calibrate needs --out PATH.yaml")
+        raise UserError("calibrate needs --out PATH.yaml")
     out = Path(args.out)
     if out.suffix not in (".yaml", ".yml"):
-        raise BifrostError(f"--out {out}: a profile is a .yaml file")
+        raise UserError(f"--out {out}: a profile is a .yaml file")
     if out.exists() and not args.force:
-        raise BifrostError(f"--out {out} exists; pass --force to overwrite it")
+        raise UserError(f"--out {out} exists; pass --force to overwrite it")
     check_writable_dir(out)
     from .calibrate import calibrate
     from .profile import dump_profile
@@ -146,14 +146,14 @@ def check_writable_dir(path: Path) -> None:
     """Fail now, with one line, if ``path`` cannot be created (before minutes of work, not after)."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise BifrostError(f"{path}: directory {parent} does not exist")
+        raise UserError(f"{path}: directory {parent} does not exist")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".bifrost-write-check-"):
             pass
     except OSError as exc:
-        raise BifrostError(f"{path}: cannot write in {parent} ({exc.strerror or exc})") from None
+        raise UserError(f"{path}: cannot write in {parent} ({exc.strerror or exc})") from None
     if path.exists() and not os.access(path, os.W_OK):
-        raise BifrostError(f"{path}: not writable")
+        raise UserError(f"{path}: not writable")
 
 
 def check_plot_path(path: str) -> None:
@@ -161,7 +161,7 @@ def check_plot_path(path: str) -> None:
 
     p = Path(path)
     if p.suffix.lower().lstrip(".") not in PLOT_FORMATS:
-        raise BifrostError(f"--plot {path}: unsupported format {p.suffix or '(none)'!r}; use one of "
+        raise UserError(f"--plot {path}: unsupported format {p.suffix or '(none)'!r}; use one of "
                            f"{', '.join('.' + f for f in PLOT_FORMATS)}")
     check_writable_dir(p)
 
@@ -177,16 +177,16 @@ def _validate(args) -> int:
     try:
         lens = [int(x) for x in args.prompt_lens.split(",") if x]
     except ValueError:
-        raise BifrostError(f"--prompt-lens must be comma-separated integers, got {args.prompt_lens!r}") from None
+        raise UserError(f"--prompt-lens must be comma-separated integers, got {args.prompt_lens!r}") from None
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or any(m not in ("bifrost", "bifrost+") for m in modes):
-        raise BifrostError(f"--modes must be bifrost and/or bifrost+, got {args.modes!r}")
+        raise UserError(f"--modes must be bifrost and/or bifrost+, got {args.modes!r}")
     endpoint = None
     if args.address:
         from bifrost.attest.mtls import WorkerEndpoint
 
         if not args.worker_cert:
-            raise BifrostError(f"worker {args.address}: give its certificate to pin with --worker-cert")
+            raise UserError(f"worker {args.address}: give its certificate to pin with --worker-cert")
         endpoint = WorkerEndpoint.from_files(args.address, args.worker_cert)
     rows = run_validation(profile, args.model, lens, args.new_tokens, modes, endpoint, verbose=not args.json,
                           repeats=args.repeats)

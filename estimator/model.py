@@ -31,11 +31,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
-from bifrost.ckks import CKKSParams, GroupShape, get_backend, row_bucket
-from bifrost.errors import BifrostError
+from bifrost.ckks import CKKSParams, GroupShape, GroupTraffic, get_backend, row_bucket
+from bifrost.errors import UserError
 
 from .profile import CKKSOps, Profile
 from .shapes import LinearGroup, ModelShape, ceil_div, log2c
@@ -152,23 +154,23 @@ class FHEAlgorithms:
 def with_overrides(alg: FHEAlgorithms, assignments: list[str] | None) -> FHEAlgorithms:
     """Apply ``KEY=VALUE`` strings (``--fhe-recipe``) to a recipe; unknown keys and bad values are refused."""
     fields = {f.name: f for f in dataclasses.fields(FHEAlgorithms)}
-    changes = {}
+    changes: dict[str, Any] = {}  # bool or int per field: dataclasses.replace checks them
     for item in assignments or []:
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or key not in fields:
-            raise BifrostError(f"--fhe-recipe {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+            raise UserError(f"--fhe-recipe {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         if fields[key].type in (bool, "bool"):
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise BifrostError(f"--fhe-recipe {key}: expected true or false, got {raw!r}")
+                raise UserError(f"--fhe-recipe {key}: expected true or false, got {raw!r}")
             changes[key] = raw.lower() in ("true", "1", "yes")
             continue
         try:
             value = int(raw)
         except ValueError:
-            raise BifrostError(f"--fhe-recipe {key}: expected an integer, got {raw!r}") from None
+            raise UserError(f"--fhe-recipe {key}: expected an integer, got {raw!r}") from None
         if value < 0 or (value == 0 and key not in ("exp_squarings",)):
-            raise BifrostError(f"--fhe-recipe {key}: must be {'>= 0' if key == 'exp_squarings' else '>= 1'}, "
+            raise UserError(f"--fhe-recipe {key}: must be {'>= 0' if key == 'exp_squarings' else '>= 1'}, "
                                f"got {value}")
         changes[key] = value
     return dataclasses.replace(alg, **changes)
@@ -362,7 +364,7 @@ def backend_params(backend: str, ops: CKKSOps) -> CKKSParams:
         params = CKKSParams(ops.poly_modulus_degree, tuple(ops.coeff_mod_bit_sizes), default.scale_bits)
         get_backend(backend).check_params(params)
     except ValueError as exc:
-        raise BifrostError(f"the {backend} backend cannot run N={ops.poly_modulus_degree}, primes "
+        raise UserError(f"the {backend} backend cannot run N={ops.poly_modulus_degree}, primes "
                            f"{list(ops.coeff_mod_bit_sizes)}: {exc}") from None
     return params
 
@@ -425,30 +427,19 @@ def delegated_calls(p: Profile, group: LinearGroup, rows: int, packing: str = "b
     return out
 
 
-@dataclass(frozen=True)
-class Traffic:
-    """Worker traffic of one delegated group in one forward: the fields of the engine's ``GroupStats``."""
-
-    calls: int = 0
-    rows: int = 0  # rows sent, padding included
-    cts_in: int = 0
-    cts_out: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    exact_bytes: bool = True  # False: bytes from the profile's median ciphertext sizes (an approximation)
-
-
-def group_traffic(p: Profile, group: LinearGroup, rows: int) -> Traffic:
+def group_traffic(p: Profile, group: LinearGroup, rows: int) -> GroupTraffic:
+    """The worker traffic of ``group`` in one forward of ``rows`` rows, as the engine records it (``exact_bytes``
+    False: bytes from the profile's median ciphertext sizes, an approximation)."""
     calls = delegated_calls(p, group, rows)
-    return Traffic(len(calls), sum(c.rows for c in calls), sum(c.counts.cts_in for c in calls),
-                   sum(c.counts.cts_out for c in calls), sum(c.bytes_sent for c in calls),
-                   sum(c.bytes_received for c in calls), all(c.exact_bytes for c in calls))
+    return GroupTraffic(len(calls), sum(c.rows for c in calls), sum(c.counts.cts_in for c in calls),
+                        sum(c.counts.cts_out for c in calls), sum(c.bytes_sent for c in calls),
+                        sum(c.bytes_received for c in calls), all(c.exact_bytes for c in calls))
 
 
-def forward_traffic(p: Profile, m: ModelShape, rows: int, local_linears: bool = False) -> dict[str, Traffic]:
+def forward_traffic(p: Profile, m: ModelShape, rows: int, local_linears: bool = False) -> dict[str, GroupTraffic]:
     """Per delegated group of one decoder layer (every layer alike): the worker traffic of one forward of
     ``rows`` rows; nothing when the layers run in the TEE (Bifrost+ prefill)."""
-    return {g.name: Traffic() if local_linears else group_traffic(p, g, rows) for g in m.groups()}
+    return {g.name: GroupTraffic() if local_linears else group_traffic(p, g, rows) for g in m.groups()}
 
 
 def ckks_seconds(ops: CKKSOps, c: LinearCounts) -> float:
@@ -568,7 +559,7 @@ class _FHELayerModel:
 
     def __init__(self, p: Profile, m: ModelShape, alg: FHEAlgorithms):
         if p.fhe is None:
-            raise BifrostError(f"hardware profile {p.name!r} has no 'fhe' section: cannot estimate the fhe scheme")
+            raise UserError(f"hardware profile {p.name!r} has no 'fhe' section: cannot estimate the fhe scheme")
         self.mm, self.deep, self.m, self.alg = p.fhe.matmul, p.fhe.deep, m, alg
         self.acc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         self.levels: dict[str, int] = {}
@@ -616,7 +607,7 @@ class _FHELayerModel:
     def use(self, name: str, k: int, out: str | None = None) -> None:
         self.levels[out or name] = self.levels.get(name, 0) - k
 
-    def deep_op(self, op: str, src: str, dst: str, elements: float, per_ct: Poly, extra: list[tuple[float, Poly]] = (),
+    def deep_op(self, op: str, src: str, dst: str, elements: float, per_ct: Poly, extra: Sequence[tuple[float, Poly]] = (),
                 rot_per_ct: float = 0.0, scope: str = "layer") -> None:
         """A deep-context operator: move in, bootstrap as often as its depth needs, evaluate, move back."""
         n = elements / self.deep.slots
@@ -741,13 +732,13 @@ def estimate(profile: Profile, shape: ModelShape, scheme: str, prompt_len: int, 
     decode steps keep the backend's plan, where one token per sequence would leave the columns empty).
     """
     if scheme not in SCHEMES:
-        raise BifrostError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)} or all")
+        raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)} or all")
     if linear_packing not in LINEAR_PACKINGS:
-        raise BifrostError(f"unknown linear packing {linear_packing!r}; choose one of {', '.join(LINEAR_PACKINGS)}")
+        raise UserError(f"unknown linear packing {linear_packing!r}; choose one of {', '.join(LINEAR_PACKINGS)}")
     if prompt_len < 1 or new_tokens < 1 or batch < 1:
-        raise BifrostError("need --prompt-len >= 1, --new-tokens >= 1 and --batch >= 1")
+        raise UserError("need --prompt-len >= 1, --new-tokens >= 1 and --batch >= 1")
     if prompt_len + new_tokens > shape.max_positions:
-        raise BifrostError(f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceeds {shape.name}'s context "
+        raise UserError(f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceeds {shape.name}'s context "
                            f"of {shape.max_positions}")
     alg = alg or FHEAlgorithms()
 

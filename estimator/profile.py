@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from bifrost.config import CONFIG_DIR
-from bifrost.errors import BifrostError
+from bifrost.errors import UserError
 
 HARDWARE_DIR = CONFIG_DIR / "hardware"
 DEFAULT_PROFILE = "local-2core"
@@ -151,23 +151,23 @@ def _plain(obj):
 
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
-        raise BifrostError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise BifrostError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        raise UserError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     missing = sorted(n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)
     if missing:
-        raise BifrostError(f"{where}: missing key(s) {missing}")
+        raise UserError(f"{where}: missing key(s) {missing}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise BifrostError(f"{where}: {exc}") from None
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _coerce(hint, value, where: str):
@@ -182,28 +182,28 @@ def _coerce(hint, value, where: str):
         return _build(hint, value, where)
     if origin is tuple:
         if not isinstance(value, list):
-            raise BifrostError(f"{where}: expected a list")
+            raise UserError(f"{where}: expected a list")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is dict:
         if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and math.isfinite(v) and v >= 0 for v in value.values()):
-            raise BifrostError(f"{where}: expected a mapping of names to non-negative numbers")
+            raise UserError(f"{where}: expected a mapping of names to non-negative numbers")
         return {str(k): float(v) for k, v in value.items()}
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BifrostError(f"{where}: expected a number, got {type(value).__name__}")
+            raise UserError(f"{where}: expected a number, got {type(value).__name__}")
         if not math.isfinite(value) or value < 0:
-            raise BifrostError(f"{where}: must be a finite non-negative number, got {value}")
+            raise UserError(f"{where}: must be a finite non-negative number, got {value}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise BifrostError(f"{where}: expected an integer, got {type(value).__name__}")
+            raise UserError(f"{where}: expected an integer, got {type(value).__name__}")
         if value < 0:
-            raise BifrostError(f"{where}: must be non-negative, got {value}")
+            raise UserError(f"{where}: must be non-negative, got {value}")
         return value
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise BifrostError(f"{where}: expected a string")
+            raise UserError(f"{where}: expected a string")
         return str(value)
     return value
 
@@ -219,14 +219,14 @@ MAX_POLY_DEGREE = 65536
 def _check_ckks(ops: CKKSOps, where: str) -> None:
     n, bits = ops.poly_modulus_degree, ops.coeff_mod_bit_sizes
     if n < 1024 or n > MAX_POLY_DEGREE or n & (n - 1):
-        raise BifrostError(f"{where}.poly_modulus_degree: must be a power of two in [1024, {MAX_POLY_DEGREE}], "
+        raise UserError(f"{where}.poly_modulus_degree: must be a power of two in [1024, {MAX_POLY_DEGREE}], "
                            f"got {n}")
     if len(bits) < 2:
-        raise BifrostError(f"{where}.coeff_mod_bit_sizes: needs at least 2 primes (data + special), got {list(bits)}")
+        raise UserError(f"{where}.coeff_mod_bit_sizes: needs at least 2 primes (data + special), got {list(bits)}")
     if any(not 20 <= b <= 60 for b in bits):
-        raise BifrostError(f"{where}.coeff_mod_bit_sizes: every prime must have 20..60 bits, got {list(bits)}")
+        raise UserError(f"{where}.coeff_mod_bit_sizes: every prime must have 20..60 bits, got {list(bits)}")
     if ops.usable_levels < 1:
-        raise BifrostError(f"{where}.usable_levels: must be >= 1, got {ops.usable_levels}")
+        raise UserError(f"{where}.usable_levels: must be >= 1, got {ops.usable_levels}")
 
 
 def _check_native_primes(ops: CKKSOps, where: str) -> None:
@@ -238,24 +238,24 @@ def _check_native_primes(ops: CKKSOps, where: str) -> None:
     except ImportError:  # kernels not installed: the generic checks above still apply
         return
     except ValueError as exc:
-        raise BifrostError(f"{where}.coeff_mod_bit_sizes: the native backend cannot use {list(ops.coeff_mod_bit_sizes)} "
+        raise UserError(f"{where}.coeff_mod_bit_sizes: the native backend cannot use {list(ops.coeff_mod_bit_sizes)} "
                            f"at N={ops.poly_modulus_degree}: {exc}") from None
 
 
 def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     prof = _build(Profile, data, where)
     if prof.accelerator.backend not in BACKENDS:
-        raise BifrostError(f"{where}.accelerator.backend: must be one of {', '.join(BACKENDS)}, "
+        raise UserError(f"{where}.accelerator.backend: must be one of {', '.join(BACKENDS)}, "
                            f"got {prof.accelerator.backend!r}")
     if prof.accelerator.backend == "tenseal" and not prof.accelerator.linear.rotate_s > 0:
-        raise BifrostError(f"{where}.accelerator.linear.rotate_s: must be > 0 for the tenseal (BSGS) backend")
+        raise UserError(f"{where}.accelerator.linear.rotate_s: must be > 0 for the tenseal (BSGS) backend")
     for path, keys in _POSITIVE.items():
         obj = prof
         for part in path.split("."):
             obj = getattr(obj, part)
         for k in keys:
             if not getattr(obj, k) > 0:
-                raise BifrostError(f"{where}.{path}.{k}: must be > 0")
+                raise UserError(f"{where}.{path}.{k}: must be > 0")
     contexts = [(prof.accelerator.linear, "accelerator.linear")]
     if prof.fhe is not None:
         contexts += [(prof.fhe.matmul, "fhe.matmul"), (prof.fhe.deep, "fhe.deep")]
@@ -266,9 +266,9 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     if prof.fhe is not None:
         mm, d = prof.fhe.matmul, prof.fhe.deep
         if not (mm.rotate_s > 0 and mm.mul_plain_s > 0 and mm.add_s > 0 and mm.mul_ct_s > 0):
-            raise BifrostError(f"{where}.fhe.matmul: needs rotate_s, mul_plain_s, add_s and mul_ct_s > 0")
+            raise UserError(f"{where}.fhe.matmul: needs rotate_s, mul_plain_s, add_s and mul_ct_s > 0")
         if not (d.rotate_s > 0 and d.mul_plain_s > 0 and d.add_s > 0 and d.mul_ct_s > 0 and d.bootstrap_s > 0):
-            raise BifrostError(f"{where}.fhe.deep: needs rotate_s, mul_plain_s, add_s, mul_ct_s and bootstrap_s > 0")
+            raise UserError(f"{where}.fhe.deep: needs rotate_s, mul_plain_s, add_s, mul_ct_s and bootstrap_s > 0")
     return prof
 
 
@@ -279,12 +279,12 @@ def resolve_profile_path(name_or_path: str | None) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise BifrostError(f"hardware profile not found: {p}")
+            raise UserError(f"hardware profile not found: {p}")
         return p
     candidate = HARDWARE_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
         known = sorted(q.stem for q in HARDWARE_DIR.glob("*.yaml")) if HARDWARE_DIR.is_dir() else []
-        raise BifrostError(f"unknown hardware profile {name_or_path!r}; known: {', '.join(known) or '(none)'}")
+        raise UserError(f"unknown hardware profile {name_or_path!r}; known: {', '.join(known) or '(none)'}")
     return candidate
 
 
@@ -293,9 +293,9 @@ def load_profile(name_or_path: str | None = None) -> Profile:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise BifrostError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise BifrostError(f"{p}: top level must be a mapping")
+        raise UserError(f"{p}: top level must be a mapping")
     return profile_from_dict(data, p.name)
 
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bifrost.errors import BifrostError
+from bifrost.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -81,41 +81,41 @@ def _int(c: dict, key: str, default=None, name: str = "") -> int:
     value = c.get(key)
     if value is None:
         if default is None:
-            raise BifrostError(f"model {name!r}: config lacks {key!r}")
+            raise UserError(f"model {name!r}: config lacks {key!r}")
         value = default
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BifrostError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
+        raise UserError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
     try:
         number = float(value)
     except ValueError:
-        raise BifrostError(f"model {name!r}: {key} must be a positive integer, got {value!r}") from None
+        raise UserError(f"model {name!r}: {key} must be a positive integer, got {value!r}") from None
     if not number.is_integer() or number < 1:
-        raise BifrostError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
+        raise UserError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
     return int(number)
 
 
 def _shape_from_config(name: str, family: str, c: dict) -> ModelShape:
     if not isinstance(c, dict):
-        raise BifrostError(f"model {name!r}: config must be a JSON object, got {type(c).__name__}")
+        raise UserError(f"model {name!r}: config must be a JSON object, got {type(c).__name__}")
     if family == "gpt2":
         d, h = _int(c, "n_embd", 768, name), _int(c, "n_head", 12, name)
         if d % h:
-            raise BifrostError(f"model {name!r}: n_embd ({d}) must be divisible by n_head ({h})")
+            raise UserError(f"model {name!r}: n_embd ({d}) must be divisible by n_head ({h})")
         shape = ModelShape(name, family, _int(c, "n_layer", 12, name), d, h, h, d // h, _int(c, "n_inner", 4 * d, name),
                            _int(c, "vocab_size", 50257, name), _int(c, "n_positions", 1024, name))
     elif family in ("llama", "qwen3"):
         d, h = _int(c, "hidden_size", name=name), _int(c, "num_attention_heads", name=name)
         kv = _int(c, "num_key_value_heads", h, name)
         if c.get("head_dim") is None and d % h:
-            raise BifrostError(f"model {name!r}: hidden_size ({d}) must be divisible by num_attention_heads ({h})")
+            raise UserError(f"model {name!r}: hidden_size ({d}) must be divisible by num_attention_heads ({h})")
         if h % kv:
-            raise BifrostError(f"model {name!r}: num_attention_heads ({h}) must be divisible by num_key_value_heads ({kv})")
+            raise UserError(f"model {name!r}: num_attention_heads ({h}) must be divisible by num_key_value_heads ({kv})")
         hd = _int(c, "head_dim", d // h, name)
         shape = ModelShape(name, family, _int(c, "num_hidden_layers", name=name), d, h, kv, hd,
                            _int(c, "intermediate_size", name=name), _int(c, "vocab_size", 32000, name),
                            _int(c, "max_position_embeddings", 2048, name))
     else:
-        raise BifrostError(f"model {name!r}: family {family!r} is not a decoder LM the estimator models "
+        raise UserError(f"model {name!r}: family {family!r} is not a decoder LM the estimator models "
                            f"(supported: gpt2, llama, qwen3)")
     return shape
 
@@ -132,18 +132,18 @@ def load_shape(model: str) -> ModelShape:
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
-        raise BifrostError(f"unknown model {model!r}: not a catalog name ({', '.join(sorted(specs))}) "
+        raise UserError(f"unknown model {model!r}: not a catalog name ({', '.join(sorted(specs))}) "
                            f"nor a config.json / checkpoint directory")
     try:
         cfg = json.loads(p.read_text())
     except (ValueError, OSError) as exc:
-        raise BifrostError(f"{p}: cannot read a JSON config: {exc}") from None
+        raise UserError(f"{p}: cannot read a JSON config: {exc}") from None
     if not isinstance(cfg, dict):
-        raise BifrostError(f"{p}: top level must be a JSON object, got {type(cfg).__name__}")
+        raise UserError(f"{p}: top level must be a JSON object, got {type(cfg).__name__}")
     mtype = cfg.get("model_type", "")
     family = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3", "mistral": "llama", "qwen2": "llama"}.get(mtype)
     if family is None:
-        raise BifrostError(f"{p}: model_type {mtype!r} not supported by the estimator (gpt2, llama, qwen3)")
+        raise UserError(f"{p}: model_type {mtype!r} not supported by the estimator (gpt2, llama, qwen3)")
     return _shape_from_config(str(model), family, cfg)
 
 

@@ -19,11 +19,12 @@ model's :func:`~bifrost_estimator.model.forward_traffic`; any difference is list
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
-from .model import Cost, Traffic, estimate, forward_traffic
+from bifrost.ckks import TRAFFIC_FIELDS, GroupTraffic
+
+from .model import Cost, estimate, forward_traffic
 from .profile import Profile
 from .shapes import ModelShape, load_shape
 
@@ -47,27 +48,28 @@ def measured_components(timings) -> dict[str, float]:
             "trusted": t.nonlinear_s + t.verify_s + t.local_s}  # the model's trusted terms hold the product checks
 
 
-# the engine's GroupStats fields the model predicts (the bytes compared only where they are exact)
-TRAFFIC_FIELDS = tuple(f.name for f in dataclasses.fields(Traffic) if f.name != "exact_bytes")
-
-
 def measured_traffic(runtime, ids: list[int], new_tokens: int, mode: str) -> tuple[list, list[dict]]:
     """Generate ``new_tokens`` tokens; returns (the token timings, per forward the engine's worker traffic of
-    every layer group that it has called: ``{group: GroupStats}``)."""
-    engine = runtime.engine
+    every layer group that it has called: ``{group: GroupTraffic}``), both from the decode loop's events."""
+    from bifrost.tee.runtime import token_timing
+    from bifrost.tee.scheduler import StepLoop, TokenEvent, Turn
+
+    loop = StepLoop(runtime, mode, None, max_concurrent=1, start=False)
     timings, traffic = [], []
-    steps = runtime.decode_steps(runtime.engine, ids, new_tokens, mode=mode)
-    while True:
-        before = engine.stats.snapshot()
-        step = next(steps, None)
-        if step is None:
-            return timings, traffic
-        timings.append(step.timing)
-        traffic.append(engine.stats.minus(before).groups)
+    try:
+        for event in loop.drive(loop.submit(Turn(runtime.engine, ids, new_tokens, mode=mode))):
+            if isinstance(event, TokenEvent):
+                timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
+                traffic.append(event.stats.groups)
+            elif event.error is not None:
+                raise event.error
+    finally:
+        loop.close()
+    return timings, traffic
 
 
 def predicted_traffic(profile: Profile, shape: ModelShape, prompt_len: int, new_tokens: int,
-                      mode: str) -> list[dict[str, Traffic]]:
+                      mode: str) -> list[dict[str, GroupTraffic]]:
     """Per forward (the prefill, then one per further token): the model's traffic per group of one layer."""
     return ([forward_traffic(profile, shape, prompt_len, local_linears=mode == "bifrost+")]
             + [forward_traffic(profile, shape, 1) for _ in range(new_tokens - 1)])
@@ -152,23 +154,23 @@ def run_validation(profile: Profile, model: str, prompt_lens: list[int], new_tok
     :class:`~bifrost.attest.mtls.WorkerEndpoint`; None starts a :class:`~bifrost.worker.launcher.LocalWorker`."""
     import contextlib
 
-    from bifrost.config import load_config
-    from bifrost.errors import BifrostError
+    from bifrost.config_loader import ckks_params_of, load_config
+    from bifrost.errors import UserError
     from bifrost.tee.runtime import TrustedRuntime, trusted_identity
     from bifrost.worker.launcher import LocalWorker
 
     if new_tokens < 2:
-        raise BifrostError("validation needs --new-tokens >= 2 (TTFT and at least one decode step)")
+        raise UserError("validation needs --new-tokens >= 2 (TTFT and at least one decode step)")
     if repeats < 1 or not prompt_lens or min(prompt_lens) < 1:
-        raise BifrostError("validation needs --repeats >= 1 and prompt lengths >= 1")
+        raise UserError("validation needs --repeats >= 1 and prompt lengths >= 1")
     cfg = load_config().replace(model=model, backend=backend or profile.accelerator.backend)
     if cfg.backend != profile.accelerator.backend:
-        raise BifrostError(f"profile {profile.name!r} models backend {profile.accelerator.backend!r}, "
+        raise UserError(f"profile {profile.name!r} models backend {profile.accelerator.backend!r}, "
                            f"the run uses {cfg.backend!r}")
-    params, ops = cfg.ckks_params(), profile.accelerator.linear
+    params, ops = ckks_params_of(cfg), profile.accelerator.linear
     if (params.poly_modulus_degree, tuple(params.coeff_mod_bit_sizes)) != (ops.poly_modulus_degree,
                                                                            tuple(ops.coeff_mod_bit_sizes)):
-        raise BifrostError(f"profile {profile.name!r} models N={ops.poly_modulus_degree}, primes "
+        raise UserError(f"profile {profile.name!r} models N={ops.poly_modulus_degree}, primes "
                            f"{list(ops.coeff_mod_bit_sizes)}; the run uses N={params.poly_modulus_degree}, primes "
                            f"{list(params.coeff_mod_bit_sizes)}")
     shape = load_shape(model)
@@ -177,14 +179,17 @@ def run_validation(profile: Profile, model: str, prompt_lens: list[int], new_tok
     colds: dict[tuple, float] = {}
     traffic: dict[tuple, tuple[int, list[str]]] = {}
     local = None if endpoint else LocalWorker(model, cfg.seed, [trusted_identity(cfg).cert_pem])
-    with (local or contextlib.nullcontext()) as worker:
-        runtime = TrustedRuntime(cfg, endpoint or worker.endpoint)
+    with (local or contextlib.nullcontext()):
+        runtime = TrustedRuntime(cfg, endpoint if local is None else local.endpoint)
         try:
+            if runtime.engine is None:
+                raise UserError(f"{model!r} delegates no layer to a worker: nothing to validate")
+            shapes = runtime.engine.shapes
             ids = {L: [(17 * i + 11) % min(50000, shape.vocab - 1) + 1 for i in range(L)] for L in prompt_lens}
             for mode, L in configs:
                 timings, measured = measured_traffic(runtime, ids[L], new_tokens, mode)
                 colds[(mode, L)] = timings[0].total_s
-                traffic[(mode, L)] = traffic_mismatches(profile, shape, runtime.engine.shapes, measured, L, mode)
+                traffic[(mode, L)] = traffic_mismatches(profile, shape, shapes, measured, L, mode)
             for _ in range(repeats):
                 for mode, L in configs:
                     runs[(mode, L)].append(runtime.generate(ids[L], new_tokens, mode=mode))

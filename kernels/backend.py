@@ -70,17 +70,17 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
+from bifrost.ckks import csprng
 from bifrost.ckks.backend import CiphertextError, EncryptedBatch, GroupShape, WeightStats
-from bifrost.ckks.csprng import random_bytes
 from bifrost.ckks.params import CKKSParams
 
 from . import negacyclic_fft as nfft
-from . import sampling, wire
+from . import wire
 from .layout import Blocking, plan
 from .linear import EncodedWeights, apply_fft, apply_ntt, compose_centered, encode_weights
 from .rns import RNSBasis, ntt_primes
@@ -220,13 +220,13 @@ class PublicMasks:
             have = len(self._polys)
             if count <= have:
                 return
-            new = sampling.expand_uniform_many(MASK_SEED, np.arange(have, count), self.primes, self.n)
+            new = csprng.expand_uniform_many(MASK_SEED, np.arange(have, count), self.primes, self.n)
             spec = nfft.forward(_centred(torch.from_numpy(new), self.primes))
             self._polys = np.concatenate([self._polys, new])
             self._spectra = torch.cat([self._spectra, spec])
 
 
-MASK_SEED = sampling.fresh_seed()
+MASK_SEED = csprng.fresh_seed()
 _CONTEXTS: "weakref.WeakSet[NativeTrustedContext]" = weakref.WeakSet()
 
 
@@ -321,12 +321,6 @@ def _prepared(term: Future | None, state: "CallState", matrices: Sequence[np.nda
     return term.result()
 
 
-def _uniform_bits(count: int, bits: int) -> np.ndarray:
-    """``count`` integers uniform in [0, 2^bits) (bits ≤ 32) from the OS CSPRNG."""
-    words = np.frombuffer(random_bytes(4 * count), dtype="<u4")
-    return (words >> np.uint32(32 - bits)).astype(np.int64)
-
-
 @lru_cache(maxsize=None)
 def public_masks(primes: tuple[int, ...], n: int) -> PublicMasks:
     """The process's masks for one prime chain (one object per chain; they all expand from :data:`MASK_SEED`)."""
@@ -358,7 +352,7 @@ class CallState:
     x_scales: np.ndarray = field(repr=False)  # Δx per row, [row blocks · r]; ∞ for an all-zero (or padding) row
     x_encoded: np.ndarray = field(repr=False)  # x̃/Δx [rows, d_in]: the activations exactly as encrypted (rounded)
     secrets: np.ndarray = field(repr=False)  # the call's secret per row block, [RB, N] (ternary)
-    c0: np.ndarray = field(default=None, repr=False)  # what was sent: c_0 residues [RB·B, L, N] (the exact check's input)
+    c0: np.ndarray = field(repr=False)  # what was sent: c_0 residues [RB·B, L, N] (the exact check's input)
     mask_term: Future | None = field(default=None, repr=False)  # (Σ_b a_b·W_{b,o})·s at the wanted coefficients
     term_matrices: tuple[np.ndarray, ...] = field(default=(), repr=False)  # the matrices the two terms are for
     check_term: Future | None = field(default=None, repr=False)  # v_j·c_0 mod q_i, [RB, L, k]: the exact check's side
@@ -376,35 +370,23 @@ class NativeTrustedContext:
         self._public = public_masks(self._codec.primes, self._codec.n)
         self._masks: dict[tuple[int, int], Future] = {}  # (row blocks, input blocks) -> the next call's masks
         self._masks_lock = threading.Lock()
-        self._last_secrets: np.ndarray | None = None  # test hook only: the most recent call's secrets
-        self._secret_log: list[np.ndarray] | None = None  # test hook only: a list here records every call's secrets
         _CONTEXTS.add(self)
 
     def public_context(self) -> bytes:
         return self._codec.public_context()
 
     # -------------------------------------------------------------- helpers
-    # Test hook: the most recent call's secrets in the encodings a leak could take (int8, int64, residues mod each
-    # prime), used only to prove that none of them ever leaves the trusted side.
-    def _secret_key_words(self) -> bytes:
-        secrets = self._secret_log or ([self._last_secrets] if self._last_secrets is not None else [])
-        if not secrets:
-            return b""
-        s = np.concatenate(secrets).astype(np.int64)
-        residues = [np.mod(s, q).astype("<u8").tobytes() for q in self._codec.primes]
-        return s.astype("i1").tobytes() + s.astype("<i8").tobytes() + b"".join(residues)
-
     def _fresh_masks(self, rb_count: int, b_count: int) -> tuple[np.ndarray, np.ndarray]:
         """Fresh secrets of a call's ``rb_count`` row blocks ([RB, N]) and the masks
         e − a_b·s mod q_i of its ciphertexts [RB·B, L, N]: everything of an encryption but the message (fresh
         secrets and errors from the CSPRNG; used once)."""
         c = self._codec
-        secrets = np.stack([sampling.ternary_secret(c.n) for _ in range(rb_count)])      # [RB, N]
+        secrets = np.stack([csprng.ternary_secret(c.n) for _ in range(rb_count)])      # [RB, N]
         s_spec = nfft.forward(torch.from_numpy(secrets).to(torch.float64))               # [RB, F]
         a_spec = self._public.spectra(b_count)                                           # [B, L, F]
         # exact: |a_b| ≤ q_i/2 < 2^30 and ‖s‖₁ ≤ N, so |a_b·s| < 2^41
         a_s = nfft.round_exact(nfft.inverse(a_spec[None] * s_spec[:, None, None]))      # [RB, B, L, N]
-        e = torch.from_numpy(sampling.centered_binomial((rb_count, b_count, 1, c.n)))
+        e = torch.from_numpy(csprng.centered_binomial((rb_count, b_count, 1, c.n)))
         q = torch.from_numpy(c.basis.q_col).reshape(1, 1, -1, 1)
         masks = torch.remainder(e - a_s, q).numpy().reshape(rb_count * b_count, len(c.primes), c.n)
         return secrets, masks
@@ -465,9 +447,6 @@ class NativeTrustedContext:
 
         count = rb_count * b_count
         secrets, masks = self._take_masks(rb_count, b_count)
-        self._last_secrets = secrets
-        if self._secret_log is not None:
-            self._secret_log.append(secrets)
         q = torch.from_numpy(c.basis.q_col).reshape(1, -1, 1)
         c0 = torch.remainder(torch.from_numpy(msg).reshape(count, 1, n) + torch.from_numpy(masks), q).numpy()  # [C, L, N]
         payload = wire.pack_residues(c0, c.bits)
@@ -475,7 +454,8 @@ class NativeTrustedContext:
         cts = [wire.encode_input(wire.InputHeader(c.context_id, call_id, rows, r, n_i, blk.out_per_ct, i, count),
                                  payload[i].tobytes())
                for i in range(count)]
-        term, check, matrices = None, None, ()
+        term, check = None, None
+        matrices: tuple[np.ndarray, ...] = ()
         if weights is not None:  # the call's decryption term and the check's side of what was sent, prepared on
             matrices = tuple(self._matrices(shape, weights))  # background threads while the worker computes
             term = _PREFETCH.submit(self._mask_term, shape, blk, matrices, secrets)
@@ -566,10 +546,11 @@ class NativeTrustedContext:
             k, bits = check_vector_plan(c.primes)
             ints = [torch.from_numpy(integer_weights(self.weight_bits, m)) for m in matrices]
             enc = encode_weights(blk, ints, shape.d_in, c.primes, "fft")                 # spectra [F, B, ΣO]
-            _, b_count, o_total = enc.fft_spectra.shape
-            adjoint = EncodedWeights(blk, (b_count,), fft_spectra=enc.fft_spectra.conj().transpose(1, 2).contiguous())
+            spectra = enc.spectra()
+            _, b_count, o_total = spectra.shape
+            adjoint = EncodedWeights(blk, (b_count,), fft_spectra=spectra.conj().transpose(1, 2).contiguous())
             pos = blk.output_positions().reshape(-1)                                      # P
-            r = torch.from_numpy(_uniform_bits(k * o_total * len(pos), bits)).reshape(k, o_total, len(pos))
+            r = torch.from_numpy(csprng.uniform_bits(k * o_total * len(pos), bits)).reshape(k, o_total, len(pos))
             polys = torch.zeros(k, o_total, len(c.primes), c.n, dtype=torch.int64)
             polys[..., torch.from_numpy(pos)] = r[:, :, None, :]                           # r < 2^S < every q_i
             v = apply_fft(adjoint, polys, c.primes, bits + 2, None, self.weight_bits)    # [k, B, L, N] mod q_i
@@ -628,7 +609,7 @@ class NativeTrustedContext:
         """The payloads [C, plen] of a reply whose every count, length and header is exactly an honest reply's to
         this call (headers compared byte for byte with the expected ones), else None."""
         c, blk, size = self._codec, state.blocking, wire.OUTPUT_HEADER_BYTES + plen
-        flat = []
+        flat: list[bytes] = []
         for o_count, cts in zip(o_counts, outputs):
             if len(cts) != rb_count * o_count or not all(type(ct) is bytes and len(ct) == size for ct in cts):
                 return None
@@ -690,8 +671,8 @@ class NativeTrustedContext:
         rb_idx = torch.tensor([rb for rb, _ in columns])
         col_idx = torch.tensor([o for _, o in columns])
         q_col = torch.tensor(c.primes, dtype=torch.int64).reshape(1, -1, 1)
-        decoded = compose_centered(torch.remainder(vals + term[rb_idx, col_idx], q_col), c.primes)
-        decoded = decoded.to(torch.float64).numpy()                                           # [C, P]
+        centred = compose_centered(torch.remainder(vals + term[rb_idx, col_idx], q_col), c.primes)
+        decoded = centred.to(torch.float64).numpy()                                           # [C, P]
 
         w_scales = [weight_scale(self.weight_bits, w.peak) for w in weights]
         member_of = np.repeat(np.arange(len(o_counts)), o_counts)
@@ -831,8 +812,8 @@ class NativeEvaluator:
             if h.call_id != first.call_id:
                 raise CiphertextError(f"input ciphertext {i}: the ciphertexts of one call share one call id")
             bodies.append(np.frombuffer(body, dtype=np.uint8))
-        cts = wire.unpack_residues(np.stack(bodies), c.n, c.primes, "input ciphertext")    # [C, L, N]
-        cts = torch.from_numpy(cts).to(self.device)
+        residues = wire.unpack_residues(np.stack(bodies), c.n, c.primes, "input ciphertext")    # [C, L, N]
+        cts = torch.from_numpy(residues).to(self.device)
         return cts.reshape(rb_count, b_count, len(c.primes), c.n), blk, first
 
     def _kernel(self, prepared: "PreparedGroup", blk: Blocking, cts: torch.Tensor) -> np.ndarray:
@@ -908,7 +889,7 @@ class NativeBackend:
 
     name = "native"
     default_params = DEFAULT_PARAMS
-    verification = "exact"
+    verification: Literal["exact", "tolerance"] = "exact"
 
     def check_params(self, params: CKKSParams) -> None:
         """Raise ValueError unless this backend can run ``params`` (NTT-friendly primes of <= 31 bits)."""

@@ -93,6 +93,16 @@ class EncodedWeights:
     fft_spectra: torch.Tensor | None = None
     ntt_transforms: torch.Tensor | None = None
 
+    def spectra(self) -> torch.Tensor:
+        if self.fft_spectra is None:
+            raise ValueError("these weights were encoded for the NTT product: no FFT spectra")
+        return self.fft_spectra
+
+    def transforms(self) -> torch.Tensor:
+        if self.ntt_transforms is None:
+            raise ValueError("these weights were encoded for the FFT product: no NTT transforms")
+        return self.ntt_transforms
+
 
 def encode_weights(blocking: Blocking, weight_ints: list[torch.Tensor], d_in: int, primes: tuple[int, ...],
                    polymul: str) -> EncodedWeights:
@@ -149,7 +159,7 @@ def apply_fft(enc: EncodedWeights, polys: torch.Tensor, primes: tuple[int, ...],
     f = spec.shape[-1]
     # contiguous: torch's batched GEMM on a strided view runs ~6x slower (measured, CPU)
     x = spec.permute(3, 0, 2, 1).reshape(f, rb * d, b).contiguous()  # [F, RB·D, B]
-    y = torch.bmm(x, enc.fft_spectra)                             # [F, RB·D, O]
+    y = torch.bmm(x, enc.spectra())                               # [F, RB·D, O]
     ints = nfft.round_exact(_inverse_at(y, rb, d, positions))     # [RB, O, D, P], exact
     # each is a sum of B·n_i·n_o digit × weight products (a weight polynomial has n_o·n_i coefficients), every
     # one below 2^(β−1+1)·2^weight_bits in magnitude, whatever the input
@@ -183,7 +193,7 @@ def apply_ntt(enc: EncodedWeights, polys: torch.Tensor, primes: tuple[int, ...],
     limbs = []
     for i, q in enumerate(primes):
         x = ntt.forward(polys[:, :, i, :], q)                      # [RB, B, N]
-        w = enc.ntt_transforms[i]                                  # [B, O, N]
+        w = enc.transforms()[i]                                    # [B, O, N]
         acc = torch.zeros(rb, w.shape[1], n, dtype=torch.int64, device=polys.device)
         for j in range(b):
             acc = torch.remainder(acc + x[:, j, None, :] * w[j, None, :, :], q)

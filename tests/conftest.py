@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bifrost.cli: runtime a
 
 @pytest.fixture(scope="session")
 def run_config():
-    from bifrost.config import load_config
+    from bifrost.config_loader import load_config
 
     return load_config()
 

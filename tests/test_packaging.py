@@ -35,6 +35,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "bifrost/attest": TRUSTED + ("bifrost.serve", "bifrost.worker"),
     "bifrost/__init__.py": TRUSTED + ("bifrost.serve", "bifrost.worker"),
     "bifrost/config.py": TRUSTED + ("bifrost.serve", "bifrost.worker"),
+    "bifrost/config_loader.py": TRUSTED + ("bifrost.serve", "bifrost.worker"),
+    "bifrost/yaml_io.py": TRUSTED + ("bifrost.serve", "bifrost.worker"),
     "bifrost/errors.py": TRUSTED + ("bifrost.serve", "bifrost.worker"),
     "kernels": TRUSTED + ("bifrost.serve", "bifrost.worker"),
     "estimator": TRUSTED,
@@ -125,6 +127,110 @@ def test_the_static_check_flags_a_planted_violation(tmp_path):
     assert sorted(violations(tmp_path)) == [
         "bifrost/serve/client.py imports ['bifrost.tee.replica', 'bifrost.tee.replica.TrustedReplica']",
         "bifrost/worker/service.py imports ['bifrost.tee']"]
+
+
+# --------------------------------------------------------------------------- import cycles
+
+IMPORT_ROOTS = {"bifrost": "bifrost", "bifrost_kernels": "kernels"}  # import name -> folder
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    """Every module of ``bifrost`` and ``bifrost_kernels`` under ``root``, by import name (a package by its own name)."""
+    found = {}
+    for name, folder in IMPORT_ROOTS.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = list(path.relative_to(root / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([name, *parts])] = path
+    return found
+
+
+def _module_imports(source: str, package: str, modules: dict[str, Path]) -> set[str]:
+    """The modules of ``modules`` that ``source`` imports anywhere (functions included): ``import a.b`` -> a.b;
+    ``from a import b`` -> a.b when that is a module, else a; relative imports resolved against ``package``;
+    ``importlib.import_module`` / ``__import__`` of a constant name. A name resolves to its longest module prefix."""
+    targets = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names}
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            fn = node.func
+            called = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                targets.add(node.args[0].value)
+    resolved = set()
+    for name in targets:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name:
+            resolved.add(name)
+    return resolved
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the modules it imports, over ``bifrost`` and ``bifrost_kernels`` (a package's ``__init__`` is the
+    package's own node, so an ``__init__`` importing its submodules is an edge)."""
+    modules = _modules(root)
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = _module_imports(path.read_text(), package, modules) - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as [a, b, ..., a], or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(graph):
+        if start in state:
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_bifrost_and_its_kernels_have_no_import_cycle():
+    graph = import_graph()
+    assert "bifrost.config_loader" in graph["bifrost.tee.runtime"]  # the graph sees real imports
+    assert "bifrost.attest.snp" in graph["bifrost.attest.verdict"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_planted_cycle(tmp_path):
+    """A function-level import back to the importer and an ``__init__`` importing its submodule are cycles."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels/__init__.py").write_text("")
+    (tmp_path / "bifrost/ckks").mkdir(parents=True)
+    (tmp_path / "bifrost/__init__.py").write_text("")
+    (tmp_path / "bifrost/ckks/__init__.py").write_text("from .backend import get_backend\n")
+    (tmp_path / "bifrost/ckks/backend.py").write_text("def get_backend():\n    from bifrost_kernels import native\n")
+    (tmp_path / "kernels/native.py").write_text("from bifrost.ckks import backend\n")
+    assert find_cycle(import_graph(tmp_path)) == ["bifrost.ckks.backend", "bifrost_kernels.native", "bifrost.ckks.backend"]
+    (tmp_path / "kernels/native.py").write_text("import bifrost.ckks\n")
+    assert find_cycle(import_graph(tmp_path)) == ["bifrost.ckks", "bifrost.ckks.backend", "bifrost_kernels.native",
+                                                  "bifrost.ckks"]
+    (tmp_path / "kernels/native.py").write_text("import numpy\n")
+    assert find_cycle(import_graph(tmp_path)) is None
 
 
 # --------------------------------------------------------------------------- run time

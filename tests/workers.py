@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from bifrost.config_loader import placement_of
 from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity, server_credentials
 from bifrost.worker.service import WorkerService, build_service, limits_from_config, serve
 
@@ -12,7 +13,7 @@ def make_service(run_config, model: str, max_sessions: int = 8, cache_bytes: int
                  **limit_changes) -> WorkerService:
     limits = dataclasses.replace(limits_from_config(run_config), max_sessions=max_sessions,
                                  cache_bytes=cache_bytes, **limit_changes)
-    return build_service(model, run_config.seed, run_config.placement(), limits)
+    return build_service(model, run_config.seed, placement_of(run_config), limits)
 
 
 def start_worker(run_config, model: str, max_sessions: int = 8, cache_bytes: int = 2 * 2**30,

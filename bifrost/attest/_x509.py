@@ -33,6 +33,7 @@ X509_ERRORS: tuple[type[Exception], ...] = (
     x509.UnsupportedGeneralNameType,
     UnsupportedAlgorithm,
 )
+_SIGNATURE_ERRORS: tuple[type[Exception], ...] = (InvalidSignature, *X509_ERRORS)
 
 ErrorType = type[AttestationError]
 
@@ -128,7 +129,7 @@ def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str,
     """Issuer name match and signature (RSA-PSS, RSA PKCS#1 or ECDSA, as the certificate says)."""
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, *X509_ERRORS) as exc:
+    except _SIGNATURE_ERRORS as exc:
         raise error(check, f"{what} is not signed by {name_of(issuer)}: {exc or 'bad signature'}") from None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import BifrostError
+from ..errors import UserError
 from .errors import AttestationError, PolicyConfigError
 from .evidence import SIMULATED_MAGIC
 from .policy import DEFAULT_POLICY, load_policy
@@ -65,7 +65,7 @@ def _read(path: str | None, what: str) -> bytes | None:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise BifrostError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def detect_evidence_type(raw: bytes) -> str:
@@ -75,7 +75,7 @@ def detect_evidence_type(raw: bytes) -> str:
         return "sev-snp"
     if len(raw) >= 8 and struct.unpack_from("<H", raw, 0)[0] in (4, 5) and struct.unpack_from("<I", raw, 4)[0] == TEE_TYPE_TDX:
         return "tdx"
-    raise BifrostError("cannot detect the evidence type; pass --type sev-snp|tdx|simulated")
+    raise UserError("cannot detect the evidence type; pass --type sev-snp|tdx|simulated")
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -84,7 +84,7 @@ def _parse_time(text: str | None) -> datetime:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise BifrostError(f"--at {text!r} is not an ISO 8601 time (e.g. 2025-07-01T00:00:00Z)") from None
+        raise UserError(f"--at {text!r} is not an ISO 8601 time (e.g. 2025-07-01T00:00:00Z)") from None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
@@ -95,7 +95,7 @@ def build_evidence(args: argparse.Namespace) -> Evidence:
     leaf = _read(args.vcek, "VCEK/VLEK certificate")
     if leaf is not None:
         if kind != "sev-snp":
-            raise BifrostError("--vcek applies to SEV-SNP evidence only")
+            raise UserError("--vcek applies to SEV-SNP evidence only")
         signer = raw[0x48] >> 2 & 0x7 if len(raw) > 0x48 else 0
         endorsements["vlek" if signer == 1 else "vcek"] = leaf
     chain = _read(args.cert_chain, "certificate chain")
@@ -104,7 +104,7 @@ def build_evidence(args: argparse.Namespace) -> Evidence:
     collateral = _read(args.collateral, "collateral")
     if collateral is not None:
         if kind != "tdx":
-            raise BifrostError("--collateral applies to TDX evidence only")
+            raise UserError("--collateral applies to TDX evidence only")
         endorsements["collateral"] = collateral
     return Evidence(kind, raw, endorsements)
 
@@ -130,7 +130,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy) if args.policy else DEFAULT_POLICY
     except PolicyConfigError as exc:
-        raise BifrostError(f"policy: {exc}") from None
+        raise UserError(f"policy: {exc}") from None
     evidence = build_evidence(args)
     at = _parse_time(args.at)
     expected = None
@@ -138,7 +138,7 @@ def run_verify(args: argparse.Namespace) -> int:
         try:
             expected = bytes.fromhex(args.report_data)
         except ValueError:
-            raise BifrostError("--report-data must be hex") from None
+            raise UserError("--report-data must be hex") from None
     try:
         verdict = verify_evidence(evidence, policy, at=at, expected_report_data=expected)
     except AttestationError as exc:
@@ -161,7 +161,7 @@ def run_init_policy(args: argparse.Namespace) -> int:
     from .init_policy import fetch_served_models, remote_source, render_policy, write_policy
 
     if Path(args.out).exists() and not args.force:
-        raise BifrostError(f"{args.out} exists; pass --force to overwrite it")
+        raise UserError(f"{args.out} exists; pass --force to overwrite it")
     models, evidence_type = fetch_served_models(args.address, args.tls_ca, args.timeout)
     write_policy(args.out, render_policy(models, evidence_type, remote_source(args.address)), force=args.force)
     names = ", ".join(m.name for m in models)

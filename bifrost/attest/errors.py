@@ -3,14 +3,18 @@
 Each error carries ``check``: a short stable identifier of the check that failed (for example
 ``"report_signature"``, ``"pck_chain"``, ``"no_matching_tcb_level"``), so callers and tests can tell
 *which* check refused the evidence without parsing the message.
+
+In the error taxonomy (:mod:`bifrost.errors`) they are subclasses of :class:`~bifrost.errors.RefusedError`
+(authentic or not, the evidence is refused by policy: CLI exit 1, gRPC PERMISSION_DENIED), except a malformed policy
+*file* (:class:`PolicyConfigError`), which is a :class:`~bifrost.errors.UserError` too (exit 2).
 """
 
 from __future__ import annotations
 
-from ..errors import BifrostError
+from ..errors import RefusedError, UserError
 
 
-class AttestationError(BifrostError):
+class AttestationError(RefusedError):
     """Base class. ``check`` names the failed check; the message says what was expected."""
 
     exit_code = 1
@@ -59,8 +63,8 @@ class BindingError(PolicyViolationError):
     """report_data does not equal the expected binding (channel key, nonce, model, serving config)."""
 
 
-class PolicyConfigError(AttestationError):
-    """A policy file is malformed: unknown key, wrong type, bad hex length."""
+class PolicyConfigError(AttestationError, UserError):
+    """A policy file is malformed: unknown key, wrong type, bad hex length (bad input: a user error)."""
 
     exit_code = 2
 

@@ -35,7 +35,7 @@ from .errors import EvidenceFormatError, PolicyViolationError, ProviderError, Si
 from .options import DEFAULT_OPTIONS, VerifyOptions
 from .policy import AttestationPolicy
 from .snp.parse import parse_cert_table
-from .verdict import Evidence, Verdict, register_verifier
+from .types import Evidence, Verdict
 
 CONFIGFS_TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 REPORT_DATA_SIZE = 64
@@ -260,8 +260,6 @@ class SimulatedVerifier:
             simulated=True,
         )
 
-
-register_verifier("simulated", SimulatedVerifier)
 
 # --------------------------------------------------------------------------- provider registry
 

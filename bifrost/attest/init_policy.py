@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BifrostError
+from ..errors import RefusedError, UnavailableError, UserError
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ def render_policy(models: list[ServedModel], evidence_type: str, source: str) ->
     """The policy YAML text, every key explained. ``source``: where the digests came from (one comment line
     or more, without the leading ``#``)."""
     if not models:
-        raise BifrostError("no models to pin")
+        raise UserError("no models to pin")
     lines = [
         "# Bifrost client attestation policy (bifrost chat --policy FILE, bifrost proxy --policy FILE,",
         "# BifrostClient(address, load_policy(FILE))). Every key is optional; unknown keys are an error.",
@@ -83,7 +83,7 @@ def write_policy(path: str | Path, text: str, force: bool = False) -> None:
     """Write ``text`` to ``path``; an existing file is kept unless ``force``."""
     path = Path(path)
     if path.exists() and not force:
-        raise BifrostError(f"{path} exists; pass --force to overwrite it")
+        raise UserError(f"{path} exists; pass --force to overwrite it")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -104,20 +104,20 @@ def fetch_served_models(address: str, tls_ca: str | None = None, timeout_s: floa
         else:
             channel = grpc.insecure_channel(address, options=serving_options())
     except (OSError, ValueError) as exc:
-        raise BifrostError(f"cannot list the models of {address}: {exc}") from None
+        raise UnavailableError(f"cannot list the models of {address}: {exc}") from None
     try:
         with channel:
             reply = serving_pb2_grpc.BifrostServingStub(channel).ListModels(serving_pb2.ListModelsRequest(),
                                                                             timeout=timeout_s)
     except grpc.RpcError as exc:
         detail = " ".join((exc.details() or "").split())[:200]
-        raise BifrostError(f"cannot list the models of {address}: {exc.code().name}: {detail}") from None
+        raise UnavailableError(f"cannot list the models of {address}: {exc.code().name}: {detail}") from None
     models = [ServedModel(m.name, bytes(m.model_digest), bytes(m.serving_config_digest)) for m in reply.models]
     if not models:
-        raise BifrostError(f"{address} serves no models")
+        raise UserError(f"{address} serves no models")
     for m in models:
         if len(m.model_digest) != 32 or len(m.serving_config_digest) != 32:
-            raise BifrostError(f"{address}: malformed digests for model {m.name!r}")
+            raise RefusedError(f"{address}: malformed digests for model {m.name!r}")
     return models, reply.evidence_type
 
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..errors import BifrostError
+from ..errors import UserError
 
 WORKER_TLS_NAME = "bifrost-worker"          # DNS name in every worker certificate; pinned, not resolved
 TRUSTED_TLS_NAME = "bifrost-trusted-runtime"
@@ -43,7 +43,7 @@ def fingerprint(cert_pem: bytes) -> str:
         spki = cert.public_key().public_bytes(serialization.Encoding.DER,
                                               serialization.PublicFormat.SubjectPublicKeyInfo)
     except (ValueError, TypeError) as exc:
-        raise BifrostError(f"not a PEM certificate: {exc}") from None
+        raise UserError(f"not a PEM certificate: {exc}") from None
     return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
@@ -92,7 +92,7 @@ class TLSIdentity:
         try:
             key_pem, cert_pem = (d / KEY_FILE).read_bytes(), (d / CERT_FILE).read_bytes()
         except OSError as exc:
-            raise BifrostError(f"cannot read the TLS identity in {d}: {exc.strerror} ({exc.filename})") from None
+            raise UserError(f"cannot read the TLS identity in {d}: {exc.strerror} ({exc.filename})") from None
         fingerprint(cert_pem)  # validates the certificate
         return cls(key_pem, cert_pem)
 
@@ -111,7 +111,7 @@ def read_certificate(path: str | os.PathLike) -> bytes:
     try:
         pem = Path(path).read_bytes()
     except OSError as exc:
-        raise BifrostError(f"cannot read certificate {path}: {exc.strerror}") from None
+        raise UserError(f"cannot read certificate {path}: {exc.strerror}") from None
     fingerprint(pem)
     return pem
 
@@ -152,7 +152,7 @@ def server_credentials(identity: TLSIdentity, trusted_clients: list[bytes]):
     import grpc
 
     if not trusted_clients:
-        raise BifrostError("a worker needs at least one trusted runtime certificate (worker.trusted_clients)")
+        raise UserError("a worker needs at least one trusted runtime certificate (worker.trusted_clients)")
     return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)],
                                        root_certificates=b"".join(trusted_clients), require_client_auth=True)
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import TokenError, TokenExpiredError, TokenReplayError, TokenSignatureError
-from .verdict import Verdict
+from .types import Verdict
 
 DEFAULT_LIFETIME_S = 300
 MAX_LIFETIME_S = 24 * 3600

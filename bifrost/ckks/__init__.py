@@ -1,4 +1,5 @@
-"""CKKS backends: interface, parameter security rule, registry."""
+"""CKKS backends: interface, parameter security rule, the table of backends (:mod:`.registry`), and the worker
+traffic of a layer group (:mod:`.traffic`: measured by the engine, predicted by the estimator)."""
 
 from .backend import (
     CiphertextError,
@@ -10,15 +11,15 @@ from .backend import (
     SecretKeyInPublicContextError,
     TrustedContext,
     WeightStats,
-    available_backends,
-    get_backend,
-    register_backend,
     row_bucket,
 )
 from .params import CKKSParams, InsecureParametersError, check_128_bit_security
+from .registry import BACKENDS, available_backends, get_backend
+from .traffic import TRAFFIC_FIELDS, GroupTraffic
 
 __all__ = [
-    "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "ExactTrustedContext", "GroupShape",
+    "BACKENDS", "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "ExactTrustedContext", "GroupShape",
+    "GroupTraffic", "TRAFFIC_FIELDS",
     "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "available_backends",
-    "WeightStats", "check_128_bit_security", "get_backend", "register_backend", "row_bucket",
+    "WeightStats", "check_128_bit_security", "get_backend", "row_bucket",
 ]

@@ -1,4 +1,5 @@
-"""The CKKS backend interface: two small Protocols, one per trust domain, and a registry.
+"""The CKKS backend interface: two small Protocols, one per trust domain (the table of backends is in
+:mod:`.registry`).
 
 A delegated linear layer computes ``y = x @ W.T`` for a batch of rows ``x`` (rows × d_in) that only
 the trusted runtime can read. Layers that read the same input (e.g. q/k/v projections) form a
@@ -16,11 +17,14 @@ deterministic function of public values (parameters and shapes) so both sides ag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from .params import CKKSParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class CiphertextError(ValueError):
@@ -171,14 +175,14 @@ class Evaluator(Protocol):
         Raises :class:`CiphertextError` on malformed/foreign ciphertexts or wrong counts.
         """
 
-    def apply_many(self, prepared: Any, items: Sequence[tuple["Evaluator", Sequence[bytes]]]) -> list[list[list[bytes]]]:
+    def apply_many(self, prepared: Any, items: Sequence[tuple[Self, Sequence[bytes]]]) -> list[list[list[bytes]]]:
         """``[ev.apply(prepared, cts) for ev, cts in items]`` for the inputs of several worker sessions (different
         keys) whose evaluators share this one's parameters, in one pass where the backend can."""
 
 
 @runtime_checkable
 class CKKSBackend(Protocol):
-    """A CKKS implementation. ``name`` is its registry key; ``default_params`` its recommended
+    """A CKKS implementation. ``name`` is its key in :data:`.registry.BACKENDS`; ``default_params`` its recommended
     128-bit parameter set (used when a run config does not name parameters)."""
 
     name: str
@@ -212,40 +216,3 @@ class CKKSBackend(Protocol):
     def quantized_weights(self, params: CKKSParams, w: np.ndarray) -> tuple[np.ndarray, float]:
         """The weights an honest worker multiplies by, as (m, c) with effective W = m / c exactly in float64
         and m in a compact dtype (the trusted side keeps it once per replica for the product check)."""
-
-
-_REGISTRY: dict[str, Callable[[], CKKSBackend]] = {}
-
-
-def register_backend(name: str, factory: Callable[[], CKKSBackend]) -> None:
-    """Register ``factory`` under ``name`` (lazy: the factory imports its heavy dependencies)."""
-    _REGISTRY[name] = factory
-
-
-def get_backend(name: str) -> CKKSBackend:
-    """Return the backend registered as ``name``; ValueError lists the known names otherwise."""
-    _register_builtin()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown CKKS backend {name!r}; known: {sorted(_REGISTRY)}") from None
-    return factory()
-
-
-def available_backends() -> list[str]:
-    _register_builtin()
-    return sorted(_REGISTRY)
-
-
-def _register_builtin() -> None:
-    if "tenseal" not in _REGISTRY:
-        def _tenseal() -> CKKSBackend:
-            from .tenseal_backend import TenSEALBackend
-
-            return TenSEALBackend()
-
-        register_backend("tenseal", _tenseal)
-    try:  # native tensor kernels (kernels/ -> bifrost_kernels) register themselves when present
-        import bifrost_kernels  # noqa: F401
-    except ImportError:
-        pass

@@ -36,7 +36,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -332,11 +332,6 @@ class TenSEALTrustedContext:
         return np.stack([unit * (ERROR_FLOOR + ERROR_PER_WEIGHT * w.row_l1 + ERROR_PER_INPUT * state.x_l1)
                          for w in weights], axis=1)
 
-    # Test hook: raw secret-key words, used only to prove they never leave the trusted side.
-    def _secret_key_words(self) -> bytes:
-        sk_pt = self._secret_key.data()
-        return np.array([sk_pt.data(i) for i in range(sk_pt.coeff_count())], dtype="<u8").tobytes()
-
 
 def _load_ciphertext(ctx, context_id: bytes, plan: PackingPlan, blob: bytes):
     if not isinstance(blob, (bytes, bytearray)) or len(blob) < _HEADER_BYTES + 16:
@@ -423,7 +418,7 @@ class TenSEALEvaluator:
                     for r in range(R):
                         full[:, r * B : r * B + m] = diag
                     full = np.take_along_axis(full, src, axis=1)
-                    pts = []
+                    pts: list[Any] = []
                     for row in full:
                         if not row.any():  # zero padding (last input chunk): nothing to multiply
                             pts.append(None)
@@ -567,7 +562,7 @@ class TenSEALBackend:
 
     name = "tenseal"
     default_params = CKKSParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60), scale_bits=40)
-    verification = "tolerance"
+    verification: Literal["exact", "tolerance"] = "tolerance"
 
     def check_params(self, params: CKKSParams) -> None:
         """Raise ValueError unless ``params`` has the [q0, q1 (rescale), special] prime layout this backend uses."""

@@ -20,13 +20,15 @@ import importlib.util
 import json
 import os
 import warnings
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import CONFIG_DIR, load_yaml
-from ..errors import BifrostError
+from ..config import CONFIG_DIR
+from ..errors import UserError
+from ..yaml_io import load_yaml
 
 TASKS = {"causal-lm", "encoder"}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -49,13 +51,13 @@ def catalog() -> dict[str, ModelSpec]:
     for name, entry in raw.items():
         unknown = set(entry) - {"family", "task", "config", "package", "gguf", "sha256", "ckks"}
         if unknown:
-            raise BifrostError(f"configs/models.yaml: model {name!r} has unknown keys {sorted(unknown)}")
+            raise UserError(f"configs/models.yaml: model {name!r} has unknown keys {sorted(unknown)}")
         family, task = entry.get("family"), entry.get("task", "causal-lm")
         if not _known_model_type(family) or task not in TASKS:
-            raise BifrostError(f"configs/models.yaml: model {name!r} has bad family/task {family!r}/{task!r} "
+            raise UserError(f"configs/models.yaml: model {name!r} has bad family/task {family!r}/{task!r} "
                                f"(family: a transformers model_type; task: {' | '.join(sorted(TASKS))})")
         if "gguf" in entry and not (isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
-            raise BifrostError(f"configs/models.yaml: model {name!r}: a gguf source needs its sha256 (64 hex digits)")
+            raise UserError(f"configs/models.yaml: model {name!r}: a gguf source needs its sha256 (64 hex digits)")
         path = _package_path(entry["package"]) if "package" in entry else None  # gguf: converted in resolve()
         specs[name] = ModelSpec(name, family, task, dict(entry.get("config", {})), path)
     return specs
@@ -69,7 +71,7 @@ def model_ckks(model: str, backend: str) -> dict | None:
     if ckks is None:
         return None
     if not isinstance(ckks, dict) or not all(isinstance(v, dict) for v in ckks.values()):
-        raise BifrostError(f"configs/models.yaml: model {model!r}: ckks maps a backend name to its parameters")
+        raise UserError(f"configs/models.yaml: model {model!r}: ckks maps a backend name to its parameters")
     return ckks.get(backend)
 
 
@@ -88,18 +90,18 @@ def resolve(model: str) -> ModelSpec:
         spec = specs[model]
         entry = load_yaml(CONFIG_DIR / "models.yaml")[model]
         if spec.path is None and "package" in entry:
-            raise BifrostError(f"model {model!r} needs its package installed (see configs/models.yaml)")
+            raise UserError(f"model {model!r} needs its package installed (see configs/models.yaml)")
         if "gguf" in entry:
             return dataclasses.replace(spec, path=str(_gguf_checkpoint(model, entry)))
         return spec
     looks_like_path = os.sep in model or model.startswith(".") or Path(model).exists()
     if not looks_like_path:
-        raise BifrostError(f"unknown model {model!r}: not a catalog name ({', '.join(sorted(specs))}) nor a path")
+        raise UserError(f"unknown model {model!r}: not a catalog name ({', '.join(sorted(specs))}) nor a path")
     p = Path(model)
     if not p.is_dir():
-        raise BifrostError(f"checkpoint path does not exist or is not a directory: {model}")
+        raise UserError(f"checkpoint path does not exist or is not a directory: {model}")
     if not (p / "config.json").is_file():
-        raise BifrostError(f"checkpoint directory has no config.json: {model}")
+        raise UserError(f"checkpoint directory has no config.json: {model}")
     family, task = _checkpoint_kind(p)
     return ModelSpec(str(p), family, task, {}, str(p))
 
@@ -110,7 +112,7 @@ def _gguf_checkpoint(name: str, entry: dict) -> Path:
 
     gguf = package_file(entry["gguf"])
     if gguf is None:
-        raise BifrostError(f"model {name!r} needs {entry['gguf']} (its package installed; see configs/models.yaml)")
+        raise UserError(f"model {name!r} needs {entry['gguf']} (its package installed; see configs/models.yaml)")
     return cached_checkpoint(name, gguf, entry["sha256"])
 
 
@@ -135,19 +137,19 @@ def _checkpoint_kind(p: Path) -> tuple[str, str]:
     try:
         raw = json.loads((p / "config.json").read_text())
     except (ValueError, OSError) as exc:
-        raise BifrostError(f"{where}: not a readable JSON file ({_first_line(exc)})") from None
+        raise UserError(f"{where}: not a readable JSON file ({_first_line(exc)})") from None
     mtype = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(mtype, str) or not mtype:
-        raise BifrostError(f"{where} has no model_type")
+        raise UserError(f"{where} has no model_type")
     if not _known_model_type(mtype):
-        raise BifrostError(f"model_type {mtype!r} in {where} is not known to transformers {transformers.__version__} "
+        raise UserError(f"model_type {mtype!r} in {where} is not known to transformers {transformers.__version__} "
                            "(custom code is never run)")
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as exc:  # any config error: one line for the user
-        raise BifrostError(f"{where}: transformers cannot read it: {_first_line(exc)}") from None
+        raise UserError(f"{where}: transformers cannot read it: {_first_line(exc)}") from None
     if getattr(config, "is_encoder_decoder", False):
-        raise BifrostError(f"{p}: {mtype} is an encoder-decoder model; Bifrost runs decoder LMs and encoders")
+        raise UserError(f"{p}: {mtype} is an encoder-decoder model; Bifrost runs decoder LMs and encoders")
     causal_name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mtype)
     architectures = list(getattr(config, "architectures", None) or [])
     if causal_name is not None:
@@ -159,11 +161,11 @@ def _checkpoint_kind(p: Path) -> tuple[str, str]:
     if mtype in modeling_auto.MODEL_MAPPING_NAMES:
         import inspect
 
-        base = modeling_auto.MODEL_MAPPING[type(config)]
+        base: Any = modeling_auto.MODEL_MAPPING[type(config)]
         if "input_ids" not in inspect.signature(base.forward).parameters:
-            raise BifrostError(f"{p}: {base.__name__} takes no token ids (not a text model)")
+            raise UserError(f"{p}: {base.__name__} takes no token ids (not a text model)")
         return mtype, "encoder"
-    raise BifrostError(f"{p}: transformers {transformers.__version__} has neither a causal-LM nor a base-model "
+    raise UserError(f"{p}: transformers {transformers.__version__} has neither a causal-LM nor a base-model "
                        f"class for model_type {mtype!r} (architectures: {', '.join(architectures) or 'none'})")
 
 
@@ -186,14 +188,14 @@ def _load_checkpoint(auto, path: str) -> torch.nn.Module:
         model, info = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True, attn_implementation="eager",
                                            ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as exc:  # OSError, safetensors or config errors, ...: one line
-        raise BifrostError(f"cannot load checkpoint {path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load checkpoint {path}: {_first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     bad = sorted(k for k in info.get("missing_keys") or [] if "pooler" not in k)
     bad += sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise BifrostError(f"cannot load checkpoint {path}: weights missing or of the wrong shape: {', '.join(bad[:3])}{more}")
+        raise UserError(f"cannot load checkpoint {path}: weights missing or of the wrong shape: {', '.join(bad[:3])}{more}")
     return model
 
 
@@ -225,12 +227,12 @@ def load_adapter(model: torch.nn.Module, adapter: str, merged: bool = False) -> 
 
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
-        raise BifrostError(f"LoRA adapter {adapter}: no adapter_config.json (a peft adapter directory)")
+        raise UserError(f"LoRA adapter {adapter}: no adapter_config.json (a peft adapter directory)")
     try:
         with peft_wrapping():
             peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise BifrostError(f"cannot load LoRA adapter {adapter}: {str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot load LoRA adapter {adapter}: {str(exc).splitlines()[0][:200]}") from None
     return (peft_model.merge_and_unload() if merged else peft_model).eval()
 
 

@@ -31,7 +31,10 @@ def is_linear(module: torch.nn.Module) -> bool:
 
 def linear_weight(module: torch.nn.Module) -> np.ndarray:
     """The weight as (d_out, d_in) float64."""
-    w = module.weight.detach().to(torch.float64)
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    w = weight.detach().to(torch.float64)
     if isinstance(module, _conv1d_class()):
         w = w.t()
     return np.ascontiguousarray(w.numpy())

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import BifrostError
+from ..errors import BifrostError, RefusedError, UserError
 
 CONVERSIONS = 0  # conversions done by this process (tests check that a cached checkpoint is reused)
 _VERIFIED: dict[tuple, Path] = {}  # checkpoints verified by this process (hashing ~0.6 GB takes seconds)
@@ -68,7 +68,7 @@ def verify_gguf(path: Path, pinned: str, name: str) -> str:
     """The GGUF's SHA-256, or a one-line refusal when it differs from the pin."""
     digest = sha256_file(path)
     if digest != pinned.lower():
-        raise BifrostError(f"model {name!r}: {path} has SHA-256 {digest[:16]}…, not the pinned {pinned[:16]}… "
+        raise RefusedError(f"model {name!r}: {path} has SHA-256 {digest[:16]}…, not the pinned {pinned[:16]}… "
                            "(configs/models.yaml); refusing to convert it")
     return digest
 
@@ -133,7 +133,7 @@ def _convert(name: str, gguf: Path, gguf_digest: str, folder: Path) -> Path:
     except Exception as exc:  # gguf missing, unsupported architecture, disk full, ...: one line
         shutil.rmtree(tmp, ignore_errors=True)
         text = str(exc).strip().splitlines()
-        raise BifrostError(f"model {name!r}: cannot convert {gguf.name}: {text[0] if text else type(exc).__name__}") from None
+        raise UserError(f"model {name!r}: cannot convert {gguf.name}: {text[0] if text else type(exc).__name__}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     ckpt = folder / "checkpoint"

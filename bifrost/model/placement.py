@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONFIG_DIR, load_yaml
-from ..errors import BifrostError
+from ..config import CONFIG_DIR
+from ..errors import UserError
+from ..yaml_io import load_yaml
 
 POLICY_DIR = CONFIG_DIR / "policies"
 PLACEMENTS = ("tee", "ckks")
@@ -116,45 +117,45 @@ def load_placement_policy(ref: str) -> PlacementPolicy:
     """A shipped policy by name (``configs/policies/<name>.yaml``) or a YAML file path."""
     path = POLICY_DIR / f"{ref}.yaml" if "/" not in ref and not ref.endswith((".yaml", ".yml")) else Path(ref)
     if not path.is_file():
-        raise BifrostError(f"unknown placement policy {ref!r}: not one of {', '.join(policy_names())} nor a YAML file")
+        raise UserError(f"unknown placement policy {ref!r}: not one of {', '.join(policy_names())} nor a YAML file")
     return policy_from_mapping(load_yaml(path), path.stem, str(path))
 
 
 def policy_from_mapping(data: dict, name: str, where: str = "policy") -> PlacementPolicy:
     unknown = set(data) - {"description", "requires", "rules"}
     if unknown:
-        raise BifrostError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: description, requires, rules")
+        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: description, requires, rules")
     rules_data = data.get("rules")
     if not isinstance(rules_data, list) or not rules_data:
-        raise BifrostError(f"{where}: 'rules' must be a non-empty list of {{role|match, placement}}")
+        raise UserError(f"{where}: 'rules' must be a non-empty list of {{role|match, placement}}")
     rules = []
     for i, r in enumerate(rules_data):
         at = f"{where}: rule {i + 1}"
         if not isinstance(r, dict) or set(r) - {"role", "match", "placement"}:
-            raise BifrostError(f"{at}: a rule is a mapping with 'placement' and one of 'role' or 'match'")
+            raise UserError(f"{at}: a rule is a mapping with 'placement' and one of 'role' or 'match'")
         placement = r.get("placement")
         if placement not in PLACEMENTS:
-            raise BifrostError(f"{at}: unknown placement {placement!r}; choose {' or '.join(PLACEMENTS)}")
+            raise UserError(f"{at}: unknown placement {placement!r}; choose {' or '.join(PLACEMENTS)}")
         if ("role" in r) == ("match" in r):
-            raise BifrostError(f"{at}: give exactly one of 'role' or 'match'")
+            raise UserError(f"{at}: give exactly one of 'role' or 'match'")
         if "role" in r:
             if r["role"] not in ROLES:
-                raise BifrostError(f"{at}: unknown role {r['role']!r}; roles: {', '.join(ROLES)}")
+                raise UserError(f"{at}: unknown role {r['role']!r}; roles: {', '.join(ROLES)}")
             if r["role"] in ("head", "lora") and placement == "ckks":
-                raise BifrostError(f"{at}: the {r['role']} stays in the TEE (the LM head, classifier and pooler; "
+                raise UserError(f"{at}: the {r['role']} stays in the TEE (the LM head, classifier and pooler; "
                                    "adapter matrices and fine-tuned copies)")
             rules.append(Rule(placement, role=r["role"]))
         else:
             globs = r["match"] if isinstance(r["match"], list) else [r["match"]]
             if not globs or not all(isinstance(g, str) and g for g in globs):
-                raise BifrostError(f"{at}: 'match' is a glob or a list of globs on module names")
+                raise UserError(f"{at}: 'match' is a glob or a list of globs on module names")
             rules.append(Rule(placement, match=tuple(globs)))
     requires = data.get("requires", [])
     if not isinstance(requires, list) or not all(x in ROLES for x in requires):
-        raise BifrostError(f"{where}: 'requires' is a list of roles ({', '.join(ROLES)})")
+        raise UserError(f"{where}: 'requires' is a list of roles ({', '.join(ROLES)})")
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise BifrostError(f"{where}: 'description' must be a string")
+        raise UserError(f"{where}: 'description' must be a string")
     return PlacementPolicy(name, tuple(rules), description, tuple(requires))
 
 
@@ -205,24 +206,24 @@ def plan(model: torch.nn.Module, policy: PlacementPolicy, model_name: str = "the
             if hit:
                 used[i] = True
                 if role in _ALWAYS_TEE and rule.placement == "ckks":
-                    raise BifrostError(f"policy {policy.name}: rule {i + 1} ({rule.describe()}) would delegate "
+                    raise UserError(f"policy {policy.name}: rule {i + 1} ({rule.describe()}) would delegate "
                                        f"{name}, but the {role} stays in the TEE")
                 placement = rule.placement
                 break
         else:
             if role not in _ALWAYS_TEE:
-                raise BifrostError(f"policy {policy.name}: no rule places {name} (role {role}) of {model_name}")
+                raise UserError(f"policy {policy.name}: no rule places {name} (role {role}) of {model_name}")
             placement = "tee"
         w = module.weight
         d_out, d_in = (w.shape[1], w.shape[0]) if not isinstance(module, torch.nn.Linear) else tuple(w.shape)
         layers.append(LayerPlacement(name, path, role, placement, int(d_in), int(d_out)))
     for i, rule in enumerate(policy.rules):
         if rule.match and not used[i]:
-            raise BifrostError(f"policy {policy.name}: rule {i + 1} ({rule.describe()}) matches no linear layer "
+            raise UserError(f"policy {policy.name}: rule {i + 1} ({rule.describe()}) matches no linear layer "
                                f"of {model_name}")
     roles = {layer.role for layer in layers}
     for role in policy.requires if check_requires else ():
         if role not in roles:
             what = "a LoRA adapter (--adapter DIR)" if role == "lora" else f"layers of role {role}"
-            raise BifrostError(f"policy {policy.name} requires {what}; {model_name} has none")
+            raise UserError(f"policy {policy.name} requires {what}; {model_name} has none")
     return layers

@@ -43,7 +43,7 @@ def run_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import load_config
+    from ..config_loader import load_config
     from .catalog import load_model, resolve
     from .delegation import fuse_groups
     from .placement import load_placement_policy, plan

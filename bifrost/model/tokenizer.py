@@ -90,7 +90,10 @@ class HFTokenizer:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+        text = self._tok.decode(ids)
+        if not isinstance(text, str):  # one list of ids decodes to one string
+            raise TypeError(f"the tokenizer decoded one sequence to {type(text).__name__}")
+        return text
 
     @property
     def eos_token_id(self) -> int | None:
@@ -117,8 +120,11 @@ class HFTokenizer:
         (``add_generation_prompt``); None when the tokenizer has no chat template."""
         if not getattr(self._tok, "chat_template", None):
             return None
-        return self._tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        prompt = self._tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+        if not isinstance(prompt, str):  # tokenize=False renders a string
+            raise TypeError(f"the chat template rendered {type(prompt).__name__}, not a string")
+        return prompt
 
 
 def load_tokenizer(path: str | None):

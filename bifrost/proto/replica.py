@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
 
 import grpc
 
@@ -99,3 +100,92 @@ class ReplicaInfo:
     evidence_type: str
     mode: str
     pid: int
+
+
+# --------------------------------------------------------------------------- requests (front end -> replica)
+
+@dataclass(frozen=True)
+class AttestRequest:
+    """Open a session: the client's nonce (16..1024 bytes), raw X25519 key (32 bytes) and cipher suite."""
+
+    nonce: bytes
+    client_public_key: bytes
+    suite: str = ""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One turn: the sealed GenerateBody of ``session_id``; ``request_id`` names it for :class:`CancelRequest`."""
+
+    session_id: bytes
+    sealed: bytes
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """The sealed EmbedBody of ``session_id``."""
+
+    session_id: bytes
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    """The client's CloseSession: the sealed CloseBody of ``session_id`` (must open before anything changes)."""
+
+    session_id: bytes
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Stop the turn ``request_id`` of ``session_id`` at its next token (the client hung up)."""
+
+    session_id: bytes
+    request_id: str
+
+
+@dataclass(frozen=True)
+class DropSession:
+    """The front end forgets ``session_id`` (client gone, replica refused it): the replica closes it too."""
+
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class CloseIdle:
+    """Backstop: close the sessions idle for ``idle_s`` seconds."""
+
+    idle_s: float
+
+
+@runtime_checkable
+class ReplicaAPI(Protocol):
+    """Everything the front end asks of a trusted replica. :class:`~bifrost.tee.replica.TrustedReplica`
+    implements it, and so do the front end's handles (:mod:`bifrost.serve.replicas`), in-process or Ray.
+
+    Timeouts are the handles' business (each handle bounds every wait by its own ``timeout_s``), not part of
+    this API. ``cancel`` and ``drop_session`` answer whether the replica found the turn / session; a handle
+    sends them without waiting and returns ``None``. A handle's ``generate`` returns an iterator whose every
+    item is bounded by that timeout."""
+
+    def info(self) -> ReplicaInfo: ...
+
+    def stats(self) -> dict: ...
+
+    def attest(self, req: AttestRequest) -> Attested | Refusal: ...
+
+    def generate(self, req: GenerateRequest) -> Iterator[SealedReply | Refusal]: ...
+
+    def embed(self, req: EmbedRequest) -> SealedReply | Refusal: ...
+
+    def close_sealed(self, req: CloseRequest) -> Closed | Refusal: ...
+
+    def cancel(self, req: CancelRequest) -> bool | None: ...
+
+    def drop_session(self, req: DropSession) -> bool | None: ...
+
+    def close_idle(self, req: CloseIdle) -> list[bytes]: ...
+
+    def shutdown(self) -> None: ...

@@ -33,6 +33,7 @@ def run_chat(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     with BifrostClient(args.address, policy, suite=args.suite, tls_ca_file=args.tls_ca) as client:
         verdict = client.attest()  # nothing is sent before this succeeds
+        assert client.model_digest is not None  # attest() set it
         print(f"attested: {verdict.summary}; model digest {client.model_digest.hex()[:16]}…", file=sys.stderr)
         prompts = [args.prompt] if args.prompt is not None else None
         while True:
@@ -47,12 +48,12 @@ def run_chat(args: argparse.Namespace) -> int:
                     break
                 if not prompt:
                     break
-            chat = {"messages": [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]} \
-                if args.system is not None else {}
-            result = client.chat("" if chat else prompt, args.max_new_tokens, sample_seed=args.seed,
+            messages = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}] \
+                if args.system is not None else None
+            result = client.chat("" if messages else prompt, args.max_new_tokens, sample_seed=args.seed,
                                  on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
-                                 **chat)
+                                 messages=messages)
             print()
             print(f"[{len(result.tokens)} tokens, finished: {result.finish_reason or '?'}] time to first token {result.ttft_s * 1000:.0f} ms, "
                   f"time per output token {result.tpot_s * 1000:.0f} ms", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Generator, cast
 
 import grpc
 import numpy as np
@@ -36,7 +36,7 @@ from ..attest.binding import check_pinned_digests, compute_report_data
 from ..attest.channel import ClientHandshake, SecureChannel
 from ..attest.policy import AttestationPolicy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
-from ..errors import BifrostError
+from ..errors import BifrostError, RefusedError, UnavailableError, UserError
 from ..proto import serving_pb2, serving_pb2_grpc
 from ..proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER, serving_options
 
@@ -96,13 +96,13 @@ class BifrostClient:
                  tls_root_certificates: bytes | None = None) -> None:
         self.address, self.policy, self.suite, self.timeout = address, policy, suite, timeout_s
         if tls_ca_file is not None and tls_root_certificates is not None:
-            raise BifrostError("give tls_ca_file or tls_root_certificates, not both")
+            raise UserError("give tls_ca_file or tls_root_certificates, not both")
         if tls_ca_file is not None:
             try:
                 with open(tls_ca_file, "rb") as f:
                     tls_root_certificates = f.read()
             except OSError as exc:
-                raise BifrostError(f"cannot read the TLS CA file {tls_ca_file}: {exc.strerror}") from None
+                raise UserError(f"cannot read the TLS CA file {tls_ca_file}: {exc.strerror}") from None
         self.tls = tls_root_certificates is not None
         options = serving_options()
         if self.tls:
@@ -124,10 +124,10 @@ class BifrostClient:
     def _exclusive(self):
         """Hold this client's request lock (see the module docstring)."""
         if self._holder == threading.get_ident():
-            raise BifrostError("this thread already has a request in progress on this client (a Generate stream "
+            raise UserError("this thread already has a request in progress on this client (a Generate stream "
                                "not yet consumed or closed); finish or close it first")
         if not self._lock.acquire(timeout=self.timeout):
-            raise BifrostError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
+            raise UnavailableError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
         self._holder = threading.get_ident()
         try:
             yield
@@ -144,9 +144,14 @@ class BifrostClient:
     def _meta(self):
         return (("authorization", f"Bearer {self.token}"),)
 
+    def _attested(self) -> SecureChannel:
+        if self.channel is None:
+            raise UserError("not attested: call attest() first")
+        return self.channel
+
     def _request(self, sealed: bytes = b"") -> serving_pb2.SealedRequest:
         if self.channel is None:
-            raise BifrostError("not attested: call attest() first")
+            raise UserError("not attested: call attest() first")
         return serving_pb2.SealedRequest(session_id=self.session_id, request_id=secrets.token_hex(16), sealed=sealed)
 
     # -- API -------------------------------------------------------------------------------------
@@ -163,16 +168,16 @@ class BifrostClient:
         reply = self._rpc(self.stub.Attest, serving_pb2.AttestRequest(nonce=nonce, client_public_key=hs.public_key,
                                                                       suite=self.suite))
         if len(reply.server_public_key) != 32 or len(reply.model_digest) != 32 or len(reply.serving_config_digest) != 32:
-            raise BifrostError("attestation reply is malformed (key or digest sizes)")
+            raise RefusedError("attestation reply is malformed (key or digest sizes)")
         expected = compute_report_data(reply.server_public_key, nonce, reply.model_digest, reply.serving_config_digest)
         evidence = Evidence(reply.evidence_type, reply.evidence, dict(reply.endorsements))
         verdict = verify_evidence(evidence, self.policy, expected_report_data=expected)  # raises on any failure
         if verdict.report_data != expected:
-            raise BifrostError("evidence report_data does not bind this channel")
+            raise RefusedError("evidence report_data does not bind this channel")
         check_pinned_digests(reply.model_digest, reply.serving_config_digest, self.policy)
         channel = hs.connect(reply.server_public_key, verdict.report_data, self.suite)
         if channel.session_id != reply.session_id:
-            raise BifrostError("server's session id does not match the derived channel keys")
+            raise RefusedError("server's session id does not match the derived channel keys")
         self.channel, self.session_id, self.token = channel, reply.session_id, reply.token
         self.verdict, self.model_digest = verdict, reply.model_digest
         return verdict
@@ -180,7 +185,7 @@ class BifrostClient:
     def generate(self, prompt: str = "", max_new_tokens: int = 0, reset_history: bool = False,
                  sample_seed: int | None = None, *, messages: list[dict] | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 stop: list[str] | None = None) -> Iterator[StreamEvent]:
+                 stop: list[str] | None = None) -> Generator[StreamEvent, None, None]:
         """Stream one turn. Holds this client's request lock from the first ``next()`` until the stream
         ends or the generator is closed.
 
@@ -202,17 +207,18 @@ class BifrostClient:
             body.top_p = top_p
         if top_k is not None:
             if top_k < 0:
-                raise BifrostError("top_k must be >= 0")
+                raise UserError("top_k must be >= 0")
             body.top_k = top_k
         with self._exclusive():
-            req = self._request(self.channel.seal(body.SerializeToString(), AAD_GENERATE) if self.channel else b"")
+            channel = self._attested()
+            req = self._request(channel.seal(body.SerializeToString(), AAD_GENERATE))
             call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
             done = False
             try:
                 for reply in call:
                     if done:
-                        raise BifrostError("server sent data after the final chunk")
-                    chunk = serving_pb2.TokenChunk.FromString(self.channel.open(reply.sealed, AAD_CHUNK))
+                        raise RefusedError("server sent data after the final chunk")
+                    chunk = serving_pb2.TokenChunk.FromString(channel.open(reply.sealed, AAD_CHUNK))
                     if chunk.error:
                         raise _sealed_error(chunk.error_code, chunk.error)
                     done = chunk.done
@@ -224,7 +230,7 @@ class BifrostClient:
             finally:
                 call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
             if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
-                raise BifrostError("token stream ended before its final chunk (truncated); the reply is incomplete")
+                raise UnavailableError("token stream ended before its final chunk (truncated); the reply is incomplete")
 
     def chat(self, prompt: str = "", max_new_tokens: int = 0, reset_history: bool = False,
              sample_seed: int | None = None, on_text=None, *, messages: list[dict] | None = None,
@@ -253,16 +259,19 @@ class BifrostClient:
     def embed(self, texts: list[str]) -> np.ndarray:
         body = serving_pb2.EmbedBody(texts=texts)
         with self._exclusive():
-            req = self._request(self.channel.seal(body.SerializeToString(), AAD_EMBED) if self.channel else b"")
+            channel = self._attested()
+            req = self._request(channel.seal(body.SerializeToString(), AAD_EMBED))
             try:
                 reply = self.stub.Embed(req, metadata=self._meta(), timeout=self.timeout)
             except grpc.RpcError as exc:
-                sealed = dict(exc.trailing_metadata() or ()).get(SEALED_TRAILER)
+                # (key, value) named tuples at run time; grpc-stubs types each as a plain class
+                trailers = cast("tuple[tuple[str, bytes], ...]", exc.trailing_metadata() or ())
+                sealed = dict(trailers).get(SEALED_TRAILER)
                 if not sealed:
                     raise _rpc_error(exc, self.tls) from None
-                refusal = serving_pb2.EmbedResult.FromString(self.channel.open(sealed, AAD_EMBED_RESULT))
+                refusal = serving_pb2.EmbedResult.FromString(channel.open(sealed, AAD_EMBED_RESULT))
                 raise _sealed_error(refusal.error_code, refusal.error or "refused without a reason") from None
-            result = serving_pb2.EmbedResult.FromString(self.channel.open(reply.sealed, AAD_EMBED_RESULT))
+            result = serving_pb2.EmbedResult.FromString(channel.open(reply.sealed, AAD_EMBED_RESULT))
         if result.error:
             raise _sealed_error(result.error_code, result.error)
         return np.array([list(v.values) for v in result.vectors])
@@ -272,7 +281,7 @@ class BifrostClient:
         thread's request on this client to finish; from inside this thread's own open stream it goes ahead."""
         own = self._holder == threading.get_ident()
         if not own and not self._lock.acquire(timeout=self.timeout):
-            raise BifrostError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
+            raise UnavailableError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
         try:
             channel, self.channel = self.channel, None
             if channel is not None:

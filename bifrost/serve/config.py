@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_DIR, build_section, load_yaml
-from ..errors import BifrostError
+from ..config import CONFIG_DIR, build_section
+from ..config_loader import placement_of
+from ..errors import UserError
+from ..yaml_io import load_yaml
 
 DEFAULT_SERVE_CONFIG = CONFIG_DIR / "serve.yaml"
 RUNTIMES = ("ray", "local")
@@ -71,31 +73,31 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
-            raise BifrostError(f"serve.runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+            raise UserError(f"serve.runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not 0 <= self.port <= 65535:
-            raise BifrostError(f"serve.port must be 0..65535, got {self.port}")
+            raise UserError(f"serve.port must be 0..65535, got {self.port}")
         for name in ("replicas", "max_sessions", "max_pending_sessions", "max_prompt_tokens", "max_new_tokens",
                      "max_request_bytes"):
             if getattr(self, name) < 1:
-                raise BifrostError(f"serve.{name} must be >= 1")
+                raise UserError(f"serve.{name} must be >= 1")
         if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
-            raise BifrostError("serve.ray_num_cpus must be >= 1 (or null: sized to the replicas)")
+            raise UserError("serve.ray_num_cpus must be >= 1 (or null: sized to the replicas)")
         if not self.workers and self.local_workers < 1:
-            raise BifrostError("serve: configure worker addresses or local_workers >= 1")
+            raise UserError("serve: configure worker addresses or local_workers >= 1")
         if self.batch_window_s < 0 or self.batch_max_rows < 1:
-            raise BifrostError("serve: batch_window_s must be >= 0 and batch_max_rows >= 1")
+            raise UserError("serve: batch_window_s must be >= 0 and batch_max_rows >= 1")
         for name in ("worker_call_timeout_s", "session_idle_s", "pending_idle_s", "replica_timeout_s",
                      "startup_timeout_s"):
             if not getattr(self, name) > 0:
-                raise BifrostError(f"serve.{name} must be > 0")
+                raise UserError(f"serve.{name} must be > 0")
         if self.replica_cpus < 0:
-            raise BifrostError("serve.replica_cpus must be >= 0")
+            raise UserError("serve.replica_cpus must be >= 0")
         if not 1 <= self.token_lifetime_s <= 86400:
-            raise BifrostError("serve.token_lifetime_s must be 1..86400")
+            raise UserError("serve.token_lifetime_s must be 1..86400")
         from ..attest.evidence import provider_names
 
         if self.evidence_provider not in provider_names():
-            raise BifrostError(f"serve.evidence_provider must be one of {', '.join(provider_names())}, got {self.evidence_provider!r}")
+            raise UserError(f"serve.evidence_provider must be one of {', '.join(provider_names())}, got {self.evidence_provider!r}")
         if self.issuer_policy is not None:
             from ..attest.errors import AttestationError
             from ..attest.policy import load_policy
@@ -103,13 +105,13 @@ class ServeConfig:
             try:
                 load_policy(self.issuer_policy)
             except AttestationError as exc:
-                raise BifrostError(f"serve.issuer_policy: {exc}") from None
+                raise UserError(f"serve.issuer_policy: {exc}") from None
         for a in self.workers:
             if not _is_host_port(a):
-                raise BifrostError(f"serve.workers: {a!r} is not host:port")
+                raise UserError(f"serve.workers: {a!r} is not host:port")
         self._check_ray()
         if len(self.worker_certs) != len(self.workers):
-            raise BifrostError(f"serve: {len(self.workers)} worker address(es) but {len(self.worker_certs)} "
+            raise UserError(f"serve: {len(self.workers)} worker address(es) but {len(self.worker_certs)} "
                                "worker_certs: every worker's certificate is pinned (same order)")
         self.tls_credentials()  # validated at load
 
@@ -117,28 +119,29 @@ class ServeConfig:
         """``(private key PEM, certificate chain PEM)`` for ``grpc.ssl_server_credentials``, or None
         without TLS. Raises :class:`BifrostError` (one line) for half a pair, an unreadable or non-PEM
         file, an encrypted key, or a key that is not the first certificate's."""
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise BifrostError("serve: set both tls_cert_file and tls_key_file (--tls-cert/--tls-key), or neither")
-        if self.tls_cert_file is None:
+        cert_file, key_file = self.tls_cert_file, self.tls_key_file
+        if cert_file is None or key_file is None:
+            if cert_file is not None or key_file is not None:
+                raise UserError("serve: set both tls_cert_file and tls_key_file (--tls-cert/--tls-key), or neither")
             return None
         from cryptography import x509
         from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
 
-        cert_pem, key_pem = _read("tls_cert_file", self.tls_cert_file), _read("tls_key_file", self.tls_key_file)
+        cert_pem, key_pem = _read("tls_cert_file", cert_file), _read("tls_key_file", key_file)
         try:
             cert = x509.load_pem_x509_certificates(cert_pem)[0]
         except ValueError:
-            raise BifrostError(f"serve.tls_cert_file: {self.tls_cert_file} holds no PEM certificate") from None
+            raise UserError(f"serve.tls_cert_file: {self.tls_cert_file} holds no PEM certificate") from None
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except TypeError:
-            raise BifrostError(f"serve.tls_key_file: {self.tls_key_file} is encrypted; give an unencrypted PEM key") from None
+            raise UserError(f"serve.tls_key_file: {self.tls_key_file} is encrypted; give an unencrypted PEM key") from None
         except (ValueError, UnsupportedAlgorithm):
-            raise BifrostError(f"serve.tls_key_file: {self.tls_key_file} holds no PEM private key") from None
+            raise UserError(f"serve.tls_key_file: {self.tls_key_file} holds no PEM private key") from None
         spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-            raise BifrostError(f"serve.tls_key_file: {self.tls_key_file} is not the key of the certificate in "
+            raise UserError(f"serve.tls_key_file: {self.tls_key_file} is not the key of the certificate in "
                                f"{self.tls_cert_file}")
         return key_pem, cert_pem
 
@@ -146,19 +149,19 @@ class ServeConfig:
         addr = self.ray_address
         if addr is not None:
             if addr.startswith("ray://"):
-                raise BifrostError(
+                raise UserError(
                     f"serve.ray_address {addr!r}: Ray Client (ray://) is not supported (token streaming needs "
                     "Ray streaming generators); run `bifrost serve` on a cluster node with ray_address: auto|host:port")
             if addr != "auto" and (not _is_host_port(addr) or "://" in addr):
-                raise BifrostError(f"serve.ray_address must be 'auto' or host:port (the GCS address), got {addr!r}")
+                raise UserError(f"serve.ray_address must be 'auto' or host:port (the GCS address), got {addr!r}")
             if self.runtime != "ray":
-                raise BifrostError("serve.ray_address needs runtime: ray")
+                raise UserError("serve.ray_address needs runtime: ray")
             if not self.workers:
-                raise BifrostError(
+                raise UserError(
                     "serve.ray_address: replicas may run on other nodes, which cannot reach workers started on "
                     "127.0.0.1 here; give CKKS worker addresses (serve.workers / --workers host:port,...)")
         elif self.runtime == "ray" and self.replicas * self.replica_cpus > self.local_ray_cpus:
-            raise BifrostError(
+            raise UserError(
                 f"serve: {self.replicas} replicas x replica_cpus {self.replica_cpus:g} need "
                 f"{self.replicas * self.replica_cpus:g} Ray CPUs but ray_num_cpus is {self.ray_num_cpus}; "
                 "raise ray_num_cpus (--ray-num-cpus, or null to size it to the replicas) or lower replica_cpus")
@@ -188,7 +191,7 @@ def _read(name: str, path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise BifrostError(f"serve.{name}: cannot read {path}: {exc.strerror or exc}") from None
+        raise UserError(f"serve.{name}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _is_host_port(address: str) -> bool:
@@ -201,7 +204,7 @@ def serving_config(cfg, scfg: ServeConfig, *, placement=None, adapter_digest: st
     """The public serving configuration bound into report_data (what a client may pin). ``cfg``: the
     :class:`~bifrost.config.RunConfig` the replicas run; ``placement``/``adapter_digest``: the policy object
     and the adapter digest a replica actually loaded (default: read from ``cfg`` now)."""
-    placement = placement or cfg.placement()
+    placement = placement or placement_of(cfg)
     return {
         "model": cfg.model, "seed": cfg.seed, "backend": cfg.backend,
         "ckks": dataclasses.asdict(cfg.ckks) if cfg.ckks is not None else None,

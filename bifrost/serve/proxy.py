@@ -50,7 +50,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator
 from urllib.parse import urlsplit
 
 import grpc
@@ -62,8 +62,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BifrostError
-from .client import BifrostClient, ServingError
+from ..errors import BifrostError, RefusedError, UnavailableError, UserError
+from .client import BifrostClient, ServingError, StreamEvent
 
 # gRPC status of a server refusal -> (HTTP status, OpenAI error type)
 STATUS_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -133,7 +133,7 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def _origin(value: str) -> str:
     """An ``--allowed-origin`` as browsers serialize ``Origin``: ``scheme://host[:port]``, default port left out."""
-    bad = BifrostError(f"--allowed-origin must be http(s)://HOST[:PORT] (no path), got {value!r}")
+    bad = UserError(f"--allowed-origin must be http(s)://HOST[:PORT] (no path), got {value!r}")
     try:
         u = urlsplit(value.strip())
         port = u.port
@@ -166,24 +166,24 @@ class ProxyAccess:
         ip = _ip(host)
         name = f"[{ip.compressed}]" if ip is not None and ip.version == 6 else (ip.compressed if ip else host)
         if not host or _split_host(name) is None:
-            raise BifrostError(f"--listen host {self.listen_host!r} is not a host name or IP address")
+            raise UserError(f"--listen host {self.listen_host!r} is not a host name or IP address")
         if not 0 <= self.port <= 65535:
-            raise BifrostError(f"--listen port must be 0..65535, got {self.port}")
+            raise UserError(f"--listen port must be 0..65535, got {self.port}")
         hosts = []
         for entry in self.allowed_hosts:
             parsed = _split_host(entry)
             if parsed is None:
-                raise BifrostError(f"--allowed-host must be NAME or NAME:PORT (IPv6 in brackets), got {entry!r}")
+                raise UserError(f"--allowed-host must be NAME or NAME:PORT (IPv6 in brackets), got {entry!r}")
             hosts.append(parsed[0] if parsed[1] is None else f"{parsed[0]}:{parsed[1]}")
         object.__setattr__(self, "allowed_hosts", tuple(hosts))
         object.__setattr__(self, "allowed_origins", tuple(_origin(o) for o in self.allowed_origins))
         key = self.api_key
         if key is not None and (len(key) < MIN_API_KEY_CHARS or not key.isascii() or not key.isprintable()
                                 or " " in key):
-            raise BifrostError(f"the API key must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
+            raise UserError(f"the API key must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
                                "without spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         if not self.loopback and key is None:
-            raise BifrostError(f"--listen {name}:{self.port} is not a loopback address: set an API key "
+            raise UserError(f"--listen {name}:{self.port} is not a loopback address: set an API key "
                                f"({API_KEY_ENV}=KEY in the environment, or --api-key) or listen on 127.0.0.1")
         names = {name}
         if self.loopback or (ip is not None and ip.is_unspecified):
@@ -290,7 +290,7 @@ class SessionPool:
 
     def __init__(self, make_client: Callable[[], BifrostClient], size: int, timeout_s: float = 600.0) -> None:
         if size < 1:
-            raise BifrostError("--sessions must be at least 1")
+            raise UserError("--sessions must be at least 1")
         self.make_client, self.timeout_s = make_client, timeout_s
         self.clients: list[BifrostClient] = []
         self._free: queue.Queue[BifrostClient] = queue.Queue()
@@ -307,14 +307,14 @@ class SessionPool:
         first = self.clients[0]
         digests = {c.model_digest for c in self.clients}
         if len(digests) != 1:
-            raise BifrostError("the server's sessions attested different model digests")
+            raise RefusedError("the server's sessions attested different model digests")
         self.verdict, self.model_digest = first.verdict, first.model_digest
         listing = first.list_models()
         # ListModels is not attested: take the entry whose digest the attestation bound
         models = [m for m in listing.models if m.model_digest == self.model_digest]
         if not models:
             self.close()
-            raise BifrostError("the server lists no model with the attested model digest")
+            raise RefusedError("the server lists no model with the attested model digest")
         self.model = models[0]
 
     def acquire(self) -> BifrostClient:
@@ -398,11 +398,12 @@ def parse_turn(body: Any, chat: bool, sdk_params: frozenset[str]) -> Turn:
         extra["messages"] = out
         prompt = ""
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
+        raw = body.get("prompt")
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+            raw = raw[0]
+        if not isinstance(raw, str):
             raise _bad("'prompt' must be a string (one prompt per request)", "prompt")
+        prompt = raw
     max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
         else body.get("max_tokens")
     param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
@@ -442,28 +443,31 @@ class TurnStream:
     def __init__(self, pool: SessionPool, turn: Turn) -> None:
         self.pool, self.turn = pool, turn
         self.client: BifrostClient | None = pool.acquire()
-        self.gen: Iterator | None = None
+        self.gen: Generator[StreamEvent, None, None] | None = None
         self.pending: list = []
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.finish_reason = ""
 
-    def _start(self):
+    def _start(self, client: BifrostClient) -> StreamEvent | None:
         t = self.turn
-        self.gen = self.client.generate(t.prompt, t.max_new_tokens, reset_history=True, sample_seed=t.sample_seed,
-                                        **t.extra)
-        return next(self.gen, None)
+        self.gen = gen = client.generate(t.prompt, t.max_new_tokens, reset_history=True, sample_seed=t.sample_seed,
+                                         **t.extra)
+        return next(gen, None)
 
     def open(self) -> "TurnStream":
+        client = self.client
+        assert client is not None  # open() runs once, on the session acquired in __init__
         try:
             try:
-                ev = self._start()
+                ev = self._start(client)
             except ServingError as exc:
                 if exc.code not in REATTEST_CODES:
                     raise
-                self.gen.close()
-                self.pool.reattest(self.client)
-                ev = self._start()
+                if self.gen is not None:
+                    self.gen.close()
+                self.pool.reattest(client)
+                ev = self._start(client)
         except BaseException:
             self.close()
             raise
@@ -472,9 +476,11 @@ class TurnStream:
         return self
 
     def __iter__(self):
+        gen = self.gen
+        assert gen is not None  # open() started the turn
         try:
             while True:
-                ev = self.pending.pop() if self.pending else next(self.gen, None)
+                ev = self.pending.pop() if self.pending else next(gen, None)
                 if ev is None:
                     break
                 self.completion_tokens += len(ev.token_ids)
@@ -582,12 +588,13 @@ def create_app(pool: SessionPool, access: ProxyAccess | None = None):
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta: dict | str | None, finish: str | None) -> dict:
-            c = {"index": 0, "logprobs": None, "finish_reason": finish}
+            c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
             if chat:
                 c["delta"] = delta or {}
             else:
                 c["text"] = delta or ""
-            out = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": name, "choices": [c]}
+            out: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": name,
+                                   "choices": [c]}
             if turn.include_usage:
                 out["usage"] = None
             return out
@@ -691,7 +698,7 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise BifrostError(f"the proxy did not start on {host}:{port}")
+            raise UnavailableError(f"the proxy did not start on {host}:{port}")
         time.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
     return server, bound, thread

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from ..errors import BifrostError
+from ..errors import BifrostError, UnavailableError, UserError
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -47,7 +47,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ModuleNotFoundError as exc:
-        raise BifrostError(f"bifrost proxy needs {exc.name}: pip install fastapi uvicorn") from None
+        raise UserError(f"bifrost proxy needs {exc.name}: pip install fastapi uvicorn") from None
     from ..attest.policy import load_policy
     from .client import BifrostClient
     from .proxy import API_KEY_ENV, ProxyAccess, SessionPool, serve_pool
@@ -57,7 +57,7 @@ def run_proxy(args: argparse.Namespace) -> int:
     access = ProxyAccess(host, port, tuple(args.allowed_host), tuple(args.allowed_origin), api_key)
     policy = load_policy(args.policy)
     if args.sessions < 1:
-        raise BifrostError("--sessions must be at least 1")
+        raise UserError("--sessions must be at least 1")
 
     def make() -> BifrostClient:
         return BifrostClient(args.address, policy, suite=args.suite, timeout_s=args.timeout, tls_ca_file=args.tls_ca)
@@ -65,7 +65,8 @@ def run_proxy(args: argparse.Namespace) -> int:
     try:
         pool = SessionPool(make, args.sessions, timeout_s=args.timeout)  # attests every session first
     except BifrostError as exc:
-        raise BifrostError(f"cannot attest {args.address}, nothing is served: {exc}") from None
+        raise UnavailableError(f"cannot attest {args.address}, nothing is served: {exc}") from None
+    assert pool.verdict is not None and pool.model_digest is not None  # every session attested
     print(f"attested: {pool.verdict.summary}; model {pool.model.name} (digest {pool.model_digest.hex()[:16]}…); "
           f"{args.sessions} sessions", file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host

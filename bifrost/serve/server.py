@@ -12,7 +12,9 @@ fields, empty or oversized sealed payload -> INVALID_ARGUMENT; session limits
 (``max_sessions``, ``max_pending_sessions``, full CKKS workers) -> RESOURCE_EXHAUSTED; unknown
 session -> NOT_FOUND; a turn while the session's previous one still runs -> FAILED_PRECONDITION;
 workers or replicas unavailable, replica timeout -> UNAVAILABLE; anything unexpected -> INTERNAL
-with a generic message (logged by exception type and code location only).
+with a generic message (logged by exception type and code location only). The bad-input plumbing (a
+request deserializer that never raises, the handler wrappers, the error-class -> status table) is
+:mod:`bifrost.proto.edge`, shared with the CKKS worker.
 
 Refusals after the replica opened the sealed record (prompt over ``max_prompt_tokens``,
 ``max_new_tokens`` over the limit, empty prompt, conversation over the context, wrong model task, bad
@@ -28,8 +30,9 @@ Replica failure: a replica whose actor died is marked dead, its sessions are dro
 go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
 turn on the replica at the next token (the replica's ``cancel``).
 
-Replicas are reached through :class:`~.replicas.ReplicaHandle`; they answer with the typed messages of
-:mod:`bifrost.proto.replica` (a refusal's status maps to a gRPC code in ``GRPC_CODES``, one table). This
+Replicas are reached through :class:`~.replicas.ReplicaHandle` (the typed
+:class:`~bifrost.proto.replica.ReplicaAPI`, each wait bounded by ``replica_timeout_s``); they answer with the typed
+messages of :mod:`bifrost.proto.replica` (a refusal's status maps to a gRPC code in ``GRPC_CODES``, one table). This
 module never imports the trusted runtime: the deployment (:mod:`bifrost.tee.deploy`) builds the replicas
 and hands them over.
 """
@@ -37,25 +40,25 @@ and hands them over.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
-import traceback
 from concurrent import futures
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf.message import DecodeError
 
 from ..attest.errors import AttestationError, TokenError, TokenReplayError
 from ..attest.tokens import TokenGate, TokenIssuer
 from ..attest.policy import AttestationPolicy, load_policy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..config import RunConfig
-from ..errors import BifrostError
+from ..errors import UserError
 from ..proto import serving_pb2
-from ..proto.replica import GRPC_CODES, Attested, Refusal, ReplicaInfo, SealedReply
+from ..proto.edge import Abort, Edge, parse_or_malformed
+from ..proto.replica import (GRPC_CODES, Attested, AttestRequest, CancelRequest, CloseIdle, CloseRequest, DropSession,
+                             EmbedRequest, GenerateRequest, Refusal, ReplicaInfo, SealedReply)
 from ..proto.wire import SEALED_TRAILER, serving_options
 from .config import ServeConfig
 from .replicas import ReplicaDeadError, ReplicaHandle, ReplicaTimeoutError, ReplicaUnavailableError
@@ -69,35 +72,7 @@ SESSION_ID_SIZE = 16
 
 # --------------------------------------------------------------------------- the servicer
 
-class _Malformed:
-    pass
-
-
-MALFORMED = _Malformed()
-
-
-def _safe(cls):
-    def parse(data: bytes):
-        try:
-            return cls.FromString(data)
-        except (DecodeError, ValueError):
-            return MALFORMED
-
-    return parse
-
-
-class _Abort(Exception):
-    """Answer with ``code``/``message``; ``sealed`` (a sealed refusal record) goes in the trailing metadata."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, sealed: bytes | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.sealed = code, message, sealed
-
-
-def _where(exc: BaseException) -> str:
-    """Code locations of a traceback (no message, no values: nothing secret)."""
-    frames = traceback.extract_tb(exc.__traceback__)[-4:]
-    return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames))
+EDGE = Edge(log, "internal server error", sealed_trailer=SEALED_TRAILER)
 
 
 class ServingService:
@@ -111,7 +86,7 @@ class ServingService:
         self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions)
         self.node_id = f"bifrost-serve-{secrets.token_hex(4)}"
         self.issuer_policy = issuer_policy(scfg)
-        self.health = None  # grpc_health servicer, set by start_grpc
+        self.health: Any = None  # grpc_health servicer, set by start_grpc
         self._stop = threading.Event()
         self._background = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="serve-bg")
         self._probing: set[int] = set()
@@ -120,38 +95,6 @@ class ServingService:
         self._sweeper.start()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _internal(self, rpc: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-        """An unexpected exception: logged by type and code location only; the client gets no detail."""
-        log.error("%s: internal error %s at %s", rpc, type(exc).__name__, _where(exc))
-        return grpc.StatusCode.INTERNAL, "internal server error"
-
-    def _unary(self, rpc: str, fn):
-        def handle(req, context):
-            try:
-                return fn(req, context)
-            except _Abort as exc:
-                code, message = exc.code, exc.message
-                if exc.sealed is not None:
-                    context.set_trailing_metadata(((SEALED_TRAILER, exc.sealed),))
-            except Exception as exc:  # noqa: BLE001 - INTERNAL, never a traceback to the client
-                code, message = self._internal(rpc, exc)
-            context.abort(code, message)
-
-        return handle
-
-    def _streaming(self, rpc: str, fn):
-        def handle(req, context):
-            try:
-                yield from fn(req, context)
-                return
-            except _Abort as exc:
-                code, message = exc.code, exc.message
-            except Exception as exc:  # noqa: BLE001
-                code, message = self._internal(rpc, exc)
-            context.abort(code, message)
-
-        return handle
-
     def _verify_replica_evidence(self, out: Attested) -> Verdict:
         """The issuer's own verification of a replica's fresh evidence (bound to this session's channel key):
         a token names only what passed ``issuer_policy``. A failure refuses the session (UNAVAILABLE)."""
@@ -160,73 +103,88 @@ class ServingService:
             return verify_evidence(evidence, self.issuer_policy, expected_report_data=out.report_data)
         except AttestationError as exc:
             log.error("replica evidence refused by the issuer policy: %s", exc.check)
-            raise _Abort(grpc.StatusCode.UNAVAILABLE,
-                         f"the server's own evidence failed its issuer policy ({exc.check}); no token issued") from None
+            raise Abort(grpc.StatusCode.UNAVAILABLE,
+                        f"the server's own evidence failed its issuer policy ({exc.check}); no token issued") from None
 
     def _check_sealed_request(self, req, context):
-        if req is MALFORMED:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid SealedRequest protobuf")
         if len(req.session_id) != SESSION_ID_SIZE:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be {SESSION_ID_SIZE} bytes")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be {SESSION_ID_SIZE} bytes")
         if not 1 <= len(req.request_id) <= 64:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1..64 characters")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1..64 characters")
         if not req.sealed:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "sealed payload is empty")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "sealed payload is empty")
         if len(req.sealed) > self.scfg.max_request_bytes:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"sealed payload is {len(req.sealed)} bytes; the limit is max_request_bytes={self.scfg.max_request_bytes}")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"sealed payload is {len(req.sealed)} bytes; the limit is max_request_bytes={self.scfg.max_request_bytes}")
         token = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 token = value[len("Bearer "):]
         if not token:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata; attest first")
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata; attest first")
         entry = self.sessions.get(bytes(req.session_id))
         try:
             self.gate.authorize(token, req.request_id, session_report_data=entry.report_data if entry else None)
         except TokenReplayError as exc:
             code = grpc.StatusCode.PERMISSION_DENIED if exc.check == "token_binding" else grpc.StatusCode.UNAUTHENTICATED
-            raise _Abort(code, str(exc)) from None
+            raise Abort(code, str(exc)) from None
         except TokenError as exc:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
         if entry is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         return entry
 
-    def _replica_refused(self, entry, refusal: Refusal, trailer: bool = False) -> _Abort:
+    def _replica_refused(self, entry, refusal: Refusal, trailer: bool = False) -> Abort:
         """A replica's refusal as a gRPC status (``trailer``: its sealed record goes in the trailing metadata);
         NOT_FOUND / ABORTED: the session is gone there, so it goes here too."""
         if refusal.status.ends_session:
             self.sessions.remove(entry.session_id)
-        return _Abort(GRPC_CODES[refusal.status], refusal.message, refusal.sealed if trailer else None)
+        return Abort(GRPC_CODES[refusal.status], refusal.message, refusal.sealed if trailer else None)
 
     def _replica_failed(self, entry, exc: BaseException) -> BaseException:
         """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with."""
         if isinstance(exc, ReplicaDeadError):
             self._replica_died(entry.replica)
-            return _Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again")
+            return Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again")
         self._drop(entry)  # the replica may be alive and still hold the session: close it there too
         log.error("replica %d: request failed (%s); session %s… closed", entry.replica, type(exc).__name__,
                   entry.session_id.hex()[:8])
         if isinstance(exc, ReplicaTimeoutError):
-            return _Abort(grpc.StatusCode.UNAVAILABLE, f"replica did not answer within replica_timeout_s="
-                                                       f"{self.scfg.replica_timeout_s:g} s; session closed, attest again")
+            return Abort(grpc.StatusCode.UNAVAILABLE, f"replica did not answer within replica_timeout_s="
+                                                      f"{self.scfg.replica_timeout_s:g} s; session closed, attest again")
         if isinstance(exc, ReplicaUnavailableError):
-            return _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable; session closed, attest again")
-        return exc  # unexpected: INTERNAL
+            return Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable; session closed, attest again")
+        return self._replica_bug(exc)
 
     def _drop(self, entry) -> None:
         """Forget a session here and close it on its replica (without waiting)."""
         self.sessions.remove(entry.session_id)
-        self._cast(entry.replica, "close_session", entry.session_id)
+        self._drop_on(entry.replica, entry.session_id)
 
-    def _cast(self, r: int, method: str, *args) -> None:
+    def _drop_on(self, r: int, session_id: bytes) -> None:
+        """Close ``session_id`` on replica ``r`` without waiting (best effort)."""
         try:
-            self.replicas[r].cast(method, *args)
+            self.replicas[r].drop_session(DropSession(session_id))
         except ReplicaDeadError:
             self._replica_died(r)
         except Exception as exc:  # noqa: BLE001 - best effort
-            log.warning("replica %d: %s not delivered (%s)", r, method, type(exc).__name__)
+            log.warning("replica %d: drop_session not delivered (%s)", r, type(exc).__name__)
+
+    def _cancel_on(self, r: int, session_id: bytes, request_id: str) -> None:
+        """Stop the turn ``request_id`` on replica ``r`` at its next token, without waiting (best effort)."""
+        try:
+            self.replicas[r].cancel(CancelRequest(session_id, request_id))
+        except ReplicaDeadError:
+            self._replica_died(r)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("replica %d: cancel not delivered (%s)", r, type(exc).__name__)
+
+    @staticmethod
+    def _replica_bug(exc: BaseException) -> Abort:
+        """A replica call raised something unexpected (not an availability failure): INTERNAL without its
+        message, whatever its class: the replica holds the session's secrets, a message could carry them."""
+        code, message = EDGE.internal("replica", exc)
+        return Abort(code, message)
 
     def _replica_died(self, r: int) -> None:
         if r not in self.sessions.live_replicas():
@@ -242,23 +200,20 @@ class ServingService:
 
     # -- RPCs ------------------------------------------------------------------------------
     def Attest(self, req, context):
-        if req is MALFORMED:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid AttestRequest protobuf")
         if not 16 <= len(req.nonce) <= 1024:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
         if len(req.client_public_key) != 32:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
         tried: set[int] = set()
         while True:
             try:
                 r = self.sessions.reserve(tried)
             except SessionLimitError as exc:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
             except NoReplicaError:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no live replica: the server cannot open sessions") from None
+                raise Abort(grpc.StatusCode.UNAVAILABLE, "no live replica: the server cannot open sessions") from None
             try:
-                out = self.replicas[r].call("attest", bytes(req.nonce), bytes(req.client_public_key), req.suite,
-                                            timeout_s=self.scfg.replica_timeout_s)
+                out = self.replicas[r].attest(AttestRequest(bytes(req.nonce), bytes(req.client_public_key), req.suite))
             except ReplicaDeadError:
                 self.sessions.cancel(r)
                 self._replica_died(r)
@@ -267,21 +222,24 @@ class ServingService:
             except ReplicaUnavailableError as exc:
                 self.sessions.cancel(r)
                 log.error("replica %d attest failed: %s", r, type(exc).__name__)
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
+                raise Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
+            except Exception as exc:  # noqa: BLE001 - a bug in the replica
+                self.sessions.cancel(r)
+                raise self._replica_bug(exc) from None
             except BaseException:
                 self.sessions.cancel(r)
                 raise
             break
         if isinstance(out, Refusal):
             self.sessions.cancel(r)
-            raise _Abort(GRPC_CODES[out.status], out.message)
+            raise Abort(GRPC_CODES[out.status], out.message)
         try:
             verdict = self._verify_replica_evidence(out)
             now = time.time()
             token = self.issuer.issue(verdict, node_id=self.node_id, model_digest=out.model_digest, now=now)
         except BaseException:
             self.sessions.cancel(r)
-            self._cast(r, "close_session", out.session_id)
+            self._drop_on(r, out.session_id)
             raise
         self.sessions.commit(r, out.session_id, out.report_data)
         log.info("session %s… attested on replica %d (%d sessions)", out.session_id.hex()[:8], r, len(self.sessions))
@@ -302,7 +260,7 @@ class ServingService:
                 return
             cancel_sent.set()
             try:
-                self._background.submit(self._cast, entry.replica, "cancel", sid, rid)
+                self._background.submit(self._cancel_on, entry.replica, sid, rid)
             except RuntimeError:  # shutting down: replicas are stopped anyway
                 pass
 
@@ -310,15 +268,15 @@ class ServingService:
             return  # the client is gone already
         if self.sessions.begin(sid) is None:
             finished.set()
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         stream = None
         opened = False  # the replica answered with a sealed record: it opened this request's record
         try:
             while True:
                 try:
                     if stream is None:
-                        stream = self.replicas[entry.replica].stream("generate", sid, bytes(req.sealed), rid)
-                    item = stream.next(self.scfg.replica_timeout_s)
+                        stream = self.replicas[entry.replica].generate(GenerateRequest(sid, bytes(req.sealed), rid))
+                    item = next(stream)  # waits at most replica_timeout_s
                 except StopIteration:
                     finished.set()
                     return
@@ -345,12 +303,11 @@ class ServingService:
     def Embed(self, req, context):
         entry = self._check_sealed_request(req, context)
         if self.sessions.begin(entry.session_id) is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
         item = None
         try:
             try:
-                item = self.replicas[entry.replica].call("embed", entry.session_id, bytes(req.sealed),
-                                                         timeout_s=self.scfg.replica_timeout_s)
+                item = self.replicas[entry.replica].embed(EmbedRequest(entry.session_id, bytes(req.sealed)))
             except Exception as exc:  # noqa: BLE001
                 raise self._replica_failed(entry, exc) from None
             if isinstance(item, Refusal):
@@ -364,8 +321,7 @@ class ServingService:
         """Closes the session only after its replica opened the sealed CloseBody; otherwise nothing changes."""
         entry = self._check_sealed_request(req, context)
         try:  # waits only for the bookkeeping: a running turn stops at its next token and cleans up
-            out = self.replicas[entry.replica].call("close_sealed", entry.session_id, bytes(req.sealed),
-                                                    timeout_s=self.scfg.replica_timeout_s)
+            out = self.replicas[entry.replica].close_sealed(CloseRequest(entry.session_id, bytes(req.sealed)))
         except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
             raise self._replica_failed(entry, exc) from None
         if isinstance(out, Refusal):
@@ -374,8 +330,6 @@ class ServingService:
         return serving_pb2.CloseSessionReply()
 
     def ListModels(self, req, context):
-        if req is MALFORMED:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ListModelsRequest protobuf")
         i = self.info
         return serving_pb2.ListModelsReply(
             models=[serving_pb2.ModelInfo(
@@ -397,7 +351,7 @@ class ServingService:
                 if self.sessions.remove(e.session_id) is not None:
                     log.info("session %s… closed after %s", e.session_id.hex()[:8],
                              "idle time" if e.used else "pending_idle_s without a request")
-                    self._cast(e.replica, "close_session", e.session_id)
+                    self._drop_on(e.replica, e.session_id)
             for r in self.sessions.live_replicas():
                 with self._probing_lock:
                     if r in self._probing:
@@ -413,7 +367,7 @@ class ServingService:
         # session that never sent a request for pending_idle_s, and the replica cannot tell the two apart.
         backstop = max(self.scfg.session_idle_s, self.scfg.pending_idle_s)
         try:
-            self.replicas[r].call("close_idle", backstop, timeout_s=self.scfg.replica_timeout_s)
+            self.replicas[r].close_idle(CloseIdle(backstop))
         except ReplicaDeadError:
             self._replica_died(r)
         except Exception as exc:  # noqa: BLE001 - slow or transiently unreachable: next round
@@ -429,15 +383,18 @@ class ServingService:
     def handler(self) -> grpc.GenericRpcHandler:
         P = serving_pb2
         ser = lambda m: m.SerializeToString()  # noqa: E731
+        sealed = parse_or_malformed(P.SealedRequest)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Attest": grpc.unary_unary_rpc_method_handler(self._unary("Attest", self.Attest), _safe(P.AttestRequest), ser),
-            "Generate": grpc.unary_stream_rpc_method_handler(self._streaming("Generate", self.Generate),
-                                                             _safe(P.SealedRequest), ser),
-            "Embed": grpc.unary_unary_rpc_method_handler(self._unary("Embed", self.Embed), _safe(P.SealedRequest), ser),
-            "CloseSession": grpc.unary_unary_rpc_method_handler(self._unary("CloseSession", self.CloseSession),
-                                                                _safe(P.SealedRequest), ser),
-            "ListModels": grpc.unary_unary_rpc_method_handler(self._unary("ListModels", self.ListModels),
-                                                              _safe(P.ListModelsRequest), ser),
+            "Attest": grpc.unary_unary_rpc_method_handler(
+                EDGE.unary("Attest", self.Attest, "AttestRequest"), parse_or_malformed(P.AttestRequest), ser),
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                EDGE.streaming("Generate", self.Generate, "SealedRequest"), sealed, ser),
+            "Embed": grpc.unary_unary_rpc_method_handler(EDGE.unary("Embed", self.Embed, "SealedRequest"), sealed, ser),
+            "CloseSession": grpc.unary_unary_rpc_method_handler(
+                EDGE.unary("CloseSession", self.CloseSession, "SealedRequest"), sealed, ser),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                EDGE.unary("ListModels", self.ListModels, "ListModelsRequest"), parse_or_malformed(P.ListModelsRequest),
+                ser),
         })
 
 
@@ -468,7 +425,7 @@ def start_grpc(service: ServingService, host: str, port: int, threads: int, tls:
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise BifrostError(f"cannot listen on {host}:{port}")
+        raise UserError(f"cannot listen on {host}:{port}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

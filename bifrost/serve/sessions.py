@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -47,7 +48,7 @@ class SessionTable:
         self._dead: set[int] = set()
         self._lock = threading.Lock()
 
-    def reserve(self, exclude: set[int] = frozenset()) -> int:
+    def reserve(self, exclude: AbstractSet[int] = frozenset()) -> int:
         """Claim a slot on the least-loaded live replica not in ``exclude``, or raise
         :class:`SessionLimitError` / :class:`NoReplicaError`."""
         with self._lock:

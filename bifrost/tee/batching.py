@@ -136,6 +136,7 @@ class DecodeBatcher:
             self._computing += 1
         if item.error is not None:
             raise item.error
+        assert item.reply is not None  # _run gives every item a reply (one per call: link.linear_batch) or an error
         return item.reply
 
     @contextlib.contextmanager

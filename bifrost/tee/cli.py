@@ -13,6 +13,7 @@ import statistics
 import sys
 
 from ..config import MODES
+from ..config_loader import placement_of
 
 
 DEMO_MODEL = "smollm2-135m-instruct"  # real SmolLM2-135M-Instruct (configs/models.yaml); --model or --config overrides
@@ -67,8 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args):
-    from ..config import load_config
-    from ..errors import BifrostError
+    from ..config_loader import load_config
+    from ..errors import UserError
 
     cfg = load_config(args.config)
     changes = {}
@@ -99,7 +100,7 @@ def _config(args):
         gen["max_new_tokens"] = args.max_new_tokens_default
     elif getattr(args, "max_new_tokens", None) is not None:
         if args.max_new_tokens < 1:
-            raise BifrostError("--max-new-tokens must be at least 1")
+            raise UserError("--max-new-tokens must be at least 1")
         gen["max_new_tokens"] = args.max_new_tokens
     if getattr(args, "sample", False):
         gen["do_sample"] = True
@@ -112,11 +113,11 @@ def _config(args):
     from ..ckks import available_backends
 
     if cfg.backend not in available_backends():
-        raise BifrostError(f"unknown CKKS backend {cfg.backend!r}; known: {available_backends()}")
+        raise UserError(f"unknown CKKS backend {cfg.backend!r}; known: {available_backends()}")
     from ..model.catalog import resolve
 
     resolve(cfg.model)  # fail fast (one line) on a bad model name or checkpoint path
-    cfg.placement()  # and on an unknown or malformed placement policy
+    placement_of(cfg)  # and on an unknown or malformed placement policy
     return cfg
 
 
@@ -132,19 +133,19 @@ def _worker(cfg, args):
     that trusts this process's TLS identity; None when the placement policy delegates nothing."""
     from ..attest.mtls import WorkerEndpoint
 
-    if cfg.placement().delegates_nothing:
+    if placement_of(cfg).delegates_nothing:
         yield None
         return
-    from ..errors import BifrostError
+    from ..errors import UserError
 
     address = args.worker or cfg.worker.address
     if address:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
-            raise BifrostError(f"worker address {address!r} is not host:port")
+            raise UserError(f"worker address {address!r} is not host:port")
         cert = args.worker_cert or cfg.worker.cert
         if not cert:
-            raise BifrostError(f"worker {address}: give its certificate to pin with --worker-cert (or worker.cert)")
+            raise UserError(f"worker {address}: give its certificate to pin with --worker-cert (or worker.cert)")
         yield WorkerEndpoint.from_files(address, cert)
         return
     from ..tee.runtime import trusted_identity
@@ -288,14 +289,14 @@ def _print_generation(rep: dict, result) -> None:
 
 
 def run_embed(args) -> int:
-    from ..errors import BifrostError
+    from ..errors import UserError
     from ..tee.runtime import TrustedRuntime, plaintext_embeddings
 
     cfg = _config(args)
     from ..model.catalog import resolve
 
     if resolve(cfg.model).task != "encoder":
-        raise BifrostError(f"{cfg.model} is not an encoder model")
+        raise UserError(f"{cfg.model} is not an encoder model")
     with _worker(cfg, args) as endpoint:
         runtime = TrustedRuntime(cfg, endpoint)
         try:

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..model.delegation import Site, delegated_modules, linear_weight, weight_digest
-from .engine import DelegationEngine
 
 # The engine (CKKS keys + worker link) of the session whose forward pass runs in this thread/context: the
 # one way a delegated layer finds its engine. Set only by ``TrustedRuntime.forward``/``embed``, which take
 # the engine as an explicit argument; sessions thus run forward passes of one shared model concurrently,
 # each with its own keys.
-_SESSION_ENGINE: contextvars.ContextVar[DelegationEngine | None] = contextvars.ContextVar("bifrost_engine", default=None)
+class SessionEngine(Protocol):
+    """What a delegated layer uses of its session's engine: a :class:`DelegationEngine`, or a stand-in that
+    computes every product here (``local_linears`` always set: the probe forward of :func:`bypassed_sites`)."""
+
+    local_linears: bool
+
+    def linear(self, name: str, x: torch.Tensor, version: int) -> np.ndarray: ...
+
+
+_SESSION_ENGINE: contextvars.ContextVar[SessionEngine | None] = contextvars.ContextVar("bifrost_engine", default=None)
 
 
 class DelegatedLinear(torch.nn.Module):
@@ -29,6 +39,9 @@ class DelegatedLinear(torch.nn.Module):
 
     While ``engine.local_linears`` is set (Bifrost+ prefill) the product is computed here, in plaintext.
     """
+
+    weight: torch.Tensor  # buffers (register_buffer below)
+    bias: torch.Tensor | None
 
     def __init__(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -70,7 +83,8 @@ def swap_in_delegates(model: torch.nn.Module, policy, model_name: str = "the mod
         site = Site(name, w.shape[1], w.shape[0], weight_digest(w))
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, DelegatedLinear(site, torch.from_numpy(w), module.bias))
+        bias = module.bias  # a tensor or None (Linear(bias=False))
+        setattr(parent, leaf, DelegatedLinear(site, torch.from_numpy(w), bias if isinstance(bias, torch.Tensor) else None))
         swapped.append(site)
     return swapped
 
@@ -79,6 +93,9 @@ class _ProbeEngine:
     """Computes every delegated product here, in plaintext (a probe forward on a public input)."""
 
     local_linears = True
+
+    def linear(self, name: str, x: torch.Tensor, version: int) -> np.ndarray:
+        raise RuntimeError("the probe engine computes every product in the TEE (local_linears)")
 
 
 @torch.no_grad()
@@ -105,7 +122,7 @@ def bypassed_sites(model: torch.nn.Module, sites: list[Site], task: str) -> list
 
 
 @contextlib.contextmanager
-def using_engine(engine: DelegationEngine):
+def using_engine(engine: SessionEngine):
     """Route this thread's delegated layers through ``engine`` (one session's keys) for the block
     (for :class:`~bifrost.tee.runtime.TrustedRuntime` only)."""
     token = _SESSION_ENGINE.set(engine)

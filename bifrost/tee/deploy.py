@@ -15,12 +15,14 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint
 from ..config import RunConfig
-from ..errors import BifrostError
+from ..config_loader import placement_of
+from ..errors import UserError
 from ..serve.config import ServeConfig
 from ..serve.replicas import LocalReplica, RayReplica, ReplicaHandle, check_replicas_agree, wait_for_ray_replicas
 from ..serve.server import SERVICE_NAME, ServingService, start_grpc
@@ -64,8 +66,10 @@ class ServeApp:
         self.replicas: list[ReplicaHandle] = []
         self.ray_started = False
         self._saved_env: dict[str, str | None] = {}
-        self.server = self.service = self.health = None
-        self.port = None
+        self.server: Any = None
+        self.service: ServingService | None = None
+        self.health: Any = None
+        self.port: int | None = None
 
     def start(self) -> "ServeApp":
         try:
@@ -79,9 +83,10 @@ class ServeApp:
         if not self.cfg.tee.identity:  # the replicas' TLS identity (one for the deployment), kept in the run folder
             TLSIdentity.generate(TRUSTED_TLS_NAME).save(self.run_dir / "identity")
             self.cfg = self.cfg.replace(tee=dataclasses.replace(self.cfg.tee, identity=str(self.run_dir / "identity")))
+        assert self.cfg.tee.identity is not None  # set just above when the config has none
         identity = TLSIdentity.load_or_create(self.cfg.tee.identity, TRUSTED_TLS_NAME)
         endpoints = [WorkerEndpoint.from_files(a, c) for a, c in zip(self.scfg.workers, self.scfg.worker_certs)]
-        if not endpoints and not self.cfg.placement().delegates_nothing:  # tee-only: no worker at all
+        if not endpoints and not placement_of(self.cfg).delegates_nothing:  # tee-only: no worker at all
             wcfg = self.run_dir / "worker.yaml"  # room for a worker session of every session on every worker
             wcfg.write_text(run_config_yaml(self.cfg, max_sessions=self.scfg.max_sessions + self.scfg.replicas + 4))
             for i in range(self.scfg.local_workers):
@@ -96,15 +101,17 @@ class ServeApp:
             self._start_ray()
             import ray
 
-            cls = ray.remote(num_cpus=self.scfg.replica_cpus, max_concurrency=self.scfg.max_sessions + 8,
-                             max_restarts=0)(TrustedReplica)
+            cls = ray.remote(num_cpus=self.scfg.replica_cpus,  # type: ignore[call-overload]  # ray's stubs lack actor options
+                             max_concurrency=self.scfg.max_sessions + 8, max_restarts=0)(TrustedReplica)
             actors = [cls.remote(*args, i) for i in range(self.scfg.replicas)]
-            self.replicas = [RayReplica(a) for a in actors]
+            ray_replicas = [RayReplica(a, timeout_s=self.scfg.replica_timeout_s) for a in actors]
+            self.replicas = list(ray_replicas)
             hint = ("Ray logs: " + str(self.run_dir / "ray")) if not self.scfg.ray_address else "see the cluster's Ray logs"
-            infos = wait_for_ray_replicas(self.replicas, self.scfg, hint)
+            infos = wait_for_ray_replicas(ray_replicas, self.scfg, hint)
         else:
-            self.replicas = [LocalReplica(TrustedReplica(*args, i)) for i in range(self.scfg.replicas)]
-            infos = [r.call("info") for r in self.replicas]
+            self.replicas = [LocalReplica(TrustedReplica(*args, i), timeout_s=self.scfg.replica_timeout_s)
+                             for i in range(self.scfg.replicas)]
+            infos = [r.info() for r in self.replicas]
         self.service = ServingService(self.cfg, self.scfg, self.replicas, check_replicas_agree(infos))
         self.server, self.port, self.health = start_grpc(self.service, self.scfg.host, self.scfg.port,
                                                          threads=self.scfg.max_sessions + 8,
@@ -123,7 +130,7 @@ class ServeApp:
             return
         ray_dir = self.run_dir.resolve() / "ray"
         if len(str(ray_dir)) > 107 - 62:  # + "/session_YYYY-MM-DD_HH-MM-SS_micros_pid/sockets/plasma_store"
-            raise BifrostError(f"run folder path too long for Ray's unix sockets ({ray_dir}); use a shorter --run-dir")
+            raise UserError(f"run folder path too long for Ray's unix sockets ({ray_dir}); use a shorter --run-dir")
         ray_dir.mkdir(exist_ok=True)
         # Keep Ray's session files and its auth token inside the run folder (not ~/.ray, /tmp/ray):
         # the token is ours (from secrets), handed to Ray by path; Ray otherwise writes ~/.ray/auth_token.
@@ -135,7 +142,7 @@ class ServeApp:
         self._saved_env = {k: os.environ.get(k) for k in env}  # restored by stop()
         os.environ.update(env)
         import ray
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]  # not in ray's stubs
 
         Config.initialize("")  # Ray caches its config at import: make it see the auth settings above
         if not ray.is_initialized():

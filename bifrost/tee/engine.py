@@ -42,9 +42,17 @@ from typing import Mapping
 
 import numpy as np
 
-from ..ckks import CiphertextError, CKKSParams, ExactTrustedContext, GroupShape, get_backend, row_bucket
+from ..ckks import (
+    CiphertextError,
+    CKKSParams,
+    ExactTrustedContext,
+    GroupShape,
+    GroupTraffic,
+    get_backend,
+    row_bucket,
+)
 from ..config import VerificationConfig
-from ..errors import BifrostError
+from ..errors import InternalError, RefusedError, UserError
 from ..model.delegation import Site
 from ..proto import worker_pb2
 from .link import WorkerCallError, WorkerLink, WorkerReply
@@ -55,18 +63,6 @@ log = logging.getLogger("bifrost.engine")
 
 REPLAY_WINDOW = 1 << 17  # output-ciphertext fingerprints remembered per session (~6 MB)
 _LOCAL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee-local-linear")
-
-
-@dataclass
-class GroupStats:
-    """Worker traffic of one layer group (what the estimator predicts exactly)."""
-
-    calls: int = 0
-    rows: int = 0            # rows sent, padding included
-    cts_in: int = 0
-    cts_out: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 @dataclass
@@ -86,7 +82,7 @@ class CallStats:
     deviations: int = 0    # calls whose reply failed a check
     local_calls: int = 0   # calls whose product was computed in the TEE
     first_deviation: int = -1  # index (0-based, in ``calls`` order) of the first call whose reply deviated
-    groups: dict = field(default_factory=dict)  # group -> GroupStats
+    groups: dict = field(default_factory=dict)  # group -> GroupTraffic (what the estimator predicts)
 
     @property
     def transfer_s(self) -> float:
@@ -94,7 +90,7 @@ class CallStats:
 
     def snapshot(self) -> "CallStats":
         out = CallStats(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "groups"})
-        out.groups = {g: GroupStats(**vars(s)) for g, s in self.groups.items()}
+        out.groups = {g: s.copy() for g, s in self.groups.items()}
         return out
 
     def minus(self, other: "CallStats") -> "CallStats":
@@ -103,8 +99,7 @@ class CallStats:
                            if f.name not in ("groups", "first_deviation")},
                         first_deviation=self.first_deviation - other.calls if later else -1)
         for g, s in self.groups.items():
-            o = other.groups.get(g, GroupStats())
-            out.groups[g] = GroupStats(**{k: v - getattr(o, k) for k, v in vars(s).items()})
+            out.groups[g] = s.minus(other.groups.get(g, GroupTraffic()))
         return out
 
 
@@ -135,7 +130,7 @@ class DelegationEngine:
                       for g in groups}
         missing = [n for n in self.sites if n not in weights]
         if missing:
-            raise BifrostError(f"no trusted weights for delegated layers {missing[:3]}")
+            raise UserError(f"no trusted weights for delegated layers {missing[:3]}")
         self._weights = {g: [np.asarray(weights[n], dtype=np.float64) for n in g] for g in groups}
         self.quarantine = quarantine if quarantine is not None else WorkerQuarantine()
         self.stats = CallStats()
@@ -149,8 +144,11 @@ class DelegationEngine:
         # how replies are verified is the backend's declaration: exactly (no tolerance, no replay window) or
         # against its error bound (bifrost.tee.verify: range and product checks, replay fingerprints)
         self.exact = self._backend.verification == "exact"
-        if self.exact and not isinstance(self._keys, ExactTrustedContext):
-            raise BifrostError(f"backend {backend!r} declares exact verification but its keys cannot verify")
+        self._exact_keys: ExactTrustedContext | None = None  # self._keys, when replies are verified exactly
+        if self.exact:
+            if not isinstance(self._keys, ExactTrustedContext):
+                raise InternalError(f"backend {backend!r} declares exact verification but its keys cannot verify")
+            self._exact_keys = self._keys
         self.verifier = None if self.exact else ProductVerifier({g: [operands[n] for n in g] for g in groups}, verify)
         self._stats_of = {g: [operands[n].stats for n in g] for g in groups}
         for g in groups:  # what decryption needs from the trusted weights (native: mask products; cached per process)
@@ -175,9 +173,9 @@ class DelegationEngine:
         for s in self.sites.values():
             got = served.get(s.name)
             if got is None:
-                raise BifrostError(f"worker does not serve layer {s.name!r}: is it running the same model?")
+                raise UserError(f"worker does not serve layer {s.name!r}: is it running the same model?")
             if got.digest != s.digest:
-                raise BifrostError(f"worker's weights for {s.name!r} differ from ours (digest mismatch)")
+                raise RefusedError(f"worker's weights for {s.name!r} differ from ours (digest mismatch)")
 
     def rows_per_call(self, group: tuple[str, ...], rows: int) -> int:
         return self._backend.rows_per_call(self.params, self.shapes[group], rows)
@@ -234,15 +232,15 @@ class DelegationEngine:
                     failure = self._check_replay(reply)
                 if not failure:  # (values decrypted here are used only once the reply is verified, below)
                     ys = self._keys.decrypt(shape, reply.outputs, batch, stats)
-                if not failure and self.exact:
+                if not failure and self._exact_keys is not None:
                     tv = time.perf_counter()
-                    if not self._keys.verify(shape, reply.outputs, batch, stats):  # reuses decrypt's parse
+                    if not self._exact_keys.verify(shape, reply.outputs, batch, stats):  # reuses decrypt's parse
                         failure, ys = "product check", None
                     verify_s = time.perf_counter() - tv
             except CiphertextError as exc:
                 failure, ys = f"malformed reply: {exc}", None
         t3 = time.perf_counter()
-        if ys is not None and not self.exact:
+        if ys is not None and self.verifier is not None:  # verified against the error bound (not exactly)
             result = self.verifier.check(group, x, ys, self._keys.error_bound(shape, batch, stats),
                                          self._keys.effective_input(batch),
                                          self._keys.error_bound(shape, batch, stats, effective=True))
@@ -260,7 +258,7 @@ class DelegationEngine:
                 st.first_deviation = st.calls
             self.quarantine.add(worker, failure.split(":")[0])  # the kind, without a malformed reply's details
             log.debug("call to %s deviated: %s", worker[:23], failure)
-        if reply is None or failure or worker in self.quarantine:
+        if reply is None or failure or worker in self.quarantine or ys is None:
             ys = ahead.result() if ahead is not None else self._local(group, x)
             st.local_calls += 1
         elif ahead is not None:
@@ -276,7 +274,7 @@ class DelegationEngine:
         sent = sum(len(c) for c in batch.ciphertexts)
         st.bytes_sent += sent
         st.bytes_received += received
-        g = st.groups.setdefault(group, GroupStats())
+        g = st.groups.setdefault(group, GroupTraffic())
         g.calls += 1
         g.rows += len(x)
         g.cts_in += len(batch.ciphertexts)

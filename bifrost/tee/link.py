@@ -21,14 +21,14 @@ import grpc
 
 from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_channel
 from ..ckks import CKKSParams, GroupShape, get_backend, row_bucket
-from ..errors import BifrostError
+from ..errors import UnavailableError
 from ..proto import worker_pb2, worker_pb2_grpc
 from ..proto.wire import WORKER_MAX_REPLY_BYTES, worker_client_options
 
 REPLY_OVERHEAD_BYTES = 1 << 16  # protobuf framing of a reply beyond its ciphertexts, with room to spare
 
 
-class WorkerCallError(BifrostError):
+class WorkerCallError(UnavailableError):
     """A worker call brought back no reply: an error status, a transport failure, or no worker reachable.
     ``worker``: the identity of the worker called, if one was (an availability matter, never a deviation:
     see :mod:`bifrost.tee.pool`)."""
@@ -86,7 +86,7 @@ def connect(endpoint: WorkerEndpoint, identity: TLSIdentity | None = None, max_r
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
     except grpc.FutureTimeoutError:
         channel.close()
-        raise BifrostError(f"no CKKS worker reachable at {endpoint.address} within {timeout_s:.0f} s "
+        raise UnavailableError(f"no CKKS worker reachable at {endpoint.address} within {timeout_s:.0f} s "
                            "(is it running, and does it trust this runtime's certificate and present the pinned one?)"
                            ) from None
     return channel

@@ -36,7 +36,7 @@ from typing import Sequence
 import grpc
 
 from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_channel
-from ..errors import BifrostError
+from ..errors import InternalError, RefusedError, UnavailableError, UserError
 from ..proto import worker_pb2
 from ..proto.wire import worker_client_options
 from .link import WorkerCallError, WorkerReply, WorkerStub
@@ -92,18 +92,18 @@ class WorkerPool:
                  timeout_s: float = 60.0, retry_after_s: float = 30.0, max_reply_bytes: int = 1 << 30,
                  quarantine: WorkerQuarantine | None = None) -> None:
         if not endpoints:
-            raise BifrostError("a worker pool needs at least one worker")
+            raise UserError("a worker pool needs at least one worker")
         if not all(isinstance(e, WorkerEndpoint) for e in endpoints):
-            raise BifrostError("workers are given as WorkerEndpoint (address + pinned certificate)")
+            raise InternalError("workers are given as WorkerEndpoint (address + pinned certificate)")
         if len({e.address for e in endpoints}) != len(endpoints) or len({e.identity for e in endpoints}) != len(endpoints):
-            raise BifrostError("worker addresses and certificates must be distinct")
+            raise UserError("worker addresses and certificates must be distinct")
         self.quarantine = quarantine if quarantine is not None else WorkerQuarantine()
         refused = [e for e in endpoints if e.identity in self.quarantine]
         for e in refused:
             log.warning("worker %s (%s) is quarantined: refused", e.address, e.identity[:23])
         endpoints = [e for e in endpoints if e not in refused]
         if not endpoints:
-            raise BifrostError("every configured CKKS worker is quarantined (caught deviating); "
+            raise RefusedError("every configured CKKS worker is quarantined (caught deviating); "
                                "configure other workers")
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.identity = identity or process_identity()
@@ -163,9 +163,9 @@ class WorkerPool:
             if seen is None:
                 seen = (key, layers)
             elif key != seen[0]:
-                raise BifrostError(f"worker {w.address} serves different layers or weights than the others")
+                raise UserError(f"worker {w.address} serves different layers or weights than the others")
         if seen is None:
-            raise BifrostError(f"no CKKS worker answered ({'; '.join(errors)}): is it running, does it list this "
+            raise UnavailableError(f"no CKKS worker answered ({'; '.join(errors)}): is it running, does it list this "
                                "runtime's certificate among its trusted clients, and is its own certificate the "
                                "pinned one?")
         self._describe = seen[1]
@@ -192,7 +192,7 @@ class WorkerPool:
         while True:
             w = self.pick(tried)
             if w is None:
-                raise WorkerCallError(last.code, last.details) if last else BifrostError("no CKKS worker available")
+                raise WorkerCallError(last.code, last.details) if last else UnavailableError("no CKKS worker available")
             try:
                 try:
                     sids = [item.worker_sessions.id_on(w) for item in items]
@@ -242,7 +242,7 @@ class WorkerSessions:
         self.pool = pool
         self._owns = owns_pool
         self._worker_sessions: dict[str, str] = {}  # worker address -> worker session id
-        self._open_args: tuple | None = None
+        self._open_args: tuple[str, bytes, list[worker_pb2.LayerGroup]] | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -278,10 +278,12 @@ class WorkerSessions:
             if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
                 raise WorkerCallError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                       f"every CKKS worker is full ({'; '.join(errors)})")
-            raise BifrostError(f"no CKKS worker accepted the worker session ({'; '.join(errors)})")
+            raise UnavailableError(f"no CKKS worker accepted the worker session ({'; '.join(errors)})")
         return worst
 
     def _open_on(self, w: WorkerState) -> float:
+        if self._open_args is None:
+            raise InternalError("a worker session is opened on one worker only after open_worker_sessions")
         backend, public_context, prepare = self._open_args
         sid, seconds = w.stub.open_worker_session(backend, public_context, prepare)
         with self._lock:
@@ -295,7 +297,7 @@ class WorkerSessions:
     def id_on(self, w: WorkerState) -> str:
         """The id of this link's worker session on worker ``w``, opening it there first if needed."""
         if self._closed:  # never reopen a worker session for a link that was closed (it would leak)
-            raise BifrostError("this session's worker sessions are closed")
+            raise UnavailableError("this session's worker sessions are closed")
         if w.address not in self._worker_sessions:  # worker was down at open time, restarted, or expired us
             self._open_on(w)
         return self._worker_sessions[w.address]

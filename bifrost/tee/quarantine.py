@@ -51,50 +51,50 @@ class WorkerQuarantine:
         self._pending: list[threading.Event] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._reload()
+            self._reload(self.path)
 
     # -- file plumbing -----------------------------------------------------------------------
-    def _read_file(self) -> dict[str, dict]:
+    def _read_file(self, path: Path) -> dict[str, dict]:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
-            log.error("quarantine file %s is unreadable; keeping the identities already known", self.path)
+            log.error("quarantine file %s is unreadable; keeping the identities already known", path)
             return dict(self._entries)
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("workers"), dict):
-            log.error("quarantine file %s has an unknown format; keeping the identities already known", self.path)
+            log.error("quarantine file %s has an unknown format; keeping the identities already known", path)
             return dict(self._entries)
         return {str(k): v for k, v in data["workers"].items() if isinstance(v, dict)}
 
-    def _reload(self) -> None:
+    def _reload(self, path: Path) -> None:
         """Re-read the file when it changed (a stat per call: cheap)."""
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)
             stamp = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:
-            self._entries.update(self._read_file())
+            self._entries.update(self._read_file(path))
             self._stamp = stamp
 
     # -- API ---------------------------------------------------------------------------------
     def __contains__(self, identity: str) -> bool:
         with self._lock:
             if self.path is not None:
-                self._reload()
+                self._reload(self.path)
             return identity in self._entries
 
     def __len__(self) -> int:
         with self._lock:
             if self.path is not None:
-                self._reload()
+                self._reload(self.path)
             return len(self._entries)
 
     def entries(self) -> dict[str, dict]:
         with self._lock:
             if self.path is not None:
-                self._reload()
+                self._reload(self.path)
             return {k: dict(v) for k, v in self._entries.items()}
 
     def add(self, identity: str, reason: str) -> bool:
@@ -117,7 +117,7 @@ class WorkerQuarantine:
         try:
             if self.path is not None:
                 with self._lock:
-                    self._write(identity, entry)
+                    self._write(self.path, identity, entry)
             log.warning("worker %s quarantined (%s): its results are discarded and recomputed in the TEE; it is "
                         "refused at the next start", identity[:23], entry["reason"])
         finally:
@@ -128,18 +128,18 @@ class WorkerQuarantine:
         for done in list(self._pending):
             done.wait(timeout_s)
 
-    def _write(self, identity: str, entry: dict) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
+    def _write(self, path: Path, identity: str, entry: dict) -> None:
+        lock_path = path.with_name(path.name + ".lock")
         with open(lock_path, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
-                current = self._read_file()
+                current = self._read_file(path)
                 current.setdefault(identity, entry)
                 self._entries.update(current)
-                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps({"format": FORMAT, "workers": current}, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
-                st = os.stat(self.path)
+                os.replace(tmp, path)
+                st = os.stat(path)
                 self._stamp = (st.st_mtime_ns, st.st_size)
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)

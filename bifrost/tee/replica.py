@@ -8,9 +8,10 @@ conversation history. The gRPC front end (:mod:`bifrost.serve.server`) only ever
 keys exist only in this process. Every turn's tokens come from the replica's one decode loop
 (:class:`~bifrost.tee.scheduler.StepLoop`); the KV cache lives in the turn.
 
-The class is plain Python: ``bifrost serve`` runs it as a Ray actor (``runtime: ray``) or in-process
-(``runtime: local``: the serving process then holds the keys and must itself run in the TEE). Methods
-return the typed messages of :mod:`bifrost.proto.replica` and never raise for bad input.
+The class is plain Python and implements :class:`~bifrost.proto.replica.ReplicaAPI` (typed requests in,
+typed replies out): ``bifrost serve`` runs it as a Ray actor (``runtime: ray``) or in-process (``runtime:
+local``: the serving process then holds the keys and must itself run in the TEE). Methods never raise
+for bad input.
 
 Refusals: before a request's sealed record is opened (unknown or busy session, a record that does not
 authenticate or is a replay) a :class:`~bifrost.proto.replica.Refusal` carries the reason in cleartext.
@@ -21,16 +22,16 @@ generic :data:`~bifrost.proto.wire.SEALED_REFUSAL`; Generate yields the sealed c
 ``SealedReply`` and then the refusal. Counts and sizes (prompt tokens, limits, conversation length)
 never appear outside the channel.
 
-Generation parameters (sealed, in the GenerateBody): per-turn sampling (temperature, top_p, top_k over the
-``generation:`` config), stop sequences (text that may begin one is held back; when one appears the turn
-is cancelled in the step loop, like a consumer that left, and the last chunk says ``finish_reason:
-stop``), the model's end-of-sequence token (ends the turn, not streamed) and chat ``messages`` rendered by
-the tokenizer's chat template. Messages are the whole conversation: the session's history is neither
-prepended nor changed by such a turn.
+Generation parameters (sealed, in the GenerateBody) are checked by :mod:`bifrost.tee.validation`: per-turn
+sampling, stop sequences, the model's end-of-sequence token (ends the turn, not streamed) and chat
+``messages`` (the whole conversation: the session's history is neither prepended nor changed by such a
+turn). Text comes from the turn's :class:`~bifrost.tee.detokenize.OutputProcessor` (only new tokens
+decoded; text that may begin a stop sequence held back; at a stop sequence the turn is cancelled and the
+last chunk says ``finish_reason: stop``).
 
 Session life cycle: one request (a *turn*) at a time per session, under the session's lock. A turn
-can be stopped between tokens: :meth:`TrustedReplica.cancel` (the client hung up) or
-:meth:`TrustedReplica.close_session`. Closing a session while a turn runs only marks it; the turn
+is stopped through one channel, :meth:`Turn.cancel <bifrost.tee.scheduler.Turn.cancel>`: by
+:meth:`TrustedReplica.cancel` (the client hung up), by closing the session, or by a stop sequence. Closing a session while a turn runs only marks it; the turn
 releases the session (channel keys, history, CKKS keys, worker sessions) when it ends, so a session
 is never torn down under a running generation.
 """
@@ -52,13 +53,13 @@ from ..attest.binding import compute_report_data
 from ..attest.channel import SUITES, SecureChannel, ServerHandshake
 from ..attest.errors import AttestationError, ChannelClosedError, ChannelError
 from ..attest.evidence import get_provider
-from ..config import RunConfig
-from ..errors import BifrostError
 from ..attest.mtls import WorkerEndpoint
+from ..config import RunConfig
+from ..errors import BifrostError, ErrorKind, error_kind
 from ..model.digests import model_digest
-from ..model.tokenizer import chat_ids
 from ..proto import serving_pb2
-from ..proto.replica import Attested, Closed, Refusal, ReplicaInfo, SealedReply, Status
+from ..proto.replica import (AttestRequest, Attested, CancelRequest, CloseIdle, CloseRequest, Closed, DropSession,
+                             EmbedRequest, GenerateRequest, Refusal, ReplicaInfo, SealedReply, Status)
 from ..proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL
 from ..serve.config import ServeConfig, serving_config_digest
 from .batching import DecodeBatcher
@@ -66,15 +67,13 @@ from .engine import DelegationEngine
 from .link import WorkerCallError
 from .pool import WorkerSessions
 from .quarantine import WorkerQuarantine
-from .runtime import Sampling, TrustedRuntime, context_tokens
-from .scheduler import StepLoop, TokenEvent, Turn, TurnEnd
+from .detokenize import OutputProcessor
+from .runtime import TrustedRuntime, context_tokens
+from .scheduler import Sampling, StepLoop, TokenEvent, Turn, TurnEnd
+from .validation import Limits, Rejected, check_embed, check_generate
 
 log = logging.getLogger("bifrost.tee.replica")
 
-MAX_STOP_SEQUENCES = 4  # per request
-MAX_STOP_CHARS = 64     # per stop sequence
-MAX_TEMPERATURE = 2.0
-CHAT_ROLES = ("system", "user", "assistant")
 TURN_WAIT_S = 10.0      # a request waits this long for the session's previous turn to finish
 CANCELLED_REMEMBERED = 32  # request ids of cancelled turns kept per session
 
@@ -88,47 +87,36 @@ class _Session:
     report_data: bytes
     history: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)    # one turn at a time
-    state: threading.Lock = field(default_factory=threading.Lock)   # guards busy / closing / released
+    state: threading.Lock = field(default_factory=threading.Lock)   # guards the fields below
     busy: bool = False       # a turn holds ``lock``
-    closing: bool = False    # closed: running turn stops at the next token and releases the session
+    closing: bool = False    # closed: the running turn is cancelled and releases the session when it ends
     released: bool = False
+    turn: Turn | None = None  # the running turn and its request id (for CancelRequest)
+    request_id: str = ""
     cancelled: collections.deque = field(default_factory=lambda: collections.deque(maxlen=CANCELLED_REMEMBERED))
     last_used: float = field(default_factory=time.monotonic)
 
-    def stopped(self, request_id: str) -> bool:
-        return self.closing or (bool(request_id) and request_id in self.cancelled)
+    def start(self, turn: Turn, request_id: str) -> bool:
+        """Make ``turn`` the running one; False (and nothing changes) when it was cancelled or the session
+        closed before it started."""
+        with self.state:
+            if self.closing or (request_id and request_id in self.cancelled):
+                return False
+            self.turn, self.request_id = turn, request_id
+            return True
 
-
-@dataclass(frozen=True)
-class _Request:
-    """A checked Generate request: the ids to prefill, tokens to make, sampling, stop sequences; ``chat``:
-    it came as messages (the session's history was not prepended and is not changed)."""
-
-    ids: list[int]
-    n_new: int
-    sampling: Sampling
-    stop: list[str]
-    chat: bool
-
-
-class _Refused(Exception):
-    """A refusal before the request's record was opened: the message goes back in cleartext."""
-
-    def __init__(self, status: Status, message: str) -> None:
-        super().__init__(message)
-        self.refusal = Refusal(status, message)
-
-
-class _Rejected(Exception):
-    """A refusal after the request's record was opened: the reason goes back sealed."""
-
-    def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
+    def cancel(self, request_id: str | None) -> None:
+        """Cancel ``request_id`` (None: whatever runs, the session is closing), running or still to come."""
+        with self.state:
+            if request_id:
+                self.cancelled.append(request_id)
+            if self.turn is not None and (request_id is None or request_id == self.request_id):
+                self.turn.cancel()
 
 
 class TrustedReplica:
-    """One model replica and the sessions assigned to it. Thread-safe (Ray threaded actor)."""
+    """One model replica and the sessions assigned to it; implements
+    :class:`~bifrost.proto.replica.ReplicaAPI`. Thread-safe (Ray threaded actor)."""
 
     def __init__(self, cfg: RunConfig, scfg: ServeConfig, workers: list[WorkerEndpoint], replica_index: int = 0) -> None:
         """``workers``: the CKKS workers (address + pinned certificate); this replica presents the TLS identity
@@ -160,6 +148,14 @@ class TrustedReplica:
                      if self.spec.task == "causal-lm" else None)
         log.info("replica %d ready: model %s, %d delegated layers", replica_index, cfg.model, len(self.runtime.sites))
 
+    @property
+    def limits(self) -> Limits:
+        """What this replica accepts (:mod:`bifrost.tee.validation`)."""
+        return Limits(self.cfg.model, self.spec.task, self.context,
+                      int(getattr(self.runtime.model.config, "vocab_size", 0) or 0), self.scfg.max_new_tokens,
+                      self.cfg.generation.max_new_tokens, self.scfg.max_prompt_tokens,
+                      Sampling.from_config(self.cfg.generation))
+
     # -- public info -----------------------------------------------------------------------
     def info(self) -> ReplicaInfo:
         return ReplicaInfo(self.cfg.model, self.spec.task, self.model_digest, self.config_digest, self.context,
@@ -186,9 +182,9 @@ class TrustedReplica:
             return len(self._sessions)
 
     # -- handshake ---------------------------------------------------------------------------
-    def attest(self, nonce: bytes, client_public_key: bytes, suite: str) -> Attested | Refusal:
+    def attest(self, req: AttestRequest) -> Attested | Refusal:
         """Fresh channel key, evidence binding it, the channel keys, and this session's CKKS keys."""
-        suite = suite or "AES-256-GCM"
+        nonce, client_public_key, suite = req.nonce, req.client_public_key, req.suite or "AES-256-GCM"
         if suite not in SUITES:
             return Refusal(Status.INVALID_ARGUMENT, f"unknown suite {suite!r}; choose {', '.join(SUITES)}")
         if len(nonce) < 16 or len(nonce) > 1024:
@@ -210,11 +206,12 @@ class TrustedReplica:
                 link = self.batcher.link_for(worker_sessions) if self.batcher is not None else worker_sessions
                 engine = self.runtime.new_engine(link)
         except BaseException as exc:
-            worker_sessions.close()  # worker sessions opened before the failure
+            if worker_sessions is not None:
+                worker_sessions.close()  # worker sessions opened before the failure
             if isinstance(exc, WorkerCallError) and exc.code.name == "RESOURCE_EXHAUSTED":
                 return Refusal(Status.RESOURCE_EXHAUSTED,
                                "the CKKS workers hold their maximum number of worker sessions; try later")
-            if isinstance(exc, BifrostError):
+            if isinstance(exc, BifrostError) and error_kind(exc) is not ErrorKind.INTERNAL:
                 return Refusal(Status.UNAVAILABLE, f"cannot open a CKKS worker session: {exc}")
             raise
         sid = channel.session_id
@@ -225,7 +222,7 @@ class TrustedReplica:
                         self.config_digest, suite, dict(evidence.endorsements))
 
     def close_session(self, session_id: bytes) -> bool:
-        """End a session. If a turn is running it stops at its next token and releases the session."""
+        """End a session. A running turn is cancelled and releases the session when it ends."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
         if s is None:
@@ -234,9 +231,14 @@ class TrustedReplica:
             s.closing = True
             release = not s.busy and not s.released
             s.released = s.released or release
+        s.cancel(None)
         if release:
             self._release(s, session_id)
         return True
+
+    def drop_session(self, req: DropSession) -> bool:
+        """The front end forgot the session (client gone, refused): close it here too."""
+        return self.close_session(req.session_id)
 
     def _release(self, s: _Session, session_id: bytes) -> None:
         s.channel.close("session ended")
@@ -245,67 +247,72 @@ class TrustedReplica:
             s.engine.close()
         log.info("replica %d: session %s… closed", self.index, session_id.hex()[:8])
 
-    def cancel(self, session_id: bytes, request_id: str) -> bool:
-        """Stop the turn of ``request_id`` (running or still queued) at its next token."""
+    def cancel(self, req: CancelRequest) -> bool:
+        """Stop the turn of ``req.request_id`` (running or still queued) at its next token."""
         with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None or not request_id:
+            s = self._sessions.get(req.session_id)
+        if s is None or not req.request_id:
             return False
-        s.cancelled.append(request_id)
+        s.cancel(req.request_id)
         return True
 
-    def close_idle(self, idle_s: float) -> list[bytes]:
-        """Backstop for sessions the front end lost track of: close those idle for ``idle_s``."""
+    def close_idle(self, req: CloseIdle) -> list[bytes]:
+        """Backstop for sessions the front end lost track of: close those idle for ``req.idle_s``."""
         now = time.monotonic()
         with self._lock:
             idle = [sid for sid, s in self._sessions.items()
-                    if now - s.last_used > idle_s and not s.busy and not s.lock.locked()]
+                    if now - s.last_used > req.idle_s and not s.busy and not s.lock.locked()]
         for sid in idle:
             self.close_session(sid)
         return idle
 
     @contextlib.contextmanager
     def _turn(self, session_id: bytes):
-        """Hold the session for one request; raises :class:`_Refused`."""
+        """Hold the session for one request; raises :class:`Rejected` (sent in cleartext)."""
         with self._lock:
             s = self._sessions.get(session_id)
         if s is None:
-            raise _Refused(Status.NOT_FOUND, "unknown or closed session; attest again")
+            raise Rejected(Status.NOT_FOUND, "unknown or closed session; attest again")
         if not s.lock.acquire(timeout=TURN_WAIT_S):  # the previous turn may still be winding down
-            raise _Refused(Status.FAILED_PRECONDITION, "this session already has a request in progress")
+            raise Rejected(Status.FAILED_PRECONDITION, "this session already has a request in progress")
         with s.state:
             closed = s.closing
             s.busy = not closed
         if closed:
             s.lock.release()
-            raise _Refused(Status.NOT_FOUND, "unknown or closed session; attest again")
+            raise Rejected(Status.NOT_FOUND, "unknown or closed session; attest again")
         try:
             yield s
         finally:
             with s.state:
                 s.busy = False
+                s.turn = None
                 release = s.closing and not s.released
                 s.released = s.released or release
             s.lock.release()
             if release:
                 self._release(s, session_id)
 
-    def _open(self, s: _Session, session_id: bytes, sealed: bytes, aad: bytes, body_cls):
-        """Open the record (inside the session's turn) and parse the body. A record that does not open
-        raises :class:`_Refused` and leaves the session as it was; a bad body raises :class:`_Rejected`."""
+    def _open(self, s: _Session, session_id: bytes, sealed: bytes, aad: bytes) -> bytes:
+        """Open the record (inside the session's turn). A record that does not open raises :class:`Rejected`
+        (sent in cleartext) and leaves the session as it was."""
         try:
             plaintext = s.channel.open(sealed, aad)
         except ChannelError as exc:
             log.warning("replica %d: session %s…: record refused (%s)", self.index, session_id.hex()[:8], exc.check)
-            raise _Refused(Status.PERMISSION_DENIED, f"sealed payload rejected ({exc.check}); the session is unchanged") from None
+            raise Rejected(Status.PERMISSION_DENIED, f"sealed payload rejected ({exc.check}); the session is unchanged") from None
         s.last_used = time.monotonic()  # only an authentic record restarts the idle time
+        return plaintext
+
+    @staticmethod
+    def _parse(plaintext: bytes, body_cls):
         try:
             return body_cls.FromString(plaintext)
         except DecodeError:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"sealed payload is not a valid {body_cls.__name__}") from None
+            raise Rejected(Status.INVALID_ARGUMENT, f"sealed payload is not a valid {body_cls.__name__}") from None
 
     @staticmethod
-    def _refusal(s: _Session, exc: _Rejected, reply, aad: bytes) -> bytes | None:
+    def _refusal(s: _Session, exc: Rejected, reply, aad: bytes) -> bytes | None:
         """``reply`` (a TokenChunk or EmbedResult) carrying the refusal, sealed; None if the channel is closed."""
         reply.error, reply.error_code = exc.reason, exc.status.value
         try:
@@ -313,165 +320,101 @@ class TrustedReplica:
         except ChannelError:
             return None
 
-    def close_sealed(self, session_id: bytes, sealed: bytes) -> Closed | Refusal:
+    def close_sealed(self, req: CloseRequest) -> Closed | Refusal:
         """CloseSession from the client: the sealed CloseBody must open first. A record that does not open
         (empty, forged, replayed) leaves the session as it was."""
         with self._lock:
-            s = self._sessions.get(session_id)
+            s = self._sessions.get(req.session_id)
         if s is None:
             return Refusal(Status.NOT_FOUND, "unknown or closed session; attest again")
         try:  # not under the turn lock: a close stops a running turn at its next token
-            plaintext = s.channel.open(sealed, AAD_CLOSE)
+            plaintext = s.channel.open(req.sealed, AAD_CLOSE)
         except ChannelClosedError:
             return Refusal(Status.NOT_FOUND, "unknown or closed session; attest again")
         except ChannelError as exc:
-            log.warning("replica %d: session %s…: close refused (%s)", self.index, session_id.hex()[:8], exc.check)
+            log.warning("replica %d: session %s…: close refused (%s)", self.index, req.session_id.hex()[:8], exc.check)
             return Refusal(Status.PERMISSION_DENIED, f"sealed CloseSession record rejected ({exc.check}); the session is unchanged")
         try:
             serving_pb2.CloseBody.FromString(plaintext)
         except DecodeError:
             return Refusal(Status.INVALID_ARGUMENT, "sealed payload is not a valid CloseBody")
-        self.close_session(session_id)
+        self.close_session(req.session_id)
         return Closed()
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, session_id: bytes, sealed: bytes, request_id: str = "") -> Iterator[SealedReply | Refusal]:
+    def generate(self, req: GenerateRequest) -> Iterator[SealedReply | Refusal]:
         """Yields a ``SealedReply`` (TokenChunk) per token, or one ``Refusal`` (after a sealed refusal chunk
         when the record was opened).
 
-        Stops between tokens when ``request_id`` is cancelled or the session is closed."""
+        Stops between tokens when ``req.request_id`` is cancelled or the session is closed."""
         try:
-            with self._turn(session_id) as s:
+            with self._turn(req.session_id) as s:
+                plaintext = self._open(s, req.session_id, req.sealed, AAD_GENERATE)
                 try:
-                    yield from self._generate_locked(s, session_id, sealed, request_id)
-                except _Rejected as exc:
+                    yield from self._generate_locked(s, req, self._parse(plaintext, serving_pb2.GenerateBody))
+                except Rejected as exc:
                     record = self._refusal(s, exc, serving_pb2.TokenChunk(done=True), AAD_CHUNK)
                     if record is not None:
                         yield SealedReply(record)
                     yield Refusal(exc.status, SEALED_REFUSAL)
-        except _Refused as exc:
+        except Rejected as exc:  # before the record was opened: the reason in cleartext
             yield exc.refusal
 
-    def _generate_locked(self, s: _Session, session_id: bytes, sealed: bytes, request_id: str):
-        body = self._open(s, session_id, sealed, AAD_GENERATE, serving_pb2.GenerateBody)
-        req = self._check_generate(s, body)
-        ids, n_new = req.ids, req.n_new
-        if s.stopped(request_id):  # cancelled while it waited for the previous turn
-            yield from self._stopped(s, session_id, 0)
+    def _generate_locked(self, s: _Session, req: GenerateRequest, body: serving_pb2.GenerateBody):
+        if body.reset_history:
+            s.history = []
+        checked = check_generate(body, s.history, self.runtime.tokenizer, self.limits)
+        assert self.loop is not None  # a decoder model (check_generate refused an encoder)
+        turn = Turn(s.engine, checked.ids, checked.n_new, checked.sample_seed, checked.sampling,
+                    self.runtime.tokenizer.eos_token_id)
+        if not s.start(turn, req.request_id):  # cancelled while it waited for the previous turn
+            yield from self._stopped(s, req.session_id, 0)
             return
-        turn = self.loop.submit(Turn(s.engine, ids, n_new, lambda: s.stopped(request_id),
-                                     body.sample_seed if body.has_sample_seed else None, req.sampling,
-                                     self.runtime.tokenizer.eos_token_id))
-        tokens: list[int] = []
-        text_so_far = ""  # the text streamed so far
+        self.loop.submit(turn)
+        out = OutputProcessor(self.runtime.tokenizer, checked.stop)
         ended = False
         try:
             for event in _events(turn):
                 if isinstance(event, TurnEnd):
                     ended = True
                     if event.stopped or turn.cancelled:  # (cancelled here: a stop noticed at the last token)
-                        yield from self._stopped(s, session_id, len(tokens))
-                    elif isinstance(event.error, BifrostError):  # workers exhausted etc.: the reason goes back sealed
-                        log.warning("replica %d: session %s… generation failed: %s", self.index,
-                                    session_id.hex()[:8], type(event.error).__name__)
-                        raise _Rejected(Status.UNAVAILABLE, "generation failed: CKKS workers unavailable")
+                        yield from self._stopped(s, req.session_id, len(out.tokens))
                     elif event.error is not None:
-                        raise event.error
+                        raise self._failed("generation", req.session_id, event.error)
                     return
-                if s.stopped(request_id):  # checked between tokens: the client left or the session closed
-                    turn.cancel()
+                if turn.cancelled:  # the client left or the session closed: nothing more is streamed
                     continue  # the loop retires the turn at its next step and says so (TurnEnd)
                 s.last_used = time.monotonic()
                 eos = event.token == turn.eos  # ends the turn; never streamed as text
-                if not eos:
-                    tokens.append(event.token)
-                text = self.runtime.tokenizer.decode(tokens)
-                hit = _find_stop(text, req.stop)
-                if hit is not None:
-                    finish, stable = "stop", text[:max(hit, len(text_so_far))]
-                elif eos:
-                    finish, stable = "stop", text
-                elif event.index == n_new - 1:
-                    finish, stable = "length", text
-                else:  # hold back split UTF-8 and text that may be the start of a stop sequence
-                    finish, stable = "", text.rstrip("\ufffd")
-                    stable = stable[:len(stable) - _stop_prefix(stable, req.stop)]
-                delta, text_so_far = stable[len(text_so_far):], stable if stable.startswith(text_so_far) else text_so_far
-                chunk = serving_pb2.TokenChunk(token_ids=[] if eos else [event.token], text=delta, done=bool(finish),
-                                               token_seconds=event.seconds, finish_reason=finish,
-                                               prompt_tokens=len(ids) if event.index == 0 else 0)
-                if finish and not req.chat:  # commit the turn before the last chunk leaves (the client may hang up)
-                    s.history = ids + tokens + ([event.token] if eos else [])
+                last = event.index == checked.n_new - 1
+                delta = out.finish() if eos else out.push(event.token, last=last)
+                finish = "stop" if delta.stopped or eos else "length" if last else ""
+                chunk = serving_pb2.TokenChunk(token_ids=[] if eos else [event.token], text=delta.text,
+                                               done=bool(finish), token_seconds=event.seconds, finish_reason=finish,
+                                               prompt_tokens=len(checked.ids) if event.index == 0 else 0)
+                if finish and not checked.chat:  # commit the turn before the last chunk leaves (the client may hang up)
+                    s.history = checked.ids + out.tokens + ([event.token] if eos else [])
                 yield SealedReply(s.channel.seal(chunk.SerializeToString(), AAD_CHUNK))
                 if finish:
-                    return  # a stop sequence: the turn is cancelled and drained below (its engine is released)
+                    return  # all tokens or end-of-sequence (the loop ends the turn), or a stop sequence (cancelled below)
         finally:
             if not ended:  # stopped early (a stop sequence) or the consumer left (GeneratorExit): the session's
                 turn.cancel()  # engine is released only once the loop is done with it
                 _drain(turn)
 
-    def _check_generate(self, s: _Session, body) -> "_Request":
-        """The conversation to prefill, the tokens to make, the sampling and stop sequences; :class:`_Rejected`
-        (sealed) for a bad parameter or over a limit."""
-        if self.spec.task != "causal-lm":
-            raise _Rejected(Status.FAILED_PRECONDITION, f"{self.cfg.model} is an encoder model; use Embed")
-        n_new = body.max_new_tokens or min(self.cfg.generation.max_new_tokens, self.scfg.max_new_tokens)
-        if n_new > self.scfg.max_new_tokens:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"max_new_tokens {n_new} is over the limit of {self.scfg.max_new_tokens}")
-        sampling = self._sampling(body)
-        stop = list(body.stop)
-        if len(stop) > MAX_STOP_SEQUENCES or any(not 1 <= len(x) <= MAX_STOP_CHARS for x in stop):
-            raise _Rejected(Status.INVALID_ARGUMENT, f"stop: up to {MAX_STOP_SEQUENCES} stop sequences of "
-                                                     f"1..{MAX_STOP_CHARS} characters each")
-        chat = len(body.messages) > 0
-        if chat:
-            prompt_ids = self._chat_ids(body)
-        else:
-            prompt_ids = self.runtime.tokenizer.encode(body.prompt)
-            if not prompt_ids:
-                raise _Rejected(Status.INVALID_ARGUMENT, "the prompt is empty")
-        if len(prompt_ids) > self.scfg.max_prompt_tokens:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"prompt has {len(prompt_ids)} tokens; the limit is "
-                                                     f"max_prompt_tokens={self.scfg.max_prompt_tokens}")
-        if body.reset_history:
-            s.history = []
-        ids = prompt_ids if chat else s.history + prompt_ids  # messages are the whole conversation
-        if self.context and len(ids) + n_new > self.context:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"conversation ({len(ids)} tokens) + {n_new} new tokens exceeds "
-                                                     f"the model context of {self.context} tokens; reset the history")
-        return _Request(ids, n_new, sampling, stop, chat)
-
-    def _chat_ids(self, body) -> list[int]:
-        if body.prompt:
-            raise _Rejected(Status.INVALID_ARGUMENT, "give a prompt or messages, not both")
-        for m in body.messages:
-            if m.role not in CHAT_ROLES:
-                raise _Rejected(Status.INVALID_ARGUMENT, f"message role {m.role[:32]!r}: use one of {', '.join(CHAT_ROLES)}")
-        try:  # the model's own chat template, else the documented plain fallback (``role: content`` lines)
-            ids = chat_ids(self.runtime.tokenizer, [{"role": m.role, "content": m.content} for m in body.messages])
-        except Exception as exc:  # noqa: BLE001 - a template that rejects this conversation (e.g. role order)
-            raise _Rejected(Status.INVALID_ARGUMENT, f"the chat template refused these messages: "
-                                                     f"{type(exc).__name__}: {str(exc)[:200]}") from None
-        if not ids:
-            raise _Rejected(Status.INVALID_ARGUMENT, "the chat template rendered the messages as no tokens")
-        return ids
-
-    def _sampling(self, body) -> Sampling:
-        """The turn's sampling: the body's parameters over the ``generation:`` config; temperature 0: greedy."""
-        base = Sampling.from_config(self.cfg.generation)
-        vocab = int(getattr(self.runtime.model.config, "vocab_size", 0) or 0)
-        if body.HasField("temperature") and not 0.0 <= body.temperature <= MAX_TEMPERATURE:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"temperature must be 0..{MAX_TEMPERATURE:g} (0: greedy)")
-        if body.HasField("top_p") and not 0.0 < body.top_p <= 1.0:
-            raise _Rejected(Status.INVALID_ARGUMENT, "top_p must be in (0, 1]")
-        if body.HasField("top_k") and vocab and body.top_k > vocab:
-            raise _Rejected(Status.INVALID_ARGUMENT, f"top_k must be 0 (off) .. the vocabulary size {vocab}")
-        temperature = body.temperature if body.HasField("temperature") else base.temperature
-        do_sample = temperature > 0 if body.HasField("temperature") else base.do_sample
-        if not do_sample:
-            return Sampling(False, base.temperature, base.top_k, base.top_p)
-        return Sampling(True, float(temperature), int(body.top_k) if body.HasField("top_k") else base.top_k,
-                        float(body.top_p) if body.HasField("top_p") else base.top_p)
+    def _failed(self, what: str, session_id: bytes, error: BaseException) -> Rejected:
+        """The sealed refusal for a turn that failed with ``error``, by its kind; a bug is raised as is (the
+        front end answers INTERNAL and logs where)."""
+        kind = error_kind(error)
+        log.warning("replica %d: session %s… %s failed: %s (%s)", self.index, session_id.hex()[:8], what,
+                    type(error).__name__, kind.value)
+        if kind is ErrorKind.UNAVAILABLE:
+            return Rejected(Status.UNAVAILABLE, f"{what} failed: CKKS workers unavailable")
+        if kind is ErrorKind.REFUSED:
+            return Rejected(Status.PERMISSION_DENIED, f"{what} refused: {str(error)[:200]}")
+        if kind is ErrorKind.USER:
+            return Rejected(Status.INVALID_ARGUMENT, f"{what} failed: {str(error)[:200]}")
+        raise error
 
     def _stopped(self, s: _Session, session_id: bytes, produced: int):
         log.info("replica %d: session %s… turn stopped after %d tokens (%s)", self.index, session_id.hex()[:8],
@@ -483,34 +426,26 @@ class TrustedReplica:
                 self.turns_cancelled += 1
 
     # -- embeddings --------------------------------------------------------------------------
-    def embed(self, session_id: bytes, sealed: bytes) -> SealedReply | Refusal:
+    def embed(self, req: EmbedRequest) -> SealedReply | Refusal:
         """The sealed EmbedResult, or a refusal (carrying a sealed EmbedResult once the record was opened)."""
         try:
-            with self._turn(session_id) as s:
+            with self._turn(req.session_id) as s:
+                plaintext = self._open(s, req.session_id, req.sealed, AAD_EMBED)
                 try:
-                    return self._embed_locked(s, session_id, sealed)
-                except _Rejected as exc:
+                    return self._embed_locked(s, req.session_id, self._parse(plaintext, serving_pb2.EmbedBody))
+                except Rejected as exc:
                     return Refusal(exc.status, SEALED_REFUSAL, self._refusal(s, exc, serving_pb2.EmbedResult(),
                                                                              AAD_EMBED_RESULT))
-        except _Refused as exc:
+        except Rejected as exc:  # before the record was opened: the reason in cleartext
             return exc.refusal
 
-    def _embed_locked(self, s: _Session, session_id: bytes, sealed: bytes):
-        body = self._open(s, session_id, sealed, AAD_EMBED, serving_pb2.EmbedBody)
-        if self.spec.task != "encoder":
-            raise _Rejected(Status.FAILED_PRECONDITION, f"{self.cfg.model} is not an encoder model; use Generate")
-        if not body.texts or len(body.texts) > 64:
-            raise _Rejected(Status.INVALID_ARGUMENT, "send 1..64 texts")
-        for t in body.texts:
-            n = len(self.runtime.tokenizer.encode(t))
-            if n == 0 or n > self.scfg.max_prompt_tokens:
-                raise _Rejected(Status.INVALID_ARGUMENT,
-                                f"each text needs 1..max_prompt_tokens={self.scfg.max_prompt_tokens} tokens")
+    def _embed_locked(self, s: _Session, session_id: bytes, body: serving_pb2.EmbedBody) -> SealedReply:
+        texts = check_embed(body, self.runtime.tokenizer, self.limits)
         try:
             with self._embed_lock:
-                vectors = self.runtime.embed(list(body.texts), s.engine)
-        except BifrostError:
-            raise _Rejected(Status.UNAVAILABLE, "embedding failed: CKKS workers unavailable") from None
+                vectors = self.runtime.embed(texts, s.engine)
+        except BifrostError as exc:
+            raise self._failed("embedding", session_id, exc) from None
         result = serving_pb2.EmbedResult(vectors=[serving_pb2.Vector(values=v.tolist()) for v in vectors])
         return SealedReply(s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
 
@@ -539,23 +474,6 @@ def _events(turn: Turn) -> Iterator[TokenEvent | TurnEnd]:
         yield event
         if isinstance(event, TurnEnd):
             return
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Where the earliest stop sequence starts in ``text``, or None."""
-    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix(text: str, stops: list[str]) -> int:
-    """The length of the longest end of ``text`` that begins a stop sequence (held back until it resolves)."""
-    best = 0
-    for x in stops:
-        for k in range(min(len(x) - 1, len(text)), best, -1):
-            if text.endswith(x[:k]):
-                best = k
-                break
-    return best
 
 
 def _drain(turn: Turn) -> None:

@@ -1,4 +1,4 @@
-"""The trusted runtime: model, CKKS keys, KV cache and the decode loop, all inside the TEE.
+"""The trusted runtime: the model and its CKKS keys inside the TEE; decoding is the loop's (:mod:`bifrost.tee.scheduler`).
 
 The Hugging Face model runs here with its delegated linear layers swapped for
 :class:`~bifrost.tee.delegate.DelegatedLinear`; the KV cache (the model's ``cache``) is ordinary trusted
@@ -9,13 +9,11 @@ encryption, transfer, worker compute and decryption (seconds), and bytes each wa
 from __future__ import annotations
 
 import contextlib
-import secrets
 import shutil
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,8 +21,9 @@ import torch
 from ..attest.binding import compute_model_digest
 from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint, process_identity
 from ..ckks import GroupShape
-from ..config import MODES, RunConfig
-from ..errors import BifrostError
+from ..config import RunConfig
+from ..config_loader import ckks_params_of, placement_of
+from ..errors import InternalError, UserError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import fuse_groups
 from ..model.placement import plan
@@ -34,6 +33,7 @@ from .engine import CallStats, DelegationEngine, check_operands
 from .link import WorkerLink, reply_limit
 from .pool import WorkerPool, WorkerSessions
 from .quarantine import WorkerQuarantine
+from .scheduler import StepLoop, Turn, TurnEnd
 
 
 
@@ -74,13 +74,6 @@ class Fidelity:
 
 
 @dataclass
-class DecodeStep:
-    timing: TokenTiming
-    logits: torch.Tensor  # this step's next-token logits (trusted memory)
-    step_input: torch.Tensor  # the ids fed to the model at this step
-
-
-@dataclass
 class GenerationResult:
     prompt_ids: list[int]
     tokens: list[int]
@@ -88,48 +81,6 @@ class GenerationResult:
     timings: list[TokenTiming]
     fidelity: Fidelity | None
     finish_reason: str = "length"  # "stop": the model's end-of-sequence token ended it (not in ``text``)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one turn picks its tokens: greedy (``do_sample`` False) or sampled with ``temperature``,
-    ``top_k`` (0: off) and ``top_p`` (1: off)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    @classmethod
-    def from_config(cls, gcfg) -> "Sampling":
-        """The ``generation:`` config's sampling."""
-        return cls(bool(gcfg.do_sample), float(gcfg.temperature), int(gcfg.top_k), float(gcfg.top_p))
-
-
-def sample_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
-    if not sampling.do_sample:
-        return int(torch.argmax(logits))
-    logits = logits.double() / max(sampling.temperature, 1e-6)
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
-        logits = torch.where(logits < kth, torch.tensor(float("-inf"), dtype=logits.dtype), logits)
-    probs = torch.softmax(logits, -1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[order[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def sampling_generator(sampling: Sampling, sample_seed: int | None) -> torch.Generator | None:
-    """The sampling noise source: None for greedy decoding; else seeded with ``sample_seed`` when pinned,
-    from the OS CSPRNG otherwise."""
-    if not sampling.do_sample:
-        return None
-    return torch.Generator().manual_seed(sample_seed if sample_seed is not None else secrets.randbits(63))
 
 
 def token_timing(index: int, token: int, total_s: float, d: CallStats) -> TokenTiming:
@@ -171,16 +122,16 @@ class TrustedRuntime:
             try:
                 shutil.copytree(cfg.adapter, self._adapter_copy, dirs_exist_ok=True)
             except OSError as exc:
-                raise BifrostError(f"cannot read LoRA adapter {cfg.adapter}: {exc.strerror or exc}") from None
+                raise UserError(f"cannot read LoRA adapter {cfg.adapter}: {exc.strerror or exc}") from None
             self.adapter_digest = compute_model_digest(self._adapter_copy).hex()
             adapter = self._adapter_copy
         self.model = load_model(self.spec, cfg.seed, adapter=adapter)
-        self.placement = cfg.placement()
+        self.placement = placement_of(cfg)
         self.layers = plan(self.model, self.placement, cfg.model)  # every linear layer and where it runs
         self.sites = swap_in_delegates(self.model, self.placement, cfg.model)
         bypassed = bypassed_sites(self.model, self.sites, self.spec.task)
         if bypassed:
-            raise BifrostError(
+            raise UserError(
                 f"{cfg.model}: the model code never calls {len(bypassed)} layer(s) the policy delegates (it reads "
                 f"their weights directly), e.g. {bypassed[0]}: they would run in plaintext in the TEE while counted "
                 f"as delegated; place them in the TEE with a policy rule ({{match: [...], placement: tee}}) or "
@@ -191,15 +142,17 @@ class TrustedRuntime:
         self.weights = {m.site.name: m.weight.numpy() for m in self.model.modules() if isinstance(m, DelegatedLinear)}
         self.quarantine = quarantine if quarantine is not None else WorkerQuarantine(cfg.tee.quarantine_file)
         t0 = time.perf_counter()
-        self.params = cfg.ckks_params()
-        self._operands = None
+        self.params = ckks_params_of(cfg)
+        self._operands: dict | None = None
         self._operands_lock = threading.Lock()
+        self._loop: StepLoop | None = None  # generate()'s decode loop, stepped by the caller (made on first use)
+        self._loop_lock = threading.Lock()
         if not self.sites:
             worker = None  # nothing is delegated (the tee-only policy): no worker is needed
         elif isinstance(worker, WorkerEndpoint):
             worker = WorkerSessions(self.worker_pool([worker]), owns_pool=True)
         elif isinstance(worker, str):
-            raise BifrostError(f"worker {worker!r}: a worker is reached by its address and its pinned certificate "
+            raise UserError(f"worker {worker!r}: a worker is reached by its address and its pinned certificate "
                                "(worker.cert / --worker-cert)")
         self.engine = self.new_engine(worker) if worker is not None else None
         self.setup_s = time.perf_counter() - t0
@@ -230,45 +183,47 @@ class TrustedRuntime:
         return DelegationEngine(link, self.cfg.backend, self.params, self.sites, self.groups, self.weights,
                                 verify=self.cfg.verification, quarantine=self.quarantine, operands=self.operands())
 
-    @torch.no_grad()
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None,
                  mode: str | None = None, stop_at_eos: bool = False) -> GenerationResult:
-        """Generate with the KV cache in trusted memory.
+        """One turn with this runtime's own engine, through the decode loop every entry point shares
+        (:class:`~bifrost.tee.scheduler.StepLoop`, stepped in this thread); the KV cache is trusted memory.
 
         ``stop_at_eos``: end at the tokenizer's end-of-sequence token (kept in ``tokens``, left out of
         ``text``; ``finish_reason`` "stop"); otherwise exactly ``max_new_tokens`` are generated.
 
-        ``mode``: ``bifrost`` runs the prompt through the hybrid CKKS path (all prompt tokens of a layer
-        batched into as few ciphertexts as the packing allows); ``bifrost+`` builds the prompt's KV state
-        inside the TEE in plaintext, and only decode steps use ciphertexts. Default: the config's mode.
+        ``mode``: ``bifrost`` runs the prompt through the hybrid CKKS path; ``bifrost+`` builds the prompt's
+        KV state inside the TEE in plaintext, and only decode steps use ciphertexts. Default: the config's.
+        With a plaintext reference (``reference=True``) the result carries the :class:`Fidelity` of every step.
         """
         if self.spec.task != "causal-lm":
-            raise BifrostError(f"{self.cfg.model} is an encoder; use embed()")
-        gcfg = self.cfg.generation
-        mode = mode or gcfg.mode
-        if mode not in MODES:
-            raise BifrostError(f"unknown serving mode {mode!r}; choose one of {', '.join(MODES)}")
-        n_new = gcfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+            raise UserError(f"{self.cfg.model} is an encoder; use embed()")
+        if self.engine is None and self.sites:
+            raise UserError("this runtime has no worker link: a server gives each session its own engine")
+        n_new = self.cfg.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise BifrostError("the prompt is empty")
+            raise UserError("the prompt is empty")
         limit = context_tokens(self.model)
         if limit and len(ids) + n_new > limit:
-            raise BifrostError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
-        timings, tokens = [], []
-        fid = _FidelityTracker(self.reference) if self.reference is not None else None
-        if self.engine is None and self.sites:
-            raise BifrostError("this runtime has no worker link: a server gives each session its own engine")
+            raise UserError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the model's context of {limit}")
         eos = self.tokenizer.eos_token_id if stop_at_eos else None
-        finish = "length"
-        for step in self.decode_steps(self.engine, ids, n_new, mode=mode, sample_seed=sample_seed):
-            timings.append(step.timing)
-            tokens.append(step.timing.token)
-            if fid is not None:
-                fid.step(step.step_input, step.logits, step.timing.token)
-            if eos is not None and step.timing.token == eos:
-                finish = "stop"
-                break
+        fid = _FidelityTracker(self.reference) if self.reference is not None else None
+        turn = Turn(self.engine, ids, n_new, sample_seed, eos=eos, mode=mode, keep_logits=fid is not None)
+        timings: list[TokenTiming] = []
+        tokens: list[int] = []
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = StepLoop(self, self.cfg.generation.mode, None, max_concurrent=1, start=False)
+            for event in self._loop.drive(self._loop.submit(turn)):
+                if isinstance(event, TurnEnd):
+                    if event.error is not None:
+                        raise event.error
+                    break
+                timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
+                tokens.append(event.token)
+                if fid is not None and event.logits is not None:
+                    fid.step(torch.tensor([ids] if event.index == 0 else [[tokens[-2]]]), event.logits, event.token)
+        finish = "stop" if eos is not None and tokens and tokens[-1] == eos else "length"
         fidelity = fid.finish(ids, len(tokens)) if fid is not None else None
         text = self.tokenizer.decode(tokens[:-1] if finish == "stop" else tokens)
         return GenerationResult(ids, tokens, text, timings, fidelity, finish)
@@ -280,7 +235,7 @@ class TrustedRuntime:
         Thread-safe: sessions run passes of this one model concurrently, each with its own engine."""
         if engine is None:  # nothing is delegated (``engine`` may be None only then)
             if self.sites:
-                raise BifrostError("this model delegates layers: a forward pass needs a session's engine")
+                raise InternalError("this model delegates layers: a forward pass needs a session's engine")
             with torch.no_grad():
                 out = self.model(input_ids=step_input, cache=past, use_cache=True)
             return out.logits[0, -1], out.cache, CallStats()
@@ -290,33 +245,23 @@ class TrustedRuntime:
             out = self.model(input_ids=step_input, cache=past, use_cache=True)
         return out.logits[0, -1], out.cache, engine.stats.minus(before)
 
-    def decode_steps(self, engine: DelegationEngine, ids: list[int], n_new: int, *, mode: str = "bifrost",
-                     sample_seed: int | None = None) -> Iterator["DecodeStep"]:
-        """The decode loop of one sequence, one token per iteration; the KV cache is this generator's local
-        state. (A serving replica runs many sequences through its own step loop: :mod:`bifrost.tee.scheduler`.)"""
-        sampling = Sampling.from_config(self.cfg.generation)
-        gen = sampling_generator(sampling, sample_seed)
-        past, step_input = None, torch.tensor([ids])
-        for i in range(n_new):
-            t0 = time.perf_counter()
-            logits, past, d = self.forward(engine, step_input, past, in_tee=(i == 0 and mode == "bifrost+"))
-            token = sample_token(logits, sampling, gen)
-            yield DecodeStep(token_timing(i, token, time.perf_counter() - t0, d), logits, step_input)
-            step_input = torch.tensor([[token]])
-
     @torch.no_grad()
     def embed(self, texts: list[str], engine: DelegationEngine | None = None) -> np.ndarray:
         """Sentence embeddings (mean pooling over tokens, L2-normalised, as sentence-transformers), with
         ``engine``'s keys (default: this runtime's own engine)."""
         if self.spec.task != "encoder":
-            raise BifrostError(f"{self.cfg.model} is not an encoder model")
+            raise UserError(f"{self.cfg.model} is not an encoder model")
         engine = engine or self.engine
         if engine is None and self.sites:
-            raise BifrostError("this runtime has no worker link: pass a session's engine")
+            raise UserError("this runtime has no worker link: pass a session's engine")
         with using_engine(engine) if engine is not None else contextlib.nullcontext():
             return np.stack([_mean_pooled(self.model, self.tokenizer, t) for t in texts])
 
     def close(self) -> None:
+        with self._loop_lock:
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
         if self.engine is not None:
             self.engine.close()
         if self._adapter_copy is not None:
@@ -346,6 +291,7 @@ class _FidelityTracker:
         self.model, self.past = reference, None
         self.agree, self.max_err, self.min_margin = 0, 0.0, float("inf")
 
+    @torch.no_grad()
     def step(self, step_input: torch.Tensor, logits: torch.Tensor, chosen: int) -> None:
         out = self.model(input_ids=step_input, cache=self.past, use_cache=True)
         self.past = out.cache
@@ -355,6 +301,7 @@ class _FidelityTracker:
         self.min_margin = min(self.min_margin, float(top2[0] - top2[1]))
         self.agree += int(int(torch.argmax(ref)) == chosen)
 
+    @torch.no_grad()
     def finish(self, prompt_ids: list[int], n_new: int) -> Fidelity:
         tokens = plaintext_greedy_tokens(self.model, prompt_ids, n_new)  # independent plaintext greedy decode
         return Fidelity(n_new, self.agree, self.max_err, self.min_margin, tokens)

@@ -11,7 +11,7 @@ import sys
 import threading
 
 from ..config import MODES
-from ..errors import BifrostError
+from ..errors import UserError
 
 SIMULATED_BANNER = (
     "!!! WARNING: evidence provider is SIMULATED: this server is NOT running in an attested TEE and its\n"
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _configs(args):
-    from ..config import load_config
+    from ..config_loader import load_config, placement_of
     from ..serve.config import load_serve_config
 
     cfg = load_config(args.config)
@@ -74,7 +74,7 @@ def _configs(args):
         cfg = cfg.replace(generation=dataclasses.replace(cfg.generation, mode=args.mode))
     if args.adapter:
         cfg = cfg.replace(adapter=args.adapter)
-    cfg.placement()  # one line for an unknown or malformed policy
+    placement_of(cfg)  # one line for an unknown or malformed policy
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
         "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,
@@ -96,12 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cfg, scfg = _configs(args)
     if args.policy_out and not args.print_digests:
-        raise BifrostError("--policy-out needs --print-digests")
+        raise UserError("--policy-out needs --print-digests")
     if args.print_digests:
         from ..model.catalog import resolve
 
         if args.policy_out and os.path.exists(args.policy_out) and not args.force:
-            raise BifrostError(f"{args.policy_out} exists; pass --force to overwrite it")
+            raise UserError(f"{args.policy_out} exists; pass --force to overwrite it")
         digest, config_digest = model_digest(resolve(cfg.model), cfg.seed), serving_config_digest(cfg, scfg)
         print(f"model_digest: {digest.hex()}")
         print(f"serving_config_digest: {config_digest.hex()}")
@@ -130,6 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app.start()
     stop_on_signals()  # again: ray.init replaces the SIGTERM handler with one that dumps a stack and aborts
     try:
+        assert app.service is not None  # start() made it
         evidence = app.service.info.evidence_type
         print(f"bifrost serve: {cfg.model} on {scfg.host}:{app.port} ({scfg.transport}, {len(app.replicas)} replica(s), "
               f"runtime {scfg.runtime}, workers {', '.join(app.worker_addresses)}, evidence {evidence}, "

@@ -89,6 +89,8 @@ class _Member:
     (max_k |s_jk| · Σ_k |W'_ki|: bounds the float64 rounding of U without a second product)."""
 
     def __init__(self, op: CheckOperand, k: int) -> None:
+        if op.m is None or op.col_abs is None:
+            raise ValueError("a stats-only operand (a backend verified exactly) has no matrix to check against")
         self.d_out, self.d_in = op.m.shape
         self.stats = op.stats
         self.S = standard_normal((k, self.d_out))

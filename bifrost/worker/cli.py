@@ -18,23 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The worker's entry point: the ``bifrost worker`` arguments, with the CLI's one-line errors."""
-    from ..errors import BifrostError
+    """The worker's entry point: the ``bifrost worker`` arguments, with the CLI's one-line errors and exit codes
+    (:func:`bifrost.cli.run_command`: the class's code in ``bifrost.errors.ERROR_TABLE``; a bug exits 70)."""
+    from ..cli import run_command
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shares the CPU with a local trusted runtime
     parser = argparse.ArgumentParser(prog="bifrost-worker", description="run an untrusted CKKS worker (gRPC)")
     _arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except BifrostError as exc:
-        print(f"bifrost-worker: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"bifrost-worker: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: args.func(args), "bifrost-worker")
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -57,12 +49,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config_loader import load_config, placement_of
     from .service import build_service, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from ..attest.mtls import WORKER_TLS_NAME, TLSIdentity, server_credentials
-    from ..errors import BifrostError
+    from ..errors import UserError
     from .service import bound_allocator, client_certificates, limits_from_config
 
     bound_allocator()  # before the model loads and the gRPC threads start: evicted memory is really freed
@@ -70,24 +62,24 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.policy:
         cfg = cfg.replace(policy=args.policy)
-        cfg.placement()  # one line for an unknown or malformed policy
+        placement_of(cfg)  # one line for an unknown or malformed policy
     model = args.model or cfg.model
     cfg = cfg.replace(model=model)  # the model's own CKKS parameters (configs/models.yaml) are accepted
     seed = cfg.seed if args.seed is None else args.seed
     identity_dir = args.identity or cfg.worker.identity
     if not identity_dir:
-        raise BifrostError("a worker needs a TLS identity: --identity DIR (or worker.identity in the config)")
+        raise UserError("a worker needs a TLS identity: --identity DIR (or worker.identity in the config)")
     trusted = args.trusted_client or list(cfg.worker.trusted_clients)
     if not trusted:
-        raise BifrostError("a worker serves only authenticated trusted runtimes: give their certificates with "
+        raise UserError("a worker serves only authenticated trusted runtimes: give their certificates with "
                            "--trusted-client CERT (or worker.trusted_clients)")
     identity = TLSIdentity.load_or_create(identity_dir, WORKER_TLS_NAME)
     credentials = server_credentials(identity, client_certificates(trusted))
-    service = build_service(model, seed, cfg.placement(), limits_from_config(cfg))
+    service = build_service(model, seed, placement_of(cfg), limits_from_config(cfg))
     try:
         server, port = serve(service, credentials, args.host, args.port, args.threads)
     except (OSError, RuntimeError) as exc:
-        raise BifrostError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     print(f"bifrost worker: model {service.model_name}, {len(service.layers)} delegated layers, "
           f"listening on {args.host}:{port} (mutual TLS, {len(trusted)} trusted runtime(s)); identity "
           f"{identity.fingerprint}, certificate {os.path.join(identity_dir, 'cert.pem')}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint
-from ..errors import BifrostError
+from ..errors import UnavailableError, UserError
 
 
 class LocalWorker:
@@ -26,7 +26,7 @@ class LocalWorker:
         """``policy``: the placement policy (its delegated layers are what the worker serves; default: the
         config's)."""
         if not trusted_clients:
-            raise BifrostError("a local worker needs the certificate of the trusted runtime that will call it")
+            raise UserError("a local worker needs the certificate of the trusted runtime that will call it")
         self.model, self.seed, self.config, self.policy = model, seed, config, policy
         self.timeout = startup_timeout_s
         self._dir = tempfile.mkdtemp(prefix="bifrost-worker-")
@@ -45,7 +45,7 @@ class LocalWorker:
     @property
     def endpoint(self) -> WorkerEndpoint:
         if self.address is None:
-            raise BifrostError("the local worker is not running")
+            raise UnavailableError("the local worker is not running")
         return WorkerEndpoint(self.address, self.identity.cert_pem)
 
     def start(self) -> "LocalWorker":
@@ -68,10 +68,10 @@ class LocalWorker:
                 return self
             if self.proc.poll() is not None:
                 tail = Path(self.log_path).read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                raise BifrostError(f"local worker exited with code {self.proc.returncode}: {tail[0]}")
+                raise UnavailableError(f"local worker exited with code {self.proc.returncode}: {tail[0]}")
             time.sleep(0.05)
         self.stop()
-        raise BifrostError(f"local worker did not start within {self.timeout:.0f} s (log: {self.log_path})")
+        raise UnavailableError(f"local worker did not start within {self.timeout:.0f} s (log: {self.log_path})")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -28,30 +28,31 @@ unknown worker session/layer → NOT_FOUND; request bytes that do not parse as t
 UTF-8 in a string field), malformed, truncated or foreign ciphertexts or public contexts, wrong counts,
 insecure or unconfigured parameters, secret keys → INVALID_ARGUMENT; weight digest mismatch →
 FAILED_PRECONDITION; too many worker sessions → RESOURCE_EXHAUSTED; anything unexpected → INTERNAL with a generic
-message (logged by exception type and code location only).
+message (logged by exception type and code location only). The mapping is :mod:`bifrost.proto.edge`'s, shared with
+the front end; how the trusted side reads a worker's status (unavailable or a deviation) is its engine's decision.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
-from ..ckks import CiphertextError, GroupShape, InsecureParametersError, get_backend
-from ..errors import BifrostError
+from ..ckks import CiphertextError, Evaluator, GroupShape, InsecureParametersError, get_backend
+from ..config import WorkerConfig
+from ..config_loader import ckks_params_of
+from ..errors import UserError
 from ..model.delegation import Site
 from ..proto import worker_pb2, worker_pb2_grpc
+from ..proto.edge import Abort, Edge, parse_or_malformed
 from ..proto.wire import worker_server_options
 
 log = logging.getLogger("bifrost.worker")
@@ -61,10 +62,9 @@ MAX_BATCH_ITEMS = 64
 MAX_PREPARE_GROUPS = 4096
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+# Bad input and failures as gRPC statuses (bifrost.proto.edge, shared with the front end): malformed or foreign
+# ciphertexts and public contexts, insecure parameters and other ValueErrors are the caller's fault.
+EDGE = Edge(log, "internal worker error", invalid=(CiphertextError, InsecureParametersError, ValueError))
 
 
 @dataclass
@@ -72,20 +72,21 @@ class _WorkerSession:
     """One registered public context: its backend's evaluator and parameter fingerprint."""
 
     backend: str
-    evaluator: object
+    evaluator: Evaluator
     params_key: str
     last_used: float
 
 
 @dataclass
 class WorkerLimits:
-    """What one worker process allows (see the module docstring). Seconds and bytes. ``max_sessions`` and
-    ``session_idle_s`` (the config keys ``worker.max_sessions`` / ``worker.session_idle_s``) count worker sessions."""
+    """What one worker process enforces (see the module docstring): the limits of the ``worker:`` config section
+    (:class:`~bifrost.config.WorkerConfig`, whose defaults these are; seconds and bytes; ``max_sessions`` and
+    ``session_idle_s`` count worker sessions) plus ``allowed_params``, derived from the backends and the run."""
 
-    max_sessions: int = 8
-    session_idle_s: float = 900.0
-    cache_bytes: int = 12 * 2**30
-    max_public_context_bytes: int = 128 << 20
+    max_sessions: int = WorkerConfig.max_sessions
+    session_idle_s: float = WorkerConfig.session_idle_s
+    cache_bytes: int = WorkerConfig.cache_bytes
+    max_public_context_bytes: int = WorkerConfig.max_public_context_bytes
     allowed_params: dict[str, frozenset[str]] = field(default_factory=dict)  # backend -> parameter fingerprints
 
 
@@ -101,7 +102,7 @@ def allowed_params(cfg) -> dict[str, frozenset[str]]:
         except ImportError:  # a backend whose library is missing here: not served
             continue
     if cfg is not None:  # the run's own parameters: its ckks, else its model's (configs/models.yaml), else default
-        out.setdefault(cfg.backend, set()).add(cfg.ckks_params().fingerprint())
+        out.setdefault(cfg.backend, set()).add(ckks_params_of(cfg).fingerprint())
     return {k: frozenset(v) for k, v in out.items()}
 
 
@@ -121,7 +122,7 @@ class PreparedWeightCache:
         with self._lock:
             return len(self._entries)
 
-    def get_or_prepare(self, key: tuple, prepare: Callable[[], object]) -> object:
+    def get_or_prepare(self, key: tuple, prepare: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -167,26 +168,27 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
     # -- helpers ---------------------------------------------------------------------------
     def _resolve_group(self, group: worker_pb2.LayerGroup) -> tuple[GroupShape, list[str], list[np.ndarray]]:
         if not group.layers:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "layer group is empty")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "layer group is empty")
         if len(group.layers) > 16:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a layer group has at most 16 layers")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "a layer group has at most 16 layers")
         names, weights, d_in = [], [], None
         for ref in group.layers:
             entry = self.layers.get(ref.name)
             if entry is None:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"unknown layer {ref.name[:200]!r} (model {self.model_name})")
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"unknown layer {ref.name[:200]!r} (model {self.model_name})")
             site, w = entry
             if ref.digest != site.digest:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"weight digest mismatch for layer {ref.name!r}: worker serves {site.digest[:16]}…, "
-                             f"caller expects {ref.digest[:16]}…")
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"weight digest mismatch for layer {ref.name!r}: worker serves {site.digest[:16]}…, "
+                            f"caller expects {ref.digest[:16]}…")
             if d_in is not None and site.d_in != d_in:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "layers of one group must share d_in")
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "layers of one group must share d_in")
             d_in = site.d_in
             names.append(ref.name)
             weights.append(w)
         if len(set(names)) != len(names):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a layer appears twice in one group")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "a layer appears twice in one group")
+        assert d_in is not None  # the group is not empty (checked above)
         return GroupShape(d_in, tuple(self.layers[n][0].d_out for n in names)), names, weights
 
     def expire_idle(self) -> int:
@@ -209,27 +211,12 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
             if ws is not None:
                 ws.last_used = self.clock()
         if ws is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, "unknown, expired or closed worker session")
+            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown, expired or closed worker session")
         return ws
 
     def _prepared(self, ws: _WorkerSession, shape: GroupShape, names: list[str], weights: list[np.ndarray]):
         key = (ws.backend, ws.params_key, tuple(names))
         return self.cache.get_or_prepare(key, lambda: ws.evaluator.prepare(shape, weights))
-
-    @staticmethod
-    def _guard(context, fn):
-        try:
-            return fn()
-        except _Abort as exc:
-            code, message = exc.code, exc.message
-        except (CiphertextError, InsecureParametersError, ValueError) as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:1000]
-        except Exception as exc:  # noqa: BLE001 - never an untyped status with raw exception text
-            frames = traceback.extract_tb(exc.__traceback__)[-3:]
-            where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))
-            log.error("internal error %s at %s", type(exc).__name__, where)
-            code, message = grpc.StatusCode.INTERNAL, "internal worker error"
-        context.abort(code, message)
 
     # -- RPCs ------------------------------------------------------------------------------
     def Describe(self, request, context):
@@ -242,135 +229,97 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
             backends=[b for b in available_backends() if b in self.limits.allowed_params],
         )
 
-    def _evaluator(self, request) -> tuple[str, object, str]:
+    def _evaluator(self, request) -> tuple[str, Evaluator, str]:
         allowed = self.limits.allowed_params.get(request.backend)
         if allowed is None:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"backend {request.backend[:64]!r} is not served here; served: {sorted(self.limits.allowed_params)}")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"backend {request.backend[:64]!r} is not served here; served: {sorted(self.limits.allowed_params)}")
         if len(request.public_context) > self.limits.max_public_context_bytes:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"public context over max_public_context_bytes="
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"public context over max_public_context_bytes="
                                                            f"{self.limits.max_public_context_bytes}")
         backend = get_backend(request.backend)
         evaluator = backend.evaluator(bytes(request.public_context))
         key = evaluator.params.fingerprint()
         if key not in allowed:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"CKKS parameters {evaluator.params} are not configured on this worker")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"CKKS parameters {evaluator.params} are not configured on this worker")
         return backend.name, evaluator, key
 
     def OpenSession(self, request, context):
-        def run():
-            if len(request.prepare) > MAX_PREPARE_GROUPS:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PREPARE_GROUPS} groups to prepare")
-            self.expire_idle()
-            with self._lock:  # reserve the slot before any work: the check and the insert are one step
-                if len(self._worker_sessions) + self._reserved >= self.limits.max_sessions:
-                    raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"worker already holds {self.limits.max_sessions} worker sessions (max_sessions)")
-                self._reserved += 1
-            try:
-                backend, evaluator, params_key = self._evaluator(request)
-                ws = _WorkerSession(backend, evaluator, params_key, self.clock())
-                groups = [self._resolve_group(g) for g in request.prepare]
-                t0 = time.perf_counter()
-                for shape, names, weights in _progress(groups, "encoding weights"):
-                    self._prepared(ws, shape, names, weights)
-                session_id = secrets.token_hex(16)
-                with self._lock:
-                    self._worker_sessions[session_id] = ws
-                    self._reserved -= 1
-            except BaseException:
-                with self._lock:
-                    self._reserved -= 1
-                raise
-            log.info("worker session %s… opened (%s, %d groups prepared)", session_id[:8], backend, len(groups))
-            return worker_pb2.OpenSessionReply(session_id=session_id, prepare_seconds=time.perf_counter() - t0)
-
-        return self._guard(context, run)
+        if len(request.prepare) > MAX_PREPARE_GROUPS:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PREPARE_GROUPS} groups to prepare")
+        self.expire_idle()
+        with self._lock:  # reserve the slot before any work: the check and the insert are one step
+            if len(self._worker_sessions) + self._reserved >= self.limits.max_sessions:
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"worker already holds {self.limits.max_sessions} worker sessions (max_sessions)")
+            self._reserved += 1
+        try:
+            backend, evaluator, params_key = self._evaluator(request)
+            ws = _WorkerSession(backend, evaluator, params_key, self.clock())
+            groups = [self._resolve_group(g) for g in request.prepare]
+            t0 = time.perf_counter()
+            for shape, names, weights in _progress(groups, "encoding weights"):
+                self._prepared(ws, shape, names, weights)
+            session_id = secrets.token_hex(16)
+            with self._lock:
+                self._worker_sessions[session_id] = ws
+                self._reserved -= 1
+        except BaseException:
+            with self._lock:
+                self._reserved -= 1
+            raise
+        log.info("worker session %s… opened (%s, %d groups prepared)", session_id[:8], backend, len(groups))
+        return worker_pb2.OpenSessionReply(session_id=session_id, prepare_seconds=time.perf_counter() - t0)
 
     def Linear(self, request, context):
-        def run():
-            t0 = time.perf_counter()
-            ws = self._worker_session(request.session_id)
-            shape, names, weights = self._resolve_group(request.group)
-            n = len(request.ciphertexts)
-            if n == 0 or n > MAX_CIPHERTEXTS_PER_CALL:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"expected 1..{MAX_CIPHERTEXTS_PER_CALL} ciphertexts, got {n}")
-            prepared = self._prepared(ws, shape, names, weights)
-            outputs = _KERNELS.submit(ws.evaluator.apply, prepared, list(request.ciphertexts)).result()
-            return worker_pb2.LinearReply(
-                outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in outputs],
-                compute_seconds=time.perf_counter() - t0,
-            )
-
-        return self._guard(context, run)
+        t0 = time.perf_counter()
+        ws = self._worker_session(request.session_id)
+        shape, names, weights = self._resolve_group(request.group)
+        n = len(request.ciphertexts)
+        if n == 0 or n > MAX_CIPHERTEXTS_PER_CALL:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"expected 1..{MAX_CIPHERTEXTS_PER_CALL} ciphertexts, got {n}")
+        prepared = self._prepared(ws, shape, names, weights)
+        outputs = _KERNELS.submit(ws.evaluator.apply, prepared, list(request.ciphertexts)).result()
+        return worker_pb2.LinearReply(
+            outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in outputs],
+            compute_seconds=time.perf_counter() - t0,
+        )
 
     def LinearBatch(self, request, context):
         """Items that share parameters go through the backend's ``apply_many`` together (one kernel
         pass for the native backend); items of other parameter sets form their own pass."""
-        def run():
-            t0 = time.perf_counter()
-            shape, names, weights = self._resolve_group(request.group)
-            n_items = len(request.items)
-            if not 1 <= n_items <= MAX_BATCH_ITEMS:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected 1..{MAX_BATCH_ITEMS} items, got {n_items}")
-            total = sum(len(item.ciphertexts) for item in request.items)
-            if total > MAX_CIPHERTEXTS_PER_CALL or any(not item.ciphertexts for item in request.items):
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"every item needs ciphertexts and all items together at most "
-                             f"{MAX_CIPHERTEXTS_PER_CALL}, got {total}")
-            worker_sessions = [self._worker_session(item.session_id) for item in request.items]
-            by_params: dict[tuple[str, str], list[int]] = {}
-            for i, ws in enumerate(worker_sessions):
-                by_params.setdefault((ws.backend, ws.params_key), []).append(i)
-            results: list = [None] * n_items
-            for indices in by_params.values():
-                first = worker_sessions[indices[0]].evaluator
-                prepared = self._prepared(worker_sessions[indices[0]], shape, names, weights)
-                outs = _KERNELS.submit(first.apply_many, prepared,
-                                       [(worker_sessions[i].evaluator, list(request.items[i].ciphertexts))
-                                        for i in indices]).result()
-                for i, out in zip(indices, outs):
-                    results[i] = worker_pb2.LinearBatchResult(
-                        outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in out])
-            return worker_pb2.LinearBatchReply(results=results, compute_seconds=time.perf_counter() - t0)
-
-        return self._guard(context, run)
+        t0 = time.perf_counter()
+        shape, names, weights = self._resolve_group(request.group)
+        n_items = len(request.items)
+        if not 1 <= n_items <= MAX_BATCH_ITEMS:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected 1..{MAX_BATCH_ITEMS} items, got {n_items}")
+        total = sum(len(item.ciphertexts) for item in request.items)
+        if total > MAX_CIPHERTEXTS_PER_CALL or any(not item.ciphertexts for item in request.items):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"every item needs ciphertexts and all items together at most "
+                        f"{MAX_CIPHERTEXTS_PER_CALL}, got {total}")
+        worker_sessions = [self._worker_session(item.session_id) for item in request.items]
+        by_params: dict[tuple[str, str], list[int]] = {}
+        for i, ws in enumerate(worker_sessions):
+            by_params.setdefault((ws.backend, ws.params_key), []).append(i)
+        results: list = [None] * n_items
+        for indices in by_params.values():
+            first = worker_sessions[indices[0]].evaluator
+            prepared = self._prepared(worker_sessions[indices[0]], shape, names, weights)
+            outs = _KERNELS.submit(first.apply_many, prepared,
+                                   [(worker_sessions[i].evaluator, list(request.items[i].ciphertexts))
+                                    for i in indices]).result()
+            for i, out in zip(indices, outs):
+                results[i] = worker_pb2.LinearBatchResult(
+                    outputs=[worker_pb2.CiphertextList(ciphertexts=o) for o in out])
+        return worker_pb2.LinearBatchReply(results=results, compute_seconds=time.perf_counter() - t0)
 
     def CloseSession(self, request, context):
         with self._lock:
             self._worker_sessions.pop(request.session_id, None)
         return worker_pb2.CloseSessionReply()
-
-
-class _Malformed:
-    pass
-
-
-_MALFORMED = _Malformed()
-
-
-def _parse_or_malformed(cls):
-    """A request deserializer that never raises: bytes that are not a ``cls`` (bad wire format, invalid
-    UTF-8 in a string field) become a marker answered INVALID_ARGUMENT, not gRPC's own INTERNAL
-    "Exception deserializing request!"."""
-    def parse(data: bytes):
-        try:
-            return cls.FromString(data)
-        except (DecodeError, ValueError):
-            return _MALFORMED
-
-    return parse
-
-
-def _refuse_malformed(method, what: str):
-    def handle(request, context):
-        if request is _MALFORMED:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: not a valid protobuf message")
-        return method(request, context)
-
-    return handle
 
 
 def _add_servicer(service: WorkerService, server: grpc.Server) -> None:
@@ -380,8 +329,8 @@ def _add_servicer(service: WorkerService, server: grpc.Server) -> None:
     for m in desc.methods:
         request_cls, reply_cls = getattr(worker_pb2, m.input_type.name), getattr(worker_pb2, m.output_type.name)
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            _refuse_malformed(getattr(service, m.name), m.input_type.name),
-            request_deserializer=_parse_or_malformed(request_cls), response_serializer=reply_cls.SerializeToString)
+            EDGE.unary(m.name, getattr(service, m.name), m.input_type.name),
+            request_deserializer=parse_or_malformed(request_cls), response_serializer=reply_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
     server.add_registered_method_handlers(desc.full_name, handlers)
 
@@ -464,7 +413,7 @@ def build_service(model: str, seed: int, placement, limits: WorkerLimits | None 
     layers = sites(torch_model, placement, model, check_requires=False)  # (an adapter stays in the TEE)
     del torch_model
     if not layers:
-        raise BifrostError(f"placement policy {placement.name} delegates no layer of {model}: no worker is needed")
+        raise UserError(f"placement policy {placement.name} delegates no layer of {model}: no worker is needed")
     return WorkerService(spec.name, layers, limits)
 
 

@@ -9,6 +9,7 @@ import pytest
 from bifrost.ckks import (CiphertextError, CKKSParams, GroupShape, SecretKeyInPublicContextError, WeightStats,
                           get_backend)
 from bifrost.ckks.tenseal_backend import CT_MAGIC, PUB_MAGIC, PackingPlan
+from tests.key_material import tenseal_secret_words
 
 # Error bound for inputs |x| <= 8 and weights |w| <= 0.2 at scale 2^40: observed ~1e-5, asserted 1e-3.
 ABS_ERROR_BOUND = 1e-3
@@ -62,7 +63,7 @@ def test_input_wider_than_half_the_slots_is_chunked(backend):
 def test_public_context_has_no_secret_key(backend):
     keys = backend.keygen(CKKSParams(), [GroupShape(16, (16,))])
     public = keys.public_context()
-    words = keys._secret_key_words()
+    words = tenseal_secret_words(keys)
     assert len(words) >= 8192 * 8
     for off in range(0, len(words) - 32, len(words) // 64):
         assert words[off : off + 32] not in public

@@ -2,6 +2,7 @@
 
 import pytest
 
+from bifrost.config_loader import placement_of
 from bifrost_estimator.model import bsgs_counts
 from bifrost_estimator.shapes import LinearGroup, load_shape
 
@@ -31,7 +32,7 @@ def test_groups_match_the_runtime_delegation(model, run_config):
     from bifrost.model.delegation import fuse_groups, sites
 
     net = load_model(resolve(model), 0)
-    found = sites(net, run_config.placement())
+    found = sites(net, placement_of(run_config))
     by_name = {s.name: s for s, _ in found}
     groups = fuse_groups([s.name for s, _ in found], run_config.delegation)
     runtime = sorted((by_name[g[0]].d_in, tuple(by_name[n].d_out for n in g)) for g in groups)

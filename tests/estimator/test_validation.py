@@ -17,10 +17,12 @@ import dataclasses
 
 import pytest
 
+from bifrost.ckks import TRAFFIC_FIELDS
+from bifrost.config_loader import ckks_params_of
 from bifrost_estimator.model import delegated_calls, forward_traffic
 from bifrost_estimator.profile import load_profile
 from bifrost_estimator.shapes import load_shape
-from bifrost_estimator.validate import TRAFFIC_FIELDS, measured_traffic, predicted_traffic, traffic_mismatches
+from bifrost_estimator.validate import measured_traffic, predicted_traffic, traffic_mismatches
 
 NEW_TOKENS = 3
 PROFILES = {"native": "local-2core", "tenseal": "local-2core-tenseal"}  # their CKKS parameters are the defaults
@@ -52,7 +54,7 @@ def runtimes(run_config, worker_factory):
 def profiles(run_config):
     def get(backend: str):
         prof = load_profile(PROFILES[backend])
-        params, ops = _config(run_config, backend).ckks_params(), prof.accelerator.linear
+        params, ops = ckks_params_of(_config(run_config, backend)), prof.accelerator.linear
         assert (ops.poly_modulus_degree, ops.coeff_mod_bit_sizes) == (params.poly_modulus_degree,
                                                                       params.coeff_mod_bit_sizes)
         return prof

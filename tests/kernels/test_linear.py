@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bifrost.ckks import GroupShape
-from bifrost_kernels import sampling
+from bifrost.ckks import GroupShape, csprng
 from bifrost_kernels.backend import NativeBackend
 
 from .kernels_testlib import error_bound, error_ratio, gpt2_like, run_layer, stats
@@ -105,13 +104,13 @@ def test_encryption_known_answer(context, monkeypatch):
 
     n, primes = 2048, context._codec.primes
     a = context._public.polys(2)                                           # [B, L, N]
-    assert (a == sampling.expand_uniform_many(native.MASK_SEED, np.arange(2), primes, n)).all()
+    assert (a == csprng.expand_uniform_many(native.MASK_SEED, np.arange(2), primes, n)).all()
     err = np.zeros((1, 2, 1, n), dtype=np.int64)
     err[0, 1, 0, 5] = 3
-    monkeypatch.setattr(sampling, "centered_binomial", lambda shape: err)
+    monkeypatch.setattr(csprng, "centered_binomial", lambda shape: err)
     for secret, a_s in [(np.eye(1, n, 0, dtype=np.int64)[0], a),
                         (np.eye(1, n, 1, dtype=np.int64)[0], np.concatenate([-a[..., -1:], a[..., :-1]], axis=-1))]:
-        monkeypatch.setattr(sampling, "ternary_secret", lambda size, s=secret: s)
+        monkeypatch.setattr(csprng, "ternary_secret", lambda size, s=secret: s)
         secrets, masks = context._fresh_masks(1, 2)
         want = np.mod(err[0, :, :, :] - a_s, np.array(primes)[None, :, None])
         assert (secrets[0] == secret).all() and (masks == want).all()
@@ -212,7 +211,7 @@ def test_no_weak_rng_is_used(monkeypatch):
         monkeypatch.setattr(np.random, name, forbidden)
     ctx = NativeBackend().keygen(None, [])
     ctx.encrypt(GroupShape(16, (4,)), np.ones((1, 16)))
-    assert sampling.ternary_secret(8).shape == (8,)
+    assert csprng.ternary_secret(8).shape == (8,)
 
 
 def test_long_prompts_go_one_row_per_ciphertext_within_bound(backend, context, evaluator):

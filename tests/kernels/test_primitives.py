@@ -1,4 +1,4 @@
-"""Building blocks: primes, NTT, exact FFT convolution, CRT/rescale, digits, bit packing, sampling."""
+"""Building blocks: primes, NTT, exact FFT convolution, CRT/rescale, digits, bit packing, the CSPRNG samplers (seed expansion, secrets, errors)."""
 
 import hashlib
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bifrost_kernels import linear, negacyclic_fft, ntt, rns, sampling, wire
+from bifrost.ckks import csprng
+from bifrost_kernels import linear, negacyclic_fft, ntt, rns, wire
 
 
 def naive_negacyclic(a, b, q=None):
@@ -105,19 +106,19 @@ def _reference_expansion(seed: bytes, index: int, q: int, limb: int, n: int, wor
 def test_seed_expansion_known_answer_and_range():
     primes = rns.ntt_primes(2048, (30, 24))
     seed = bytes(range(32))
-    u = sampling.expand_uniform(seed, primes, 2048)
+    u = csprng.expand_uniform(seed, primes, 2048)
     # Pinned: worker and trusted side (and any other implementation) must expand identically.
     assert u[:, :4].tolist() == [[906006770, 278874410, 714797993, 7810781], [6114704, 2985765, 12907857, 52219]]
     assert hashlib.sha256(u.astype("<i8").tobytes()).hexdigest() == \
         "91915c3e8bd006b30b46eea3a23459030ac6669f33c3190151f29cf25eb7805c"
     words_per_limb = 2048 + 2048 // 4 + 64
     for index in (0, 1, 4095):
-        v = sampling.expand_uniform(seed, primes, 2048, index)
+        v = csprng.expand_uniform(seed, primes, 2048, index)
         for i, q in enumerate(primes):
             assert v[i, :64].tolist() == _reference_expansion(seed, index, q, i, 64, words_per_limb)
     assert (u >= 0).all() and (u < np.array(primes)[:, None]).all()
-    assert not (sampling.expand_uniform(bytes(32), primes, 2048) == u).all()
-    assert not (sampling.expand_uniform(seed, primes, 2048, 1) == u).all()
+    assert not (csprng.expand_uniform(bytes(32), primes, 2048) == u).all()
+    assert not (csprng.expand_uniform(seed, primes, 2048, 1) == u).all()
 
 
 def test_batched_expansion_equals_one_index_at_a_time_including_retries():
@@ -125,25 +126,25 @@ def test_batched_expansion_equals_one_index_at_a_time_including_retries():
     seed = bytes(range(32))
     q, n = 1048609, 64  # 2^20 + 33: about half of the 21-bit words are accepted
     words = n + n // 4 + 64
-    first_region = [np.frombuffer(sampling._indexed_keystreams(seed, [k], 4 * words), "<u4") & ((1 << 21) - 1)
+    first_region = [np.frombuffer(csprng._indexed_keystreams(seed, [k], 4 * words), "<u4") & ((1 << 21) - 1)
                     for k in range(300)]
     assert any((w < q).sum() < n for w in first_region)  # the retry path really runs
     for primes, count, length in (((q,), 300, n), (rns.ntt_primes(2048, (30, 24)), 3, 2048)):
         indices = np.arange(count) * 7 + 5
-        many = sampling.expand_uniform_many(seed, indices, primes, length)
+        many = csprng.expand_uniform_many(seed, indices, primes, length)
         for k, index in enumerate(indices):
-            assert (many[k] == sampling.expand_uniform(seed, primes, length, int(index))).all()
+            assert (many[k] == csprng.expand_uniform(seed, primes, length, int(index))).all()
         assert (many >= 0).all() and (many < np.array(primes)[:, None]).all()
 
 
 def test_expansion_refuses_a_bad_seed():
     with pytest.raises(ValueError):
-        sampling.expand_uniform(bytes(16), (1048609,), 64)
+        csprng.expand_uniform(bytes(16), (1048609,), 64)
 
 
 def test_secret_and_error_distributions():
-    s = sampling.ternary_secret(30000)
+    s = csprng.ternary_secret(30000)
     counts = np.bincount(s + 1)
     assert set(np.unique(s)) == {-1, 0, 1} and counts.min() > 9000
-    e = sampling.centered_binomial((4, 4096))
-    assert np.abs(e).max() <= sampling.ERROR_ETA and 3.7 < e.std() < 4.3
+    e = csprng.centered_binomial((4, 4096))
+    assert np.abs(e).max() <= csprng.ERROR_ETA and 3.7 < e.std() < 4.3

@@ -37,8 +37,8 @@ def test_device_selection(backend, context, monkeypatch):
 def test_public_context_cannot_carry_the_secret(context, backend):
     blob = context.public_context()
     assert len(blob) == 8 + 5 + 8 * 2 + 1 + 16  # fixed-length format: no room for key material
-    context.encrypt(SHAPE, np.ones((1, 128)))
-    secret_bytes = context._last_secrets[0].astype("<i8").tobytes()  # a call's secret
+    batch = context.encrypt(SHAPE, np.ones((1, 128)))
+    secret_bytes = batch.state.secrets[0].astype("<i8").tobytes()  # the call's secret (its trusted record)
     assert secret_bytes[:64] not in blob
     for bad in (blob + secret_bytes, blob + b"\x00", wire.SECRET_MAGIC + secret_bytes, blob + wire.SECRET_MAGIC):
         with pytest.raises(SecretKeyInPublicContextError):

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from bifrost.config import CONFIG_DIR, load_yaml
+from bifrost.config import CONFIG_DIR
+from bifrost.yaml_io import load_yaml
 from bifrost.errors import BifrostError
 from bifrost.model import gguf_checkpoint as gc
 from bifrost.model.catalog import resolve
@@ -93,16 +94,17 @@ def test_the_chat_template_wraps_the_demo_prompt():
 def test_the_model_brings_its_own_ckks_parameters_unless_the_config_sets_them():
     import dataclasses
 
-    from bifrost.config import CKKSConfig, load_config
+    from bifrost.ckks.params import CKKSParams
+    from bifrost.config_loader import ckks_params_of, load_config
     from bifrost.worker.service import allowed_params
 
     base = load_config()
     cfg = base.replace(model=NAME)
-    params = cfg.ckks_params()
+    params = ckks_params_of(cfg)
     assert (params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale_bits) == (2048, (30, 24), 30)
-    assert base.ckks_params().scale_bits == 35  # other models: the backend's default
-    assert cfg.replace(backend="tenseal").ckks_params().poly_modulus_degree == 8192  # the override is per backend
-    explicit = cfg.replace(ckks=CKKSConfig(2048, (30, 24), 33))
-    assert explicit.ckks_params().scale_bits == 33  # the run config wins
+    assert ckks_params_of(base).scale_bits == 35  # other models: the backend's default
+    assert ckks_params_of(cfg.replace(backend="tenseal")).poly_modulus_degree == 8192  # the override is per backend
+    explicit = cfg.replace(ckks=CKKSParams(2048, (30, 24), 33))
+    assert ckks_params_of(explicit).scale_bits == 33  # the run config wins
     assert params.fingerprint() in allowed_params(cfg)["native"]  # a worker for this model accepts them
     assert dataclasses.replace(params, scale_bits=31).fingerprint() not in allowed_params(cfg)["native"]

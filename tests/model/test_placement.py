@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bifrost.config_loader import placement_of
 from bifrost.errors import BifrostError
 from bifrost.model.catalog import load_model, resolve
 from bifrost.model.placement import (canonical_name, load_placement_policy, plan, policy_from_mapping,
@@ -51,7 +52,7 @@ def test_a_pattern_matching_nothing_and_an_unplaced_layer_are_errors(gpt2):
 
 def test_unknown_policy_names_list_the_shipped_ones(run_config):
     with pytest.raises(BifrostError, match="unknown placement policy 'nope'.*secureinfer"):
-        run_config.replace(policy="nope").placement()
+        placement_of(run_config.replace(policy="nope"))
 
 
 @pytest.mark.parametrize("name, role", [

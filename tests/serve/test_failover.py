@@ -28,7 +28,7 @@ def test_kill_worker_process_mid_stream(serve_run_config, serve_config):
         assert victim.returncode is not None
         expected = plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode("Fail over, please"), 8)
         assert tokens == expected
-        stats = app.replicas[0].call("stats")
+        stats = app.replicas[0].stats()
         assert stats["failovers"] >= 1
         assert [w["up"] for w in stats["workers"]] == [False, True]
     finally:

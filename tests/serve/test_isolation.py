@@ -98,4 +98,4 @@ def test_canaries_stay_in_their_own_session(recorded_app, serve_run_config, capl
     # each session registered a different public CKKS context (replicas hold no worker session of their own)
     assert len(set(contexts)) == len(contexts) == N_SESSIONS
     assert "on replica 0" in log_text and "on replica 1" in log_text  # sessions spread over both replicas
-    assert all(r.call("stats")["sessions"] == 0 for r in app.replicas)  # and all closed again
+    assert all(r.stats()["sessions"] == 0 for r in app.replicas)  # and all closed again

@@ -12,7 +12,7 @@ import pytest
 from bifrost.errors import BifrostError
 from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.proto import serving_pb2
-from bifrost.proto.replica import Attested
+from bifrost.proto.replica import Attested, AttestRequest
 from bifrost.proto.wire import AAD_EMBED
 from bifrost.serve.client import ServingError
 
@@ -38,9 +38,9 @@ def test_sweeper_skips_a_running_turn_and_closes_idle_pending_and_orphaned_sessi
     assert len(c.chat(" more", 1).tokens) == 1
     assert result.tokens == _expected("slow turn", 3, serve_run_config.seed)
     pending = connect(app)  # attested, never used
-    orphan = replica.attest(secrets.token_bytes(32), secrets.token_bytes(32), "")  # unknown to the front end
-    assert isinstance(orphan, Attested) and replica.session_count() == 3
-    wait_until(lambda: len(app.service.sessions) == 0 and replica.session_count() == 0
+    orphan = replica.attest(AttestRequest(secrets.token_bytes(32), secrets.token_bytes(32), ""))  # unknown to the front end
+    assert isinstance(orphan, Attested) and replica.stats()["sessions"] == 3
+    wait_until(lambda: len(app.service.sessions) == 0 and replica.stats()["sessions"] == 0
                and controlled_worker.worker_sessions() == baseline, what="idle sessions to be closed everywhere")
     with pytest.raises(ServingError) as err:
         c.chat("gone?", 1)
@@ -60,7 +60,7 @@ def test_client_hang_up_stops_the_turn_and_the_next_turn_runs(app_factory, contr
     calls_at_hangup = controlled_worker.calls
     result = c.chat("next turn", 2)  # the same session, at once; the stopped turn is not in its history
     assert result.tokens == _expected("next turn", 2, serve_run_config.seed)
-    assert app.replicas[0].call("stats")["turns_cancelled"] == 1
+    assert app.replicas[0].stats()["turns_cancelled"] == 1
     # the stopped turn finished at most the token it was computing (the next turn needs 2 tokens' calls)
     assert controlled_worker.calls - calls_at_hangup <= 4 * LAYER_CALLS_PER_TOKEN
     c.close()
@@ -76,7 +76,7 @@ def test_replica_timeout_closes_the_session_on_the_replica_and_its_workers(app_f
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "replica_timeout_s" in err.value.details
     assert len(app.service.sessions) == 0
     # the replica closes it too: the turn stops at its next token and releases the CKKS worker session
-    wait_until(lambda: app.replicas[0].call("session_count") == 0 and controlled_worker.worker_sessions() == before - 1,
+    wait_until(lambda: app.replicas[0].stats()["sessions"] == 0 and controlled_worker.worker_sessions() == before - 1,
                what="the replica and worker sessions to be released")
     with pytest.raises(ServingError) as err:
         c.chat("again", 1)

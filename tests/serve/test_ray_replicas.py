@@ -49,7 +49,7 @@ def test_two_ray_replicas_serve_plaintext_equal_tokens(ray_app, serve_run_config
         assert c.chat(prompt, 4).tokens == plaintext_greedy(MODEL, serve_run_config.seed,
                                                             ByteTokenizer().encode(prompt), 4)
         c.close()
-    pids = {r.call("info").pid for r in app.replicas}
+    pids = {r.info().pid for r in app.replicas}
     assert len(pids) == 2 and os.getpid() not in pids  # two actor processes
     assert any((run_dir / "ray").glob("session_*"))  # Ray's temp dir is inside the run folder
     assert ray_default_dirs_listing() == before  # nothing new in ~/.ray (auth_token) or /tmp/ray
@@ -77,7 +77,7 @@ def test_ray_client_hang_up_stops_the_turn_and_keeps_the_session(ray_app, serve_
         stream = c.generate("a long turn", 20)
         next(stream)
         stream.close()
-        wait_until(lambda: sum(r.call("stats")["turns_cancelled"] for r in app.replicas) == 1,
+        wait_until(lambda: sum(r.stats()["turns_cancelled"] for r in app.replicas) == 1,
                    what="the turn to stop on its Ray replica")
     finally:
         worker.delay_s = 0.0

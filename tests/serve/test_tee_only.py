@@ -21,7 +21,7 @@ def test_tee_only_serves_attested_sessions_without_any_worker(serve_run_config, 
         first = a.chat("The enclave", 6)
         assert first.tokens == plaintext_greedy(MODEL, cfg.seed, ByteTokenizer().encode("The enclave"), 6)
         assert b.chat("Another user", 3).tokens == plaintext_greedy(MODEL, cfg.seed, ByteTokenizer().encode("Another user"), 3)
-        stats = app.replicas[0].call("stats")
+        stats = app.replicas[0].stats()
         assert stats["workers"] == [] and stats["sessions"] == 2
         # the policy is what the client's attestation pins: tee-only has its own serving-config digest
         assert app.service.info.serving_config_digest == serving_config_digest(cfg, app.scfg)

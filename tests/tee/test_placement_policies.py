@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bifrost.config_loader import placement_of
 from bifrost.errors import BifrostError
 from bifrost.tee.runtime import TrustedRuntime
 
@@ -36,7 +37,7 @@ def _run(run_config, model, policy, adapter=None, mode="bifrost"):
     server = None
     endpoint = None
     served = set()
-    if not cfg.placement().delegates_nothing:
+    if not placement_of(cfg).delegates_nothing:
         service, server, endpoint = _worker(run_config, model, policy)
         served = set(service.layers)  # what the worker serves: name -> (site, weight)
     rt = TrustedRuntime(cfg, endpoint, reference=True)

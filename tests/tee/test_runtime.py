@@ -124,7 +124,7 @@ def test_sampling_parameters_shape_the_choice():
     """sample_token with a turn's Sampling: greedy, top_k=1 == argmax, top_p keeps only the nucleus."""
     import torch
 
-    from bifrost.tee.runtime import Sampling, sample_token, sampling_generator
+    from bifrost.tee.scheduler import Sampling, sample_token, sampling_generator
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
     assert sample_token(logits, Sampling(), None) == 1

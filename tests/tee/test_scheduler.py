@@ -38,7 +38,7 @@ def test_prefills_go_one_at_a_time_while_prefilled_turns_decode_in_every_step(pa
     loop = StepLoop(rt, "bifrost", batcher, start=False)
     prompts = [ByteTokenizer().encode(t) for t in ("first prompt, a long one", "second prompt")]
     engines = [rt.new_engine(batcher.link_for(WorkerSessions(pool))) for _ in prompts]
-    turns = [loop.submit(Turn(e, p, 3, lambda: False)) for e, p in zip(engines, prompts)]
+    turns = [loop.submit(Turn(e, p, 3)) for e, p in zip(engines, prompts)]
     try:
         assert loop._schedule() == []  # nothing prefilled yet: no decodes; the first prefill starts
         assert loop._prefill[0] is turns[0] and list(loop._waiting) == [turns[1]]
@@ -71,12 +71,11 @@ def test_a_stopped_turn_ends_at_the_next_step_and_says_so(parts):
     rt, pool = parts
     loop = StepLoop(rt, "bifrost+", None, start=False)
     engine = rt.new_engine(WorkerSessions(pool))
-    stop = []
-    turn = loop.submit(Turn(engine, ByteTokenizer().encode("stop me"), 10, lambda: bool(stop)))
+    turn = loop.submit(Turn(engine, ByteTokenizer().encode("stop me"), 10))
     try:
         loop.step()  # the prefill (Bifrost+: inside the TEE) gives the first token
         loop.step()
-        stop.append(True)
+        turn.cancel()  # the one way a turn is stopped
         loop.step()
         events = _events(turn)
         assert [type(e) for e in events] == [TokenEvent, TokenEvent, TurnEnd] and events[-1].stopped
@@ -92,7 +91,7 @@ def test_a_failing_forward_ends_only_its_own_turn(parts):
     good, bad = rt.new_engine(WorkerSessions(pool)), rt.new_engine(WorkerSessions(pool))
     bad.close()  # its worker sessions are gone and its link refuses: the forward raises
     bad.link = None
-    turns = [loop.submit(Turn(e, ByteTokenizer().encode("hi"), 2, lambda: False)) for e in (good, bad)]
+    turns = [loop.submit(Turn(e, ByteTokenizer().encode("hi"), 2)) for e in (good, bad)]
     try:
         while loop.busy():
             loop.step()
@@ -112,7 +111,7 @@ def test_a_turn_whose_sampling_fails_ends_alone_and_the_others_continue(parts, m
     rt, pool = parts
     loop = StepLoop(rt, "bifrost+", None, start=False)
     engines = [rt.new_engine(WorkerSessions(pool)) for _ in range(2)]
-    turns = [loop.submit(Turn(e, ByteTokenizer().encode(p), 3, lambda: False)) for e, p in zip(engines, ("ok", "bad"))]
+    turns = [loop.submit(Turn(e, ByteTokenizer().encode(p), 3)) for e, p in zip(engines, ("ok", "bad"))]
     poisoned = turns[1].gen = torch.Generator()  # only the second turn's sampling fails
     real = scheduler.sample_token
 
@@ -140,8 +139,7 @@ def test_close_waits_for_a_prefill_in_flight_before_ending_its_turn(parts):
     rt, pool = parts
     loop = StepLoop(rt, "bifrost", None, start=False)
     engine = rt.new_engine(WorkerSessions(pool))
-    turn = loop.submit(Turn(engine, ByteTokenizer().encode("a prompt of some length for the prefill"), 4,
-                            lambda: False))
+    turn = loop.submit(Turn(engine, ByteTokenizer().encode("a prompt of some length for the prefill"), 4))
     try:
         loop._schedule()  # the prefill starts in the background
         running = loop._prefill[1]
@@ -155,7 +153,7 @@ def test_close_waits_for_a_prefill_in_flight_before_ending_its_turn(parts):
 def test_each_turn_samples_with_its_own_parameters_and_ends_at_its_eos_token(parts):
     """Per-turn sampling (not the config's): top_k=1 equals greedy, seeded sampling reproduces; a turn
     ends right after the model's end-of-sequence token."""
-    from bifrost.tee.runtime import Sampling
+    from bifrost.tee.scheduler import Sampling
 
     rt, pool = parts
     loop = StepLoop(rt, "bifrost+", None, start=False)
@@ -164,7 +162,7 @@ def test_each_turn_samples_with_its_own_parameters_and_ends_at_its_eos_token(par
     greedy = plaintext_greedy_tokens(rt.reference, ids, 4)
 
     def run(**kw) -> list:
-        turn = loop.submit(Turn(engine, ids, 4, lambda: False, **kw))
+        turn = loop.submit(Turn(engine, ids, 4, **kw))
         while loop.busy():
             loop.step()
         return _events(turn)

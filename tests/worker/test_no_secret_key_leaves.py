@@ -6,6 +6,7 @@ import pytest
 from bifrost.proto import worker_pb2
 from bifrost.tee import pool as pool_mod
 from bifrost.tee.runtime import TrustedRuntime
+from tests.key_material import record_secrets, secret_key_words
 
 
 class _Recorder(grpc.UnaryUnaryClientInterceptor):
@@ -24,15 +25,14 @@ def test_requests_to_the_worker_carry_no_secret_key(worker_factory, run_config, 
     real_channel = pool_mod.worker_channel
     monkeypatch.setattr(pool_mod, "worker_channel", lambda *a, **kw: grpc.intercept_channel(real_channel(*a, **kw), recorder))
     runtime = TrustedRuntime(run_config.replace(model="gpt2-mini", backend=backend), endpoint)
-    if backend == "native":  # a fresh secret per call: record every call's, not only the last
-        runtime.engine._keys._secret_log = []
+    recorded = record_secrets(runtime.engine._keys)  # native: a fresh secret per call, every call's recorded
     runtime.generate("secret prompt", 3)
     runtime.close()
 
     methods = [m for m, _ in recorder.messages]
     assert any(m.endswith("/OpenSession") for m in methods) and sum(m.endswith("/Linear") for m in methods) >= 3 * 8
     wire = b"".join(req.SerializeToString() for _, req in recorder.messages)
-    sk = runtime.engine._keys._secret_key_words()
+    sk = secret_key_words(runtime.engine._keys, recorded)
     windows = [sk[i : i + 24] for i in range(0, len(sk) - 24, 397)]
     assert len(windows) > 100
     assert not any(w in wire for w in windows), "secret-key words found in traffic to the worker"
@@ -73,8 +73,7 @@ def test_batched_calls_of_several_sessions_carry_no_secret_key(worker_factory, r
     w.stub = WorkerStub(grpc.intercept_channel(w.channel, recorder), w.identity, 60.0, w.address)
     batcher = DecodeBatcher(pool, window_s=10.0)
     engines = [runtime.new_engine(batcher.link_for(WorkerSessions(pool))) for _ in range(3)]
-    for e in engines:
-        e._keys._secret_log = []  # every call's secret, not only the last
+    recorded = [record_secrets(e._keys) for e in engines]  # every call's secret, not only the last
     group = runtime.groups[0]
     barrier = threading.Barrier(3)
 
@@ -91,8 +90,9 @@ def test_batched_calls_of_several_sessions_carry_no_secret_key(worker_factory, r
     batched = [req for m, req in recorder.messages if m.endswith("/LinearBatch")]
     assert len(batched) == 1 and len(batched[0].items) == 3
     wire = b"".join(req.SerializeToString() for _, req in recorder.messages)
-    for e in engines:
-        sk = e._keys._secret_key_words()
+    for e, calls in zip(engines, recorded):
+        assert len(calls) == 1  # the one batched call of this session
+        sk = secret_key_words(e._keys, calls)
         windows = [sk[i : i + 24] for i in range(0, len(sk) - 24, 397)]
         assert len(windows) > 100 and not any(w in wire for w in windows)
         e.close()

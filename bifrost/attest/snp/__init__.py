@@ -28,7 +28,7 @@ from typing import Mapping
 from ..checks import CheckLog, check_allow_list, check_debug, check_report_data
 from ..options import DEFAULT_OPTIONS, VerifyOptions
 from ..policy import AttestationPolicy
-from ..verdict import Evidence, Verdict, register_verifier
+from ..types import Evidence, Verdict
 from . import validate, verify
 from .parse import SNP_REPORT_SIZE, SnpReport, SnpTcbVersion, parse_cert_table, parse_snp_report
 from .verify import Signer, bundled_ark_pins, check_tcb_matches_leaf
@@ -113,6 +113,3 @@ def _verdict(report: SnpReport, signer: Signer, at: datetime, log: CheckLog) -> 
         checks_passed=tuple(log.passed),
         checks_skipped=tuple(log.skipped),
     )
-
-
-register_verifier("sev-snp", SnpVerifier)

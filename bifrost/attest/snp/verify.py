@@ -29,7 +29,7 @@ from .._x509 import load_certificate, load_pem_chain, spki_sha256, verify_chain
 from ..checks import CheckLog
 from ..errors import CertificateChainError, EndorsementMismatchError, SignatureError, TcbError
 from ..options import DEFAULT_OPTIONS, VerifyOptions
-from ..verdict import Evidence
+from ..types import Evidence
 from .parse import (SIGNER_VCEK, SIGNER_VLEK, SNP_CHIP_ID_SIZE, TURIN_FAMILY, TURIN_HWID_SIZE, SnpReport, SnpTcbVersion,
                     leaf_tcb_components, product_name)
 
@@ -111,7 +111,7 @@ def check_cert_chain(signer: Signer, evidence: Evidence, at: datetime, options: 
         chain = load_pem_chain(evidence.endorsements["cert_chain"], "AMD certificate chain")
     else:
         table = options.amd_chains(signer.kind.lower())
-        if signer.product not in table:
+        if signer.product is None or signer.product not in table:
             raise CertificateChainError("cert_missing", f"no bundled AMD chain for product {signer.product!r}; supply --cert-chain")
         chain = list(_parse_chain(table[signer.product]))
     if len(chain) != 2:

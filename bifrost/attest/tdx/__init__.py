@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from ..checks import CheckLog, check_allow_list, check_debug, check_report_data
 from ..options import DEFAULT_OPTIONS, VerifyOptions
 from ..policy import AttestationPolicy
-from ..verdict import Evidence, Verdict, register_verifier
+from ..types import Evidence, Verdict
 from . import validate, verify
 from .parse import TEE_TYPE_TDX, TdxCollateral, TdxQuote, load_tdx_collateral, parse_pck_extension, parse_tdx_quote
 from .verify import TcbLevel, check_revocation
@@ -124,6 +124,3 @@ def _verdict(
         checks_skipped=tuple(log.skipped),
         advisory_ids=tcb.advisories,
     )
-
-
-register_verifier("tdx", TdxVerifier)

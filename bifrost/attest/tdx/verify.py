@@ -39,7 +39,7 @@ from .._x509 import X509_ERRORS, ErrorType, load_certificate, load_crl, load_pem
 from ..checks import CheckLog, check_window, masked_equal, svns_at_least
 from ..errors import CertificateChainError, CollateralError, SignatureError, TcbError
 from ..policy import TDX_TCB_STATUSES
-from ..verdict import Evidence
+from ..types import Evidence
 from .parse import (QeReport, TdReportBody, TdxCollateral, TdxQuote, component_svns, hex_field, level_status,
                     load_tdx_collateral, parse_timestamp)
 

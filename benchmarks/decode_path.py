@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     roots = (str(tree / "bifrost") + os.sep, str(tree / "kernels") + os.sep)
     real: dict[str, str] = {}
     recording = threading.Event()
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str], int] = {}   # (file, qualified name) -> calls
+    first_line: dict[tuple[str, str], int] = {}
     threads: set[str] = set()
 
     def profile(frame, event, arg):  # noqa: ANN001 - the sys.setprofile signature
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             code = frame.f_code.co_filename
             path = real.get(code) or real.setdefault(code, os.path.realpath(code))
             if path.startswith(roots) and "_pb2" not in path:
-                key = (os.path.relpath(path, tree), frame.f_code.co_name)
+                key = (os.path.relpath(path, tree), frame.f_code.co_qualname)
                 seen[key] = seen.get(key, 0) + 1
+                first_line.setdefault(key, frame.f_code.co_firstlineno)
                 threads.add(threading.current_thread().name.rstrip("0123456789_-"))
 
     sys.setprofile(profile)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     threading.setprofile(None)
     files = sorted({f for f, _ in seen})
     report = {"tree": str(tree), "model": MODEL, "files": len(files), "functions": len(seen),
-              "thread_kinds": sorted(threads), "by_file": {f: sorted(n for g, n in seen if g == f) for f in files}}
+              "thread_kinds": sorted(threads), "by_file": {f: sorted(n for g, n in seen if g == f) for f in files},
+              "functions_at": sorted(f"{f}:{first_line[(f, n)]} {n}" for f, n in seen)}
     from rich.console import Console
     from rich.table import Table
 

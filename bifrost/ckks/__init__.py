@@ -1,5 +1,5 @@
 """CKKS backends: interface, parameter security rule, the table of backends (:mod:`.registry`), and the worker
-traffic of a layer group (:mod:`.traffic`: measured by the engine, predicted by the estimator)."""
+traffic of a layer group (:class:`GroupTraffic`: measured by the engine, predicted by the estimator)."""
 
 from .backend import (
     CiphertextError,
@@ -8,6 +8,8 @@ from .backend import (
     Evaluator,
     ExactTrustedContext,
     GroupShape,
+    GroupTraffic,
+    TRAFFIC_FIELDS,
     SecretKeyInPublicContextError,
     TrustedContext,
     WeightStats,
@@ -15,7 +17,6 @@ from .backend import (
 )
 from .params import CKKSParams, InsecureParametersError, check_128_bit_security
 from .registry import BACKENDS, available_backends, get_backend
-from .traffic import TRAFFIC_FIELDS, GroupTraffic
 
 __all__ = [
     "BACKENDS", "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "ExactTrustedContext", "GroupShape",

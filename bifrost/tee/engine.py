@@ -56,7 +56,7 @@ from ..errors import InternalError, RefusedError, UserError
 from ..model.delegation import Site
 from ..proto import worker_pb2
 from .link import WorkerCallError, WorkerLink, WorkerReply
-from .quarantine import WorkerQuarantine
+from .pool import WorkerQuarantine
 from .verify import CheckOperand, ProductVerifier
 
 log = logging.getLogger("bifrost.engine")

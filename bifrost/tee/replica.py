@@ -66,7 +66,7 @@ from .batching import DecodeBatcher
 from .engine import DelegationEngine
 from .link import WorkerCallError
 from .pool import WorkerSessions
-from .quarantine import WorkerQuarantine
+from .pool import WorkerQuarantine
 from .detokenize import OutputProcessor
 from .runtime import TrustedRuntime, context_tokens
 from .scheduler import Sampling, StepLoop, TokenEvent, Turn, TurnEnd

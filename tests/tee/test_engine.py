@@ -12,7 +12,7 @@ from bifrost.ckks import get_backend, row_bucket
 from bifrost.config_loader import ckks_params_of
 from bifrost.tee.engine import DelegationEngine
 from bifrost.tee.pool import WorkerSessions
-from bifrost.tee.quarantine import WorkerQuarantine
+from bifrost.tee.pool import WorkerQuarantine
 from bifrost.tee.runtime import TrustedRuntime
 from tests import adversary as adv
 from tests.workers import make_service, start_worker

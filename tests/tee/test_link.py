@@ -16,7 +16,7 @@ from bifrost.proto import worker_pb2
 from bifrost.tee.batching import DecodeBatcher
 from bifrost.tee.link import REPLY_OVERHEAD_BYTES, WorkerCallError, WorkerStub, connect, reply_limit
 from bifrost.tee.pool import WorkerPool, WorkerSessions
-from bifrost.tee.quarantine import WorkerQuarantine
+from bifrost.tee.pool import WorkerQuarantine
 from bifrost.tee.runtime import TrustedRuntime, context_tokens
 from tests.workers import make_service, start_worker
 

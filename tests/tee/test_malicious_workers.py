@@ -111,7 +111,7 @@ def test_a_worker_quarantined_by_one_replica_is_refused_at_the_next_start(run_co
     """The quarantine file is shared: a later runtime (another replica, or the next run) naming it never
     connects to that worker identity again."""
     from bifrost.errors import BifrostError
-    from bifrost.tee.quarantine import WorkerQuarantine
+    from bifrost.tee.pool import WorkerQuarantine
 
     path = tmp_path / "quarantine.json"
     service = adv.AdversarialService(make_service(run_config, MODEL), adv.scaled_output(DECODE, 2 ** 20))

@@ -113,7 +113,7 @@ def test_a_layer_the_model_code_bypasses_is_refused_at_load():
     from transformers import BloomConfig, BloomForCausalLM
 
     from bifrost.model.placement import load_placement_policy
-    from bifrost.tee.delegate import bypassed_sites, swap_in_delegates
+    from bifrost.tee.runtime import bypassed_sites, swap_in_delegates
 
     torch.manual_seed(0)
     cfg = BloomConfig(vocab_size=300, hidden_size=32, n_layer=2, n_head=4, pretraining_tp=2, slow_but_exact=True)

@@ -250,7 +250,7 @@ def test_a_bit_flipped_on_the_path_quarantines_no_one(make_worker, run_config, t
     The broken record reaches the runtime as a failed call with no reply (availability): the product is computed
     in the TEE, the honest worker is not quarantined (nor refused at the next start), and the tokens equal
     plaintext; the next calls reach the worker again over a new connection."""
-    from bifrost.tee.quarantine import WorkerQuarantine
+    from bifrost.tee.pool import WorkerQuarantine
 
     _, endpoint = make_worker()
     relay = BitFlipRelay(endpoint.address)

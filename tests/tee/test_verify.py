@@ -10,7 +10,7 @@ import pytest
 
 from bifrost.ckks import GroupShape, WeightStats, get_backend, row_bucket
 from bifrost.config import VerificationConfig
-from bifrost.tee.quarantine import WorkerQuarantine
+from bifrost.tee.pool import WorkerQuarantine
 from bifrost.tee.verify import ProductVerifier, false_positive_bound, miss_probability
 
 GROUP = ("g",)

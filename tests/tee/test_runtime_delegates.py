@@ -1,4 +1,4 @@
-"""bifrost/tee/delegate.py: which modules swap_in_delegates replaces, what a DelegatedLinear does with and without a
+"""The delegated layers of bifrost/tee/runtime.py: which modules swap_in_delegates replaces, what a DelegatedLinear does with and without a
 session's engine, and bypassed_sites on a model that reads a delegated layer's weight directly."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from bifrost.model.catalog import load_model, resolve
 from bifrost.model.delegation import is_linear, linear_weight, weight_digest
 from bifrost.model.placement import load_placement_policy, plan
-from bifrost.tee.delegate import DelegatedLinear, bypassed_sites, swap_in_delegates, using_engine
+from bifrost.tee.runtime import DelegatedLinear, bypassed_sites, swap_in_delegates, using_engine
 from bifrost.tee.pool import WorkerSessions
 from bifrost.tee.runtime import TrustedRuntime
 

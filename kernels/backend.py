@@ -110,7 +110,8 @@ _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-mask-pref
 # masks (it is waited for as soon as the reply arrives); niced like them, so a worker sharing the cores comes first.
 _CHECK_TERMS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckks-exact-check", initializer=_lower_priority)
 DEVICE_ENV = "BIFROST_KERNELS_DEVICE"
-POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # the polynomial-product method, fft | ntt (variable name kept)
+POLYMUL_ENV = "BIFROST_KERNELS_POLYMUL"  # the polynomial-product method, fft | ntt
+RENAMED_POLYMUL_ENV = "BIFROST_KERNELS_ENGINE"  # its former name, refused (an "engine" is a session's DelegationEngine)
 
 
 def weight_bits(params: CKKSParams, primes: tuple[int, ...]) -> int:
@@ -312,7 +313,7 @@ def _reply_layout(o_counts: tuple[int, ...], rb_count: int) -> tuple[tuple[tuple
     return columns, np.asarray(sorted(range(len(columns)), key=columns.__getitem__))
 
 
-def _prepared(term: Future | None, state: "CallState", matrices: Sequence[np.ndarray]):
+def _precomputed_term(term: Future | None, state: "CallState", matrices: Sequence[np.ndarray]):
     """The result of ``term`` (one of the call's terms started at encrypt), if it was made for these very matrices;
     else None (the caller computes it now)."""
     if term is None or len(state.term_matrices) != len(matrices) or \
@@ -634,7 +635,7 @@ class NativeTrustedContext:
         vals, _ = self._read_outputs(shape, outputs, state)                                 # [C, L, P]
         matrices = self._matrices(shape, weights)
         checks = self._check_vectors(shape, blk, matrices)
-        expected = _prepared(state.check_term, state, matrices)
+        expected = _precomputed_term(state.check_term, state, matrices)
         if expected is None:
             expected = self._check_term(shape, blk, matrices, state.c0)                       # [RB, L, k]
         rb_count, L = blk.row_blocks(state.rows), len(c.primes)
@@ -665,7 +666,7 @@ class NativeTrustedContext:
         starts = np.concatenate([[0], np.cumsum(o_counts)[:-1]])
 
         matrices = self._matrices(shape, weights)
-        term = _prepared(state.mask_term, state, matrices)
+        term = _precomputed_term(state.mask_term, state, matrices)
         if term is None:
             term = self._mask_term(shape, blk, matrices, state.secrets)                       # [RB, ΣO, L, P]
         rb_idx = torch.tensor([rb for rb, _ in columns])
@@ -733,6 +734,8 @@ class NativeEvaluator:
         self.weight_bits = weight_bits(self.params, primes)
         self.device = torch.device(device or os.environ.get(DEVICE_ENV) or
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+        if RENAMED_POLYMUL_ENV in os.environ:
+            raise ValueError(f"{RENAMED_POLYMUL_ENV} was renamed {POLYMUL_ENV} (fft | ntt)")
         self.polymul = polymul or os.environ.get(POLYMUL_ENV, "fft")  # how weight × ciphertext polynomials multiply
         if self.polymul not in ("fft", "ntt"):
             raise ValueError(f"unknown polynomial-product method {self.polymul!r} (fft|ntt)")

@@ -9,8 +9,8 @@ import pytest
 from bifrost import errors
 from bifrost.attest import errors as attest_errors
 from bifrost.cli import DEBUG_ENV, main, run_command
-from bifrost.errors import (ERROR_TABLE, BifrostError, ErrorKind, InternalError, RefusedError, UnavailableError,
-                            UserError, error_class)
+from bifrost.errors import (ERROR_TABLE, OS_ERROR_EXIT, BifrostError, ErrorKind, InternalError, RefusedError,
+                            UnavailableError, UserError, error_class)
 
 EXPECTED = [  # class, kind, gRPC status, exit code
     (UserError, ErrorKind.USER, grpc.StatusCode.INVALID_ARGUMENT, 2),
@@ -88,11 +88,11 @@ def test_a_bug_is_one_line_internal_error_exit_70(capsys, monkeypatch, exc):
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_an_os_error_is_a_user_error(capsys):
+def test_an_os_error_is_one_line_and_exit_1(capsys):
     def command():
         raise PermissionError(13, "Permission denied", "/out.json")
 
-    assert run_command(command, "bifrost") == ERROR_TABLE[ErrorKind.USER].exit_code
+    assert run_command(command, "bifrost") == OS_ERROR_EXIT == 1
     assert capsys.readouterr().err.startswith("bifrost: error: [Errno 13] Permission denied")
 
 

@@ -42,7 +42,7 @@ class Delta:
     """What one token (or the end of the turn) adds to the stream."""
 
     text: str  # new text to stream now ('' when everything new is held back)
-    stopped: bool  # a stop sequence appeared: the turn ends; ``text`` ends right before the stop sequence
+    hit_stop: bool  # a stop sequence appeared: the turn ends; ``text`` ends right before the stop sequence
 
 
 class TurnEnded(RuntimeError):
@@ -54,7 +54,7 @@ class OutputProcessor:
     holds back text that may be an incomplete UTF-8 character (U+FFFD at the end) or may begin a stop sequence.
 
     The turn ends at a stop sequence, at ``push(..., last=True)`` or at :meth:`finish`; pushing after that raises
-    :class:`TurnEnded`, and :meth:`finish` returns an empty delta (``stopped`` as the end was)."""
+    :class:`TurnEnded`, and :meth:`finish` returns an empty delta (``hit_stop`` as the end was)."""
 
     def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()) -> None:
         if any(not s for s in stop):
@@ -70,7 +70,7 @@ class OutputProcessor:
         self._parts: list[str] = []
         self._text: str | None = ""
         self._ended = False
-        self._stopped = False
+        self._hit_stop = False
 
     @property
     def text(self) -> str:
@@ -97,7 +97,7 @@ class OutputProcessor:
         """End the turn without a further token (e.g. the end-of-sequence token came and is not text): release
         the held-back text, cut at a stop sequence if one appeared."""
         if self._ended:
-            return Delta("", self._stopped)
+            return Delta("", self._hit_stop)
         return self._release(self._advance(final=True), final=True)
 
     def _decode(self, ids: list[int]) -> str:
@@ -133,7 +133,7 @@ class OutputProcessor:
         text = self._held + new
         hit = _find_stop(text, self._stops)
         if hit is not None:
-            out, self._held, self._ended, self._stopped = text[:hit], "", True, True
+            out, self._held, self._ended, self._hit_stop = text[:hit], "", True, True
         elif final:
             out, self._held, self._ended = text, "", True
         else:
@@ -142,7 +142,7 @@ class OutputProcessor:
         if out:
             self._parts.append(out)
             self._text = None
-        return Delta(out, self._stopped)
+        return Delta(out, self._hit_stop)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

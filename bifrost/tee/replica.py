@@ -368,7 +368,7 @@ class TrustedReplica:
         turn = Turn(s.engine, checked.ids, checked.n_new, checked.sample_seed, checked.sampling,
                     self.runtime.tokenizer.eos_token_id)
         if not s.start(turn, req.request_id):  # cancelled while it waited for the previous turn
-            yield from self._stopped(s, req.session_id, 0)
+            yield from self._end_cancelled(s, req.session_id, 0)
             return
         self.loop.submit(turn)
         out = OutputProcessor(self.runtime.tokenizer, checked.stop)
@@ -377,8 +377,8 @@ class TrustedReplica:
             for event in _events(turn):
                 if isinstance(event, TurnEnd):
                     ended = True
-                    if event.stopped or turn.cancelled:  # (cancelled here: a stop noticed at the last token)
-                        yield from self._stopped(s, req.session_id, len(out.tokens))
+                    if event.cancelled or turn.cancelled:  # (cancelled here: a stop noticed at the last token)
+                        yield from self._end_cancelled(s, req.session_id, len(out.tokens))
                     elif event.error is not None:
                         raise self._failed("generation", req.session_id, event.error)
                     return
@@ -388,7 +388,7 @@ class TrustedReplica:
                 eos = event.token == turn.eos  # ends the turn; never streamed as text
                 last = event.index == checked.n_new - 1
                 delta = out.finish() if eos else out.push(event.token, last=last)
-                finish = "stop" if delta.stopped or eos else "length" if last else ""
+                finish = "stop" if delta.hit_stop or eos else "length" if last else ""
                 chunk = serving_pb2.TokenChunk(token_ids=[] if eos else [event.token], text=delta.text,
                                                done=bool(finish), token_seconds=event.seconds, finish_reason=finish,
                                                prompt_tokens=len(checked.ids) if event.index == 0 else 0)
@@ -416,7 +416,7 @@ class TrustedReplica:
             return Rejected(Status.INVALID_ARGUMENT, f"{what} failed: {str(error)[:200]}")
         raise error
 
-    def _stopped(self, s: _Session, session_id: bytes, produced: int):
+    def _end_cancelled(self, s: _Session, session_id: bytes, produced: int):
         log.info("replica %d: session %s… turn stopped after %d tokens (%s)", self.index, session_id.hex()[:8],
                  produced, "session closed" if s.closing else "cancelled")
         if s.closing:

@@ -23,7 +23,7 @@ update):
    produced the end-of-sequence token (:class:`TurnEnd`).
 
 A turn is stopped through one channel, :meth:`Turn.cancel` (the client left, the session closed, a stop
-sequence appeared); the loop retires it at its next step and says so (``TurnEnd(stopped=True)``).
+sequence appeared); the loop retires it at its next step and says so (``TurnEnd(cancelled=True)``).
 
 Everything here is trusted state: token ids, KV caches, logits. Only ciphertexts leave, through each
 session's engine.
@@ -121,10 +121,10 @@ class TokenEvent:
 @dataclass(frozen=True)
 class TurnEnd:
     """The loop is done with the turn (its engine is free): all tokens (or the end-of-sequence token),
-    stopped (cancelled), or ``error``."""
+    cancelled, or ``error``."""
 
     error: BaseException | None = None
-    stopped: bool = False
+    cancelled: bool = False
 
 
 @dataclass(eq=False)
@@ -244,7 +244,7 @@ class StepLoop:
                     self.step()
 
     def close(self) -> None:
-        """End every turn (consumers get ``TurnEnd(stopped=True)``) and stop the loop."""
+        """End every turn (consumers get ``TurnEnd(cancelled=True)``) and stop the loop."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -263,7 +263,7 @@ class StepLoop:
             self._waiting.clear()
             self._decoding.clear()
         for t in turns:
-            t.events.put(TurnEnd(stopped=True))
+            t.events.put(TurnEnd(cancelled=True))
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ 1. schedule
@@ -273,7 +273,7 @@ class StepLoop:
             for turns in (self._waiting, self._decoding):
                 for t in [t for t in turns if t.cancelled]:
                     turns.remove(t)
-                    t.events.put(TurnEnd(stopped=True))
+                    t.events.put(TurnEnd(cancelled=True))
             if self._prefill is None and self._waiting:
                 turn = self._waiting.popleft()
                 self._prefill = (turn, self._threads.submit(self._forward, turn, turn.mode == "bifrost+"))

@@ -163,7 +163,7 @@ def _stream(tok: Decoder, ids: list[int], stop: Sequence[str] = (), end: str = "
         d = p.push(t, last=end == "last" and k == len(ids) - 1)
         deltas.append(d)
         assert p.text == "".join(x.text for x in deltas)
-        if d.stopped:
+        if d.hit_stop:
             return deltas, p
         if not stop:
             assert whole.startswith(p.text), (k, p.text[-20:], whole)
@@ -177,7 +177,7 @@ def _assert_streams_whole(tok: Decoder, ids: list[int]) -> None:
     for end in ("finish", "last"):
         deltas, p = _stream(tok, ids, end=end)
         assert "".join(d.text for d in deltas) == whole == p.text
-        assert not any(d.stopped for d in deltas)
+        assert not any(d.hit_stop for d in deltas)
         assert p.tokens == ids
         for k, d in enumerate(deltas[:len(ids) - 1]):  # before the end no delta ends in an incomplete character
             if FFFD in d.text:
@@ -364,10 +364,10 @@ def test_stops_match_whole_decode_semantics(name, request):
         want, want_stop = _reference(tok, ids, stops)
         for end in ("finish", "last"):
             deltas, p = _stream(tok, ids, stop=stops, end=end)
-            assert (p.text, any(d.stopped for d in deltas)) == (want, want_stop)
+            assert (p.text, any(d.hit_stop for d in deltas)) == (want, want_stop)
             assert not any(s in p.text for s in stops)
             if want_stop:
-                assert deltas[-1].stopped and not any(d.stopped for d in deltas[:-1])
+                assert deltas[-1].hit_stop and not any(d.hit_stop for d in deltas[:-1])
                 with pytest.raises(TurnEnded):
                     p.push(ids[0])
                 assert p.finish() == Delta("", True) and p.text == want
@@ -387,20 +387,20 @@ def test_stop_spanning_tokens(gpt2_bytes):
 def test_held_back_stop_prefix_released_when_it_resolves(gpt2_bytes):
     deltas, p = _stream(gpt2_bytes, gpt2_bytes.encode("a STOx STOP"), stop=["STOP"])
     assert [d.text for d in deltas] == ["a", " ", "", "", "", "STOx", " ", "", "", "", ""]
-    assert p.text == "a STOx " and deltas[-1].stopped
+    assert p.text == "a STOx " and deltas[-1].hit_stop
 
 
 def test_stop_beginning_in_text_held_back_for_an_incomplete_character(gpt2_bytes):
     ids = gpt2_bytes.encode("café! more")
     deltas, p = _stream(gpt2_bytes, ids, stop=["é!"])
     assert [d.text for d in deltas] == ["c", "a", "f", "", "", ""]  # é's first byte held (U+FFFD), then é (stop prefix)
-    assert p.text == "caf" and deltas[-1].stopped
+    assert p.text == "caf" and deltas[-1].hit_stop
 
 
 def test_later_starting_stop_completing_first_wins():
     tok = _Words(["x", "a", "b", "c", "d", "bcd", "xabcd"])
     deltas, p = _stream(tok, tok.ids("x", "a", "b", "c", "d"), stop=["abcd", "bc"])
-    assert [d.text for d in deltas] == ["x", "", "", "a"] and p.text == "xa" and deltas[-1].stopped
+    assert [d.text for d in deltas] == ["x", "", "", "a"] and p.text == "xa" and deltas[-1].hit_stop
     # both complete in one token: the text ends before the earlier-starting one
     deltas, p = _stream(tok, tok.ids("x", "a", "bcd"), stop=["bcd", "abcd"])
     assert p.text == "x" and deltas[-1] == Delta("", True)

@@ -55,7 +55,7 @@ def test_prefills_go_one_at_a_time_while_prefilled_turns_decode_in_every_step(pa
         tokens = []
         for turn, earlier in zip(turns, (first, [])):
             events = earlier + _events(turn)
-            assert isinstance(events[-1], TurnEnd) and events[-1].error is None and not events[-1].stopped
+            assert isinstance(events[-1], TurnEnd) and events[-1].error is None and not events[-1].cancelled
             tokens.append([e.token for e in events if isinstance(e, TokenEvent)])
             assert [e.index for e in events if isinstance(e, TokenEvent)] == list(range(len(tokens[-1])))
         assert tokens[1] == plaintext_greedy_tokens(rt.reference, prompts[1], 3)
@@ -78,7 +78,7 @@ def test_a_stopped_turn_ends_at_the_next_step_and_says_so(parts):
         turn.cancel()  # the one way a turn is stopped
         loop.step()
         events = _events(turn)
-        assert [type(e) for e in events] == [TokenEvent, TokenEvent, TurnEnd] and events[-1].stopped
+        assert [type(e) for e in events] == [TokenEvent, TokenEvent, TurnEnd] and events[-1].cancelled
         assert not loop.busy()
     finally:
         loop.close()
@@ -174,7 +174,7 @@ def test_each_turn_samples_with_its_own_parameters_and_ends_at_its_eos_token(par
         assert a == b and len(a) == 4
         ended = run(eos=greedy[1])
         assert [e.token for e in ended[:-1]] == greedy[:greedy.index(greedy[1]) + 1]
-        assert isinstance(ended[-1], TurnEnd) and ended[-1].error is None and not ended[-1].stopped
+        assert isinstance(ended[-1], TurnEnd) and ended[-1].error is None and not ended[-1].cancelled
     finally:
         loop.close()
         engine.close()

@@ -158,7 +158,8 @@ def worker_only(model_name, counts, backend, repeats, log) -> list[dict]:
     """k Linear calls (one per session) vs one LinearBatch of k items, per layer group of one block."""
     import numpy as np
 
-    from bifrost.ckks import GroupShape, get_backend
+    from bifrost.ckks import GroupShape
+    from bifrost.ckks.registry import get_backend
     from bifrost.config_loader import ckks_params_of, load_config
     from bifrost.model.delegation import fuse_groups
     from bifrost.proto import worker_pb2, worker_pb2_grpc

@@ -37,7 +37,8 @@ def checks(repeats: int) -> dict:
     """The native exact check as the engine runs it: per decode call, the critical-path part (parse + r·Y +
     compare; the reply is parsed once and decrypt reuses it) against the call's decrypt; per replica, the check
     vectors and v = rᵀM for the whole model (its first session pays it, later ones nothing)."""
-    from bifrost.ckks import GroupShape, WeightStats, get_backend
+    from bifrost.ckks import GroupShape, WeightStats
+    from bifrost.ckks.registry import get_backend
 
     backend = get_backend("native")
     keys = backend.keygen(None, [])

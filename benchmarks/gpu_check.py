@@ -227,7 +227,7 @@ def shape_benchmark(device: str, repeats: int, quick: bool) -> dict:
     """Step 2: ``kernels_bench`` per-shape rows (rows = 1) on ``device``, its Qwen3 groups and per-token projections."""
     import kernels_bench as kb
 
-    from bifrost.ckks import get_backend
+    from bifrost.ckks.registry import get_backend
 
     native = get_backend("native")
     ctx = native.keygen(native.default_params, [])
@@ -278,7 +278,8 @@ def decode_token(name: str, device: str, tokens: int, seed: int = 0) -> dict:
     import torch
     from kernels_bench import activations
 
-    from bifrost.ckks import GroupShape, WeightStats, get_backend
+    from bifrost.ckks import GroupShape, WeightStats
+    from bifrost.ckks.registry import get_backend
     from bifrost.config_loader import load_config, placement_of
     from bifrost.model.catalog import load_model, resolve
     from bifrost.model.delegation import fuse_groups, sites

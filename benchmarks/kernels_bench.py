@@ -37,7 +37,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bifrost.ckks import CKKSParams, GroupShape, WeightStats, get_backend  # noqa: E402
+from bifrost.ckks import CKKSParams, GroupShape, WeightStats  # noqa: E402
+from bifrost.ckks.registry import get_backend  # noqa: E402
 from bifrost.ckks import ExactTrustedContext  # noqa: E402
 from bifrost.tee.verify import ProductVerifier  # noqa: E402
 

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     quarantined: set[str] = set()  # worker identities caught deviating (honest local workers: none)
     for i, r in enumerate(app.replicas):
         try:
-            st = r.call("stats")
+            st = r.stats()
             mem[f"replica_{i}"] = _vm_hwm(st["pid"]) or st["max_rss_bytes"]
             batching["batched_worker_calls"] += st["batched_worker_calls"]
             batching["items"] += st["mean_items_per_batched_call"] * st["batched_worker_calls"]

@@ -112,7 +112,8 @@ def model_groups(name: str, seed: int):
 
 
 def run_backend(backend: str, models: list[str], seed: int, prompt_rows: int) -> dict:
-    from bifrost.ckks import GroupShape, get_backend
+    from bifrost.ckks import GroupShape
+    from bifrost.ckks.registry import get_backend
     from bifrost.config import VerificationConfig
     from bifrost.tee.verify import CheckOperand, ProductVerifier
 

@@ -50,7 +50,8 @@ def main() -> int:
     import yaml
 
     from bifrost.attest.mtls import process_identity
-    from bifrost.ckks import CKKSParams, get_backend
+    from bifrost.ckks import CKKSParams
+    from bifrost.ckks.registry import get_backend
     from bifrost.config_loader import load_config
     from bifrost.proto import worker_pb2, worker_pb2_grpc
     from bifrost.tee.link import connect

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .ckks import available_backends, get_backend
+from .ckks.registry import available_backends, get_backend
 from .ckks.params import CKKSParams, InsecureParametersError
 from .config import DEFAULT_CONFIG, RunConfig, build_section
 from .errors import UserError

@@ -131,7 +131,8 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 def _backend_layer(backend_name: str, params, verbose: bool, quick: bool) -> tuple[dict, list[dict]]:
     """Backend-level timings of encrypt / apply / decrypt at several (shape, rows), with the counts of
     the backend's own plan for each case."""
-    from bifrost.ckks import GroupShape, WeightStats, get_backend
+    from bifrost.ckks import GroupShape, WeightStats
+    from bifrost.ckks.registry import get_backend
 
     from .model import exact_call_bytes, linear_counts
 
@@ -465,7 +466,7 @@ def _engine_round_trip(backend: str, partial: Profile, verbose: bool, quick: boo
 def calibrate(name: str = "local", quick: bool = False, fhe: bool = True, verbose: bool = False,
               command: str = "", backend: str | None = None) -> tuple[Profile, dict]:
     """Run the micro-benchmarks; returns the profile and a report of the fits (per-case errors)."""
-    from bifrost.ckks import available_backends, get_backend
+    from bifrost.ckks.registry import available_backends, get_backend
     from bifrost.config_loader import ckks_params_of, load_config
 
     from .model import accelerator_seconds, ckks_seconds

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from bifrost.ckks import CKKSParams, GroupShape, GroupTraffic, get_backend, row_bucket
+from bifrost.ckks import CKKSParams, GroupShape, GroupTraffic, row_bucket
+from bifrost.ckks.registry import get_backend
 from bifrost.errors import UserError
 
 from .profile import CKKSOps, Profile

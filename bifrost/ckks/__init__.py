@@ -1,5 +1,8 @@
-"""CKKS backends: interface, parameter security rule, the table of backends (:mod:`.registry`), and the worker
-traffic of a layer group (:class:`GroupTraffic`: measured by the engine, predicted by the estimator)."""
+"""CKKS backends: interface, parameter security rule, and the worker traffic of a layer group
+(:class:`GroupTraffic`: measured by the engine, predicted by the estimator).
+
+The table of backends is :mod:`bifrost.ckks.registry` (``get_backend``, ``available_backends``), imported on
+its own: the native backend (``bifrost_kernels``) imports this package, and the table imports it back."""
 
 from .backend import (
     CiphertextError,
@@ -16,11 +19,10 @@ from .backend import (
     row_bucket,
 )
 from .params import CKKSParams, InsecureParametersError, check_128_bit_security
-from .registry import BACKENDS, available_backends, get_backend
 
 __all__ = [
-    "BACKENDS", "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "ExactTrustedContext", "GroupShape",
+    "CKKSBackend", "CKKSParams", "CiphertextError", "EncryptedBatch", "Evaluator", "ExactTrustedContext", "GroupShape",
     "GroupTraffic", "TRAFFIC_FIELDS",
-    "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext", "available_backends",
-    "WeightStats", "check_128_bit_security", "get_backend", "row_bucket",
+    "InsecureParametersError", "SecretKeyInPublicContextError", "TrustedContext",
+    "WeightStats", "check_128_bit_security", "row_bucket",
 ]

@@ -166,9 +166,9 @@ class ReplicaAPI(Protocol):
     implements it, and so do the front end's handles (:mod:`bifrost.serve.replicas`), in-process or Ray.
 
     Timeouts are the handles' business (each handle bounds every wait by its own ``timeout_s``), not part of
-    this API. ``cancel`` and ``drop_session`` answer whether the replica found the turn / session; a handle
-    sends them without waiting and returns ``None``. A handle's ``generate`` returns an iterator whose every
-    item is bounded by that timeout."""
+    this API. ``cancel`` answers whether the session exists (the cancel is kept for its turn, running or to
+    come), ``drop_session`` whether it existed; a handle sends them without waiting and returns ``None``. A
+    handle's ``generate`` returns an iterator whose every item is bounded by that timeout."""
 
     def info(self) -> ReplicaInfo: ...
 

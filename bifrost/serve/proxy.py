@@ -347,7 +347,7 @@ class SessionPool:
 
 # -- request parsing --------------------------------------------------------------------------------
 @dataclass
-class Turn:
+class CompletionRequest:
     """One OpenAI generation request as SDK arguments."""
     prompt: str
     max_new_tokens: int
@@ -372,7 +372,7 @@ def _number(body: dict, name: str, kind: type, lo: float | None = None, hi: floa
     return kind(value)
 
 
-def parse_turn(body: Any, chat: bool, sdk_params: frozenset[str]) -> Turn:
+def parse_completion_request(body: Any, chat: bool, sdk_params: frozenset[str]) -> CompletionRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     n = body.get("n")
@@ -432,15 +432,15 @@ def parse_turn(body: Any, chat: bool, sdk_params: frozenset[str]) -> Turn:
     missing = sorted(set(extra) - sdk_params)
     if missing:
         raise _bad(f"'{missing[0]}' is not supported by this proxy's Bifrost client SDK", missing[0], "unsupported_parameter")
-    return Turn(prompt, max_tokens or 0, seed, bool(stream), include_usage, extra)
+    return CompletionRequest(prompt, max_tokens or 0, seed, bool(stream), include_usage, extra)
 
 
 # -- generation --------------------------------------------------------------------------------------
-class TurnStream:
+class CompletionStream:
     """One turn on a pooled session: ``first()`` waits for the first event (re-attesting once on an expired
     token), then iteration yields every event; ``close()`` ends the turn and returns the session."""
 
-    def __init__(self, pool: SessionPool, turn: Turn) -> None:
+    def __init__(self, pool: SessionPool, turn: CompletionRequest) -> None:
         self.pool, self.turn = pool, turn
         self.client: BifrostClient | None = pool.acquire()
         self.gen: Generator[StreamEvent, None, None] | None = None
@@ -455,7 +455,7 @@ class TurnStream:
                                          **t.extra)
         return next(gen, None)
 
-    def open(self) -> "TurnStream":
+    def open(self) -> "CompletionStream":
         client = self.client
         assert client is not None  # open() runs once, on the session acquired in __init__
         try:
@@ -565,13 +565,13 @@ def create_app(pool: SessionPool, access: ProxyAccess | None = None):
                            "model_not_found")
         return model_card()
 
-    def generation(turn: Turn, chat: bool):
+    def generation(turn: CompletionRequest, chat: bool):
         if info.task == "encoder":
             raise _bad(f"'{name}' is an encoder model: use /v1/embeddings", "model", "unsupported_model_task")
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         obj = "chat.completion" if chat else "text_completion"
         try:  # errors before the first token: an HTTP error status
-            stream = TurnStream(pool, turn).open()
+            stream = CompletionStream(pool, turn).open()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
             return error_response(exc)
         if not turn.stream:
@@ -621,12 +621,12 @@ def create_app(pool: SessionPool, access: ProxyAccess | None = None):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        turn = parse_turn(await read_json(request), False, sdk_params)
+        turn = parse_completion_request(await read_json(request), False, sdk_params)
         return await _in_thread(generation, turn, False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        turn = parse_turn(await read_json(request), True, sdk_params)
+        turn = parse_completion_request(await read_json(request), True, sdk_params)
         return await _in_thread(generation, turn, True)
 
     @app.post("/v1/embeddings")

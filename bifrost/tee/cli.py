@@ -110,7 +110,7 @@ def _config(args):
         import dataclasses
 
         cfg = cfg.replace(generation=dataclasses.replace(cfg.generation, **gen))
-    from ..ckks import available_backends
+    from ..ckks.registry import available_backends
 
     if cfg.backend not in available_backends():
         raise UserError(f"unknown CKKS backend {cfg.backend!r}; known: {available_backends()}")

@@ -14,13 +14,13 @@ replay fingerprints).
 
 Failure classes. A reply that arrived intact over mutual TLS and fails verification — the wrong size, shape
 or headers, a value out of range, or the product check — is a *deviation*: the worker that sent it is
-quarantined (:mod:`.quarantine`) and the product is computed here from the trusted weights instead. A call that
+quarantined (:class:`~bifrost.tee.pool.WorkerQuarantine`) and the product is computed here from the trusted weights instead. A call that
 brings back no reply (a transport failure, a timeout, any error status: :mod:`.pool`) is an *availability*
 event: the pool moves it to another worker, and when none replies it is computed here; nobody is quarantined,
 so an outsider who breaks the stream cannot get an honest worker banned. Calls served by a quarantined worker
 are always recomputed here (their replies are still decrypted and verified, as an honest one's would be, then
 discarded); when a quarantined worker exists that product is started before the request goes out, so it
-overlaps the worker's round trip. What a caught worker can still observe is stated in :mod:`.quarantine`.
+overlaps the worker's round trip. What a caught worker can still observe is stated in the quarantine section of :mod:`bifrost.tee.pool`.
 
 Rows a worker sees are padded to :func:`~bifrost.ckks.row_bucket` (zero rows), so a prompt's length is
 visible to it only to within a factor of 1.5.
@@ -48,9 +48,9 @@ from ..ckks import (
     ExactTrustedContext,
     GroupShape,
     GroupTraffic,
-    get_backend,
     row_bucket,
 )
+from ..ckks.registry import get_backend
 from ..config import VerificationConfig
 from ..errors import InternalError, RefusedError, UserError
 from ..model.delegation import Site

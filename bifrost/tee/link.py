@@ -20,7 +20,8 @@ from typing import Iterable, Protocol, Sequence
 import grpc
 
 from ..attest.mtls import TLSIdentity, WorkerEndpoint, process_identity, worker_channel
-from ..ckks import CKKSParams, GroupShape, get_backend, row_bucket
+from ..ckks import CKKSParams, GroupShape, row_bucket
+from ..ckks.registry import get_backend
 from ..errors import UnavailableError
 from ..proto import worker_pb2, worker_pb2_grpc
 from ..proto.wire import WORKER_MAX_REPLY_BYTES, worker_client_options

@@ -65,12 +65,20 @@ from ..serve.config import ServeConfig, serving_config_digest
 from .batching import DecodeBatcher
 from .engine import DelegationEngine
 from .link import WorkerCallError
-from .pool import WorkerSessions
-from .pool import WorkerQuarantine
+from .pool import WorkerQuarantine, WorkerSessions
 from .detokenize import OutputProcessor
 from .runtime import TrustedRuntime, context_tokens
 from .scheduler import Sampling, StepLoop, TokenEvent, Turn, TurnEnd
 from .validation import Limits, Rejected, check_embed, check_generate
+
+
+class ClearRefusal(Exception):
+    """A request turned down *before* its record was opened (unknown or busy session, a record that does not
+    open): the reason says nothing about the session's plaintext and goes back in cleartext. Nothing changed."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.refusal = Refusal(status, reason)
 
 log = logging.getLogger("bifrost.tee.replica")
 
@@ -268,19 +276,19 @@ class TrustedReplica:
 
     @contextlib.contextmanager
     def _turn(self, session_id: bytes):
-        """Hold the session for one request; raises :class:`Rejected` (sent in cleartext)."""
+        """Hold the session for one request; raises :class:`ClearRefusal`."""
         with self._lock:
             s = self._sessions.get(session_id)
         if s is None:
-            raise Rejected(Status.NOT_FOUND, "unknown or closed session; attest again")
+            raise ClearRefusal(Status.NOT_FOUND, "unknown or closed session; attest again")
         if not s.lock.acquire(timeout=TURN_WAIT_S):  # the previous turn may still be winding down
-            raise Rejected(Status.FAILED_PRECONDITION, "this session already has a request in progress")
+            raise ClearRefusal(Status.FAILED_PRECONDITION, "this session already has a request in progress")
         with s.state:
             closed = s.closing
             s.busy = not closed
         if closed:
             s.lock.release()
-            raise Rejected(Status.NOT_FOUND, "unknown or closed session; attest again")
+            raise ClearRefusal(Status.NOT_FOUND, "unknown or closed session; attest again")
         try:
             yield s
         finally:
@@ -294,13 +302,13 @@ class TrustedReplica:
                 self._release(s, session_id)
 
     def _open(self, s: _Session, session_id: bytes, sealed: bytes, aad: bytes) -> bytes:
-        """Open the record (inside the session's turn). A record that does not open raises :class:`Rejected`
-        (sent in cleartext) and leaves the session as it was."""
+        """Open the record (inside the session's turn). A record that does not open raises :class:`ClearRefusal`
+        and leaves the session as it was."""
         try:
             plaintext = s.channel.open(sealed, aad)
         except ChannelError as exc:
             log.warning("replica %d: session %s…: record refused (%s)", self.index, session_id.hex()[:8], exc.check)
-            raise Rejected(Status.PERMISSION_DENIED, f"sealed payload rejected ({exc.check}); the session is unchanged") from None
+            raise ClearRefusal(Status.PERMISSION_DENIED, f"sealed payload rejected ({exc.check}); the session is unchanged") from None
         s.last_used = time.monotonic()  # only an authentic record restarts the idle time
         return plaintext
 
@@ -357,13 +365,13 @@ class TrustedReplica:
                     if record is not None:
                         yield SealedReply(record)
                     yield Refusal(exc.status, SEALED_REFUSAL)
-        except Rejected as exc:  # before the record was opened: the reason in cleartext
+        except ClearRefusal as exc:
             yield exc.refusal
 
     def _generate_locked(self, s: _Session, req: GenerateRequest, body: serving_pb2.GenerateBody):
-        if body.reset_history:
+        checked = check_generate(body, [] if body.reset_history else s.history, self.runtime.tokenizer, self.limits)
+        if body.reset_history:  # only an accepted request changes the conversation
             s.history = []
-        checked = check_generate(body, s.history, self.runtime.tokenizer, self.limits)
         assert self.loop is not None  # a decoder model (check_generate refused an encoder)
         turn = Turn(s.engine, checked.ids, checked.n_new, checked.sample_seed, checked.sampling,
                     self.runtime.tokenizer.eos_token_id)
@@ -403,17 +411,18 @@ class TrustedReplica:
                 _drain(turn)
 
     def _failed(self, what: str, session_id: bytes, error: BaseException) -> Rejected:
-        """The sealed refusal for a turn that failed with ``error``, by its kind; a bug is raised as is (the
-        front end answers INTERNAL and logs where)."""
+        """The refusal for a turn that failed with ``error``: status UNAVAILABLE whatever the cause (the status
+        travels in cleartext and must not depend on what happened inside), the reason, by its error kind,
+        sealed. A bug is raised as is (the front end answers INTERNAL and logs where)."""
         kind = error_kind(error)
         log.warning("replica %d: session %s… %s failed: %s (%s)", self.index, session_id.hex()[:8], what,
                     type(error).__name__, kind.value)
         if kind is ErrorKind.UNAVAILABLE:
             return Rejected(Status.UNAVAILABLE, f"{what} failed: CKKS workers unavailable")
         if kind is ErrorKind.REFUSED:
-            return Rejected(Status.PERMISSION_DENIED, f"{what} refused: {str(error)[:200]}")
+            return Rejected(Status.UNAVAILABLE, f"{what} refused by policy: {str(error)[:200]}")
         if kind is ErrorKind.USER:
-            return Rejected(Status.INVALID_ARGUMENT, f"{what} failed: {str(error)[:200]}")
+            return Rejected(Status.UNAVAILABLE, f"{what} failed: {str(error)[:200]}")
         raise error
 
     def _end_cancelled(self, s: _Session, session_id: bytes, produced: int):
@@ -436,7 +445,7 @@ class TrustedReplica:
                 except Rejected as exc:
                     return Refusal(exc.status, SEALED_REFUSAL, self._refusal(s, exc, serving_pb2.EmbedResult(),
                                                                              AAD_EMBED_RESULT))
-        except Rejected as exc:  # before the record was opened: the reason in cleartext
+        except ClearRefusal as exc:
             return exc.refusal
 
     def _embed_locked(self, s: _Session, session_id: bytes, body: serving_pb2.EmbedBody) -> SealedReply:

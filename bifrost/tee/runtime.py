@@ -25,7 +25,7 @@ from ..attest.mtls import TRUSTED_TLS_NAME, TLSIdentity, WorkerEndpoint, process
 from ..ckks import GroupShape
 from ..config import RunConfig
 from ..config_loader import ckks_params_of, placement_of
-from ..errors import InternalError, UserError
+from ..errors import InternalError, UnavailableError, UserError
 from ..model.catalog import load_model, resolve
 from ..model.delegation import Site, delegated_modules, fuse_groups, linear_weight, weight_digest
 from ..model.placement import plan
@@ -218,6 +218,8 @@ class TrustedRuntime:
                 if isinstance(event, TurnEnd):
                     if event.error is not None:
                         raise event.error
+                    if event.cancelled:  # only close() cancels this turn
+                        raise UnavailableError("the runtime was closed during generation")
                     break
                 timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
                 tokens.append(event.token)

@@ -167,8 +167,9 @@ class _Pass:
 
 
 class StepLoop:
-    """The decode loop of one replica. ``submit`` a :class:`Turn`; a background thread runs :meth:`step`
-    while turns exist (tests may call :meth:`step` themselves with ``start=False``). Thread-safe."""
+    """The decode loop. ``submit`` a :class:`Turn`; a background thread runs :meth:`step` while turns exist
+    (a replica), or the caller steps it (``start=False``: :meth:`drive`, or tests calling :meth:`step`).
+    Thread-safe: one step at a time, whoever calls it."""
 
     def __init__(self, runtime: ForwardModel, mode: str, batcher: DecodeBatcher | None = None,
                  max_concurrent: int = 16, start: bool = True) -> None:
@@ -176,7 +177,9 @@ class StepLoop:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Turn] = collections.deque()
         self._decoding: list[Turn] = []
-        self._prefill: tuple[Turn, Future] | None = None
+        self._prefill: tuple[Turn, Future | None] | None = None  # future None: runs inline (driven, nothing decoding)
+        self._step_lock = threading.Lock()
+        self._driven = False  # drive() steps this loop: a prefill with nothing else to decode runs in its thread
         self._threads = ThreadPoolExecutor(max_workers=max_concurrent + 1, thread_name_prefix="tee-forward")
         self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="tee-step-loop") if start else None
@@ -209,16 +212,19 @@ class StepLoop:
 
     def step(self) -> int:
         """One round: schedule → execute → update. Returns the number of tokens produced."""
-        decodes = self._schedule()
-        try:
-            passes = self._execute(decodes)
-        except BaseException as exc:  # a bug: this step's turns end (their KV state may be half-updated)
-            with self._cv:
-                prefill, self._prefill = self._prefill, None
-            for t in decodes + ([prefill[0]] if prefill else []):
-                self._end(t, TurnEnd(error=exc))
-            raise
-        return self._update(passes)
+        with self._step_lock:
+            decodes = self._schedule()
+            try:
+                passes = self._execute(decodes)
+            except BaseException as exc:  # a bug or an interrupt: this step's turns end (their KV state may be
+                with self._cv:             # half-updated); a prefill still running finishes first (its engine
+                    prefill, self._prefill = self._prefill, None  # must outlive it)
+                if prefill is not None and prefill[1] is not None:
+                    _settle(prefill[1])
+                for t in decodes + ([prefill[0]] if prefill else []):
+                    self._end(t, TurnEnd(error=exc))
+                raise
+            return self._update(passes)
 
     def drive(self, turn: Turn) -> Iterator[TokenEvent | TurnEnd]:
         """``turn``'s events, stepping the loop in this thread until it ends (a loop made with
@@ -226,6 +232,7 @@ class StepLoop:
         is stepped until it has let go of it."""
         if self._thread is not None:
             raise RuntimeError("drive() steps the loop itself: make it with start=False")
+        self._driven = True
         ended = False
         try:
             while not ended:
@@ -236,6 +243,8 @@ class StepLoop:
                     if ended:
                         break
                 else:
+                    if not self.busy() and turn.events.empty():
+                        raise RuntimeError("drive(): this turn is not in the loop (submit it first)")
                     self.step()
         finally:
             if not ended:
@@ -252,11 +261,8 @@ class StepLoop:
             self._thread.join(timeout=600)  # the step in progress finishes (worker calls are bounded by their timeout)
         with self._cv:
             prefill = self._prefill
-        if prefill is not None:  # a forward pass still running: its engine must outlive it
-            try:
-                prefill[1].result(timeout=600)
-            except BaseException:  # noqa: BLE001 - the turn ends below either way
-                pass
+        if prefill is not None and prefill[1] is not None:  # a forward pass still running: its engine must outlive it
+            _settle(prefill[1])
         with self._cv:
             turns = list(self._waiting) + self._decoding + ([self._prefill[0]] if self._prefill else [])
             self._prefill = None
@@ -268,7 +274,7 @@ class StepLoop:
 
     # ------------------------------------------------------------------ 1. schedule
     def _schedule(self) -> list[Turn]:
-        """Retire stopped turns, start the next prefill if none runs; the turns that decode this step."""
+        """Retire cancelled turns, start the next prefill if none runs; the turns that decode this step."""
         with self._cv:
             for turns in (self._waiting, self._decoding):
                 for t in [t for t in turns if t.cancelled]:
@@ -276,7 +282,9 @@ class StepLoop:
                     t.events.put(TurnEnd(cancelled=True))
             if self._prefill is None and self._waiting:
                 turn = self._waiting.popleft()
-                self._prefill = (turn, self._threads.submit(self._forward, turn, turn.mode == "bifrost+"))
+                inline = self._driven and not self._decoding  # alone: in the driving thread (Ctrl-C reaches it)
+                self._prefill = (turn, None if inline else
+                                 self._threads.submit(self._forward, turn, turn.mode == "bifrost+"))
             return list(self._decoding)
 
     # ------------------------------------------------------------------ 2. execute
@@ -293,7 +301,11 @@ class StepLoop:
             passes = [f.result() for f in futures]
         with self._cv:
             prefill = self._prefill
-        if prefill is not None and (prefill[1].done() or not decodes):
+        if prefill is not None and prefill[1] is None:
+            passes.append(self._forward(prefill[0], prefill[0].mode == "bifrost+"))
+            with self._cv:
+                self._prefill = None
+        elif prefill is not None and prefill[1] is not None and (prefill[1].done() or not decodes):
             passes.append(prefill[1].result())
             with self._cv:
                 self._prefill = None
@@ -365,3 +377,11 @@ class StepLoop:
             except Exception:  # noqa: BLE001 - a bug here must not end every session's loop
                 log.exception("step failed")
                 time.sleep(0.1)
+
+
+def _settle(future: Future) -> None:
+    """Wait for a forward pass to finish (bounded), whatever its outcome."""
+    try:
+        future.result(timeout=600)
+    except BaseException:  # noqa: BLE001 - its turn is ended by the caller either way
+        pass

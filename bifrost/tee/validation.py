@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..model.tokenizer import chat_ids
 from ..proto import serving_pb2
-from ..proto.replica import Refusal, Status
+from ..proto.replica import Status
 from .scheduler import Sampling
 
 MAX_STOP_SEQUENCES = 4  # per request
@@ -21,17 +21,13 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Rejected(Exception):
-    """A refused request: ``status`` and the exact ``reason``. The replica sends the reason sealed once the
-    request's record was opened, in cleartext (:attr:`refusal`) before that."""
+    """A request turned down after its record was opened: ``status`` and the exact ``reason``, which may name
+    counts and sizes of the plaintext, so it only ever leaves *sealed* (the replica's cleartext refusal is then
+    the generic :data:`~bifrost.proto.wire.SEALED_REFUSAL`). There is deliberately no cleartext form."""
 
     def __init__(self, status: Status, reason: str) -> None:
         super().__init__(reason)
         self.status, self.reason = status, reason
-
-    @property
-    def refusal(self) -> Refusal:
-        """The cleartext refusal (only for reasons that say nothing about the session's plaintext)."""
-        return Refusal(self.status, self.reason)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ replay, other weights, a scaled or shifted output) passes one vector with probab
 P(|N(0, ‖Δ‖₂²)| ≤ τ) ≤ √(2/π)·τ/‖Δ‖₂, and all k independent vectors with at most (0.80·τ/‖Δ‖₂)^k. With
 the default k = 8: a deviation of norm 2τ escapes with probability ≤ 6.5e-4, 4τ with ≤ 2.6e-6,
 10τ with ≤ 1.7e-8, and one of 10⁴·τ (an inflated scale) with ≤ 1.7e-33; the first miss quarantines the
-worker for good (:mod:`.quarantine`), so an attacker gets one such draw per identity. k = 8 keeps the
+worker for good (:class:`~bifrost.tee.pool.WorkerQuarantine`), so an attacker gets one such draw per identity. k = 8 keeps the
 per-session cost small: k·(d_in + d_out) multiply-adds per row and member per call, plus k·d_in·d_out
 once per session to form u (a few plaintext decode steps' worth of work).
 """

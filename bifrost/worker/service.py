@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable
 import grpc
 import numpy as np
 
-from ..ckks import CiphertextError, Evaluator, GroupShape, InsecureParametersError, get_backend
+from ..ckks import CiphertextError, Evaluator, GroupShape, InsecureParametersError
+from ..ckks.registry import get_backend
 from ..config import WorkerConfig
 from ..config_loader import ckks_params_of
 from ..errors import UserError
@@ -93,7 +94,7 @@ class WorkerLimits:
 def allowed_params(cfg) -> dict[str, frozenset[str]]:
     """Each registered backend's recommended parameters, plus the run's parameters for its backend (``ckks``, else
     its model's catalog setting)."""
-    from ..ckks import available_backends
+    from ..ckks.registry import available_backends
 
     out: dict[str, set[str]] = {}
     for name in available_backends():
@@ -220,7 +221,7 @@ class WorkerService(worker_pb2_grpc.CKKSWorkerServicer):
 
     # -- RPCs ------------------------------------------------------------------------------
     def Describe(self, request, context):
-        from ..ckks import available_backends
+        from ..ckks.registry import available_backends
 
         return worker_pb2.DescribeReply(
             model=self.model_name,

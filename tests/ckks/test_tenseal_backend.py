@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from bifrost.ckks import (CiphertextError, CKKSParams, GroupShape, SecretKeyInPublicContextError, WeightStats,
-                          get_backend)
+from bifrost.ckks import CiphertextError, CKKSParams, GroupShape, SecretKeyInPublicContextError, WeightStats
+from bifrost.ckks.registry import get_backend
 from bifrost.ckks.tenseal_backend import CT_MAGIC, PUB_MAGIC, PackingPlan
 from tests.key_material import tenseal_secret_words
 

@@ -6,7 +6,8 @@ import pytest
 
 import numpy as np
 
-from bifrost.ckks import GroupShape, get_backend
+from bifrost.ckks import GroupShape
+from bifrost.ckks.registry import get_backend
 from bifrost_estimator.model import (FHEAlgorithms, accelerator_seconds, call_rows, coeff_counts, column_counts,
                                      delegated_calls, estimate, exact_call_bytes, forward_bifrost, forward_fhe,
                                      rows_per_call)

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bifrost.ckks import CiphertextError, CKKSParams, GroupShape, WeightStats, get_backend
+from bifrost.ckks import CiphertextError, CKKSParams, GroupShape, WeightStats
+from bifrost.ckks.registry import get_backend
 from bifrost_kernels import wire
 
 from .fuzzlib import LIST_EDITS, Ref, budget, call, edit, junk, weighted

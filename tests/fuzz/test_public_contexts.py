@@ -11,7 +11,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bifrost.ckks import CiphertextError, CKKSParams, GroupShape, available_backends, get_backend
+from bifrost.ckks import CiphertextError, CKKSParams, GroupShape
+from bifrost.ckks.registry import available_backends, get_backend
 from bifrost.ckks.params import MAX_LOG_Q_128
 from bifrost.ckks.tenseal_backend import PUB_MAGIC
 from bifrost_kernels import wire

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bifrost.ckks import CKKSParams, GroupShape, WeightStats, get_backend
+from bifrost.ckks import CKKSParams, GroupShape, WeightStats
+from bifrost.ckks.registry import get_backend
 from bifrost.ckks.tenseal_backend import PUB_MAGIC
 from bifrost.proto import worker_pb2, worker_pb2_grpc
 from bifrost.tee.link import connect

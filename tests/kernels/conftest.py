@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from bifrost.ckks import get_backend
+from bifrost.ckks.registry import get_backend
 from bifrost_kernels.backend import DEVICE_ENV
 
 

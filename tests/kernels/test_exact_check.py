@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from bifrost.ckks import ExactTrustedContext, GroupShape, WeightStats, get_backend
+from bifrost.ckks import ExactTrustedContext, GroupShape, WeightStats
+from bifrost.ckks.registry import get_backend
 from bifrost.ckks.params import CKKSParams
 from bifrost_kernels import backend as nb
 from bifrost_kernels import wire

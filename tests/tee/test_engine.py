@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bifrost.ckks import get_backend, row_bucket
+from bifrost.ckks import row_bucket
+from bifrost.ckks.registry import get_backend
 from bifrost.config_loader import ckks_params_of
 from bifrost.tee.engine import DelegationEngine
 from bifrost.tee.pool import WorkerSessions

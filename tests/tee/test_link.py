@@ -9,7 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from bifrost.ckks import GroupShape, get_backend, row_bucket
+from bifrost.ckks import GroupShape, row_bucket
+from bifrost.ckks.registry import get_backend
 from bifrost.config_loader import ckks_params_of
 from bifrost.errors import BifrostError
 from bifrost.proto import worker_pb2

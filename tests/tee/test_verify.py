@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from bifrost.ckks import GroupShape, WeightStats, get_backend, row_bucket
+from bifrost.ckks import GroupShape, WeightStats, row_bucket
+from bifrost.ckks.registry import get_backend
 from bifrost.config import VerificationConfig
 from bifrost.tee.pool import WorkerQuarantine
 from bifrost.tee.verify import ProductVerifier, false_positive_bound, miss_probability

@@ -4,7 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
-from bifrost.ckks import GroupShape, WeightStats, get_backend
+from bifrost.ckks import GroupShape, WeightStats
+from bifrost.ckks.registry import get_backend
 from bifrost.proto import worker_pb2, worker_pb2_grpc
 from bifrost.tee.link import connect
 

@@ -39,7 +39,7 @@ def test_requests_to_the_worker_carry_no_secret_key(worker_factory, run_config, 
     opened = [req for _, req in recorder.messages if isinstance(req, worker_pb2.OpenSessionRequest)]
     assert len(opened) == 1 and opened[0].backend == backend
     # What was sent as the public context loads as one on the untrusted side.
-    from bifrost.ckks import get_backend
+    from bifrost.ckks.registry import get_backend
 
     assert get_backend(backend).evaluator(opened[0].public_context).params == runtime.engine._keys.params
     # The prompt's bytes never travel in clear either.

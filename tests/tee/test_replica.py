@@ -145,3 +145,16 @@ def test_drop_session_closes_it_even_during_a_turn(replica):
     [gone] = list(replica.generate(c.request(prompt="after", max_new_tokens=1)))
     assert isinstance(gone, Refusal) and gone.status is Status.NOT_FOUND
     assert c.session_id not in replica.close_idle(CloseIdle(0.0))
+
+
+def test_a_refused_request_leaves_the_conversation_as_it_was(replica, plain):
+    """reset_history takes effect only with a request that is accepted."""
+    c = _Client(replica)
+    first, _ = c.chunks(replica.generate(c.request(prompt="keep this", max_new_tokens=2)))
+    refused, refusal = c.chunks(replica.generate(c.request(prompt="x", max_new_tokens=2, reset_history=True,
+                                                           temperature=9.0)))
+    assert refusal is not None and refused[0].error_code == "INVALID_ARGUMENT" and "temperature" in refused[0].error
+    more, _ = c.chunks(replica.generate(c.request(prompt=" then", max_new_tokens=2)))
+    history = ByteTokenizer().encode("keep this") + [t for ch in first for t in ch.token_ids]
+    want = plaintext_greedy_tokens(plain, history + ByteTokenizer().encode(" then"), 2)
+    assert [t for ch in more for t in ch.token_ids] == want

@@ -178,3 +178,38 @@ def test_each_turn_samples_with_its_own_parameters_and_ends_at_its_eos_token(par
     finally:
         loop.close()
         engine.close()
+
+
+def test_drive_steps_the_loop_in_the_callers_thread_and_a_reader_that_leaves_cancels(parts, monkeypatch):
+    """The offline entry points' way in (``TrustedRuntime.generate``): events with each pass's worker calls; the
+    prefill of a lone turn runs in the driving thread (an interrupt reaches it); a reader that stops reading
+    cancels its turn and the loop lets go of it; a turn never submitted is refused, not waited for."""
+    import threading
+
+    rt, pool = parts
+    loop = StepLoop(rt, "bifrost", None, start=False)
+    engine = rt.new_engine(WorkerSessions(pool))
+    ids = ByteTokenizer().encode("driven")
+    threads = []
+    real = rt.forward
+
+    def forward(*args, **kw):
+        threads.append(threading.current_thread())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rt, "forward", forward)
+    try:
+        events = list(loop.drive(loop.submit(Turn(engine, ids, 3))))
+        assert [type(e) for e in events] == [TokenEvent] * 3 + [TurnEnd] and events[-1].error is None
+        assert [e.token for e in events[:3]] == plaintext_greedy_tokens(rt.reference, ids, 3)
+        assert all(e.stats.calls > 0 and e.logits is None for e in events[:3])
+        assert threads == [threading.current_thread()] * 3
+        stream = loop.drive(loop.submit(Turn(engine, ids, 10)))
+        assert isinstance(next(stream), TokenEvent)
+        stream.close()  # the reader leaves after one token
+        assert not loop.busy() and len(threads) == 3 + 1  # the prefill only: no pass after the reader left
+        with pytest.raises(RuntimeError, match="not in the loop"):
+            next(loop.drive(Turn(engine, ids, 2)))
+    finally:
+        loop.close()
+        engine.close()

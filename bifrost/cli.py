@@ -36,6 +36,7 @@ COMMANDS = {
     "serve": "bifrost.tee.serve_cli",
     "worker": "bifrost.worker.cli",
     "attest": "bifrost.attest.cli",
+    "identity": "bifrost.attest.identity_cli",
     "policy": "bifrost.model.policy_cli",
     "chat": "bifrost.serve.cli",
     "proxy": "bifrost.serve.proxy_cli",

@@ -4,6 +4,13 @@ Every worker and every trusted runtime has a TLS identity: an ECDSA P-256 key an
 certificate (``cryptography``). The *identity* of a peer is the SHA-256 of its certificate's
 SubjectPublicKeyInfo (hex), shown as ``sha256:<hex>``.
 
+Each certificate's subject names its key (``CN=<role>, serialNumber=<SPKI SHA-256 hex>``) and carries its
+subject key identifier. A worker trusts several runtimes by holding their self-signed certificates as trust
+roots, and TLS finds the root that signed a client's certificate by subject: with one shared subject it took
+the first certificate of that name, and every runtime but the first failed its handshake. A list of
+trusted certificates whose subjects collide (identities made before subjects named their keys) is refused
+at load, naming the certificates (:func:`check_distinct_subjects`).
+
 - A worker listens only with TLS and requires a client certificate from a configured list
   (``worker.trusted_clients``): only those trusted runtimes can open worker sessions or call anything.
 - A trusted runtime connects to a worker only under that worker's *pinned* certificate (the sole trust
@@ -62,14 +69,20 @@ class TLSIdentity:
     def generate(cls, dns_name: str) -> "TLSIdentity":
         """A fresh P-256 key (OS CSPRNG) and a self-signed certificate for ``dns_name``."""
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+        spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name),
+                          x509.NameAttribute(NameOID.SERIAL_NUMBER, hashlib.sha256(spki).hexdigest())])
         now = datetime.datetime.now(datetime.timezone.utc)
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=VALIDITY_DAYS))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(ski, critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
                 .sign(key, hashes.SHA256()))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -153,8 +166,23 @@ def server_credentials(identity: TLSIdentity, trusted_clients: list[bytes]):
 
     if not trusted_clients:
         raise UserError("a worker needs at least one trusted runtime certificate (worker.trusted_clients)")
+    check_distinct_subjects(trusted_clients)
     return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)],
                                        root_certificates=b"".join(trusted_clients), require_client_auth=True)
+
+
+def check_distinct_subjects(certificates: list[bytes]) -> None:
+    """Refuse trust roots that TLS cannot tell apart: two certificates with one subject (:class:`UserError`
+    naming both by fingerprint). The same certificate listed twice is harmless and allowed."""
+    seen: dict[str, str] = {}
+    for pem in certificates:
+        fp = fingerprint(pem)
+        subject = x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
+        other = seen.setdefault(subject, fp)
+        if other != fp:
+            raise UserError(f"trusted certificates {other[:23]}… and {fp[:23]}… share the subject {subject!r}: TLS would "
+                            "accept only one of them; recreate the older identity (`bifrost identity create DIR`: "
+                            "a new identity's subject names its key) and list its new certificate")
 
 
 def worker_channel(endpoint: WorkerEndpoint, identity: TLSIdentity, options: list[tuple] | None = None):

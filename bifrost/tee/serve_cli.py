@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="listen address (default from serve config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port; 0 picks a free one")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--identity", help="folder of the replicas' TLS identity (key + certificate), created if missing "
+                                      "(`bifrost identity create`); external workers list <folder>/cert.pem with "
+                                      "--trusted-client (default: tee.identity; none: a new one in the run folder)")
     p.add_argument("--workers", help="comma-separated CKKS worker addresses (default: start local ones)")
     p.add_argument("--worker-certs", help="comma-separated certificates (PEM) of those workers, same order: pinned")
     p.add_argument("--local-workers", type=int, help="how many local workers to start when none are given")
@@ -74,6 +77,8 @@ def _configs(args):
         cfg = cfg.replace(generation=dataclasses.replace(cfg.generation, mode=args.mode))
     if args.adapter:
         cfg = cfg.replace(adapter=args.adapter)
+    if args.identity:
+        cfg = cfg.replace(tee=dataclasses.replace(cfg.tee, identity=args.identity))
     placement_of(cfg)  # one line for an unknown or malformed policy
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,

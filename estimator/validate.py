@@ -52,19 +52,12 @@ def measured_traffic(runtime, ids: list[int], new_tokens: int, mode: str) -> tup
     """Generate ``new_tokens`` tokens; returns (the token timings, per forward the engine's worker traffic of
     every layer group that it has called: ``{group: GroupTraffic}``), both from the decode loop's events."""
     from bifrost.tee.runtime import token_timing
-    from bifrost.tee.scheduler import StepLoop, TokenEvent, Turn
+    from bifrost.tee.scheduler import Turn
 
-    loop = StepLoop(runtime, mode, None, max_concurrent=1, start=False)
     timings, traffic = [], []
-    try:
-        for event in loop.drive(loop.submit(Turn(runtime.engine, ids, new_tokens, mode=mode))):
-            if isinstance(event, TokenEvent):
-                timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
-                traffic.append(event.stats.groups)
-            elif event.error is not None:
-                raise event.error
-    finally:
-        loop.close()
+    for event in runtime.events(Turn(runtime.engine, ids, new_tokens, mode=mode)):
+        timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
+        traffic.append(event.stats.groups)
     return timings, traffic
 
 

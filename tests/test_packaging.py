@@ -147,27 +147,10 @@ def _modules(root: Path) -> dict[str, Path]:
 
 
 def _module_imports(source: str, package: str, modules: dict[str, Path]) -> set[str]:
-    """The modules of ``modules`` that ``source`` imports anywhere (functions included): ``import a.b`` -> a.b;
-    ``from a import b`` -> a.b when that is a module, else a; relative imports resolved against ``package``;
-    ``importlib.import_module`` / ``__import__`` of a constant name. A name resolves to its longest module prefix."""
-    targets = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            targets |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            targets |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names}
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            fn = node.func
-            called = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
-            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
-                targets.add(node.args[0].value)
+    """The modules of ``modules`` that ``source`` imports anywhere (:func:`imported_names`, functions included),
+    each name resolved to its longest prefix in ``modules``."""
     resolved = set()
-    for name in targets:
+    for name in imported_names(source, package):
         while name and name not in modules:
             name = name.rpartition(".")[0]
         if name:

@@ -9,7 +9,6 @@ worker's ``--trusted-client`` list; a worker's certificate is pinned by the runt
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -49,17 +48,16 @@ def run_create(args: argparse.Namespace) -> int:
 def describe(cert_pem: bytes) -> dict:
     """What ``show`` prints: fingerprint, role, subject, validity, and whether the subject names the key."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
 
     cert = x509.load_pem_x509_certificate(cert_pem)
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key_hash = fingerprint(cert_pem).removeprefix("sha256:")
     names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)]
     cn = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     role = {v: k for k, v in ROLES.items()}.get(str(cn[0]) if cn else "", "unknown")
     return {"fingerprint": fingerprint(cert_pem), "role": role, "subject": cert.subject.rfc4514_string(),
             "not_valid_after": cert.not_valid_after_utc.isoformat(),
-            "subject_names_key": hashlib.sha256(spki).hexdigest() in names}
+            "subject_names_key": key_hash in names}
 
 
 def run_show(args: argparse.Namespace) -> int:

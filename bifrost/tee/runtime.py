@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ..model.tokenizer import load_tokenizer
 from .engine import CallStats, DelegationEngine, check_operands
 from .link import WorkerLink, reply_limit
 from .pool import WorkerPool, WorkerQuarantine, WorkerSessions
-from .scheduler import StepLoop, Turn, TurnEnd
+from .scheduler import StepLoop, TokenEvent, Turn
 
 
 
@@ -211,24 +211,29 @@ class TrustedRuntime:
         turn = Turn(self.engine, ids, n_new, sample_seed, eos=eos, mode=mode, keep_logits=fid is not None)
         timings: list[TokenTiming] = []
         tokens: list[int] = []
-        with self._loop_lock:
-            if self._loop is None:
-                self._loop = StepLoop(self, self.cfg.generation.mode, None, max_concurrent=1, start=False)
-            for event in self._loop.drive(self._loop.submit(turn)):
-                if isinstance(event, TurnEnd):
-                    if event.error is not None:
-                        raise event.error
-                    if event.cancelled:  # only close() cancels this turn
-                        raise UnavailableError("the runtime was closed during generation")
-                    break
-                timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
-                tokens.append(event.token)
-                if fid is not None and event.logits is not None:
-                    fid.step(torch.tensor([ids] if event.index == 0 else [[tokens[-2]]]), event.logits, event.token)
+        for event in self.events(turn):
+            timings.append(token_timing(event.index, event.token, event.seconds, event.stats))
+            tokens.append(event.token)
+            if fid is not None and event.logits is not None:
+                fid.step(torch.tensor([ids] if event.index == 0 else [[tokens[-2]]]), event.logits, event.token)
         finish = "stop" if eos is not None and tokens and tokens[-1] == eos else "length"
         fidelity = fid.finish(ids, len(tokens)) if fid is not None else None
         text = self.tokenizer.decode(tokens[:-1] if finish == "stop" else tokens)
         return GenerationResult(ids, tokens, text, timings, fidelity, finish)
+
+    def events(self, turn: Turn) -> Iterator[TokenEvent]:
+        """``turn``'s token events through this runtime's decode loop, stepped in this thread (made on first
+        use; one turn at a time). Raises the error that ended the turn; a consumer that stops reading cancels it."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = StepLoop(self, self.cfg.generation.mode, None, max_concurrent=1, start=False)
+            for event in self._loop.drive(self._loop.submit(turn)):
+                if isinstance(event, TokenEvent):
+                    yield event
+                elif event.error is not None:
+                    raise event.error
+                elif event.cancelled:  # only close() cancels a turn of this loop
+                    raise UnavailableError("the runtime was closed during generation")
 
     def forward(self, engine: DelegationEngine | None, step_input: torch.Tensor, past=None, *, in_tee: bool = False):
         """One forward pass with ``engine``'s keys: ``step_input`` (1, rows) token ids after the KV state

@@ -21,6 +21,9 @@ MODES = ("bifrost", "bifrost+")  # generation.mode: the prompt through CKKS too,
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
+NO_WORKER_CHOICES = ("tee", "fail")
+
+
 @dataclass(frozen=True)
 class DelegationConfig:
     """How delegated layers group: siblings named in one ``fuse`` entry read the same input and share one
@@ -28,6 +31,16 @@ class DelegationConfig:
 
     fuse: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
                                          ("q_lin", "k_lin", "v_lin"))
+    # When no CKKS worker replies to a layer call (all down, partitioned, timing out): ``tee`` computes the product
+    # inside the TEE and the turn goes on (a worker that timed out is skipped until ``worker_retry_after_s``); ``fail``
+    # ends the turn (UNAVAILABLE) and tries every worker again on the next call. It changes what the accelerator
+    # sees, so it is part of the serving-config digest.
+    on_no_worker: str = "tee"
+
+    def __post_init__(self) -> None:
+        if self.on_no_worker not in NO_WORKER_CHOICES:
+            raise UserError(f"delegation.on_no_worker must be one of {', '.join(NO_WORKER_CHOICES)}, "
+                            f"got {self.on_no_worker!r}")
 
 
 @dataclass(frozen=True)

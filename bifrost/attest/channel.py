@@ -26,10 +26,14 @@ TokenChunk per generated token, so an observer counts the tokens of every answer
 each record is sent, so time to first token and time per token).
 
 Sequence numbers strictly increase, so a replayed or reordered record (one at or below the last
-accepted) fails. Server→client records (the streamed answer) must also arrive without gaps: dropping a
-chunk is detected. Client→server records (requests) may leave gaps: a request the serving front end
-refuses before it reaches the replica (busy, over a limit, unauthenticated) is never opened, and the
-channel must survive that.
+accepted) fails. Server→client records (the streamed answer) must also arrive without gaps within an
+answer: dropping a chunk is detected. The first record of an answer may skip sequence numbers: the client may
+stop reading an answer (a cancelled turn) while the server has already sealed more of it. That record is
+accepted only with ``first_of_answer``, and the serving API seals every answer record with
+:func:`answer_aad`, which binds the request it answers and its index in the answer; so the skipped records
+can only be ones the client stopped reading, never part of the answer now opened. Client→server records
+(requests) may leave gaps: a request the serving front end refuses before it reaches the replica (busy, over a
+limit, unauthenticated) is never opened, and the channel must survive that.
 
 Failures: on the client side (``fatal_errors``, default for the client role) any failure closes the
 channel for good: a bad server→client record means the answer can no longer be trusted. On the server
@@ -172,6 +176,13 @@ def derive_channel_keys(
     return ChannelKeys(suite, okm[:key_size], okm[key_size : 2 * key_size], okm[2 * key_size :])
 
 
+def answer_aad(kind: bytes, request_record: bytes, index: int) -> bytes:
+    """Associated data of the ``index``-th record (from 0) of the answer to the request sealed as
+    ``request_record``: the answer's ``kind`` (a message label), the request's sequence number (its record's
+    first bytes, public) and the index. Such a record opens only as that record of that answer."""
+    return kind + request_record[:SEQ_SIZE] + index.to_bytes(4, "big")
+
+
 class SecureChannel:
     """One side of an established attested channel; thread-safe (one lock around seal/open/close)."""
 
@@ -237,17 +248,20 @@ class SecureChannel:
             aad = self._aad(self._send_label, seq) + associated_data
             return seq.to_bytes(SEQ_SIZE, "big") + self._send.seal(self._nonce(seq), framed, aad)
 
-    def open(self, record: bytes, associated_data: bytes = b"") -> bytes:
-        """Decrypt and unframe the next incoming record; raises :class:`ChannelError` (see ``fatal_errors``)."""
+    def open(self, record: bytes, associated_data: bytes = b"", first_of_answer: bool = False) -> bytes:
+        """Decrypt and unframe the next incoming record; raises :class:`ChannelError` (see ``fatal_errors``).
+        ``first_of_answer``: the record may skip sequence numbers (module docstring); its ``associated_data``
+        must then bind what it answers (:func:`answer_aad` with index 0)."""
         with self._lock:
             self._ensure_open()
             if len(record) < SEQ_SIZE + TAG_SIZE:
                 raise self._refuse("truncated record", ChannelError, "record_format",
                                    "record shorter than sequence number + tag")
             seq = int.from_bytes(record[:SEQ_SIZE], "big")
-            if seq < self._recv_seq or (seq > self._recv_seq and not self.allow_gaps) or seq >= MAX_SEQ:
+            gaps = self.allow_gaps or first_of_answer
+            if seq < self._recv_seq or (seq > self._recv_seq and not gaps) or seq >= MAX_SEQ:
                 what = "replay or reordering" if seq < self._recv_seq else "a record is missing"
-                raise self._refuse(f"sequence {seq}, expected {'at least ' if self.allow_gaps else ''}{self._recv_seq}",
+                raise self._refuse(f"sequence {seq}, expected {'at least ' if gaps else ''}{self._recv_seq}",
                                    ReplayError, "sequence", f"record sequence {seq}, expected {self._recv_seq} ({what})")
             aad = self._aad(self._recv_label, seq) + associated_data
             try:

@@ -60,11 +60,12 @@ def malformed_message(request_type: str) -> str:
 
 class Abort(Exception):
     """Answer with ``code``/``message``; ``sealed`` (a sealed refusal record) goes in the trailing metadata
-    under the edge's ``sealed_trailer`` key."""
+    under the edge's ``sealed_trailer`` key, ``trailers`` (cleartext ``(key, value)`` pairs) beside it."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, sealed: bytes | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, sealed: bytes | None = None,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
-        self.code, self.message, self.sealed = code, message, sealed
+        self.code, self.message, self.sealed, self.trailers = code, message, sealed, trailers
 
 
 def code_locations(exc: BaseException, depth: int = 4) -> str:
@@ -108,8 +109,11 @@ class Edge:
 
     def _answer(self, rpc: str, context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message, sealed = self.status(rpc, exc)
+        trailers: list[tuple[str, str | bytes]] = list(exc.trailers) if isinstance(exc, Abort) else []
         if sealed is not None and self.sealed_trailer is not None:
-            context.set_trailing_metadata(((self.sealed_trailer, sealed),))
+            trailers.append((self.sealed_trailer, sealed))
+        if trailers:
+            context.set_trailing_metadata(tuple(trailers))
         return code, message
 
     def unary(self, rpc: str, fn, request_type: str | None = None):

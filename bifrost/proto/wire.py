@@ -1,8 +1,8 @@
 """Wire constants shared by both ends of the two gRPC APIs (one definition each).
 
 Serving API (``serving.proto``): the associated data that binds each sealed record to its message type,
-the cleartext text of a sealed refusal, the trailing-metadata key that carries a sealed Embed refusal,
-and the largest message either side of the serving port accepts.
+the cleartext text of a sealed refusal, the trailing-metadata keys that carry a sealed Embed refusal and the
+session-lost marker, and the largest message either side of the serving port accepts.
 
 Worker API (``worker.proto``): the largest request a worker reads (the trusted side never sends more)
 and the largest reply a worker sends (the trusted side caps replies far lower, per model:
@@ -19,6 +19,10 @@ AAD_EMBED_RESULT = b"bifrost.serving.v1.EmbedResult"
 AAD_CLOSE = b"bifrost.serving.v1.CloseBody"
 SEALED_REFUSAL = "request refused; the reason is in the sealed reply"  # cleartext message of a sealed refusal
 SEALED_TRAILER = "bifrost-sealed-bin"  # Embed: trailing metadata key carrying the sealed refusal
+# Trailing metadata on every answer after which the front end holds no session for the request's session id
+# (cleartext, not authenticated: a client re-attests on it and retries only what is safe to run twice).
+SESSION_LOST_TRAILER = "bifrost-session-lost"
+SESSION_LOST_REASONS = ("unknown-session", "replica-lost", "session-closed", "token-expired", "server-draining")
 
 # -- message-size limits (bytes) -----------------------------------------------------------------------
 SERVING_MAX_MESSAGE_BYTES = 64 << 20   # either direction on the serving port

@@ -15,6 +15,16 @@ starts a request while its own Generate stream is still open gets a :class:`Bifr
 Refusals: :class:`ServingError` carries the status code and the server's reason; ``sealed`` says the
 reason came through the attested channel (the cleartext status only says "request refused").
 
+Session lost: an answer carrying the server's session-lost marker (trailing metadata ``bifrost-session-lost``:
+its replica or node was lost, the front end restarted or forgot the session, the token expired) makes the
+client attest a new session at once. The request is then sent again, once, only where that is safe: an
+Embed, or a turn none of whose output reached the caller and that does not rely on the lost session's
+conversation history (the session's first turn, ``reset_history=True``, or ``messages=``). Otherwise it
+raises :class:`SessionLostError` (which says whether the history went with the session and whether the
+streamed output is partial); the client then holds the new session and is usable. ``on_session_lost`` is
+told of every loss (:class:`SessionLoss`). The marker is cleartext: a forged one costs a re-attestation
+and at most one repeated run of a request that had not produced anything.
+
 TLS: ``tls_ca_file`` (PEM) or ``tls_root_certificates`` (PEM bytes) connects with TLS, verifying the
 server certificate against those roots. TLS hides the bearer token and gRPC metadata from the network;
 prompts and answers are sealed by the attested channel either way.
@@ -27,26 +37,57 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Generator, cast
+from typing import Callable, Generator, cast
 
 import grpc
 import numpy as np
 
 from ..attest.binding import check_pinned_digests, compute_report_data
-from ..attest.channel import ClientHandshake, SecureChannel
+from ..attest.channel import ClientHandshake, SecureChannel, answer_aad
 from ..attest.policy import AttestationPolicy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..errors import BifrostError, RefusedError, UnavailableError, UserError
 from ..proto import serving_pb2, serving_pb2_grpc
-from ..proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER, serving_options
+from ..proto.wire import (AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER,
+                          SESSION_LOST_TRAILER, serving_options)
 
 
 class ServingError(BifrostError):
-    """The server answered with an error status. ``sealed``: ``details`` came inside the attested channel."""
+    """The server answered with an error status. ``sealed``: ``details`` came inside the attested channel;
+    ``session_lost``: the server's session-lost marker (why it no longer holds the session), else None."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, sealed: bool = False) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, sealed: bool = False,
+                 session_lost: str | None = None) -> None:
         super().__init__(f"server: {code.name}: {details}")
-        self.code, self.details, self.sealed = code, details, sealed
+        self.code, self.details, self.sealed, self.session_lost = code, details, sealed, session_lost
+
+
+class SessionLostError(ServingError):
+    """The server lost this client's session and the request was not sent again: ``partial`` (output of
+    this turn had reached the caller: it is all there is), ``history_lost`` (the lost session held the
+    conversation history; it is gone), ``reattested`` (the client holds a new session and is usable; else the
+    re-attestation failed too and ``attest()`` must be called again)."""
+
+    def __init__(self, cause: ServingError, *, partial: bool, history_lost: bool, reattested: bool,
+                 reattest_error: BaseException | None = None) -> None:
+        parts = [f"session lost ({cause.session_lost}): {cause.details}"]
+        if partial:
+            parts.append("the streamed output of this turn is partial")
+        if history_lost:
+            parts.append("the conversation history went with the session")
+        parts.append("the client attested a new session" if reattested else
+                     f"re-attesting failed too ({reattest_error}); call attest() again")
+        super().__init__(cause.code, "; ".join(parts), cause.sealed, cause.session_lost)
+        self.partial, self.history_lost, self.reattested = partial, history_lost, reattested
+
+
+@dataclass(frozen=True)
+class SessionLoss:
+    """What ``on_session_lost`` is told after the client replaced a lost session with a new one."""
+
+    reason: str         # the server's marker: replica-lost, unknown-session, session-closed, token-expired
+    history_lost: bool  # the lost session held conversation history
+    retried: bool       # the request is sent again on the new session (else SessionLostError follows)
 
 
 def _sealed_error(code_name: str, reason: str) -> ServingError:
@@ -56,8 +97,13 @@ def _sealed_error(code_name: str, reason: str) -> ServingError:
 
 
 def _rpc_error(exc: grpc.RpcError, tls: bool) -> ServingError:
-    """A gRPC failure as :class:`ServingError`; a failed connection names the likely TLS mismatch."""
+    """A gRPC failure as :class:`ServingError` (with the session-lost marker, if any); a failed connection
+    names the likely TLS mismatch."""
     code, details = exc.code(), exc.details() or ""
+    trailers = cast("tuple[tuple[str, str | bytes], ...]", getattr(exc, "trailing_metadata", lambda: None)() or ())
+    lost = dict(trailers).get(SESSION_LOST_TRAILER)
+    if isinstance(lost, str) and lost:
+        return ServingError(code, details, session_lost=lost[:64])
     if code == grpc.StatusCode.UNAVAILABLE and any(w in details.lower() for w in ("connect", "handshake", "socket")):
         hint = ("check that the server uses TLS, that the CA file holds its certificate's issuer and that the "
                 "certificate names this address" if tls else
@@ -93,8 +139,10 @@ class BifrostClient:
 
     def __init__(self, address: str, policy: AttestationPolicy, suite: str = "AES-256-GCM",
                  timeout_s: float = 600.0, tls_ca_file: str | None = None,
-                 tls_root_certificates: bytes | None = None) -> None:
+                 tls_root_certificates: bytes | None = None,
+                 on_session_lost: Callable[[SessionLoss], None] | None = None) -> None:
         self.address, self.policy, self.suite, self.timeout = address, policy, suite, timeout_s
+        self.on_session_lost = on_session_lost
         if tls_ca_file is not None and tls_root_certificates is not None:
             raise UserError("give tls_ca_file or tls_root_certificates, not both")
         if tls_ca_file is not None:
@@ -118,6 +166,9 @@ class BifrostClient:
         self.model_digest: bytes | None = None
         self._lock = threading.Lock()    # one request at a time on this client's session
         self._holder: int | None = None  # thread id holding _lock
+        self._history = False            # the session holds conversation history (a prompt turn ran on it)
+        self.history_lost = False        # a lost session held history (until attest() or a reset_history turn)
+        self.session_losses = 0          # sessions lost and replaced by this client
 
     # -- plumbing ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -160,6 +211,7 @@ class BifrostClient:
 
     def attest(self) -> Verdict:
         with self._exclusive():
+            self.history_lost = False
             return self._attest()
 
     def _attest(self) -> Verdict:
@@ -178,9 +230,28 @@ class BifrostClient:
         channel = hs.connect(reply.server_public_key, verdict.report_data, self.suite)
         if channel.session_id != reply.session_id:
             raise RefusedError("server's session id does not match the derived channel keys")
+        if self.channel is not None:
+            self.channel.close("replaced by a new session")
         self.channel, self.session_id, self.token = channel, reply.session_id, reply.token
         self.verdict, self.model_digest = verdict, reply.model_digest
+        self._history = False
         return verdict
+
+    def _replace_lost_session(self, exc: ServingError, *, retry: bool, partial: bool) -> None:
+        """The server lost the session (``exc`` carries its marker): attest a new one; return when the request
+        is to be sent again (``retry``), else raise :class:`SessionLostError`."""
+        held = self._history
+        try:
+            self._attest()
+        except BifrostError as err:
+            raise SessionLostError(exc, partial=partial, history_lost=held, reattested=False,
+                                   reattest_error=err) from None
+        self.session_losses += 1
+        self.history_lost = self.history_lost or held
+        if self.on_session_lost is not None:
+            self.on_session_lost(SessionLoss(exc.session_lost or "", held, retry))
+        if not retry:
+            raise SessionLostError(exc, partial=partial, history_lost=held, reattested=True) from None
 
     def generate(self, prompt: str = "", max_new_tokens: int = 0, reset_history: bool = False,
                  sample_seed: int | None = None, *, messages: list[dict] | None = None,
@@ -195,7 +266,8 @@ class BifrostClient:
         ``top_k`` (0: off): None keeps the server's configuration. ``stop``: up to 4 stop sequences of 1..64
         characters; the text never includes them. The last event carries ``finish_reason``: "stop" (a stop
         sequence or the model's end-of-sequence token) or "length". Bad parameters: :class:`ServingError`
-        (INVALID_ARGUMENT, the reason sealed)."""
+        (INVALID_ARGUMENT, the reason sealed). A lost session: see the module docstring (sent again once when
+        nothing was yielded and the turn does not rely on the lost history, else :class:`SessionLostError`)."""
         body = serving_pb2.GenerateBody(prompt=prompt, max_new_tokens=max_new_tokens, reset_history=reset_history,
                                         has_sample_seed=sample_seed is not None, sample_seed=sample_seed or 0,
                                         stop=list(stop or ()))
@@ -210,27 +282,51 @@ class BifrostClient:
                 raise UserError("top_k must be >= 0")
             body.top_k = top_k
         with self._exclusive():
-            channel = self._attested()
-            req = self._request(channel.seal(body.SerializeToString(), AAD_GENERATE))
-            call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
-            done = False
-            try:
-                for reply in call:
-                    if done:
-                        raise RefusedError("server sent data after the final chunk")
-                    chunk = serving_pb2.TokenChunk.FromString(channel.open(reply.sealed, AAD_CHUNK))
-                    if chunk.error:
-                        raise _sealed_error(chunk.error_code, chunk.error)
-                    done = chunk.done
-                    if chunk.token_ids or chunk.done:
-                        yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds,
-                                          chunk.finish_reason, chunk.prompt_tokens)
-            except grpc.RpcError as exc:
-                raise _rpc_error(exc, self.tls) from None
-            finally:
-                call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
-            if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
-                raise UnavailableError("token stream ended before its final chunk (truncated); the reply is incomplete")
+            if reset_history:
+                self.history_lost = False
+            yielded = False
+            for attempt in (0, 1):
+                try:
+                    with contextlib.closing(self._turn(body)) as turn:  # closed (call cancelled) if the caller stops
+                        for ev in turn:
+                            yielded = True
+                            yield ev
+                    if not messages:
+                        self._history = True  # the turn is in the session's conversation history
+                    return
+                except ServingError as exc:
+                    if not exc.session_lost:
+                        raise
+                    relies_on_history = self._history and not reset_history and not messages
+                    self._replace_lost_session(exc, retry=attempt == 0 and not yielded and not relies_on_history,
+                                               partial=yielded)
+
+    def _turn(self, body: serving_pb2.GenerateBody) -> Generator[StreamEvent, None, None]:
+        """One Generate call on the current session (the caller holds the request lock)."""
+        channel = self._attested()
+        req = self._request(channel.seal(body.SerializeToString(), AAD_GENERATE))
+        call = self.stub.Generate(req, metadata=self._meta(), timeout=self.timeout)
+        done = False
+        try:
+            for index, reply in enumerate(call):
+                if done:
+                    raise RefusedError("server sent data after the final chunk")
+                # record `index` of the answer to this very request: the first may skip the unread records of an
+                # earlier answer this client stopped reading (a cancelled turn), never one of this answer's
+                chunk = serving_pb2.TokenChunk.FromString(channel.open(
+                    reply.sealed, answer_aad(AAD_CHUNK, req.sealed, index), first_of_answer=index == 0))
+                if chunk.error:
+                    raise _sealed_error(chunk.error_code, chunk.error)
+                done = chunk.done
+                if chunk.token_ids or chunk.done:
+                    yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds,
+                                      chunk.finish_reason, chunk.prompt_tokens)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self.tls) from None
+        finally:
+            call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
+        if not done:  # every turn ends with a sealed done=True chunk: anything else lost its end
+            raise UnavailableError("token stream ended before its final chunk (truncated); the reply is incomplete")
 
     def chat(self, prompt: str = "", max_new_tokens: int = 0, reset_history: bool = False,
              sample_seed: int | None = None, on_text=None, *, messages: list[dict] | None = None,
@@ -257,24 +353,39 @@ class BifrostClient:
         return ChatResult(tokens, "".join(text), ttft, tpot, gaps, finish, prompt_tokens)
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        """Embedding vectors of ``texts`` (an encoder model). Stateless: on a lost session it is sent again,
+        once, on a new one."""
         body = serving_pb2.EmbedBody(texts=texts)
         with self._exclusive():
-            channel = self._attested()
-            req = self._request(channel.seal(body.SerializeToString(), AAD_EMBED))
-            try:
-                reply = self.stub.Embed(req, metadata=self._meta(), timeout=self.timeout)
-            except grpc.RpcError as exc:
-                # (key, value) named tuples at run time; grpc-stubs types each as a plain class
-                trailers = cast("tuple[tuple[str, bytes], ...]", exc.trailing_metadata() or ())
-                sealed = dict(trailers).get(SEALED_TRAILER)
-                if not sealed:
-                    raise _rpc_error(exc, self.tls) from None
-                refusal = serving_pb2.EmbedResult.FromString(channel.open(sealed, AAD_EMBED_RESULT))
-                raise _sealed_error(refusal.error_code, refusal.error or "refused without a reason") from None
-            result = serving_pb2.EmbedResult.FromString(channel.open(reply.sealed, AAD_EMBED_RESULT))
+            for attempt in (0, 1):
+                try:
+                    result = self._embed(body)
+                    break
+                except ServingError as exc:
+                    if not exc.session_lost:
+                        raise
+                    self._replace_lost_session(exc, retry=attempt == 0, partial=False)
         if result.error:
             raise _sealed_error(result.error_code, result.error)
         return np.array([list(v.values) for v in result.vectors])
+
+    def _embed(self, body: serving_pb2.EmbedBody) -> serving_pb2.EmbedResult:
+        """One Embed call on the current session (the caller holds the request lock)."""
+        channel = self._attested()
+        req = self._request(channel.seal(body.SerializeToString(), AAD_EMBED))
+        try:
+            reply = self.stub.Embed(req, metadata=self._meta(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            # (key, value) named tuples at run time; grpc-stubs types each as a plain class
+            trailers = cast("tuple[tuple[str, bytes], ...]", exc.trailing_metadata() or ())
+            sealed = dict(trailers).get(SEALED_TRAILER)
+            if not sealed:
+                raise _rpc_error(exc, self.tls) from None
+            refusal = serving_pb2.EmbedResult.FromString(
+                channel.open(sealed, answer_aad(AAD_EMBED_RESULT, req.sealed, 0), first_of_answer=True))
+            raise _sealed_error(refusal.error_code, refusal.error or "refused without a reason") from None
+        return serving_pb2.EmbedResult.FromString(
+            channel.open(reply.sealed, answer_aad(AAD_EMBED_RESULT, req.sealed, 0), first_of_answer=True))
 
     def close(self) -> None:
         """Close the session on the server (a sealed CloseBody) and the connection. Waits for another

@@ -29,6 +29,7 @@ from ..yaml_io import load_yaml
 
 DEFAULT_SERVE_CONFIG = CONFIG_DIR / "serve.yaml"
 RUNTIMES = ("ray", "local")
+_NULL_MEANS = {"max_sessions_per_replica": "max_sessions", "max_context_tokens": "the model's context"}
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,23 @@ class ServeConfig:
     batch_decode: bool = True
     batch_window_s: float = 0.25
     batch_max_rows: int = 16
+    # Limits (counts, tokens, bytes): what each bounds and what happens just past it is bifrost/limits.py's table.
     max_sessions: int = 32
+    max_sessions_per_replica: int | None = None  # sessions one replica holds; None: max_sessions
     max_pending_sessions: int = 8    # attested sessions that never sent a request (+ handshakes in progress)
+    max_concurrent_rpcs: int = 40    # RPCs the serving port runs at once (streams included); more: RESOURCE_EXHAUSTED
+    max_turns_per_session: int = 4096  # Generate turns one session may have (its CKKS keys' lifetime in turns)
     max_prompt_tokens: int = 512
     max_new_tokens: int = 128
+    max_context_tokens: int | None = None  # history + prompt + new tokens of one turn; None: the model's context
     max_request_bytes: int = 1 << 20
     session_idle_s: float = 900.0
     pending_idle_s: float = 60.0     # idle limit of sessions that never sent a request
     token_lifetime_s: int = 900
     replica_timeout_s: float = 300.0  # longest wait for one replica answer (a call, or one streamed token)
     startup_timeout_s: float = 600.0  # replicas must have loaded their model within this
+    # SIGTERM/SIGINT: stop accepting, let running turns finish for up to this long, then stop them (UNAVAILABLE)
+    drain_s: float = 30.0
     # auto: tdx / sev-snp from configfs-tsm, or a clear failure; simulated only when named explicitly
     evidence_provider: str = "auto"
     # The policy the front end (the token issuer) verifies each replica's evidence against before it issues
@@ -76,10 +84,13 @@ class ServeConfig:
             raise UserError(f"serve.runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not 0 <= self.port <= 65535:
             raise UserError(f"serve.port must be 0..65535, got {self.port}")
-        for name in ("replicas", "max_sessions", "max_pending_sessions", "max_prompt_tokens", "max_new_tokens",
-                     "max_request_bytes"):
+        for name in ("replicas", "max_sessions", "max_pending_sessions", "max_concurrent_rpcs", "max_turns_per_session",
+                     "max_prompt_tokens", "max_new_tokens", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"serve.{name} must be >= 1")
+        for name in ("max_sessions_per_replica", "max_context_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"serve.{name} must be >= 1 (or null: {_NULL_MEANS[name]})")
         if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
             raise UserError("serve.ray_num_cpus must be >= 1 (or null: sized to the replicas)")
         if not self.workers and self.local_workers < 1:
@@ -90,6 +101,8 @@ class ServeConfig:
                      "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise UserError(f"serve.{name} must be > 0")
+        if not 0 <= self.drain_s <= 3600:
+            raise UserError("serve.drain_s must be 0..3600 (seconds)")
         if self.replica_cpus < 0:
             raise UserError("serve.replica_cpus must be >= 0")
         if not 1 <= self.token_lifetime_s <= 86400:
@@ -172,6 +185,11 @@ class ServeConfig:
         return "TLS" if self.tls_cert_file else "plaintext gRPC"
 
     @property
+    def replica_sessions(self) -> int:
+        """Sessions one replica holds at most: ``max_sessions_per_replica``, never more than ``max_sessions``."""
+        return min(self.max_sessions_per_replica or self.max_sessions, self.max_sessions)
+
+    @property
     def local_ray_cpus(self) -> int:
         """CPUs given to a locally started Ray."""
         if self.ray_num_cpus is not None:
@@ -214,6 +232,7 @@ def serving_config(cfg, scfg: ServeConfig, *, placement=None, adapter_digest: st
         "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "prompt"},
         "max_prompt_tokens": scfg.max_prompt_tokens, "max_new_tokens": scfg.max_new_tokens,
         "max_sessions": scfg.max_sessions, "token_lifetime_s": scfg.token_lifetime_s,
+        "max_turns_per_session": scfg.max_turns_per_session, "max_context_tokens": scfg.max_context_tokens,
     }
 
 

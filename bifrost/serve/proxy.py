@@ -15,7 +15,11 @@ the message), an error after streaming began is a last SSE event holding the err
 
 Session tokens expire: a request answered UNAUTHENTICATED (or NOT_FOUND: the server dropped the idle
 session) before anything was streamed re-attests that session once and is retried; a failed
-re-attestation is 401.
+re-attestation is 401. A session the server lost (its session-lost marker: replica or node lost, front end
+restarted) is handled by the SDK the same way (every proxy turn is ``reset_history=True``, so it is sent
+again once if nothing was streamed); a loss after tokens were streamed ends the SSE stream with an error
+event (code ``session_lost``, type ``service_unavailable``), a non-streamed request answers 503 with it:
+never a silently short answer.
 
 Cross-site use is refused (:class:`ProxyAccess`, checked by :class:`AccessGuard` before any route runs, in
 this order), so a web page the user visits can neither drive the private model (CSRF) nor read its answers
@@ -63,7 +67,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BifrostError, RefusedError, UnavailableError, UserError
-from .client import BifrostClient, ServingError, StreamEvent
+from .client import BifrostClient, ServingError, SessionLostError, StreamEvent
 
 # gRPC status of a server refusal -> (HTTP status, OpenAI error type)
 STATUS_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -78,6 +82,12 @@ STATUS_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 REATTEST_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
+
+
+def _reattest_and_retry(exc: ServingError) -> bool:
+    """Whether a failure before anything was streamed is retried on a re-attested session: an expired or
+    dropped session, unless the SDK already replaced a lost session and retried (:class:`SessionLostError`)."""
+    return exc.code in REATTEST_CODES and not isinstance(exc, SessionLostError)
 
 # optional keyword arguments of BifrostClient.generate, by OpenAI parameter (passed only when set)
 SDK_PARAMS = ("messages", "temperature", "top_p", "top_k", "stop")
@@ -100,6 +110,8 @@ def api_error(exc: BaseException) -> ApiError:
     """Any failure as an :class:`ApiError` (a refusal by its gRPC status; other client failures 502)."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ServingError) and getattr(exc, "session_lost", None):
+        return ApiError(503, exc.details or str(exc), "service_unavailable", None, "session_lost")
     if isinstance(exc, ServingError):
         status, type_ = STATUS_HTTP.get(exc.code, (502, "api_error"))
         return ApiError(status, exc.details or str(exc), type_, None, exc.code.name.lower())
@@ -294,7 +306,7 @@ class SessionPool:
         self.make_client, self.timeout_s = make_client, timeout_s
         self.clients: list[BifrostClient] = []
         self._free: queue.Queue[BifrostClient] = queue.Queue()
-        self.reattestations = 0
+        self._reattested = 0  # by reattest(); the SDK counts the lost sessions it replaced itself
         try:
             for _ in range(size):
                 client = make_client()
@@ -334,7 +346,12 @@ class SessionPool:
         except BifrostError as exc:
             raise ApiError(401, f"re-attestation failed: {exc}", "authentication_error", None,
                            "attestation_failed") from None
-        self.reattestations += 1
+        self._reattested += 1
+
+    @property
+    def reattestations(self) -> int:
+        """Sessions re-attested so far: expired or dropped ones (here) and lost ones (by the SDK)."""
+        return self._reattested + sum(getattr(c, "session_losses", 0) for c in self.clients)
 
     def close(self) -> None:
         for c in self.clients:
@@ -462,7 +479,7 @@ class CompletionStream:
             try:
                 ev = self._start(client)
             except ServingError as exc:
-                if exc.code not in REATTEST_CODES:
+                if not _reattest_and_retry(exc):
                     raise
                 if self.gen is not None:
                     self.gen.close()
@@ -660,7 +677,7 @@ def _embed(pool: SessionPool, texts: list[str]) -> np.ndarray:
         try:
             return client.embed(texts)
         except ServingError as exc:
-            if exc.code not in REATTEST_CODES:
+            if not _reattest_and_retry(exc):
                 raise
             pool.reattest(client)
             return client.embed(texts)

@@ -9,9 +9,12 @@ Status mapping: missing/bad/expired token -> UNAUTHENTICATED; token of another s
 PERMISSION_DENIED; tampered/forged/replayed sealed record -> PERMISSION_DENIED and the session is left
 exactly as it was (not closed; anyone holding a sniffed bearer token can send garbage); malformed
 fields, empty or oversized sealed payload -> INVALID_ARGUMENT; session limits
-(``max_sessions``, ``max_pending_sessions``, full CKKS workers) -> RESOURCE_EXHAUSTED; unknown
+(``max_sessions``, ``max_sessions_per_replica``, ``max_pending_sessions``, full CKKS workers), a session past
+``max_turns_per_session``, more than ``max_concurrent_rpcs`` RPCs at once -> RESOURCE_EXHAUSTED (every limit:
+:mod:`bifrost.limits`); unknown
 session -> NOT_FOUND; a turn while the session's previous one still runs -> FAILED_PRECONDITION;
-workers or replicas unavailable, replica timeout -> UNAVAILABLE; anything unexpected -> INTERNAL
+workers or replicas unavailable, replica timeout, a draining server (:meth:`ServingService.drain`: new sessions,
+requests and turns, and a turn still running after ``drain_s``) -> UNAVAILABLE; anything unexpected -> INTERNAL
 with a generic message (logged by exception type and code location only). The bad-input plumbing (a
 request deserializer that never raises, the handler wrappers, the error-class -> status table) is
 :mod:`bifrost.proto.edge`, shared with the CKKS worker.
@@ -27,8 +30,18 @@ TLS (``tls_cert_file``/``tls_key_file``) hides bearer tokens and metadata from t
 attested channel stays the confidentiality layer either way.
 
 Replica failure: a replica whose actor died is marked dead, its sessions are dropped, new sessions
-go to the others, and health turns NOT_SERVING when none is left. A client that hangs up stops its
-turn on the replica at the next token (the replica's ``cancel``).
+go to the others (also past a replica that does not answer an Attest), and health turns NOT_SERVING when
+none is left. A client that hangs up stops its turn on the replica at the next token (the replica's ``cancel``).
+
+Session lost: every answer after which this front end holds no session for the request's session id carries
+the trailing metadata ``bifrost-session-lost`` (:data:`~bifrost.proto.wire.SESSION_LOST_TRAILER`) naming why:
+``replica-lost`` (UNAVAILABLE, or INTERNAL for a replica bug: its replica died, its node was lost, it is
+unreachable or timed out; a running stream ends with it as soon as Ray reports the actor gone),
+``unknown-session`` (NOT_FOUND: closed, idle-expired or never known; UNAUTHENTICATED for a token this front end
+did not sign, e.g. after a restart), ``session-closed`` (ABORTED: closed during the turn), ``token-expired``
+(UNAUTHENTICATED), ``server-draining`` (UNAVAILABLE: this front end is shutting down, a request it no longer
+accepts or a turn the drain's deadline stopped; the session ends with the process). A client attests again and
+may retry what is safe to run twice (the marker is cleartext).
 
 Replicas are reached through :class:`~.replicas.ReplicaHandle` (the typed
 :class:`~bifrost.proto.replica.ReplicaAPI`, each wait bounded by ``replica_timeout_s``); they answer with the typed
@@ -44,12 +57,13 @@ import secrets
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..attest.errors import AttestationError, TokenError, TokenReplayError
+from ..attest.errors import AttestationError, TokenError, TokenExpiredError, TokenReplayError, TokenSignatureError
 from ..attest.tokens import TokenGate, TokenIssuer
 from ..attest.policy import AttestationPolicy, load_policy
 from ..attest.verdict import Evidence, Verdict, verify_evidence
@@ -58,16 +72,27 @@ from ..errors import UserError
 from ..proto import serving_pb2
 from ..proto.edge import Abort, Edge, parse_or_malformed
 from ..proto.replica import (GRPC_CODES, Attested, AttestRequest, CancelRequest, CloseIdle, CloseRequest, DropSession,
-                             EmbedRequest, GenerateRequest, Refusal, ReplicaInfo, SealedReply)
-from ..proto.wire import SEALED_TRAILER, serving_options
+                             EmbedRequest, GenerateRequest, Refusal, ReplicaInfo, SealedReply, Status)
+from ..proto.wire import SEALED_TRAILER, SESSION_LOST_TRAILER, serving_options
 from .config import ServeConfig
 from .replicas import ReplicaDeadError, ReplicaHandle, ReplicaTimeoutError, ReplicaUnavailableError
-from .sessions import NoReplicaError, SessionLimitError, SessionTable
+from .sessions import NoReplicaError, SessionLimitError, SessionTable, TurnLimitError
 
 log = logging.getLogger("bifrost.serve")
 
 SERVICE_NAME = "bifrost.serving.v1.BifrostServing"
 SESSION_ID_SIZE = 16
+
+
+def session_lost(reason: str) -> tuple[tuple[str, str], ...]:
+    """The session-lost marker (trailing metadata) of an answer after which this front end holds no session
+    for the request's session id; ``reason``: one of :data:`~bifrost.proto.wire.SESSION_LOST_REASONS`."""
+    return ((SESSION_LOST_TRAILER, reason),)
+
+
+def unknown_session() -> Abort:
+    return Abort(grpc.StatusCode.NOT_FOUND, "session lost: unknown or closed session; attest again",
+                 trailers=session_lost("unknown-session"))
 
 
 # --------------------------------------------------------------------------- the servicer
@@ -83,7 +108,8 @@ class ServingService:
                                   lifetime_s=scfg.token_lifetime_s)
         self.gate = TokenGate([self.issuer.public_key], model_digest=self.info.model_digest,
                               allow_simulated=self.info.evidence_type == "simulated")
-        self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions)
+        self.sessions = SessionTable(scfg.max_sessions, len(replicas), scfg.max_pending_sessions,
+                                     max_per_replica=scfg.replica_sessions, max_turns=scfg.max_turns_per_session)
         self.node_id = f"bifrost-serve-{secrets.token_hex(4)}"
         self.issuer_policy = issuer_policy(scfg)
         self.health: Any = None  # grpc_health servicer, set by start_grpc
@@ -93,6 +119,9 @@ class ServingService:
         self._probing_lock = threading.Lock()
         self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="session-sweeper")
         self._sweeper.start()
+        self.draining = threading.Event()  # set by drain(): no new session or request is accepted
+        self._turns: dict[tuple[bytes, str], _RunningTurn] = {}  # Generate turns in progress
+        self._turns_cv = threading.Condition()
 
     # -- helpers ---------------------------------------------------------------------------
     def _verify_replica_evidence(self, out: Attested) -> Verdict:
@@ -129,32 +158,43 @@ class ServingService:
             code = grpc.StatusCode.PERMISSION_DENIED if exc.check == "token_binding" else grpc.StatusCode.UNAUTHENTICATED
             raise Abort(code, str(exc)) from None
         except TokenError as exc:
-            raise Abort(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+            # a token this front end did not sign (it restarted: new issuer key) or one past its lifetime:
+            # the session is unusable whatever it was
+            lost = ("unknown-session" if isinstance(exc, TokenSignatureError) else
+                    "token-expired" if isinstance(exc, TokenExpiredError) else None)
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, str(exc), trailers=session_lost(lost) if lost else ()) from None
         if entry is None:
-            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+            raise unknown_session()
         return entry
 
     def _replica_refused(self, entry, refusal: Refusal, trailer: bool = False) -> Abort:
         """A replica's refusal as a gRPC status (``trailer``: its sealed record goes in the trailing metadata);
         NOT_FOUND / ABORTED: the session is gone there, so it goes here too."""
+        lost: tuple[tuple[str, str], ...] = ()
         if refusal.status.ends_session:
             self.sessions.remove(entry.session_id)
-        return Abort(GRPC_CODES[refusal.status], refusal.message, refusal.sealed if trailer else None)
+            lost = session_lost("unknown-session" if refusal.status is Status.NOT_FOUND else "session-closed")
+        return Abort(GRPC_CODES[refusal.status], refusal.message, refusal.sealed if trailer else None, lost)
 
     def _replica_failed(self, entry, exc: BaseException) -> BaseException:
-        """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with."""
+        """A replica call for ``entry`` raised: drop the session everywhere; the status to answer with, which
+        carries the session-lost marker ``replica-lost`` (the session is gone whatever the cause)."""
+        lost = session_lost("replica-lost")
         if isinstance(exc, ReplicaDeadError):
             self._replica_died(entry.replica)
-            return Abort(grpc.StatusCode.UNAVAILABLE, "replica failed; attest again")
+            return Abort(grpc.StatusCode.UNAVAILABLE, "session lost: its replica failed; attest again", trailers=lost)
         self._drop(entry)  # the replica may be alive and still hold the session: close it there too
         log.error("replica %d: request failed (%s); session %s… closed", entry.replica, type(exc).__name__,
                   entry.session_id.hex()[:8])
         if isinstance(exc, ReplicaTimeoutError):
-            return Abort(grpc.StatusCode.UNAVAILABLE, f"replica did not answer within replica_timeout_s="
-                                                      f"{self.scfg.replica_timeout_s:g} s; session closed, attest again")
+            return Abort(grpc.StatusCode.UNAVAILABLE, f"session lost: its replica did not answer within "
+                                                      f"replica_timeout_s={self.scfg.replica_timeout_s:g} s; attest "
+                                                      "again", trailers=lost)
         if isinstance(exc, ReplicaUnavailableError):
-            return Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable; session closed, attest again")
-        return self._replica_bug(exc)
+            return Abort(grpc.StatusCode.UNAVAILABLE, "session lost: its replica is unreachable; attest again",
+                         trailers=lost)
+        bug = self._replica_bug(exc)
+        return Abort(bug.code, bug.message, trailers=lost)
 
     def _drop(self, entry) -> None:
         """Forget a session here and close it on its replica (without waiting)."""
@@ -199,18 +239,28 @@ class ServingService:
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     # -- RPCs ------------------------------------------------------------------------------
+    def _refuse_if_draining(self, session: bool = True) -> None:
+        """UNAVAILABLE while draining; ``session``: the request names a session, which ends with this process."""
+        if self.draining.is_set():
+            raise Abort(grpc.StatusCode.UNAVAILABLE, DRAINING, trailers=session_lost("server-draining") if session else ())
+
     def Attest(self, req, context):
+        self._refuse_if_draining(session=False)
         if not 16 <= len(req.nonce) <= 1024:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
         if len(req.client_public_key) != 32:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
         tried: set[int] = set()
+        unreachable = 0  # replicas that did not answer (their node may be lost before Ray says so)
         while True:
             try:
                 r = self.sessions.reserve(tried)
             except SessionLimitError as exc:
                 raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
             except NoReplicaError:
+                if unreachable:
+                    raise Abort(grpc.StatusCode.UNAVAILABLE, f"replica unavailable ({unreachable} did not "
+                                                             "answer); try again later") from None
                 raise Abort(grpc.StatusCode.UNAVAILABLE, "no live replica: the server cannot open sessions") from None
             try:
                 out = self.replicas[r].attest(AttestRequest(bytes(req.nonce), bytes(req.client_public_key), req.suite))
@@ -222,7 +272,9 @@ class ServingService:
             except ReplicaUnavailableError as exc:
                 self.sessions.cancel(r)
                 log.error("replica %d attest failed: %s", r, type(exc).__name__)
-                raise Abort(grpc.StatusCode.UNAVAILABLE, "replica unavailable") from None
+                unreachable += 1
+                tried.add(r)  # try the others
+                continue
             except Exception as exc:  # noqa: BLE001 - a bug in the replica
                 self.sessions.cancel(r)
                 raise self._replica_bug(exc) from None
@@ -251,6 +303,7 @@ class ServingService:
 
     def Generate(self, req, context):
         entry = self._check_sealed_request(req, context)
+        self._refuse_if_draining()
         sid, rid = entry.session_id, req.request_id
         finished = threading.Event()  # the turn ended on the replica (or will not run)
         cancel_sent = threading.Event()
@@ -266,11 +319,19 @@ class ServingService:
 
         if not context.add_callback(stop_turn):  # (runs when the RPC ends for any reason)
             return  # the client is gone already
-        if self.sessions.begin(sid) is None:
+        try:
+            began = self.sessions.begin(sid, turn=True)
+        except TurnLimitError as exc:  # the count of turns is visible on the wire anyway: cleartext
             finished.set()
-            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        if began is None:
+            finished.set()
+            raise unknown_session()
         stream = None
         opened = False  # the replica answered with a sealed record: it opened this request's record
+        running = _RunningTurn(entry.replica, sid, rid)
+        with self._turns_cv:
+            self._turns[(sid, rid)] = running
         try:
             while True:
                 try:
@@ -279,6 +340,10 @@ class ServingService:
                     item = next(stream)  # waits at most replica_timeout_s
                 except StopIteration:
                     finished.set()
+                    if running.ended_by_drain:  # stopped by the drain's deadline: never a silently short stream
+                        raise Abort(grpc.StatusCode.UNAVAILABLE, f"the server shut down before this turn finished "
+                                                                 f"(serve.drain_s={self.scfg.drain_s:g} s); attest again",
+                                    trailers=session_lost("server-draining"))
                     return
                 except Exception as exc:  # noqa: BLE001 - replica died, timed out, or failed
                     finished.set()
@@ -298,12 +363,16 @@ class ServingService:
             finished.set()
             raise
         finally:
-            self.sessions.end(sid, opened)
+            self.sessions.end(sid, opened, turn=True)
+            with self._turns_cv:
+                self._turns.pop((sid, rid), None)
+                self._turns_cv.notify_all()
 
     def Embed(self, req, context):
         entry = self._check_sealed_request(req, context)
+        self._refuse_if_draining()
         if self.sessions.begin(entry.session_id) is None:
-            raise Abort(grpc.StatusCode.NOT_FOUND, "unknown or closed session; attest again")
+            raise unknown_session()
         item = None
         try:
             try:
@@ -376,6 +445,33 @@ class ServingService:
             with self._probing_lock:
                 self._probing.discard(r)
 
+    def drain(self, grace_s: float, abort: threading.Event | None = None) -> int:
+        """Stop accepting (Attest, Generate and Embed answer UNAVAILABLE :data:`DRAINING`; CloseSession still
+        works), let running turns finish for up to ``grace_s`` seconds (less if ``abort`` is set), then stop the
+        rest between tokens: their streams end with UNAVAILABLE, never silently short. Returns how many turns
+        were stopped that way."""
+        self.draining.set()
+        deadline = time.monotonic() + grace_s
+        with self._turns_cv:
+            log.info("draining: %d turn(s) running, waiting up to serve.drain_s=%g s", len(self._turns), grace_s)
+            while self._turns and not (abort is not None and abort.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._turns_cv.wait(min(left, 0.1))
+            stopped = list(self._turns.values())
+            for turn in stopped:
+                turn.ended_by_drain = True
+        for turn in stopped:
+            self._cancel_on(turn.replica, turn.session_id, turn.request_id)
+        with self._turns_cv:  # their streams end at the next token: wait for them to say so (bounded)
+            end = time.monotonic() + min(10.0, self.scfg.replica_timeout_s)
+            while self._turns and time.monotonic() < end:
+                self._turns_cv.wait(0.1)
+        if stopped:
+            log.warning("drain: %d turn(s) stopped after serve.drain_s=%g s", len(stopped), grace_s)
+        return len(stopped)
+
     def stop(self) -> None:
         self._stop.set()
         self._background.shutdown(wait=False, cancel_futures=True)
@@ -398,6 +494,19 @@ class ServingService:
         })
 
 
+DRAINING = "the server is shutting down (draining); attest to another instance or try again later"
+
+
+@dataclass
+class _RunningTurn:
+    """A Generate turn in progress (what :meth:`ServingService.drain` waits for, or stops)."""
+
+    replica: int
+    session_id: bytes
+    request_id: str
+    ended_by_drain: bool = False
+
+
 def issuer_policy(scfg: ServeConfig) -> AttestationPolicy:
     """``serve.issuer_policy`` if set; else the default policy, which accepts simulated evidence only when
     the operator named the simulated provider (the banner and every token then say SIMULATED)."""
@@ -408,12 +517,15 @@ def issuer_policy(scfg: ServeConfig) -> AttestationPolicy:
 
 def start_grpc(service: ServingService, host: str, port: int, threads: int, tls: tuple[bytes, bytes] | None = None):
     """Serve with health checking and reflection; ``tls``: (private key PEM, certificate chain PEM) for a
-    TLS port, None for plaintext. Returns (server, port, health servicer)."""
+    TLS port, None for plaintext. Returns (server, port, health servicer). At most ``serve.max_concurrent_rpcs``
+    RPCs run at once (gRPC answers more with RESOURCE_EXHAUSTED, unread), each on its own thread of a pool of
+    at least that many ``threads``, so an admitted RPC never queues for a thread."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="serve"),
-                         options=serving_options())
+    limit = service.scfg.max_concurrent_rpcs
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(threads, limit), thread_name_prefix="serve"),
+                         options=serving_options(), maximum_concurrent_rpcs=limit)
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

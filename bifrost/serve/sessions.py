@@ -9,7 +9,10 @@ requests has been opened by its replica yet is *pending* and counts against ``ma
 handshakes in progress) and expires after ``pending_idle_s`` instead of ``idle_s``; only a request
 whose sealed record the replica opened marks a session used and restarts its idle time (a forged or
 replayed record, e.g. from someone holding a sniffed token, keeps no session alive); a replica marked
-dead gets no new sessions and its sessions are dropped.
+dead gets no new sessions and its sessions are dropped; a replica holds at most ``max_per_replica``
+sessions (handshakes in progress included); a session has at most ``max_turns`` Generate turns whose
+record its replica opened (a turn is counted when it begins and uncounted if its record was not opened,
+so concurrent requests cannot overshoot).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from dataclasses import dataclass, field
 
 class SessionLimitError(Exception):
     """No room for another session (``max_sessions`` or ``max_pending``): RESOURCE_EXHAUSTED."""
+
+
+class TurnLimitError(Exception):
+    """The session has had ``max_turns`` turns: RESOURCE_EXHAUSTED (attest a new session)."""
 
 
 class NoReplicaError(Exception):
@@ -37,12 +44,17 @@ class SessionEntry:
     last_used: float = field(default_factory=time.monotonic)
     used: bool = False  # a request of this session has been opened by its replica
     busy: int = 0       # requests in progress
+    turns: int = 0      # Generate turns begun, less those whose record the replica did not open
 
 
 class SessionTable:
-    def __init__(self, max_sessions: int, replicas: int, max_pending: int | None = None) -> None:
+    def __init__(self, max_sessions: int, replicas: int, max_pending: int | None = None,
+                 max_per_replica: int | None = None, max_turns: int | None = None) -> None:
+        """``max_pending`` / ``max_per_replica`` None: ``max_sessions``; ``max_turns`` None: no turn limit."""
         self.max_sessions, self.replicas = max_sessions, replicas
         self.max_pending = max_pending if max_pending is not None else max_sessions
+        self.max_per_replica = max_per_replica if max_per_replica is not None else max_sessions
+        self.max_turns = max_turns
         self._entries: dict[bytes, SessionEntry] = {}
         self._reserved = [0] * replicas  # handshakes in progress, per replica
         self._dead: set[int] = set()
@@ -66,6 +78,9 @@ class SessionTable:
                 if e.replica in load:
                     load[e.replica] += 1
             r = min(live, key=lambda i: load[i])
+            if load[r] >= self.max_per_replica:
+                raise SessionLimitError(f"every live replica holds {self.max_per_replica} sessions "
+                                        f"(max_sessions_per_replica={self.max_per_replica}); try again later")
             self._reserved[r] += 1
             return r
 
@@ -82,23 +97,30 @@ class SessionTable:
         with self._lock:
             return self._entries.get(session_id)
 
-    def begin(self, session_id: bytes) -> SessionEntry | None:
-        """An authorized request starts: the session is busy until :meth:`end`."""
+    def begin(self, session_id: bytes, turn: bool = False) -> SessionEntry | None:
+        """An authorized request starts: the session is busy until :meth:`end`. ``turn``: a Generate turn,
+        counted; :class:`TurnLimitError` (and nothing changes) when the session has had ``max_turns``."""
         with self._lock:
             e = self._entries.get(session_id)
             if e is not None:
+                if turn and self.max_turns is not None and e.turns >= self.max_turns:
+                    raise TurnLimitError(f"this session has had {self.max_turns} turns (max_turns_per_session="
+                                         f"{self.max_turns}); attest a new session")
                 e.busy += 1
+                e.turns += int(turn)
             return e
 
-    def end(self, session_id: bytes, opened: bool) -> None:
+    def end(self, session_id: bytes, opened: bool, turn: bool = False) -> None:
         """The request ended; ``opened``: the replica opened its record (answered with a sealed one), so
-        the session is used and its idle time restarts."""
+        the session is used and its idle time restarts; a ``turn`` whose record was not opened is uncounted."""
         with self._lock:
             e = self._entries.get(session_id)
             if e is not None:
                 e.busy = max(0, e.busy - 1)
                 if opened:
                     e.used, e.last_used = True, time.monotonic()
+                elif turn:
+                    e.turns = max(0, e.turns - 1)
 
     def remove(self, session_id: bytes) -> SessionEntry | None:
         with self._lock:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from ..worker.launcher import LocalWorker
 from .replica import TrustedReplica
 
 log = logging.getLogger("bifrost.tee.deploy")
+
+LOOPBACK_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address (and every port it binds) is 127.0.0.1
 
 
 def new_run_dir(root: str | os.PathLike) -> Path:
@@ -66,6 +69,7 @@ class ServeApp:
         self.replicas: list[ReplicaHandle] = []
         self.ray_started = False
         self._saved_env: dict[str, str | None] = {}
+        self._saved_cluster_flag: bool | None = None
         self.server: Any = None
         self.service: ServingService | None = None
         self.health: Any = None
@@ -101,8 +105,10 @@ class ServeApp:
             self._start_ray()
             import ray
 
+            # SPREAD: replicas on different nodes where the cluster has room, so losing a node loses only its share
             cls = ray.remote(num_cpus=self.scfg.replica_cpus,  # type: ignore[call-overload]  # ray's stubs lack actor options
-                             max_concurrency=self.scfg.max_sessions + 8, max_restarts=0)(TrustedReplica)
+                             max_concurrency=self.scfg.max_sessions + 8, max_restarts=0,
+                             scheduling_strategy="SPREAD")(TrustedReplica)
             actors = [cls.remote(*args, i) for i in range(self.scfg.replicas)]
             ray_replicas = [RayReplica(a, timeout_s=self.scfg.replica_timeout_s) for a in actors]
             self.replicas = list(ray_replicas)
@@ -137,25 +143,44 @@ class ServeApp:
         token_path = self.run_dir / "ray-auth-token"
         token_path.touch(mode=0o600)
         token_path.write_text(secrets.token_hex(32))
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a single-node Ray whose node address is the loopback one; Ray then
+        # binds every port (GCS, raylet, object manager, core workers, agents) to 127.0.0.1 instead of all
+        # interfaces, which it does for any other node address.
         env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_TMPDIR": str(ray_dir),
-               "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+               "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+               LOOPBACK_RAY_ENV: "0"}
         self._saved_env = {k: os.environ.get(k) for k in env}  # restored by stop()
         os.environ.update(env)
         import ray
+        from ray._private import ray_constants
         from ray._raylet import Config  # type: ignore[attr-defined]  # not in ray's stubs
 
         Config.initialize("")  # Ray caches its config at import: make it see the auth settings above
+        # (read at import too: the same setting for a Ray imported before the environment was set)
+        self._saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
         if not ray.is_initialized():
             ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.local_ray_cpus,
                      log_to_driver=False)
             self.ray_started = True
 
-    def stop(self) -> None:
+    def drain(self, abort: threading.Event | None = None) -> int:
+        """Health NOT_SERVING, then :meth:`ServingService.drain` for ``serve.drain_s`` (``abort``: end the wait
+        early). Returns the number of turns the deadline stopped. :meth:`stop` comes next."""
+        if self.service is None:
+            return 0
+        self._not_serving()
+        return self.service.drain(self.scfg.drain_s, abort)
+
+    def _not_serving(self) -> None:
         if self.health is not None:
             from grpc_health.v1 import health_pb2
 
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def stop(self) -> None:
+        self._not_serving()
         if self.service is not None:
             self.service.stop()
         if self.server is not None:
@@ -172,6 +197,11 @@ class ServeApp:
 
             ray.shutdown()
             self.ray_started = False
+        if self._saved_cluster_flag is not None:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_flag
+            self._saved_cluster_flag = None
         for k, v in self._saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

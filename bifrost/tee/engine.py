@@ -52,7 +52,7 @@ from ..ckks import (
 )
 from ..ckks.registry import get_backend
 from ..config import VerificationConfig
-from ..errors import InternalError, RefusedError, UserError
+from ..errors import InternalError, RefusedError, UnavailableError, UserError
 from ..model.delegation import Site
 from ..proto import worker_pb2
 from .link import WorkerCallError, WorkerLink, WorkerReply
@@ -112,17 +112,26 @@ def check_operands(backend: str, params: CKKSParams, weights: Mapping[str, np.nd
     return {name: CheckOperand.of(w, lambda m: impl.quantized_weights(params, m)) for name, w in weights.items()}
 
 
+class NoWorkerError(UnavailableError):
+    """No CKKS worker replied to a layer call and ``delegation.on_no_worker`` is ``fail``: the turn ends
+    (availability; nobody is quarantined)."""
+
+
 class DelegationEngine:
     """Owns the CKKS keys, check vectors and worker link of one session."""
 
     def __init__(self, link: WorkerLink, backend: str, params: CKKSParams, site_list: list[Site],
                  groups: list[tuple[str, ...]], weights: Mapping[str, np.ndarray], *,
                  verify: VerificationConfig | None = None, quarantine: WorkerQuarantine | None = None,
-                 operands: Mapping[str, CheckOperand] | None = None, prepare: bool = True) -> None:
+                 operands: Mapping[str, CheckOperand] | None = None, prepare: bool = True,
+                 on_no_worker: str = "tee") -> None:
         """``weights``: the trusted copy of every site's weight, (d_out, d_in) — the products are checked
         against it, and computed from it when a worker deviates. ``operands``: its check operands, shared by
-        the sessions of a replica (default: made here, :func:`check_operands`)."""
+        the sessions of a replica (default: made here, :func:`check_operands`). ``on_no_worker``
+        (``delegation.on_no_worker``): a call that brings back no reply is computed here (``tee``) or raises
+        :class:`NoWorkerError` (``fail``)."""
         self.link = link
+        self.on_no_worker = on_no_worker
         self.sites = {s.name: s for s in site_list}
         self.group_of: dict[str, tuple[str, ...]] = {n: g for g in groups for n in g}
         self.shapes = {g: GroupShape(self.sites[g[0]].d_in, tuple(self.sites[n].d_out for n in g)) for g in groups}
@@ -220,6 +229,11 @@ class DelegationEngine:
         except WorkerCallError as exc:
             # No reply reached us (transport failure, timeout, an error status, no worker left): availability, never
             # a deviation. The pool has marked the worker down; this product is computed here.
+            if self.on_no_worker == "fail":
+                if ahead is not None:
+                    ahead.cancel()
+                raise NoWorkerError(f"no CKKS worker replied ({exc.code.name}) and delegation.on_no_worker is fail: "
+                                    "the turn ends") from None
             log.debug("no worker reply (%s): computing the product in the TEE", exc.code.name)
         t2 = time.perf_counter()
         ys, received, verify_s = None, 0, 0.0

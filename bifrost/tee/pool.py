@@ -1,9 +1,9 @@
-"""The CKKS workers of a process: least-loaded dispatch and fail-over, behind the ``WorkerLink`` Protocol.
+"""The CKKS workers of a process: latency-aware, least-loaded dispatch and fail-over, behind ``WorkerLink``.
 
 :class:`WorkerPool` is shared by every session of a process: one mutual-TLS gRPC channel and stub per worker
 (pinned certificate, see :mod:`bifrost.attest.mtls`), the in-flight load and health of each worker.
 Its one call, :meth:`WorkerPool.call`, evaluates a layer group for a batch of items (one item: a
-``Linear`` RPC; several sessions' items: one ``LinearBatch`` RPC) on the least-loaded healthy worker.
+``Linear`` RPC; several sessions' items: one ``LinearBatch`` RPC) on one healthy worker (dispatch, below).
 :class:`WorkerSessions` is one session's link (one CKKS key set): its worker sessions (one per
 worker, opened with the same public context), and ``linear`` = a one-item :meth:`WorkerPool.call`.
 
@@ -17,6 +17,17 @@ path can break a TLS record (the peers see UNAVAILABLE or UNKNOWN) and must not 
 worker banned, and a status carries no result, so reacting to it answers nothing about the plaintext. A worker
 that sends error statuses to valid requests is therefore only marked down, each time. Only a reply that arrived
 intact over mutual TLS and fails verification is a deviation (:mod:`bifrost.tee.engine`).
+
+Dispatch. The pool times every call a worker answers (wall time, measured here: a worker's own claim is not
+used) and keeps, per worker and call size (power-of-two bucket of the ciphertexts sent), an estimate: a new sample
+moves it by ``LATENCY_ALPHA``, a faster one replaces it. A call goes first to a worker not yet timed on calls of its
+size; else workers within ``SLOW_FACTOR`` of the fastest estimate are *fast* and the call goes to the one with the
+fewest calls in flight (ties: the least recently used, so equal workers take turns); a *slow* one gets it only
+if it would still answer sooner, (in flight + 1) × estimate, or as a probe once ``PROBE_EVERY`` picks went by
+without it (so a worker that recovered is used again: one fast answer makes it fast). A worker 10× slower than
+the others thus gets about one call in ``PROBE_EVERY`` instead of every other one. The estimates are the workers'
+own timing (nothing secret: a CKKS product takes the same time whatever the plaintext); a worker that answers
+slowly gets fewer calls, which it can see, as it can see the timing of the requests (quarantine section below).
 
 Workers in the quarantine file when the pool is built (caught deviating in an earlier run or by
 another replica before this one started) are refused outright. Workers quarantined while it runs stay in
@@ -54,6 +65,18 @@ log = logging.getLogger("bifrost.pool")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN})
 
+# Dispatch (module docstring): a worker whose latency estimate is over SLOW_FACTOR times the fastest one's is slow;
+# a new sample moves the estimate by LATENCY_ALPHA (a faster one replaces it: a recovered worker is trusted at once);
+# a slow worker gets one call (a probe) once PROBE_EVERY picks went by without one.
+SLOW_FACTOR = 4.0
+LATENCY_ALPHA = 0.2
+PROBE_EVERY = 32
+
+
+def size_class(ciphertexts: int) -> int:
+    """The latency estimates' key of a call of ``ciphertexts`` ciphertexts: its power-of-two bucket."""
+    return max(1, ciphertexts).bit_length()
+
 
 @dataclass
 class WorkerState:
@@ -65,6 +88,9 @@ class WorkerState:
     calls: int = 0
     failures: int = 0
     down_until: float = 0.0
+    timed_out: bool = False  # marked down because a call got no answer in time (not a quick failure)
+    latency_s: dict[int, float] = field(default_factory=dict)  # by call size class: see "Dispatch"
+    last_pick: int = 0       # the pool's pick count at this worker's last call
 
     @property
     def address(self) -> str:
@@ -93,7 +119,11 @@ class WorkerPool:
 
     def __init__(self, endpoints: Sequence[WorkerEndpoint], identity: TLSIdentity | None = None,
                  timeout_s: float = 60.0, retry_after_s: float = 30.0, max_reply_bytes: int = 1 << 30,
-                 quarantine: WorkerQuarantine | None = None) -> None:
+                 quarantine: WorkerQuarantine | None = None, try_down_workers: bool = False) -> None:
+        """``try_down_workers``: when every worker is marked down, try them all anyway (``on_no_worker: fail``, where
+        a call without a reply ends the turn); else only those whose failure was quick, and a call with none left
+        is computed in the TEE at once: a partition costs one timeout per worker every ``retry_after_s``, not one
+        per call."""
         if not endpoints:
             raise UserError("a worker pool needs at least one worker")
         if not all(isinstance(e, WorkerEndpoint) for e in endpoints):
@@ -108,7 +138,7 @@ class WorkerPool:
         if not endpoints:
             raise RefusedError("every configured CKKS worker is quarantined (caught deviating); "
                                "configure other workers")
-        self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
+        self.timeout_s, self.retry_after_s, self.try_down_workers = timeout_s, retry_after_s, try_down_workers
         self.identity = identity or process_identity()
         opts = worker_client_options(max_reply_bytes)
         self.workers = []
@@ -117,31 +147,63 @@ class WorkerPool:
             self.workers.append(WorkerState(e, e.identity, channel, WorkerStub(channel, e.identity, timeout_s, e.address)))
         self.refused = [e.address for e in refused]
         self._lock = threading.Lock()
+        self._picks = 0
         self._describe: list | None = None
         self.stats = PoolStats()
 
-    def pick(self, exclude: set[str]) -> WorkerState | None:
-        """The healthy worker with the fewest calls in flight (ties: fewest calls so far)."""
+    def pick(self, exclude: set[str], ciphertexts: int = 1) -> WorkerState | None:
+        """The healthy worker for a call of ``ciphertexts`` ciphertexts (module docstring: dispatch)."""
         now = time.monotonic()
         with self._lock:
+            self._picks += 1
             live = [w for w in self.workers if w.address not in exclude and w.up(now)]
-            if not live:  # everyone is marked down: try the ones not yet tried in this call anyway
-                live = [w for w in self.workers if w.address not in exclude]
+            if not live:  # everyone is marked down: try again the ones whose failure was quick (a reset, an error
+                # status: retrying costs little); one that timed out waits for retry_after_s, unless on_no_worker is
+                # fail (try_down_workers), so a partition does not cost a timeout per call
+                live = [w for w in self.workers if w.address not in exclude and (self.try_down_workers or not w.timed_out)]
             if not live:
                 return None
-            w = min(live, key=lambda s: (s.inflight, s.calls))
+            w = self._choose(live, size_class(ciphertexts))
             w.inflight += 1
             w.calls += 1
+            w.last_pick = self._picks
             return w
+
+    def _choose(self, live: list[WorkerState], key: int) -> WorkerState:
+        """Among ``live`` (lock held): a worker never timed on calls of this size first; else a slow one due a probe;
+        else the least loaded, least recently used of the fast ones, unless a slow one would still answer sooner."""
+        unknown = [w for w in live if key not in w.latency_s]
+        if unknown:
+            return min(unknown, key=lambda s: (s.inflight, s.last_pick))
+        best = min(w.latency_s[key] for w in live)
+        fast = [w for w in live if w.latency_s[key] <= SLOW_FACTOR * best]
+        slow = [w for w in live if w.latency_s[key] > SLOW_FACTOR * best]
+        due = [w for w in slow if self._picks - w.last_pick > PROBE_EVERY]
+        if due:
+            return min(due, key=lambda s: s.last_pick)
+        w = min(fast, key=lambda s: (s.inflight, s.last_pick))
+        if slow:  # the fast ones may be busy enough that a slow one answers sooner
+            alt = min(slow, key=lambda s: (s.inflight + 1) * s.latency_s[key])
+            if (alt.inflight + 1) * alt.latency_s[key] < (w.inflight + 1) * w.latency_s[key]:
+                return alt
+        return w
+
+    def observe(self, w: WorkerState, ciphertexts: int, seconds: float) -> None:
+        """Fold the wall time of a call that ``w`` answered into its latency estimate."""
+        key = size_class(ciphertexts)
+        with self._lock:
+            old = w.latency_s.get(key)
+            w.latency_s[key] = seconds if old is None or seconds < old else old + LATENCY_ALPHA * (seconds - old)
 
     def release(self, w: WorkerState) -> None:
         with self._lock:
             w.inflight -= 1
 
-    def mark_down(self, w: WorkerState, reason: str) -> None:
+    def mark_down(self, w: WorkerState, reason: str, timed_out: bool = False) -> None:
         with self._lock:
             w.failures += 1
             w.down_until = time.monotonic() + self.retry_after_s
+            w.timed_out = timed_out
         log.warning("worker %s marked down for %.0f s: %s", w.address, self.retry_after_s, reason)
 
     def mark_up(self, w: WorkerState) -> None:
@@ -185,17 +247,21 @@ class WorkerPool:
         """Evaluate ``group`` for every item under its own worker session (its own CKKS keys) on one worker:
         one item is a ``Linear`` RPC, several are one ``LinearBatch`` RPC (cross-session batching).
 
-        The call goes to the least-loaded healthy worker; on any failure it moves to another one (module
+        The call goes to a healthy worker (module docstring: dispatch); on any failure it moves to another one (module
         docstring: failure classes), and a worker that lost the worker sessions (restart, idle expiry) gets them
         reopened once. Returns one reply per item and the worker's compute seconds. Raises
         :class:`WorkerCallError` (without ``worker``) when every worker was tried and none replied."""
         tried: set[str] = set()
         reopened: set[str] = set()
         last: WorkerCallError | None = None
+        size = sum(len(item.ciphertexts) for item in items)
         while True:
-            w = self.pick(tried)
+            w = self.pick(tried, size)
             if w is None:
-                raise WorkerCallError(last.code, last.details) if last else UnavailableError("no CKKS worker available")
+                if last is not None:
+                    raise WorkerCallError(last.code, last.details)
+                raise WorkerCallError(grpc.StatusCode.UNAVAILABLE, f"every CKKS worker is marked down (tried again "
+                                                                   f"after worker_retry_after_s={self.retry_after_s:g} s)")
             try:
                 try:
                     sids = [item.worker_sessions.id_on(w) for item in items]
@@ -206,12 +272,14 @@ class WorkerPool:
                     last = WorkerCallError(exc.code, exc.details)
                     tried.add(w.address)
                     continue
+                started = time.monotonic()
                 if len(items) == 1:
                     reply = w.stub.linear(sids[0], group, items[0].ciphertexts)
                     replies, seconds = [reply], reply.compute_s
                 else:
                     outputs, seconds = w.stub.linear_batch(group, [(sid, item.ciphertexts) for sid, item in zip(sids, items)])
                     replies = [WorkerReply(out, seconds, w.identity) for out in outputs]
+                self.observe(w, size, time.monotonic() - started)
                 self.mark_up(w)
                 with self._lock:
                     self.stats.calls_by_worker[w.address] = self.stats.calls_by_worker.get(w.address, 0) + 1
@@ -225,7 +293,7 @@ class WorkerPool:
                     continue
                 last = exc
                 tried.add(w.address)
-                self.mark_down(w, f"{exc.code.name}: {exc.details}")
+                self.mark_down(w, f"{exc.code.name}: {exc.details}", exc.code == grpc.StatusCode.DEADLINE_EXCEEDED)
                 with self._lock:
                     self.stats.failovers += 1
                 for item in items:
@@ -429,8 +497,13 @@ class WorkerQuarantine:
     def _publish(self, identity: str, entry: dict, done: threading.Event) -> None:
         try:
             if self.path is not None:
-                with self._lock:
-                    self._write(self.path, identity, entry)
+                try:
+                    with self._lock:
+                        self._write(self.path, identity, entry)
+                except OSError as exc:  # disk full, read-only, removed: the quarantine holds in this process anyway
+                    qlog.error("quarantine file %s not written (%s): worker %s stays quarantined in this process "
+                               "only, not yet for other replicas or the next start", self.path,
+                               exc.strerror or type(exc).__name__, identity[:23])
             qlog.warning("worker %s quarantined (%s): its results are discarded and recomputed in the TEE; it is "
                         "refused at the next start", identity[:23], entry["reason"])
         finally:
@@ -450,8 +523,12 @@ class WorkerQuarantine:
                 current.setdefault(identity, entry)
                 self._entries.update(current)
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"format": FORMAT, "workers": current}, indent=1, sort_keys=True))
-                os.replace(tmp, path)
+                try:
+                    tmp.write_text(json.dumps({"format": FORMAT, "workers": current}, indent=1, sort_keys=True))
+                    os.replace(tmp, path)
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # (a partial file from a full disk)
+                    raise
                 st = os.stat(path)
                 self._stamp = (st.st_mtime_ns, st.st_size)
             finally:

@@ -50,7 +50,7 @@ from typing import Iterator
 from google.protobuf.message import DecodeError
 
 from ..attest.binding import compute_report_data
-from ..attest.channel import SUITES, SecureChannel, ServerHandshake
+from ..attest.channel import SUITES, SecureChannel, ServerHandshake, answer_aad
 from ..attest.errors import AttestationError, ChannelClosedError, ChannelError
 from ..attest.evidence import get_provider
 from ..attest.mtls import WorkerEndpoint
@@ -143,7 +143,9 @@ class TrustedReplica:
         self.config_digest = serving_config_digest(cfg, scfg, placement=self.runtime.placement,
                                                    adapter_digest=self.runtime.adapter_digest)
         self.provider = get_provider(scfg.evidence_provider)
-        self.context = context_tokens(self.runtime.model)
+        model_context = context_tokens(self.runtime.model)  # 0: unknown
+        # the context a turn may fill (history + prompt + new tokens): serve.max_context_tokens caps the model's
+        self.context = min(filter(None, (model_context, scfg.max_context_tokens)), default=0)
         self._sessions: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()
@@ -152,7 +154,7 @@ class TrustedReplica:
         # the batcher merges their layer calls; otherwise they run one after another.
         self.batcher = (DecodeBatcher(self.pool, scfg.batch_window_s, scfg.batch_max_rows)
                         if scfg.batch_decode and self.pool is not None else None)
-        self.loop = (StepLoop(self.runtime, cfg.generation.mode, self.batcher, max_concurrent=scfg.max_sessions)
+        self.loop = (StepLoop(self.runtime, cfg.generation.mode, self.batcher, max_concurrent=scfg.replica_sessions)
                      if self.spec.task == "causal-lm" else None)
         log.info("replica %d ready: model %s, %d delegated layers", replica_index, cfg.model, len(self.runtime.sites))
 
@@ -183,7 +185,7 @@ class TrustedReplica:
                 "mean_items_per_batched_call": batching.mean_items if batching else 0.0,
                 "max_items_per_batched_call": batching.max_items if batching else 0,
                 "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pid": os.getpid(),
-                "turns_cancelled": self.turns_cancelled}
+                "turns_cancelled": self.turns_cancelled, "node_id": ray_node_id()}
 
     def session_count(self) -> int:
         with self._lock:
@@ -199,6 +201,10 @@ class TrustedReplica:
             return Refusal(Status.INVALID_ARGUMENT, "nonce must be 16..1024 bytes")
         if len(client_public_key) != 32:
             return Refusal(Status.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
+        limit = self.scfg.replica_sessions  # the front end places no more; this also bounds sessions it lost
+        if self.session_count() >= limit:
+            return Refusal(Status.RESOURCE_EXHAUSTED, f"this replica holds {limit} sessions "
+                                                      f"(max_sessions_per_replica={limit}); try again later")
         try:
             hs = ServerHandshake()
             report_data = compute_report_data(hs.public_key, nonce, self.model_digest, self.config_digest)
@@ -320,11 +326,11 @@ class TrustedReplica:
             raise Rejected(Status.INVALID_ARGUMENT, f"sealed payload is not a valid {body_cls.__name__}") from None
 
     @staticmethod
-    def _refusal(s: _Session, exc: Rejected, reply, aad: bytes) -> bytes | None:
+    def _refusal(exc: Rejected, reply, seal: "_Answer") -> bytes | None:
         """``reply`` (a TokenChunk or EmbedResult) carrying the refusal, sealed; None if the channel is closed."""
         reply.error, reply.error_code = exc.reason, exc.status.value
         try:
-            return s.channel.seal(reply.SerializeToString(), aad)
+            return seal(reply)
         except ChannelError:
             return None
 
@@ -358,17 +364,18 @@ class TrustedReplica:
         try:
             with self._turn(req.session_id) as s:
                 plaintext = self._open(s, req.session_id, req.sealed, AAD_GENERATE)
+                seal = _Answer(s.channel, AAD_CHUNK, req.sealed)
                 try:
-                    yield from self._generate_locked(s, req, self._parse(plaintext, serving_pb2.GenerateBody))
+                    yield from self._generate_locked(s, req, self._parse(plaintext, serving_pb2.GenerateBody), seal)
                 except Rejected as exc:
-                    record = self._refusal(s, exc, serving_pb2.TokenChunk(done=True), AAD_CHUNK)
+                    record = self._refusal(exc, serving_pb2.TokenChunk(done=True), seal)
                     if record is not None:
                         yield SealedReply(record)
                     yield Refusal(exc.status, SEALED_REFUSAL)
         except ClearRefusal as exc:
             yield exc.refusal
 
-    def _generate_locked(self, s: _Session, req: GenerateRequest, body: serving_pb2.GenerateBody):
+    def _generate_locked(self, s: _Session, req: GenerateRequest, body: serving_pb2.GenerateBody, seal: "_Answer"):
         checked = check_generate(body, [] if body.reset_history else s.history, self.runtime.tokenizer, self.limits)
         if body.reset_history:  # only an accepted request changes the conversation
             s.history = []
@@ -402,7 +409,7 @@ class TrustedReplica:
                                                prompt_tokens=len(checked.ids) if event.index == 0 else 0)
                 if finish and not checked.chat:  # commit the turn before the last chunk leaves (the client may hang up)
                     s.history = checked.ids + out.tokens + ([event.token] if eos else [])
-                yield SealedReply(s.channel.seal(chunk.SerializeToString(), AAD_CHUNK))
+                yield SealedReply(seal(chunk))
                 if finish:
                     return  # all tokens or end-of-sequence (the loop ends the turn), or a stop sequence (cancelled below)
         finally:
@@ -440,15 +447,15 @@ class TrustedReplica:
         try:
             with self._turn(req.session_id) as s:
                 plaintext = self._open(s, req.session_id, req.sealed, AAD_EMBED)
+                seal = _Answer(s.channel, AAD_EMBED_RESULT, req.sealed)
                 try:
-                    return self._embed_locked(s, req.session_id, self._parse(plaintext, serving_pb2.EmbedBody))
+                    return self._embed_locked(s, req.session_id, self._parse(plaintext, serving_pb2.EmbedBody), seal)
                 except Rejected as exc:
-                    return Refusal(exc.status, SEALED_REFUSAL, self._refusal(s, exc, serving_pb2.EmbedResult(),
-                                                                             AAD_EMBED_RESULT))
+                    return Refusal(exc.status, SEALED_REFUSAL, self._refusal(exc, serving_pb2.EmbedResult(), seal))
         except ClearRefusal as exc:
             return exc.refusal
 
-    def _embed_locked(self, s: _Session, session_id: bytes, body: serving_pb2.EmbedBody) -> SealedReply:
+    def _embed_locked(self, s: _Session, session_id: bytes, body: serving_pb2.EmbedBody, seal: "_Answer") -> SealedReply:
         texts = check_embed(body, self.runtime.tokenizer, self.limits)
         try:
             with self._embed_lock:
@@ -456,7 +463,7 @@ class TrustedReplica:
         except BifrostError as exc:
             raise self._failed("embedding", session_id, exc) from None
         result = serving_pb2.EmbedResult(vectors=[serving_pb2.Vector(values=v.tolist()) for v in vectors])
-        return SealedReply(s.channel.seal(result.SerializeToString(), AAD_EMBED_RESULT))
+        return SealedReply(seal(result))
 
     def shutdown(self) -> None:
         """Close every session (a running turn ends ABORTED at its next token and then releases its
@@ -490,3 +497,26 @@ def _drain(turn: Turn) -> None:
     for _ in _events(turn):
         pass
 
+
+class _Answer:
+    """Seals the records of the answer to one request, in order: record ``i`` carries
+    :func:`~bifrost.attest.channel.answer_aad` (``kind``, the request, ``i``), so the client opens it only as
+    that record of that answer (and may skip the unread rest of an answer it stopped reading)."""
+
+    def __init__(self, channel: SecureChannel, kind: bytes, request_record: bytes) -> None:
+        self.channel, self.kind, self.request_record, self.index = channel, kind, request_record, 0
+
+    def __call__(self, message) -> bytes:
+        record = self.channel.seal(message.SerializeToString(), answer_aad(self.kind, self.request_record, self.index))
+        self.index += 1
+        return record
+
+
+def ray_node_id() -> str | None:
+    """The id (hex) of the Ray node this process runs on (a Ray actor, or a Ray driver), None without Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported here: a local replica without Ray stays without it
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()

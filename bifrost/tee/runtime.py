@@ -169,7 +169,8 @@ class TrustedRuntime:
         largest an honest worker sends for this model (:func:`~bifrost.tee.link.reply_limit`)."""
         limit = reply_limit(self.cfg.backend, self.params, self.group_shapes(), context_tokens(self.model) or 512)
         return WorkerPool(endpoints, trusted_identity(self.cfg), timeout_s or self.cfg.worker.timeout_s,
-                               retry_after_s, limit, self.quarantine)
+                          retry_after_s, limit, self.quarantine,
+                          try_down_workers=self.cfg.delegation.on_no_worker == "fail")
 
     def operands(self) -> dict:
         """The product check's operands of every site (made on first use, shared by every session)."""
@@ -181,7 +182,8 @@ class TrustedRuntime:
     def new_engine(self, link: WorkerLink) -> DelegationEngine:
         """A session's engine: fresh CKKS keys and check vectors over ``link``, this runtime's model."""
         return DelegationEngine(link, self.cfg.backend, self.params, self.sites, self.groups, self.weights,
-                                verify=self.cfg.verification, quarantine=self.quarantine, operands=self.operands())
+                                verify=self.cfg.verification, quarantine=self.quarantine, operands=self.operands(),
+                                on_no_worker=self.cfg.delegation.on_no_worker)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, sample_seed: int | None = None,
                  mode: str | None = None, stop_at_eos: bool = False) -> GenerationResult:

@@ -20,6 +20,32 @@ SIMULATED_BANNER = (
 )
 
 
+class RunLogHandler(logging.FileHandler):
+    """``serve.log`` in the run folder. A record it cannot write (disk full, folder gone) costs the request that
+    logged it nothing: one line on stderr when writing starts to fail (not a traceback per record), and
+    stderr, the other handler, still gets every record; writing resumes when the disk does."""
+
+    failing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)  # (calls handleError on failure)
+        if not self._failed:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        if not self.failing:
+            self.failing = True
+            exc = sys.exc_info()[1]
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            try:
+                print(f"bifrost serve: cannot write {self.baseFilename} ({reason}); log records go to stderr only "
+                      "until it can", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the attested gRPC API (Ray replicas + CKKS workers)")
     p.add_argument("--config", help="run config YAML (default: configs/default.yaml)")
@@ -48,6 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-num-cpus", type=int,
                    help="CPUs of a locally started Ray (default: replicas x replica_cpus)")
     p.add_argument("--max-sessions", type=int)
+    p.add_argument("--drain-s", type=float, help="on SIGTERM/SIGINT, how long running turns may go on before they "
+                                                 "are stopped (default from serve config: 30)")
     p.add_argument("--evidence", help="evidence provider: auto (tdx/sev-snp from configfs-tsm) | tdx | sev-snp | "
                                       "simulated (development only: not a TEE)")
     p.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the serving port (with --tls-key)")
@@ -83,7 +111,7 @@ def _configs(args):
     changes = {k: v for k, v in {
         "host": args.host, "port": args.port, "local_workers": args.local_workers, "replicas": args.replicas,
         "runtime": args.runtime, "ray_address": args.ray_address, "ray_num_cpus": args.ray_num_cpus,
-        "max_sessions": args.max_sessions, "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
+        "max_sessions": args.max_sessions, "drain_s": args.drain_s, "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
         "evidence_provider": args.evidence}.items() if v is not None}
     if args.workers:
         changes["workers"] = tuple(a.strip() for a in args.workers.split(",") if a.strip())
@@ -122,14 +150,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
     get_provider(scfg.evidence_provider)  # fail fast, in one line, before starting workers and Ray
     app = ServeApp(cfg, scfg, args.run_dir)
-    handler = logging.FileHandler(app.run_dir / "serve.log")
+    handler = RunLogHandler(app.run_dir / "serve.log")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=[handler, logging.StreamHandler(sys.stderr)])
-    stop = threading.Event()
+    stop = threading.Event()   # the first SIGTERM/SIGINT: drain, then exit
+    hurry = threading.Event()  # a second one: end the drain's wait now
+
+    def on_signal(*_) -> None:
+        (hurry if stop.is_set() else stop).set()
 
     def stop_on_signals() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
 
     stop_on_signals()
     app.start()
@@ -146,7 +178,14 @@ def run_serve(args: argparse.Namespace) -> int:
             with open(args.port_file + ".tmp", "w") as f:
                 f.write(str(app.port))
             os.replace(args.port_file + ".tmp", args.port_file)
-        stop.wait()
+        while not stop.wait(3600):  # (a bare wait() would not let the signal handler run)
+            pass
+        print(f"bifrost serve: draining (up to serve.drain_s={scfg.drain_s:g} s; signal again to stop at once)",
+              file=sys.stderr, flush=True)
+        stopped = app.drain(hurry)
+        if stopped:
+            print(f"bifrost serve: {stopped} turn(s) were still running and ended with UNAVAILABLE", file=sys.stderr,
+                  flush=True)
     finally:
         app.stop()
     return 0

@@ -32,7 +32,8 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What a replica accepts: its model's ``task`` and ``context`` (tokens, 0: unknown), the vocabulary
+    """What a replica accepts: its model's ``task`` and ``context`` (tokens a turn may fill: the model's,
+    capped by ``serve.max_context_tokens``; 0: unknown), the vocabulary
     size (0: unknown), the serving limits, and the ``generation:`` config's defaults."""
 
     model: str
@@ -84,7 +85,8 @@ def check_generate(body: serving_pb2.GenerateBody, history: list[int], tokenizer
     ids = prompt_ids if chat else history + prompt_ids  # messages are the whole conversation
     if limits.context and len(ids) + n_new > limits.context:
         raise Rejected(Status.INVALID_ARGUMENT, f"conversation ({len(ids)} tokens) + {n_new} new tokens exceeds "
-                                                f"the model context of {limits.context} tokens; reset the history")
+                                                f"the context of {limits.context} tokens (the model's, or "
+                                                "max_context_tokens); reset the history")
     return GenerateTurn(ids, n_new, sampling, stop, chat, body.sample_seed if body.has_sample_seed else None)
 
 

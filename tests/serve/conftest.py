@@ -87,7 +87,8 @@ def plaintext_greedy(model_name: str, seed: int, ids: list[int], n: int) -> list
 
 class ControlledWorker:
     """A real in-process CKKS worker whose layer calls a test can slow down (a busy or hung worker);
-    counts its layer calls and exposes its open worker session count."""
+    counts its layer calls and exposes its open worker session count. ``gate``: layer calls wait while it is
+    clear (a hung worker a test releases)."""
 
     def __init__(self, run_config, max_sessions: int = 64) -> None:
         import threading
@@ -99,6 +100,8 @@ class ControlledWorker:
         self.delay_s = 0.0       # added to every layer call
         self.next_delay_s = 0.0  # added to the next layer call only
         self.calls = 0
+        self.gate = threading.Event()
+        self.gate.set()
         lock = threading.Lock()
 
         def slowed(inner):
@@ -107,6 +110,7 @@ class ControlledWorker:
                     self.calls += 1
                     extra, self.next_delay_s = self.next_delay_s, 0.0
                 time.sleep(self.delay_s + extra)
+                self.gate.wait()
                 return inner(request, context)
             return call
 

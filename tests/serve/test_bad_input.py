@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from bifrost.proto import serving_pb2
+from bifrost.attest.channel import answer_aad
 from bifrost.proto.wire import AAD_CHUNK, AAD_CLOSE, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_REFUSAL, SEALED_TRAILER
 from bifrost.serve.client import ServingError
 
@@ -38,15 +39,18 @@ def _raw(app, method: str, payload: bytes, metadata=()):
     return _raw_full(app, method, payload, metadata)[:2]
 
 
-def _sealed_refusal(client, method: str, replies, trailers):
-    """The refusal a raw call got sealed, opened with the client's channel (keeps it in step)."""
+def _sealed_refusal(client, method: str, request: bytes, replies, trailers):
+    """The refusal a raw call (its SealedRequest: ``request``) got sealed, opened with the client's channel (keeps
+    it in step)."""
+    sealed = serving_pb2.SealedRequest.FromString(request).sealed
     if method == "Generate":
         assert len(replies) == 1
-        msg = serving_pb2.TokenChunk.FromString(
-            client.channel.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK))
+        msg = serving_pb2.TokenChunk.FromString(client.channel.open(
+            serving_pb2.SealedReply.FromString(replies[0]).sealed, answer_aad(AAD_CHUNK, sealed, 0), True))
         assert msg.done and not msg.token_ids
     else:
-        msg = serving_pb2.EmbedResult.FromString(client.channel.open(trailers[SEALED_TRAILER], AAD_EMBED_RESULT))
+        msg = serving_pb2.EmbedResult.FromString(
+            client.channel.open(trailers[SEALED_TRAILER], answer_aad(AAD_EMBED_RESULT, sealed, 0), True))
         assert not msg.vectors
     return msg.error_code, msg.error
 
@@ -112,7 +116,8 @@ def test_tampered_payload_is_refused_and_changes_nothing(local_app, client_facto
     req.sealed, req.request_id = genuine, "r2"
     code, replies = _raw(local_app, "Generate", req.SerializeToString(), meta)
     assert code == grpc.StatusCode.OK and len(replies) == 1 and entry.used
-    victim.channel.open(serving_pb2.SealedReply.FromString(replies[0]).sealed, AAD_CHUNK)  # keep the client in step
+    victim.channel.open(serving_pb2.SealedReply.FromString(replies[0]).sealed,  # keep the client in step
+                        answer_aad(AAD_CHUNK, genuine, 0), True)
     assert len(victim.chat("hi", 1).tokens) == 1
     assert len(bystander.chat("still here", 2).tokens) == 2
 
@@ -147,7 +152,8 @@ def test_limits_and_malformed_fields_are_invalid_argument(local_app, client_fact
                                     sealed=c.channel.seal(b"\xff\xff\xff", AAD_GENERATE))
     code, msg, replies, _ = _raw_full(local_app, "Generate", bad.SerializeToString(), meta)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and msg == SEALED_REFUSAL
-    assert _sealed_refusal(c, "Generate", replies, {}) == ("INVALID_ARGUMENT", "sealed payload is not a valid GenerateBody")
+    assert _sealed_refusal(c, "Generate", bad.SerializeToString(), replies, {}) == (
+        "INVALID_ARGUMENT", "sealed payload is not a valid GenerateBody")
     assert len(c.chat("fine", 2).tokens) == 2  # the session survives all of that
 
 
@@ -162,7 +168,7 @@ def test_refusals_after_opening_say_nothing_in_cleartext(local_app, client_facto
         (serving_pb2.GenerateBody(prompt="hi", max_new_tokens=33), "INVALID_ARGUMENT", "max_new_tokens 33"),
         (serving_pb2.GenerateBody(prompt="", max_new_tokens=1), "INVALID_ARGUMENT", "the prompt is empty"),
         (serving_pb2.GenerateBody(prompt="x" * 10, max_new_tokens=3), "INVALID_ARGUMENT",
-         "conversation (10 tokens) + 3 new tokens exceeds the model context of 12"),
+         "conversation (10 tokens) + 3 new tokens exceeds the context of 12"),
         # generation parameters (issue 16): every bad one is refused sealed
         (serving_pb2.GenerateBody(prompt="hi", temperature=2.5), "INVALID_ARGUMENT", "temperature must be 0..2"),
         (serving_pb2.GenerateBody(prompt="hi", temperature=-0.1), "INVALID_ARGUMENT", "temperature must be 0..2"),
@@ -183,7 +189,7 @@ def test_refusals_after_opening_say_nothing_in_cleartext(local_app, client_facto
         req = _sealed_req(c, body, f"case-{i}").SerializeToString()
         code, msg, replies, _ = _raw_full(local_app, "Generate", req, meta)
         assert code == getattr(grpc.StatusCode, code_name) and msg == SEALED_REFUSAL, (words, msg)
-        sealed_code, reason = _sealed_refusal(c, "Generate", replies, {})
+        sealed_code, reason = _sealed_refusal(c, "Generate", req, replies, {})
         assert sealed_code == code_name and words in reason
         assert not any(ch.isdigit() for ch in msg)
     assert len(c.chat("fine", 1).tokens) == 1
@@ -238,12 +244,14 @@ def test_bad_embed_requests(local_app, client_factory):
     code, msg = _raw(local_app, "Embed", empty, meta)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in msg
     # authentic, not an EmbedBody: refused with the reason sealed in the trailing metadata
-    code, msg, _, trailers = _raw_full(local_app, "Embed", _embed_req(c, b"\xff\xff\xff"), meta)
+    req = _embed_req(c, b"\xff\xff\xff")
+    code, msg, _, trailers = _raw_full(local_app, "Embed", req, meta)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and msg == SEALED_REFUSAL
-    assert _sealed_refusal(c, "Embed", [], trailers) == ("INVALID_ARGUMENT", "sealed payload is not a valid EmbedBody")
-    code, msg, _, trailers = _raw_full(local_app, "Embed", _embed_req(c, serving_pb2.EmbedBody(texts=["hi"]).SerializeToString()), meta)
+    assert _sealed_refusal(c, "Embed", req, [], trailers) == ("INVALID_ARGUMENT", "sealed payload is not a valid EmbedBody")
+    req = _embed_req(c, serving_pb2.EmbedBody(texts=["hi"]).SerializeToString())
+    code, msg, _, trailers = _raw_full(local_app, "Embed", req, meta)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and msg == SEALED_REFUSAL
-    assert "not an encoder" in _sealed_refusal(c, "Embed", [], trailers)[1]  # gpt2-mini generates
+    assert "not an encoder" in _sealed_refusal(c, "Embed", req, [], trailers)[1]  # gpt2-mini generates
     with pytest.raises(ServingError) as err:  # the SDK raises the sealed reason
         c.embed(["hi"])
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not an encoder" in err.value.details

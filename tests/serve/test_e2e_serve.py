@@ -84,6 +84,23 @@ def test_serve_subprocess_chat_equals_plaintext(served, run_config):
     assert "evidence simulated" in banner and "evidence provider is SIMULATED" in banner
 
 
+def test_serve_and_its_ray_listen_on_loopback_only(served):
+    """`bifrost serve` binds 127.0.0.1, and so does every port of the Ray it starts (GCS, raylet, object manager,
+    core workers, agents), which binds all interfaces unless its node address is the loopback one."""
+    import psutil
+
+    root = psutil.Process(served[0].pid)
+    listening = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            listening += [(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    names = {name for name, _ in listening}
+    assert {"gcs_server", "raylet"} <= names  # Ray's own servers were found among the serve process's children
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
+
+
 def test_chat_cli_refuses_simulated_by_default_and_streams_with_explicit_policy(served, run_config):
     from bifrost.model.digests import model_digest
     from bifrost.model.catalog import resolve

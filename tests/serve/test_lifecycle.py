@@ -14,7 +14,7 @@ from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.proto import serving_pb2
 from bifrost.proto.replica import Attested, AttestRequest
 from bifrost.proto.wire import AAD_EMBED
-from bifrost.serve.client import ServingError
+from bifrost.serve.client import ServingError, SessionLostError
 
 from .conftest import MODEL, connect, plaintext_greedy, wait_until
 
@@ -69,19 +69,18 @@ def test_client_hang_up_stops_the_turn_and_the_next_turn_runs(app_factory, contr
 def test_replica_timeout_closes_the_session_on_the_replica_and_its_workers(app_factory, controlled_worker):
     app = app_factory(worker=controlled_worker.endpoint, replica_timeout_s=1.0)  # (in-process calls: untimed)
     c = connect(app)
-    before = controlled_worker.worker_sessions()
+    c.chat("first", 1)  # (a turn relying on this history is not sent again on a new session)
+    before, lost = controlled_worker.worker_sessions(), c.session_id
     controlled_worker.next_delay_s = 3.0  # the prefill's first layer call hangs past replica_timeout_s
-    with pytest.raises(ServingError) as err:
+    with pytest.raises(SessionLostError) as err:
         c.chat("stuck", 4)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "replica_timeout_s" in err.value.details
-    assert len(app.service.sessions) == 0
+    assert err.value.session_lost == "replica-lost" and err.value.reattested
+    assert app.service.sessions.get(lost) is None and len(app.service.sessions) == 1  # (the client's new one)
+    c.close()
     # the replica closes it too: the turn stops at its next token and releases the CKKS worker session
     wait_until(lambda: app.replicas[0].stats()["sessions"] == 0 and controlled_worker.worker_sessions() == before - 1,
                what="the replica and worker sessions to be released")
-    with pytest.raises(ServingError) as err:
-        c.chat("again", 1)
-    assert err.value.code == grpc.StatusCode.NOT_FOUND
-    c.close()
 
 
 def test_dead_replica_gets_no_new_sessions_and_health_follows(app_factory, worker_factory):
@@ -98,9 +97,8 @@ def test_dead_replica_gets_no_new_sessions_and_health_follows(app_factory, worke
     on = {app.service.sessions.get(c.session_id).replica: c for c in clients}
     assert set(on) == {0, 1}  # least-loaded: one session per replica
     app.replicas[1].kill()
-    with pytest.raises(ServingError) as err:
-        on[1].chat("hello", 1)
-    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)  # (the probe may be first)
+    assert len(on[1].chat("hello", 1).tokens) == 1  # its session was lost before its first turn: sent again
+    assert on[1].session_losses == 1 and app.service.sessions.get(on[1].session_id).replica == 0
     assert app.service.sessions.live_replicas() == [0]
     fresh = [connect(app) for _ in range(3)]  # all on the live replica, none lost to the dead one
     assert {app.service.sessions.get(c.session_id).replica for c in fresh} == {0}

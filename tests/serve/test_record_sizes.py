@@ -8,7 +8,7 @@ import secrets
 import grpc
 
 from bifrost.attest.binding import compute_report_data
-from bifrost.attest.channel import ClientHandshake, ServerHandshake, record_size
+from bifrost.attest.channel import ClientHandshake, ServerHandshake, answer_aad, record_size
 from bifrost.proto import serving_pb2
 from bifrost.proto.wire import AAD_CHUNK, AAD_GENERATE
 
@@ -60,8 +60,9 @@ def test_a_served_stream_has_one_record_size(local_app, client_factory):
         with grpc.insecure_channel(f"127.0.0.1:{local_app.port}") as ch:
             replies = list(ch.unary_stream("/bifrost.serving.v1.BifrostServing/Generate")(
                 req.SerializeToString(), metadata=(("authorization", f"Bearer {c.token}"),), timeout=120))
-        chunks = [serving_pb2.TokenChunk.FromString(
-            c.channel.open(serving_pb2.SealedReply.FromString(r).sealed, AAD_CHUNK)) for r in replies]
+        chunks = [serving_pb2.TokenChunk.FromString(c.channel.open(
+            serving_pb2.SealedReply.FromString(r).sealed, answer_aad(AAD_CHUNK, req.sealed, i), i == 0))
+            for i, r in enumerate(replies)]
         assert len(chunks) == 5 and chunks[-1].done and chunks[0].prompt_tokens > 0
         sizes += [len(serving_pb2.SealedReply.FromString(r).sealed) for r in replies]
     assert set(sizes) == {record_size(0)}

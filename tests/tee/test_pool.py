@@ -127,8 +127,8 @@ def test_an_error_status_moves_the_call_and_is_held_against_no_one(make_worker, 
 
 
 def test_all_workers_down_computes_in_the_tee_without_a_hang(make_worker, run_config):
-    """With every worker gone, each product is computed in the TEE: the tokens are plaintext's, nothing is
-    quarantined, and every call was tried on the worker first (no reply: availability)."""
+    """With every worker gone, each product is computed in the TEE: the tokens are plaintext's and nothing is
+    quarantined (no reply: availability). Once the worker is marked down, calls go straight to the TEE."""
     (server_a, a), = [make_worker()]
     worker_sessions = WorkerSessions.from_endpoints([a], timeout_s=5)
     rt = TrustedRuntime(run_config.replace(model=MODEL), worker_sessions, reference=True)

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from bifrost.attest.channel import ClientHandshake
+from bifrost.attest.channel import ClientHandshake, answer_aad
 from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.proto import serving_pb2
 from bifrost.proto.replica import (AttestRequest, Attested, CancelRequest, CloseIdle, DropSession, GenerateRequest,
@@ -44,6 +44,16 @@ def plain(run_config):
     return load_model(resolve(MODEL), run_config.seed)
 
 
+@pytest.fixture(autouse=True)
+def _close_sessions(request):
+    """Each test's sessions end with it: the replica holds at most max_sessions_per_replica (4) at once."""
+    yield
+    if "replica" in request.fixturenames:
+        r = request.getfixturevalue("replica")
+        for sid in list(r._sessions):
+            r.drop_session(DropSession(sid))
+
+
 class _Client:
     """The client's half of one session."""
 
@@ -57,16 +67,20 @@ class _Client:
 
     def request(self, request_id: str = "", **body) -> GenerateRequest:
         sealed = self.channel.seal(serving_pb2.GenerateBody(**body).SerializeToString(), AAD_GENERATE)
+        self.answer, self.index = sealed, 0  # the records that follow answer this request, from index 0
         return GenerateRequest(self.session_id, sealed, request_id)
 
     def chunks(self, items) -> tuple[list[serving_pb2.TokenChunk], Refusal | None]:
+        """Open the (next) records of the answer to the last request."""
         chunks, refusal = [], None
         for item in items:
             if isinstance(item, Refusal):
                 refusal = item
             else:
                 assert isinstance(item, SealedReply)
-                chunks.append(serving_pb2.TokenChunk.FromString(self.channel.open(item.record, AAD_CHUNK)))
+                aad = answer_aad(AAD_CHUNK, self.answer, self.index)
+                chunks.append(serving_pb2.TokenChunk.FromString(self.channel.open(item.record, aad, self.index == 0)))
+                self.index += 1
         return chunks, refusal
 
 
@@ -99,12 +113,27 @@ def test_a_stop_sequence_ends_the_turn_before_it(replica):
     assert chunks[-1].done and chunks[-1].finish_reason == "stop" and len(chunks) < 8
 
 
+def test_the_next_turn_opens_after_a_turn_the_client_stopped_reading(replica, plain):
+    """A client that stops reading a turn whose next records the replica already sealed (a cancel racing the
+    stream): its next turn's answer skips them and opens, with the plaintext-equal tokens."""
+    c = _Client(replica)
+    stream = replica.generate(c.request("left", prompt="left unread", max_new_tokens=8))
+    first, unread = next(stream), next(stream)  # both sealed; the client opens only the first
+    assert isinstance(unread, SealedReply) and len(c.chunks([first])[0]) == 1
+    assert replica.cancel(CancelRequest(c.session_id, "left"))
+    list(stream)  # the rest of that answer, never opened
+    chunks, refusal = c.chunks(replica.generate(c.request("next", prompt="read this", max_new_tokens=3,
+                                                          reset_history=True)))
+    want = plaintext_greedy_tokens(plain, ByteTokenizer().encode("read this"), 3)
+    assert refusal is None and [t for ch in chunks for t in ch.token_ids] == want
+
+
 def test_a_cancel_request_stops_the_running_turn_and_nothing_more_is_streamed(replica):
     c = _Client(replica)
     before = replica.stats()["turns_cancelled"]
     stream = replica.generate(c.request("turn-1", prompt="cancel me", max_new_tokens=16))
     first = next(stream)
-    assert isinstance(first, SealedReply)
+    assert isinstance(first, SealedReply) and len(c.chunks([first])[0]) == 1
     assert replica.cancel(CancelRequest(c.session_id, "turn-1"))
     rest, refusal = c.chunks(stream)
     assert refusal is None and len(rest) < 15 and not any(ch.done for ch in rest)

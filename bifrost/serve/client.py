@@ -17,13 +17,17 @@ reason came through the attested channel (the cleartext status only says "reques
 
 Session lost: an answer carrying the server's session-lost marker (trailing metadata ``bifrost-session-lost``:
 its replica or node was lost, the front end restarted or forgot the session, the token expired) makes the
-client attest a new session at once. The request is then sent again, once, only where that is safe: an
-Embed, or a turn none of whose output reached the caller and that does not rely on the lost session's
-conversation history (the session's first turn, ``reset_history=True``, or ``messages=``). Otherwise it
-raises :class:`SessionLostError` (which says whether the history went with the session and whether the
-streamed output is partial); the client then holds the new session and is usable. ``on_session_lost`` is
-told of every loss (:class:`SessionLoss`). The marker is cleartext: a forged one costs a re-attestation
-and at most one repeated run of a request that had not produced anything.
+client close the old session (best effort: the marker may be forged and the session alive) and attest a new
+one, which must carry the same model and serving-config digests as the lost one (else nothing is sent and the
+caller must call ``attest()``: a forged marker cannot move it to another pinned configuration). The request is
+then sent again, once, only where that is safe: an Embed, or a turn none of whose output reached the caller and
+that does not read the lost session's conversation history (the session's first turn, ``reset_history=True``, or
+``messages=``; a prompt turn counts as history from the moment it is sent). Otherwise it raises
+:class:`SessionLostError` (which says whether the history went with the session and whether the streamed output
+is partial); the client then holds the new session and is usable. ``on_session_lost`` is told of every loss
+(:class:`SessionLoss`). The marker is cleartext: a forged one costs a re-attestation and at most one repeated
+run of a request that had produced nothing; an unknown marker value is kept as ``"unrecognized"``. A status
+after a verified final chunk changes nothing: the answer is whole.
 
 TLS: ``tls_ca_file`` (PEM) or ``tls_root_certificates`` (PEM bytes) connects with TLS, verifying the
 server certificate against those roots. TLS hides the bearer token and gRPC metadata from the network;
@@ -49,7 +53,7 @@ from ..attest.verdict import Evidence, Verdict, verify_evidence
 from ..errors import BifrostError, RefusedError, UnavailableError, UserError
 from ..proto import serving_pb2, serving_pb2_grpc
 from ..proto.wire import (AAD_CHUNK, AAD_CLOSE, AAD_EMBED, AAD_EMBED_RESULT, AAD_GENERATE, SEALED_TRAILER,
-                          SESSION_LOST_TRAILER, serving_options)
+                          SESSION_LOST_REASONS, SESSION_LOST_TRAILER, serving_options)
 
 
 class ServingError(BifrostError):
@@ -102,8 +106,8 @@ def _rpc_error(exc: grpc.RpcError, tls: bool) -> ServingError:
     code, details = exc.code(), exc.details() or ""
     trailers = cast("tuple[tuple[str, str | bytes], ...]", getattr(exc, "trailing_metadata", lambda: None)() or ())
     lost = dict(trailers).get(SESSION_LOST_TRAILER)
-    if isinstance(lost, str) and lost:
-        return ServingError(code, details, session_lost=lost[:64])
+    if isinstance(lost, str) and lost:  # cleartext: only a known reason is ever kept (and printed)
+        return ServingError(code, details, session_lost=lost if lost in SESSION_LOST_REASONS else "unrecognized")
     if code == grpc.StatusCode.UNAVAILABLE and any(w in details.lower() for w in ("connect", "handshake", "socket")):
         hint = ("check that the server uses TLS, that the CA file holds its certificate's issuer and that the "
                 "certificate names this address" if tls else
@@ -164,6 +168,7 @@ class BifrostClient:
         self.token: str | None = None
         self.verdict: Verdict | None = None
         self.model_digest: bytes | None = None
+        self.serving_config_digest: bytes | None = None
         self._lock = threading.Lock()    # one request at a time on this client's session
         self._holder: int | None = None  # thread id holding _lock
         self._history = False            # the session holds conversation history (a prompt turn ran on it)
@@ -233,16 +238,26 @@ class BifrostClient:
         if self.channel is not None:
             self.channel.close("replaced by a new session")
         self.channel, self.session_id, self.token = channel, reply.session_id, reply.token
-        self.verdict, self.model_digest = verdict, reply.model_digest
+        self.verdict, self.model_digest, self.serving_config_digest = verdict, reply.model_digest, reply.serving_config_digest
         self._history = False
         return verdict
 
-    def _replace_lost_session(self, exc: ServingError, *, retry: bool, partial: bool) -> None:
-        """The server lost the session (``exc`` carries its marker): attest a new one; return when the request
-        is to be sent again (``retry``), else raise :class:`SessionLostError`."""
-        held = self._history
+    def _replace_lost_session(self, exc: ServingError, *, retry: bool, partial: bool, held: bool) -> None:
+        """The server lost the session (``exc`` carries its marker; ``held``: it held conversation history before
+        this request): close it there in case it was not lost after all (the marker is cleartext), attest a new one
+        with the same model and serving configuration; return when the request is to be sent again (``retry``),
+        else raise :class:`SessionLostError`."""
+        self._close_quietly(timeout_s=min(self.timeout, 10.0))
+        model, config = self.model_digest, self.serving_config_digest
         try:
             self._attest()
+            if (self.model_digest, self.serving_config_digest) != (model, config):
+                self._close_quietly(timeout_s=min(self.timeout, 10.0))
+                raise RefusedError("the new session attested another model or serving configuration than the lost "
+                                   "one; call attest() to accept it")
+        except BifrostError as err:
+            raise SessionLostError(exc, partial=partial, history_lost=held, reattested=False,
+                                   reattest_error=err) from None
         except BifrostError as err:
             raise SessionLostError(exc, partial=partial, history_lost=held, reattested=False,
                                    reattest_error=err) from None
@@ -286,20 +301,22 @@ class BifrostClient:
                 self.history_lost = False
             yielded = False
             for attempt in (0, 1):
+                had_history = self._history  # what this turn reads, unless it resets it or brings messages
+                if not messages:  # from the moment it is sent, the session may hold this turn (its record opened)
+                    self._history = True
                 try:
                     with contextlib.closing(self._turn(body)) as turn:  # closed (call cancelled) if the caller stops
                         for ev in turn:
                             yielded = True
                             yield ev
-                    if not messages:
-                        self._history = True  # the turn is in the session's conversation history
                     return
                 except ServingError as exc:
                     if not exc.session_lost:
                         raise
-                    relies_on_history = self._history and not reset_history and not messages
+                    relies_on_history = had_history and not reset_history and not messages
+                    held = had_history
                     self._replace_lost_session(exc, retry=attempt == 0 and not yielded and not relies_on_history,
-                                               partial=yielded)
+                                               partial=yielded, held=held)
 
     def _turn(self, body: serving_pb2.GenerateBody) -> Generator[StreamEvent, None, None]:
         """One Generate call on the current session (the caller holds the request lock)."""
@@ -322,6 +339,8 @@ class BifrostClient:
                     yield StreamEvent(list(chunk.token_ids), chunk.text, time.perf_counter(), chunk.token_seconds,
                                       chunk.finish_reason, chunk.prompt_tokens)
         except grpc.RpcError as exc:
+            if done:  # the whole answer arrived, verified: a status after its final chunk changes nothing
+                return
             raise _rpc_error(exc, self.tls) from None
         finally:
             call.cancel()  # no-op when complete; stops the server's generation when the caller stops early
@@ -364,7 +383,7 @@ class BifrostClient:
                 except ServingError as exc:
                     if not exc.session_lost:
                         raise
-                    self._replace_lost_session(exc, retry=attempt == 0, partial=False)
+                    self._replace_lost_session(exc, retry=attempt == 0, partial=False, held=self._history)
         if result.error:
             raise _sealed_error(result.error_code, result.error)
         return np.array([list(v.values) for v in result.vectors])
@@ -394,20 +413,26 @@ class BifrostClient:
         if not own and not self._lock.acquire(timeout=self.timeout):
             raise UnavailableError(f"another request on this client did not finish within timeout_s={self.timeout:g}")
         try:
-            channel, self.channel = self.channel, None
-            if channel is not None:
-                try:
-                    sealed = channel.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
-                    self._rpc(self.stub.CloseSession, serving_pb2.SealedRequest(
-                        session_id=self.session_id, request_id=secrets.token_hex(16), sealed=sealed),
-                        metadata=self._meta())
-                except BifrostError:  # best effort: the server drops idle sessions anyway
-                    pass
-                channel.close("client closed")
+            self._close_quietly()
             self.grpc_channel.close()
         finally:
             if not own:
                 self._lock.release()
+
+    def _close_quietly(self, timeout_s: float | None = None) -> None:
+        """Close the current session on the server (a sealed CloseBody; best effort: the server drops idle
+        sessions anyway) and its channel here."""
+        channel, self.channel = self.channel, None
+        if channel is None:
+            return
+        try:
+            sealed = channel.seal(serving_pb2.CloseBody().SerializeToString(), AAD_CLOSE)
+            self.stub.CloseSession(serving_pb2.SealedRequest(session_id=self.session_id,
+                                                             request_id=secrets.token_hex(16), sealed=sealed),
+                                   metadata=self._meta(), timeout=timeout_s or self.timeout)
+        except (BifrostError, grpc.RpcError):
+            pass
+        channel.close("client closed")
 
     def __enter__(self) -> "BifrostClient":
         return self

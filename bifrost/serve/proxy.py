@@ -84,10 +84,12 @@ STATUS_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
 REATTEST_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
 
 
-def _reattest_and_retry(exc: ServingError) -> bool:
+def _reattest_and_retry(exc: ServingError, client: BifrostClient, losses_before: int) -> bool:
     """Whether a failure before anything was streamed is retried on a re-attested session: an expired or
-    dropped session, unless the SDK already replaced a lost session and retried (:class:`SessionLostError`)."""
-    return exc.code in REATTEST_CODES and not isinstance(exc, SessionLostError)
+    dropped session without the session-lost marker, and only when the SDK has not already replaced a lost
+    session during this request (one request is sent at most twice, whoever retries it)."""
+    return (exc.code in REATTEST_CODES and not isinstance(exc, SessionLostError) and not exc.session_lost
+            and getattr(client, "session_losses", 0) == losses_before)
 
 # optional keyword arguments of BifrostClient.generate, by OpenAI parameter (passed only when set)
 SDK_PARAMS = ("messages", "temperature", "top_p", "top_k", "stop")
@@ -475,11 +477,12 @@ class CompletionStream:
     def open(self) -> "CompletionStream":
         client = self.client
         assert client is not None  # open() runs once, on the session acquired in __init__
+        losses = getattr(client, "session_losses", 0)
         try:
             try:
                 ev = self._start(client)
             except ServingError as exc:
-                if not _reattest_and_retry(exc):
+                if not _reattest_and_retry(exc, client, losses):
                     raise
                 if self.gen is not None:
                     self.gen.close()
@@ -673,11 +676,12 @@ def create_app(pool: SessionPool, access: ProxyAccess | None = None):
 
 def _embed(pool: SessionPool, texts: list[str]) -> np.ndarray:
     client = pool.acquire()
+    losses = getattr(client, "session_losses", 0)
     try:
         try:
             return client.embed(texts)
         except ServingError as exc:
-            if not _reattest_and_retry(exc):
+            if not _reattest_and_retry(exc, client, losses):
                 raise
             pool.reattest(client)
             return client.embed(texts)

@@ -120,7 +120,7 @@ class ServingService:
         self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="session-sweeper")
         self._sweeper.start()
         self.draining = threading.Event()  # set by drain(): no new session or request is accepted
-        self._turns: dict[tuple[bytes, str], _RunningTurn] = {}  # Generate turns in progress
+        self._turns: set[_Running] = set()  # Generate and Embed requests in progress (drain waits for them)
         self._turns_cv = threading.Condition()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -242,7 +242,9 @@ class ServingService:
     def _refuse_if_draining(self, session: bool = True) -> None:
         """UNAVAILABLE while draining; ``session``: the request names a session, which ends with this process."""
         if self.draining.is_set():
-            raise Abort(grpc.StatusCode.UNAVAILABLE, DRAINING, trailers=session_lost("server-draining") if session else ())
+            if session:
+                raise Abort(grpc.StatusCode.UNAVAILABLE, "session lost: " + DRAINING, trailers=session_lost("server-draining"))
+            raise Abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
 
     def Attest(self, req, context):
         self._refuse_if_draining(session=False)
@@ -252,12 +254,15 @@ class ServingService:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
         tried: set[int] = set()
         unreachable = 0  # replicas that did not answer (their node may be lost before Ray says so)
+        full: Refusal | None = None  # a replica's own RESOURCE_EXHAUSTED (it still holds sessions closed here)
         while True:
             try:
                 r = self.sessions.reserve(tried)
             except SessionLimitError as exc:
                 raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
             except NoReplicaError:
+                if full is not None:
+                    raise Abort(GRPC_CODES[full.status], full.message) from None
                 if unreachable:
                     raise Abort(grpc.StatusCode.UNAVAILABLE, f"replica unavailable ({unreachable} did not "
                                                              "answer); try again later") from None
@@ -281,6 +286,11 @@ class ServingService:
             except BaseException:
                 self.sessions.cancel(r)
                 raise
+            if isinstance(out, Refusal) and out.status is Status.RESOURCE_EXHAUSTED:
+                self.sessions.cancel(r)
+                full = out
+                tried.add(r)  # the others may have room
+                continue
             break
         if isinstance(out, Refusal):
             self.sessions.cancel(r)
@@ -301,9 +311,29 @@ class ServingService:
             serving_config_digest=out.serving_config_digest, session_id=out.session_id, token=token,
             token_expires_at=int(now) + self.scfg.token_lifetime_s, suite=out.suite)
 
+    def _admit(self, entry, request_id: str, turn: bool) -> "_Running":
+        """Count a request in progress (what :meth:`drain` waits for); refused while draining (one lock for
+        both, so no request starts unseen by a drain)."""
+        with self._turns_cv:
+            self._refuse_if_draining()
+            running = _Running(entry.replica, entry.session_id, request_id, turn)
+            self._turns.add(running)
+        return running
+
+    def _retire(self, running: "_Running") -> None:
+        with self._turns_cv:
+            self._turns.discard(running)
+            self._turns_cv.notify_all()
+
     def Generate(self, req, context):
         entry = self._check_sealed_request(req, context)
-        self._refuse_if_draining()
+        running = self._admit(entry, req.request_id, turn=True)
+        try:
+            yield from self._generate(req, context, entry, running)
+        finally:
+            self._retire(running)
+
+    def _generate(self, req, context, entry, running: "_Running"):
         sid, rid = entry.session_id, req.request_id
         finished = threading.Event()  # the turn ended on the replica (or will not run)
         cancel_sent = threading.Event()
@@ -329,9 +359,6 @@ class ServingService:
             raise unknown_session()
         stream = None
         opened = False  # the replica answered with a sealed record: it opened this request's record
-        running = _RunningTurn(entry.replica, sid, rid)
-        with self._turns_cv:
-            self._turns[(sid, rid)] = running
         try:
             while True:
                 try:
@@ -341,7 +368,7 @@ class ServingService:
                 except StopIteration:
                     finished.set()
                     if running.ended_by_drain:  # stopped by the drain's deadline: never a silently short stream
-                        raise Abort(grpc.StatusCode.UNAVAILABLE, f"the server shut down before this turn finished "
+                        raise Abort(grpc.StatusCode.UNAVAILABLE, f"session lost: the server shut down before this turn finished "
                                                                  f"(serve.drain_s={self.scfg.drain_s:g} s); attest again",
                                     trailers=session_lost("server-draining"))
                     return
@@ -364,13 +391,16 @@ class ServingService:
             raise
         finally:
             self.sessions.end(sid, opened, turn=True)
-            with self._turns_cv:
-                self._turns.pop((sid, rid), None)
-                self._turns_cv.notify_all()
 
     def Embed(self, req, context):
         entry = self._check_sealed_request(req, context)
-        self._refuse_if_draining()
+        running = self._admit(entry, req.request_id, turn=False)
+        try:
+            return self._embed(req, entry)
+        finally:
+            self._retire(running)
+
+    def _embed(self, req, entry):
         if self.sessions.begin(entry.session_id) is None:
             raise unknown_session()
         item = None
@@ -450,16 +480,16 @@ class ServingService:
         works), let running turns finish for up to ``grace_s`` seconds (less if ``abort`` is set), then stop the
         rest between tokens: their streams end with UNAVAILABLE, never silently short. Returns how many turns
         were stopped that way."""
-        self.draining.set()
         deadline = time.monotonic() + grace_s
         with self._turns_cv:
-            log.info("draining: %d turn(s) running, waiting up to serve.drain_s=%g s", len(self._turns), grace_s)
+            self.draining.set()  # (under the lock _admit takes: no request starts unseen)
+            log.info("draining: %d request(s) running, waiting up to serve.drain_s=%g s", len(self._turns), grace_s)
             while self._turns and not (abort is not None and abort.is_set()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._turns_cv.wait(min(left, 0.1))
-            stopped = list(self._turns.values())
+            stopped = [r for r in self._turns if r.turn]  # (an Embed left running is cut when the server stops)
             for turn in stopped:
                 turn.ended_by_drain = True
         for turn in stopped:
@@ -497,13 +527,15 @@ class ServingService:
 DRAINING = "the server is shutting down (draining); attest to another instance or try again later"
 
 
-@dataclass
-class _RunningTurn:
-    """A Generate turn in progress (what :meth:`ServingService.drain` waits for, or stops)."""
+@dataclass(eq=False)
+class _Running:
+    """A Generate (``turn``) or Embed request in progress: what :meth:`ServingService.drain` waits for, or stops.
+    Compared by identity: two requests with one (client-chosen) request id are two entries."""
 
     replica: int
     session_id: bytes
     request_id: str
+    turn: bool
     ended_by_drain: bool = False
 
 

@@ -153,13 +153,14 @@ class ServeApp:
         os.environ.update(env)
         import ray
         from ray._private import ray_constants
-        from ray._raylet import Config  # type: ignore[attr-defined]  # not in ray's stubs
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in ray's stubs
 
         Config.initialize("")  # Ray caches its config at import: make it see the auth settings above
-        # (read at import too: the same setting for a Ray imported before the environment was set)
-        self._saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        AuthenticationTokenLoader.instance().reset_cache()  # and its token, per process (an earlier Ray's)
         if not ray.is_initialized():
+            # (read at import too: the same setting for a Ray imported before the environment was set)
+            self._saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+            ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(_temp_dir=str(ray_dir), include_dashboard=False, num_cpus=self.scfg.local_ray_cpus,
                      log_to_driver=False)
             self.ray_started = True
@@ -192,22 +193,24 @@ class ServeApp:
             except Exception:  # noqa: BLE001 - best effort
                 pass
         self.replicas = []
-        if self.ray_started:
-            import ray
+        try:
+            if self.ray_started:
+                import ray
 
-            ray.shutdown()
-            self.ray_started = False
-        if self._saved_cluster_flag is not None:
-            from ray._private import ray_constants
+                self.ray_started = False
+                ray.shutdown()
+        finally:  # this process's settings back as they were, whatever Ray's shutdown did
+            if self._saved_cluster_flag is not None:
+                from ray._private import ray_constants
 
-            ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_flag
-            self._saved_cluster_flag = None
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        self._saved_env = {}
+                ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_flag
+                self._saved_cluster_flag = None
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self._saved_env = {}
         for w in self.local_workers:
             w.stop()
         self.local_workers = []

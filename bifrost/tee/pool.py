@@ -28,6 +28,8 @@ without it (so a worker that recovered is used again: one fast answer makes it f
 the others thus gets about one call in ``PROBE_EVERY`` instead of every other one. The estimates are the workers'
 own timing (nothing secret: a CKKS product takes the same time whatever the plaintext); a worker that answers
 slowly gets fewer calls, which it can see, as it can see the timing of the requests (quarantine section below).
+A quarantined worker counts as no faster than the fastest honest one, so a worker that answers garbage at once
+does not draw the traffic to itself (every such answer would be recomputed in the TEE).
 
 Workers in the quarantine file when the pool is built (caught deviating in an earlier run or by
 another replica before this one started) are refused outright. Workers quarantined while it runs stay in
@@ -175,16 +177,22 @@ class WorkerPool:
         unknown = [w for w in live if key not in w.latency_s]
         if unknown:
             return min(unknown, key=lambda s: (s.inflight, s.last_pick))
-        best = min(w.latency_s[key] for w in live)
-        fast = [w for w in live if w.latency_s[key] <= SLOW_FACTOR * best]
-        slow = [w for w in live if w.latency_s[key] > SLOW_FACTOR * best]
+        # A quarantined worker's answers are discarded, so answering fast (garbage, at once) must not win it the
+        # traffic: the fastest honest worker sets the baseline, and it counts as no faster than that.
+        caught = {w.address for w in live if w.identity in self.quarantine}
+        honest = [w.latency_s[key] for w in live if w.address not in caught]
+        floor = min(honest) if honest else 0.0
+        est = {w.address: max(w.latency_s[key], floor) if w.address in caught else w.latency_s[key] for w in live}
+        best = min(est.values())
+        fast = [w for w in live if est[w.address] <= SLOW_FACTOR * best]
+        slow = [w for w in live if est[w.address] > SLOW_FACTOR * best]
         due = [w for w in slow if self._picks - w.last_pick > PROBE_EVERY]
         if due:
             return min(due, key=lambda s: s.last_pick)
         w = min(fast, key=lambda s: (s.inflight, s.last_pick))
         if slow:  # the fast ones may be busy enough that a slow one answers sooner
-            alt = min(slow, key=lambda s: (s.inflight + 1) * s.latency_s[key])
-            if (alt.inflight + 1) * alt.latency_s[key] < (w.inflight + 1) * w.latency_s[key]:
+            alt = min(slow, key=lambda s: (s.inflight + 1) * est[s.address])
+            if (alt.inflight + 1) * est[alt.address] < (w.inflight + 1) * est[w.address]:
                 return alt
         return w
 

@@ -103,6 +103,7 @@ class _Session:
     request_id: str = ""
     cancelled: collections.deque = field(default_factory=lambda: collections.deque(maxlen=CANCELLED_REMEMBERED))
     last_used: float = field(default_factory=time.monotonic)
+    turns: int = 0           # Generate records opened on this session (serve.max_turns_per_session)
 
     def start(self, turn: Turn, request_id: str) -> bool:
         """Make ``turn`` the running one; False (and nothing changes) when it was cancelled or the session
@@ -147,6 +148,7 @@ class TrustedReplica:
         # the context a turn may fill (history + prompt + new tokens): serve.max_context_tokens caps the model's
         self.context = min(filter(None, (model_context, scfg.max_context_tokens)), default=0)
         self._sessions: dict[bytes, _Session] = {}
+        self._attesting = 0  # Attests past the session limit check, not yet in _sessions
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()
         self.turns_cancelled = 0
@@ -202,9 +204,18 @@ class TrustedReplica:
         if len(client_public_key) != 32:
             return Refusal(Status.INVALID_ARGUMENT, "client_public_key must be a 32-byte raw X25519 key")
         limit = self.scfg.replica_sessions  # the front end places no more; this also bounds sessions it lost
-        if self.session_count() >= limit:
-            return Refusal(Status.RESOURCE_EXHAUSTED, f"this replica holds {limit} sessions "
-                                                      f"(max_sessions_per_replica={limit}); try again later")
+        with self._lock:  # a slot is taken before the (slow) handshake, so concurrent Attests cannot exceed it
+            if len(self._sessions) + self._attesting >= limit:
+                return Refusal(Status.RESOURCE_EXHAUSTED, f"this replica holds {limit} sessions "
+                                                          f"(max_sessions_per_replica={limit}); try again later")
+            self._attesting += 1
+        try:
+            return self._attest(nonce, client_public_key, suite)
+        finally:
+            with self._lock:
+                self._attesting -= 1
+
+    def _attest(self, nonce: bytes, client_public_key: bytes, suite: str) -> Attested | Refusal:
         try:
             hs = ServerHandshake()
             report_data = compute_report_data(hs.public_key, nonce, self.model_digest, self.config_digest)
@@ -376,6 +387,10 @@ class TrustedReplica:
             yield exc.refusal
 
     def _generate_locked(self, s: _Session, req: GenerateRequest, body: serving_pb2.GenerateBody, seal: "_Answer"):
+        s.turns += 1  # the limit bound into the serving-config digest holds here, whatever the front end counts
+        if s.turns > self.scfg.max_turns_per_session:
+            raise Rejected(Status.RESOURCE_EXHAUSTED, f"this session had max_turns_per_session="
+                                                      f"{self.scfg.max_turns_per_session} turns; attest a new session")
         checked = check_generate(body, [] if body.reset_history else s.history, self.runtime.tokenizer, self.limits)
         if body.reset_history:  # only an accepted request changes the conversation
             s.history = []

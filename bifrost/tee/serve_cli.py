@@ -157,7 +157,12 @@ def run_serve(args: argparse.Namespace) -> int:
     hurry = threading.Event()  # a second one: end the drain's wait now
 
     def on_signal(*_) -> None:
-        (hurry if stop.is_set() else stop).set()
+        if not stop.is_set():
+            stop.set()
+            return
+        hurry.set()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a third signal ends the process at once (the OS default)
+            signal.signal(sig, signal.SIG_DFL)
 
     def stop_on_signals() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -142,26 +142,29 @@ def test_a_dropped_answer_chunk_is_detected_by_the_client() -> None:
 
 def test_the_next_answer_may_skip_an_unread_one_and_only_its_own_first_record_opens() -> None:
     """A client stops reading answer A after its first record (a cancelled turn) while the server sealed two more.
-    The first record of the next answer, B, skips them: it opens as B's record 0. Nothing else opens in its place
-    (each on a fresh client channel, since a bad record closes it): an unread record of A, B's second record (B's
-    first dropped), or B's first under another request's binding; and within an answer gaps are still refused."""
+    A second answer, A2, is never read at all. The first record of the next answer, B, skips them: it opens as B's
+    record 0. Nothing else opens in its place (each on a fresh client channel, since a bad record closes it): A2's
+    record 0 (the same index: only the request binding tells them apart), B's second record (B's first dropped),
+    or B's first under another request's binding; and within an answer gaps are still refused."""
     for attack in (None, "old answer", "first dropped", "other request", "gap inside"):
         c, s = pair()
         a = c.seal(b"turn A", b"req")
         s.open(a, b"req")
         a_records = [s.seal(b"a%d" % i, answer_aad(b"chunk", a, i)) for i in range(3)]
         assert c.open(a_records[0], answer_aad(b"chunk", a, 0), first_of_answer=True) == b"a0"
+        skipped = c.seal(b"turn A2, cancelled before any record was read", b"req")
+        s.open(skipped, b"req")
+        unread0 = s.seal(b"a2-0", answer_aad(b"chunk", skipped, 0))  # index 0 too: only the request differs
         b = c.seal(b"turn B", b"req")
         s.open(b, b"req")
         b0, b1, b2 = (s.seal(b"b%d" % i, answer_aad(b"chunk", b, i)) for i in range(3))
-        a1 = a_records[1]
         if attack is None:
             assert c.open(b0, answer_aad(b"chunk", b, 0), first_of_answer=True) == b"b0"
             assert c.open(b1, answer_aad(b"chunk", b, 1)) == b"b1"
             continue
         with pytest.raises(ChannelError):
             if attack == "old answer":
-                c.open(a1, answer_aad(b"chunk", b, 0), first_of_answer=True)
+                c.open(unread0, answer_aad(b"chunk", b, 0), first_of_answer=True)
             elif attack == "first dropped":
                 c.open(b1, answer_aad(b"chunk", b, 0), first_of_answer=True)
             elif attack == "other request":

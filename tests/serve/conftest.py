@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 MODEL = "gpt2-mini"
@@ -182,3 +186,21 @@ def ray_default_dirs_listing() -> dict[str, list[str] | None]:
     for root in (Path.home() / ".ray", Path("/tmp/ray")):
         out[str(root)] = sorted(str(p) for p in root.iterdir()) if root.exists() else None
     return out
+
+
+# --------------------------------------------------------------------------- the fault report
+@pytest.fixture(scope="session")
+def fault_report():
+    """Rows (fault, what the client saw, tokens correct, recovery seconds); written as JSON to
+    ``$BIFROST_FAULT_REPORT`` at the end of the session when that is set."""
+    rows: list[dict] = []
+    yield rows
+    path = os.environ.get("BIFROST_FAULT_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=1))
+
+
+def report(rows: list[dict], fault: str, client_saw: str, tokens_correct: bool | None, recovery_s: float | None,
+           recovery: str) -> None:
+    rows.append({"fault": fault, "client_saw": client_saw, "tokens_correct": tokens_correct,
+                 "recovery_s": None if recovery_s is None else round(recovery_s, 3), "recovery": recovery})

@@ -6,40 +6,20 @@ on is authentic and in order, only the final ``done`` chunk is missing."""
 
 from __future__ import annotations
 
-from concurrent import futures
 
-import grpc
 import pytest
 import yaml
 
 from bifrost.errors import BifrostError
+from tests.netfault import GrpcRelay
 
-SERVICE = "/bifrost.serving.v1.BifrostServing/"
 
+class TruncatingRelay(GrpcRelay):
+    """Forwards every call unchanged, but each Generate stream without its last message."""
 
-class TruncatingRelay(grpc.GenericRpcHandler):
-    def __init__(self, upstream: str) -> None:
-        self.channel = grpc.insecure_channel(upstream)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self.server.add_generic_rpc_handlers((self,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def service(self, details):
-        method, meta = details.method, details.invocation_metadata
-        if method == SERVICE + "Generate":
-            def truncated(request, context):
-                replies = list(self.channel.unary_stream(method)(request, metadata=meta, timeout=120))
-                yield from replies[:-1]
-            return grpc.unary_stream_rpc_method_handler(truncated)
-
-        def forward(request, context):
-            return self.channel.unary_unary(method)(request, metadata=meta, timeout=120)
-        return grpc.unary_unary_rpc_method_handler(forward)
-
-    def stop(self) -> None:
-        self.server.stop(grace=None)
-        self.channel.close()
+    def generate(self, method: str, request: bytes, meta, context):
+        replies = list(self.channel().unary_stream(method)(request, metadata=meta, timeout=120))
+        yield from replies[:-1]
 
 
 @pytest.fixture()

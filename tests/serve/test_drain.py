@@ -16,7 +16,7 @@ import yaml
 from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.serve.client import BifrostClient, ServingError
 
-from .conftest import MODEL, ControlledWorker, make_policy, plaintext_greedy
+from .conftest import MODEL, ControlledWorker, make_policy, plaintext_greedy, report
 from .test_e2e_serve import _start_serve
 
 PROMPT = "Drain me"
@@ -55,7 +55,7 @@ def _policy(run_config):
     return make_policy(model_digest(resolve(MODEL), run_config.seed))
 
 
-def test_sigterm_lets_the_running_turn_finish_and_refuses_new_work(tmp_path, slow_worker, run_config):
+def test_sigterm_lets_the_running_turn_finish_and_refuses_new_work(tmp_path, slow_worker, run_config, fault_report):
     proc, address = _serve(tmp_path, slow_worker, drain_s=300)
     policy = _policy(run_config)
     try:
@@ -68,6 +68,7 @@ def test_sigterm_lets_the_running_turn_finish_and_refuses_new_work(tmp_path, slo
                 tokens += ev.token_ids
                 if i == 1:
                     proc.send_signal(signal.SIGTERM)  # a real signal, mid-stream
+                    t_signal = time.monotonic()
                     _wait_for(tmp_path / "serve.stderr", "draining: ", proc)  # logged once no longer accepting
                     with pytest.raises(ServingError) as new_turn:  # an attested session: no new turn
                         idle.chat("one more", 1)
@@ -77,13 +78,15 @@ def test_sigterm_lets_the_running_turn_finish_and_refuses_new_work(tmp_path, slo
             for err in (new_turn, new_session):
                 assert err.value.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details
         assert proc.wait(timeout=120) == 0  # CloseSession (the clients' exit) still worked; then a clean exit
+        report(fault_report, "bifrost serve SIGTERMed mid-stream (drain_s 300)", "the running turn: no error; a new "
+               "session or turn: UNAVAILABLE (draining)", True, time.monotonic() - t_signal, "signal -> exit 0")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_a_turn_longer_than_drain_s_ends_with_unavailable_not_short(tmp_path, slow_worker, run_config):
+def test_a_turn_longer_than_drain_s_ends_with_unavailable_not_short(tmp_path, slow_worker, run_config, fault_report):
     proc, address = _serve(tmp_path, slow_worker, drain_s=1)
     try:
         tokens = []
@@ -94,11 +97,15 @@ def test_a_turn_longer_than_drain_s_ends_with_unavailable_not_short(tmp_path, sl
                     tokens += ev.token_ids
                     if i == 1:
                         proc.send_signal(signal.SIGTERM)
+                        t_signal = time.monotonic()
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and "drain_s=1" in err.value.details
         expected = plaintext_greedy(MODEL, run_config.seed, ByteTokenizer().encode(PROMPT), 60)
         assert 2 <= len(tokens) < 60 and tokens == expected[:len(tokens)]  # a correct prefix, and said to be one
         assert proc.wait(timeout=120) == 0
         assert "1 turn(s) were still running" in (tmp_path / "serve.stderr").read_text()
+        report(fault_report, "bifrost serve SIGTERMed mid-stream, turn longer than drain_s 1",
+               "SessionLostError(server-draining, partial) after a correct prefix", True, time.monotonic() - t_signal,
+               "signal -> exit 0")
     finally:
         if proc.poll() is None:
             proc.kill()

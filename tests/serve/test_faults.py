@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -26,27 +24,11 @@ import pytest
 
 from bifrost.model.tokenizer import ByteTokenizer
 
-from .conftest import MODEL, connect, plaintext_greedy, wait_until
+from tests.netfault import Link, Relay
+
+from .conftest import MODEL, connect, plaintext_greedy, report, wait_until
 
 PROMPT = "Fault line: the quiet heron"  # a marker: must never appear in a log
-
-
-# --------------------------------------------------------------------------- the recovery-time report
-@pytest.fixture(scope="session")
-def fault_report():
-    """Rows (fault, what the client saw, tokens correct, recovery seconds); written as JSON to
-    ``$BIFROST_FAULT_REPORT`` at the end of the session when that is set."""
-    rows: list[dict] = []
-    yield rows
-    path = os.environ.get("BIFROST_FAULT_REPORT")
-    if path:
-        Path(path).write_text(json.dumps(rows, indent=1))
-
-
-def report(rows: list[dict], fault: str, client_saw: str, tokens_correct: bool | None, recovery_s: float | None,
-           recovery: str) -> None:
-    rows.append({"fault": fault, "client_saw": client_saw, "tokens_correct": tokens_correct,
-                 "recovery_s": None if recovery_s is None else round(recovery_s, 3), "recovery": recovery})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -294,72 +276,35 @@ def test_a_worker_ten_times_slower_gets_few_calls_and_is_used_again_once_fast(
 
 
 # --------------------------------------------------------------------------- 4. a path that resets connections
-class ResetRelay:
-    """A raw TCP relay on 127.0.0.1 in front of a worker, with no keys. While ``resetting`` it aborts with a TCP
-    RST (SO_LINGER 0) every ``every``-th connection that carries a layer call, at the reply: the worker
-    computed it, the caller gets a reset connection. What anyone on the path can do."""
+class ResetRelay(Relay):
+    """A raw TCP relay in front of a worker, with no keys. While ``resetting`` it aborts with a TCP RST every
+    ``every``-th connection that carries a layer call, at the reply: the worker computed it, the caller gets a reset
+    connection. What anyone on the path can do. ``passed`` holds when each reply went through."""
 
     BIG = 8192  # a client->server chunk this large is a layer call (or a worker session's public context)
 
     def __init__(self, target: str) -> None:
-        self.target = target
+        super().__init__(target)
         self.resetting, self.every = False, 1
-        self.resets = self.connections = self._calls = 0
-        self.passed: list[float] = []  # when each reply went through
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.resets = self._calls = 0
+        self.passed: list[float] = []
+        self._armed: set[Link] = set()  # a call went up this connection and its reply is due
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            host, port = self.target.rsplit(":", 1)
-            upstream = socket.create_connection((host, int(port)))
-            with self._lock:
-                self.connections += 1
-            armed = threading.Event()  # a call went up this connection and its reply is due
-            threading.Thread(target=self._pump, args=(client, upstream, armed, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, armed, True), daemon=True).start()
-
-    def _pump(self, src, dst, armed: threading.Event, from_server: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if not from_server and len(data) >= self.BIG:
-                    armed.set()
-                elif from_server and armed.is_set():
-                    armed.clear()
-                    with self._lock:
-                        self._calls += 1
-                        reset = self.resetting and self._calls % self.every == 0
-                        self.resets += reset
-                        if not reset:
-                            self.passed.append(time.monotonic())
-                    if reset:
-                        for sock in (dst, src):  # the reply is dropped, both sides get a RST
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        # wake the other pump (blocked in recv on dst): a socket is only released, and the
-                        # RST only sent, once no thread is inside a call on it
-                        dst.shutdown(socket.SHUT_RD)
-                        break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._listener.close()
+    def forward(self, link: Link, chunk: bytes, from_server: bool) -> bytes | None:
+        with self._lock:
+            if not from_server:
+                if len(chunk) >= self.BIG:
+                    self._armed.add(link)
+                return chunk
+            if link not in self._armed:
+                return chunk
+            self._armed.discard(link)
+            self._calls += 1
+            reset = self.resetting and self._calls % self.every == 0
+            self.resets += reset
+            if not reset:
+                self.passed.append(time.monotonic())
+        return None if reset else chunk  # None: the reply is dropped, both sides get a RST
 
 
 def test_a_path_that_resets_connections_quarantines_no_one(serve_app, worker_factory, controlled_worker,

@@ -26,7 +26,7 @@ import pytest
 from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.serve.client import SessionLostError
 
-from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, ray_default_dirs_listing
+from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, ray_default_dirs_listing, report
 
 import ray  # noqa: E402 - a hard dependency
 
@@ -215,7 +215,64 @@ def test_replicas_are_spread_over_both_nodes(served):
     assert sorted(placed) == sorted(node_ids().values())  # one replica on each node
 
 
-def test_second_node_killed_mid_stream(served, cluster, serve_run_config):
+def _bifrost(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bifrost.cli", *args]
+
+
+def _started(proc: subprocess.Popen, port_file: Path, log: Path, what: str) -> str:
+    """``127.0.0.1:<port>`` once ``proc`` wrote its port file (hang guard: 240 s)."""
+    wait_for(lambda: port_file.exists() or proc.poll() is not None, what, 240)
+    if proc.poll() is not None:
+        pytest.fail(f"{what} exited: {log.read_text(errors='replace')[-2000:]}")
+    return f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def test_the_readme_commands_serve_on_the_cluster(served, cluster, serve_run_config, tmp_path):
+    """The README's operator steps on this cluster, as processes: `bifrost identity create` (the runtimes'
+    identity), `bifrost worker` trusting it, `bifrost serve --print-digests --policy-out` (the client's policy),
+    `bifrost serve --ray-address ... --identity ... --workers ... --worker-certs ...` (2 replicas, one per node),
+    `bifrost chat --policy`; the SDK's tokens equal plaintext; SIGTERM drains and exits 0."""
+    from bifrost.attest.policy import load_policy
+    from bifrost.serve.client import BifrostClient
+
+    env = dict(cluster.env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = lambda *a: subprocess.run(_bifrost(*a), env=env, capture_output=True, text=True, timeout=240)  # noqa: E731
+    made = run("identity", "create", str(tmp_path / "tee-id"))
+    assert made.returncode == 0, made.stderr
+    procs = []
+    try:
+        wlog = tmp_path / "worker.log"
+        procs.append(subprocess.Popen(_bifrost(
+            "worker", "--model", MODEL, "--seed", str(serve_run_config.seed), "--port", "0", "--port-file",
+            str(tmp_path / "worker.port"), "--identity", str(tmp_path / "w1"), "--trusted-client",
+            str(tmp_path / "tee-id" / "cert.pem")), env=env, stdout=subprocess.DEVNULL, stderr=open(wlog, "wb")))
+        worker = _started(procs[-1], tmp_path / "worker.port", wlog, "bifrost worker")
+        serve = ["serve", "--model", MODEL, "--seed", str(serve_run_config.seed), "--runtime", "ray",
+                 "--ray-address", cluster.address, "--replicas", "2", "--identity", str(tmp_path / "tee-id"),
+                 "--workers", worker, "--worker-certs", str(tmp_path / "w1" / "cert.pem"), "--evidence", "simulated"]
+        digests = run(*serve, "--print-digests", "--policy-out", str(tmp_path / "policy.yaml"))
+        assert digests.returncode == 0, digests.stderr
+        slog = tmp_path / "serve.log"
+        procs.append(subprocess.Popen(_bifrost(*serve, "--port", "0", "--port-file", str(tmp_path / "serve.port"),
+                                               "--run-dir", str(tmp_path / "run")),
+                                      env=env, stdout=subprocess.DEVNULL, stderr=open(slog, "wb")))
+        address = _started(procs[-1], tmp_path / "serve.port", slog, "bifrost serve --ray-address")
+        chat = run("chat", "--address", address, "--policy", str(tmp_path / "policy.yaml"), "--prompt", "cluster",
+                   "--max-new-tokens", "3")
+        assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        with BifrostClient(address, load_policy(str(tmp_path / "policy.yaml")), timeout_s=120) as c:
+            c.attest()
+            assert c.chat("on the cluster", 4).tokens == greedy(serve_run_config, "on the cluster", 4)
+        procs[-1].send_signal(signal.SIGTERM)
+        assert procs[-1].wait(timeout=120) == 0, slog.read_text(errors="replace")[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_second_node_killed_mid_stream(served, cluster, serve_run_config, fault_report):
     app, workers = served
     on_node = {r.stats()["node_id"]: i for i, r in enumerate(app.replicas)}
     survivor, doomed = on_node[node_ids()["head_node"]], on_node[node_ids()["second_node"]]
@@ -251,9 +308,14 @@ def test_second_node_killed_mid_stream(served, cluster, serve_run_config):
     assert app.service.sessions.get(by_replica[doomed].session_id).replica == survivor
     # a session on the lost node that had not run a turn: re-attested and answered on the survivor
     assert spare.chat("sent again", 4).tokens == greedy(serve_run_config, "sent again", 4)
+    recovered = time.monotonic() - killed_at
     assert spare.session_losses == 1 and app.service.sessions.get(spare.session_id).replica == survivor
     assert by_replica[doomed].chat("continues anew", 3, reset_history=True).tokens == greedy(
         serve_run_config, "continues anew", 3)
     wait_for(lambda: app.service.sessions.live_replicas() == [survivor], "Ray to report the lost node's replica dead")
+    report(fault_report, "a Ray node SIGKILLed mid-stream (its replica with it)",
+           f"that node's stream: SessionLostError(replica-lost, partial) {ended_after:.1f} s after the kill; the "
+           "other node's stream: no error", True, recovered,
+           "kill -> a session of the lost node answered again on the other node")
     for c in clients:
         c.close()

@@ -6,6 +6,7 @@ usable once the link heals, and the choice is bound into the serving-config dige
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.serve.client import ServingError
 from tests.netfault import TcpRelay
 
-from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, wait_until
+from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, report, wait_until
 
 PROMPT = "Partitioned"
 
@@ -45,10 +46,11 @@ def partitioned(run_config, serve_run_config, serve_config, tmp_path):
         worker.stop()
 
 
-def _heal_and_check(app, relay, worker, client, seed: int) -> None:
+def _heal_and_check(app, relay, worker, client, seed: int) -> float:
     """After the partition heals, the worker is used again (within worker_retry_after_s and a reconnect) and the
-    same session's next turns are plaintext-equal."""
+    same session's next turns are plaintext-equal. Returns the seconds from the heal to the worker serving."""
     relay.set_mode("pass")
+    t_heal = time.monotonic()
     before = worker.calls
     expected = plaintext_greedy(MODEL, seed, ByteTokenizer().encode("healed"), 2)
 
@@ -57,25 +59,31 @@ def _heal_and_check(app, relay, worker, client, seed: int) -> None:
         return worker.calls > before
 
     wait_until(served_by_worker, timeout_s=60, what="the healed worker to serve layer calls again")
+    healed = time.monotonic() - t_heal
     assert app.replicas[0].stats()["quarantined_workers"] == []  # a partition is availability, never a deviation
+    return healed
 
 
-def test_partition_with_on_no_worker_tee_finishes_the_turn_in_the_tee(partitioned, serve_run_config):
+def test_partition_with_on_no_worker_tee_finishes_the_turn_in_the_tee(partitioned, serve_run_config, fault_report):
     app, relay, worker = partitioned("tee")
     c = connect(app)
-    tokens = []
+    tokens, arrivals = [], []
     for i, ev in enumerate(c.generate(PROMPT, 6)):
         tokens += ev.token_ids
+        arrivals.append(time.monotonic())
         if i == 1:
             relay.set_mode("blackhole")
     assert tokens == plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode(PROMPT), 6)
     stats = app.replicas[0].stats()
     assert stats["failovers"] >= 1 and not stats["workers"][0]["up"]  # the call timed out: worker marked down
-    _heal_and_check(app, relay, worker, c, serve_run_config.seed)
+    healed = _heal_and_check(app, relay, worker, c, serve_run_config.seed)
+    report(fault_report, "partition replica <-> every worker, on_no_worker: tee (worker_call_timeout_s 2)",
+           f"no error (the token after the cut came {arrivals[2] - arrivals[1]:.1f} s after the one before)", True,
+           healed, "heal -> the worker serves again (worker_retry_after_s 1)")
     c.close()
 
 
-def test_partition_with_on_no_worker_fail_ends_the_turn_with_unavailable(partitioned, serve_run_config):
+def test_partition_with_on_no_worker_fail_ends_the_turn_with_unavailable(partitioned, serve_run_config, fault_report):
     app, relay, worker = partitioned("fail")
     c = connect(app)
     tokens = []
@@ -84,10 +92,15 @@ def test_partition_with_on_no_worker_fail_ends_the_turn_with_unavailable(partiti
             tokens += ev.token_ids
             if i == 1:
                 relay.set_mode("blackhole")
+                t_cut = time.monotonic()
+    t_error = time.monotonic()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "workers unavailable" in err.value.details
     expected = plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode(PROMPT), 6)
     assert 2 <= len(tokens) < 6 and tokens == expected[:len(tokens)]
-    _heal_and_check(app, relay, worker, c, serve_run_config.seed)
+    healed = _heal_and_check(app, relay, worker, c, serve_run_config.seed)
+    report(fault_report, "partition replica <-> every worker, on_no_worker: fail (worker_call_timeout_s 2)",
+           f"UNAVAILABLE (sealed: CKKS workers unavailable) {t_error - t_cut:.1f} s after the cut, after a correct "
+           "prefix", True, healed, "heal -> the worker serves again; the same session answers")
     c.close()
 
 

@@ -86,22 +86,61 @@ def test_ray_client_hang_up_stops_the_turn_and_keeps_the_session(ray_app, serve_
     c.close()
 
 
-def test_ray_killed_replica_gets_no_new_sessions(ray_app):
+def test_ray_replica_actor_killed_mid_stream(ray_app, serve_run_config, fault_report):
+    """``ray.kill`` of a replica actor while one of its sessions streams: that stream ends with SessionLostError (a
+    correct prefix, said to be partial), the other replica's stream goes on plaintext-equal, a session of the dead
+    replica that had not run a turn is re-attested and answered, new sessions go to the live replica only, and
+    health stays SERVING."""
+    import time
+
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    app = ray_app[0]
-    clients = [connect(app), connect(app)]
-    on = {app.service.sessions.get(c.session_id).replica: c for c in clients}
-    ray.kill(app.replicas[1].actor)
-    lost = on[1].session_id
-    assert len(on[1].chat("hello", 1).tokens) == 1  # session lost before its first turn: re-attested, sent again
-    assert on[1].session_losses == 1 and on[1].session_id != lost
-    assert app.service.sessions.get(on[1].session_id).replica == 0
+    from bifrost.serve.client import SessionLostError
+
+    from .conftest import report
+
+    app, worker = ray_app[0], ray_app[3]
+
+    def greedy(text: str, n: int) -> list[int]:
+        return plaintext_greedy(MODEL, serve_run_config.seed, ByteTokenizer().encode(text), n)
+
+    clients: list = []
+    by_replica: dict[int, list] = {0: [], 1: []}
+    while len(by_replica[0]) < 1 or len(by_replica[1]) < 2:  # one session on replica 0, two on replica 1
+        assert len(clients) < 8
+        clients.append(connect(app))
+        by_replica[app.service.sessions.get(clients[-1].session_id).replica].append(clients[-1])
+    kept_c, (doomed, spare) = by_replica[0][0], by_replica[1][:2]
+    worker.delay_s = 0.05  # >= 0.4 s per token: both turns are running when the actor goes
+    try:
+        lost_stream, kept_stream = doomed.generate("a doomed turn", 12), kept_c.generate("a kept turn", 12)
+        lost, kept = list(next(lost_stream).token_ids), list(next(kept_stream).token_ids)
+        t_kill = time.monotonic()
+        ray.kill(app.replicas[1].actor)
+        with pytest.raises(SessionLostError) as err:
+            for ev in lost_stream:
+                lost += ev.token_ids
+        t_error = time.monotonic()
+        kept += [t for ev in kept_stream for t in ev.token_ids]
+    finally:
+        worker.delay_s = 0.0
+    assert err.value.session_lost == "replica-lost" and err.value.partial and err.value.reattested
+    assert lost == greedy("a doomed turn", 12)[:len(lost)] and len(lost) < 12
+    assert kept == greedy("a kept turn", 12)
+    after = doomed.chat("answered anew", 2, reset_history=True).tokens
+    t_back = time.monotonic()
+    assert after == greedy("answered anew", 2) and app.service.sessions.get(doomed.session_id).replica == 0
+    lost_id = spare.session_id  # lost before its first turn: re-attested and sent again
+    assert spare.chat("hello", 1).tokens == greedy("hello", 1)
+    assert spare.session_losses == 1 and spare.session_id != lost_id
     fresh = [connect(app), connect(app)]
-    assert {app.service.sessions.get(c.session_id).replica for c in fresh} == {0}
-    assert all(len(c.chat("ok", 1).tokens) == 1 for c in fresh + [on[0]])
+    assert {app.service.sessions.get(c.session_id).replica for c in fresh + [spare]} == {0}
+    assert all(len(c.chat("ok", 1).tokens) == 1 for c in fresh + [kept_c])
     with grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+    report(fault_report, "replica actor killed mid-stream (ray.kill)", "that stream: SessionLostError(replica-lost, "
+           f"partial) {t_error - t_kill:.1f} s after the kill; the other replica's stream: no error", True,
+           t_back - t_kill, "kill -> the lost session's client answered again (re-attested on the other replica)")
     for c in clients + fresh:
         c.close()

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import builtins
 
+import grpc
 import openai
 import pytest
 import yaml
 
 from bifrost.model.tokenizer import ByteTokenizer, plain_chat_text
-from bifrost.serve.client import ServingError, SessionLoss, SessionLostError
+from bifrost.proto.wire import SESSION_LOST_TRAILER
+from bifrost.serve.client import BifrostClient, ServingError, SessionLoss, SessionLostError
+from tests.netfault import GrpcRelay
 
-from .conftest import MODEL, connect, plaintext_greedy
+from .conftest import MODEL, connect, make_policy, plaintext_greedy, report, wait_until
 from .test_proxy import running_proxy
 
 TOK = ByteTokenizer()
@@ -113,19 +116,29 @@ def test_a_failed_reattestation_is_said_and_the_session_not_pretended(app_factor
     c.close()
 
 
-def test_restarted_front_end_sessions_are_lost_and_reattested(app_factory, controlled_worker, serve_run_config):
+def test_restarted_front_end_sessions_are_lost_and_reattested(app_factory, controlled_worker, serve_run_config,
+                                                             fault_report):
+    import time
+
     first = app_factory(worker=controlled_worker.endpoint, replicas=1)
     fresh, used = connect(first), connect(first)
     used.chat("before the restart", 2)
     port = first.port
+    t_stop = time.monotonic()
     first.stop()
     second = app_factory(worker=controlled_worker.endpoint, replicas=1, port=port)
+    t_up = time.monotonic()
     assert fresh.chat("after the restart", 3).tokens == greedy(serve_run_config, "after the restart", 3)
+    t_answered = time.monotonic()
     assert second.service.sessions.get(fresh.session_id) is not None
     with pytest.raises(SessionLostError) as err:
         used.chat("continues the conversation", 2)
     assert err.value.session_lost == "unknown-session" and err.value.history_lost and err.value.reattested
     assert len(used.chat("anew", 2, reset_history=True).tokens) == 2
+    report(fault_report, "front end restarted (same port; every session gone)",
+           "a session without history: no error (re-attested, sent again); one with history: "
+           "SessionLostError(unknown-session, history lost), nothing sent", True, t_answered - t_up,
+           f"new front end serving -> the first turn answered (stop + start took {t_up - t_stop:.1f} s)")
     for c in (fresh, used):
         c.close()
 
@@ -208,3 +221,78 @@ def test_embed_on_a_lost_session_is_sent_again(worker_factory, serve_run_config,
         c.close()
     finally:
         app.stop()
+
+
+class ForgingRelay(GrpcRelay):
+    """A man in the middle without keys: ``forge`` set, the next Generate never reaches the server and is answered
+    UNAVAILABLE with a forged session-lost marker of that value."""
+
+    forge: str | None = None
+    forge_after: bool = False  # forge the status after the whole answer instead (a drain's race with the last token)
+
+    def generate(self, method, request, meta, context):
+        forged, self.forge = self.forge, None
+        if forged is None or self.forge_after:
+            yield from super().generate(method, request, meta, context)
+            if forged is None:
+                return
+        context.set_trailing_metadata(((SESSION_LOST_TRAILER, forged),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "session lost: forged")
+
+
+def test_a_forged_marker_never_reruns_a_turn_that_reads_history(app_factory, controlled_worker, serve_run_config):
+    """The marker is cleartext. A forged one after a turn the caller stopped reading at its last event (the server
+    committed it to the history) does not make the SDK send a history-reading turn again on a fresh session; the
+    old session is closed on the server (nothing left behind); an unknown marker value is never passed on."""
+    app = app_factory(worker=controlled_worker.endpoint, replicas=1)
+    relay = ForgingRelay(f"127.0.0.1:{app.port}")
+    try:
+        c = BifrostClient(relay.address, make_policy(app.service.info.model_digest), timeout_s=120)
+        c.attest()
+        first = c.session_id
+        for ev in c.generate("the first turn", 2):
+            if ev.finish_reason:
+                break  # stopped at the last event: the server holds the turn in the history
+        relay.forge = "replica-lost"
+        with pytest.raises(SessionLostError) as err:
+            c.chat("reads the first turn", 2)
+        e = err.value
+        assert not e.partial and e.history_lost and e.reattested and c.session_id != first
+        wait_until(lambda: app.service.sessions.get(first) is None and app.replicas[0].stats()["sessions"] == 1,
+                   what="the old session to be closed on the server")
+        # a status after the verified final chunk (a drain that stopped a turn as it ended) changes nothing
+        relay.forge, relay.forge_after = "server-draining", True
+        assert c.chat("whole answer", 3, reset_history=True).tokens == greedy(serve_run_config, "whole answer", 3)
+        relay.forge_after = False
+        losses: list[SessionLoss] = []
+        c.on_session_lost = losses.append
+        relay.forge = "please-print-me"  # (gRPC itself refuses control bytes in metadata)
+        assert c.chat("standalone", 1, reset_history=True).tokens == greedy(serve_run_config, "standalone", 1)
+        assert losses == [SessionLoss("unrecognized", history_lost=True, retried=True)]  # safe: sent again once
+        c.close()
+    finally:
+        relay.stop()
+
+
+def test_an_automatic_reattest_never_moves_to_another_serving_configuration(app_factory, controlled_worker,
+                                                                            serve_run_config):
+    """A policy that pins the model but not the serving configuration: after a (forged) loss, the new session
+    must attest the same configuration as the lost one, else nothing is sent and the caller must attest()."""
+    first = app_factory(worker=controlled_worker.endpoint, replicas=1)
+    other = app_factory(worker=controlled_worker.endpoint, replicas=1, max_new_tokens=7)  # another config digest
+    assert first.service.info.serving_config_digest != other.service.info.serving_config_digest
+    relay = ForgingRelay(f"127.0.0.1:{first.port}")
+    try:
+        c = BifrostClient(relay.address, make_policy(first.service.info.model_digest), timeout_s=120)
+        c.attest()
+        relay.forge, relay.upstream = "replica-lost", f"127.0.0.1:{other.port}"  # the re-attest lands elsewhere
+        with pytest.raises(SessionLostError) as err:
+            c.chat("never sent", 2, reset_history=True)
+        assert not err.value.reattested and "another model or serving configuration" in str(err.value)
+        assert c.channel is None  # no session to send on until the caller attests
+        wait_until(lambda: other.replicas[0].stats()["sessions"] == 0, what="the refused new session to be closed")
+        c.attest()  # the caller's explicit choice
+        assert c.chat("sent now", 2, reset_history=True).tokens == greedy(serve_run_config, "sent now", 2)
+        c.close()
+    finally:
+        relay.stop()

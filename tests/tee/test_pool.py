@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
@@ -12,6 +11,7 @@ from bifrost.attest.mtls import WORKER_TLS_NAME, TLSIdentity, WorkerEndpoint
 from bifrost.tee.link import WorkerCallError
 from bifrost.tee.pool import WorkerPool, WorkerSessions
 from bifrost.tee.runtime import TrustedRuntime
+from tests.netfault import Link, Relay
 
 MODEL = "gpt2-mini"
 
@@ -83,6 +83,32 @@ def test_pick_prefers_the_worker_with_fewest_calls_in_flight():
     d.mark_down(first, "test")
     assert all(d.pick(set()) is not first for _ in range(4))
     d.close()
+
+
+def test_a_fast_quarantined_worker_does_not_draw_the_calls():
+    """Latency-aware dispatch sends most calls to the fastest worker, but a quarantined one (its answers are
+    discarded and recomputed in the TEE) counts as no faster than the fastest honest one: answering garbage at
+    once wins it no more than an even share."""
+    from bifrost.tee.pool import WorkerQuarantine
+
+    pool = WorkerPool([WorkerEndpoint(f"127.0.0.1:{i}", TLSIdentity.generate(WORKER_TLS_NAME).cert_pem)
+                       for i in (1, 2)], quarantine=WorkerQuarantine())
+    liar, honest = pool.workers
+    for w, seconds in ((liar, 0.001), (honest, 0.05)):
+        pool.observe(w, 4, seconds)
+
+    def share_of_liar() -> float:
+        picks = []
+        for _ in range(200):
+            w = pool.pick(set(), 4)
+            picks.append(w is liar)
+            pool.release(w)
+        return sum(picks) / len(picks)
+
+    assert share_of_liar() > 0.9  # honest but 50x faster: it takes the traffic
+    pool.quarantine.add(liar.identity, "product check")
+    assert share_of_liar() <= 0.5
+    pool.close()
 
 
 def test_worker_killed_mid_generation_fails_over(make_worker, run_config):
@@ -181,68 +207,29 @@ def test_a_full_worker_on_a_lazy_reopen_is_unavailable_not_a_deviation(make_work
         rt.close()
 
 
-class BitFlipRelay:
-    """A raw TCP relay on 127.0.0.1 with no keys: it forwards both directions of the worker's mutual-TLS stream and,
-    once, flips one bit of a server→client chunk of at least ``min_chunk`` bytes after ``skip`` such chunks (a
-    layer call's reply, well past the handshake): what anyone on the path can do."""
+class BitFlipRelay(Relay):
+    """A raw TCP relay with no keys: it forwards both directions of the worker's mutual-TLS stream and, once, flips
+    one bit of a server→client chunk of at least ``min_chunk`` bytes after ``skip`` such chunks (a layer call's
+    reply, well past the handshake): what anyone on the path can do."""
 
     def __init__(self, target: str, skip: int = 20, min_chunk: int = 512) -> None:
-        import socket
+        super().__init__(target)
+        self.skip, self.min_chunk = skip, min_chunk
+        self.flipped = self._seen = 0
 
-        self.target, self.skip, self.min_chunk = target, skip, min_chunk
-        self.flipped = 0
-        self.connections = 0
-        self._seen = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while not self._stop:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            host, port = self.target.rsplit(":", 1)
-            upstream = socket.create_connection((host, int(port)))
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, src, dst, from_server: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if from_server and len(data) >= self.min_chunk:
-                    with self._lock:
-                        self._seen += 1
-                        flip = self._seen > self.skip and not self.flipped
-                        if flip:
-                            self.flipped += 1
-                    if flip:
-                        data = bytearray(data)
-                        data[len(data) // 2] ^= 0x10
-                        data = bytes(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop = True
-        self._listener.close()
+    def forward(self, link: Link, chunk: bytes, from_server: bool) -> bytes | None:
+        if not from_server or len(chunk) < self.min_chunk:
+            return chunk
+        with self._lock:
+            self._seen += 1
+            flip = self._seen > self.skip and not self.flipped
+            if flip:
+                self.flipped += 1
+        if not flip:
+            return chunk
+        data = bytearray(chunk)
+        data[len(data) // 2] ^= 0x10
+        return bytes(data)
 
 
 def test_a_bit_flipped_on_the_path_quarantines_no_one(make_worker, run_config, tmp_path):

@@ -128,6 +128,27 @@ def test_the_next_turn_opens_after_a_turn_the_client_stopped_reading(replica, pl
     assert refusal is None and [t for ch in chunks for t in ch.token_ids] == want
 
 
+def test_the_replica_itself_holds_max_turns_per_session(worker_factory, run_config, tmp_path):
+    """max_turns_per_session is bound into the serving-config digest, so the replica enforces it (not only the
+    untrusted front end): the turn past it is refused sealed, RESOURCE_EXHAUSTED."""
+    from bifrost.serve.config import load_serve_config
+
+    _, _, endpoint = worker_factory(MODEL, 16)
+    scfg = load_serve_config().replace(runtime="local", max_sessions=2, max_turns_per_session=2, max_new_tokens=4,
+                                       run_dir=str(tmp_path), quarantine_file=str(tmp_path / "quarantine.json"))
+    r = TrustedReplica(run_config.replace(model=MODEL), scfg, [endpoint])
+    try:
+        c = _Client(r)
+        for i in range(2):
+            chunks, refusal = c.chunks(r.generate(c.request(f"t{i}", prompt="count me", max_new_tokens=1)))
+            assert refusal is None and len(chunks) == 1
+        chunks, refusal = c.chunks(r.generate(c.request("t2", prompt="one too many", max_new_tokens=1)))
+        assert refusal is not None and refusal.status.value == "RESOURCE_EXHAUSTED" and refusal.message == SEALED_REFUSAL
+        assert chunks[-1].error_code == "RESOURCE_EXHAUSTED" and "max_turns_per_session=2" in chunks[-1].error
+    finally:
+        r.shutdown()
+
+
 def test_a_cancel_request_stops_the_running_turn_and_nothing_more_is_streamed(replica):
     c = _Client(replica)
     before = replica.stats()["turns_cancelled"]

@@ -106,9 +106,11 @@ class ServeApp:
             import ray
 
             # SPREAD: replicas on different nodes where the cluster has room, so losing a node loses only its share
+            # enable_task_events=False: the GCS keeps no record of each replica call (it would grow with every
+            # request, up to Ray's cap, and nothing here reads it)
             cls = ray.remote(num_cpus=self.scfg.replica_cpus,  # type: ignore[call-overload]  # ray's stubs lack actor options
                              max_concurrency=self.scfg.max_sessions + 8, max_restarts=0,
-                             scheduling_strategy="SPREAD")(TrustedReplica)
+                             scheduling_strategy="SPREAD", enable_task_events=False)(TrustedReplica)
             actors = [cls.remote(*args, i) for i in range(self.scfg.replicas)]
             ray_replicas = [RayReplica(a, timeout_s=self.scfg.replica_timeout_s) for a in actors]
             self.replicas = list(ray_replicas)

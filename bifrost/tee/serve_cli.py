@@ -183,8 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
             with open(args.port_file + ".tmp", "w") as f:
                 f.write(str(app.port))
             os.replace(args.port_file + ".tmp", args.port_file)
-        while not stop.wait(3600):  # (a bare wait() would not let the signal handler run)
-            pass
+        stop.wait()
         print(f"bifrost serve: draining (up to serve.drain_s={scfg.drain_s:g} s; signal again to stop at once)",
               file=sys.stderr, flush=True)
         stopped = app.drain(hurry)

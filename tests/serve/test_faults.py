@@ -108,21 +108,9 @@ def read_logs(app) -> str:
 
 
 @pytest.fixture()
-def serve_app(serve_run_config, serve_config, tmp_path):
-    """Start an in-process app (runtime local) with config overrides, its own quarantine file; stopped after."""
-    from bifrost.tee.deploy import ServeApp
-
-    apps = []
-
-    def make(**changes):
-        changes.setdefault("quarantine_file", str(tmp_path / "quarantine.json"))
-        app = ServeApp(serve_run_config, serve_config.replace(**changes)).start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.stop()
+def serve_app(app_factory, tmp_path):
+    """``app_factory`` with this test's own quarantine file (what a fault leaves there is this test's alone)."""
+    return lambda **changes: app_factory(**{"quarantine_file": str(tmp_path / "quarantine.json"), **changes})
 
 
 def quarantined(app) -> list:
@@ -133,6 +121,17 @@ def quarantined(app) -> list:
     return replica.stats()["quarantined_workers"] + sorted(WorkerQuarantine(app.scfg.quarantine_file).entries())
 
 
+def stream_and_stop_in_a_call(app):
+    """A session streaming 16-token turns on ``app`` (2 local worker processes) and, once it has tokens, local
+    worker 0 SIGSTOPped with a layer call in flight to it (:func:`pin_in_flight`). Returns (pool, victim, streamer)."""
+    pool, victim = app.replicas[0].obj.pool, app.local_workers[0]
+    s = Streamer(app, n=16)
+    s.start()
+    wait_until(lambda: len(s.arrivals) >= 2 or bool(s.errors), 120, "the first tokens")
+    pin_in_flight(pool, victim.address, victim.proc.pid)
+    return pool, victim, s
+
+
 # --------------------------------------------------------------------------- 1. SIGKILL during a layer call
 def test_worker_process_sigkilled_during_a_layer_call(serve_app, serve_run_config, fault_report, caplog):
     """A worker process SIGKILLed while a layer call is in flight to it (the moment is pinned: SIGSTOP while the
@@ -140,12 +139,7 @@ def test_worker_process_sigkilled_during_a_layer_call(serve_app, serve_run_confi
     goes on with no error and plaintext tokens, later sessions are served, nobody is quarantined."""
     caplog.set_level(logging.INFO)
     app = serve_app(workers=(), local_workers=2, worker_retry_after_s=600)
-    pool = app.replicas[0].obj.pool
-    victim = app.local_workers[0]
-    s = Streamer(app, n=16)
-    s.start()
-    wait_until(lambda: len(s.arrivals) >= 2 or bool(s.errors), 120, "the first tokens")
-    pin_in_flight(pool, victim.address, victim.proc.pid)
+    pool, victim, s = stream_and_stop_in_a_call(app)
     failovers = pool.stats.failovers
     t_fault = time.monotonic()
     victim.proc.kill()
@@ -175,12 +169,7 @@ def test_worker_process_hung_by_sigstop_fails_over_and_serves_again_after_sigcon
     plaintext, nobody quarantined."""
     caplog.set_level(logging.INFO)
     app = serve_app(workers=(), local_workers=2, worker_call_timeout_s=4.0, worker_retry_after_s=1.0)
-    pool = app.replicas[0].obj.pool
-    victim = app.local_workers[0]
-    s = Streamer(app, n=16)
-    s.start()
-    wait_until(lambda: len(s.arrivals) >= 2 or bool(s.errors), 120, "the first tokens")
-    pin_in_flight(pool, victim.address, victim.proc.pid)
+    pool, victim, s = stream_and_stop_in_a_call(app)
     t_stop = time.monotonic()
     try:
         wait_until(lambda: pool.stats.failovers >= 1, 60, "the hung call to time out and move")

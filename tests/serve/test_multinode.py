@@ -26,7 +26,8 @@ import pytest
 from bifrost.model.tokenizer import ByteTokenizer
 from bifrost.serve.client import SessionLostError
 
-from .conftest import MODEL, ControlledWorker, connect, plaintext_greedy, ray_default_dirs_listing, report
+from .conftest import (MODEL, ControlledWorker, connect, plaintext_greedy, ray_default_dirs_listing, report,
+                       wait_until)
 
 import ray  # noqa: E402 - a hard dependency
 
@@ -95,15 +96,6 @@ class Cluster:
         return found
 
 
-def wait_for(predicate, what: str, timeout_s: float = 120.0) -> None:
-    """Hang guard only: poll until ``predicate()``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def gcs_listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -136,7 +128,7 @@ def cluster():
                          "--include-dashboard", "false", "--temp-dir", str(root / "ray"), "--num-cpus", "2",
                          "--resources", json.dumps({"head_node": 1}), "--system-config", json.dumps(SYSTEM_CONFIG),
                          *node_ports()])
-        wait_for(lambda: gcs_listening(c.port) or c.procs["head"].poll() is not None, "the head's GCS port")
+        wait_until(lambda: gcs_listening(c.port) or c.procs["head"].poll() is not None, 120, "the head's GCS port")
         if c.procs["head"].poll() is not None:
             pytest.fail("ray start --head exited: " + c.log("head"))
         c.start("second", ["--address", c.address, "--num-cpus", "2", "--resources",
@@ -153,7 +145,7 @@ def cluster():
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        wait_for(lambda: not c.leftovers(), "the cluster's processes to exit", 30)
+        wait_until(lambda: not c.leftovers(), 30, "the cluster's processes to exit")
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -175,10 +167,10 @@ def served(cluster, run_config, serve_run_config, serve_config, tmp_path_factory
         (certs / f"w{i}.pem").write_bytes(w.endpoint.cert_pem)
     app = None
     try:
-        wait_for(lambda: gcs_listening(cluster.port), "the head")
+        wait_until(lambda: gcs_listening(cluster.port), 120, "the head")
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-        wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 2 or cluster.procs["second"].poll() is not None,
-                 "both nodes to join")  # (the app uses this Ray)
+        wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == 2 or cluster.procs["second"].poll() is not None,
+                   120, "both nodes to join")  # (the app uses this Ray)
         if sum(n["Alive"] for n in ray.nodes()) != 2:
             pytest.fail("the second node did not join: " + cluster.log("second"))
         app = ServeApp(serve_run_config, serve_config.replace(
@@ -221,7 +213,7 @@ def _bifrost(*args: str) -> list[str]:
 
 def _started(proc: subprocess.Popen, port_file: Path, log: Path, what: str) -> str:
     """``127.0.0.1:<port>`` once ``proc`` wrote its port file (hang guard: 240 s)."""
-    wait_for(lambda: port_file.exists() or proc.poll() is not None, what, 240)
+    wait_until(lambda: port_file.exists() or proc.poll() is not None, 240, what)
     if proc.poll() is not None:
         pytest.fail(f"{what} exited: {log.read_text(errors='replace')[-2000:]}")
     return f"127.0.0.1:{port_file.read_text().strip()}"
@@ -312,7 +304,7 @@ def test_second_node_killed_mid_stream(served, cluster, serve_run_config, fault_
     assert spare.session_losses == 1 and app.service.sessions.get(spare.session_id).replica == survivor
     assert by_replica[doomed].chat("continues anew", 3, reset_history=True).tokens == greedy(
         serve_run_config, "continues anew", 3)
-    wait_for(lambda: app.service.sessions.live_replicas() == [survivor], "Ray to report the lost node's replica dead")
+    wait_until(lambda: app.service.sessions.live_replicas() == [survivor], 120, "Ray to report the lost node's replica dead")
     report(fault_report, "a Ray node SIGKILLed mid-stream (its replica with it)",
            f"that node's stream: SessionLostError(replica-lost, partial) {ended_after:.1f} s after the kill; the "
            "other node's stream: no error", True, recovered,

@@ -47,7 +47,8 @@ def test_local_ray_without_room_for_the_replicas_is_refused():
 
 
 @pytest.mark.parametrize("bad", [{"max_pending_sessions": 0}, {"pending_idle_s": 0}, {"replica_timeout_s": -1},
-                                 {"startup_timeout_s": 0}, {"ray_num_cpus": 0}, {"nonsense": 1}])
+                                 {"startup_timeout_s": 0}, {"ray_num_cpus": 0}, {"nonsense": 1}, {"drain_s": -1},
+                                 {"drain_s": 3601}])
 def test_bad_values_are_refused(tmp_path, bad):
     p = tmp_path / "serve.yaml"
     p.write_text(yaml.safe_dump(bad))
@@ -59,6 +60,7 @@ def test_bad_values_are_refused(tmp_path, bad):
     (["--replicas", "3", "--ray-num-cpus", "2"], "ray_num_cpus"),
     (["--ray-address", "ray://head:10001", "--workers", "w:1"], "ray://"),
     (["--ray-address", "auto"], "workers"),
+    (["--drain-s", "-5"], "serve.drain_s must be 0..3600"),
 ])
 def test_serve_cli_refuses_unworkable_deployments_in_one_line(argv, words, tmp_path, capsys):
     from bifrost.cli import main
